@@ -1,0 +1,1 @@
+"""hanabi_guest package."""

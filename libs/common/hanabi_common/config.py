@@ -1,0 +1,120 @@
+"""hanabi's configuration: one TOML file, every key optional, defaults for all.
+
+The file is `/etc/hanabi/hanabi.toml`, or the path in `$HANABI_CONFIG`, or one given
+explicitly. Tests point `HANABI_CONFIG` at a file that moves `run_dir` under a temp dir.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from hanabi_common.errors import InvalidArgument
+
+DEFAULT_CONFIG_PATH = Path("/etc/hanabi/hanabi.toml")
+CONFIG_ENV = "HANABI_CONFIG"
+DAEMONS = ("vmmd", "netd", "blockd", "agentd")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class VmmConfig(_Section):
+    """How vmmd starts VMs."""
+
+    hypervisor: Literal["auto", "qemu", "firecracker"] = "qemu"
+    accel: Literal["auto", "kvm", "tcg"] = "auto"
+    qemu_binary: str = "qemu-system-x86_64"
+    machine: Literal["q35", "pc"] = "q35"
+    memory_mib: int = Field(256, ge=64, le=1 << 20)
+    vcpus: int = Field(1, ge=1, le=64)
+    guest_dir: Path = Path("/var/lib/hanabi/guest/current")
+    kernel_cmdline_extra: str = ""
+    boot_timeout_s: float = Field(60.0, gt=0)
+    stop_timeout_s: float = Field(5.0, gt=0)
+
+
+class AgentConfig(_Section):
+    """How agentd talks to the in-guest agent."""
+
+    ready_timeout_s: float = Field(60.0, gt=0)
+    request_timeout_s: float = Field(30.0, gt=0)
+    output_buffer_bytes: int = Field(4 << 20, ge=4096)
+
+
+class BlockConfig(_Section):
+    """How blockd provisions root filesystems."""
+
+    backend: Literal["auto", "loopfile", "devicemapper"] = "auto"
+    volume_dir: Path = Path("/var/lib/hanabi/volumes")
+    headroom_mib: int = Field(64, ge=0)
+    max_volume_mib: int = Field(64 * 1024, ge=16)
+
+
+class RpcConfig(_Section):
+    """ZeroMQ RPC limits."""
+
+    max_message_bytes: int = Field(4 << 20, ge=1024)
+    default_timeout_s: float = Field(30.0, gt=0)
+    workers: int = Field(8, ge=1, le=256)
+
+
+class Config(_Section):
+    """The whole configuration."""
+
+    run_dir: Path = Path("/run/hanabi")
+    log_dir: Path = Path("/var/log/hanabi")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    vmm: VmmConfig = VmmConfig()
+    agent: AgentConfig = AgentConfig()
+    block: BlockConfig = BlockConfig()
+    rpc: RpcConfig = RpcConfig()
+    source: Path | None = None
+
+    def endpoint(self, daemon: str) -> str:
+        """The ZeroMQ endpoint of one daemon."""
+        return f"ipc://{self.socket_path(daemon)}"
+
+    def socket_path(self, daemon: str) -> Path:
+        """The Unix socket file behind a daemon's endpoint."""
+        if daemon not in DAEMONS:
+            raise InvalidArgument(f"unknown daemon {daemon!r}; known: {', '.join(DAEMONS)}")
+        return self.run_dir / f"{daemon}.sock"
+
+    @property
+    def sandboxes_dir(self) -> Path:
+        """Where the per-sandbox state directories live."""
+        return self.run_dir / "sbs"
+
+
+def config_path(explicit: str | os.PathLike | None = None) -> Path | None:
+    """The config file to read: explicit, then $HANABI_CONFIG, then the default if present."""
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get(CONFIG_ENV)
+    if env:
+        return Path(env)
+    return DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None
+
+
+def load_config(explicit: str | os.PathLike | None = None) -> Config:
+    """Load and validate the configuration; raise InvalidArgument with the reason."""
+    path = config_path(explicit)
+    if path is None:
+        return Config()
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise InvalidArgument(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidArgument(f"config file {path} is not valid TOML: {exc}") from None
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidArgument(f"config file {path} is invalid: {exc}") from None
+    return config.model_copy(update={"source": path})

@@ -1,0 +1,1 @@
+"""Pydantic models of every RPC message, one module per daemon."""

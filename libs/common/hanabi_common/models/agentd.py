@@ -1,0 +1,120 @@
+"""Messages of agentd: containers and processes inside the guest."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from hanabi_common.models.base import ContainerId, ExecId, Reply, Request, SandboxId
+
+
+class ConnectAgent(Request):
+    """Connect to a sandbox's agent socket and wait until the agent answers."""
+
+    sandbox_id: SandboxId
+    socket_path: str = Field(min_length=1, max_length=4096)
+    timeout_s: float | None = Field(None, gt=0, le=600)
+
+
+class AgentInfo(Reply):
+    """The agent of one sandbox."""
+
+    sandbox_id: str
+    agent_version: str
+    kernel: str
+    connected: bool = True
+    ready_s: float | None = None
+
+
+class RootfsSpec(Request):
+    """The disk the guest mounts as the container's root."""
+
+    serial: str = Field(pattern=r"^[A-Za-z0-9_-]{1,20}$")
+    fstype: Literal["ext4"] = "ext4"
+    readonly: bool = False
+
+
+class CreateContainer(Request):
+    """Prepare a container in the guest (its process is not started yet)."""
+
+    sandbox_id: SandboxId
+    container_id: ContainerId
+    rootfs: RootfsSpec
+    process: dict[str, Any]
+    hostname: str | None = Field(None, max_length=255)
+
+
+class ContainerRef(Request):
+    """Names one container."""
+
+    sandbox_id: SandboxId
+    container_id: ContainerId
+
+
+class StartedProcess(Reply):
+    """A process the agent started."""
+
+    pid: int
+
+
+class ExecProcess(Request):
+    """Start one more process in a running container."""
+
+    sandbox_id: SandboxId
+    container_id: ContainerId
+    exec_id: ExecId
+    process: dict[str, Any]
+
+
+class SignalProcess(Request):
+    """Send a signal to a container's process (or all of them)."""
+
+    sandbox_id: SandboxId
+    container_id: ContainerId
+    exec_id: ExecId = "init"
+    signal: int = Field(ge=1, le=64)
+    all: bool = False
+
+
+ProcessStatus = Literal["created", "running", "stopped"]
+
+
+class ProcessState(Reply):
+    """What agentd knows of one process."""
+
+    exec_id: str
+    status: ProcessStatus
+    pid: int | None = None
+    exit_code: int | None = None
+    signal: int | None = None
+
+    @property
+    def exit_status(self) -> int | None:
+        """The shell-style status: the exit code, or 128+N when killed by signal N."""
+        if self.signal is not None:
+            return 128 + self.signal
+        return self.exit_code
+
+
+class ContainerState(Reply):
+    """What agentd knows of one container."""
+
+    sandbox_id: str
+    container_id: str
+    status: ProcessStatus
+    processes: list[ProcessState] = []
+
+
+class GuestProcess(Reply):
+    """One process as the guest's ps sees it."""
+
+    pid: int
+    exec_id: str
+    args: list[str] = []
+
+
+class ProcessList(Reply):
+    """Processes of a container."""
+
+    processes: list[GuestProcess]

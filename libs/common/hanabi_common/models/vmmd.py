@@ -1,0 +1,79 @@
+"""Messages of vmmd: VM lifecycle and device hotplug."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from hanabi_common.models.base import Reply, Request, SandboxId, SandboxRef
+
+VmState = Literal["booting", "running", "paused", "stopped"]
+
+
+class CreateVm(Request):
+    """Boot a VM for a sandbox (memory and vCPUs default to the config)."""
+
+    sandbox_id: SandboxId
+    memory_mib: int | None = Field(None, ge=64, le=1 << 20)
+    vcpus: int | None = Field(None, ge=1, le=64)
+    hypervisor: Literal["auto", "qemu", "firecracker"] | None = None
+
+
+class VmInfo(Reply):
+    """What vmmd knows of one VM."""
+
+    sandbox_id: str
+    hypervisor: str
+    accel: str
+    pid: int
+    state: VmState
+    memory_mib: int
+    vcpus: int
+    agent_socket: str
+    control_socket: str
+    console_log: str
+    created_at: float
+    exit_status: int | None = None
+    disks: list[str] = []
+
+
+class VmList(Reply):
+    """All VMs vmmd owns."""
+
+    vms: list[VmInfo]
+
+
+class StopVm(Request):
+    """Stop a VM: clean shutdown, then SIGKILL after `timeout_s`."""
+
+    sandbox_id: SandboxId
+    timeout_s: float | None = Field(None, gt=0, le=600)
+
+
+class AttachDisk(Request):
+    """Hot-plug a disk image into a running VM."""
+
+    sandbox_id: SandboxId
+    path: str = Field(min_length=1, max_length=4096)
+    serial: str = Field(pattern=r"^[A-Za-z0-9_-]{1,20}$")
+    format: Literal["raw", "qcow2"] = "raw"
+    readonly: bool = False
+
+
+class DiskInfo(Reply):
+    """A disk attached to a VM."""
+
+    device_id: str
+    serial: str
+    path: str
+
+
+class DetachDisk(Request):
+    """Hot-unplug a disk."""
+
+    sandbox_id: SandboxId
+    device_id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,32}$")
+
+
+__all__ = ["CreateVm", "VmInfo", "VmList", "StopVm", "AttachDisk", "DiskInfo", "DetachDisk", "SandboxRef"]

@@ -1,0 +1,1 @@
+"""The ZeroMQ RPC layer: a versioned envelope, a ROUTER server, a typed DEALER client."""

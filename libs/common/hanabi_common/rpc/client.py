@@ -1,0 +1,99 @@
+"""The RPC client: a fresh DEALER per call, a deadline on every call, typed errors back.
+
+Following the ZeroMQ guide's Lazy Pirate pattern, a call that times out closes its socket
+(linger 0) and, only when the method is idempotent, tries again within the same deadline.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import TypeVar
+
+import zmq
+from pydantic import BaseModel, ValidationError
+
+from hanabi_common.errors import DeadlineExceeded, HanabiError, Internal, Unavailable, error_for_code
+from hanabi_common.rpc.envelope import decode_reply, encode_request
+
+R = TypeVar("R", bound=BaseModel)
+
+
+class RpcClient:
+    """Calls one daemon's methods."""
+
+    def __init__(self, name: str, endpoint: str, *, timeout: float = 30.0) -> None:
+        self.name = name
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self.sender = f"{os.path.basename(sys.argv[0]) if sys.argv else 'client'}:{os.getpid()}"
+
+    def _check_socket(self) -> None:
+        if self.endpoint.startswith("ipc://") and not Path(self.endpoint[6:]).exists():
+            raise Unavailable(f"{self.name} is not running: no socket at {self.endpoint[6:]} "
+                              f"(start it with `make up` or `systemctl start hanabi-{self.name}`)")
+
+    def call(self, method: str, request: BaseModel | dict | None = None,
+             reply: type[R] | None = None, *, timeout: float | None = None,
+             idempotent: bool = False) -> R | dict:
+        """Call `method`; return the reply as `reply` (a model) or a dict; raise typed errors."""
+        self._check_socket()
+        if isinstance(request, BaseModel):
+            body = request.model_dump(mode="json")
+        else:
+            body = dict(request or {})
+        total = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + total
+        attempts = 3 if idempotent else 1
+        for attempt in range(attempts):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            share = remaining if attempt == attempts - 1 else max(remaining / (attempts - attempt), 0.5)
+            result = self._attempt(method, body, share)
+            if result is not None:
+                return self._parse(method, result, reply)
+        raise DeadlineExceeded(f"{self.name} did not answer {method} within {total:.1f}s")
+
+    def _attempt(self, method: str, body: dict, timeout: float) -> dict | None:
+        header, frames = encode_request(method, body, timeout, self.sender)
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        try:
+            sock.connect(self.endpoint)
+            sock.send_multipart([b""] + frames)
+            end = time.monotonic() + timeout
+            while (left := end - time.monotonic()) > 0:
+                if not sock.poll(int(left * 1000) + 1, zmq.POLLIN):
+                    continue
+                answer = sock.recv_multipart()
+                if answer and answer[0] == b"":
+                    answer = answer[1:]
+                reply_header, reply_body = decode_reply(answer)
+                if reply_header.parent_id not in (header.msg_id, ""):
+                    continue  # a late answer to an earlier attempt
+                if reply_header.status == "error":
+                    raise error_for_code(reply_body.get("code", "INTERNAL"),
+                                         f"{self.name}: {reply_body.get('message', 'unknown error')}",
+                                         reply_body.get("details") or {})
+                return reply_body
+            return None
+        finally:
+            sock.close(0)
+
+    def _parse(self, method: str, body: dict, reply: type[R] | None) -> R | dict:
+        if reply is None:
+            return body
+        try:
+            return reply.model_validate(body)
+        except ValidationError as exc:
+            raise Internal(f"{self.name} sent a malformed reply to {method}: {exc}") from None
+
+    def ping(self, timeout: float = 2.0) -> dict:
+        """Liveness check."""
+        return self.call("ping", timeout=timeout, idempotent=True)
+
+
+__all__ = ["RpcClient", "HanabiError"]

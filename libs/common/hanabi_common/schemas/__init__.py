@@ -1,0 +1,1 @@
+"""Vendored JSON schemas (OCI runtime-spec)."""
