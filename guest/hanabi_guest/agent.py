@@ -1,0 +1,265 @@
+"""The hanabi in-guest agent: PID 1 of the microVM, serving docs/agent-protocol.md.
+
+One thread, one ``selectors`` loop over: the host channel, the stdout/stderr pipes of every
+process (relayed as ``output`` events), their stdin pipes (fed from ``stdin`` events) and a
+SIGCHLD wake-up pipe (``signal.set_wakeup_fd``) that makes it reap every child and orphan
+with ``waitpid(-1, WNOHANG)``. A process's ``exit`` event is sent once it is reaped *and*
+both its output pipes reached EOF, so it always follows all of its output.
+
+Channel behaviour: a peer that goes away (virtio-serial POLLHUP/EOF while no host is
+connected) makes the agent reset its frame decoder, drop the unsent rest of a partially
+written frame and look again after ``channel.retry_delay`` (50 ms), without spinning.
+Replies and events produced meanwhile stay queued and go to the next host. A corrupt
+frame makes it send a ``protocol_error`` event and ignore input until the peer goes away.
+Output relaying pauses while more than OUT_HIGH bytes wait for the host (back-pressure);
+channel reading pauses while more than STDIN_HIGH bytes of stdin wait for processes.
+
+Run in the guest by /init (``main()`` with no arguments: channel from ``hanabi.channel=``,
+real mounts). Host-side tests run ``python -m hanabi_guest.agent --fd N --rootfs-dir D``:
+a socketpair end as channel, ``DirSandbox`` (no mounts, no chroot).
+
+STDLIB ONLY: runs inside the guest.
+"""
+
+from __future__ import annotations
+
+import collections
+import heapq
+import os
+import selectors
+import signal
+import sys
+import time
+import traceback
+from typing import Any, Callable
+
+from . import protocol as P
+from .channel import Channel, FdChannel, open_guest_channel
+from .core import AGENT_VERSION, Container, Proc, log
+from .handlers import Handlers, error_reply
+from .procio import ProcIO
+from .sandbox import DirSandbox, GuestSandbox, Sandbox
+
+OUT_HIGH = 2 << 20
+OUT_LOW = 256 << 10
+STDIN_HIGH = 8 << 20
+
+R = selectors.EVENT_READ
+W = selectors.EVENT_WRITE
+
+
+class Agent(Handlers, ProcIO):
+    """The agent loop (see the module docstring)."""
+
+    def __init__(self, channel: Channel, sandbox: Sandbox) -> None:
+        self.chan = channel
+        self.sandbox = sandbox
+        self.sel = selectors.DefaultSelector()
+        self.decoder = P.FrameDecoder()
+        self.poisoned = False
+        self.out: collections.deque[bytes] = collections.deque()
+        self.out_off = 0
+        self.out_bytes = 0
+        self.stdin_bytes = 0
+        self.paused = False
+        self.containers: dict[str, Container] = {}
+        self.procs: dict[int, Proc] = {}
+        self.out_fds: dict[int, Proc] = {}
+        self.timers: list[tuple[float, int, Callable[[], None]]] = []
+        self.seq = 0
+        self.chan_reg: tuple[int, int] | None = None  # (fd, events) registered now
+        self.chan_backoff = False
+        self.running = True
+        self.table = self.handlers()
+
+    # ---------------------------------------------------------------- loop primitives
+    def call_later(self, delay: float, fn: Callable[[], None]) -> None:
+        self.seq += 1
+        heapq.heappush(self.timers, (time.monotonic() + delay, self.seq, fn))
+
+    def _run_timers(self) -> None:
+        now = time.monotonic()
+        while self.timers and self.timers[0][0] <= now:
+            _, _, fn = heapq.heappop(self.timers)
+            try:
+                fn()
+            except Exception:  # noqa: BLE001
+                log("timer failed:\n" + traceback.format_exc())
+
+    def run(self) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        self.sel.register(wake_r, R, lambda mask: self._on_wake(wake_r))
+        self.send({"type": P.T_READY, "agent_version": AGENT_VERSION, "kernel": os.uname().release})
+        self._reap()
+        while self.running:
+            self._update_channel()
+            timeout = max(0.0, self.timers[0][0] - time.monotonic()) if self.timers else None
+            try:
+                events = self.sel.select(timeout)
+            except InterruptedError:
+                continue
+            for key, mask in events:
+                try:
+                    key.data(mask)
+                except Exception:  # noqa: BLE001 - the agent must never crash
+                    log("handler failed:\n" + traceback.format_exc())
+            self._run_timers()
+        signal.set_wakeup_fd(-1)
+
+    # ---------------------------------------------------------------- channel
+    def _update_channel(self) -> None:
+        want = 0
+        if not self.chan_backoff:
+            if self.stdin_bytes < STDIN_HIGH:
+                want |= R
+            if self.out and self.chan.connected:
+                want |= W
+        fd = self.chan.fileno() if want else -1
+        new = (fd, want) if want else None
+        if new == self.chan_reg:
+            return
+        if self.chan_reg is not None:
+            self.sel.unregister(self.chan_reg[0])
+        if new is not None:
+            self.sel.register(fd, want, self._on_channel)
+        self.chan_reg = new
+
+    def _on_channel(self, mask: int) -> None:
+        if mask & R:
+            data = self.chan.read()
+            if data == b"":
+                self._peer_gone()
+                return
+            if data:
+                self._on_bytes(data)
+        if mask & W:
+            self._flush()
+
+    def _peer_gone(self) -> None:
+        self.decoder.reset()
+        self.poisoned = False
+        if self.out_off and self.out:
+            self.out_bytes -= len(self.out.popleft())
+            self.out_off = 0
+        self.chan.peer_gone()
+        delay = self.chan.retry_delay
+        if delay < 0:
+            self.running = False
+        elif delay > 0:
+            self.chan_backoff = True
+            self.call_later(delay, self._end_backoff)
+
+    def _end_backoff(self) -> None:
+        self.chan_backoff = False
+
+    def _on_bytes(self, data: bytes) -> None:
+        if self.poisoned:
+            return
+        try:
+            msgs = self.decoder.feed(data)
+        except P.ProtocolError as exc:
+            self.poisoned = True
+            log(f"corrupt frame from host, ignoring input until it reconnects: {exc}")
+            self.send({"type": P.T_PROTOCOL_ERROR, "message": str(exc)})
+            return
+        for msg in msgs:
+            self._on_message(msg)
+
+    def _on_message(self, msg: dict[str, Any]) -> None:
+        mtype = msg.get("type")
+        if mtype == P.T_STDIN:
+            try:
+                self._on_stdin_event(msg)
+            except Exception as exc:  # noqa: BLE001 - events have no reply
+                log(f"stdin event dropped: {exc}")
+            return
+        req_id = msg.get("id")
+        if not isinstance(req_id, int) or isinstance(req_id, bool):
+            self.send({"type": P.T_PROTOCOL_ERROR, "message": f"message of type {str(mtype)[:64]!r} has no integer id"})
+            return
+        handler = self.table.get(mtype) if isinstance(mtype, str) else None
+        if handler is None:
+            self.send(P.reply_error(req_id, P.E_INVALID_ARGUMENT, f"unknown request type {str(mtype)[:64]!r}"))
+            return
+        try:
+            result = handler(req_id, msg)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes an error reply
+            if not hasattr(exc, "code"):
+                log(f"{mtype} failed:\n" + traceback.format_exc())
+            self.send(error_reply(req_id, exc))
+            return
+        if isinstance(result, dict):
+            self.send(P.reply_ok(req_id, result))
+
+    def send(self, msg: dict[str, Any]) -> None:
+        try:
+            frame = P.encode_frame(msg)
+        except P.ProtocolError as exc:
+            log(f"cannot encode {msg.get('type')}: {exc}")
+            if msg.get("type") == P.T_REPLY:
+                self.send(P.reply_error(msg["id"], P.E_INTERNAL, f"reply not encodable: {exc}"))
+            return
+        self.out.append(frame)
+        self.out_bytes += len(frame)
+        self._flush()
+        if not self.paused and self.out_bytes > OUT_HIGH:
+            self.paused = True
+            for fd in self.out_fds:
+                self.sel.unregister(fd)
+
+    def _flush(self) -> None:
+        while self.out and self.chan.connected:
+            head = self.out[0]
+            n = self.chan.write(memoryview(head)[self.out_off:])
+            if n <= 0:
+                break
+            self.out_off += n
+            if self.out_off >= len(head):
+                self.out.popleft()
+                self.out_bytes -= len(head)
+                self.out_off = 0
+        if self.paused and self.out_bytes < OUT_LOW:
+            self.paused = False
+            for fd, proc in self.out_fds.items():
+                self.sel.register(fd, R, self._output_cb(proc, fd))
+
+    def flush_blocking(self, timeout: float) -> None:
+        """Write queued frames, waiting up to ``timeout`` s (used before power-off)."""
+        deadline = time.monotonic() + timeout
+        while self.out and time.monotonic() < deadline:
+            before = self.out_bytes
+            self._flush()
+            if self.out and self.out_bytes == before:
+                time.sleep(0.005)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: the guest (no arguments) or ``--fd N --rootfs-dir D`` (host tests)."""
+    args = sys.argv[1:] if argv is None else argv
+    opts = dict(zip(args[::2], args[1::2]))
+    if "--fd" in opts:
+        agent = Agent(FdChannel(int(opts["--fd"])), DirSandbox(opts.get("--rootfs-dir", "/")))
+        agent.run()
+        return
+    os.umask(0o022)
+    try:
+        agent = Agent(open_guest_channel(), GuestSandbox())
+        agent.run()
+        log("agent loop ended")
+    except BaseException:  # noqa: BLE001 - PID 1 must not just die
+        log("fatal:\n" + traceback.format_exc())
+    try:
+        from .sandbox import poweroff
+
+        poweroff()
+    finally:
+        while True:
+            time.sleep(3600)
+
+
+if __name__ == "__main__":
+    main()

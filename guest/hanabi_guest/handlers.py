@@ -1,0 +1,244 @@
+"""Request handlers of the in-guest agent (one method per request type).
+
+A handler returns the ``result`` object of the reply, or ``PENDING`` when it replies later
+(create_container waits for its disk, destroy_container for its processes to die, shutdown
+powers off after the reply went out). Errors are raised (``AgentError``, ``SpawnError``,
+``SandboxError``, ``OSError``, ``ValueError``) and turned into error replies by the loop.
+``Handlers`` is a mixin of ``agent.Agent``, which provides the loop primitives it uses.
+
+STDLIB ONLY: runs inside the guest.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import TYPE_CHECKING, Any, Callable
+
+from . import protocol as P
+from .core import (AGENT_VERSION, CREATED, CREATING, DESTROYING, HOSTNAME_RE, ID_RE, PENDING,
+                   RUNNING, AgentError, Container, Pending, Proc, check_rootfs, need_bool,
+                   need_int, need_str)
+from .process import check_process, spawn
+from .sandbox import Sandbox
+
+DISK_WAIT_S = 10.0
+DESTROY_WAIT_S = 5.0
+
+Result = dict[str, Any] | Pending
+
+
+def uptime() -> float:
+    try:
+        with open("/proc/uptime", encoding="ascii") as f:
+            return float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return time.monotonic()
+
+
+class Handlers:
+    """Request handlers; mixed into ``Agent``."""
+
+    sandbox: Sandbox
+    containers: dict[str, Container]
+    running: bool
+
+    if TYPE_CHECKING:  # provided by Agent / ProcIO (stubs here would shadow them)
+        def send(self, msg: dict[str, Any]) -> None: ...
+        def call_later(self, delay: float, fn: Callable[[], None]) -> None: ...
+        def add_proc(self, proc: Proc) -> None: ...
+        def kill_container(self, c: Container, sig: int) -> None: ...
+        def flush_blocking(self, timeout: float) -> None: ...
+        def drop_proc(self, proc: Proc) -> None: ...
+        def stdin_progress(self, proc: Proc) -> None: ...
+
+    def handlers(self) -> dict[str, Callable[[int, dict[str, Any]], Result]]:
+        return {
+            P.T_PING: self.h_ping,
+            P.T_CREATE_CONTAINER: self.h_create_container,
+            P.T_START: self.h_start,
+            P.T_EXEC: self.h_exec,
+            P.T_SIGNAL: self.h_signal,
+            P.T_CLOSE_STDIN: self.h_close_stdin,
+            P.T_PS: self.h_ps,
+            P.T_DESTROY_CONTAINER: self.h_destroy_container,
+            P.T_SHUTDOWN: self.h_shutdown,
+        }
+
+    def container(self, msg: dict[str, Any]) -> Container:
+        cid = need_str(msg, "container_id", ID_RE)
+        c = self.containers.get(cid)
+        if c is None:
+            raise AgentError(P.E_NOT_FOUND, f"container {cid} not found")
+        return c
+
+    def h_ping(self, req_id: int, msg: dict[str, Any]) -> Result:
+        return {"agent_version": AGENT_VERSION, "kernel": os.uname().release, "uptime_s": uptime()}
+
+    def h_create_container(self, req_id: int, msg: dict[str, Any]) -> Result:
+        cid = need_str(msg, "container_id", ID_RE)
+        if cid in self.containers:
+            raise AgentError(P.E_ALREADY_EXISTS, f"container {cid} already exists")
+        rootfs = check_rootfs(msg.get("rootfs"))
+        process = msg.get("process")
+        try:
+            check_process(process)
+        except ValueError as exc:
+            raise AgentError(P.E_INVALID_ARGUMENT, str(exc)) from None
+        assert isinstance(process, dict)
+        if process.get("terminal"):
+            raise AgentError(P.E_INVALID_ARGUMENT, "terminal not supported yet")
+        hostname = msg.get("hostname")
+        if hostname is not None and not (isinstance(hostname, str) and HOSTNAME_RE.fullmatch(hostname)):
+            raise AgentError(P.E_INVALID_ARGUMENT, "field 'hostname' is invalid")
+        c = Container(cid, process, hostname, rootfs)
+        self.containers[cid] = c
+        deadline = time.monotonic() + DISK_WAIT_S
+        self._poll_disk(req_id, c, deadline)
+        return PENDING
+
+    def _poll_disk(self, req_id: int, c: Container, deadline: float) -> None:
+        if self.containers.get(c.cid) is not c:
+            return
+        try:
+            source = self.sandbox.locate(c.rootfs_spec)
+            if source is None:
+                if time.monotonic() >= deadline:
+                    raise AgentError(P.E_NOT_FOUND, f"no block device with serial "
+                                     f"{c.rootfs_spec['serial']!r} appeared within {DISK_WAIT_S:.0f} s")
+                self.call_later(0.01, lambda: self._poll_disk(req_id, c, deadline))
+                return
+            c.root = self.sandbox.setup(c.cid, source, c.rootfs_spec)
+            if c.hostname:
+                self.sandbox.set_hostname(c.hostname)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes the reply
+            del self.containers[c.cid]
+            if c.root is not None:
+                self.sandbox.teardown(c.root)
+            self.send(error_reply(req_id, exc))
+            return
+        c.state = CREATED
+        self.send(P.reply_ok(req_id, {}))
+
+    def _spawn(self, c: Container, exec_id: str, process: dict[str, Any]) -> Proc:
+        assert c.root is not None
+        pid, stdin_fd, out_fd, err_fd = spawn(process, c.root.path, chroot=self.sandbox.use_chroot,
+                                              cgroup=c.root.cgroup)
+        proc = Proc(c.cid, exec_id, pid, list(process["args"]), stdin_fd, out_fd, err_fd)
+        c.procs[exec_id] = proc
+        self.add_proc(proc)
+        return proc
+
+    def h_start(self, req_id: int, msg: dict[str, Any]) -> Result:
+        c = self.container(msg)
+        if c.state != CREATED:
+            raise AgentError(P.E_FAILED_PRECONDITION, f"container {c.cid} is {c.state}, not created")
+        proc = self._spawn(c, P.INIT_EXEC_ID, c.process)
+        c.state = RUNNING
+        return {"pid": proc.pid}
+
+    def h_exec(self, req_id: int, msg: dict[str, Any]) -> Result:
+        c = self.container(msg)
+        exec_id = need_str(msg, "exec_id", ID_RE)
+        if c.state in (CREATING, DESTROYING):
+            raise AgentError(P.E_FAILED_PRECONDITION, f"container {c.cid} is {c.state}")
+        if exec_id in c.procs or exec_id == P.INIT_EXEC_ID:
+            raise AgentError(P.E_ALREADY_EXISTS, f"exec id {exec_id} is in use")
+        proc = self._spawn(c, exec_id, msg.get("process"))  # type: ignore[arg-type]
+        return {"pid": proc.pid}
+
+    def h_signal(self, req_id: int, msg: dict[str, Any]) -> Result:
+        c = self.container(msg)
+        sig = need_int(msg, "signal", 1, 64)
+        if need_bool(msg, "all"):
+            self.kill_container(c, sig)
+            return {}
+        exec_id = need_str(msg, "exec_id", ID_RE, default=P.INIT_EXEC_ID)
+        proc = c.procs.get(exec_id)
+        if proc is None or not proc.alive:
+            raise AgentError(P.E_NOT_FOUND, f"process {exec_id} of {c.cid} is not running")
+        os.kill(proc.pid, sig)
+        return {}
+
+    def h_close_stdin(self, req_id: int, msg: dict[str, Any]) -> Result:
+        c = self.container(msg)
+        exec_id = need_str(msg, "exec_id", ID_RE, default=P.INIT_EXEC_ID)
+        proc = c.procs.get(exec_id)
+        if proc is None:
+            raise AgentError(P.E_NOT_FOUND, f"process {exec_id} of {c.cid} not found")
+        proc.stdin_close = True
+        self.stdin_progress(proc)
+        return {}
+
+    def h_ps(self, req_id: int, msg: dict[str, Any]) -> Result:
+        c = self.container(msg)
+        out = [{"pid": p.pid, "exec_id": p.exec_id, "args": p.args} for p in c.procs.values() if p.alive]
+        known = {p.pid for p in c.procs.values()}
+        if c.root is not None:
+            for pid in self.sandbox.cgroup_pids(c.root):
+                if pid not in known:
+                    out.append({"pid": pid, "exec_id": "", "args": read_cmdline(pid)})
+        return {"processes": out}
+
+    def h_destroy_container(self, req_id: int, msg: dict[str, Any]) -> Result:
+        c = self.container(msg)
+        if c.state == CREATING:
+            raise AgentError(P.E_FAILED_PRECONDITION, f"container {c.cid} is still being created")
+        c.destroy_waiters.append(req_id)
+        if c.state != DESTROYING:
+            c.state = DESTROYING
+            self.kill_container(c, signal.SIGKILL)
+            self._poll_destroy(c, time.monotonic() + DESTROY_WAIT_S)
+        return PENDING
+
+    def _poll_destroy(self, c: Container, deadline: float) -> None:
+        if c.procs and time.monotonic() < deadline:
+            self.call_later(0.01, lambda: self._poll_destroy(c, deadline))
+            return
+        for proc in list(c.procs.values()):
+            self.drop_proc(proc)
+        waiters, c.destroy_waiters = c.destroy_waiters, []
+        self.containers.pop(c.cid, None)
+        try:
+            if c.root is not None:
+                self.sandbox.teardown(c.root)
+        except Exception as exc:  # noqa: BLE001
+            for w in waiters:
+                self.send(error_reply(w, exc))
+            return
+        for w in waiters:
+            self.send(P.reply_ok(w, {}))
+
+    def h_shutdown(self, req_id: int, msg: dict[str, Any]) -> Result:
+        self.send(P.reply_ok(req_id, {}))
+        self.call_later(0.0, self._power_off)
+        return PENDING
+
+    def _power_off(self) -> None:
+        self.flush_blocking(2.0)
+        self.sandbox.poweroff()
+        self.running = False
+
+
+def read_cmdline(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            raw = f.read(65536)
+    except OSError:
+        return []
+    return [a.decode("utf-8", "replace") for a in raw.split(b"\0") if a]
+
+
+def error_reply(req_id: int, exc: BaseException) -> dict[str, Any]:
+    """Map an exception raised while handling a request to its error reply."""
+    code = getattr(exc, "code", None)
+    if isinstance(code, str) and code in P.ERROR_CODES:
+        return P.reply_error(req_id, code, str(exc))
+    if isinstance(exc, ValueError):
+        return P.reply_error(req_id, P.E_INVALID_ARGUMENT, str(exc))
+    if isinstance(exc, OSError):
+        from .sandbox import errno_code
+
+        return P.reply_error(req_id, errno_code(exc), str(exc))
+    return P.reply_error(req_id, P.E_INTERNAL, f"{type(exc).__name__}: {exc}")

@@ -1,0 +1,256 @@
+"""Start one OCI process (runtime-spec ``process`` object) with pipes for its stdio.
+
+``spawn()`` forks; the child becomes a session leader, joins the container's cgroup,
+chroots into the container rootfs (unless disabled for host-side tests), applies cwd,
+rlimits, oomScoreAdj, umask, supplementary groups, gid and uid, then execs ``args`` with
+``env`` (PATH looked up inside the rootfs). A failure before exec comes back through a
+close-on-exec error pipe and is raised as ``SpawnError`` in the parent, with runc-like
+messages (``executable file not found in $PATH``) that Docker maps to exit codes 127/126.
+
+Not applied (the VM is the isolation boundary): capabilities, noNewPrivileges, seccomp,
+apparmor/selinux labels. ``terminal: true`` is refused ("terminal not supported yet").
+
+STDLIB ONLY: runs inside the guest.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+from typing import Any
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+MAX_ARGS = 4096
+MAX_STRING = 128 * 1024
+
+
+class SpawnError(Exception):
+    """The process could not be started; ``code`` is a protocol error code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _str_list(v: Any, what: str, *, nonempty: bool = False) -> list[str]:
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise ValueError(f"{what} must be a list of strings")
+    if nonempty and not v:
+        raise ValueError(f"{what} must not be empty")
+    if len(v) > MAX_ARGS or any(len(x) > MAX_STRING or "\0" in x for x in v):
+        raise ValueError(f"{what} has too many or too long entries, or NUL bytes")
+    return v
+
+
+def check_process(p: Any) -> None:
+    """Validate an OCI process object; raise ValueError (→ INVALID_ARGUMENT)."""
+    if not isinstance(p, dict):
+        raise ValueError("process must be an object")
+    _str_list(p.get("args"), "process.args", nonempty=True)
+    if "env" in p and p["env"] is not None:
+        for e in _str_list(p["env"], "process.env"):
+            if "=" not in e:
+                raise ValueError(f"process.env entry {e[:64]!r} has no '='")
+    cwd = p.get("cwd", "/")
+    if not isinstance(cwd, str) or not cwd.startswith("/") or "\0" in cwd:
+        raise ValueError("process.cwd must be an absolute path")
+    if p.get("terminal") not in (None, False, True):
+        raise ValueError("process.terminal must be a boolean")
+    user = p.get("user", {})
+    if not isinstance(user, dict):
+        raise ValueError("process.user must be an object")
+    for key in ("uid", "gid"):
+        if key in user and not (_is_int(user[key]) and 0 <= user[key] < 2**32 - 1):
+            raise ValueError(f"process.user.{key} must be a 32-bit id")
+    gids = user.get("additionalGids") or []
+    if not isinstance(gids, list) or not all(_is_int(g) and 0 <= g < 2**32 - 1 for g in gids):
+        raise ValueError("process.user.additionalGids must be a list of ids")
+    if "umask" in user and user["umask"] is not None and not (_is_int(user["umask"]) and 0 <= user["umask"] <= 0o777):
+        raise ValueError("process.user.umask must be 0..0777")
+    rlimits = p.get("rlimits") or []
+    if not isinstance(rlimits, list):
+        raise ValueError("process.rlimits must be a list")
+    for r in rlimits:
+        if not (isinstance(r, dict) and isinstance(r.get("type"), str) and r["type"].startswith("RLIMIT_")
+                and _is_int(r.get("soft")) and _is_int(r.get("hard"))):
+            raise ValueError("process.rlimits entries need type RLIMIT_*, soft and hard")
+    if "oomScoreAdj" in p and p["oomScoreAdj"] is not None:
+        if not (_is_int(p["oomScoreAdj"]) and -1000 <= p["oomScoreAdj"] <= 1000):
+            raise ValueError("process.oomScoreAdj must be -1000..1000")
+
+
+def _rlimits(p: dict[str, Any]) -> list[tuple[int, int, int]]:
+    rl = p.get("rlimits") or []
+    if not rl:
+        return []
+    import resource
+
+    out = []
+    for r in rl:
+        res = getattr(resource, r["type"], None)
+        if not isinstance(res, int):
+            raise SpawnError("INVALID_ARGUMENT", f"unknown rlimit {r['type']}")
+        inf = resource.RLIM_INFINITY
+        soft, hard = r["soft"], r["hard"]
+        out.append((res, inf if soft < 0 or soft >= 2**63 else soft, inf if hard < 0 or hard >= 2**63 else hard))
+    return out
+
+
+def _home_for(uid: int, passwd: str = "/etc/passwd") -> str:
+    try:
+        with open(passwd, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                parts = line.rstrip("\n").split(":")
+                if len(parts) >= 6 and parts[2] == str(uid):
+                    return parts[5] or "/"
+    except OSError:
+        pass
+    return "/"
+
+
+def _build_env(p: dict[str, Any], uid: int, passwd: str) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for e in p.get("env") or []:
+        k, _, v = e.partition("=")
+        env[k] = v
+    env.setdefault("PATH", DEFAULT_PATH)
+    if "HOME" not in env:
+        env["HOME"] = _home_for(uid, passwd)
+    return env
+
+
+def _child(p: dict[str, Any], root: str, chroot: bool, cgroup: str | None,
+           fds: tuple[int, int, int], errw: int, rlimits: list[tuple[int, int, int]]) -> None:
+    """Runs in the forked child; never returns."""
+    stage = "setup"
+    try:
+        stage = "setsid"
+        os.setsid()
+        if cgroup:
+            stage = "join cgroup"
+            with open(os.path.join(cgroup, "cgroup.procs"), "w", encoding="ascii") as f:
+                f.write("0")
+        for i, fd in enumerate(fds):
+            os.dup2(fd, i)
+        for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD, signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        if p.get("oomScoreAdj") is not None:
+            try:
+                with open("/proc/self/oom_score_adj", "w", encoding="ascii") as f:
+                    f.write(str(p["oomScoreAdj"]))
+            except OSError:
+                pass
+        if rlimits:
+            stage = "setrlimit"
+            import resource
+
+            for res, soft, hard in rlimits:
+                resource.setrlimit(res, (soft, hard))
+        user = p.get("user") or {}
+        uid, gid = int(user.get("uid", 0)), int(user.get("gid", 0))
+        cwd = p.get("cwd") or "/"
+        if chroot:
+            stage = "chroot"
+            os.chroot(root)
+            os.chdir("/")
+            passwd = "/etc/passwd"
+        else:
+            passwd = os.path.join(root, "etc/passwd")
+            cwd = os.path.join(root, cwd.lstrip("/")) if os.path.isdir(os.path.join(root, cwd.lstrip("/"))) else root
+        env = _build_env(p, uid, passwd)
+        stage = "chdir to cwd"
+        os.chdir(cwd)
+        os.umask(user.get("umask") if user.get("umask") is not None else 0o022)
+        stage = "set user"
+        if os.geteuid() == 0:
+            os.setgroups(list(user.get("additionalGids") or []))
+            os.setgid(gid)
+            os.setuid(uid)
+        elif (uid, gid) != (os.getuid(), os.getgid()):
+            raise OSError(errno.EPERM, "cannot change user when the agent is not root")
+        os.closerange(3, errw)
+        os.closerange(errw + 1, 1 << 16)
+        stage = "exec"
+        args = p["args"]
+        os.execvpe(args[0], args, env)
+    except OSError as exc:
+        msg = f"{stage}\0{exc.errno or 0}\0{exc.strerror or exc}"
+        os.write(errw, msg.encode("utf-8", "replace")[:4096])
+    except BaseException as exc:  # noqa: BLE001 - the child must never return
+        os.write(errw, f"{stage}\0{0}\0{exc!r}".encode("utf-8", "replace")[:4096])
+    finally:
+        os._exit(127)
+
+
+def _spawn_error(data: bytes, args: list[str]) -> SpawnError:
+    stage, _, rest = data.decode("utf-8", "replace").partition("\0")
+    num_s, _, text = rest.partition("\0")
+    num = int(num_s) if num_s.isdigit() else 0
+    if stage == "exec":
+        if num == errno.ENOENT:
+            if "/" in args[0]:
+                return SpawnError("FAILED_PRECONDITION", f'exec: "{args[0]}": stat {args[0]}: no such file or directory')
+            return SpawnError("FAILED_PRECONDITION", f'exec: "{args[0]}": executable file not found in $PATH')
+        if num in (errno.EACCES, errno.EPERM):
+            return SpawnError("FAILED_PRECONDITION", f'exec: "{args[0]}": permission denied')
+    if stage == "chdir to cwd" and num == errno.ENOENT:
+        return SpawnError("FAILED_PRECONDITION", f"chdir to cwd: no such file or directory: {text}")
+    return SpawnError("FAILED_PRECONDITION", f"{stage}: {text} (errno {num})")
+
+
+def spawn(p: dict[str, Any], root: str, *, chroot: bool = True,
+          cgroup: str | None = None) -> tuple[int, int, int, int]:
+    """Start process ``p`` in rootfs ``root``.
+
+    Returns ``(pid, stdin_w, stdout_r, stderr_r)``; the three pipe ends are non-blocking and
+    close-on-exec, owned by the caller.
+    """
+    check_process(p)
+    if p.get("terminal"):
+        raise SpawnError("INVALID_ARGUMENT", "terminal not supported yet")
+    rlimits = _rlimits(p)
+    in_r, in_w = os.pipe2(os.O_CLOEXEC)
+    out_r, out_w = os.pipe2(os.O_CLOEXEC)
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    ep_r, ep_w = os.pipe2(os.O_CLOEXEC)
+    try:
+        pid = os.fork()
+    except BaseException:
+        for fd in (in_r, in_w, out_r, out_w, err_r, err_w, ep_r, ep_w):
+            os.close(fd)
+        raise
+    if pid == 0:
+        _child(p, root, chroot, cgroup, (in_r, out_w, err_w), ep_w, rlimits)
+    for fd in (in_r, out_w, err_w, ep_w):
+        os.close(fd)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(ep_r, 4096)
+        except InterruptedError:
+            continue
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(ep_r)
+    if chunks:
+        for fd in (in_w, out_r, err_r):
+            os.close(fd)
+        while True:
+            try:
+                os.waitpid(pid, 0)
+                break
+            except InterruptedError:
+                continue
+            except ChildProcessError:
+                break
+        raise _spawn_error(b"".join(chunks), p["args"])
+    for fd in (in_w, out_r, err_r):
+        os.set_blocking(fd, False)
+    return pid, in_w, out_r, err_r

@@ -1,0 +1,192 @@
+"""Process I/O of the in-guest agent: output relay, stdin feeding, reaping, killing.
+
+``ProcIO`` is a mixin of ``agent.Agent``. Each process's stdout/stderr pipe is read in
+MAX_DATA_CHUNK pieces and relayed as ``output`` events; ``stdin`` events are buffered and
+written when the pipe is writable; SIGCHLD wake-ups reap every child (and every orphan the
+kernel re-parents to PID 1). ``exit`` is sent when a process is reaped and both its output
+pipes reached EOF. When a container's init dies its other processes are SIGKILLed, like a
+PID namespace would.
+
+STDLIB ONLY: runs inside the guest.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import signal
+from typing import TYPE_CHECKING, Any, Callable
+
+from . import protocol as P
+from .core import DESTROYING, STOPPED, Container, Proc, log
+from .sandbox import Sandbox
+
+R = selectors.EVENT_READ
+W = selectors.EVENT_WRITE
+
+
+class ProcIO:
+    """Process bookkeeping and pipes; mixed into ``Agent``."""
+
+    sel: selectors.BaseSelector
+    sandbox: Sandbox
+    containers: dict[str, Container]
+    procs: dict[int, Proc]
+    out_fds: dict[int, Proc]
+    paused: bool
+    stdin_bytes: int
+
+    if TYPE_CHECKING:  # provided by Agent / Handlers (stubs here would shadow them)
+        def send(self, msg: dict[str, Any]) -> None: ...
+        def container(self, msg: dict[str, Any]) -> Container: ...
+
+    def _output_cb(self, proc: Proc, fd: int) -> Callable[[int], None]:
+        return lambda mask: self._on_output(proc, fd)
+
+    def add_proc(self, proc: Proc) -> None:
+        self.procs[proc.pid] = proc
+        for fd in proc.streams:
+            self.out_fds[fd] = proc
+            if not self.paused:
+                self.sel.register(fd, R, self._output_cb(proc, fd))
+
+    def _on_output(self, proc: Proc, fd: int) -> None:
+        try:
+            data = os.read(fd, P.MAX_DATA_CHUNK)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._close_stream(proc, fd)
+            self._maybe_exited(proc)
+            return
+        self.send({"type": P.T_OUTPUT, "container_id": proc.cid, "exec_id": proc.exec_id,
+                   "stream": proc.streams[fd], "data": P.b64e(data)})
+
+    def _close_stream(self, proc: Proc, fd: int) -> None:
+        if self.out_fds.pop(fd, None) is not None and not self.paused:
+            self.sel.unregister(fd)
+        proc.streams.pop(fd, None)
+        os.close(fd)
+
+    def _on_stdin_event(self, msg: dict[str, Any]) -> None:
+        c = self.container(msg)
+        exec_id = msg.get("exec_id", P.INIT_EXEC_ID)
+        proc = c.procs.get(exec_id) if isinstance(exec_id, str) else None
+        if proc is None or proc.stdin_fd is None or proc.stdin_close:
+            return
+        data = P.b64d(msg.get("data"))  # type: ignore[arg-type]
+        if data:
+            proc.stdin_buf += data
+            self.stdin_bytes += len(data)
+            self.stdin_progress(proc)
+
+    def stdin_progress(self, proc: Proc) -> None:
+        if proc.stdin_fd is None:
+            return
+        fd = proc.stdin_fd
+        while proc.stdin_buf:
+            try:
+                n = os.write(fd, proc.stdin_buf[:65536])
+            except BlockingIOError:
+                break
+            except OSError:  # EPIPE: the reader is gone, drop what it will never read
+                self.stdin_bytes -= len(proc.stdin_buf)
+                proc.stdin_buf.clear()
+                proc.stdin_close = True
+                break
+            del proc.stdin_buf[:n]
+            self.stdin_bytes -= n
+        registered = fd in self.sel.get_map()
+        if proc.stdin_buf and not registered:
+            self.sel.register(fd, W, lambda mask: self.stdin_progress(proc))
+        elif not proc.stdin_buf:
+            if registered:
+                self.sel.unregister(fd)
+            if proc.stdin_close:
+                self._close_stdin_fd(proc)
+
+    def _close_stdin_fd(self, proc: Proc) -> None:
+        if proc.stdin_fd is None:
+            return
+        if proc.stdin_fd in self.sel.get_map():
+            self.sel.unregister(proc.stdin_fd)
+        os.close(proc.stdin_fd)
+        proc.stdin_fd = None
+        self.stdin_bytes -= len(proc.stdin_buf)
+        proc.stdin_buf.clear()
+
+    def _on_wake(self, fd: int) -> None:
+        try:
+            while os.read(fd, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        self._reap()
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            except InterruptedError:
+                continue
+            if pid == 0:
+                return
+            proc = self.procs.get(pid)
+            if proc is None:
+                continue  # an orphan re-parented to PID 1, or a spawn failure already waited
+            proc.status = status
+            c = self.containers.get(proc.cid)
+            if c is not None and proc.exec_id == P.INIT_EXEC_ID:
+                # Like a PID namespace: when the init process dies, the container dies.
+                c.state = STOPPED if c.state != DESTROYING else c.state
+                self.kill_container(c, signal.SIGKILL)
+            self._maybe_exited(proc)
+
+    def _maybe_exited(self, proc: Proc) -> None:
+        if proc.status is None or proc.streams or self.procs.get(proc.pid) is not proc:
+            return
+        self._close_stdin_fd(proc)
+        del self.procs[proc.pid]
+        c = self.containers.get(proc.cid)
+        if c is not None and c.procs.get(proc.exec_id) is proc:
+            del c.procs[proc.exec_id]
+        self.send({"type": P.T_EXIT, "container_id": proc.cid, "exec_id": proc.exec_id,
+                   **proc.exit_fields()})
+
+    def drop_proc(self, proc: Proc) -> None:
+        """Forget a process that would not die or whose pipes stay open (destroy timeout)."""
+        for fd in list(proc.streams):
+            self._close_stream(proc, fd)
+        if proc.status is not None:
+            self._maybe_exited(proc)
+            return
+        log(f"process {proc.pid} ({proc.cid}/{proc.exec_id}) did not die; forgetting it")
+        self._close_stdin_fd(proc)
+        self.procs.pop(proc.pid, None)
+        c = self.containers.get(proc.cid)
+        if c is not None:
+            c.procs.pop(proc.exec_id, None)
+
+    def kill_container(self, c: Container, sig: int) -> None:
+        """Send ``sig`` to every process of ``c`` (its cgroup, and each process group)."""
+        if c.root is not None:
+            if sig == signal.SIGKILL and self.sandbox.kill_cgroup(c.root):
+                pass
+            else:
+                for pid in self.sandbox.cgroup_pids(c.root):
+                    _kill(os.kill, pid, sig)
+        for proc in c.procs.values():
+            _kill(os.killpg, proc.pid, sig)  # each process leads its own session/group
+            if proc.alive:
+                _kill(os.kill, proc.pid, sig)
+
+
+def _kill(fn: Callable[[int, int], None], pid: int, sig: int) -> None:
+    try:
+        fn(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass

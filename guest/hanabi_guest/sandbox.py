@@ -1,0 +1,311 @@
+"""Where a container's root filesystem comes from, and the guest-wide side effects.
+
+``GuestSandbox`` is the real thing (agent as PID 1 in the VM): it finds the virtio-blk disk
+whose serial is the requested one, mounts it under /run/hanabi/c/<cid>/rootfs, mounts
+/proc, /sys, a tmpfs /dev with the basic nodes, /dev/pts and /dev/shm inside it, puts the
+container's processes into a cgroup v2 group, sets the hostname and powers the VM off.
+
+``DirSandbox`` is the host-side test double: every rootfs is one existing directory, no
+mounts, no chroot, no cgroups, and "power off" just stops the agent loop.
+
+STDLIB ONLY: runs inside the guest. ``ctypes`` is imported lazily (mount/reboot only).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import stat
+from typing import Any
+
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_STRICTATIME = 1 << 24
+MNT_DETACH = 2
+LINUX_REBOOT_CMD_POWER_OFF = 0x4321FEDC
+
+RUN_DIR = "/run/hanabi/c"
+CGROUP_ROOT = "/sys/fs/cgroup"
+
+# (name, major, minor) of the character devices every container /dev gets.
+BASIC_DEVICES = (
+    ("null", 1, 3),
+    ("zero", 1, 5),
+    ("full", 1, 7),
+    ("random", 1, 8),
+    ("urandom", 1, 9),
+    ("tty", 5, 0),
+)
+BASIC_SYMLINKS = (
+    ("ptmx", "pts/ptmx"),
+    ("fd", "/proc/self/fd"),
+    ("stdin", "/proc/self/fd/0"),
+    ("stdout", "/proc/self/fd/1"),
+    ("stderr", "/proc/self/fd/2"),
+    ("core", "/proc/kcore"),
+)
+
+
+class Rootfs:
+    """A prepared container root: its path and the mount points to undo (in mount order)."""
+
+    __slots__ = ("path", "mounts", "cgroup")
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.mounts: list[str] = []
+        self.cgroup: str | None = None
+
+
+class SandboxError(Exception):
+    """A sandbox operation failed; ``code`` is a protocol error code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+_libc: Any = None
+
+
+def libc() -> Any:
+    """The C library through ctypes (loaded on first use)."""
+    global _libc
+    if _libc is None:
+        import ctypes
+
+        _libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    return _libc
+
+
+def _check(ret: int, what: str) -> None:
+    if ret != 0:
+        import ctypes
+
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def mount(source: str, target: str, fstype: str, flags: int = 0, data: str = "") -> None:
+    """mount(2)."""
+    _check(
+        libc().mount(source.encode(), target.encode(), fstype.encode(), flags, data.encode() or None),
+        f"mount {fstype} on {target}",
+    )
+
+
+def umount(target: str, flags: int = 0) -> None:
+    """umount2(2)."""
+    _check(libc().umount2(target.encode(), flags), f"umount {target}")
+
+
+def poweroff() -> None:
+    """sync, then reboot(LINUX_REBOOT_CMD_POWER_OFF) (QEMU runs with -no-reboot)."""
+    os.sync()
+    _check(libc().reboot(LINUX_REBOOT_CMD_POWER_OFF), "reboot(POWER_OFF)")
+
+
+def find_block_device(serial: str, sysfs: str = "/sys") -> str | None:
+    """Return the name (e.g. ``vdb``) of the block device whose virtio serial is ``serial``."""
+    base = os.path.join(sysfs, "block")
+    try:
+        names = sorted(os.listdir(base))
+    except OSError:
+        return None
+    for name in names:
+        try:
+            with open(os.path.join(base, name, "serial"), encoding="utf-8", errors="replace") as f:
+                if f.read().strip() == serial:
+                    return name
+        except OSError:
+            continue
+    return None
+
+
+def ensure_block_node(name: str, sysfs: str = "/sys") -> str:
+    """Return /dev/<name>, creating the block node if devtmpfs does not have it."""
+    path = "/dev/" + name
+    if not os.path.exists(path):
+        with open(os.path.join(sysfs, "block", name, "dev"), encoding="utf-8") as f:
+            major, minor = (int(x) for x in f.read().strip().split(":"))
+        os.mknod(path, 0o600 | stat.S_IFBLK, os.makedev(major, minor))
+    return path
+
+
+class Sandbox:
+    """Interface the agent uses for everything that needs root in the guest."""
+
+    use_chroot = True
+
+    def locate(self, rootfs: dict[str, Any]) -> str | None:
+        """The device (or directory) holding ``rootfs``; None while it has not appeared."""
+        raise NotImplementedError
+
+    def setup(self, cid: str, source: str, rootfs: dict[str, Any]) -> Rootfs:
+        raise NotImplementedError
+
+    def teardown(self, root: Rootfs) -> None:
+        raise NotImplementedError
+
+    def set_hostname(self, name: str) -> None:
+        raise NotImplementedError
+
+    def cgroup_pids(self, root: Rootfs) -> list[int]:
+        return []
+
+    def kill_cgroup(self, root: Rootfs) -> bool:
+        return False
+
+    def poweroff(self) -> None:
+        """Power the VM off; returns only where that is not possible (host-side tests)."""
+        raise NotImplementedError
+
+
+class GuestSandbox(Sandbox):
+    """The real sandbox: mounts inside the VM, chroot, cgroup v2, power off."""
+
+    def __init__(self, run_dir: str = RUN_DIR, cgroup_root: str = CGROUP_ROOT) -> None:
+        self.run_dir = run_dir
+        self.cgroup_root: str | None = self._init_cgroups(cgroup_root)
+
+    @staticmethod
+    def _init_cgroups(root: str) -> str | None:
+        try:
+            if not os.path.exists(os.path.join(root, "cgroup.procs")):
+                os.makedirs(root, exist_ok=True)
+                mount("cgroup2", root, "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+            return root
+        except OSError:
+            return None
+
+    def locate(self, rootfs: dict[str, Any]) -> str | None:
+        name = find_block_device(rootfs["serial"])
+        return None if name is None else ensure_block_node(name)
+
+    def setup(self, cid: str, source: str, rootfs: dict[str, Any]) -> Rootfs:
+        path = os.path.join(self.run_dir, cid, "rootfs")
+        os.makedirs(path, exist_ok=True)
+        root = Rootfs(path)
+        ro = MS_RDONLY if rootfs.get("readonly") else 0
+        try:
+            mount(source, path, rootfs.get("fstype", "ext4"), ro)
+            root.mounts.append(path)
+            nsd = MS_NOSUID | MS_NODEV | MS_NOEXEC
+            self._mount_in(root, "proc", "proc", "proc", nsd)
+            self._mount_in(root, "sys", "sysfs", "sysfs", nsd | MS_RDONLY)
+            self._mount_in(root, "dev", "tmpfs", "tmpfs", MS_NOSUID | MS_STRICTATIME, "mode=755,size=65536k")
+            dev = os.path.join(path, "dev")
+            for name, major, minor in BASIC_DEVICES:
+                os.mknod(os.path.join(dev, name), 0o666 | stat.S_IFCHR, os.makedev(major, minor))
+                os.chmod(os.path.join(dev, name), 0o666)
+            for name, target in BASIC_SYMLINKS:
+                os.symlink(target, os.path.join(dev, name))
+            self._mount_in(root, "dev/pts", "devpts", "devpts", MS_NOSUID | MS_NOEXEC,
+                           "newinstance,ptmxmode=0666,mode=0620,gid=5")
+            self._mount_in(root, "dev/shm", "shm", "tmpfs", nsd, "mode=1777,size=65536k")
+        except BaseException:
+            self.teardown(root)
+            raise
+        if self.cgroup_root is not None:
+            cg = os.path.join(self.cgroup_root, "hanabi-" + cid)
+            try:
+                os.makedirs(cg, exist_ok=True)
+                root.cgroup = cg
+            except OSError:
+                root.cgroup = None
+        return root
+
+    @staticmethod
+    def _mount_in(root: Rootfs, rel: str, source: str, fstype: str, flags: int, data: str = "") -> None:
+        target = os.path.join(root.path, rel)
+        if not os.path.isdir(target):
+            os.makedirs(target, mode=0o755, exist_ok=True)
+        mount(source, target, fstype, flags, data)
+        root.mounts.append(target)
+
+    def teardown(self, root: Rootfs) -> None:
+        for target in reversed(root.mounts):
+            try:
+                umount(target)
+            except OSError:
+                try:
+                    umount(target, MNT_DETACH)
+                except OSError:
+                    pass
+        root.mounts.clear()
+        if root.cgroup:
+            try:
+                os.rmdir(root.cgroup)
+            except OSError:
+                pass
+        for d in (root.path, os.path.dirname(root.path)):
+            try:
+                os.rmdir(d)
+            except OSError:
+                pass
+        os.sync()
+
+    def set_hostname(self, name: str) -> None:
+        socket.sethostname(name)
+
+    def cgroup_pids(self, root: Rootfs) -> list[int]:
+        if not root.cgroup:
+            return []
+        try:
+            with open(os.path.join(root.cgroup, "cgroup.procs"), encoding="ascii") as f:
+                return [int(x) for x in f.read().split()]
+        except OSError:
+            return []
+
+    def kill_cgroup(self, root: Rootfs) -> bool:
+        if not root.cgroup:
+            return False
+        try:
+            with open(os.path.join(root.cgroup, "cgroup.kill"), "w", encoding="ascii") as f:
+                f.write("1")
+            return True
+        except OSError:
+            return False
+
+    def poweroff(self) -> None:
+        poweroff()
+
+
+class DirSandbox(Sandbox):
+    """Host-side test double: every rootfs is ``directory``; nothing is mounted."""
+
+    use_chroot = False
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.hostname: str | None = None
+        self.powered_off = False
+
+    def locate(self, rootfs: dict[str, Any]) -> str | None:
+        return self.directory if os.path.isdir(self.directory) else None
+
+    def setup(self, cid: str, source: str, rootfs: dict[str, Any]) -> Rootfs:
+        return Rootfs(source)
+
+    def teardown(self, root: Rootfs) -> None:
+        pass
+
+    def set_hostname(self, name: str) -> None:
+        self.hostname = name
+
+    def poweroff(self) -> None:
+        self.powered_off = True
+
+
+def errno_code(exc: OSError) -> str:
+    """Map an OSError to a protocol error code."""
+    if exc.errno in (errno.ENOENT, errno.ENXIO, errno.ESRCH):
+        return "NOT_FOUND"
+    if exc.errno in (errno.EINVAL, errno.ENAMETOOLONG):
+        return "INVALID_ARGUMENT"
+    if exc.errno == errno.EEXIST:
+        return "ALREADY_EXISTS"
+    return "INTERNAL"

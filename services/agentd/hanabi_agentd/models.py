@@ -1,0 +1,32 @@
+"""RPC models agentd needs beyond hanabi_common.models.agentd (candidates to move there)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hanabi_common.models.agentd import AgentInfo
+from hanabi_common.models.base import ContainerId, ExecId, Reply, Request, SandboxId
+
+
+class ProcessRef(Request):
+    """Names one process of a container (its init process by default)."""
+
+    sandbox_id: SandboxId
+    container_id: ContainerId
+    exec_id: ExecId = "init"
+
+
+class AgentList(Reply):
+    """Every sandbox agentd knows an agent of."""
+
+    agents: list[AgentInfo]
+
+
+class AgentDetails(Reply):
+    """`agent.inspect`: the agent plus every container and process (agent.json, live)."""
+
+    agent: AgentInfo
+    address: str
+    channel_kind: str
+    lost_reason: str | None = None
+    containers: dict[str, Any] = {}

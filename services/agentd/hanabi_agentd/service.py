@@ -1,0 +1,280 @@
+"""agentd's RPC surface: agents (connect, get, list, inspect, disconnect) and containers
+(create, start, exec, signal, close_stdin, state, ps, destroy) inside the guest.
+
+Every call names a sandbox; its `AgentSession` does the talking. Process records are
+created before the guest can mention them (so early output is buffered, not dropped) and
+agent.json is rewritten when a process starts, exits or a container goes away. The io
+socket (`io_server`) is started with the service; at start-up every agent.json is read
+back and the agents still reachable are reconnected.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal as signals
+import threading
+import time
+
+from hanabi_common.config import Config
+from hanabi_common.errors import (AlreadyExists, FailedPrecondition, HanabiError, Internal,
+                                  InvalidArgument, NotFound)
+from hanabi_common.models.agentd import (AgentInfo, ConnectAgent, ContainerRef, ContainerState,
+                                         CreateContainer, ExecProcess, GuestProcess, ProcessList,
+                                         SignalProcess, StartedProcess)
+from hanabi_common.models.base import NoArgs, Removed, SandboxRef
+from hanabi_common.rpc.server import RpcServer
+
+from hanabi_agentd.guest_messages import GuestMisbehaved, PidResult, PsResult, parse_result
+from hanabi_agentd.io_server import IoServer, io_socket_path
+from hanabi_agentd.models import AgentDetails, AgentList, ProcessRef
+from hanabi_agentd.process import ContainerRecord, ProcessRecord
+from hanabi_agentd.registry import Registry, Sandbox
+from hanabi_agentd.session import AgentSession
+
+log = logging.getLogger("hanabi.agentd")
+SHUTDOWN_TIMEOUT_S = 5.0
+
+
+def _result(model, result: dict, what: str):
+    try:
+        return parse_result(model, result, what)
+    except GuestMisbehaved as exc:
+        raise Internal(f"guest agent: {exc}") from None
+
+
+class AgentService:
+    """Relays between the runtime and the agents of this host's sandboxes."""
+
+    def __init__(self, config: Config, *, restore: bool = True) -> None:
+        self.config = config
+        self.registry = Registry(config)
+        self.io = IoServer(io_socket_path(config.run_dir), self._resolve_io)
+        self.io.start()
+        if restore:
+            self.registry.restore()
+
+    def register(self, server: RpcServer) -> None:
+        """Serve the agent.* and container.* methods."""
+        for name, model, handler in (
+            ("agent.connect", ConnectAgent, self.connect),
+            ("agent.get", SandboxRef, self.get),
+            ("agent.list", NoArgs, self.list),
+            ("agent.inspect", SandboxRef, self.inspect),
+            ("agent.disconnect", SandboxRef, self.disconnect),
+            ("container.create", CreateContainer, self.create),
+            ("container.start", ContainerRef, self.start),
+            ("container.exec", ExecProcess, self.exec),
+            ("container.signal", SignalProcess, self.signal),
+            ("container.close_stdin", ProcessRef, self.close_stdin),
+            ("container.state", ContainerRef, self.state),
+            ("container.ps", ContainerRef, self.ps),
+            ("container.destroy", ContainerRef, self.destroy),
+        ):
+            server.register(name, model, handler)
+
+    def close(self) -> None:
+        """Stop the io socket and close every agent connection (guests keep running)."""
+        self.io.stop()
+        self.registry.close()
+
+    def _resolve_io(self, sandbox_id: str, container_id: str, exec_id: str) -> tuple[AgentSession, ProcessRecord]:
+        session = self.registry.get(sandbox_id).session
+        return session, session.process(container_id, exec_id)
+
+    # --- agents ---------------------------------------------------------------------------
+    def connect(self, request: ConnectAgent) -> AgentInfo:
+        """Connect to a sandbox's agent socket and wait until the agent answers ping."""
+        sid = request.sandbox_id
+        if not request.socket_path.startswith(("/", "unix://", "hvsock://", "vsock://")):
+            raise InvalidArgument(f"agent address {request.socket_path[:200]!r} must be absolute")
+        with self.registry.lock:
+            sandbox = self.registry.sandboxes.get(sid)
+            if sandbox is not None and (sandbox.busy or sandbox.session.connected):
+                raise AlreadyExists(f"sandbox {sid} is already connected to its agent")
+            fresh = sandbox is None
+            if fresh:
+                sandbox = self.registry.new(sid, request.socket_path)
+                self.registry.sandboxes[sid] = sandbox
+            else:
+                sandbox.address = request.socket_path
+            sandbox.busy = True
+        try:
+            sandbox.session.connect(request.timeout_s)
+        except BaseException:
+            if fresh:
+                with self.registry.lock:
+                    if self.registry.sandboxes.get(sid) is sandbox:
+                        del self.registry.sandboxes[sid]
+            raise
+        finally:
+            sandbox.busy = False
+        sandbox.connected_at = time.time()
+        if not fresh:
+            self.registry.reconcile(sandbox)
+        self.registry.persist(sandbox)
+        return sandbox.info()
+
+    def get(self, request: SandboxRef) -> AgentInfo:
+        """The agent of one sandbox."""
+        return self.registry.get(request.sandbox_id).info()
+
+    def list(self, _: NoArgs) -> AgentList:
+        """Every agent agentd knows."""
+        with self.registry.lock:
+            sandboxes = sorted(self.registry.sandboxes.values(), key=lambda s: s.sandbox_id)
+        return AgentList(agents=[s.info() for s in sandboxes])
+
+    def inspect(self, request: SandboxRef) -> AgentDetails:
+        """Everything agentd knows of one sandbox's agent."""
+        sandbox = self.registry.get(request.sandbox_id)
+        state = self.registry.snapshot(sandbox)
+        return AgentDetails(agent=sandbox.info(), address=state.address, channel_kind=state.channel_kind,
+                            lost_reason=sandbox.session.lost_reason,
+                            containers=state.model_dump(mode="json")["containers"])
+
+    def disconnect(self, request: SandboxRef) -> Removed:
+        """Ask the guest to shut down (failure ignored), close, forget (idempotent)."""
+        with self.registry.lock:
+            sandbox = self.registry.sandboxes.get(request.sandbox_id)
+        if sandbox is not None:
+            session = sandbox.session
+            if session.connected:
+                try:
+                    session.request("shutdown", {}, timeout=SHUTDOWN_TIMEOUT_S)
+                except HanabiError as exc:
+                    log.info("guest did not acknowledge shutdown", extra={
+                        "sandbox": request.sandbox_id, "error": exc.message})
+            session.close()
+            for record in session.all_processes():
+                record.mark_exited(None, None)
+        return Removed(existed=self.registry.remove(request.sandbox_id))
+
+    # --- containers -----------------------------------------------------------------------
+    def create(self, request: CreateContainer) -> dict:
+        """Create a container in the guest (mounts its disk; the process is not started)."""
+        session = self.registry.live(request.sandbox_id)
+        cid = request.container_id
+        record = ContainerRecord(cid, session.new_process(cid, "init"))
+        with session._lock:
+            if cid in session.containers:
+                raise AlreadyExists(f"container {cid} already exists in sandbox {request.sandbox_id}")
+            session.containers[cid] = record
+        try:
+            session.request("create_container", {
+                "container_id": cid, "rootfs": request.rootfs.model_dump(mode="json"),
+                "process": request.process, "hostname": request.hostname})
+        except BaseException:
+            with session._lock:
+                if session.containers.get(cid) is record:
+                    del session.containers[cid]
+            raise
+        self._persist(request.sandbox_id)
+        return {}
+
+    def start(self, request: ContainerRef) -> StartedProcess:
+        """Start a created container's init process."""
+        session = self.registry.live(request.sandbox_id)
+        record = session.process(request.container_id, "init")
+        if record.status != "created":
+            raise FailedPrecondition(f"container {request.container_id} is {record.status}, not created")
+        result = _result(PidResult, session.request("start", {"container_id": request.container_id}), "start")
+        record.mark_running(result.pid)
+        self._persist(request.sandbox_id)
+        return StartedProcess(pid=result.pid)
+
+    def exec(self, request: ExecProcess) -> StartedProcess:
+        """Start one more process in a running container."""
+        session = self.registry.live(request.sandbox_id)
+        cid, eid = request.container_id, request.exec_id
+        if eid == "init":
+            raise InvalidArgument("exec id 'init' is reserved for the container's first process")
+        container = session.container(cid)
+        if container.init.status != "running":
+            raise FailedPrecondition(f"container {cid} is {container.init.status}, not running")
+        record = session.new_process(cid, eid)
+        with session._lock:
+            old = container.processes.get(eid)
+            if old is not None and old.status != "stopped":
+                raise AlreadyExists(f"container {cid} already has a process {eid}")
+            container.processes[eid] = record
+        try:
+            reply = session.request("exec", {"container_id": cid, "exec_id": eid, "process": request.process})
+            result = _result(PidResult, reply, "exec")
+        except BaseException:
+            with session._lock:
+                if container.processes.get(eid) is record:
+                    del container.processes[eid]
+            raise
+        record.mark_running(result.pid)
+        self._persist(request.sandbox_id)
+        return StartedProcess(pid=result.pid)
+
+    def signal(self, request: SignalProcess) -> dict:
+        """Send a signal to one process of a container (or to all of them)."""
+        session = self.registry.live(request.sandbox_id)
+        record = session.process(request.container_id, request.exec_id)
+        if record.status == "stopped" and not request.all:
+            raise FailedPrecondition(f"process {request.container_id}/{request.exec_id} is not running")
+        session.request("signal", {"container_id": request.container_id, "exec_id": request.exec_id,
+                                   "signal": request.signal, "all": request.all})
+        return {}
+
+    def close_stdin(self, request: ProcessRef) -> dict:
+        """Close a process's stdin (its io client usually does this instead)."""
+        session = self.registry.live(request.sandbox_id)
+        session.process(request.container_id, request.exec_id)
+        session.request("close_stdin", {"container_id": request.container_id, "exec_id": request.exec_id})
+        return {}
+
+    def state(self, request: ContainerRef) -> ContainerState:
+        """Status of a container's init process and of all its processes (works after exit)."""
+        session = self.registry.get(request.sandbox_id).session
+        return session.container(request.container_id).state(request.sandbox_id)
+
+    def ps(self, request: ContainerRef) -> ProcessList:
+        """The container's processes as the guest sees them."""
+        session = self.registry.live(request.sandbox_id)
+        session.container(request.container_id)
+        result = _result(PsResult, session.request("ps", {"container_id": request.container_id}), "ps")
+        return ProcessList(processes=[GuestProcess(pid=p.pid, exec_id=p.exec_id, args=list(p.args))
+                                      for p in result.processes])
+
+    def destroy(self, request: ContainerRef) -> Removed:
+        """Kill every process of a container, unmount it, forget it (idempotent)."""
+        try:
+            sandbox: Sandbox | None = self.registry.get(request.sandbox_id)
+        except NotFound:
+            sandbox = None
+        if sandbox is None:
+            return Removed(existed=False)
+        session = sandbox.session
+        cid = request.container_id
+        with session._lock:
+            container = session.containers.get(cid)
+        existed = container is not None
+        sandbox.settled.wait(self.config.agent.request_timeout_s)
+        if session.connected:
+            try:
+                session.request("destroy_container", {"container_id": cid})
+                existed = True
+            except NotFound:
+                pass
+        if container is not None:
+            for record in list(container.processes.values()):
+                killed = int(signals.SIGKILL) if record.status == "running" else None
+                record.mark_exited(None, killed)
+            with session._lock:
+                if session.containers.get(cid) is container:
+                    del session.containers[cid]
+            self._persist(request.sandbox_id)
+        return Removed(existed=existed)
+
+    def _persist(self, sandbox_id: str) -> None:
+        try:
+            sandbox = self.registry.get(sandbox_id)
+        except NotFound:
+            return
+        self.registry.persist(sandbox)
+
+
+_ = threading  # threads are started by the registry and the io server

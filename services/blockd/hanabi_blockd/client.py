@@ -1,0 +1,27 @@
+"""Typed client of blockd, used by the runtime."""
+
+from __future__ import annotations
+
+from hanabi_common.config import Config
+from hanabi_common.models.base import Removed, SandboxRef
+from hanabi_common.models.blockd import ProvisionVolume, VolumeInfo, VolumeList
+from hanabi_common.rpc.client import RpcClient
+
+
+class BlockdClient:
+    """Calls blockd."""
+
+    def __init__(self, config: Config, timeout: float | None = None) -> None:
+        self.rpc = RpcClient("blockd", config.endpoint("blockd"), timeout=timeout or max(config.rpc.default_timeout_s, 120))
+
+    def provision(self, sandbox_id: str, rootfs: str, readonly: bool = False) -> VolumeInfo:
+        """Build the sandbox's root volume."""
+        return self.rpc.call("volume.provision", ProvisionVolume(sandbox_id=sandbox_id, rootfs=rootfs, readonly=readonly), VolumeInfo)
+
+    def release(self, sandbox_id: str) -> Removed:
+        """Remove the sandbox's volumes (idempotent)."""
+        return self.rpc.call("volume.release", SandboxRef(sandbox_id=sandbox_id), Removed, idempotent=True)
+
+    def list(self) -> VolumeList:
+        """Every volume."""
+        return self.rpc.call("volume.list", {}, VolumeList, idempotent=True)

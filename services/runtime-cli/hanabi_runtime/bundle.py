@@ -1,0 +1,102 @@
+"""An OCI bundle as the runtime needs it: config.json validated, paths resolved."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from hanabi_common.errors import InvalidArgument, NotFound
+
+SUPPORTED_MAJOR = "1."
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A validated bundle."""
+
+    path: Path
+    config: dict
+    rootfs: Path
+    readonly: bool
+    process: dict
+    hostname: str | None
+    annotations: dict[str, str]
+    netns_path: str | None
+
+
+def _netns_path(config: dict) -> str | None:
+    for namespace in config.get("linux", {}).get("namespaces", []) or []:
+        if namespace.get("type") == "network":
+            return namespace.get("path") or None
+    return None
+
+
+def _check_process(process: dict) -> None:
+    """Rules the schema does not express but runc enforces."""
+    if not process.get("args"):
+        raise InvalidArgument("config.json: process.args must name a program to run")
+    cwd = process.get("cwd", "")
+    if not cwd.startswith("/"):
+        raise InvalidArgument(f"config.json: process.cwd {cwd!r} must be an absolute path")
+    if process.get("terminal"):
+        raise InvalidArgument("config.json: process.terminal=true is not supported yet "
+                              "(run without a tty, e.g. `docker run` without -t)")
+
+
+def load_bundle(bundle: str | Path) -> Bundle:
+    """Read `<bundle>/config.json`, validate it against the OCI schema, resolve the rootfs."""
+    from hanabi_common.oci import validate_config
+
+    path = Path(bundle).resolve()
+    if not path.is_dir():
+        raise NotFound(f"bundle {bundle} does not exist or is not a directory")
+    config_file = path / "config.json"
+    try:
+        raw = config_file.read_bytes()
+    except FileNotFoundError:
+        raise NotFound(f"bundle {path} has no config.json") from None
+    try:
+        config = json.loads(raw)
+    except ValueError as exc:
+        raise InvalidArgument(f"{config_file} is not valid JSON: {exc}") from None
+    validate_config(config, str(config_file))
+    if not str(config.get("ociVersion", "")).startswith(SUPPORTED_MAJOR):
+        raise InvalidArgument(f"{config_file}: unsupported ociVersion {config.get('ociVersion')!r}")
+    root = config.get("root")
+    if not root or not root.get("path"):
+        raise InvalidArgument(f"{config_file}: root.path is required")
+    rootfs = (path / root["path"]).resolve()
+    if not rootfs.is_dir():
+        raise NotFound(f"rootfs {rootfs} of bundle {path} does not exist or is not a directory")
+    process = config.get("process")
+    if not process:
+        raise InvalidArgument(f"{config_file}: process is required to create a container")
+    _check_process(process)
+    return Bundle(path=path, config=config, rootfs=rootfs, readonly=bool(root.get("readonly")),
+                  process=process, hostname=config.get("hostname"),
+                  annotations=dict(config.get("annotations") or {}), netns_path=_netns_path(config))
+
+
+def default_spec(args: list[str] | None = None) -> dict:
+    """The config.json `hanabi-runtime spec` writes, like `runc spec`."""
+    return {
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": False,
+            "user": {"uid": 0, "gid": 0},
+            "args": args or ["sh"],
+            "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "TERM=xterm"],
+            "cwd": "/",
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
+            "noNewPrivileges": True,
+        },
+        "root": {"path": "rootfs", "readonly": False},
+        "hostname": "hanabi",
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+        ],
+        "linux": {"namespaces": [{"type": "pid"}, {"type": "network"}, {"type": "ipc"},
+                                 {"type": "uts"}, {"type": "mount"}]},
+    }

@@ -1,0 +1,205 @@
+"""`hanabi-runtime`: the runc-compatible OCI runtime command line that Docker and containerd call.
+
+Global flags as runc has them (`--root`, `--log`, `--log-format`, `--debug`,
+`--systemd-cgroup`), then a command: create, start, state, kill, delete, run, list, spec,
+version. Errors go to stderr (and to the --log file as JSON) and exit with status 1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from hanabi_common.errors import HanabiError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="hanabi: run OCI containers, each in its own microVM (runc-compatible CLI)")
+_globals: dict = {}
+VERSION = "0.1.0"
+
+
+@app.callback()
+def _global(root: Optional[str] = typer.Option(None, help="runc's state root (recorded; hanabi keeps state under run_dir)"),
+            log: Optional[Path] = typer.Option(None, help="also write errors to this file"),
+            log_format: str = typer.Option("text", help="text or json, for --log"),
+            debug: bool = typer.Option(False, help="verbose logging to stderr"),
+            systemd_cgroup: bool = typer.Option(False, help="accepted for runc compatibility"),
+            config: Optional[Path] = typer.Option(None, help="hanabi config file (default $HANABI_CONFIG or /etc/hanabi/hanabi.toml)")) -> None:
+    _globals.update(root=root, log=log, log_format=log_format, debug=debug, config=config)
+    if debug:
+        import logging
+        logging.basicConfig(level=logging.DEBUG, stream=sys.stderr)
+
+
+def _runtime():
+    from hanabi_common.config import load_config
+    from hanabi_runtime.lifecycle import Runtime
+    return Runtime(load_config(_globals.get("config")), root=_globals.get("root"))
+
+
+def _fail(exc: HanabiError) -> None:
+    message = exc.message
+    typer.echo(f"hanabi-runtime: {exc.code.value.lower()}: {message}", err=True)
+    log_file = _globals.get("log")
+    if log_file:
+        try:
+            with open(log_file, "a") as handle:
+                if _globals.get("log_format") == "json":
+                    handle.write(json.dumps({"level": "error", "msg": message,
+                                             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}) + "\n")
+                else:
+                    handle.write(f"level=error msg={message!r}\n")
+        except OSError:
+            pass
+    raise typer.Exit(1)
+
+
+def _guard(action):
+    try:
+        return action()
+    except HanabiError as exc:
+        _fail(exc)
+
+
+@app.command()
+def create(container_id: str = typer.Argument(..., metavar="ID"),
+           bundle: str = typer.Option(".", "--bundle", "-b", help="path to the OCI bundle"),
+           pid_file: Optional[str] = typer.Option(None, help="write the container's host pid here"),
+           console_socket: Optional[str] = typer.Option(None, help="unix socket for the pty master (not supported yet)"),
+           no_pivot: bool = typer.Option(False, help="accepted for runc compatibility"),
+           no_new_keyring: bool = typer.Option(False, help="accepted for runc compatibility"),
+           preserve_fds: int = typer.Option(0, help="accepted for runc compatibility")) -> None:
+    """Create a container in a new microVM; its process waits for `start`."""
+    _no_console(console_socket)
+    _guard(lambda: _runtime().create(container_id, bundle, pid_file))
+
+
+@app.command()
+def start(container_id: str = typer.Argument(..., metavar="ID")) -> None:
+    """Start a created container's process."""
+    _guard(lambda: _runtime().start(container_id))
+
+
+@app.command()
+def state(container_id: str = typer.Argument(..., metavar="ID")) -> None:
+    """Print the container's OCI state as JSON."""
+    from hanabi_runtime.state import oci_state
+
+    def show():
+        runtime = _runtime()
+        recorded = runtime.load(container_id)
+        typer.echo(json.dumps(oci_state(recorded, runtime.status(recorded)), indent=2))
+    _guard(show)
+
+
+@app.command()
+def kill(container_id: str = typer.Argument(..., metavar="ID"),
+         signal_name: str = typer.Argument("SIGTERM", metavar="SIGNAL"),
+         all_processes: bool = typer.Option(False, "--all", "-a", help="signal every process of the container")) -> None:
+    """Send a signal (name or number) to the container's process."""
+    from hanabi_runtime.signals import parse_signal
+    _guard(lambda: _runtime().kill(container_id, parse_signal(signal_name), all_processes))
+
+
+@app.command()
+def delete(container_id: str = typer.Argument(..., metavar="ID"),
+           force: bool = typer.Option(False, "--force", "-f", help="kill and delete a running container")) -> None:
+    """Delete a container and everything it had: VM, volume, network, state."""
+    _guard(lambda: _runtime().delete(container_id, force))
+
+
+@app.command()
+def run(container_id: str = typer.Argument(..., metavar="ID"),
+        bundle: str = typer.Option(".", "--bundle", "-b", help="path to the OCI bundle"),
+        pid_file: Optional[str] = typer.Option(None, help="write the container's host pid here"),
+        detach: bool = typer.Option(False, "--detach", "-d", help="do not wait for the container"),
+        console_socket: Optional[str] = typer.Option(None, help="not supported yet"),
+        no_pivot: bool = typer.Option(False, help="accepted for runc compatibility"),
+        no_new_keyring: bool = typer.Option(False, help="accepted for runc compatibility"),
+        keep: bool = typer.Option(False, help="do not delete the container after it exits")) -> None:
+    """Create and start a container; without --detach, wait and exit with its status."""
+    _no_console(console_socket)
+
+    def go() -> int:
+        runtime = _runtime()
+        created = runtime.create(container_id, bundle, pid_file, detach_standin=detach)
+        try:
+            runtime.start(container_id)
+        except BaseException:
+            runtime.delete(container_id, force=True)
+            raise
+        if detach:
+            return 0
+        status = _wait_forwarding_signals(created.standin)
+        if not keep:
+            runtime.delete(container_id, force=True)
+        return status
+    raise typer.Exit(_guard(go))
+
+
+def _wait_forwarding_signals(proc) -> int:
+    """Wait for the stand-in; pass SIGINT/SIGTERM/SIGHUP on to it (it forwards them to the VM)."""
+    def forward(signum, _frame):
+        try:
+            os.kill(proc.pid, signum)
+        except ProcessLookupError:
+            pass
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+        signal.signal(signum, forward)
+    code = proc.wait()
+    return 128 - code if code < 0 else code
+
+
+@app.command("list")
+def list_containers(format: str = typer.Option("table", "--format", "-f", help="table or json"),
+                    quiet: bool = typer.Option(False, "--quiet", "-q", help="ids only")) -> None:
+    """List containers."""
+    from hanabi_runtime.state import oci_state
+
+    def show():
+        entries = _runtime().list()
+        if quiet:
+            for recorded, _ in entries:
+                typer.echo(recorded.id)
+        elif format == "json":
+            typer.echo(json.dumps([oci_state(r, s) for r, s in entries], indent=2))
+        else:
+            typer.echo(f"{'ID':<24} {'PID':<8} {'STATUS':<10} BUNDLE")
+            for recorded, status in entries:
+                typer.echo(f"{recorded.id:<24} {recorded.standin_pid or 0:<8} {status:<10} {recorded.bundle}")
+    _guard(show)
+
+
+@app.command()
+def spec(bundle: str = typer.Option(".", "--bundle", "-b", help="where to write config.json")) -> None:
+    """Write a default config.json (like `runc spec`)."""
+    from hanabi_runtime.bundle import default_spec
+    target = Path(bundle) / "config.json"
+    if target.exists():
+        typer.echo(f"hanabi-runtime: File {target} exists. Remove it first", err=True)
+        raise typer.Exit(1)
+    target.write_text(json.dumps(default_spec(), indent=2) + "\n")
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    typer.echo(f"hanabi-runtime version {VERSION}\nspec: 1.0.2")
+
+
+def _no_console(console_socket: Optional[str]) -> None:
+    if console_socket:
+        typer.echo("hanabi-runtime: invalid_argument: --console-socket (tty) is not supported yet", err=True)
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    """Entry point of the console script."""
+    app()

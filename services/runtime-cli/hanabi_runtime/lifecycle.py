@@ -1,0 +1,257 @@
+"""The container lifecycle behind the runc-style commands: create, start, state, kill, delete.
+
+`create` asks the daemons, in order, for a network (netd), a VM (vmmd) and, at the same
+time, a root volume (blockd); then for the guest agent (agentd, which waits for the boot),
+hot-plugs the volume (vmmd) and prepares the container in the guest (agentd). Last, it
+starts the stand-in process that holds the container's stdio and writes the pid file.
+Whatever fails on the way is undone: a failed create leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from hanabi_common.config import Config
+from hanabi_common.errors import (AlreadyExists, FailedPrecondition, HanabiError, Internal,
+                                  NotFound, Unavailable)
+from hanabi_common.ids import validate_id
+from hanabi_common.state import StateStore
+from hanabi_runtime.bundle import Bundle, load_bundle
+from hanabi_runtime.daemons import Daemons
+from hanabi_runtime.state import (STATE_NAME, RuntimeState, is_same_process_alive,
+                                  process_start_time, write_pid_file)
+
+log = logging.getLogger("hanabi.runtime")
+START_FIFO = "start.fifo"
+STANDIN_READY_TIMEOUT_S = 30.0
+
+
+@dataclass
+class Created:
+    """What `create` made: the recorded state and the stand-in process."""
+
+    state: RuntimeState
+    standin: subprocess.Popen
+
+
+class Runtime:
+    """The lifecycle operations on the containers of one configuration."""
+
+    def __init__(self, config: Config, root: str | None = None) -> None:
+        self.config = config
+        self.root = root
+        self.store = StateStore(config.sandboxes_dir)
+        self.daemons = Daemons(config)
+
+    # -- create ------------------------------------------------------------------------
+    def create(self, cid: str, bundle_path: str, pid_file: str | None = None,
+               *, detach_standin: bool = True) -> Created:
+        """Create container `cid` from a bundle; on return the stand-in runs and the pid file exists."""
+        validate_id(cid)
+        bundle = load_bundle(bundle_path)
+        self._reserve(cid, bundle)
+        standin = None
+        try:
+            self._provision(cid, bundle)
+            fifo = self.store.sandbox_dir(cid) / START_FIFO
+            os.mkfifo(fifo, 0o600)
+            standin = self._spawn_standin(cid, fifo, detach_standin)
+            state = RuntimeState(id=cid, bundle=str(bundle.path), rootfs=str(bundle.rootfs),
+                                 created_at=time.time(), standin_pid=standin.pid,
+                                 standin_start_time=process_start_time(standin.pid),
+                                 annotations=bundle.annotations, root=self.root)
+            self.store.write(cid, STATE_NAME, state)
+            if pid_file:
+                write_pid_file(pid_file, standin.pid)
+        except BaseException as exc:
+            log.warning("create failed, undoing", extra={"container": cid, "error": str(exc)})
+            self._teardown(cid, standin_pid=standin.pid if standin else None)
+            if standin is not None:
+                standin.wait()
+            raise
+        return Created(state=state, standin=standin)
+
+    def _reserve(self, cid: str, bundle: Bundle) -> None:
+        directory = self.store.sandbox_dir(cid)
+        directory.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            directory.mkdir(mode=0o700)
+        except FileExistsError:
+            raise AlreadyExists(f"container {cid} already exists (if it is a leftover, "
+                                f"`hanabi-runtime delete --force {cid}` removes it)") from None
+        self.store.write(cid, STATE_NAME, RuntimeState(
+            id=cid, bundle=str(bundle.path), rootfs=str(bundle.rootfs), created_at=time.time(),
+            annotations=bundle.annotations, root=self.root))
+
+    def _provision(self, cid: str, bundle: Bundle) -> None:
+        from hanabi_common.models.agentd import CreateContainer, RootfsSpec
+
+        d = self.daemons
+        d.netd.attach(cid, bundle.netns_path)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            volume_future = pool.submit(d.blockd.provision, cid, str(bundle.rootfs), bundle.readonly)
+            try:
+                vm = d.vmmd.create(cid)
+                d.agentd.connect(cid, vm.agent_socket)
+            finally:
+                volume = volume_future.result()
+        d.vmmd.attach_disk(cid, volume.path, volume.serial, volume.format, bundle.readonly)
+        d.agentd.create_container(CreateContainer(
+            sandbox_id=cid, container_id=cid,
+            rootfs=RootfsSpec(serial=volume.serial, fstype=volume.fstype, readonly=bundle.readonly),
+            process=bundle.process, hostname=bundle.hostname))
+
+    def _spawn_standin(self, cid: str, fifo: Path, detach: bool) -> subprocess.Popen:
+        ready_r, ready_w = os.pipe()
+        argv = [sys.executable, "-m", "hanabi_runtime.standin", "--sandbox", cid,
+                "--container", cid, "--ready-fd", str(ready_w), "--start-fifo", str(fifo)]
+        if self.config.source:
+            argv += ["--config", str(self.config.source)]
+        try:
+            proc = subprocess.Popen(argv, pass_fds=(ready_w,), start_new_session=detach)
+        finally:
+            os.close(ready_w)
+        try:
+            message = _read_ready(ready_r, STANDIN_READY_TIMEOUT_S)
+        finally:
+            os.close(ready_r)
+        if message != "ok":
+            proc.kill()
+            proc.wait()
+            raise Internal(f"the stand-in process for {cid} failed to start: {message or 'no answer'}")
+        return proc
+
+    # -- start -------------------------------------------------------------------------
+    def start(self, cid: str) -> None:
+        """Start the container's process (it must be `created`)."""
+        state = self.load(cid)
+        status = self.status(state)
+        if status != "created":
+            raise FailedPrecondition(f"container {cid} is {status}, not created: cannot start it")
+        self.daemons.agentd.start(cid, cid)
+        self.store.write(cid, STATE_NAME, state.model_copy(update={"started": True}))
+        fifo = self.store.sandbox_dir(cid) / START_FIFO
+        try:
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as exc:
+            raise Internal(f"the stand-in of {cid} is gone ({exc}); its output is lost") from None
+        try:
+            os.write(fd, b"s")
+        finally:
+            os.close(fd)
+
+    # -- state -------------------------------------------------------------------------
+    def load(self, cid: str) -> RuntimeState:
+        """The recorded state of a container; NotFound if there is none."""
+        validate_id(cid)
+        state = self.store.read(cid, STATE_NAME, RuntimeState)
+        if state is None:
+            raise NotFound(f"container {cid} does not exist")
+        return state
+
+    def status(self, state: RuntimeState) -> str:
+        """creating, created, running or stopped."""
+        if state.standin_pid is None:
+            return "creating"
+        standin_alive = is_same_process_alive(state.standin_pid, state.standin_start_time)
+        if not state.started:
+            return "created" if standin_alive else "stopped"
+        try:
+            return self.daemons.agentd.state(state.id, state.id).status
+        except (Unavailable, NotFound) as exc:
+            log.debug("agentd could not tell the status", extra={"error": str(exc)})
+            return "running" if standin_alive else "stopped"
+
+    def list(self) -> list[tuple[RuntimeState, str]]:
+        """Every container with its status."""
+        result = []
+        for cid in self.store.list_sandboxes(having=STATE_NAME):
+            try:
+                state = self.load(cid)
+            except HanabiError:
+                continue
+            result.append((state, self.status(state)))
+        return result
+
+    # -- kill --------------------------------------------------------------------------
+    def kill(self, cid: str, signum: int, all_processes: bool = False) -> None:
+        """Send a signal to the container's process (or all of them)."""
+        state = self.load(cid)
+        status = self.status(state)
+        if status == "created":
+            # Nothing runs in the guest yet: the stand-in stands for the process.
+            os.kill(state.standin_pid, signum)
+            return
+        if status != "running":
+            raise FailedPrecondition(f"container {cid} is {status}: cannot send it a signal")
+        self.daemons.agentd.signal(cid, cid, signum, all_processes=all_processes)
+
+    # -- delete ------------------------------------------------------------------------
+    def delete(self, cid: str, force: bool = False) -> None:
+        """Remove everything the container had; a running one only with force."""
+        validate_id(cid)
+        state = self.store.read(cid, STATE_NAME, RuntimeState)
+        if state is None and not self.store.sandbox_dir(cid).exists():
+            if force:
+                return
+            raise NotFound(f"container {cid} does not exist")
+        if state is not None and not force:
+            status = self.status(state)
+            if status in ("running", "creating"):
+                raise FailedPrecondition(f"cannot delete container {cid} that is {status}: "
+                                         "stop it first or use --force")
+        self._teardown(cid, standin_pid=state.standin_pid if state else None,
+                       standin_start=state.standin_start_time if state else None)
+
+    def _teardown(self, cid: str, standin_pid: int | None, standin_start: int | None = None) -> None:
+        d = self.daemons
+        steps = [
+            ("destroy the container", lambda: d.agentd.destroy(cid, cid)),
+            ("disconnect the agent", lambda: d.agentd.disconnect(cid)),
+            ("stop the VM", lambda: d.vmmd.stop(cid)),
+            ("release the volume", lambda: d.blockd.release(cid)),
+            ("detach the network", lambda: d.netd.detach(cid)),
+        ]
+        failures = []
+        for what, step in steps:
+            try:
+                step()
+            except NotFound:
+                pass
+            except HanabiError as exc:
+                failures.append(f"{what}: {exc.message}")
+        if standin_pid and is_same_process_alive(standin_pid, standin_start):
+            try:
+                os.kill(standin_pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.store.purge(cid)
+        if failures:
+            raise Internal(f"container {cid} removed, but not cleanly: " + "; ".join(failures))
+
+
+def _read_ready(fd: int, timeout: float) -> str:
+    """Read the stand-in's one-line readiness message."""
+    deadline = time.monotonic() + timeout
+    data = b""
+    while b"\n" not in data:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return "timed out waiting for it"
+        ready, _, _ = select.select([fd], [], [], left)
+        if not ready:
+            continue
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode(errors="replace").strip()

@@ -1,0 +1,124 @@
+"""The hypervisor interface vmmd's service talks to, whatever VMM runs underneath.
+
+A backend (QEMU today, Firecracker next) turns a `VmSpec` into a running VM and returns a
+`VmHandle`. The handle is plain data: everything needed to reach the VM again (pid, its
+start time, socket paths) is in it, so a restarted vmmd rebuilds handles from its state
+files (`hanabi_vmmd.state`) and keeps using the same backend methods. Only the
+`process` field (the `Popen` of a VM this vmmd spawned) is not persisted.
+
+Hot-plug slots are backend-specific strings (a PCIe root port for QEMU q35, a placeholder
+drive for Firecracker); the service records which ones are in use and passes them back.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Collection, Literal, Protocol
+
+Accel = Literal["kvm", "tcg"]
+
+
+@dataclass(frozen=True)
+class VmSpec:
+    """Everything a backend needs to boot one VM."""
+
+    sandbox_id: str
+    memory_mib: int
+    vcpus: int
+    kernel: Path
+    initrd: Path
+    cmdline: str
+    accel: Accel
+    vm_dir: Path
+    agent_socket: Path
+    control_socket: Path
+    console_log: Path
+    pid_file: Path
+    stderr_log: Path
+    hotplug_slots: int = 4
+
+    @classmethod
+    def in_dir(cls, sandbox_id: str, vm_dir: Path, **kwargs: object) -> "VmSpec":
+        """A spec whose sockets, console log, pid file and stderr log live in `vm_dir`."""
+        return cls(sandbox_id=sandbox_id, vm_dir=vm_dir,
+                   agent_socket=vm_dir / "agent.sock", control_socket=vm_dir / "qmp.sock",
+                   console_log=vm_dir / "console.log", pid_file=vm_dir / "qemu.pid",
+                   stderr_log=vm_dir / "qemu.stderr", **kwargs)  # type: ignore[arg-type]
+
+
+@dataclass
+class VmHandle:
+    """A running (or once running) VM as a backend knows it."""
+
+    sandbox_id: str
+    hypervisor: str
+    pid: int
+    start_time: int
+    control_socket: Path
+    agent_socket: Path
+    vm_dir: Path
+    machine: str = ""
+    hotplug_slots: int = 0
+    process: subprocess.Popen | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def spawned_here(self) -> bool:
+        """True when this vmmd process is the VM's parent (it can read the exit status)."""
+        return self.process is not None
+
+
+@dataclass(frozen=True)
+class DiskSpec:
+    """A disk to hot-plug: the host file or block device and how the guest sees it."""
+
+    device_id: str
+    node_name: str
+    path: Path
+    serial: str
+    format: Literal["raw", "qcow2"] = "raw"
+    readonly: bool = False
+
+
+@dataclass(frozen=True)
+class StopResult:
+    """How a VM ended: `exit_status` is None when vmmd is not its parent."""
+
+    was_running: bool
+    exit_status: int | None
+    killed: bool
+
+
+class Hypervisor(Protocol):
+    """What vmmd's service needs from a VMM backend. Every method raises HanabiError."""
+
+    name: str
+
+    def start(self, spec: VmSpec, on_spawned: Callable[[VmHandle], None] | None = None) -> VmHandle:
+        """Boot a VM; return once its control channel answers (not the guest agent).
+
+        `on_spawned` is called as soon as the process exists (to record it before the
+        slow part). On failure nothing is left running and the error says why.
+        """
+
+    def attach_disk(self, handle: VmHandle, disk: DiskSpec, busy_slots: Collection[str]) -> str:
+        """Hot-plug `disk`; return the slot it took (one not in `busy_slots`)."""
+
+    def detach_disk(self, handle: VmHandle, disk: DiskSpec, timeout: float) -> None:
+        """Hot-unplug `disk` and release its backend node; idempotent."""
+
+    def pause(self, handle: VmHandle) -> None:
+        """Stop the vCPUs."""
+
+    def resume(self, handle: VmHandle) -> None:
+        """Restart the vCPUs."""
+
+    def query_paused(self, handle: VmHandle) -> bool | None:
+        """Whether the VM's vCPUs are stopped; None if the VM cannot be asked."""
+
+    def stop(self, handle: VmHandle, timeout: float) -> StopResult:
+        """End the VM: clean shutdown, then SIGKILL after `timeout`; always reap."""
+
+    def is_alive(self, handle: VmHandle) -> bool:
+        """True while the VM's process runs (and is the same process, not a reused pid)."""

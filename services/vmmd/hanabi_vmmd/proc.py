@@ -1,0 +1,101 @@
+"""Process facts from /proc, safe against pid reuse.
+
+A VM process is identified by its pid *and* its start time (field 22 of /proc/<pid>/stat,
+in clock ticks since boot): a pid that is alive with another start time belongs to some
+other process and must never be signalled. Zombies count as gone.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+PROC = Path("/proc")
+
+
+def _stat_fields(pid: int, proc: Path = PROC) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name, or None if there is no such pid."""
+    try:
+        data = (proc / str(pid) / "stat").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    end = data.rfind(")")
+    if end < 0:
+        return None
+    return data[end + 2:].split()
+
+
+def parse_stat(text: str) -> tuple[str, int]:
+    """(state letter, start time) from the text of a /proc/<pid>/stat file."""
+    end = text.rfind(")")
+    rest = text[end + 2:].split()
+    return rest[0], int(rest[19])
+
+
+def start_time(pid: int, proc: Path = PROC) -> int | None:
+    """The start time of `pid` in clock ticks since boot, or None if it does not exist."""
+    fields = _stat_fields(pid, proc)
+    if fields is None or len(fields) < 20:
+        return None
+    return int(fields[19])
+
+
+def is_alive(pid: int, started: int | None, proc: Path = PROC) -> bool:
+    """True if `pid` runs, is not a zombie, and (when given) has start time `started`."""
+    if pid <= 0:
+        return False
+    fields = _stat_fields(pid, proc)
+    if fields is None or len(fields) < 20:
+        return False
+    if fields[0] in ("Z", "X", "x"):
+        return False
+    return started is None or int(fields[19]) == started
+
+
+def cmdline(pid: int, proc: Path = PROC) -> list[str]:
+    """The argv of `pid` (empty if gone or a kernel thread)."""
+    try:
+        raw = (proc / str(pid) / "cmdline").read_bytes()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return []
+    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+
+
+def kill_verified(pid: int, started: int | None, sig: int = signal.SIGKILL) -> bool:
+    """Send `sig` to `pid` only if it is still the same process; True if sent.
+
+    A pidfd pins the process between the check and the signal, so a pid recycled in
+    between cannot be hit.
+    """
+    try:
+        fd = os.pidfd_open(pid)
+    except (ProcessLookupError, OSError):
+        return False
+    try:
+        if not is_alive(pid, started):
+            return False
+        signal.pidfd_send_signal(fd, sig)
+        return True
+    except ProcessLookupError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def wait_gone(pid: int, started: int | None, timeout: float, interval: float = 0.02) -> bool:
+    """Wait until the process is gone (or a zombie); True if it went within `timeout`."""
+    end = time.monotonic() + timeout
+    while is_alive(pid, started):
+        if time.monotonic() >= end:
+            return False
+        time.sleep(interval)
+    return True
+
+
+def exit_status(returncode: int | None) -> int | None:
+    """A Popen return code as a shell-style status: 128+N when killed by signal N."""
+    if returncode is None:
+        return None
+    return 128 - returncode if returncode < 0 else returncode

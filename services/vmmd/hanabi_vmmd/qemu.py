@@ -1,0 +1,248 @@
+"""The QEMU backend of the Hypervisor interface.
+
+QEMU runs in a session of its own (it outlives a vmmd restart), stdin from /dev/null,
+stdout and stderr into `qemu.stderr` in the VM's directory. `start` returns once QMP
+answered; a QEMU that dies first is reported with the tail of its stderr and nothing is
+left running. Every QMP exchange is a short session of its own (connect, negotiate,
+execute, close), so a restarted vmmd needs nothing but the socket path to reach a VM.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import stat
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable, Collection
+
+from hanabi_common.errors import (DeadlineExceeded, FailedPrecondition, HanabiError,
+                                  InvalidArgument, NotFound, Unavailable)
+from hanabi_vmmd import proc
+from hanabi_vmmd.hypervisor import DiskSpec, StopResult, VmHandle, VmSpec
+from hanabi_vmmd.qemu_cmdline import build_argv, pick_slot
+from hanabi_vmmd.qmp import QmpClient
+
+log = logging.getLogger("hanabi.vmmd.qemu")
+STDERR_TAIL_BYTES = 2000
+KILL_WAIT_S = 5.0
+
+
+def stderr_tail(path: Path, limit: int = STDERR_TAIL_BYTES) -> str:
+    """The last `limit` bytes of a QEMU stderr log, decoded, stripped ('' if none)."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            size = handle.tell()
+            handle.seek(max(size - limit, 0))
+            return handle.read().decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+class QemuHypervisor:
+    """Boots and drives QEMU VMs."""
+
+    name = "qemu"
+
+    def __init__(self, *, binary: str = "qemu-system-x86_64", machine: str = "q35",
+                 start_timeout: float = 60.0, qmp_timeout: float = 5.0,
+                 hotplug_slots: int = 4, sandbox: bool = True) -> None:
+        self.binary = binary
+        self.machine = machine
+        self.start_timeout = start_timeout
+        self.qmp_timeout = qmp_timeout
+        self.hotplug_slots = hotplug_slots
+        self.sandbox = sandbox
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def start(self, spec: VmSpec, on_spawned: Callable[[VmHandle], None] | None = None) -> VmHandle:
+        """Spawn QEMU for `spec` and wait until QMP answers."""
+        try:
+            argv = build_argv(spec, binary=self.binary, machine=self.machine, sandbox=self.sandbox)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
+        spec.vm_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for stale in (spec.agent_socket, spec.control_socket, spec.pid_file):
+            stale.unlink(missing_ok=True)
+        began = time.monotonic()
+        with open(spec.stderr_log, "wb") as errlog:
+            try:
+                process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=errlog, stderr=errlog,
+                                           cwd=spec.vm_dir, start_new_session=True, close_fds=True)
+            except OSError as exc:
+                raise Unavailable(f"cannot run QEMU {self.binary!r}: {exc.strerror or exc}") from None
+        handle = VmHandle(sandbox_id=spec.sandbox_id, hypervisor=self.name, pid=process.pid,
+                          start_time=proc.start_time(process.pid) or 0,
+                          control_socket=spec.control_socket, agent_socket=spec.agent_socket,
+                          vm_dir=spec.vm_dir, machine=self.machine,
+                          hotplug_slots=spec.hotplug_slots if self.machine == "q35" else 0,
+                          process=process)
+        try:
+            if on_spawned is not None:
+                on_spawned(handle)
+            self._wait_qmp(handle, spec.stderr_log, began + self.start_timeout)
+        except BaseException:
+            self._kill_and_reap(handle)
+            raise
+        log.info("qemu running", extra={"sandbox": spec.sandbox_id, "pid": process.pid,
+                                        "qmp_ready_ms": round((time.monotonic() - began) * 1000, 1)})
+        return handle
+
+    def _wait_qmp(self, handle: VmHandle, stderr_log: Path, deadline: float) -> None:
+        assert handle.process is not None
+        while True:
+            code = handle.process.poll()
+            if code is not None:
+                tail = stderr_tail(stderr_log)
+                raise Unavailable(
+                    f"QEMU exited with status {proc.exit_status(code)} while starting: "
+                    f"{tail or '(no output on stderr)'}",
+                    details={"stderr": tail, "exit_status": proc.exit_status(code)})
+            if handle.control_socket.exists():
+                try:
+                    with QmpClient(handle.control_socket, timeout=self.qmp_timeout) as qmp:
+                        qmp.execute("query-status")
+                    return
+                except Unavailable:
+                    pass
+            if time.monotonic() >= deadline:
+                raise DeadlineExceeded(
+                    f"QEMU did not answer on QMP within {self.start_timeout:.0f}s: "
+                    f"{stderr_tail(stderr_log) or '(no output on stderr)'}")
+            time.sleep(0.01)
+
+    def _kill_and_reap(self, handle: VmHandle) -> int | None:
+        proc.kill_verified(handle.pid, handle.start_time or None, signal.SIGKILL)
+        if handle.process is not None:
+            try:
+                return handle.process.wait(KILL_WAIT_S)
+            except subprocess.TimeoutExpired:
+                log.error("qemu did not die after SIGKILL", extra={"pid": handle.pid})
+                return None
+        proc.wait_gone(handle.pid, handle.start_time, KILL_WAIT_S)
+        return None
+
+    def is_alive(self, handle: VmHandle) -> bool:
+        """True while the QEMU process runs (same pid and start time, not a zombie)."""
+        if handle.process is not None and handle.process.poll() is not None:
+            return False
+        return proc.is_alive(handle.pid, handle.start_time)
+
+    def stop(self, handle: VmHandle, timeout: float) -> StopResult:
+        """QMP `quit`, wait up to `timeout`, then SIGKILL; always reap our own child."""
+        if not self.is_alive(handle):
+            code = handle.process.wait() if handle.process is not None else None
+            return StopResult(was_running=False, exit_status=proc.exit_status(code), killed=False)
+        try:
+            with QmpClient(handle.control_socket, timeout=min(timeout, 2.0)) as qmp:
+                qmp.execute("quit")
+        except HanabiError as exc:
+            log.info("qmp quit failed, will kill", extra={"sandbox": handle.sandbox_id, "error": exc.message})
+        killed = False
+        if not self._wait_exit(handle, timeout):
+            log.warning("qemu did not quit in time, sending SIGKILL",
+                        extra={"sandbox": handle.sandbox_id, "pid": handle.pid, "timeout_s": timeout})
+            killed = True
+            self._kill_and_reap(handle)
+        code = handle.process.wait() if handle.process is not None else None
+        return StopResult(was_running=True, exit_status=proc.exit_status(code), killed=killed)
+
+    def _wait_exit(self, handle: VmHandle, timeout: float) -> bool:
+        if handle.process is not None:
+            try:
+                handle.process.wait(timeout)
+                return True
+            except subprocess.TimeoutExpired:
+                return False
+        return proc.wait_gone(handle.pid, handle.start_time, timeout)
+
+    # -- vCPUs -------------------------------------------------------------------------
+
+    def _qmp(self, handle: VmHandle, timeout: float | None = None) -> QmpClient:
+        return QmpClient(handle.control_socket, timeout=timeout or self.qmp_timeout)
+
+    def pause(self, handle: VmHandle) -> None:
+        """QMP `stop`: the vCPUs halt, the QEMU process stays."""
+        with self._qmp(handle) as qmp:
+            qmp.execute("stop")
+
+    def resume(self, handle: VmHandle) -> None:
+        """QMP `cont`."""
+        with self._qmp(handle) as qmp:
+            qmp.execute("cont")
+
+    def query_paused(self, handle: VmHandle) -> bool | None:
+        """True if the vCPUs are stopped, False if running, None if QMP does not answer."""
+        try:
+            with self._qmp(handle, timeout=2.0) as qmp:
+                status = qmp.execute("query-status")
+        except HanabiError:
+            return None
+        return not bool(status.get("running")) if isinstance(status, dict) else None
+
+    # -- disks -------------------------------------------------------------------------
+
+    def attach_disk(self, handle: VmHandle, disk: DiskSpec, busy_slots: Collection[str]) -> str:
+        """blockdev-add the image, then device_add a virtio-blk-pci on a free root port."""
+        machine = handle.machine or self.machine
+        slot = pick_slot(machine, handle.hotplug_slots or self.hotplug_slots, busy_slots)
+        if slot is None:
+            raise FailedPrecondition(f"VM {handle.sandbox_id} has no free hot-plug slot "
+                                     f"(all {handle.hotplug_slots} root ports are in use)")
+        try:
+            mode = os.stat(disk.path).st_mode
+        except OSError as exc:
+            raise InvalidArgument(f"disk {disk.path}: {exc.strerror}") from None
+        file_node: dict = {"driver": "host_device" if stat.S_ISBLK(mode) else "file",
+                           "filename": str(disk.path)}
+        node: dict = {"driver": disk.format, "node-name": disk.node_name, "read-only": disk.readonly,
+                      "file": file_node}
+        if not disk.readonly:
+            node["discard"] = "unmap"
+        with self._qmp(handle) as qmp:
+            qmp.execute("blockdev-add", node)
+            try:
+                qmp.execute("device_add", {"driver": "virtio-blk-pci", "id": disk.device_id,
+                                           "drive": disk.node_name, "bus": slot, "serial": disk.serial})
+            except HanabiError:
+                try:
+                    self._blockdev_del(qmp, disk.node_name)
+                except HanabiError as exc:
+                    log.warning("rollback of blockdev-add failed", extra={"error": exc.message})
+                raise
+        return slot
+
+    def detach_disk(self, handle: VmHandle, disk: DiskSpec, timeout: float) -> None:
+        """device_del, wait for DEVICE_DELETED (the guest lets go), then blockdev-del."""
+        with self._qmp(handle) as qmp:
+            if self._device_exists(qmp, disk.device_id):
+                try:
+                    qmp.execute("device_del", {"id": disk.device_id})
+                except NotFound:
+                    pass
+                except FailedPrecondition as exc:  # e.g. an unplug already in progress
+                    log.info("device_del refused, waiting anyway", extra={"error": exc.message})
+                try:
+                    qmp.wait_event("DEVICE_DELETED", timeout,
+                                   match=lambda data: data.get("device") == disk.device_id)
+                except DeadlineExceeded:
+                    if self._device_exists(qmp, disk.device_id):
+                        raise DeadlineExceeded(
+                            f"the guest of {handle.sandbox_id} did not release disk {disk.device_id} "
+                            f"within {timeout:.0f}s") from None
+            self._blockdev_del(qmp, disk.node_name)
+
+    @staticmethod
+    def _device_exists(qmp: QmpClient, device_id: str) -> bool:
+        children = qmp.execute("qom-list", {"path": "/machine/peripheral"})
+        return any(isinstance(c, dict) and c.get("name") == device_id for c in children or [])
+
+    @staticmethod
+    def _blockdev_del(qmp: QmpClient, node_name: str) -> None:
+        nodes = qmp.execute("query-named-block-nodes", {"flat": True})
+        if any(isinstance(n, dict) and n.get("node-name") == node_name for n in nodes or []):
+            qmp.execute("blockdev-del", {"node-name": node_name})

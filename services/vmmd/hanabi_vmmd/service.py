@@ -1,0 +1,333 @@
+"""vmmd's domain: one VM per sandbox, its lifecycle, its hot-plugged disks.
+
+Every operation on a sandbox holds that sandbox's lock. `hypervisor.json` is written as
+soon as the VMM process exists (state `booting`) and again once its control channel
+answers (`running`), so a vmmd killed at any point finds its VMs again: on start it reads
+every state file back, re-adopts the VMs whose pid is alive with the recorded start time,
+and marks the others `stopped` (see `recovery.py`). A reaper thread marks VMs that exit on
+their own `stopped`, with their exit status when vmmd is their parent.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import stat
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from hanabi_common.config import Config
+from hanabi_common.errors import (AlreadyExists, FailedPrecondition, HanabiError, Internal,
+                                  InvalidArgument, NotFound)
+from hanabi_common.models.base import NoArgs, Removed, SandboxRef
+from hanabi_common.models.vmmd import (AttachDisk, CreateVm, DetachDisk, DiskInfo, StopVm, VmInfo,
+                                       VmList)
+from hanabi_common.rpc.server import RpcServer
+from hanabi_common.state import StateStore
+from hanabi_vmmd import accel as accel_mod
+from hanabi_vmmd.hypervisor import DiskSpec, Hypervisor, VmHandle, VmSpec
+from hanabi_vmmd.locks import KeyedLocks
+from hanabi_vmmd.qemu import QemuHypervisor, stderr_tail
+from hanabi_vmmd.qemu_cmdline import kernel_cmdline
+from hanabi_vmmd.reaper import Reaper
+from hanabi_vmmd.recovery import recover
+from hanabi_vmmd.state import STATE_NAME, SUN_PATH_MAX, DiskRecord, HypervisorState, vm_dir_for
+
+log = logging.getLogger("hanabi.vmmd")
+HOTPLUG_SLOTS = 4
+DETACH_TIMEOUT_S = 15.0
+KERNEL_NAMES = ("vmlinux", "vmlinuz")
+INITRD_NAME = "initrd.img"
+
+
+def default_backends(config: Config) -> dict[str, Hypervisor]:
+    """The VMM backends this build offers (Firecracker comes with its own issue)."""
+    qemu = QemuHypervisor(binary=config.vmm.qemu_binary, machine=config.vmm.machine,
+                          start_timeout=config.vmm.boot_timeout_s, hotplug_slots=HOTPLUG_SLOTS)
+    return {"qemu": qemu}
+
+
+def guest_files(guest_dir: Path) -> tuple[Path, Path]:
+    """(kernel, initrd) of the guest image; FailedPrecondition naming what is missing."""
+    kernel = next((guest_dir / n for n in KERNEL_NAMES if (guest_dir / n).is_file()), None)
+    initrd = guest_dir / INITRD_NAME
+    missing = ([] if kernel else [f"{guest_dir}/vmlinux"]) + ([] if initrd.is_file() else [str(initrd)])
+    if missing:
+        raise FailedPrecondition(
+            f"guest image incomplete: {', '.join(missing)} missing "
+            f"(build it with `hanabi-image build`, or set vmm.guest_dir)",
+            details={"guest_dir": str(guest_dir), "missing": missing})
+    assert kernel is not None
+    return kernel, initrd
+
+
+class VmService:
+    """Owns the VMs of this host."""
+
+    def __init__(self, config: Config, *, backends: dict[str, Hypervisor] | None = None,
+                 accel: accel_mod.AccelDecision | None = None) -> None:
+        self.config = config
+        self.store = StateStore(config.sandboxes_dir)
+        self.vm_root = config.run_dir / "vm"
+        self.backends = backends if backends is not None else default_backends(config)
+        self.accel = accel or accel_mod.resolve(config.vmm.accel)
+        self.locks = KeyedLocks()
+        self._handles: dict[str, VmHandle] = {}
+        self._events = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vmmd-exit")
+        self.reaper = Reaper(self._on_exit)
+        for handle in recover(self.store, self.backends, self.vm_root, self.locks):
+            self.reaper.watch(handle)
+
+    def register(self, server: RpcServer) -> None:
+        """Serve the vm.* methods."""
+        server.register("vm.create", CreateVm, self.create)
+        server.register("vm.get", SandboxRef, self.get)
+        server.register("vm.list", NoArgs, self.list)
+        server.register("vm.stop", StopVm, self.stop)
+        server.register("vm.attach_disk", AttachDisk, self.attach_disk)
+        server.register("vm.detach_disk", DetachDisk, self.detach_disk)
+        server.register("vm.pause", SandboxRef, self.pause)
+        server.register("vm.resume", SandboxRef, self.resume)
+
+    def close(self) -> None:
+        """Stop watching; the VMs keep running and are re-adopted by the next vmmd."""
+        self.reaper.close()
+        self._events.shutdown(wait=True)
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def _backend(self, name: str) -> Hypervisor:
+        backend = self.backends.get(name)
+        if backend is None:
+            raise FailedPrecondition(f"hypervisor {name!r} is not available in this vmmd "
+                                     f"(available: {', '.join(sorted(self.backends))})")
+        return backend
+
+    def _read(self, sandbox_id: str) -> HypervisorState:
+        state = self.store.read(sandbox_id, STATE_NAME, HypervisorState)
+        if state is None:
+            raise NotFound(f"sandbox {sandbox_id} has no VM")
+        return state
+
+    def _write(self, state: HypervisorState) -> None:
+        self.store.write(state.sandbox_id, STATE_NAME, state)
+
+    def _handle(self, state: HypervisorState) -> VmHandle:
+        """The live handle (with its Popen) if this vmmd spawned the VM, else one from state."""
+        handle = self._handles.get(state.sandbox_id)
+        if handle is not None and handle.pid == state.pid and handle.start_time == state.start_time:
+            return handle
+        return state.handle()
+
+    def _running(self, sandbox_id: str, *allowed: str) -> tuple[HypervisorState, Hypervisor, VmHandle]:
+        state = self._read(sandbox_id)
+        backend = self._backend(state.hypervisor)
+        handle = self._handle(state)
+        alive = backend.is_alive(handle)
+        if not alive or state.state not in allowed:
+            now = state.state if alive else "stopped"
+            raise FailedPrecondition(f"VM of sandbox {sandbox_id} is {now}; "
+                                     f"this needs it {' or '.join(allowed)}")
+        return state, backend, handle
+
+    def _remove_vm_dir(self, vm_dir: Path) -> None:
+        if vm_dir.parent != self.vm_root:
+            log.error("refusing to remove a VM directory outside the run dir", extra={"path": str(vm_dir)})
+            return
+        shutil.rmtree(vm_dir, ignore_errors=True)
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def create(self, request: CreateVm) -> VmInfo:
+        """Boot a VM for the sandbox; returns once the VMM runs and answers (not the agent)."""
+        sid = request.sandbox_id
+        hv_name = request.hypervisor or self.config.vmm.hypervisor
+        backend = self._backend("qemu" if hv_name == "auto" else hv_name)
+        vmm = self.config.vmm
+        with self.locks.hold(sid):
+            if self.store.read(sid, STATE_NAME, HypervisorState) is not None:
+                raise AlreadyExists(f"sandbox {sid} already has a VM (vm.stop it first)")
+            kernel, initrd = guest_files(vmm.guest_dir)
+            vm_dir = vm_dir_for(self.config.run_dir, sid)
+            if len(str(vm_dir / "agent.sock")) > SUN_PATH_MAX:
+                raise FailedPrecondition(f"run_dir {self.config.run_dir} is too long: VM socket paths "
+                                         f"would exceed {SUN_PATH_MAX} bytes")
+            self._remove_vm_dir(vm_dir)  # a leftover of a crash: no state file refers to it
+            spec = VmSpec.in_dir(sid, vm_dir, memory_mib=request.memory_mib or vmm.memory_mib,
+                                 vcpus=request.vcpus or vmm.vcpus, kernel=kernel, initrd=initrd,
+                                 cmdline=kernel_cmdline(vmm.kernel_cmdline_extra),
+                                 accel=self.accel.accel, hotplug_slots=HOTPLUG_SLOTS)
+            record: dict = {}
+
+            def on_spawned(handle: VmHandle) -> None:
+                record["state"] = self._state_for(spec, handle, backend.name)
+                self._write(record["state"])
+
+            began = time.monotonic()
+            try:
+                handle = backend.start(spec, on_spawned)
+            except BaseException as exc:
+                self.store.remove(sid, STATE_NAME)
+                self._remove_vm_dir(vm_dir)
+                if isinstance(exc, HanabiError):
+                    log.warning("vm start failed", extra={"sandbox": sid, "error": exc.message})
+                raise
+            state = record.get("state") or self._state_for(spec, handle, backend.name)
+            state.state = "running"
+            self._write(state)
+            self._handles[sid] = handle
+            self.reaper.watch(handle)
+        log.info("vm created", extra={"sandbox": sid, "pid": handle.pid, "accel": spec.accel,
+                                      "ms": round((time.monotonic() - began) * 1000, 1)})
+        return state.info()
+
+    def _state_for(self, spec: VmSpec, handle: VmHandle, hypervisor: str) -> HypervisorState:
+        return HypervisorState(
+            sandbox_id=spec.sandbox_id, hypervisor=hypervisor, accel=spec.accel,
+            machine=handle.machine, hotplug_slots=handle.hotplug_slots, state="booting",
+            pid=handle.pid, start_time=handle.start_time, memory_mib=spec.memory_mib,
+            vcpus=spec.vcpus, vm_dir=str(spec.vm_dir), agent_socket=str(spec.agent_socket),
+            control_socket=str(spec.control_socket), console_log=str(spec.console_log),
+            stderr_log=str(spec.stderr_log), created_at=time.time())
+
+    def get(self, request: SandboxRef) -> VmInfo:
+        """The VM of one sandbox."""
+        return self._observed(self._read(request.sandbox_id)).info()
+
+    def list(self, _: NoArgs | None = None) -> VmList:
+        """Every VM vmmd owns, stopped ones included until vm.stop removes them."""
+        vms = []
+        for sid in self.store.list_sandboxes(having=STATE_NAME):
+            try:
+                state = self.store.read(sid, STATE_NAME, HypervisorState)
+            except HanabiError as exc:
+                log.error("unreadable state file", extra={"sandbox": sid, "error": exc.message})
+                continue
+            if state is not None:
+                vms.append(self._observed(state).info())
+        return VmList(vms=vms)
+
+    def _observed(self, state: HypervisorState) -> HypervisorState:
+        """`state`, shown as stopped if its process is gone and the reaper has not caught up."""
+        if state.state != "stopped" and not self._backend(state.hypervisor).is_alive(self._handle(state)):
+            return state.model_copy(update={"state": "stopped"})
+        return state
+
+    def stop(self, request: StopVm) -> Removed:
+        """Stop the VM (clean shutdown, then SIGKILL) and remove its state and socket dir."""
+        sid = request.sandbox_id
+        timeout = request.timeout_s or self.config.vmm.stop_timeout_s
+        with self.locks.hold(sid):
+            state = self.store.read(sid, STATE_NAME, HypervisorState)
+            if state is None:
+                self._remove_vm_dir(vm_dir_for(self.config.run_dir, sid))
+                return Removed(existed=False)
+            self.reaper.unwatch(sid)
+            backend = self._backend(state.hypervisor)
+            handle = self._handle(state)
+            result = backend.stop(handle, timeout)
+            if backend.is_alive(handle):
+                raise Internal(f"VM of sandbox {sid} (pid {state.pid}) survived SIGKILL")
+            self.store.remove(sid, STATE_NAME)
+            self._remove_vm_dir(Path(state.vm_dir))
+            self._handles.pop(sid, None)
+        log.info("vm stopped", extra={"sandbox": sid, "pid": state.pid, "was_running": result.was_running,
+                                      "killed": result.killed, "exit_status": result.exit_status})
+        return Removed(existed=True)
+
+    def pause(self, request: SandboxRef) -> VmInfo:
+        """Stop the VM's vCPUs (idempotent)."""
+        return self._set_paused(request.sandbox_id, True)
+
+    def resume(self, request: SandboxRef) -> VmInfo:
+        """Restart the VM's vCPUs (idempotent)."""
+        return self._set_paused(request.sandbox_id, False)
+
+    def _set_paused(self, sid: str, paused: bool) -> VmInfo:
+        with self.locks.hold(sid):
+            state, backend, handle = self._running(sid, "running", "paused")
+            if paused:
+                backend.pause(handle)
+            else:
+                backend.resume(handle)
+            state.state = "paused" if paused else "running"
+            self._write(state)
+        log.info("vm paused" if paused else "vm resumed", extra={"sandbox": sid})
+        return state.info()
+
+    # -- disks -------------------------------------------------------------------------
+
+    def attach_disk(self, request: AttachDisk) -> DiskInfo:
+        """Hot-plug a raw/qcow2 image or a block device; the guest sees it by serial."""
+        path = Path(request.path)
+        if not path.is_absolute():
+            raise InvalidArgument(f"disk path {request.path!r} must be absolute")
+        try:
+            mode = os.stat(path).st_mode
+        except OSError as exc:
+            raise InvalidArgument(f"disk path {path}: {exc.strerror}") from None
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+            raise InvalidArgument(f"disk path {path} is neither a regular file nor a block device")
+        sid = request.sandbox_id
+        with self.locks.hold(sid):
+            state, backend, handle = self._running(sid, "running")
+            if any(d.serial == request.serial for d in state.disks):
+                raise AlreadyExists(f"VM of sandbox {sid} already has a disk with serial {request.serial}")
+            disk = DiskSpec(device_id=f"disk-{request.serial}", node_name=f"blk-{request.serial}",
+                            path=path, serial=request.serial, format=request.format,
+                            readonly=request.readonly)
+            bus = backend.attach_disk(handle, disk, {d.bus for d in state.disks})
+            state.disks.append(DiskRecord(device_id=disk.device_id, node_name=disk.node_name,
+                                          serial=disk.serial, path=str(path), format=disk.format,
+                                          readonly=disk.readonly, bus=bus))
+            self._write(state)
+        log.info("disk attached", extra={"sandbox": sid, "device": disk.device_id, "bus": bus})
+        return DiskInfo(device_id=disk.device_id, serial=disk.serial, path=str(path))
+
+    def detach_disk(self, request: DetachDisk) -> Removed:
+        """Hot-unplug a disk (idempotent); waits for the guest to let go of it."""
+        sid = request.sandbox_id
+        with self.locks.hold(sid):
+            state = self._read(sid)
+            record = state.disk(request.device_id)
+            if record is None:
+                return Removed(existed=False)
+            backend = self._backend(state.hypervisor)
+            handle = self._handle(state)
+            if backend.is_alive(handle):
+                if state.state == "paused":
+                    raise FailedPrecondition(f"VM of sandbox {sid} is paused: resume it to detach a disk")
+                backend.detach_disk(handle, record.spec(), DETACH_TIMEOUT_S)
+            state.disks = [d for d in state.disks if d.device_id != request.device_id]
+            self._write(state)
+        log.info("disk detached", extra={"sandbox": sid, "device": request.device_id})
+        return Removed(existed=True)
+
+    # -- exits -------------------------------------------------------------------------
+
+    def _on_exit(self, handle: VmHandle, status: int | None) -> None:
+        """Reaper callback (reaper thread): record the exit without blocking the reaper."""
+        try:
+            self._events.submit(self._mark_exited, handle, status)
+        except RuntimeError:
+            pass  # shutting down; the next vmmd notices on recovery
+
+    def _mark_exited(self, handle: VmHandle, status: int | None) -> None:
+        sid = handle.sandbox_id
+        with self.locks.hold(sid):
+            try:
+                state = self.store.read(sid, STATE_NAME, HypervisorState)
+            except HanabiError:
+                return
+            if state is None or state.pid != handle.pid or state.start_time != handle.start_time:
+                return  # stopped and removed already, or a newer VM
+            if state.state == "stopped":
+                return
+            state.state, state.exit_status = "stopped", status
+            self._write(state)
+            self._handles.pop(sid, None)
+        log.warning("vm exited on its own", extra={
+            "sandbox": sid, "pid": handle.pid, "exit_status": status,
+            "stderr": stderr_tail(Path(state.stderr_log), 500)})

@@ -1,0 +1,292 @@
+"""The in-guest agent's request handling, run on the host over a socketpair.
+
+The agent runs as a subprocess (``python -m hanabi_guest.agent --fd N --rootfs-dir D``):
+DirSandbox, so no mounts, no chroot, no root needed; processes run on the host.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import struct
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from hanabi_guest import protocol as P
+
+Msg = dict[str, Any]
+
+
+class AgentProc:
+    """A test client driving one agent subprocess over a socketpair."""
+
+    def __init__(self, rootfs: Path, script: str | None = None) -> None:
+        self.sock, theirs = socket.socketpair()
+        fd = theirs.fileno()
+        if script is None:
+            cmd = [sys.executable, "-m", "hanabi_guest.agent", "--fd", str(fd), "--rootfs-dir", str(rootfs)]
+        else:
+            cmd = [sys.executable, "-c", script, str(fd)]
+        self.proc = subprocess.Popen(cmd, pass_fds=[fd], stderr=subprocess.PIPE)
+        theirs.close()
+        self.dec = P.FrameDecoder()
+        self.inbox: list[Msg] = []
+        self.next_id = 0
+
+    def send(self, msg: Msg) -> None:
+        self.sock.sendall(P.encode_frame(msg))
+
+    def _pump(self, timeout: float) -> bool:
+        r, _, _ = select.select([self.sock], [], [], timeout)
+        if not r:
+            return False
+        data = self.sock.recv(1 << 20)
+        if not data:
+            raise EOFError("agent closed the channel")
+        self.inbox += self.dec.feed(data)
+        return True
+
+    def wait_for(self, pred: Callable[[Msg], bool], timeout: float = 10.0) -> Msg:
+        deadline = time.monotonic() + timeout
+        while True:
+            for i, m in enumerate(self.inbox):
+                if pred(m):
+                    return self.inbox.pop(i)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no matching message; inbox={self.inbox}")
+            self._pump(left)
+
+    def request(self, mtype: str, timeout: float = 10.0, **fields: Any) -> Msg:
+        self.next_id += 1
+        rid = self.next_id
+        self.send({"type": mtype, "id": rid, **fields})
+        return self.wait_for(lambda m: m.get("type") == "reply" and m.get("id") == rid, timeout)
+
+    def ok(self, mtype: str, **fields: Any) -> Msg:
+        rep = self.request(mtype, **fields)
+        assert rep["ok"] is True, rep
+        return rep["result"]
+
+    def err(self, mtype: str, **fields: Any) -> Msg:
+        rep = self.request(mtype, **fields)
+        assert rep["ok"] is False, rep
+        return rep["error"]
+
+    def exit_of(self, exec_id: str, cid: str = "c1", timeout: float = 10.0) -> Msg:
+        return self.wait_for(lambda m: m.get("type") == "exit" and m["exec_id"] == exec_id
+                             and m["container_id"] == cid, timeout)
+
+    def output_of(self, exec_id: str, stream: str, cid: str = "c1") -> bytes:
+        """Pop (in order) every output event of one stream received so far."""
+        keep, data = [], b""
+        for m in self.inbox:
+            if m.get("type") == "output" and m["exec_id"] == exec_id and m["stream"] == stream \
+                    and m["container_id"] == cid:
+                data += P.b64d(m["data"])
+            else:
+                keep.append(m)
+        self.inbox = keep
+        return data
+
+    def close(self) -> int:
+        self.sock.close()
+        try:
+            return self.proc.wait(10)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+
+    def stderr(self) -> str:
+        assert self.proc.stderr is not None
+        return self.proc.stderr.read().decode(errors="replace")
+
+
+def proc_spec(*args: str, **extra: Any) -> Msg:
+    return {"args": list(args), "env": ["PATH=/usr/bin:/bin", "FOO=bar"], "cwd": "/",
+            "user": {"uid": os.getuid(), "gid": os.getgid()}, **extra}
+
+
+@pytest.fixture
+def agent(tmp_path: Path) -> Iterator[AgentProc]:
+    a = AgentProc(tmp_path)
+    yield a
+    a.close()
+
+
+@pytest.fixture
+def c1(agent: AgentProc) -> AgentProc:
+    agent.ok("create_container", container_id="c1", rootfs={"serial": "hanabi-rootfs", "fstype": "ext4",
+             "readonly": False}, process=proc_spec("sh", "-c", "read x; echo init got $x"),
+             hostname="box")
+    return agent
+
+
+def test_ready_then_ping(agent: AgentProc) -> None:
+    ready = agent.wait_for(lambda m: m["type"] == "ready")
+    assert ready["kernel"] == os.uname().release and ready["agent_version"]
+    res = agent.ok("ping")
+    assert res["kernel"] == os.uname().release
+    assert isinstance(res["uptime_s"], float) and res["uptime_s"] > 0
+
+
+def test_exec_separates_stdout_stderr_and_reports_exit_code(c1: AgentProc) -> None:
+    res = c1.ok("exec", container_id="c1", exec_id="e1",
+                process=proc_spec("sh", "-c", "echo out; echo err >&2; echo $FOO $HOME; exit 3"))
+    assert isinstance(res["pid"], int)
+    ex = c1.exit_of("e1")
+    assert (ex["exit_code"], ex["signal"]) == (3, None)
+    assert c1.output_of("e1", "stdout") == b"out\nbar /\n"  # HOME defaulted from rootfs passwd
+    assert c1.output_of("e1", "stderr") == b"err\n"
+
+
+def test_start_init_with_stdin(c1: AgentProc) -> None:
+    assert c1.ok("start", container_id="c1")["pid"] > 0
+    assert c1.err("start", container_id="c1")["code"] == "FAILED_PRECONDITION"
+    c1.send({"type": "stdin", "container_id": "c1", "exec_id": "init", "data": P.b64e(b"hello\n")})
+    ex = c1.exit_of("init")
+    assert ex["exit_code"] == 0
+    assert c1.output_of("init", "stdout") == b"init got hello\n"
+
+
+def test_stdin_piped_to_cat_in_chunks_then_closed(c1: AgentProc) -> None:
+    c1.ok("exec", container_id="c1", exec_id="cat", process=proc_spec("cat"))
+    payload = os.urandom(300_000)
+    for i in range(0, len(payload), 50_000):
+        c1.send({"type": "stdin", "container_id": "c1", "exec_id": "cat", "data": P.b64e(payload[i:i + 50_000])})
+    c1.ok("close_stdin", container_id="c1", exec_id="cat")
+    assert c1.exit_of("cat")["exit_code"] == 0
+    assert c1.output_of("cat", "stdout") == payload
+
+
+def test_large_output_arrives_whole_before_exit(c1: AgentProc) -> None:
+    c1.ok("exec", container_id="c1", exec_id="big", process=proc_spec("head", "-c", "3000000", "/dev/zero"))
+    c1.exit_of("big")
+    outs = [m for m in c1.inbox if m.get("type") == "output"]
+    assert all(len(P.b64d(m["data"])) <= P.MAX_DATA_CHUNK for m in outs)
+    assert c1.output_of("big", "stdout") == b"\0" * 3_000_000
+
+
+def test_signal_reports_signal_and_ps(c1: AgentProc) -> None:
+    pid = c1.ok("exec", container_id="c1", exec_id="sl", process=proc_spec("sleep", "30"))["pid"]
+    procs = c1.ok("ps", container_id="c1")["processes"]
+    assert {"pid": pid, "exec_id": "sl", "args": ["sleep", "30"]} in procs
+    c1.ok("signal", container_id="c1", exec_id="sl", signal=9)
+    ex = c1.exit_of("sl")
+    assert (ex["exit_code"], ex["signal"]) == (None, 9)
+    assert c1.err("signal", container_id="c1", exec_id="sl", signal=9)["code"] == "NOT_FOUND"
+
+
+def test_signal_all_and_init_exit_kills_the_rest(c1: AgentProc) -> None:
+    c1.ok("exec", container_id="c1", exec_id="a", process=proc_spec("sleep", "30"))
+    c1.ok("exec", container_id="c1", exec_id="b", process=proc_spec("sleep", "30"))
+    c1.ok("signal", container_id="c1", signal=15, all=True)
+    assert {c1.exit_of("a")["signal"], c1.exit_of("b")["signal"]} == {15}
+    c1.ok("start", container_id="c1")
+    c1.ok("exec", container_id="c1", exec_id="d", process=proc_spec("sleep", "30"))
+    c1.ok("close_stdin", container_id="c1", exec_id="init")  # `read x` gets EOF: init exits
+    assert c1.exit_of("init")["exit_code"] == 0
+    assert c1.exit_of("d")["signal"] == 9
+
+
+def test_destroy_kills_and_forgets(c1: AgentProc) -> None:
+    c1.ok("exec", container_id="c1", exec_id="sl", process=proc_spec("sleep", "30"))
+    c1.ok("destroy_container", container_id="c1")
+    assert c1.exit_of("sl", timeout=0.1)["signal"] == 9  # exit event came before the reply
+    assert c1.err("ps", container_id="c1")["code"] == "NOT_FOUND"
+
+
+def test_errors_are_replies(c1: AgentProc) -> None:
+    assert c1.err("no_such_request")["code"] == "INVALID_ARGUMENT"
+    assert c1.err("start", container_id="nope")["code"] == "NOT_FOUND"
+    assert c1.err("start", container_id="../etc")["code"] == "INVALID_ARGUMENT"
+    assert c1.err("create_container", container_id="c1", rootfs={"serial": "x"},
+                  process=proc_spec("true"))["code"] == "ALREADY_EXISTS"
+    assert c1.err("create_container", container_id="c2", rootfs={"serial": "x"},
+                  process={"args": []})["code"] == "INVALID_ARGUMENT"
+    assert c1.err("create_container", container_id="c2", rootfs={"serial": "x"},
+                  process=proc_spec("sh", terminal=True))["message"] == "terminal not supported yet"
+    missing = c1.err("exec", container_id="c1", exec_id="m", process=proc_spec("no-such-binary-xyz"))
+    assert missing["code"] == "FAILED_PRECONDITION"
+    assert "executable file not found in $PATH" in missing["message"]
+    assert c1.err("exec", container_id="c1", exec_id="init", process=proc_spec("true"))["code"] == "ALREADY_EXISTS"
+    assert c1.err("signal", container_id="c1", signal=999)["code"] == "INVALID_ARGUMENT"
+    c1.send({"type": "ping"})  # request without an id
+    assert "no integer id" in c1.wait_for(lambda m: m["type"] == "protocol_error")["message"]
+    c1.send({"type": "stdin", "container_id": "c1", "exec_id": "x", "data": "!!"})  # dropped
+    assert c1.ok("ping")["kernel"]
+
+
+def test_rlimits_and_cwd(c1: AgentProc, tmp_path: Path) -> None:
+    (tmp_path / "work").mkdir()
+    c1.ok("exec", container_id="c1", exec_id="rl", process=proc_spec(
+        "sh", "-c", "ulimit -n; pwd", cwd="/work", rlimits=[{"type": "RLIMIT_NOFILE", "soft": 77, "hard": 77}]))
+    assert c1.exit_of("rl")["exit_code"] == 0
+    assert c1.output_of("rl", "stdout") == f"77\n{tmp_path / 'work'}\n".encode()
+
+
+def test_garbage_frame_poisons_until_reconnect(agent: AgentProc) -> None:
+    agent.ok("ping")
+    agent.sock.sendall(struct.pack(">I", 5) + b"[1,2]")
+    assert "not an object" in agent.wait_for(lambda m: m["type"] == "protocol_error")["message"]
+    agent.send({"type": "ping", "id": 99})
+    with pytest.raises(TimeoutError):
+        agent.wait_for(lambda m: m.get("id") == 99, timeout=0.3)
+    assert agent.close() == 0  # EOF of the fd channel stops the agent cleanly
+    assert "Traceback" not in agent.stderr()
+
+
+def test_shutdown_replies_then_stops(agent: AgentProc) -> None:
+    agent.ok("shutdown")
+    assert agent.proc.wait(10) == 0
+
+
+FLAKY = textwrap.dedent("""
+    import sys, time
+    from hanabi_guest.agent import Agent
+    from hanabi_guest.channel import FdChannel
+    from hanabi_guest.sandbox import DirSandbox
+
+    class Flaky(FdChannel):
+        '''Looks like virtio-serial without a host for 0.5 s: EOF on read, writes refused.'''
+        def __init__(self, fd):
+            super().__init__(fd)
+            self.retry_delay = 0.05
+            self.until = time.monotonic() + 0.5
+            self.reads = 0
+        def read(self):
+            self.reads += 1
+            if time.monotonic() < self.until:
+                return b""
+            return super().read()
+        def write(self, data):
+            if time.monotonic() < self.until:
+                return 0
+            return super().write(data)
+        def peer_gone(self):
+            if time.monotonic() >= self.until:
+                self.retry_delay = -1.0
+
+    ch = Flaky(int(sys.argv[1]))
+    Agent(ch, DirSandbox("/")).run()
+    print("reads", ch.reads, file=sys.stderr)
+""")
+
+
+def test_no_host_connected_backs_off_without_spinning(tmp_path: Path) -> None:
+    a = AgentProc(tmp_path, script=FLAKY)
+    t0 = time.monotonic()
+    assert a.wait_for(lambda m: m["type"] == "ready")["agent_version"]  # queued, then delivered
+    assert time.monotonic() - t0 >= 0.3
+    assert a.ok("ping")["kernel"]
+    assert a.close() == 0
+    reads = int(a.stderr().split("reads")[-1])
+    assert reads < 40, f"{reads} reads in 0.5 s: spinning"

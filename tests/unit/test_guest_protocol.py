@@ -1,0 +1,110 @@
+"""Unit tests of the agent protocol framing (hanabi_guest.protocol)."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from hanabi_guest import protocol as P
+
+
+def test_round_trip_one_frame() -> None:
+    msg = {"type": "ping", "id": 7, "text": "héllo ✓", "n": [1, 2.5, None, True]}
+    frame = P.encode_frame(msg)
+    (length,) = struct.unpack(">I", frame[:4])
+    assert length == len(frame) - 4
+    assert P.FrameDecoder().feed(frame) == [msg]
+
+
+def test_split_feeds_byte_by_byte_and_batched() -> None:
+    msgs = [{"type": "output", "data": P.b64e(bytes(range(256)) * i)} for i in range(5)]
+    stream = b"".join(P.encode_frame(m) for m in msgs)
+    dec = P.FrameDecoder()
+    got = []
+    for i in range(len(stream)):
+        got += dec.feed(stream[i : i + 1])
+    assert got == msgs
+    assert dec.buffered == 0
+    dec2 = P.FrameDecoder()
+    assert dec2.feed(stream[:10]) == []
+    assert dec2.feed(stream[10:]) == msgs
+
+
+def test_max_frame_boundary() -> None:
+    pad = "x" * (P.MAX_FRAME - len('{"p":""}'))
+    frame = P.encode_frame({"p": pad})
+    assert len(frame) == 4 + P.MAX_FRAME
+    assert P.FrameDecoder().feed(frame) == [{"p": pad}]
+    with pytest.raises(P.ProtocolError):
+        P.encode_frame({"p": pad + "y"})
+
+
+@pytest.mark.parametrize("length", [0, P.MAX_FRAME + 1, 0xFFFFFFFF])
+def test_bad_lengths_are_rejected_from_the_header_alone(length: int) -> None:
+    dec = P.FrameDecoder()
+    with pytest.raises(P.ProtocolError):
+        dec.feed(struct.pack(">I", length))
+    with pytest.raises(P.ProtocolError):  # stays broken
+        dec.feed(P.encode_frame({"type": "ping"}))
+    dec.reset()
+    assert dec.feed(P.encode_frame({"type": "ping"})) == [{"type": "ping"}]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"\xff\xfe\x00garbage",  # not UTF-8
+        b"{not json",
+        b'{"a": NaN}',  # non-standard constant
+        '"\u00e9"'.encode("utf-16"),  # JSON, but not UTF-8
+    ],
+)
+def test_garbage_bodies(body: bytes) -> None:
+    with pytest.raises(P.ProtocolError):
+        P.FrameDecoder().feed(struct.pack(">I", len(body)) + body)
+
+
+@pytest.mark.parametrize("body", [b"[1,2]", b'"str"', b"3", b"null", b"true"])
+def test_non_object_is_rejected(body: bytes) -> None:
+    with pytest.raises(P.ProtocolError, match="not an object"):
+        P.FrameDecoder().feed(struct.pack(">I", len(body)) + body)
+
+
+def test_good_frames_before_a_bad_one_are_not_lost_silently() -> None:
+    dec = P.FrameDecoder()
+    assert dec.feed(P.encode_frame({"type": "a"})) == [{"type": "a"}]
+    with pytest.raises(P.ProtocolError):
+        dec.feed(struct.pack(">I", 1) + b"[")
+
+
+def test_encode_rejects_non_objects_and_unencodable() -> None:
+    with pytest.raises(P.ProtocolError):
+        P.encode_frame([1, 2])  # type: ignore[arg-type]
+    with pytest.raises(P.ProtocolError):
+        P.encode_frame({"x": float("nan")})
+    with pytest.raises(P.ProtocolError):
+        P.encode_frame({"x": object()})
+    with pytest.raises(P.ProtocolError):
+        P.encode_frame({"x": "\udcff"})  # lone surrogate: not UTF-8 encodable
+
+
+def test_b64_strict() -> None:
+    raw = bytes(range(256))
+    assert P.b64d(P.b64e(raw)) == raw
+    assert P.b64d("") == b""
+    for bad in ["abc", "ab!=", "YWJj\n", "YW Jj", "YWJj===="]:
+        with pytest.raises(P.ProtocolError):
+            P.b64d(bad)
+    with pytest.raises(P.ProtocolError):
+        P.b64d(b"YWJj")  # type: ignore[arg-type]
+    with pytest.raises(P.ProtocolError):
+        P.b64d("é")
+
+
+def test_reply_helpers() -> None:
+    assert P.reply_ok(3, {"a": 1}) == {"type": "reply", "id": 3, "ok": True, "result": {"a": 1}}
+    err = P.reply_error(4, P.E_NOT_FOUND, "gone")
+    assert err["ok"] is False and err["error"] == {"code": "NOT_FOUND", "message": "gone"}
+    assert P.reply_error(5, "BOGUS", "x")["error"]["code"] == "INTERNAL"
+    assert P.MAX_DATA_CHUNK == 64 * 1024 and P.MAX_FRAME == 1 << 20
