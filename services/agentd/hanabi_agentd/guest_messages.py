@@ -170,7 +170,7 @@ class PsEntry(_Result):
     """One process in the result of `ps`."""
 
     pid: int = Field(ge=1, le=MAX_PID)
-    exec_id: GuestId
+    exec_id: Annotated[str, Field(pattern=r"^$|" + ID_REGEX)]  # "" for processes it did not start
     args: list[Annotated[str, Field(max_length=MAX_TEXT)]] = Field(default_factory=list, max_length=1024)
 
 

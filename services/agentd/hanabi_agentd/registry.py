@@ -56,7 +56,6 @@ class Registry:
         self.lock = threading.Lock()
         self._write_lock = threading.Lock()
         self.sandboxes: dict[str, Sandbox] = {}
-        self._versions: dict[str, tuple[str, str]] = {}
 
     # --- building -----------------------------------------------------------------------
     def new(self, sandbox_id: str, address: str,

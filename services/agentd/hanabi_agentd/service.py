@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import signal as signals
-import threading
 import time
 
 from hanabi_common.config import Config
@@ -276,5 +275,3 @@ class AgentService:
             return
         self.registry.persist(sandbox)
 
-
-_ = threading  # threads are started by the registry and the io server

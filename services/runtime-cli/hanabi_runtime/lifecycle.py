@@ -17,8 +17,10 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from hanabi_common.config import Config
 from hanabi_common.errors import (AlreadyExists, FailedPrecondition, HanabiError, Internal,
@@ -61,14 +63,16 @@ class Runtime:
         self._reserve(cid, bundle)
         standin = None
         try:
-            self._provision(cid, bundle)
+            timings = self._provision(cid, bundle)
             fifo = self.store.sandbox_dir(cid) / START_FIFO
             os.mkfifo(fifo, 0o600)
+            mark = time.monotonic()
             standin = self._spawn_standin(cid, fifo, detach_standin)
+            timings["standin_s"] = round(time.monotonic() - mark, 4)
             state = RuntimeState(id=cid, bundle=str(bundle.path), rootfs=str(bundle.rootfs),
                                  created_at=time.time(), standin_pid=standin.pid,
                                  standin_start_time=process_start_time(standin.pid),
-                                 annotations=bundle.annotations, root=self.root)
+                                 annotations=bundle.annotations, root=self.root, timings=timings)
             self.store.write(cid, STATE_NAME, state)
             if pid_file:
                 write_pid_file(pid_file, standin.pid)
@@ -92,23 +96,32 @@ class Runtime:
             id=cid, bundle=str(bundle.path), rootfs=str(bundle.rootfs), created_at=time.time(),
             annotations=bundle.annotations, root=self.root))
 
-    def _provision(self, cid: str, bundle: Bundle) -> None:
+    def _provision(self, cid: str, bundle: Bundle) -> dict[str, float]:
+        """Ask the daemons for network, VM, volume, agent and container; return phase timings."""
         from hanabi_common.models.agentd import CreateContainer, RootfsSpec
 
         d = self.daemons
-        d.netd.attach(cid, bundle.netns_path)
+        timings: dict[str, float] = {}
+        with _phase(timings, "network_s"):
+            d.netd.attach(cid, bundle.netns_path)
         with ThreadPoolExecutor(max_workers=1) as pool:
-            volume_future = pool.submit(d.blockd.provision, cid, str(bundle.rootfs), bundle.readonly)
+            volume_future = pool.submit(_timed, timings, "volume_s", d.blockd.provision,
+                                        cid, str(bundle.rootfs), bundle.readonly)
             try:
-                vm = d.vmmd.create(cid)
-                d.agentd.connect(cid, vm.agent_socket)
+                with _phase(timings, "vm_start_s"):
+                    vm = d.vmmd.create(cid)
+                with _phase(timings, "agent_ready_s"):
+                    d.agentd.connect(cid, vm.agent_socket)
             finally:
                 volume = volume_future.result()
-        d.vmmd.attach_disk(cid, volume.path, volume.serial, volume.format, bundle.readonly)
-        d.agentd.create_container(CreateContainer(
-            sandbox_id=cid, container_id=cid,
-            rootfs=RootfsSpec(serial=volume.serial, fstype=volume.fstype, readonly=bundle.readonly),
-            process=bundle.process, hostname=bundle.hostname))
+        with _phase(timings, "disk_hotplug_s"):
+            d.vmmd.attach_disk(cid, volume.path, volume.serial, volume.format, bundle.readonly)
+        with _phase(timings, "container_create_s"):
+            d.agentd.create_container(CreateContainer(
+                sandbox_id=cid, container_id=cid,
+                rootfs=RootfsSpec(serial=volume.serial, fstype=volume.fstype, readonly=bundle.readonly),
+                process=bundle.process, hostname=bundle.hostname))
+        return timings
 
     def _spawn_standin(self, cid: str, fifo: Path, detach: bool) -> subprocess.Popen:
         ready_r, ready_w = os.pipe()
@@ -237,6 +250,22 @@ class Runtime:
         self.store.purge(cid)
         if failures:
             raise Internal(f"container {cid} removed, but not cleanly: " + "; ".join(failures))
+
+
+@contextmanager
+def _phase(timings: dict[str, float], name: str) -> Iterator[None]:
+    """Record how long the block took, in seconds, under `name`."""
+    started = time.monotonic()
+    try:
+        yield
+    finally:
+        timings[name] = round(time.monotonic() - started, 4)
+
+
+def _timed(timings: dict[str, float], name: str, func, *args):
+    """Call `func(*args)`, recording its duration (for work handed to a thread)."""
+    with _phase(timings, name):
+        return func(*args)
 
 
 def _read_ready(fd: int, timeout: float) -> str:

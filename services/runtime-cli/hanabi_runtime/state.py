@@ -23,6 +23,7 @@ class RuntimeState(VersionedState):
     started: bool = False
     annotations: dict[str, str] = {}
     root: str | None = None
+    timings: dict[str, float] = {}
 
 
 def process_start_time(pid: int) -> int | None:

@@ -71,6 +71,7 @@ class VmService:
         self.config = config
         self.store = StateStore(config.sandboxes_dir)
         self.vm_root = config.run_dir / "vm"
+        self.vm_root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.backends = backends if backends is not None else default_backends(config)
         self.accel = accel or accel_mod.resolve(config.vmm.accel)
         self.locks = KeyedLocks()

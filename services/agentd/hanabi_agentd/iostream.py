@@ -1,0 +1,250 @@
+"""Client side of agentd's io socket, for the per-container host stand-in process.
+
+Import-light on purpose (stdlib and `hanabi_guest.protocol` only): it runs in a fresh
+Python process per container. Typical use by the stand-in::
+
+    stream = IoStream.attach(run_dir, sandbox_id, container_id, "init", timeout=10)
+    status = stream.relay(0, 1, 2)        # stdin -> guest, guest stdout/stderr -> fds
+    os._exit(status)                       # exit code, or 128+signal, 255 if unknown
+
+or by hand: `send_stdin`, `close_stdin`, select on `fileno()`, `read_events()`.
+Events are validated dicts: `{"type":"output","stream":"stdout"|"stderr","data":bytes}`
+and `{"type":"exit","exit_code":int|None,"signal":int|None}`; after the exit the server
+closes the connection. `read_events()` raises EOFError when the connection ended without
+an exit (agentd went away: attach again, buffered output and the exit are kept for you).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+from hanabi_guest.protocol import (MAX_DATA_CHUNK, FrameDecoder, ProtocolError, b64d, b64e,
+                                   encode_frame)
+
+IO_SOCKET_NAME = "agentd-io.sock"
+UNKNOWN_STATUS = 255
+
+
+class IoError(Exception):
+    """agentd refused the attach, or the io stream broke its protocol."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+def exit_status(event: dict) -> int:
+    """Shell-style status of an exit event: code, 128+signal, or 255 when unknown."""
+    if event.get("signal") is not None:
+        return 128 + int(event["signal"])
+    if event.get("exit_code") is not None:
+        return int(event["exit_code"])
+    return UNKNOWN_STATUS
+
+
+def _int_or_none(value: object, low: int, high: int) -> int | None:
+    if value is None:
+        return None
+    if type(value) is not int or not low <= value <= high:
+        raise IoError("INVALID_ARGUMENT", f"bad exit field {value!r}")
+    return value
+
+
+def _validate(msg: dict) -> dict:
+    kind = msg.get("type")
+    if kind == "output":
+        stream = msg.get("stream")
+        if stream not in ("stdout", "stderr"):
+            raise IoError("INVALID_ARGUMENT", f"bad output stream {stream!r}")
+        try:
+            data = b64d(msg.get("data"))  # type: ignore[arg-type]
+        except ProtocolError as exc:
+            raise IoError("INVALID_ARGUMENT", str(exc)) from None
+        return {"type": "output", "stream": stream, "data": data}
+    if kind == "exit":
+        return {"type": "exit", "exit_code": _int_or_none(msg.get("exit_code"), 0, 255),
+                "signal": _int_or_none(msg.get("signal"), 1, 64)}
+    if kind == "error":
+        raise IoError(str(msg.get("code", "INTERNAL"))[:64], str(msg.get("message", ""))[:1000])
+    raise IoError("INVALID_ARGUMENT", f"unexpected io message type {str(kind)[:32]!r}")
+
+
+class IoStream:
+    """One attached io connection to a container process."""
+
+    def __init__(self, sock: socket.socket, pending: list[dict] | None = None) -> None:
+        self._sock = sock
+        self._decoder = FrameDecoder()
+        self._pending = list(pending or [])
+        self._send_lock = threading.Lock()
+        self.exited: dict | None = None
+        self._target: tuple[str, str, str, str] | None = None
+
+    @classmethod
+    def attach(cls, run_dir: str | os.PathLike, sandbox_id: str, container_id: str,
+               exec_id: str = "init", timeout: float = 10.0) -> "IoStream":
+        """Connect to agentd's io socket (retrying while it is not there) and attach."""
+        path = str(Path(run_dir) / IO_SOCKET_NAME)
+        deadline = time.monotonic() + timeout
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            try:
+                sock.settimeout(max(deadline - time.monotonic(), 0.01))
+                sock.connect(path)
+                break
+            except (FileNotFoundError, ConnectionRefusedError) as exc:
+                sock.close()
+                if time.monotonic() >= deadline:
+                    raise IoError("UNAVAILABLE", f"agentd io socket {path}: {exc}") from None
+                time.sleep(0.1)
+            except OSError:
+                sock.close()
+                raise
+        try:
+            sock.sendall(encode_frame({"type": "attach", "sandbox_id": sandbox_id,
+                                       "container_id": container_id, "exec_id": exec_id}))
+            decoder = FrameDecoder()
+            messages: list[dict] = []
+            while not messages:
+                sock.settimeout(max(deadline - time.monotonic(), 0.01))
+                data = sock.recv(65536)
+                if not data:
+                    raise IoError("UNAVAILABLE", "agentd closed the io connection during attach")
+                messages = decoder.feed(data)
+            first = messages[0]
+            if first.get("type") != "attached":
+                _validate(first)  # raises IoError for {"type":"error"} and garbage alike
+                raise IoError("INVALID_ARGUMENT", "agentd did not confirm the attach")
+            sock.settimeout(None)
+        except socket.timeout:
+            sock.close()
+            raise IoError("DEADLINE_EXCEEDED", f"agentd did not answer the attach within {timeout}s") from None
+        except ProtocolError as exc:
+            sock.close()
+            raise IoError("INVALID_ARGUMENT", f"agentd broke the io protocol: {exc}") from None
+        except BaseException:
+            sock.close()
+            raise
+        stream = cls(sock, messages[1:])
+        stream._decoder = decoder
+        stream._target = (str(run_dir), sandbox_id, container_id, exec_id)
+        return stream
+
+    def fileno(self) -> int:
+        """The socket, for select/poll: readable means read_events() will not block."""
+        return self._sock.fileno()
+
+    def send_stdin(self, data: bytes) -> None:
+        """Send bytes to the process's stdin (split into protocol-sized chunks)."""
+        view = memoryview(data)
+        with self._send_lock:
+            for start in range(0, len(view), MAX_DATA_CHUNK):
+                chunk = bytes(view[start:start + MAX_DATA_CHUNK])
+                self._sock.sendall(encode_frame({"type": "stdin", "data": b64e(chunk)}))
+
+    def close_stdin(self) -> None:
+        """Signal end of input to the process."""
+        with self._send_lock:
+            self._sock.sendall(encode_frame({"type": "close_stdin"}))
+
+    def read_events(self) -> list[dict]:
+        """Read once (blocking) and return the validated events completed by it;
+        EOFError when agentd closed the connection without an exit event."""
+        if self._pending:
+            events, self._pending = [_validate(m) for m in self._pending], []
+        else:
+            data = self._sock.recv(65536)
+            if not data:
+                raise EOFError("agentd closed the io connection")
+            try:
+                events = [_validate(m) for m in self._decoder.feed(data)]
+            except ProtocolError as exc:
+                raise IoError("INVALID_ARGUMENT", f"agentd broke the io protocol: {exc}") from None
+        for event in events:
+            if event["type"] == "exit":
+                self.exited = event
+        return events
+
+    def reattach(self, timeout: float) -> None:
+        """Attach again on a fresh connection (after agentd restarted)."""
+        if self._target is None:
+            raise IoError("FAILED_PRECONDITION", "this stream was not made by attach()")
+        fresh = IoStream.attach(*self._target, timeout=timeout)
+        with self._send_lock:
+            old, self._sock = self._sock, fresh._sock
+            self._decoder, self._pending = fresh._decoder, fresh._pending
+        old.close()
+
+    def relay(self, stdin_fd: int | None, stdout_fd: int, stderr_fd: int,
+              reattach_timeout: float = 60.0) -> int:
+        """Relay stdio until the process exits; returns its shell-style exit status.
+        stdin is pumped by a helper thread (None: close the process's stdin at once).
+        If agentd goes away, attach again for up to `reattach_timeout` seconds; when that
+        fails, return 255 (status unknown)."""
+        if stdin_fd is None:
+            self.close_stdin()
+        else:
+            threading.Thread(target=self._pump_stdin, args=(stdin_fd,), daemon=True).start()
+        targets = {"stdout": stdout_fd, "stderr": stderr_fd}
+        while True:
+            try:
+                events = self.read_events()
+            except (EOFError, ConnectionError):
+                try:
+                    self.reattach(reattach_timeout)
+                except (IoError, OSError):
+                    return UNKNOWN_STATUS
+                continue
+            for event in events:
+                if event["type"] == "output":
+                    _write_all(targets[event["stream"]], event["data"])
+                else:
+                    return exit_status(event)
+
+    def _pump_stdin(self, fd: int) -> None:
+        try:
+            while chunk := os.read(fd, MAX_DATA_CHUNK):
+                self._retrying(self.send_stdin, chunk)
+            self._retrying(self.close_stdin)
+        except OSError:
+            pass
+
+    def _retrying(self, send, *args) -> None:
+        """Send; while agentd is away (relay is re-attaching) try again for a while."""
+        deadline = time.monotonic() + 60.0
+        while True:
+            try:
+                return send(*args)
+            except OSError:
+                if self.exited is not None or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+    def close(self) -> None:
+        """Drop the connection (the process keeps running; attach again later)."""
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._sock.close()
+
+    def __enter__(self) -> "IoStream":
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            written = os.write(fd, view)
+        except BrokenPipeError:
+            return  # nobody reads that stream any more; keep relaying the rest
+        view = view[written:]

@@ -1,0 +1,145 @@
+"""Test harness: the four real daemons under a temp run dir, the real CLI, leak checks."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hanabi_common.config import DAEMONS, load_config
+from hanabi_common.rpc.client import RpcClient
+
+BIN = Path(sys.executable).parent
+GUEST_DIR = Path(os.environ.get("HANABI_GUEST_DIR", "/var/lib/hanabi/guest/current"))
+
+
+def integration_skip_reason() -> str | None:
+    """Why the real-VM tests cannot run here, or None."""
+    if os.geteuid() != 0:
+        return "needs root (QEMU, loop files, netns)"
+    if not shutil.which("qemu-system-x86_64"):
+        return "qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)"
+    for name in ("vmlinux", "initrd.img"):
+        if not (GUEST_DIR / name).exists():
+            return f"no guest image: {GUEST_DIR / name} is missing (run `make guest`)"
+    return None
+
+
+@dataclass
+class Daemons:
+    """Four running daemons and how to reach them."""
+
+    root: Path
+    config_path: Path
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    @property
+    def config(self):
+        return load_config(self.config_path)
+
+    def start(self, name: str) -> None:
+        log = open(self.root / f"{name}.log", "ab")
+        self.procs[name] = subprocess.Popen([str(BIN / f"hanabi-{name}"), "serve", "--config", str(self.config_path)],
+                                            stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        client = RpcClient(name, self.config.endpoint(name), timeout=2)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.procs[name].poll() is not None:
+                raise RuntimeError(f"hanabi-{name} exited: {(self.root / f'{name}.log').read_text()[-2000:]}")
+            try:
+                client.ping(timeout=0.5)
+                return
+            except Exception:
+                time.sleep(0.1)
+        raise RuntimeError(f"hanabi-{name} did not answer in time")
+
+    def stop(self, name: str, sig: int = signal.SIGTERM) -> None:
+        proc = self.procs.pop(name)
+        proc.send_signal(sig)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def stop_all(self) -> None:
+        for name in list(self.procs):
+            self.stop(name)
+
+    def runtime(self, *args: str, input: bytes | None = None, timeout: float = 120,
+                check: bool = False) -> subprocess.CompletedProcess:
+        """Run `hanabi-runtime --config CFG ARGS...` and capture stdout and stderr apart."""
+        done = subprocess.run([str(BIN / "hanabi-runtime"), "--config", str(self.config_path), *args],
+                              input=input, capture_output=True, timeout=timeout,
+                              stdin=None if input is not None else subprocess.DEVNULL)
+        if check and done.returncode != 0:
+            raise AssertionError(f"hanabi-runtime {' '.join(args)} failed ({done.returncode}): {done.stderr.decode()}")
+        return done
+
+    def state(self, cid: str) -> dict:
+        return json.loads(self.runtime("state", cid, check=True).stdout)
+
+
+def start_daemons(root: Path, extra_toml: str = "") -> Daemons:
+    """Write a config under `root` and start the four daemons with it."""
+    root.mkdir(parents=True, exist_ok=True)
+    config_path = root / "hanabi.toml"
+    config_path.write_text(
+        f'run_dir = "{root}/run"\nlog_level = "debug"\n'
+        f'[vmm]\nguest_dir = "{GUEST_DIR}"\n'
+        f'[block]\nvolume_dir = "{root}/volumes"\n' + extra_toml)
+    daemons = Daemons(root=root, config_path=config_path)
+    try:
+        for name in DAEMONS:
+            daemons.start(name)
+    except BaseException:
+        daemons.stop_all()
+        raise
+    return daemons
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Pids whose command line contains `text`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+            except OSError:
+                continue
+            if text.encode() in cmdline:
+                found.append(int(entry.name))
+    return found
+
+
+def loop_devices_on(path: Path) -> list[str]:
+    """Loop devices whose backing file lies under `path`."""
+    out = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if str(path) in line]
+
+
+def leftovers(daemons: Daemons, cid: str) -> list[str]:
+    """Everything a deleted container might have left behind; empty when clean."""
+    config = daemons.config
+    found = []
+    pids = processes_mentioning(f"hanabi-{cid} ") + processes_mentioning(f"--sandbox {cid} ")
+    if pids:
+        found.append(f"processes {pids}")
+    if (config.sandboxes_dir / cid).exists():
+        found.append(f"sandbox dir {config.sandboxes_dir / cid}: {os.listdir(config.sandboxes_dir / cid)}")
+    volumes = list(config.block.volume_dir.glob(f"{cid}*")) if config.block.volume_dir.exists() else []
+    if volumes:
+        found.append(f"volumes {volumes}")
+    loops = loop_devices_on(daemons.root)
+    if loops:
+        found.append(f"loop devices {loops}")
+    vm_dir = config.run_dir / "vm"
+    if vm_dir.exists() and any(vm_dir.iterdir()):
+        found.append(f"vm dirs {os.listdir(vm_dir)}")
+    return found
