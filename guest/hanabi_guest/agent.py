@@ -26,17 +26,18 @@ from __future__ import annotations
 import collections
 import heapq
 import os
-import selectors
 import signal
 import sys
 import time
-import traceback
-from typing import Any, Callable
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Callable
 
 from . import protocol as P
 from .channel import Channel, FdChannel, open_guest_channel
-from .core import AGENT_VERSION, Container, Proc, log
+from .core import AGENT_VERSION, Container, Proc, log, log_exc
 from .handlers import Handlers, error_reply
+from .poller import EVENT_READ as R, EVENT_WRITE as W, Poller
 from .procio import ProcIO
 from .sandbox import DirSandbox, GuestSandbox, Sandbox
 
@@ -44,8 +45,6 @@ OUT_HIGH = 2 << 20
 OUT_LOW = 256 << 10
 STDIN_HIGH = 8 << 20
 
-R = selectors.EVENT_READ
-W = selectors.EVENT_WRITE
 
 
 class Agent(Handlers, ProcIO):
@@ -54,7 +53,7 @@ class Agent(Handlers, ProcIO):
     def __init__(self, channel: Channel, sandbox: Sandbox) -> None:
         self.chan = channel
         self.sandbox = sandbox
-        self.sel = selectors.DefaultSelector()
+        self.sel = Poller()
         self.decoder = P.FrameDecoder()
         self.poisoned = False
         self.out: collections.deque[bytes] = collections.deque()
@@ -84,7 +83,7 @@ class Agent(Handlers, ProcIO):
             try:
                 fn()
             except Exception:  # noqa: BLE001
-                log("timer failed:\n" + traceback.format_exc())
+                log_exc("timer failed")
 
     def run(self) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -106,7 +105,7 @@ class Agent(Handlers, ProcIO):
                 try:
                     key.data(mask)
                 except Exception:  # noqa: BLE001 - the agent must never crash
-                    log("handler failed:\n" + traceback.format_exc())
+                    log_exc("handler failed")
             self._run_timers()
         signal.set_wakeup_fd(-1)
 
@@ -189,7 +188,7 @@ class Agent(Handlers, ProcIO):
             result = handler(req_id, msg)
         except Exception as exc:  # noqa: BLE001 - every failure becomes an error reply
             if not hasattr(exc, "code"):
-                log(f"{mtype} failed:\n" + traceback.format_exc())
+                log_exc(f"{mtype} failed")
             self.send(error_reply(req_id, exc))
             return
         if isinstance(result, dict):
@@ -251,7 +250,7 @@ def main(argv: list[str] | None = None) -> None:
         agent.run()
         log("agent loop ended")
     except BaseException:  # noqa: BLE001 - PID 1 must not just die
-        log("fatal:\n" + traceback.format_exc())
+        log_exc("fatal")
     try:
         from .sandbox import poweroff
 

@@ -22,10 +22,12 @@ STDLIB ONLY: runs inside the guest.
 from __future__ import annotations
 
 import errno
-import glob
 import os
-import socket
 import time
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 READ_SIZE = 256 * 1024
 SERIAL_PORT_NAME = "agent.0"
@@ -85,11 +87,16 @@ def _write_fd(fd: int, data: bytes | memoryview) -> int:
 
 def find_serial_port(name: str = SERIAL_PORT_NAME, sysfs: str = "/sys") -> str | None:
     """Return the /dev name (e.g. ``vport1p1``) of the virtio-serial port called ``name``."""
-    for path in sorted(glob.glob(os.path.join(sysfs, "class/virtio-ports/*/name"))):
+    base = os.path.join(sysfs, "class/virtio-ports")
+    try:
+        ports = sorted(os.listdir(base))
+    except OSError:
+        return None
+    for port in ports:
         try:
-            with open(path, encoding="utf-8") as f:
+            with open(os.path.join(base, port, "name"), encoding="utf-8") as f:
                 if f.read().strip() == name:
-                    return os.path.basename(os.path.dirname(path))
+                    return port
         except OSError:
             continue
     return None
@@ -170,11 +177,13 @@ class VsockChannel(Channel):
     name = "vsock"
 
     def __init__(self, port: int = VSOCK_PORT) -> None:
+        import socket
+
         self.listener = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
         self.listener.bind((socket.VMADDR_CID_ANY, port))
         self.listener.listen(1)
         self.listener.setblocking(False)
-        self.conn: socket.socket | None = None
+        self.conn: Any = None
         self.retry_delay = 0.0
 
     def fileno(self) -> int:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import os
 import re
 import sys
-from typing import Any
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 from .sandbox import Rootfs
 
@@ -36,6 +38,13 @@ def log(msg: str) -> None:
         sys.stderr.flush()
     except (OSError, ValueError):
         pass
+
+
+def log_exc(what: str) -> None:
+    """Log ``what`` with the traceback of the exception being handled (imported lazily)."""
+    import traceback
+
+    log(f"{what}:\n{traceback.format_exc()}")
 
 
 class AgentError(Exception):

@@ -53,7 +53,7 @@ class CpioWriter:
         for dirpath, dirs, files in os.walk(root):
             dirs.sort()
             rel = os.path.relpath(dirpath, root)
-            if rel != ".":
+            if rel != "." and rel not in self.names:
                 self.add_dir(rel, stat.S_IMODE(os.lstat(dirpath).st_mode))
             for f in sorted(files + [d for d in dirs if os.path.islink(os.path.join(dirpath, d))]):
                 path = os.path.join(dirpath, f)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import signal
 import time
-from typing import TYPE_CHECKING, Any, Callable
 
 from . import protocol as P
 from .core import (AGENT_VERSION, CREATED, CREATING, DESTROYING, HOSTNAME_RE, ID_RE, PENDING,
@@ -26,7 +25,11 @@ from .sandbox import Sandbox
 DISK_WAIT_S = 10.0
 DESTROY_WAIT_S = 5.0
 
-Result = dict[str, Any] | Pending
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Callable
+
+    Result = dict[str, Any] | Pending
 
 
 def uptime() -> float:

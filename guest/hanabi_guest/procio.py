@@ -13,22 +13,22 @@ STDLIB ONLY: runs inside the guest.
 from __future__ import annotations
 
 import os
-import selectors
 import signal
-from typing import TYPE_CHECKING, Any, Callable
 
 from . import protocol as P
 from .core import DESTROYING, STOPPED, Container, Proc, log
+from .poller import EVENT_READ as R, EVENT_WRITE as W, Poller
 from .sandbox import Sandbox
 
-R = selectors.EVENT_READ
-W = selectors.EVENT_WRITE
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Callable
 
 
 class ProcIO:
     """Process bookkeeping and pipes; mixed into ``Agent``."""
 
-    sel: selectors.BaseSelector
+    sel: Poller
     sandbox: Sandbox
     containers: dict[str, Container]
     procs: dict[int, Proc]

@@ -9,11 +9,12 @@ STDLIB ONLY: this module runs inside the guest under a bare, trimmed python3.11.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import json
 import struct
-from typing import Any
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 MAX_FRAME = 1 << 20
 MAX_DATA_CHUNK = 64 * 1024
@@ -165,7 +166,7 @@ class FrameDecoder:
 
 def b64e(data: bytes) -> str:
     """Base64-encode bytes for a ``data`` field."""
-    return base64.b64encode(data).decode("ascii")
+    return binascii.b2a_base64(data, newline=False).decode("ascii")
 
 
 def b64d(text: str) -> bytes:
@@ -174,7 +175,7 @@ def b64d(text: str) -> bytes:
         raise ProtocolError(f"base64 data must be a string, not {type(text).__name__}")
     try:
         raw = text.encode("ascii")
-        data = base64.b64decode(raw, validate=True)
+        data = binascii.a2b_base64(raw, strict_mode=True)
     except (binascii.Error, UnicodeEncodeError, ValueError) as exc:
         raise ProtocolError(f"invalid base64 data: {exc}") from exc
     if len(raw) != (len(data) + 2) // 3 * 4:

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import errno
 import os
-import socket
 import stat
-from typing import Any
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 MS_RDONLY = 1
 MS_NOSUID = 2
@@ -249,6 +250,8 @@ class GuestSandbox(Sandbox):
         os.sync()
 
     def set_hostname(self, name: str) -> None:
+        import socket
+
         socket.sethostname(name)
 
     def cgroup_pids(self, root: Rootfs) -> list[int]:

@@ -69,8 +69,18 @@ class Daemons:
             proc.wait()
 
     def stop_all(self) -> None:
+        """Stop the daemons, then kill whatever they left running under this root (VMs, stand-ins).
+
+        vmmd leaves VMs running when it stops, by design (a restart re-adopts them); a test
+        session that ends must not leave them behind.
+        """
         for name in list(self.procs):
             self.stop(name)
+        for pid in processes_mentioning(str(self.root)):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     def runtime(self, *args: str, input: bytes | None = None, timeout: float = 120,
                 check: bool = False) -> subprocess.CompletedProcess:

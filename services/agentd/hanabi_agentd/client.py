@@ -50,11 +50,15 @@ class AgentdClient:
         return self.rpc.call("agent.disconnect", SandboxRef(sandbox_id=sandbox_id), Removed, idempotent=True)
 
     # --- containers -----------------------------------------------------------------------
+    def create_container(self, request: CreateContainer) -> None:
+        """Create a container in the guest (mounts its disk); its process is not started yet."""
+        self.rpc.call("container.create", request)
+
     def create(self, sandbox_id: str, container_id: str, rootfs: RootfsSpec, process: dict[str, Any],
                hostname: str | None = None) -> None:
-        """Create a container in the guest; its process is not started yet."""
-        self.rpc.call("container.create", CreateContainer(sandbox_id=sandbox_id, container_id=container_id,
-                                                          rootfs=rootfs, process=process, hostname=hostname))
+        """Same as create_container, from its fields."""
+        self.create_container(CreateContainer(sandbox_id=sandbox_id, container_id=container_id,
+                                              rootfs=rootfs, process=process, hostname=hostname))
 
     def start(self, sandbox_id: str, container_id: str) -> StartedProcess:
         """Start the container's init process."""
@@ -67,10 +71,10 @@ class AgentdClient:
                                                            exec_id=exec_id, process=process), StartedProcess)
 
     def signal(self, sandbox_id: str, container_id: str, signal: int, exec_id: str = "init",
-               all: bool = False) -> None:
+               all_processes: bool = False) -> None:
         """Send `signal` to a process (or to every process of the container)."""
         self.rpc.call("container.signal", SignalProcess(sandbox_id=sandbox_id, container_id=container_id,
-                                                        exec_id=exec_id, signal=signal, all=all))
+                                                        exec_id=exec_id, signal=signal, all=all_processes))
 
     def close_stdin(self, sandbox_id: str, container_id: str, exec_id: str = "init") -> None:
         """Close a process's stdin."""

@@ -22,8 +22,8 @@ import threading
 import time
 from pathlib import Path
 
-from hanabi_guest.protocol import (MAX_DATA_CHUNK, FrameDecoder, ProtocolError, b64d, b64e,
-                                   encode_frame)
+from hanabi_guest.protocol import (HEADER, MAX_DATA_CHUNK, MAX_FRAME, FrameDecoder, ProtocolError,
+                                   b64d, b64e, encode_frame)
 
 IO_SOCKET_NAME = "agentd-io.sock"
 UNKNOWN_STATUS = 255
@@ -77,10 +77,9 @@ def _validate(msg: dict) -> dict:
 class IoStream:
     """One attached io connection to a container process."""
 
-    def __init__(self, sock: socket.socket, pending: list[dict] | None = None) -> None:
+    def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
         self._decoder = FrameDecoder()
-        self._pending = list(pending or [])
         self._send_lock = threading.Lock()
         self.exited: dict | None = None
         self._target: tuple[str, str, str, str] | None = None
@@ -108,15 +107,14 @@ class IoStream:
         try:
             sock.sendall(encode_frame({"type": "attach", "sandbox_id": sandbox_id,
                                        "container_id": container_id, "exec_id": exec_id}))
-            decoder = FrameDecoder()
-            messages: list[dict] = []
-            while not messages:
-                sock.settimeout(max(deadline - time.monotonic(), 0.01))
-                data = sock.recv(65536)
-                if not data:
-                    raise IoError("UNAVAILABLE", "agentd closed the io connection during attach")
-                messages = decoder.feed(data)
-            first = messages[0]
+            # Read exactly the answer frame: what follows stays in the socket, so a caller
+            # that selects on fileno() sees it as readable.
+            sock.settimeout(max(deadline - time.monotonic(), 0.01))
+            header = _recv_exact(sock, HEADER.size)
+            (length,) = HEADER.unpack(header)
+            if not 0 < length <= MAX_FRAME:
+                raise ProtocolError(f"bad frame length {length}")
+            first = FrameDecoder().feed(header + _recv_exact(sock, length))[0]
             if first.get("type") != "attached":
                 _validate(first)  # raises IoError for {"type":"error"} and garbage alike
                 raise IoError("INVALID_ARGUMENT", "agentd did not confirm the attach")
@@ -130,8 +128,7 @@ class IoStream:
         except BaseException:
             sock.close()
             raise
-        stream = cls(sock, messages[1:])
-        stream._decoder = decoder
+        stream = cls(sock)
         stream._target = (str(run_dir), sandbox_id, container_id, exec_id)
         return stream
 
@@ -155,16 +152,13 @@ class IoStream:
     def read_events(self) -> list[dict]:
         """Read once (blocking) and return the validated events completed by it;
         EOFError when agentd closed the connection without an exit event."""
-        if self._pending:
-            events, self._pending = [_validate(m) for m in self._pending], []
-        else:
-            data = self._sock.recv(65536)
-            if not data:
-                raise EOFError("agentd closed the io connection")
-            try:
-                events = [_validate(m) for m in self._decoder.feed(data)]
-            except ProtocolError as exc:
-                raise IoError("INVALID_ARGUMENT", f"agentd broke the io protocol: {exc}") from None
+        data = self._sock.recv(65536)
+        if not data:
+            raise EOFError("agentd closed the io connection")
+        try:
+            events = [_validate(m) for m in self._decoder.feed(data)]
+        except ProtocolError as exc:
+            raise IoError("INVALID_ARGUMENT", f"agentd broke the io protocol: {exc}") from None
         for event in events:
             if event["type"] == "exit":
                 self.exited = event
@@ -177,7 +171,7 @@ class IoStream:
         fresh = IoStream.attach(*self._target, timeout=timeout)
         with self._send_lock:
             old, self._sock = self._sock, fresh._sock
-            self._decoder, self._pending = fresh._decoder, fresh._pending
+            self._decoder = fresh._decoder
         old.close()
 
     def relay(self, stdin_fd: int | None, stdout_fd: int, stderr_fd: int,
@@ -238,6 +232,16 @@ class IoStream:
 
     def __exit__(self, *_: object) -> None:
         self.close()
+
+
+def _recv_exact(sock: socket.socket, size: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < size:
+        chunk = sock.recv(size - len(buf))
+        if not chunk:
+            raise IoError("UNAVAILABLE", "agentd closed the io connection during attach")
+        buf += chunk
+    return bytes(buf)
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -56,6 +56,7 @@ class ProcessRecord:
         self._size = 0
         self._cond = threading.Condition()
         self._client: object | None = None
+        self._exit_published = True
 
     # --- status -----------------------------------------------------------------------
     def mark_running(self, pid: int) -> None:
@@ -66,16 +67,25 @@ class ProcessRecord:
                 self.status = "running"
             self._cond.notify_all()
 
-    def mark_exited(self, exit_code: int | None, signal: int | None) -> bool:
-        """Record the exit; False if it was already recorded (a duplicate)."""
+    def mark_exited(self, exit_code: int | None, signal: int | None, *, publish: bool = True) -> bool:
+        """Record the exit; False if it was already recorded (a duplicate). With
+        publish=False the io client hears of it only after `publish_exit()` (agentd first
+        writes it to agent.json, so whoever reacts to the exit finds it recorded)."""
         with self._cond:
             if self.status == "stopped":
                 return False
             self.status = "stopped"
             self.exit_code = exit_code
             self.signal = signal
+            self._exit_published = publish
             self._cond.notify_all()
             return True
+
+    def publish_exit(self) -> None:
+        """Let the io client see the exit recorded with publish=False."""
+        with self._cond:
+            self._exit_published = True
+            self._cond.notify_all()
 
     def wait_started(self, timeout: float) -> bool:
         """Wait until it is running or stopped; True when it no longer is 'created'."""
@@ -140,16 +150,19 @@ class ProcessRecord:
         out; None on timeout or when `client` is no longer attached."""
         with self._cond:
             self._cond.wait_for(lambda: self._client is not client or bool(self._chunks)
-                                or self.status == "stopped", timeout)
+                                or self._exit_visible(), timeout)
             if self._client is not client:
                 return None
             if self._chunks:
                 event = self._chunks.popleft()
                 self._size -= len(event.data)
                 return event
-            if self.status == "stopped":
+            if self._exit_visible():
                 return ExitEvent(self.exit_code, self.signal)
             return None
+
+    def _exit_visible(self) -> bool:
+        return self.status == "stopped" and self._exit_published
 
     def unread(self, event: OutputEvent) -> None:
         """Put back a chunk the writer could not deliver (its client went away)."""

@@ -143,6 +143,7 @@ class Registry:
                 self.sandboxes[sandbox_id] = sandbox
             if self._reachable(sandbox):
                 sandbox.settled.clear()
+                sandbox.busy = True
                 threading.Thread(target=self._reconnect, args=(sandbox,), daemon=True,
                                  name=f"agentd-restore-{sandbox_id}").start()
             else:
@@ -181,6 +182,7 @@ class Registry:
             log.warning("could not reconnect to an agent", extra={"sandbox": sandbox.sandbox_id,
                                                                  "error": exc.message})
         finally:
+            sandbox.busy = False
             sandbox.settled.set()
 
     def reconcile(self, sandbox: Sandbox) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
+import secrets
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future
@@ -55,7 +56,9 @@ class AgentSession:
         self._lock = threading.RLock()
         self._pending: dict[int, Future] = {}
         self._abandoned: collections.deque[int] = collections.deque(maxlen=ABANDONED_KEPT)
-        self._ids = itertools.count(1)
+        # A random base: replies the guest still holds for an earlier connection (another
+        # agentd, before a restart) can never match a request of this one.
+        self._ids = itertools.count(secrets.randbits(40) << 8)
         self._channel: Channel | None = None
         self._reader: threading.Thread | None = None
         self._generation = 0
@@ -89,12 +92,20 @@ class AgentSession:
                 time.sleep(min(0.1, max(deadline - time.monotonic(), 0)))
                 continue
             generation = self._install(channel)
-            result = self._ping_until(generation, deadline)
+            try:
+                result = self._ping_until(generation, deadline)
+            except BaseException:
+                self._drop(generation)
+                raise
             if result is not None:
                 with self._lock:
-                    self.connected = True
-                    self.info = result
-                    self.lost_reason = None
+                    alive = self._generation == generation and self.lost_reason is None
+                    if alive:
+                        self.connected = True
+                        self.info = result
+                if not alive:
+                    last_error = self.lost_reason or "connection lost"
+                    continue
                 self.ready_s = round(time.monotonic() - started, 3)
                 log.info("agent connected", extra={"sandbox": self.sandbox_id,
                                                    "address": channel.address,
@@ -257,23 +268,23 @@ class AgentSession:
             was_connected = self.connected
             self.connected = False
             self.lost_reason = reason
+        if was_connected and not self._closing:
+            # Record the loss before waking the callers, so they see a consistent state.
+            log.warning("lost the connection to the guest agent",
+                        extra={"sandbox": self.sandbox_id, "reason": reason})
+            changed = False
+            for record in self.all_processes():
+                changed |= record.mark_exited(None, None)
+            if changed:
+                self._notify_change()
         self._fail_pending(Unavailable(f"lost the agent of sandbox {self.sandbox_id}: {reason}"))
-        if self._closing or not was_connected:
-            return
-        log.warning("lost the connection to the guest agent",
-                    extra={"sandbox": self.sandbox_id, "reason": reason})
-        changed = False
-        for record in self.all_processes():
-            changed |= record.mark_exited(None, None)
-        if changed:
-            self._notify_change()
 
-    def _complain(self, reason: str, **extra: Any) -> None:
+    def _complain(self, reason: str, level: int = logging.WARNING, **extra: Any) -> None:
         self._complaints += 1
         if self._complaints <= COMPLAINTS_LOGGED or self._complaints % 1000 == 0:
-            log.warning("dropped a message from the guest",
-                        extra={"sandbox": self.sandbox_id, "reason": reason[:300],
-                               "count": self._complaints, **extra})
+            log.log(level, "dropped a message from the guest",
+                    extra={"sandbox": self.sandbox_id, "reason": reason[:300],
+                           "count": self._complaints, **extra})
 
     def _dispatch(self, raw: dict[str, Any]) -> None:
         try:
@@ -307,14 +318,18 @@ class AgentSession:
         elif isinstance(msg, GuestProtocolError):
             log.warning("the guest agent reports a protocol error",
                         extra={"sandbox": self.sandbox_id, "reason": msg.message[:300]})
+            if not self.connected:
+                # It saw a torn frame (bytes sent before it opened its port) and now ignores
+                # input until the host reconnects: reconnect (connect() retries).
+                self._drop(self._generation)
 
     def _resolve(self, rid: int, *, result: dict | None = None, error: Exception | None = None) -> None:
         with self._lock:
             future = self._pending.pop(rid, None)
             late = future is None and rid in self._abandoned
         if future is None:
-            if not late:
-                self._complain("reply to a request never sent", id=rid)
+            if not late:  # usually a reply meant for an earlier connection
+                self._complain("reply to an unknown request", level=logging.INFO, id=rid)
             return
         if error is not None:
             future.set_exception(error)
@@ -326,13 +341,16 @@ class AgentSession:
         if record is None:
             self._complain("exit of an unknown process", container=msg.container_id, exec=msg.exec_id)
             return
-        if not record.mark_exited(msg.exit_code, msg.signal):
+        if not record.mark_exited(msg.exit_code, msg.signal, publish=False):
             self._complain("second exit of a process", container=msg.container_id, exec=msg.exec_id)
             return
         log.info("process exited", extra={"sandbox": self.sandbox_id, "container": msg.container_id,
                                           "exec": msg.exec_id, "exit_code": msg.exit_code,
                                           "signal": msg.signal})
-        self._notify_change()
+        try:
+            self._notify_change()  # agent.json first: whoever hears the exit finds it there
+        finally:
+            record.publish_exit()
 
     def _notify_change(self) -> None:
         try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -99,3 +100,15 @@ def exit_status(returncode: int | None) -> int | None:
     if returncode is None:
         return None
     return 128 - returncode if returncode < 0 else returncode
+
+
+def reap(process: subprocess.Popen, timeout: float = 5.0) -> int | None:
+    """The shell-style exit status of a child known to have exited (None if it has not).
+
+    `Popen.poll()` answers None while another thread holds the Popen's wait lock, so a
+    child that is known to be gone is waited for instead.
+    """
+    try:
+        return exit_status(process.wait(timeout))
+    except subprocess.TimeoutExpired:
+        return None

@@ -51,7 +51,9 @@ class Reaper:
         self._request("unwatch", sandbox_id)
 
     def close(self) -> None:
-        """Stop the thread; the VMs keep running."""
+        """Stop the thread; the VMs keep running (idempotent)."""
+        if self._closed.is_set():
+            return
         self._closed.set()
         self._request("close", None)
         self._thread.join(5)
@@ -122,7 +124,7 @@ class Reaper:
     def _fire(self, handle: VmHandle) -> None:
         status = None
         if handle.process is not None:
-            status = proc.exit_status(handle.process.poll())
+            status = proc.reap(handle.process)
         try:
             self._on_exit(handle, status)
         except Exception:  # noqa: BLE001 - a callback bug must not stop the reaper

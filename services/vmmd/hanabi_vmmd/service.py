@@ -27,6 +27,7 @@ from hanabi_common.models.vmmd import (AttachDisk, CreateVm, DetachDisk, DiskInf
 from hanabi_common.rpc.server import RpcServer
 from hanabi_common.state import StateStore
 from hanabi_vmmd import accel as accel_mod
+from hanabi_vmmd import proc
 from hanabi_vmmd.hypervisor import DiskSpec, Hypervisor, VmHandle, VmSpec
 from hanabi_vmmd.locks import KeyedLocks
 from hanabi_vmmd.qemu import QemuHypervisor, stderr_tail
@@ -212,8 +213,10 @@ class VmService:
 
     def _observed(self, state: HypervisorState) -> HypervisorState:
         """`state`, shown as stopped if its process is gone and the reaper has not caught up."""
-        if state.state != "stopped" and not self._backend(state.hypervisor).is_alive(self._handle(state)):
-            return state.model_copy(update={"state": "stopped"})
+        handle = self._handle(state)
+        if state.state != "stopped" and not self._backend(state.hypervisor).is_alive(handle):
+            status = proc.reap(handle.process, 1.0) if handle.process is not None else None
+            return state.model_copy(update={"state": "stopped", "exit_status": status})
         return state
 
     def stop(self, request: StopVm) -> Removed:
@@ -327,8 +330,7 @@ class VmService:
             if state.state == "stopped":
                 return
             state.state, state.exit_status = "stopped", status
-            self._write(state)
-            self._handles.pop(sid, None)
+            self._write(state)  # the handle stays until vm.stop: readers may still poll it
         log.warning("vm exited on its own", extra={
             "sandbox": sid, "pid": handle.pid, "exit_status": status,
             "stderr": stderr_tail(Path(state.stderr_log), 500)})

@@ -1,0 +1,342 @@
+"""Build the hanabi guest (kernel + initramfs with busybox, python3.11 and the agent).
+
+Everything comes from Debian packages (see ``debs``): the cloud kernel, busybox-static,
+python3.11-minimal with the few stdlib modules the agent imports, and the C libraries they
+link. The result directory holds ``vmlinuz`` (the bzImage), ``vmlinux`` (the ELF with the
+PVH note, what QEMU -kernel and Firecracker boot), ``initrd.img`` (newc cpio) and
+``manifest.json``. It is named after a hash of the inputs (package versions + checksums,
+agent and /init sources, module list, builder version), so a build is skipped when nothing
+changed; ``/var/lib/hanabi/guest/current`` points at the newest one.
+
+The VMM boots it with ``KERNEL_CMDLINE`` (append ``hanabi.channel=vsock`` to make the agent
+listen on AF_VSOCK port 1024 instead of the virtio-serial port ``agent.0``).
+"""
+
+from __future__ import annotations
+
+import datetime
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import time
+from importlib import resources
+from typing import Any
+
+from . import debs as D
+from .cpio import CpioWriter
+from .elf import Elf
+from .kernel import extract_vmlinux, module_closure
+
+BUILDER_VERSION = "1"
+GUEST_ROOT = "/var/lib/hanabi/guest"
+KERNEL_CMDLINE = ("console=ttyS0 quiet panic=-1 tsc=reliable no_timer_check rcupdate.rcu_expedited=1 "
+                  "i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd cryptomgr.notests 8250.nr_uarts=1 "
+                  "rdinit=/init")
+FIRECRACKER_VERSIONS = ">=1.8"
+PACKAGES = ["linux-image-cloud-amd64", "busybox-static", "python3.11-minimal", "libpython3.11-minimal",
+            "libpython3.11-stdlib", "libc6", "zlib1g", "libexpat1", "libffi8"]
+MODULES = ["virtio_pci", "virtio_blk", "virtio_console", "virtio_net", "ext4", "vsock",
+           "vmw_vsock_virtio_transport", "virtio_balloon", "virtio_rng"]
+AGENT_FILES = ["__init__.py", "protocol.py", "channel.py", "core.py", "sandbox.py", "process.py",
+               "handlers.py", "procio.py", "poller.py", "agent.py"]
+# Imported lazily by the agent, or needed by the interpreter in the guest's C locale.
+EXTRA_IMPORTS = ["ctypes", "resource", "traceback", "socket", "encodings.ascii", "encodings.latin_1"]
+INITRD_COMPRESSION = "none"  # "none" or "lz4" (legacy frames, `lz4 -l`)
+PY = "usr/bin/python3.11"
+STDLIB = "usr/lib/python3.11"
+LIB_DIRS = ["lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu", "lib", "usr/lib"]
+
+
+class BuildError(RuntimeError):
+    """The guest image could not be built."""
+
+
+def _pkg_file(name: str) -> bytes:
+    return resources.files("hanabi_guest").joinpath(name).read_bytes()
+
+
+def sources() -> dict[str, bytes]:
+    """The agent package files and /init that go into the initramfs."""
+    out = {f"hanabi_guest/{f}": _pkg_file(f) for f in AGENT_FILES}
+    out["init"] = _pkg_file("init.sh")
+    return out
+
+
+def inputs_hash(debs: dict[str, D.Deb]) -> str:
+    doc = {
+        "builder": BUILDER_VERSION,
+        "packages": {d.name: [d.version, d.sha256] for d in sorted(debs.values(), key=lambda d: d.name)},
+        "modules": MODULES,
+        "extra_imports": EXTRA_IMPORTS,
+        "compression": INITRD_COMPRESSION,
+        "sources": {k: hashlib.sha256(v).hexdigest() for k, v in sorted(sources().items())},
+    }
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def _resolve_in(root: str, rel: str) -> str:
+    """Follow symlinks of ``rel`` inside the tree ``root`` (absolute targets are root-relative)."""
+    rel = rel.lstrip("/")
+    for _ in range(40):
+        path = os.path.join(root, rel)
+        if not os.path.islink(path):
+            return rel
+        target = os.readlink(path)
+        rel = target.lstrip("/") if target.startswith("/") else os.path.normpath(os.path.join(os.path.dirname(rel), target))
+    raise BuildError(f"symlink loop at {rel}")
+
+
+def _copy(src_root: str, rel: str, dst_root: str, dst_rel: str | None = None) -> str:
+    real = _resolve_in(src_root, rel)
+    dst = os.path.join(dst_root, (dst_rel or rel).lstrip("/"))
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    shutil.copy2(os.path.join(src_root, real), dst)
+    return dst
+
+
+def _copy_libs(x: str, root: str, elf_paths: list[str]) -> list[str]:
+    """Copy the DT_NEEDED closure (and the ELF interpreter) of ``elf_paths`` from x to root."""
+    copied: list[str] = []
+    seen: set[str] = set()
+    queue = list(elf_paths)
+    interp = Elf.load(elf_paths[0]).interpreter()
+    if interp:
+        queue.append(_copy(x, interp, root))
+        copied.append(interp.lstrip("/"))
+    while queue:
+        for soname in Elf.load(queue.pop()).needed():
+            if soname in seen:
+                continue
+            seen.add(soname)
+            for d in LIB_DIRS:
+                if os.path.lexists(os.path.join(x, d, soname)):
+                    queue.append(_copy(x, os.path.join(d, soname), root))
+                    copied.append(os.path.join(d, soname))
+                    break
+            else:
+                raise BuildError(f"shared library {soname} not found in the unpacked packages")
+    return copied
+
+
+CLOSURE_SCRIPT = """
+import importlib, json, sys
+sys.path.insert(0, sys.argv[1])
+for m in sys.argv[3:]:
+    importlib.import_module(m)
+out = {}
+for name, mod in list(sys.modules.items()):
+    origin = getattr(getattr(mod, "__spec__", None), "origin", None)
+    if origin and origin.startswith(sys.argv[2]):
+        out[name] = origin
+print(json.dumps(out))
+"""
+
+COMPILE_SCRIPT = """
+import py_compile, sys
+mode = py_compile.PycInvalidationMode.UNCHECKED_HASH
+for src in sys.argv[2:]:
+    if sys.argv[1] == "legacy":
+        py_compile.compile(src, cfile=src + "c", doraise=True, invalidation_mode=mode, optimize=2)
+    else:
+        py_compile.compile(src, doraise=True, invalidation_mode=mode)
+"""
+
+
+def _python(py: str, *args: str) -> str:
+    proc = subprocess.run([py, "-I", "-S", "-B", *args], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise BuildError(f"{py} {' '.join(args[:2])}... failed: {proc.stderr.strip()[-3000:]}")
+    return proc.stdout
+
+
+def _install_python(x: str, root: str) -> int:
+    """Copy python3.11, the stdlib modules the agent needs (as sourceless .pyc) and the agent."""
+    _copy(x, PY, root)
+    os.symlink("python3.11", os.path.join(root, "usr/bin/python3"))
+    agent_dir = os.path.join(root, "usr/lib/hanabi")
+    for rel, data in sources().items():
+        if rel.startswith("hanabi_guest/"):
+            os.makedirs(os.path.join(agent_dir, "hanabi_guest"), exist_ok=True)
+            with open(os.path.join(agent_dir, rel), "wb") as f:
+                f.write(data)
+    prefix = os.path.join(x, STDLIB) + "/"
+    found = json.loads(_python(os.path.join(x, PY), "-c", CLOSURE_SCRIPT, agent_dir, prefix,
+                               "hanabi_guest.agent", *EXTRA_IMPORTS))
+    files = sorted(set(found.values()) | {prefix + "os.py"})
+    py_srcs, sos = [], []
+    for origin in files:
+        rel = os.path.relpath(origin, x)
+        if origin.endswith(".py"):
+            dst = os.path.join(root, rel)
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            shutil.copy2(origin, dst)
+            py_srcs.append(dst)
+        else:
+            sos.append(_copy(x, rel, root))
+    _python(os.path.join(x, PY), "-c", COMPILE_SCRIPT, "legacy", *py_srcs)
+    for src in py_srcs:
+        os.unlink(src)
+    agent_py = [os.path.join(agent_dir, r) for r in sources() if r.startswith("hanabi_guest/")]
+    _python(os.path.join(x, PY), "-c", COMPILE_SCRIPT, "pycache", *agent_py)
+    _copy_libs(x, root, [os.path.join(root, PY), *sos])
+    return len(files)
+
+
+def _verify_python(root: str) -> None:
+    """Run the trimmed interpreter from the tree: every guest import must resolve inside it."""
+    check = ("import sys; sys.path.insert(0, sys.argv[1]); import hanabi_guest.agent, json, ctypes, resource; "
+             "bad = [m for m, v in sys.modules.items() if getattr(v, '__file__', None) and "
+             "not v.__file__.startswith(sys.argv[2])]; assert not bad, bad; print(sys.version)")
+    _python(os.path.join(root, PY), "-c", check, os.path.join(root, "usr/lib/hanabi"), root)
+
+
+def _install_busybox(x: str, root: str) -> int:
+    _copy(x, "bin/busybox", root)
+    applets = subprocess.run([os.path.join(root, "bin/busybox"), "--list-full"], capture_output=True,
+                             text=True, check=True).stdout.split()
+    n = 0
+    for rel in applets:
+        dst = os.path.join(root, rel)
+        if os.path.lexists(dst):
+            continue
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        os.symlink("/bin/busybox", dst)
+        n += 1
+    return n
+
+
+def _assemble(x: str, root: str, release: str) -> dict[str, Any]:
+    for d in ("dev", "proc", "sys", "run", "tmp", "etc/hanabi", "root", "mnt"):
+        os.makedirs(os.path.join(root, d), exist_ok=True)
+    os.chmod(os.path.join(root, "tmp"), 0o1777)
+    applets = _install_busybox(x, root)
+    n_py = _install_python(x, root)
+    moddir = f"lib/modules/{release}"
+    mods = module_closure(os.path.join(x, moddir), MODULES)
+    for rel in mods:
+        _copy(x, os.path.join(moddir, rel), root)
+    with open(os.path.join(root, "etc/hanabi/modules"), "w", encoding="utf-8") as f:
+        f.write("".join(f"/{moddir}/{rel}\n" for rel in mods))
+    with open(os.path.join(root, "init"), "wb") as f:
+        f.write(sources()["init"])
+    os.chmod(os.path.join(root, "init"), 0o755)
+    _verify_python(root)
+    return {"modules": [os.path.basename(m)[:-3] for m in mods], "busybox_applets": applets,
+            "python_files": n_py}
+
+
+def _write_initrd(root: str, out: str) -> int:
+    raw = out + ".cpio"
+    with open(raw, "wb") as f:
+        w = CpioWriter(f)
+        w.add_dir("dev")
+        w.add_tree(root)
+        w.add_chardev("dev/console", 5, 1)
+        w.close()
+    size = os.path.getsize(raw)
+    if INITRD_COMPRESSION == "lz4":
+        subprocess.run(["lz4", "-l", "-9", "-q", "-f", raw, out], check=True)
+        os.unlink(raw)
+    else:
+        os.replace(raw, out)
+    return size
+
+
+def _file_info(path: str) -> dict[str, Any]:
+    return {"size": os.path.getsize(path), "sha256": D.sha256_file(path)}
+
+
+def _build_into(tmp: str, debs: dict[str, D.Deb], paths: dict[str, str], digest: str) -> dict[str, Any]:
+    x, root = os.path.join(tmp, "x"), os.path.join(tmp, "root")
+    for p in paths.values():
+        D.extract(p, x)
+    kpkg = next(n for n in debs if n.startswith("linux-image-"))
+    release = kpkg[len("linux-image-"):]
+    with open(os.path.join(x, "boot", f"vmlinuz-{release}"), "rb") as f:
+        bz = f.read()
+    with open(os.path.join(tmp, "vmlinuz"), "wb") as f:
+        f.write(bz)
+    with open(os.path.join(tmp, "vmlinux"), "wb") as f:
+        f.write(extract_vmlinux(bz))
+    details = _assemble(x, root, release)
+    raw_size = _write_initrd(root, os.path.join(tmp, "initrd.img"))
+    from .core import AGENT_VERSION
+
+    shutil.rmtree(x)
+    shutil.rmtree(root)
+    return {
+        "schema": 1,
+        "kernel_release": release,
+        "kernel_package": kpkg,
+        "packages": {d.name: d.version for d in sorted(debs.values(), key=lambda d: d.name)},
+        "inputs_hash": digest,
+        "builder_version": BUILDER_VERSION,
+        "agent_version": AGENT_VERSION,
+        "kernel_cmdline": KERNEL_CMDLINE,
+        "agent_channel": {"default": "virtio-serial", "virtio_serial_name": "agent.0",
+                          "vsock_port": 1024, "vsock_cmdline": "hanabi.channel=vsock"},
+        "initrd_compression": INITRD_COMPRESSION,
+        "initrd_uncompressed_size": raw_size,
+        "files": {n: _file_info(os.path.join(tmp, n)) for n in ("vmlinuz", "vmlinux", "initrd.img")},
+        "firecracker_versions": FIRECRACKER_VERSIONS,
+        **details,
+    }
+
+
+def _read_manifest(d: str) -> dict[str, Any] | None:
+    try:
+        with open(os.path.join(d, "manifest.json"), encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def build(out: str | None = None, force: bool = False, cache: str = D.DEFAULT_CACHE,
+          guest_root: str = GUEST_ROOT) -> tuple[str, bool]:
+    """Build (or re-use) the guest; return (result directory, whether it was built now)."""
+    debs = D.resolve(PACKAGES)
+    digest = inputs_hash(debs)
+    target = os.path.abspath(out) if out else os.path.join(guest_root, digest[:16])
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    with open(os.path.join(os.path.dirname(target), ".build.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        built = False
+        old = _read_manifest(target)
+        if force or not old or old.get("inputs_hash") != digest:
+            t0 = time.monotonic()
+            paths = D.download(list(debs.values()), cache)
+            tmp = f"{target}.tmp-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+            try:
+                manifest = _build_into(tmp, debs, paths, digest)
+                manifest["built_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+                manifest["build_seconds"] = round(time.monotonic() - t0, 2)
+                with open(os.path.join(tmp, "manifest.json"), "w", encoding="utf-8") as f:
+                    json.dump(manifest, f, indent=2, sort_keys=True)
+                    f.write("\n")
+                if os.path.exists(target):
+                    shutil.rmtree(target)
+                os.replace(tmp, target)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            built = True
+        if not out:
+            link = os.path.join(guest_root, "current")
+            tmp_link = f"{link}.tmp-{os.getpid()}"
+            os.symlink(os.path.basename(target), tmp_link)
+            os.replace(tmp_link, link)
+    return target, built
+
+
+def info(guest_root: str = GUEST_ROOT) -> dict[str, Any]:
+    """The manifest of ``current``."""
+    m = _read_manifest(os.path.join(guest_root, "current"))
+    if m is None:
+        raise BuildError(f"no guest image at {guest_root}/current (run `hanabi-image build`)")
+    m["path"] = os.path.realpath(os.path.join(guest_root, "current"))
+    return m

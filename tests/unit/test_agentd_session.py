@@ -1,0 +1,346 @@
+"""AgentSession against a fake agent on a socketpair: correlation, timeouts, misbehaviour."""
+
+from __future__ import annotations
+
+import base64
+import socket
+import struct
+import threading
+import time
+
+import pytest
+
+from hanabi_agentd.channel import Channel
+from hanabi_agentd.process import ContainerRecord, ExitEvent, OutputEvent
+from hanabi_agentd.session import AgentSession
+from hanabi_common.config import AgentConfig, Config
+from hanabi_common.errors import (AlreadyExists, DeadlineExceeded, FailedPrecondition, Internal,
+                                  NotFound, Unavailable)
+from hanabi_guest.protocol import FrameDecoder, ProtocolError, encode_frame
+
+PING = {"agent_version": "0.1.0", "kernel": "6.1.0-test", "uptime_s": 1.5}
+
+
+class FakeAgent:
+    """The guest side: `behave(agent, msg)` answers each request (default: ping only)."""
+
+    def __init__(self, sock: socket.socket, behave) -> None:
+        self.sock = sock
+        self.behave = behave
+        self.seen: list[dict] = []
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        decoder = FrameDecoder()
+        try:
+            while data := self.sock.recv(65536):
+                for msg in decoder.feed(data):
+                    self.seen.append(msg)
+                    self.behave(self, msg)
+        except (OSError, ProtocolError):
+            pass
+
+    def send(self, msg: dict) -> None:
+        self.sock.sendall(encode_frame(msg))
+
+    def reply(self, msg: dict, result: dict | None = None) -> None:
+        self.send({"type": "reply", "id": msg["id"], "ok": True, "result": result or {}})
+
+    def fail(self, msg: dict, code: str, message: str = "nope") -> None:
+        self.send({"type": "reply", "id": msg["id"], "ok": False, "error": {"code": code, "message": message}})
+
+
+def ping_only(agent: FakeAgent, msg: dict) -> None:
+    if msg.get("type") == "ping":
+        agent.reply(msg, PING)
+
+
+class PairChannel(Channel):
+    """A channel whose 'connect' makes a socketpair with a fresh FakeAgent on the far end."""
+
+    def __init__(self, behave, agents: list) -> None:
+        super().__init__()
+        self.behave, self.agents = behave, agents
+
+    @property
+    def address(self) -> str:
+        return "socketpair"
+
+    def _open(self, timeout: float) -> socket.socket:
+        ours, theirs = socket.socketpair()
+        self.agents.append(FakeAgent(theirs, self.behave))
+        return ours
+
+
+def make_config(tmp_path, **agent) -> Config:
+    settings = {"ready_timeout_s": 3.0, "request_timeout_s": 0.5, "output_buffer_bytes": 4096}
+    settings.update(agent)
+    return Config(run_dir=tmp_path, agent=AgentConfig(**settings))
+
+
+@pytest.fixture
+def make_session(tmp_path):
+    sessions = []
+
+    def build(behave=ping_only, connect=True, **agent):
+        agents: list[FakeAgent] = []
+        changes: list[int] = []
+        session = AgentSession("sb1", lambda: PairChannel(behave, agents), make_config(tmp_path, **agent),
+                               on_change=lambda: changes.append(1))
+        session.agents, session.changes = agents, changes  # type: ignore[attr-defined]
+        sessions.append(session)
+        if connect:
+            session.connect()
+        return session
+
+    yield build
+    for session in sessions:
+        session.close()
+
+
+def add_container(session, cid="c1", status="running"):
+    record = ContainerRecord(cid, session.new_process(cid, "init"))
+    if status == "running":
+        record.init.mark_running(10)
+    session.containers[cid] = record
+    return record.init
+
+
+def wait_for(predicate, timeout=3.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_connect_pings_and_records_the_agent(make_session):
+    session = make_session()
+    assert session.connected and session.info.kernel == "6.1.0-test"
+    assert session.ready_s is not None and session.ready_s < 3
+
+
+def test_connect_retries_until_the_guest_opens_its_port(make_session):
+    calls = {"pings": 0}
+
+    def late(agent, msg):
+        calls["pings"] += 1
+        if calls["pings"] >= 3:  # the first pings fall on a port nobody reads yet
+            agent.reply(msg, PING)
+
+    session = make_session(late)
+    assert session.connected and calls["pings"] >= 3
+
+
+def test_connect_gives_up_with_deadline_exceeded(make_session):
+    session = make_session(lambda a, m: None, connect=False)
+    started = time.monotonic()
+    with pytest.raises(DeadlineExceeded):
+        session.connect(timeout=0.8)
+    assert time.monotonic() - started < 2.5
+    assert not session.connected
+
+
+def test_connect_fails_fast_when_the_guest_breaks_framing(make_session):
+    session = make_session(lambda a, m: a.sock.sendall(b"\xff\xff\xff\xff"), connect=False)
+    started = time.monotonic()
+    with pytest.raises(Unavailable, match="protocol"):
+        session.connect(timeout=3)
+    assert time.monotonic() - started < 1.5
+
+
+def test_replies_are_matched_by_id_out_of_order(make_session):
+    held: list[dict] = []
+
+    def reverse(agent, msg):
+        if msg["type"] == "ping":
+            agent.reply(msg, PING)
+        elif msg["type"] == "start":
+            held.append(msg)
+            if len(held) == 2:
+                for m in reversed(held):
+                    agent.reply(m, {"pid": 100 + len(m["container_id"])})
+
+    session = make_session(reverse, request_timeout_s=3)
+    results = {}
+    threads = [threading.Thread(target=lambda cid=cid: results.__setitem__(
+        cid, session.request("start", {"container_id": cid}))) for cid in ("a", "bbb")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(5)
+    assert results == {"a": {"pid": 101}, "bbb": {"pid": 103}}
+    ids = [m["id"] for m in session.agents[0].seen]
+    assert len(ids) == len(set(ids))
+
+
+def test_request_timeout_then_late_reply_is_ignored(make_session, caplog):
+    held: list[dict] = []
+
+    def slow(agent, msg):
+        if msg["type"] == "ping":
+            agent.reply(msg, PING)
+        else:
+            held.append(msg)
+
+    session = make_session(slow)
+    started = time.monotonic()
+    with pytest.raises(DeadlineExceeded):
+        session.request("ps", {"container_id": "c1"})
+    assert 0.4 < time.monotonic() - started < 2
+    session.agents[0].reply(held[0], {"processes": []})
+    assert session.request("ping", {})["kernel"] == "6.1.0-test"
+    assert "unknown request" not in caplog.text
+    assert session.connected
+
+
+@pytest.mark.parametrize("code,exc", [("NOT_FOUND", NotFound), ("ALREADY_EXISTS", AlreadyExists),
+                                      ("FAILED_PRECONDITION", FailedPrecondition), ("INTERNAL", Internal)])
+def test_error_replies_map_to_typed_errors(make_session, code, exc):
+    def failing(agent, msg):
+        if msg["type"] == "ping":
+            agent.reply(msg, PING)
+        else:
+            agent.fail(msg, code, "it went wrong")
+
+    session = make_session(failing)
+    with pytest.raises(exc, match="guest agent: it went wrong"):
+        session.request("start", {"container_id": "c1"})
+
+
+def test_invalid_reply_fails_its_request_and_keeps_the_connection(make_session):
+    def bad(agent, msg):
+        if msg["type"] == "ping":
+            agent.reply(msg, PING)
+        else:
+            agent.send({"type": "reply", "id": msg["id"], "ok": "maybe"})
+
+    session = make_session(bad)
+    with pytest.raises(Internal, match="invalid reply"):
+        session.request("start", {"container_id": "c1"})
+    assert session.connected and session.request("ping", {})["agent_version"] == "0.1.0"
+
+
+def test_invalid_events_are_dropped(make_session, caplog):
+    session = make_session()
+    record = add_container(session)
+    agent = session.agents[0]
+    agent.send({"type": "output", "container_id": "c1", "exec_id": "init", "stream": "stdout",
+                "data": base64.b64encode(b"x" * 70000).decode()})
+    agent.send({"type": "exit", "container_id": "c1", "exec_id": "init", "exit_code": "0"})
+    agent.send({"type": "surprise"})
+    agent.send({"type": "output", "container_id": "nope", "exec_id": "init", "stream": "stdout", "data": ""})
+    agent.send({"type": "reply", "id": 99999, "ok": True})
+    assert session.request("ping", {})
+    assert record.status == "running" and record.buffered() == 0
+    assert "dropped a message from the guest" in caplog.text
+    assert session.connected
+
+
+@pytest.mark.parametrize("garbage", [b"\x7f\xff\xff\xff", b"\x00\x00\x00\x00",
+                                     struct.pack(">I", 5) + b"{bad}", struct.pack(">I", 2) + b"[]"])
+def test_framing_error_drops_the_connection(make_session, garbage, caplog):
+    held: list[dict] = []
+
+    def holder(agent, msg):
+        if msg["type"] == "ping":
+            agent.reply(msg, PING)
+        else:
+            held.append(msg)
+
+    session = make_session(holder, request_timeout_s=5)
+    record = add_container(session)
+    errors = []
+    waiter = threading.Thread(target=lambda: _capture(errors, session.request, "ps", {"container_id": "c1"}))
+    waiter.start()
+    assert wait_for(lambda: held)
+    session.agents[0].sock.sendall(garbage)
+    waiter.join(3)
+    assert errors and isinstance(errors[0], Unavailable)
+    assert not session.connected and "protocol error" in session.lost_reason
+    assert record.status == "stopped" and record.exit_code is None and record.signal is None
+    assert session.changes
+    assert "dropping the connection" in caplog.text
+    with pytest.raises(Unavailable):
+        session.request("ping", {})
+
+
+def _capture(errors, fn, *args):
+    try:
+        fn(*args)
+    except Exception as exc:  # noqa: BLE001
+        errors.append(exc)
+
+
+def test_guest_hangup_marks_processes_stopped_but_close_does_not(make_session):
+    session = make_session()
+    record = add_container(session)
+    session.agents[0].sock.shutdown(socket.SHUT_RDWR)  # QEMU went away
+    assert wait_for(lambda: not session.connected)
+    assert record.status == "stopped"
+    other = make_session()
+    kept = add_container(other)
+    other.close()
+    assert kept.status == "running"
+
+
+def test_output_is_buffered_then_exit_follows_it(make_session):
+    session = make_session()
+    record = add_container(session)
+    agent = session.agents[0]
+    for i in range(3):
+        agent.send({"type": "output", "container_id": "c1", "exec_id": "init",
+                    "stream": "stdout" if i % 2 == 0 else "stderr",
+                    "data": base64.b64encode(f"chunk{i}".encode()).decode()})
+    agent.send({"type": "exit", "container_id": "c1", "exec_id": "init", "exit_code": 3, "signal": None})
+    assert wait_for(lambda: record.status == "stopped")
+    assert session.changes
+    client = object()
+    assert record.attach(client)
+    assert not record.attach(object())
+    events = [record.next_event(client, 1) for _ in range(4)]
+    assert events[:3] == [OutputEvent("stdout", b"chunk0"), OutputEvent("stderr", b"chunk1"),
+                          OutputEvent("stdout", b"chunk2")]
+    assert events[3] == ExitEvent(3, None)
+    assert record.state().exit_status == 3
+
+
+def test_output_buffer_keeps_the_newest_bytes(make_session):
+    session = make_session(output_buffer_bytes=4096)
+    record = add_container(session)
+    for i in range(10):
+        record.push_output("stdout", bytes([65 + i]) * 1000)
+    assert record.buffered() <= 4096 and record.dropped == 6000
+    client = object()
+    record.attach(client)
+    first = record.next_event(client, 1)
+    assert first.data[:1] == b"G"
+
+
+def test_guest_protocol_error_during_connect_makes_a_fresh_connection(make_session):
+    def torn_first(agent, msg):
+        if len(session_agents) == 1:  # the first connection: the guest saw a torn frame
+            agent.send({"type": "protocol_error", "message": "frame length 0"})
+        elif msg["type"] == "ping":
+            agent.reply(msg, PING)
+
+    session = make_session(torn_first, connect=False)
+    session_agents = session.agents
+    session.connect(timeout=3)
+    assert session.connected and len(session.agents) == 2
+
+
+def test_stale_replies_for_an_earlier_agentd_match_nothing(make_session):
+    def stale_then_real(agent, msg):
+        if msg["type"] == "ping":
+            agent.reply(msg, PING)
+        elif msg["type"] == "start":
+            for old_id in range(1, 200):  # what the guest queued for the previous agentd
+                agent.send({"type": "reply", "id": old_id, "ok": True, "result": {"pid": 666}})
+            agent.reply(msg, {"pid": 7})
+
+    session = make_session(stale_then_real)
+    assert session.request("start", {"container_id": "c1"}) == {"pid": 7}
+    assert min(m["id"] for m in session.agents[0].seen) > 1 << 20
