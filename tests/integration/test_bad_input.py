@@ -25,9 +25,9 @@ def sandboxes(hanabi) -> list[str]:
 @pytest.mark.parametrize("bad_id", ["../x", "", "a/b", "-x", "x" * 129])
 def test_invalid_ids_are_refused(hanabi, bundle, bad_id):
     before = sandboxes(hanabi)
-    done = hanabi.runtime("create", "--bundle", bundle(["true"]), bad_id)
+    done = hanabi.runtime("create", "--bundle", bundle(["true"]), "--", bad_id)
     assert done.returncode == 1
-    assert b"invalid container id" in done.stderr
+    assert b"invalid_argument" in done.stderr and b"container id" in done.stderr
     assert sandboxes(hanabi) == before
 
 

@@ -216,6 +216,15 @@ def test_vm_that_dies_is_marked_stopped(vmmd, tmp_path):
     assert_gone(vmmd, "dies-1", info.pid, Path(info.agent_socket).parent)
 
 
+def test_stop_kills_a_qemu_that_does_not_quit(vmmd):
+    info = vmmd.client.create("hung-1")
+    os.kill(info.pid, signal.SIGSTOP)  # QMP accepts the connection but never greets
+    began = time.monotonic()
+    assert vmmd.client.stop("hung-1", timeout_s=1.0).existed
+    assert time.monotonic() - began < 5
+    assert_gone(vmmd, "hung-1", info.pid, Path(info.agent_socket).parent)
+
+
 def test_missing_kernel_is_a_clear_error(make_vmmd, tmp_path):
     guest = tmp_path / "guest"
     guest.mkdir()

@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Collection
@@ -265,3 +266,27 @@ def test_keyed_locks_are_released():
         with locks.hold("b"):
             assert len(locks) == 2
     assert len(locks) == 0
+
+
+def test_parallel_creates(env):
+    config, backend, make, root = env
+    svc = make()
+    results: dict[str, object] = {}
+
+    def create(name: str, sid: str) -> None:
+        try:
+            results[name] = svc.create(CreateVm(sandbox_id=sid)).pid
+        except Exception as exc:  # noqa: BLE001
+            results[name] = exc
+
+    threads = [threading.Thread(target=create, args=(f"t{i}", f"sb{i % 3}")) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    errors = [r for r in results.values() if isinstance(r, Exception)]
+    assert len(errors) == 3 and all(isinstance(e, AlreadyExists) for e in errors)
+    assert sorted(v.sandbox_id for v in svc.list(NoArgs()).vms) == ["sb0", "sb1", "sb2"]
+    for sid in ("sb0", "sb1", "sb2"):
+        assert svc.stop(StopVm(sandbox_id=sid)).existed
+    assert len(backend.spawned) == 3

@@ -137,13 +137,14 @@ class QemuHypervisor:
         if not self.is_alive(handle):
             code = handle.process.wait() if handle.process is not None else None
             return StopResult(was_running=False, exit_status=proc.exit_status(code), killed=False)
+        deadline = time.monotonic() + timeout
         try:
             with QmpClient(handle.control_socket, timeout=min(timeout, 2.0)) as qmp:
                 qmp.execute("quit")
         except HanabiError as exc:
             log.info("qmp quit failed, will kill", extra={"sandbox": handle.sandbox_id, "error": exc.message})
         killed = False
-        if not self._wait_exit(handle, timeout):
+        if not self._wait_exit(handle, max(deadline - time.monotonic(), 0.1)):
             log.warning("qemu did not quit in time, sending SIGKILL",
                         extra={"sandbox": handle.sandbox_id, "pid": handle.pid, "timeout_s": timeout})
             killed = True
