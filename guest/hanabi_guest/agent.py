@@ -1,6 +1,6 @@
 """The hanabi in-guest agent: PID 1 of the microVM, serving docs/agent-protocol.md.
 
-One thread, one ``selectors`` loop over: the host channel, the stdout/stderr pipes of every
+One thread, one epoll loop (``poller.Poller``) over: the host channel, the stdout/stderr pipes of every
 process (relayed as ``output`` events), their stdin pipes (fed from ``stdin`` events) and a
 SIGCHLD wake-up pipe (``signal.set_wakeup_fd``) that makes it reap every child and orphan
 with ``waitpid(-1, WNOHANG)``. A process's ``exit`` event is sent once it is reaped *and*
@@ -9,8 +9,11 @@ both its output pipes reached EOF, so it always follows all of its output.
 Channel behaviour: a peer that goes away (virtio-serial POLLHUP/EOF while no host is
 connected) makes the agent reset its frame decoder, drop the unsent rest of a partially
 written frame and look again after ``channel.retry_delay`` (50 ms), without spinning.
-Replies and events produced meanwhile stay queued and go to the next host. A corrupt
-frame makes it send a ``protocol_error`` event and ignore input until the peer goes away.
+Replies and events produced meanwhile stay queued and go to the next host. A host that
+(re)connects writes ``protocol.SYNC``: the agent then discards any half-received frame,
+drops the unsent rest of a half-written one and writes SYNC before its next frame, so both
+directions restart at a frame boundary even if the agent never saw the disconnect. A
+corrupt frame makes it send a ``protocol_error`` event and ignore input until SYNC or EOF.
 Output relaying pauses while more than OUT_HIGH bytes wait for the host (back-pressure);
 channel reading pauses while more than STDIN_HIGH bytes of stdin wait for processes.
 
@@ -46,7 +49,6 @@ OUT_LOW = 256 << 10
 STDIN_HIGH = 8 << 20
 
 
-
 class Agent(Handlers, ProcIO):
     """The agent loop (see the module docstring)."""
 
@@ -55,7 +57,6 @@ class Agent(Handlers, ProcIO):
         self.sandbox = sandbox
         self.sel = Poller()
         self.decoder = P.FrameDecoder()
-        self.poisoned = False
         self.out: collections.deque[bytes] = collections.deque()
         self.out_off = 0
         self.out_bytes = 0
@@ -95,19 +96,28 @@ class Agent(Handlers, ProcIO):
         self.send({"type": P.T_READY, "agent_version": AGENT_VERSION, "kernel": os.uname().release})
         self._reap()
         while self.running:
-            self._update_channel()
-            timeout = max(0.0, self.timers[0][0] - time.monotonic()) if self.timers else None
             try:
-                events = self.sel.select(timeout)
-            except InterruptedError:
-                continue
-            for key, mask in events:
-                try:
-                    key.data(mask)
-                except Exception:  # noqa: BLE001 - the agent must never crash
-                    log_exc("handler failed")
-            self._run_timers()
+                self._iteration()
+            except Exception:  # noqa: BLE001 - the agent must never crash
+                log_exc("agent loop")
+                time.sleep(0.05)  # no hot loop if the error repeats
         signal.set_wakeup_fd(-1)
+
+    def _iteration(self) -> None:
+        self._update_channel()
+        timeout = max(0.0, self.timers[0][0] - time.monotonic()) if self.timers else None
+        try:
+            events = self.sel.select(timeout)
+        except InterruptedError:
+            return
+        for key, mask in events:
+            if self.sel.get_map().get(key.fd) is not key:
+                continue  # unregistered (and maybe reused) by an earlier callback of this round
+            try:
+                key.data(mask)
+            except Exception:  # noqa: BLE001 - the agent must never crash
+                log_exc("handler failed")
+        self._run_timers()
 
     # ---------------------------------------------------------------- channel
     def _update_channel(self) -> None:
@@ -140,7 +150,6 @@ class Agent(Handlers, ProcIO):
 
     def _peer_gone(self) -> None:
         self.decoder.reset()
-        self.poisoned = False
         if self.out_off and self.out:
             self.out_bytes -= len(self.out.popleft())
             self.out_off = 0
@@ -156,20 +165,31 @@ class Agent(Handlers, ProcIO):
         self.chan_backoff = False
 
     def _on_bytes(self, data: bytes) -> None:
-        if self.poisoned:
-            return
         try:
             msgs = self.decoder.feed(data)
         except P.ProtocolError as exc:
-            self.poisoned = True
-            log(f"corrupt frame from host, ignoring input until it reconnects: {exc}")
+            for msg in exc.messages:
+                self._on_message(msg)
+            log(f"corrupt frame from host, ignoring input until SYNC or reconnect: {exc}")
             self.send({"type": P.T_PROTOCOL_ERROR, "message": str(exc)})
             return
         for msg in msgs:
             self._on_message(msg)
 
+    def _on_sync(self) -> None:
+        """The host (re)started the stream: drop a half-sent frame, answer with SYNC."""
+        if self.out_off and self.out:
+            self.out_bytes -= len(self.out.popleft())
+            self.out_off = 0
+        self.out.appendleft(P.SYNC)
+        self.out_bytes += len(P.SYNC)
+        self._flush()
+
     def _on_message(self, msg: dict[str, Any]) -> None:
         mtype = msg.get("type")
+        if mtype == P.T_SYNC:
+            self._on_sync()
+            return
         if mtype == P.T_STDIN:
             try:
                 self._on_stdin_event(msg)
@@ -237,11 +257,13 @@ class Agent(Handlers, ProcIO):
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: the guest (no arguments) or ``--fd N --rootfs-dir D`` (host tests)."""
+    """Entry point: the guest (no arguments) or ``--fd N --rootfs-dir D [--chroot 1]`` (host tests)."""
     args = sys.argv[1:] if argv is None else argv
     opts = dict(zip(args[::2], args[1::2]))
     if "--fd" in opts:
-        agent = Agent(FdChannel(int(opts["--fd"])), DirSandbox(opts.get("--rootfs-dir", "/")))
+        sandbox = DirSandbox(opts.get("--rootfs-dir", "/"))
+        sandbox.use_chroot = opts.get("--chroot") == "1"
+        agent = Agent(FdChannel(int(opts["--fd"])), sandbox)
         agent.run()
         return
     os.umask(0o022)

@@ -176,18 +176,22 @@ class VsockChannel(Channel):
 
     name = "vsock"
 
-    def __init__(self, port: int = VSOCK_PORT) -> None:
-        import socket
+    def __init__(self, port: int = VSOCK_PORT, listener: Any = None) -> None:
+        """Listen on AF_VSOCK ``port``, or serve an already listening socket (tests)."""
+        if listener is None:
+            import socket
 
-        self.listener = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
-        self.listener.bind((socket.VMADDR_CID_ANY, port))
-        self.listener.listen(1)
+            listener = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+            listener.bind((socket.VMADDR_CID_ANY, port))
+            listener.listen(1)
+        self.listener = listener
         self.listener.setblocking(False)
         self.conn: Any = None
         self.retry_delay = 0.0
 
     def fileno(self) -> int:
-        return (self.conn or self.listener).fileno()
+        fd: int = (self.conn or self.listener).fileno()
+        return fd
 
     @property
     def connected(self) -> bool:
@@ -203,7 +207,8 @@ class VsockChannel(Channel):
             self.conn = conn
             return None
         try:
-            return self.conn.recv(READ_SIZE)
+            data: bytes = self.conn.recv(READ_SIZE)
+            return data
         except (BlockingIOError, InterruptedError):
             return None
         except OSError:
@@ -213,7 +218,8 @@ class VsockChannel(Channel):
         if self.conn is None:
             return 0
         try:
-            return self.conn.send(data)
+            n: int = self.conn.send(data)
+            return n
         except (BlockingIOError, InterruptedError):
             return 0
         except OSError:
@@ -246,6 +252,13 @@ def kernel_cmdline_option(key: str, default: str, cmdline_path: str = "/proc/cmd
 def open_guest_channel() -> Channel:
     """Open the channel selected by ``hanabi.channel=`` (``serial`` default, or ``vsock``)."""
     kind = kernel_cmdline_option("hanabi.channel", "serial")
-    if kind == "vsock":
-        return VsockChannel()
-    return SerialChannel.open()
+    if kind != "vsock":
+        return SerialChannel.open()
+    deadline = time.monotonic() + 10.0
+    while True:  # the vsock modules may still be loading (init loads them in the background)
+        try:
+            return VsockChannel()
+        except OSError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.01)

@@ -26,19 +26,23 @@ from importlib import resources
 from typing import Any
 
 from . import debs as D
+from . import selftest
 from .cpio import CpioWriter
 from .elf import Elf
 from .kernel import extract_vmlinux, module_closure
 
 BUILDER_VERSION = "1"
 GUEST_ROOT = "/var/lib/hanabi/guest"
+KEEP_BUILDS = 3
 KERNEL_CMDLINE = ("console=ttyS0 quiet panic=-1 tsc=reliable no_timer_check rcupdate.rcu_expedited=1 "
                   "i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd cryptomgr.notests 8250.nr_uarts=1 "
                   "rdinit=/init")
 FIRECRACKER_VERSIONS = ">=1.8"
 PACKAGES = ["linux-image-cloud-amd64", "busybox-static", "python3.11-minimal", "libpython3.11-minimal",
             "libpython3.11-stdlib", "libc6", "zlib1g", "libexpat1", "libffi8"]
-MODULES = ["virtio_pci", "virtio_blk", "virtio_console", "virtio_net", "ext4", "vsock",
+# virtio_mmio: Firecracker (>= 1.8 describes its virtio-mmio devices in ACPI). virtio_balloon
+# and virtio_rng are cheap extras (free page reporting, entropy for containers).
+MODULES = ["virtio_pci", "virtio_mmio", "virtio_blk", "virtio_console", "virtio_net", "ext4", "vsock",
            "vmw_vsock_virtio_transport", "virtio_balloon", "virtio_rng"]
 AGENT_FILES = ["__init__.py", "protocol.py", "channel.py", "core.py", "sandbox.py", "process.py",
                "handlers.py", "procio.py", "poller.py", "agent.py"]
@@ -188,9 +192,11 @@ def _install_python(x: str, root: str) -> int:
 def _verify_python(root: str) -> None:
     """Run the trimmed interpreter from the tree: every guest import must resolve inside it."""
     check = ("import sys; sys.path.insert(0, sys.argv[1]); import hanabi_guest.agent, json, ctypes, resource; "
+             "ctypes.CDLL('libc.so.6').getpid(); import traceback\ntry: 1/0\nexcept Exception: traceback.format_exc()\n"
              "bad = [m for m, v in sys.modules.items() if getattr(v, '__file__', None) and "
              "not v.__file__.startswith(sys.argv[2])]; assert not bad, bad; print(sys.version)")
     _python(os.path.join(root, PY), "-c", check, os.path.join(root, "usr/lib/hanabi"), root)
+    selftest.run(os.path.join(root, PY), os.path.join(root, "usr/lib/hanabi"))
 
 
 def _install_busybox(x: str, root: str) -> int:
@@ -289,7 +295,8 @@ def _build_into(tmp: str, debs: dict[str, D.Deb], paths: dict[str, str], digest:
 def _read_manifest(d: str) -> dict[str, Any] | None:
     try:
         with open(os.path.join(d, "manifest.json"), encoding="utf-8") as f:
-            return json.load(f)
+            manifest: dict[str, Any] = json.load(f)
+            return manifest
     except (OSError, ValueError):
         return None
 
@@ -330,7 +337,31 @@ def build(out: str | None = None, force: bool = False, cache: str = D.DEFAULT_CA
             tmp_link = f"{link}.tmp-{os.getpid()}"
             os.symlink(os.path.basename(target), tmp_link)
             os.replace(tmp_link, link)
+            prune(guest_root)
     return target, built
+
+
+def prune(guest_root: str = GUEST_ROOT, keep: int = KEEP_BUILDS) -> list[str]:
+    """Delete all but the ``keep`` newest builds (never ``current``) and dead temp dirs.
+
+    A VMM has read the kernel and initrd by the time its VM runs, so an older build only
+    matters to a VM that is just being started; ``keep`` covers that.
+    """
+    current = os.path.realpath(os.path.join(guest_root, "current"))
+    builds, removed = [], []
+    for name in os.listdir(guest_root):
+        path = os.path.join(guest_root, name)
+        if ".tmp-" in name and name.rsplit("-", 1)[-1].isdigit():
+            if not os.path.exists(f"/proc/{name.rsplit('-', 1)[-1]}") and os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+        elif len(name) == 16 and all(c in "0123456789abcdef" for c in name) and os.path.isdir(path):
+            builds.append((os.stat(path).st_mtime, path))
+    for _mtime, path in sorted(builds, reverse=True)[keep:]:
+        if path != current:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 def info(guest_root: str = GUEST_ROOT) -> dict[str, Any]:

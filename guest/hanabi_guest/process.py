@@ -126,9 +126,28 @@ def _build_env(p: dict[str, Any], uid: int, passwd: str) -> dict[str, str]:
     return env
 
 
+def _execvpe(args: list[str], env: dict[str, str]) -> None:
+    """execve with a $PATH search like execvpe(3); no imports (we may be chrooted)."""
+    file = args[0]
+    if "/" in file:
+        os.execve(file, args, env)
+    saved: OSError | None = None
+    for d in env.get("PATH", DEFAULT_PATH).split(":"):
+        try:
+            os.execve(os.path.join(d or ".", file), args, env)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ENOTDIR) and saved is None:
+                saved = exc
+    raise saved or OSError(errno.ENOENT, "executable file not found")
+
+
 def _child(p: dict[str, Any], root: str, chroot: bool, cgroup: str | None,
            fds: tuple[int, int, int], errw: int, rlimits: list[tuple[int, int, int]]) -> None:
-    """Runs in the forked child; never returns."""
+    """Runs in the forked child; never returns.
+
+    Nothing here may import a module that is not loaded yet: after chroot the guest's
+    stdlib is out of reach.
+    """
     stage = "setup"
     try:
         stage = "setsid"
@@ -168,7 +187,8 @@ def _child(p: dict[str, Any], root: str, chroot: bool, cgroup: str | None,
         env = _build_env(p, uid, passwd)
         stage = "chdir to cwd"
         os.chdir(cwd)
-        os.umask(user.get("umask") if user.get("umask") is not None else 0o022)
+        umask = user.get("umask")
+        os.umask(umask if isinstance(umask, int) else 0o022)
         stage = "set user"
         if os.geteuid() == 0:
             os.setgroups(list(user.get("additionalGids") or []))
@@ -179,8 +199,7 @@ def _child(p: dict[str, Any], root: str, chroot: bool, cgroup: str | None,
         os.closerange(3, errw)
         os.closerange(errw + 1, 1 << 16)
         stage = "exec"
-        args = p["args"]
-        os.execvpe(args[0], args, env)
+        _execvpe(p["args"], env)
     except OSError as exc:
         msg = f"{stage}\0{exc.errno or 0}\0{exc.strerror or exc}"
         os.write(errw, msg.encode("utf-8", "replace")[:4096])

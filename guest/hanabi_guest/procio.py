@@ -172,16 +172,23 @@ class ProcIO:
             c.procs.pop(proc.exec_id, None)
 
     def kill_container(self, c: Container, sig: int) -> None:
-        """Send ``sig`` to every process of ``c`` (its cgroup, and each process group)."""
+        """Send ``sig`` once to every process of ``c``: its cgroup if it has one, else the
+        process group of each process the agent started (each leads its own session)."""
         if c.root is not None:
             if sig == signal.SIGKILL and self.sandbox.kill_cgroup(c.root):
-                pass
-            else:
-                for pid in self.sandbox.cgroup_pids(c.root):
+                return
+            pids = self.sandbox.cgroup_pids(c.root)
+            if pids:
+                for pid in pids:
                     _kill(os.kill, pid, sig)
+                return
         for proc in c.procs.values():
-            _kill(os.killpg, proc.pid, sig)  # each process leads its own session/group
-            if proc.alive:
+            _kill(os.killpg, proc.pid, sig)
+            try:
+                moved = proc.alive and os.getpgid(proc.pid) != proc.pid
+            except OSError:
+                moved = False
+            if moved:  # it left its group: signal it directly too
                 _kill(os.kill, proc.pid, sig)
 
 

@@ -19,6 +19,12 @@ if TYPE_CHECKING:
 MAX_FRAME = 1 << 20
 MAX_DATA_CHUNK = 64 * 1024
 HEADER = struct.Struct(">I")
+# Resynchronisation marker. A valid stream never holds three 0xFF bytes in a row (a header
+# is at most 00 10 00 00 .. 00 00 FF FF and bodies are UTF-8), so a run of 0xFF marks a
+# point where the reader may start over. A host writes SYNC right after it connects; the
+# agent answers with SYNC before its next frame (see docs/agent-protocol.md).
+SYNC = b"\xff" * 8
+_RUN = b"\xff\xff\xff"
 
 # Host -> guest requests.
 T_PING = "ping"
@@ -53,6 +59,7 @@ T_READY = "ready"
 T_OUTPUT = "output"
 T_EXIT = "exit"
 T_PROTOCOL_ERROR = "protocol_error"
+T_SYNC = "sync"  # yielded by FrameDecoder where a SYNC marker was; never sent as a frame
 
 # Error codes carried in failed replies.
 E_NOT_FOUND = "NOT_FOUND"
@@ -71,6 +78,8 @@ STREAM_STDERR = "stderr"
 
 class ProtocolError(Exception):
     """The byte stream or a value in it violates the protocol; the stream is corrupt."""
+
+    messages: list[dict[str, Any]] = []  # decoded before the error in the same feed
 
 
 def _reject_constant(name: str) -> Any:
@@ -113,12 +122,20 @@ def decode_body(body: bytes) -> dict[str, Any]:
 class FrameDecoder:
     """Incremental frame decoder: feed it bytes as they arrive, get whole messages back.
 
-    After it raised ProtocolError once, the decoder stays broken (every later feed raises)
-    until ``reset()``: a length-prefixed stream cannot be resynchronised.
+    SYNC markers (runs of 0xFF, see ``SYNC``) resynchronise the stream: everything not yet
+    decoded before a marker is discarded, and ``feed`` yields ``{"type": "sync"}`` at the
+    marker's place among the messages. With ``wait_sync=True`` (a host that just connected)
+    every byte before the first marker is discarded.
+
+    A corrupt frame raises ProtocolError (``exc.messages`` holds the messages decoded before
+    it in the same feed). The decoder then discards input until a SYNC marker or ``reset()``;
+    ``corrupt`` tells whether it is in that state.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, wait_sync: bool = False) -> None:
         self._buf = bytearray()
+        self._waiting = wait_sync
+        self._skip_ff = False
         self._error: str | None = None
 
     @property
@@ -126,42 +143,88 @@ class FrameDecoder:
         """Bytes received but not yet returned as a message."""
         return len(self._buf)
 
+    @property
+    def corrupt(self) -> bool:
+        """True after a ProtocolError, until a SYNC marker or reset()."""
+        return self._error is not None
+
     def reset(self) -> None:
         """Forget buffered bytes and any error (a new peer starts at a frame boundary)."""
         self._buf.clear()
         self._error = None
-
-    def _fail(self, reason: str) -> ProtocolError:
-        self._error = reason
-        self._buf.clear()
-        return ProtocolError(reason)
+        self._waiting = False
+        self._skip_ff = False
 
     def feed(self, data: bytes) -> list[dict[str, Any]]:
-        """Add bytes; return every message completed by them (possibly none)."""
-        if self._error is not None:
-            raise ProtocolError(f"stream already corrupt: {self._error}")
-        self._buf += data
-        out: list[dict[str, Any]] = []
+        """Add bytes; return every message (and sync point) completed by them."""
         buf = self._buf
+        buf += data
+        out: list[dict[str, Any]] = []
         pos = 0
-        while len(buf) - pos >= HEADER.size:
-            (length,) = HEADER.unpack_from(buf, pos)
-            if length == 0:
-                raise self._fail("frame length 0")
-            if length > MAX_FRAME:
-                raise self._fail(f"frame length {length} exceeds MAX_FRAME ({MAX_FRAME})")
-            end = pos + HEADER.size + length
-            if len(buf) < end:
-                break
-            body = bytes(buf[pos + HEADER.size : end])
-            pos = end
-            try:
-                out.append(decode_body(body))
-            except ProtocolError as exc:
-                raise self._fail(str(exc)) from None
-        if pos:
+        try:
+            while True:
+                if self._waiting:
+                    i = buf.find(_RUN, pos)
+                    if i < 0:
+                        pos = max(pos, len(buf) - len(_RUN) + 1)
+                        break
+                    j = i
+                    while j < len(buf) and buf[j] == 0xFF:
+                        j += 1
+                    if j == len(buf) and j - i < len(SYNC):  # the marker may go on in the next feed
+                        pos = i
+                        break
+                    pos = j
+                    self._waiting = False
+                    self._skip_ff = j == len(buf)  # a longer run's tail must not start a new marker
+                    self._error = None
+                    out.append({"type": T_SYNC})
+                    continue
+                if self._skip_ff:
+                    while pos < len(buf) and buf[pos] == 0xFF:
+                        pos += 1
+                    if pos == len(buf):
+                        break
+                    self._skip_ff = False
+                if pos < len(buf) and buf[pos] == 0xFF:  # no header starts with 0xFF: a marker
+                    self._waiting = True
+                    continue
+                if len(buf) - pos < HEADER.size:
+                    break
+                (length,) = HEADER.unpack_from(buf, pos)
+                if length == 0 or length > MAX_FRAME:
+                    pos = self._corrupt(pos, f"frame length {length} outside 1..MAX_FRAME ({MAX_FRAME})", out)
+                    continue
+                end = pos + HEADER.size + length
+                k = buf.find(_RUN, pos + HEADER.size, min(end, len(buf)))
+                if k >= 0:  # a marker inside a frame: the frame was cut short by a reconnect
+                    pos = k
+                    self._waiting = True
+                    continue
+                if len(buf) < end:
+                    break
+                try:
+                    msg = decode_body(bytes(buf[pos + HEADER.size:end]))
+                except ProtocolError as exc:
+                    pos = self._corrupt(pos, str(exc), out)
+                    continue
+                out.append(msg)
+                pos = end
+        finally:
             del buf[:pos]
         return out
+
+    def _corrupt(self, pos: int, reason: str, out: list[dict[str, Any]]) -> int:
+        """Skip to a later marker if one is buffered; otherwise raise (and discard until one)."""
+        self._waiting = True
+        k = self._buf.find(_RUN, pos + 1)
+        if k >= 0:
+            return k
+        self._error = reason
+        del self._buf[:]
+        exc = ProtocolError(reason)
+        exc.messages = out
+        raise exc
 
 
 def b64e(data: bytes) -> str:

@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,10 +85,18 @@ class Daemons:
 
     def runtime(self, *args: str, input: bytes | None = None, timeout: float = 120,
                 check: bool = False) -> subprocess.CompletedProcess:
-        """Run `hanabi-runtime --config CFG ARGS...` and capture stdout and stderr apart."""
-        done = subprocess.run([str(BIN / "hanabi-runtime"), "--config", str(self.config_path), *args],
-                              input=input, capture_output=True, timeout=timeout,
-                              stdin=None if input is not None else subprocess.DEVNULL)
+        """Run `hanabi-runtime --config CFG ARGS...` and capture stdout and stderr apart.
+
+        Output goes through temp files, not pipes: after `create`, the stand-in keeps the
+        stdio it was given (as containerd's shim expects), so a pipe would never reach EOF.
+        """
+        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+            done = subprocess.run([str(BIN / "hanabi-runtime"), "--config", str(self.config_path), *args],
+                                  input=input, stdout=out, stderr=err, timeout=timeout,
+                                  stdin=None if input is not None else subprocess.DEVNULL)
+            out.seek(0)
+            err.seek(0)
+            done.stdout, done.stderr = out.read(), err.read()
         if check and done.returncode != 0:
             raise AssertionError(f"hanabi-runtime {' '.join(args)} failed ({done.returncode}): {done.stderr.decode()}")
         return done

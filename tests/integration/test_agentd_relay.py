@@ -40,7 +40,7 @@ ENV = ["PATH=/usr/local/bin:/usr/bin:/bin", "HOME=/"]
 # no host is connected wait for the next one.
 CHARDEV = textwrap.dedent("""
     import os, select, socket, subprocess, sys
-    from hanabi_guest.protocol import FrameDecoder, encode_frame
+    from hanabi_guest.protocol import SYNC, T_SYNC, FrameDecoder, encode_frame
     path, rootfs = sys.argv[1], sys.argv[2]
     ours, theirs = socket.socketpair()
     agent = subprocess.Popen([sys.executable, "-m", "hanabi_guest.agent", "--fd", str(theirs.fileno()),
@@ -68,7 +68,8 @@ CHARDEV = textwrap.dedent("""
         while alive:
             while backlog:
                 try:
-                    conn.sendall(encode_frame(backlog[0]))
+                    msg = backlog[0]
+                    conn.sendall(SYNC if msg.get("type") == T_SYNC else encode_frame(msg))
                 except OSError:
                     alive = False
                     break

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.hanabi import GUEST_DIR, leftovers
+from tests.helpers.hanabi import BIN, GUEST_DIR, leftovers
 
 pytestmark = pytest.mark.integration
 
@@ -56,11 +56,13 @@ def test_process_spec_is_honoured(hanabi, bundle, cid):
 def test_create_start_state_kill_delete(hanabi, bundle, cid, tmp_path):
     pid_file = tmp_path / "pid"
     path = bundle(["sh", "-c", "echo started; sleep 300"])
-    out = open(tmp_path / "out", "wb")
-    created = subprocess.run([str(Path(os.sys.executable).parent / "hanabi-runtime"), "--config",
-                              str(hanabi.config_path), "create", "--bundle", path, "--pid-file", str(pid_file), cid],
-                             stdout=out, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, timeout=120)
-    assert created.returncode == 0, created.stderr.decode()
+    # Like containerd's shim: the stand-in keeps the stdio `create` was given, so these are
+    # files, not pipes that create's caller would wait on forever.
+    with open(tmp_path / "out", "wb") as out, open(tmp_path / "err", "wb") as err:
+        created = subprocess.run([str(BIN / "hanabi-runtime"), "--config", str(hanabi.config_path),
+                                  "create", "--bundle", path, "--pid-file", str(pid_file), cid],
+                                 stdout=out, stderr=err, stdin=subprocess.DEVNULL, timeout=120)
+    assert created.returncode == 0, (tmp_path / "err").read_text()
     pid = int(pid_file.read_text())
     state = hanabi.state(cid)
     assert state["status"] == "created" and state["pid"] == pid and state["id"] == cid
@@ -93,7 +95,7 @@ def test_create_start_state_kill_delete(hanabi, bundle, cid, tmp_path):
 
 
 def test_kill_running_container_gives_137(hanabi, bundle, cid):
-    proc = subprocess.Popen([str(Path(os.sys.executable).parent / "hanabi-runtime"), "--config",
+    proc = subprocess.Popen([str(BIN / "hanabi-runtime"), "--config",
                              str(hanabi.config_path), "run", "--bundle", bundle(["sleep", "300"]), cid],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
     deadline = time.monotonic() + 90

@@ -27,11 +27,11 @@ Msg = dict[str, Any]
 class AgentProc:
     """A test client driving one agent subprocess over a socketpair."""
 
-    def __init__(self, rootfs: Path, script: str | None = None) -> None:
+    def __init__(self, rootfs: Path, script: str | None = None, extra: tuple[str, ...] = ()) -> None:
         self.sock, theirs = socket.socketpair()
         fd = theirs.fileno()
         if script is None:
-            cmd = [sys.executable, "-m", "hanabi_guest.agent", "--fd", str(fd), "--rootfs-dir", str(rootfs)]
+            cmd = [sys.executable, "-m", "hanabi_guest.agent", "--fd", str(fd), "--rootfs-dir", str(rootfs), *extra]
         else:
             cmd = [sys.executable, "-c", script, str(fd)]
         self.proc = subprocess.Popen(cmd, pass_fds=[fd], stderr=subprocess.PIPE)
@@ -233,15 +233,32 @@ def test_rlimits_and_cwd(c1: AgentProc, tmp_path: Path) -> None:
     assert c1.output_of("rl", "stdout") == f"77\n{tmp_path / 'work'}\n".encode()
 
 
-def test_garbage_frame_poisons_until_reconnect(agent: AgentProc) -> None:
+def test_garbage_frame_poisons_until_sync(agent: AgentProc) -> None:
     agent.ok("ping")
-    agent.sock.sendall(struct.pack(">I", 5) + b"[1,2]")
+    agent.sock.sendall(P.encode_frame({"type": "ping", "id": 50}) + struct.pack(">I", 5) + b"[1,2]")
+    assert agent.wait_for(lambda m: m.get("id") == 50)["ok"]  # decoded before the garbage: served
     assert "not an object" in agent.wait_for(lambda m: m["type"] == "protocol_error")["message"]
     agent.send({"type": "ping", "id": 99})
     with pytest.raises(TimeoutError):
         agent.wait_for(lambda m: m.get("id") == 99, timeout=0.3)
+    agent.sock.sendall(P.SYNC)  # what a reconnecting host sends first
+    agent.wait_for(lambda m: m["type"] == "sync")  # the agent's SYNC marker, then clean frames
+    assert agent.ok("ping")["kernel"]
     assert agent.close() == 0  # EOF of the fd channel stops the agent cleanly
     assert "Traceback" not in agent.stderr()
+
+
+def test_sync_mid_frame_drops_the_half_written_frame(agent: AgentProc) -> None:
+    agent.ok("create_container", container_id="c1", rootfs={"serial": "s"}, process=proc_spec("true"))
+    agent.ok("exec", container_id="c1", exec_id="big", process=proc_spec("head", "-c", "20000000", "/dev/zero"))
+    agent.sock.recv(100_000)  # read part of the stream, leaving the agent mid-frame
+    agent.dec = P.FrameDecoder(wait_sync=True)  # "reconnect": skip everything up to the agent's SYNC
+    agent.inbox.clear()
+    agent.sock.sendall(P.SYNC)
+    agent.wait_for(lambda m: m["type"] == "sync", timeout=30)
+    ex = agent.exit_of("big", timeout=30)  # every frame after the marker decodes cleanly
+    assert ex["exit_code"] == 0
+    assert 0 < len(agent.output_of("big", "stdout")) < 20_000_000
 
 
 def test_shutdown_replies_then_stops(agent: AgentProc) -> None:
@@ -290,3 +307,69 @@ def test_no_host_connected_backs_off_without_spinning(tmp_path: Path) -> None:
     assert a.close() == 0
     reads = int(a.stderr().split("reads")[-1])
     assert reads < 40, f"{reads} reads in 0.5 s: spinning"
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/bin/busybox"), reason="needs root and /bin/busybox")
+def test_chrooted_exec_with_path_lookup(tmp_path: Path) -> None:
+    """The guest path: chroot into the rootfs, $PATH lookup inside it, user switch."""
+    import shutil
+
+    tmp_path.chmod(0o755)  # the container's "/" must be traversable by uid 1000
+    (tmp_path / "bin").mkdir()
+    shutil.copy2("/bin/busybox", tmp_path / "bin/busybox")
+    for applet in ("sh", "id", "pwd", "cat"):
+        (tmp_path / "bin" / applet).symlink_to("busybox")
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\nu:x:1000:1000::/home/u:/bin/sh\n")
+    (tmp_path / "home/u").mkdir(parents=True)
+    a = AgentProc(tmp_path, extra=("--chroot", "1"))
+    spec = {"args": ["sh", "-c", "id -u; id -G; pwd; echo $HOME; exit 3"], "env": ["PATH=/bin"], "cwd": "/home/u",
+            "user": {"uid": 1000, "gid": 1000, "additionalGids": [5, 7]}}
+    a.ok("create_container", container_id="c1", rootfs={"serial": "s"}, process=spec)
+    a.ok("start", container_id="c1")
+    assert a.exit_of("init")["exit_code"] == 3
+    assert a.output_of("init", "stdout") == b"1000\n1000 5 7\n/home/u\n/home/u\n"
+    err = a.err("exec", container_id="c1", exec_id="x", process={**spec, "args": ["python3"]})
+    assert "executable file not found in $PATH" in err["message"]  # the host's python3 is out of reach
+    assert a.close() == 0
+
+
+LISTENER = textwrap.dedent("""
+    import socket, sys
+    from hanabi_guest.agent import Agent
+    from hanabi_guest.channel import VsockChannel
+    from hanabi_guest.sandbox import DirSandbox
+
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(sys.argv[1])
+    srv.listen(1)
+    Agent(VsockChannel(listener=srv), DirSandbox("/")).run()
+""")
+
+
+def test_listener_channel_serves_one_connection_after_another(tmp_path: Path) -> None:
+    """VsockChannel's accept / peer-gone / re-accept logic, with a Unix listener standing in."""
+    path = str(tmp_path / "agent.sock")
+    proc = subprocess.Popen([sys.executable, "-c", LISTENER, path], stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 10
+        while not os.path.exists(path):
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.01)
+        for round_ in range(3):
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(path)
+            s.sendall(P.SYNC + P.encode_frame({"type": "ping", "id": round_}))
+            dec, got = P.FrameDecoder(wait_sync=True), list[Msg]()
+            s.settimeout(10)
+            while not any(m.get("id") == round_ for m in got):
+                got += dec.feed(s.recv(65536))
+            if round_ == 0:
+                assert [m["type"] for m in got] == ["sync", "ready", "reply"]  # ready was queued for us
+            else:
+                assert [m["type"] for m in got] == ["sync", "reply"]
+            s.close()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.stderr is not None and b"Traceback" not in proc.stderr.read()

@@ -40,15 +40,52 @@ def test_max_frame_boundary() -> None:
         P.encode_frame({"p": pad + "y"})
 
 
-@pytest.mark.parametrize("length", [0, P.MAX_FRAME + 1, 0xFFFFFFFF])
+@pytest.mark.parametrize("length", [0, P.MAX_FRAME + 1, 0x12345678])
 def test_bad_lengths_are_rejected_from_the_header_alone(length: int) -> None:
     dec = P.FrameDecoder()
     with pytest.raises(P.ProtocolError):
         dec.feed(struct.pack(">I", length))
-    with pytest.raises(P.ProtocolError):  # stays broken
-        dec.feed(P.encode_frame({"type": "ping"}))
+    assert dec.corrupt
+    assert dec.feed(P.encode_frame({"type": "ping"})) == []  # discarded until SYNC
+    assert dec.feed(P.SYNC + P.encode_frame({"type": "ping"})) == [{"type": "sync"}, {"type": "ping"}]
+    assert not dec.corrupt
+    with pytest.raises(P.ProtocolError):
+        dec.feed(b"\x00\x00\x00\x00")
     dec.reset()
     assert dec.feed(P.encode_frame({"type": "ping"})) == [{"type": "ping"}]
+
+
+def test_messages_before_an_error_are_kept_on_the_exception() -> None:
+    dec = P.FrameDecoder()
+    with pytest.raises(P.ProtocolError) as info:
+        dec.feed(P.encode_frame({"type": "a"}) + struct.pack(">I", 2) + b"[]")
+    assert info.value.messages == [{"type": "a"}]
+
+
+def test_sync_marker_cuts_a_half_received_frame() -> None:
+    """A reconnecting peer: the old peer's frame was cut short, the new one starts with SYNC."""
+    old = P.encode_frame({"type": "output", "data": "x" * 1000})
+    dec = P.FrameDecoder()
+    assert dec.feed(P.encode_frame({"type": "a"}) + old[:500]) == [{"type": "a"}]
+    stream = P.SYNC + P.encode_frame({"type": "b"})
+    got = []
+    for i in range(len(stream)):  # byte by byte: the marker is split across feeds too
+        got += dec.feed(stream[i:i + 1])
+    assert got == [{"type": "sync"}, {"type": "b"}]
+
+
+def test_sync_after_a_cut_header_and_wait_sync() -> None:
+    dec = P.FrameDecoder()
+    assert dec.feed(b"\x00\x00") == []
+    assert dec.feed(P.SYNC + P.encode_frame({"type": "b"})) == [{"type": "sync"}, {"type": "b"}]
+    host = P.FrameDecoder(wait_sync=True)  # a host that just connected skips stale bytes
+    stale = P.encode_frame({"type": "old"})[3:] + P.encode_frame({"type": "old2"})
+    assert host.feed(stale + P.SYNC[:5]) == []
+    assert host.feed(P.SYNC[5:] + P.encode_frame({"type": "new"})) == [{"type": "sync"}, {"type": "new"}]
+    # A stream can hold two 0xFF bytes in a row (in a header), never three.
+    body = b'{"p":"' + b"y" * (0xFFFF - 8) + b'"}'
+    assert len(body) == 0xFFFF
+    assert P.FrameDecoder().feed(struct.pack(">I", len(body)) + body)[0]["p"].startswith("yyy")
 
 
 @pytest.mark.parametrize(
@@ -69,13 +106,6 @@ def test_garbage_bodies(body: bytes) -> None:
 def test_non_object_is_rejected(body: bytes) -> None:
     with pytest.raises(P.ProtocolError, match="not an object"):
         P.FrameDecoder().feed(struct.pack(">I", len(body)) + body)
-
-
-def test_good_frames_before_a_bad_one_are_not_lost_silently() -> None:
-    dec = P.FrameDecoder()
-    assert dec.feed(P.encode_frame({"type": "a"})) == [{"type": "a"}]
-    with pytest.raises(P.ProtocolError):
-        dec.feed(struct.pack(">I", 1) + b"[")
 
 
 def test_encode_rejects_non_objects_and_unencodable() -> None:
@@ -108,3 +138,11 @@ def test_reply_helpers() -> None:
     assert err["ok"] is False and err["error"] == {"code": "NOT_FOUND", "message": "gone"}
     assert P.reply_error(5, "BOGUS", "x")["error"]["code"] == "INTERNAL"
     assert P.MAX_DATA_CHUNK == 64 * 1024 and P.MAX_FRAME == 1 << 20
+
+
+def test_sync_is_reported_as_soon_as_the_marker_is_complete() -> None:
+    dec = P.FrameDecoder()
+    assert dec.feed(P.SYNC) == [{"type": "sync"}]  # no need to wait for the next frame
+    assert dec.feed(b"\xff\xff") == []  # a longer run's tail is no second marker
+    assert dec.feed(P.encode_frame({"type": "x"})) == [{"type": "x"}]
+    assert dec.feed(P.SYNC + P.SYNC) == [{"type": "sync"}]

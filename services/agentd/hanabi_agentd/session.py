@@ -26,7 +26,7 @@ from typing import Any, Callable
 from hanabi_common.config import Config
 from hanabi_common.errors import (DeadlineExceeded, Internal, InvalidArgument, NotFound,
                                   Unavailable, error_for_code)
-from hanabi_guest.protocol import FrameDecoder, ProtocolError, encode_frame
+from hanabi_guest.protocol import SYNC, T_SYNC, FrameDecoder, ProtocolError, encode_frame
 
 from hanabi_agentd.channel import Channel
 from hanabi_agentd.guest_messages import (GuestExit, GuestMisbehaved, GuestOutput,
@@ -90,6 +90,14 @@ class AgentSession:
             except OSError as exc:
                 last_error = f"{type(exc).__name__}: {exc}"
                 time.sleep(min(0.1, max(deadline - time.monotonic(), 0)))
+                continue
+            try:
+                # Start at a frame boundary whatever an earlier client left half-sent; the
+                # agent answers with SYNC, and the reader skips everything before it.
+                channel.send(SYNC)
+            except OSError as exc:
+                channel.close()
+                last_error = f"{type(exc).__name__}: {exc}"
                 continue
             generation = self._install(channel)
             try:
@@ -239,7 +247,7 @@ class AgentSession:
 
     # --- the reader ---------------------------------------------------------------------
     def _read_loop(self, channel: Channel, generation: int) -> None:
-        decoder = FrameDecoder()
+        decoder = FrameDecoder(wait_sync=True)
         reason = "the guest closed the connection"
         try:
             while True:
@@ -287,6 +295,8 @@ class AgentSession:
                            "count": self._complaints, **extra})
 
     def _dispatch(self, raw: dict[str, Any]) -> None:
+        if raw.get("type") == T_SYNC:
+            return  # the decoder's mark of where the agent's SYNC stood
         try:
             msg = parse_guest_message(raw)
         except GuestMisbehaved as exc:
