@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -28,7 +27,8 @@ from hanabi_common.errors import (AlreadyExists, DeadlineExceeded, FailedPrecond
                                   InvalidArgument, NotFound, Unavailable)
 from hanabi_common.models.agentd import RootfsSpec
 from hanabi_common.rpc.client import RpcClient
-from hanabi_guest.protocol import FrameDecoder, encode_frame
+
+from tests.helpers.fake_agent import FakeAgent, ListeningFakeAgent
 
 pytestmark = pytest.mark.integration
 BIN = Path(sys.executable).parent
@@ -164,51 +164,32 @@ class Chardev:
 PING = {"agent_version": "9.9", "kernel": "hostile", "uptime_s": 1.0}
 
 
-class HostilePeer:
-    """Answers pings like an agent, then sends `garbage` when told to (or at once)."""
+class HostilePeer(ListeningFakeAgent):
+    """A hostile guest behind a listening socket (tests/helpers/fake_agent.py does the SYNC
+    handshake like the real agent unless told otherwise). `mode`:
+    - "after_sync": answers SYNC and pings like an agent; `send_garbage()` then writes garbage;
+    - "at_connect": answers SYNC, then answers every request with garbage;
+    - "before_sync": writes garbage at once and answers every ping with a correct reply
+      followed by garbage, but never answers SYNC: agentd must hear none of it.
+    """
 
-    def __init__(self, path: Path, garbage: bytes, at_connect: bool = False) -> None:
-        self.path, self.garbage, self.at_connect = path, garbage, at_connect
-        self.go = threading.Event()
-        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.server.bind(str(path))
-        self.server.listen(4)
-        self.connections = 0
-        threading.Thread(target=self._serve, daemon=True).start()
+    def __init__(self, path: Path, garbage: bytes, mode: str = "after_sync") -> None:
+        assert mode in ("after_sync", "at_connect", "before_sync")
+        self.garbage, self.mode = garbage, mode
+        before = garbage if mode == "before_sync" else b""
+        super().__init__(str(path), lambda conn: FakeAgent(conn, self._talk, before_sync=before,
+                                                           answer_sync=mode != "before_sync"))
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.server.accept()
-            except OSError:
-                return
-            self.connections += 1
-            threading.Thread(target=self._talk, args=(conn,), daemon=True).start()
+    def _talk(self, agent: FakeAgent, msg: dict) -> None:
+        if self.mode == "at_connect":
+            agent.send_raw(self.garbage)
+        elif msg.get("type") == "ping":
+            agent.reply(msg, PING)
+            if self.mode == "before_sync":
+                agent.send_raw(self.garbage)
 
-    def _talk(self, conn: socket.socket) -> None:
-        decoder = FrameDecoder()
-        conn.settimeout(0.1)
-        try:
-            while True:
-                if self.go.is_set():
-                    conn.sendall(self.garbage)
-                    self.go.clear()
-                try:
-                    data = conn.recv(65536)
-                except socket.timeout:
-                    continue
-                if not data:
-                    return
-                for msg in decoder.feed(data):
-                    if self.at_connect:
-                        conn.sendall(self.garbage)
-                    elif msg.get("type") == "ping":
-                        conn.sendall(encode_frame({"type": "reply", "id": msg["id"], "ok": True, "result": PING}))
-        except OSError:
-            return
-
-    def close(self) -> None:
-        self.server.close()
+    def send_garbage(self) -> None:
+        self.agents[-1].send_raw(self.garbage)
 
 
 @pytest.fixture(scope="module")
@@ -372,18 +353,24 @@ def test_disconnect_shuts_the_guest_down(agentd, tmp_path):
         peer.close()
 
 
-@pytest.mark.parametrize("garbage", [struct.pack(">I", 0x7FFFFFFF), struct.pack(">I", 9) + b"not json!",
-                                     struct.pack(">I", 4) + b"\xff\xfe\xfd\xfc"], ids=["oversized", "json", "utf8"])
-def test_hostile_peer_is_dropped_and_agentd_keeps_serving(agentd, garbage):
-    sid = f"hostile-{len(garbage)}"
+# Garbage after the SYNC answer. (A prefix like 7F FF FF FF is no framing error any more: a
+# run of three 0xFF is a SYNC marker, where agentd starts over; see test_agentd_session.py.)
+@pytest.mark.parametrize("garbage", [struct.pack(">I", 0x7FFFFFFE), struct.pack(">I", 9) + b"not json!",
+                                     struct.pack(">I", 4) + b"\xff\xfe\xfd\xfc", b"\x00\x00\x00\x00"],
+                         ids=["oversized", "json", "utf8", "zero"])
+def test_hostile_peer_is_dropped_and_agentd_keeps_serving(agentd, garbage, request):
+    sid = "hostile-" + request.node.callspec.id
     path = agentd.root / f"{sid}.sock"
     peer = HostilePeer(path, garbage)
     try:
         c = agentd.client
+        dropped_before = agentd.log().count("guest broke the framing, dropping the connection")
         assert c.connect(sid, str(path)).kernel == "hostile"
-        peer.go.set()
+        assert peer.agents[0].synced.is_set()
+        peer.send_garbage()
         wait_until(lambda: not c.get(sid).connected)
-        assert "guest broke the framing, dropping the connection" in agentd.log()
+        wait_until(lambda: agentd.log().count("guest broke the framing, dropping the connection")
+                   > dropped_before)
         assert RpcClient("agentd", agentd.config.endpoint("agentd")).ping()["daemon"] == "agentd"
         with pytest.raises(Unavailable):
             c.create(sid, "c1", ROOTFS, process("true"))
@@ -393,8 +380,9 @@ def test_hostile_peer_is_dropped_and_agentd_keeps_serving(agentd, garbage):
 
 
 def test_hostile_peer_at_connect_fails_fast(agentd):
+    """Garbage where the ping reply should be, after the SYNC answer: a framing error."""
     path = agentd.root / "evil.sock"
-    peer = HostilePeer(path, b"\x00\x00\x00\x03abc", at_connect=True)
+    peer = HostilePeer(path, b"\x00\x00\x00\x03abc", mode="at_connect")
     started = time.monotonic()
     with pytest.raises(Unavailable, match="protocol"):
         agentd.client.connect("evil", str(path), timeout_s=8)
@@ -402,6 +390,30 @@ def test_hostile_peer_at_connect_fails_fast(agentd):
     with pytest.raises(NotFound):
         agentd.client.get("evil")
     peer.close()
+
+
+@pytest.mark.parametrize("garbage", [b"\x00\x00\x00\x03abc", struct.pack(">I", 0x7FFFFFFE) + b"x" * 100],
+                         ids=["json", "oversized"])
+def test_hostile_peer_before_sync_is_ignored_and_connect_times_out(agentd, garbage, request):
+    """Garbage and even correct ping replies count for nothing before the agent's SYNC: no
+    framing error, no connection; connect ends with a clear DeadlineExceeded."""
+    sid = "presync-" + request.node.callspec.id
+    path = agentd.root / f"{sid}.sock"
+    peer = HostilePeer(path, garbage, mode="before_sync")
+    try:
+        dropped_before = agentd.log().count("guest broke the framing")
+        started = time.monotonic()
+        with pytest.raises(DeadlineExceeded, match=f"guest agent of sandbox {sid} did not answer within"):
+            agentd.client.connect(sid, str(path), timeout_s=2)
+        assert time.monotonic() - started < 6
+        assert peer.connections >= 1 and peer.agents[0].syncs >= 1  # agentd did send SYNC
+        assert any(m.get("type") == "ping" for m in peer.agents[0].seen)  # ...and pings, answered
+        assert agentd.log().count("guest broke the framing") == dropped_before
+        with pytest.raises(NotFound):
+            agentd.client.get(sid)
+        assert RpcClient("agentd", agentd.config.endpoint("agentd")).ping()["daemon"] == "agentd"
+    finally:
+        peer.close()
 
 
 def test_unknown_method_and_garbage_zmq_frames(agentd):

@@ -6,7 +6,6 @@ import os
 import shutil
 import socket
 import tempfile
-import threading
 import time
 
 import pytest
@@ -19,43 +18,25 @@ from hanabi_common.errors import (AlreadyExists, FailedPrecondition, InvalidArgu
 from hanabi_common.models.agentd import (ConnectAgent, ContainerRef, CreateContainer, ExecProcess,
                                          RootfsSpec, SignalProcess)
 from hanabi_common.models.base import NoArgs, SandboxRef
-from hanabi_guest.protocol import FrameDecoder, encode_frame
+
+from tests.helpers.fake_agent import FakeAgent, ListeningFakeAgent
 
 PING = {"agent_version": "0.1.0", "kernel": "6.1.0-fake", "uptime_s": 1.0}
 
 
-class ListeningAgent:
-    """A fake guest agent behind a Unix listening socket (like QEMU's chardev)."""
+class ListeningAgent(ListeningFakeAgent):
+    """A fake guest agent behind a Unix listening socket (like QEMU's chardev); each
+    connection answers the host's SYNC like the real agent (tests/helpers/fake_agent.py)."""
 
     def __init__(self, path: str) -> None:
-        self.path = path
         self.alive: set[tuple[str, str]] = set()
         self.received: list[str] = []
-        self.conns: list[socket.socket] = []
-        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.server.bind(path)
-        self.server.listen(4)
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(path, lambda conn: FakeAgent(conn, self._serve))
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.server.accept()
-            except OSError:
-                return
-            self.conns.append(conn)
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        decoder = FrameDecoder()
-        try:
-            while data := conn.recv(65536):
-                for msg in decoder.feed(data):
-                    self.received.append(msg["type"])
-                    for answer in self.answer(msg):
-                        conn.sendall(encode_frame(answer))
-        except OSError:
-            pass
+    def _serve(self, agent: FakeAgent, msg: dict) -> None:
+        self.received.append(msg["type"])
+        for answer in self.answer(msg):
+            agent.send(answer)
 
     def answer(self, msg: dict) -> list[dict]:
         kind, rid = msg["type"], msg.get("id")
@@ -94,16 +75,11 @@ class ListeningAgent:
 
     def exit(self, cid: str, eid: str, code: int) -> None:
         self.alive.discard((cid, eid))
-        self.conns[-1].sendall(encode_frame({"type": "exit", "container_id": cid, "exec_id": eid,
-                                             "exit_code": code, "signal": None}))
+        self.agents[-1].send({"type": "exit", "container_id": cid, "exec_id": eid,
+                              "exit_code": code, "signal": None})
 
     def close(self) -> None:
-        self.server.close()
-        for conn in self.conns:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        super().close()
         os.unlink(self.path)
 
 
@@ -198,6 +174,8 @@ def test_restarted_service_reconnects_and_reconciles(rig):
     wait_until(lambda: second.state(ref("dies")).status == "stopped")
     assert second.state(ref("dies")).processes[0].exit_status is None  # unknown, not invented
     assert [a.sandbox_id for a in second.list(NoArgs()).agents] == ["sb1"]
+    # Each connection, the restarted agentd's too, started with the SYNC handshake.
+    assert len(agent.agents) >= 2 and all(a.syncs == 1 and a.synced.is_set() for a in agent.agents)
 
 
 def test_restart_with_the_agent_socket_gone(rig):
@@ -226,7 +204,7 @@ def test_reconnect_after_the_connection_was_lost(rig):
     svc.connect(ConnectAgent(sandbox_id="sb1", socket_path=agent.path))
     create(svc, "c1")
     svc.start(ref("c1"))
-    agent.conns[-1].shutdown(socket.SHUT_RDWR)
+    agent.agents[-1].sock.shutdown(socket.SHUT_RDWR)
     wait_until(lambda: not svc.get(SandboxRef(sandbox_id="sb1")).connected)
     assert svc.state(ref("c1")).status == "stopped"
     again = svc.connect(ConnectAgent(sandbox_id="sb1", socket_path=agent.path))

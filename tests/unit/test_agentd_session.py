@@ -1,8 +1,11 @@
-"""AgentSession against a fake agent on a socketpair: correlation, timeouts, misbehaviour."""
+"""AgentSession against a fake agent on a socketpair: SYNC handshake, correlation, timeouts,
+misbehaviour. The fake agent (tests/helpers/fake_agent.py) answers the host's SYNC like the
+real one; agentd ignores every byte the guest sends before that answer."""
 
 from __future__ import annotations
 
 import base64
+import logging
 import socket
 import struct
 import threading
@@ -16,39 +19,11 @@ from hanabi_agentd.session import AgentSession
 from hanabi_common.config import AgentConfig, Config
 from hanabi_common.errors import (AlreadyExists, DeadlineExceeded, FailedPrecondition, Internal,
                                   NotFound, Unavailable)
-from hanabi_guest.protocol import FrameDecoder, ProtocolError, encode_frame
+from hanabi_guest.protocol import MAX_FRAME, SYNC, encode_frame
+
+from tests.helpers.fake_agent import FakeAgent
 
 PING = {"agent_version": "0.1.0", "kernel": "6.1.0-test", "uptime_s": 1.5}
-
-
-class FakeAgent:
-    """The guest side: `behave(agent, msg)` answers each request (default: ping only)."""
-
-    def __init__(self, sock: socket.socket, behave) -> None:
-        self.sock = sock
-        self.behave = behave
-        self.seen: list[dict] = []
-        self.thread = threading.Thread(target=self._loop, daemon=True)
-        self.thread.start()
-
-    def _loop(self) -> None:
-        decoder = FrameDecoder()
-        try:
-            while data := self.sock.recv(65536):
-                for msg in decoder.feed(data):
-                    self.seen.append(msg)
-                    self.behave(self, msg)
-        except (OSError, ProtocolError):
-            pass
-
-    def send(self, msg: dict) -> None:
-        self.sock.sendall(encode_frame(msg))
-
-    def reply(self, msg: dict, result: dict | None = None) -> None:
-        self.send({"type": "reply", "id": msg["id"], "ok": True, "result": result or {}})
-
-    def fail(self, msg: dict, code: str, message: str = "nope") -> None:
-        self.send({"type": "reply", "id": msg["id"], "ok": False, "error": {"code": code, "message": message}})
 
 
 def ping_only(agent: FakeAgent, msg: dict) -> None:
@@ -59,9 +34,9 @@ def ping_only(agent: FakeAgent, msg: dict) -> None:
 class PairChannel(Channel):
     """A channel whose 'connect' makes a socketpair with a fresh FakeAgent on the far end."""
 
-    def __init__(self, behave, agents: list) -> None:
+    def __init__(self, behave, agents: list, fake: dict | None = None) -> None:
         super().__init__()
-        self.behave, self.agents = behave, agents
+        self.behave, self.agents, self.fake = behave, agents, fake or {}
 
     @property
     def address(self) -> str:
@@ -69,7 +44,7 @@ class PairChannel(Channel):
 
     def _open(self, timeout: float) -> socket.socket:
         ours, theirs = socket.socketpair()
-        self.agents.append(FakeAgent(theirs, self.behave))
+        self.agents.append(FakeAgent(theirs, self.behave, **self.fake))
         return ours
 
 
@@ -83,10 +58,12 @@ def make_config(tmp_path, **agent) -> Config:
 def make_session(tmp_path):
     sessions = []
 
-    def build(behave=ping_only, connect=True, **agent):
+    def build(behave=ping_only, connect=True, fake=None, **agent):
+        """`fake`: FakeAgent options (before_sync, answer_sync) for every new connection;
+        the dict is read at each connection, so a test may change it between connects."""
         agents: list[FakeAgent] = []
         changes: list[int] = []
-        session = AgentSession("sb1", lambda: PairChannel(behave, agents), make_config(tmp_path, **agent),
+        session = AgentSession("sb1", lambda: PairChannel(behave, agents, fake), make_config(tmp_path, **agent),
                                on_change=lambda: changes.append(1))
         session.agents, session.changes = agents, changes  # type: ignore[attr-defined]
         sessions.append(session)
@@ -120,6 +97,16 @@ def test_connect_pings_and_records_the_agent(make_session):
     session = make_session()
     assert session.connected and session.info.kernel == "6.1.0-test"
     assert session.ready_s is not None and session.ready_s < 3
+    agent = session.agents[0]
+    assert agent.syncs == 1 and agent.synced.is_set()  # the host's SYNC came, and was answered
+    assert len(session.agents) == 1
+
+
+def test_host_writes_sync_before_its_first_frame(make_session):
+    session = make_session()
+    head = bytes(session.agents[0].head)
+    assert head[:len(SYNC)] == SYNC  # the very first bytes on the wire
+    assert head[len(SYNC)] == 0  # then a frame header (the first ping)
 
 
 def test_connect_retries_until_the_guest_opens_its_port(make_session):
@@ -144,11 +131,48 @@ def test_connect_gives_up_with_deadline_exceeded(make_session):
 
 
 def test_connect_fails_fast_when_the_guest_breaks_framing(make_session):
-    session = make_session(lambda a, m: a.sock.sendall(b"\xff\xff\xff\xff"), connect=False)
+    # After its SYNC answer the guest answers the ping with a zero length prefix. (Bytes of
+    # 0xFF would not do: a run of them is a SYNC marker, see the resync test below.)
+    session = make_session(lambda a, m: a.send_raw(b"\x00\x00\x00\x00"), connect=False)
     started = time.monotonic()
     with pytest.raises(Unavailable, match="protocol"):
         session.connect(timeout=3)
     assert time.monotonic() - started < 1.5
+    assert session.agents[0].synced.is_set()
+
+
+def test_guest_bytes_before_its_sync_answer_are_ignored(make_session, caplog):
+    stale = (encode_frame({"type": "reply", "id": 1, "ok": True, "result": {"pid": 666}})
+             + encode_frame({"type": "protocol_error", "message": "stale"})
+             + encode_frame({"type": "surprise"})
+             + b"\x00\x00\x00\x00"  # a zero length prefix
+             + struct.pack(">I", 0x7FFFFFFE)  # an oversized one
+             + struct.pack(">I", 5) + b"{bad}"  # not JSON
+             + encode_frame({"type": "ready", "agent_version": "0", "kernel": "k"})[:9])  # torn
+    caplog.set_level(logging.INFO, logger="hanabi.agentd")
+    session = make_session(fake={"before_sync": stale})
+    assert session.connected and session.info.kernel == "6.1.0-test"
+    assert len(session.agents) == 1  # neither the garbage nor the protocol_error dropped it
+    assert session.request("ping", {})["agent_version"] == "0.1.0"
+    assert "dropped a message from the guest" not in caplog.text
+    assert "protocol error" not in caplog.text and "dropping the connection" not in caplog.text
+
+
+def test_guest_that_never_answers_sync_is_not_heard(make_session, caplog):
+    # A hostile (or confused) guest: garbage, then correct-looking ping replies, but no SYNC.
+    fake = {"answer_sync": False, "before_sync": b"\x00\x00\x00\x03abc" + struct.pack(">I", 2) + b"[]"}
+    session = make_session(connect=False, fake=fake)
+    started = time.monotonic()
+    with pytest.raises(DeadlineExceeded, match="did not answer within"):
+        session.connect(timeout=1.0)
+    assert time.monotonic() - started < 2.5
+    assert not session.connected
+    assert any(m["type"] == "ping" for m in session.agents[0].seen)  # it did get (and answer) pings
+    assert session.agents[0].syncs >= 1 and not session.agents[0].synced.is_set()
+    assert "dropping the connection" not in caplog.text
+    fake["answer_sync"] = True  # the same session connects once the guest behaves
+    assert session.connect(timeout=3).kernel == "6.1.0-test"
+    assert session.connected and session.request("ping", {})["kernel"] == "6.1.0-test"
 
 
 def test_replies_are_matched_by_id_out_of_order(make_session):
@@ -239,8 +263,10 @@ def test_invalid_events_are_dropped(make_session, caplog):
     assert session.connected
 
 
-@pytest.mark.parametrize("garbage", [b"\x7f\xff\xff\xff", b"\x00\x00\x00\x00",
-                                     struct.pack(">I", 5) + b"{bad}", struct.pack(">I", 2) + b"[]"])
+@pytest.mark.parametrize("garbage", [struct.pack(">I", 0x7FFFFFFE), struct.pack(">I", MAX_FRAME + 1),
+                                     b"\x00\x00\x00\x00", struct.pack(">I", 5) + b"{bad}",
+                                     struct.pack(">I", 2) + b"[]"],
+                         ids=["huge", "max+1", "zero", "json", "array"])
 def test_framing_error_drops_the_connection(make_session, garbage, caplog):
     held: list[dict] = []
 
@@ -256,7 +282,7 @@ def test_framing_error_drops_the_connection(make_session, garbage, caplog):
     waiter = threading.Thread(target=lambda: _capture(errors, session.request, "ps", {"container_id": "c1"}))
     waiter.start()
     assert wait_for(lambda: held)
-    session.agents[0].sock.sendall(garbage)
+    session.agents[0].send_raw(garbage)
     waiter.join(3)
     assert errors and isinstance(errors[0], Unavailable)
     assert not session.connected and "protocol error" in session.lost_reason
@@ -265,6 +291,33 @@ def test_framing_error_drops_the_connection(make_session, garbage, caplog):
     assert "dropping the connection" in caplog.text
     with pytest.raises(Unavailable):
         session.request("ping", {})
+
+
+def test_a_run_of_ff_from_the_guest_is_a_resync_not_a_framing_error(make_session, caplog):
+    """A length prefix 7F FF FF FF holds a run of 0xFF, i.e. a SYNC marker (docs/agent-protocol.md:
+    the agent writes one for each host SYNC it reads, also a stale one). The decoder drops the
+    stray 7F and starts over there; the connection stays and the next frames count."""
+    held: list[dict] = []
+
+    def holder(agent, msg):
+        if msg["type"] == "ping":
+            agent.reply(msg, PING)
+        else:
+            held.append(msg)
+
+    session = make_session(holder, request_timeout_s=5)
+    results: list[dict] = []
+    waiter = threading.Thread(target=lambda: results.append(session.request("ps", {"container_id": "c1"})))
+    waiter.start()
+    assert wait_for(lambda: held)
+    agent = session.agents[0]
+    agent.send_raw(struct.pack(">I", 0x7FFFFFFF))
+    time.sleep(0.1)
+    agent.send_raw(SYNC)
+    agent.reply(held[0], {"processes": []})
+    waiter.join(3)
+    assert results == [{"processes": []}]
+    assert session.connected and "dropping the connection" not in caplog.text
 
 
 def _capture(errors, fn, *args):
