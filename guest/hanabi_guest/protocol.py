@@ -132,7 +132,10 @@ class FrameDecoder:
     ``corrupt`` tells whether it is in that state.
     """
 
-    def __init__(self, wait_sync: bool = False) -> None:
+    def __init__(self, wait_sync: bool = False, sync: bool = True) -> None:
+        """`sync=False` is for streams without SYNC markers (agentd's io socket): there a
+        0xFF byte is just part of a length, and any corrupt frame raises ProtocolError."""
+        self._sync = sync
         self._buf = bytearray()
         self._waiting = wait_sync
         self._skip_ff = False
@@ -157,6 +160,8 @@ class FrameDecoder:
 
     def feed(self, data: bytes) -> list[dict[str, Any]]:
         """Add bytes; return every message (and sync point) completed by them."""
+        if not self._sync:
+            return self._feed_plain(data)
         buf = self._buf
         buf += data
         out: list[dict[str, Any]] = []
@@ -212,6 +217,30 @@ class FrameDecoder:
                 pos = end
         finally:
             del buf[:pos]
+        return out
+
+    def _feed_plain(self, data: bytes) -> list[dict[str, Any]]:
+        """Decode without SYNC handling; every corrupt frame raises."""
+        if self._error is not None:
+            raise ProtocolError(f"stream already corrupt: {self._error}")
+        buf = self._buf
+        buf += data
+        out: list[dict[str, Any]] = []
+        while len(buf) >= HEADER.size:
+            (length,) = HEADER.unpack_from(buf, 0)
+            try:
+                if length == 0 or length > MAX_FRAME:
+                    raise ProtocolError(f"frame length {length} outside 1..MAX_FRAME ({MAX_FRAME})")
+                if len(buf) < HEADER.size + length:
+                    break
+                msg = decode_body(bytes(buf[HEADER.size:HEADER.size + length]))
+            except ProtocolError as exc:
+                self._error = str(exc)
+                del buf[:]
+                exc.messages = out
+                raise
+            out.append(msg)
+            del buf[:HEADER.size + length]
         return out
 
     def _corrupt(self, pos: int, reason: str, out: list[dict[str, Any]]) -> int:

@@ -151,18 +151,8 @@ def raw_exchange(run_dir: str, payload: bytes) -> list[dict]:
     return got
 
 
-# io_server reads clients with a plain FrameDecoder, which now takes any run of three 0xFF for
-# a SYNC marker (the guest protocol's resync point; the io protocol has no SYNC). 7F FF FF FF
-# thus reads as a stray byte plus the start of a marker: no error is sent, and the client is
-# hung up on silently when HANDSHAKE_TIMEOUT_S (10 s) runs out. Reported as an agentd bug;
-# this case is expected to fail until io_server stops honouring markers from io clients.
-IO_CLIENT_FF_RUN_BUG = pytest.mark.xfail(
-    strict=True, raises=TimeoutError,
-    reason="io_server: a length prefix holding 0xFF 0xFF 0xFF is taken for a SYNC marker")
-
-
 @pytest.mark.parametrize("payload", [
-    pytest.param(struct.pack(">I", 0x7FFFFFFF), marks=IO_CLIENT_FF_RUN_BUG),
+    struct.pack(">I", 0x7FFFFFFF),  # 0xFF runs are lengths here: the io protocol has no SYNC
     struct.pack(">I", 0x7FFFFFFE),
     struct.pack(">I", 3) + b"{x}",
     encode_frame({"type": "stdin", "data": ""}),

@@ -146,3 +146,18 @@ def test_sync_is_reported_as_soon_as_the_marker_is_complete() -> None:
     assert dec.feed(b"\xff\xff") == []  # a longer run's tail is no second marker
     assert dec.feed(P.encode_frame({"type": "x"})) == [{"type": "x"}]
     assert dec.feed(P.SYNC + P.SYNC) == [{"type": "sync"}]
+
+
+def test_plain_decoder_has_no_sync_markers():
+    """With sync=False (agentd's io socket) 0xFF runs are part of lengths: errors, not markers."""
+    decoder = P.FrameDecoder(sync=False)
+    frame = P.encode_frame({"type": "stdin", "data": ""})
+    assert decoder.feed(frame[:3]) == []
+    assert decoder.feed(frame[3:] + frame) == [{"type": "stdin", "data": ""}] * 2
+    with pytest.raises(P.ProtocolError, match="outside"):
+        P.FrameDecoder(sync=False).feed(struct.pack(">I", 0x7FFFFFFF))
+    broken = P.FrameDecoder(sync=False)
+    with pytest.raises(P.ProtocolError):
+        broken.feed(b"\x00\x00\x00\x02{x")
+    with pytest.raises(P.ProtocolError, match="already corrupt"):
+        broken.feed(frame)

@@ -145,7 +145,7 @@ class _IoClient:
     def __init__(self, conn: socket.socket, server: IoServer) -> None:
         self.conn = conn
         self.server = server
-        self.decoder = FrameDecoder()
+        self.decoder = FrameDecoder(sync=False)
         self.record: ProcessRecord | None = None
         self.session: Any = None
         self._send_lock = threading.Lock()

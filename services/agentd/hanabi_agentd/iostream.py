@@ -79,7 +79,7 @@ class IoStream:
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
-        self._decoder = FrameDecoder()
+        self._decoder = FrameDecoder(sync=False)
         self._send_lock = threading.Lock()
         self.exited: dict | None = None
         self._target: tuple[str, str, str, str] | None = None
@@ -114,7 +114,7 @@ class IoStream:
             (length,) = HEADER.unpack(header)
             if not 0 < length <= MAX_FRAME:
                 raise ProtocolError(f"bad frame length {length}")
-            first = FrameDecoder().feed(header + _recv_exact(sock, length))[0]
+            first = FrameDecoder(sync=False).feed(header + _recv_exact(sock, length))[0]
             if first.get("type") != "attached":
                 _validate(first)  # raises IoError for {"type":"error"} and garbage alike
                 raise IoError("INVALID_ARGUMENT", "agentd did not confirm the attach")
