@@ -31,8 +31,9 @@ def _global(root: Optional[str] = typer.Option(None, help="runc's state root (re
             log_format: str = typer.Option("text", help="text or json, for --log"),
             debug: bool = typer.Option(False, help="verbose logging to stderr"),
             systemd_cgroup: bool = typer.Option(False, help="accepted for runc compatibility"),
-            config: Optional[Path] = typer.Option(None, help="hanabi config file (default $HANABI_CONFIG or /etc/hanabi/hanabi.toml)")) -> None:
-    _globals.update(root=root, log=log, log_format=log_format, debug=debug, config=config)
+            config: Optional[Path] = typer.Option(None, help="hanabi config file (default $HANABI_CONFIG or /etc/hanabi/hanabi.toml)"),
+            hypervisor: Optional[str] = typer.Option(None, help="auto, qemu or firecracker (default: the config's vmm.hypervisor)")) -> None:
+    _globals.update(root=root, log=log, log_format=log_format, debug=debug, config=config, hypervisor=hypervisor)
     if debug:
         import logging
         logging.basicConfig(level=logging.DEBUG, stream=sys.stderr)
@@ -41,7 +42,8 @@ def _global(root: Optional[str] = typer.Option(None, help="runc's state root (re
 def _runtime():
     from hanabi_common.config import load_config
     from hanabi_runtime.lifecycle import Runtime
-    return Runtime(load_config(_globals.get("config")), root=_globals.get("root"))
+    return Runtime(load_config(_globals.get("config")), root=_globals.get("root"),
+                   hypervisor=_globals.get("hypervisor"))
 
 
 def _fail(exc: HanabiError) -> None:

@@ -24,7 +24,7 @@ from typing import Iterator
 
 from hanabi_common.config import Config
 from hanabi_common.errors import (AlreadyExists, FailedPrecondition, HanabiError, Internal,
-                                  NotFound, Unavailable)
+                                  InvalidArgument, NotFound, Unavailable)
 from hanabi_common.ids import validate_id
 from hanabi_common.state import StateStore
 from hanabi_runtime.bundle import Bundle, load_bundle
@@ -48,9 +48,12 @@ class Created:
 class Runtime:
     """The lifecycle operations on the containers of one configuration."""
 
-    def __init__(self, config: Config, root: str | None = None) -> None:
+    def __init__(self, config: Config, root: str | None = None, hypervisor: str | None = None) -> None:
+        if hypervisor not in (None, "auto", "qemu", "firecracker"):
+            raise InvalidArgument(f"unknown hypervisor {hypervisor!r}: use auto, qemu or firecracker")
         self.config = config
         self.root = root
+        self.hypervisor = hypervisor
         self.store = StateStore(config.sandboxes_dir)
         self.daemons = Daemons(config)
 
@@ -109,7 +112,7 @@ class Runtime:
                                         cid, str(bundle.rootfs), bundle.readonly)
             try:
                 with _phase(timings, "vm_start_s"):
-                    vm = d.vmmd.create(cid)
+                    vm = d.vmmd.create(cid, hypervisor=self.hypervisor)
                 with _phase(timings, "agent_ready_s"):
                     d.agentd.connect(cid, vm.agent_socket)
             finally:
