@@ -32,7 +32,7 @@ def _netns_path(config: dict) -> str | None:
     return None
 
 
-def _check_process(process: dict) -> None:
+def check_process(process: dict) -> None:
     """Rules the schema does not express but runc enforces."""
     if not process.get("args"):
         raise InvalidArgument("config.json: process.args must name a program to run")
@@ -72,7 +72,7 @@ def load_bundle(bundle: str | Path) -> Bundle:
     process = config.get("process")
     if not process:
         raise InvalidArgument(f"{config_file}: process is required to create a container")
-    _check_process(process)
+    check_process(process)
     return Bundle(path=path, config=config, rootfs=rootfs, readonly=bool(root.get("readonly")),
                   process=process, hostname=config.get("hostname"),
                   annotations=dict(config.get("annotations") or {}), netns_path=_netns_path(config))

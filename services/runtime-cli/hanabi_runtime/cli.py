@@ -190,6 +190,94 @@ def spec(bundle: str = typer.Option(".", "--bundle", "-b", help="where to write 
     target.write_text(json.dumps(default_spec(), indent=2) + "\n")
 
 
+@app.command("exec")
+def exec_(container_id: str = typer.Argument(..., metavar="ID"),
+          command: Optional[list[str]] = typer.Argument(None, metavar="[COMMAND]..."),
+          process: Optional[str] = typer.Option(None, "--process", "-p", help="OCI process JSON file"),
+          detach: bool = typer.Option(False, "--detach", "-d", help="do not wait for the process"),
+          pid_file: Optional[str] = typer.Option(None, help="write the process's host pid here"),
+          console_socket: Optional[str] = typer.Option(None, help="unix socket for the pty master"),
+          tty: bool = typer.Option(False, "--tty", "-t", help="allocate a pty"),
+          cwd: Optional[str] = typer.Option(None, help="working directory in the container"),
+          env: list[str] = typer.Option([], "--env", "-e", help="extra KEY=VALUE"),
+          user: Optional[str] = typer.Option(None, "--user", "-u", help="uid[:gid]"),
+          preserve_fds: int = typer.Option(0, help="accepted for runc compatibility")) -> None:
+    """Run one more process in a running container."""
+    _no_console(console_socket)
+
+    def go() -> int:
+        from hanabi_runtime.bundle import load_bundle
+        from hanabi_runtime.execs import load_process, run_exec
+        runtime = _runtime()
+        base = {} if process else load_bundle(runtime.load(container_id).bundle).process
+        spec = load_process(process, command or [], cwd=cwd, env=env, user=user, tty=tty, base=base)
+        return run_exec(runtime, container_id, spec, pid_file, detach)
+    raise typer.Exit(_guard(go))
+
+
+@app.command()
+def ps(container_id: str = typer.Argument(..., metavar="ID"),
+       format: str = typer.Option("table", "--format", "-f", help="table (the guest's view) or json (host pids)")) -> None:
+    """List the container's processes."""
+    from hanabi_runtime import observe
+
+    def show():
+        runtime = _runtime()
+        if format == "json":
+            typer.echo(json.dumps(observe.host_pids(runtime, container_id)))
+        else:
+            typer.echo(observe.guest_table(runtime, container_id))
+    _guard(show)
+
+
+@app.command()
+def events(container_id: str = typer.Argument(..., metavar="ID"),
+           stats: bool = typer.Option(False, "--stats", help="print one stats event and exit"),
+           interval: float = typer.Option(5.0, "--interval", help="seconds between stats events")) -> None:
+    """Print stats events of the container's VM (once with --stats, else until it stops)."""
+    from hanabi_runtime import observe
+
+    def stream():
+        runtime = _runtime()
+        while True:
+            typer.echo(json.dumps(observe.stats(runtime, container_id)))
+            if stats or runtime.status(runtime.load(container_id)) == "stopped":
+                return
+            time.sleep(max(interval, 0.1))
+    _guard(stream)
+
+
+@app.command()
+def pause(container_id: str = typer.Argument(..., metavar="ID")) -> None:
+    """Pause the container (its whole VM)."""
+    _guard(lambda: _runtime().pause(container_id))
+
+
+@app.command()
+def resume(container_id: str = typer.Argument(..., metavar="ID")) -> None:
+    """Resume a paused container."""
+    _guard(lambda: _runtime().resume(container_id))
+
+
+@app.command()
+def update(container_id: str = typer.Argument(..., metavar="ID"),
+           resources: Optional[str] = typer.Option(None, "--resources", "-r", help="LinuxResources JSON file, or - for stdin")) -> None:
+    """Change a container's resources (the VM's size is fixed at create for now)."""
+    from hanabi_runtime.resources import apply_update
+
+    def go():
+        raw = sys.stdin.read() if resources in (None, "-") else Path(resources).read_text()
+        apply_update(_runtime(), container_id, raw)
+    _guard(go)
+
+
+@app.command()
+def features() -> None:
+    """Print the OCI features document."""
+    from hanabi_runtime.observe import features as document
+    typer.echo(json.dumps(document(), indent=2))
+
+
 @app.command()
 def version() -> None:
     """Print the version."""
@@ -200,6 +288,24 @@ def _no_console(console_socket: Optional[str]) -> None:
     if console_socket:
         typer.echo("hanabi-runtime: invalid_argument: --console-socket (tty) is not supported yet", err=True)
         raise typer.Exit(1)
+
+
+@app.command("install-docker")
+def install_docker(daemon_json: Path = typer.Option(Path("/etc/docker/daemon.json"), help="the daemon.json to edit (created if missing)"),
+                   runtime_path: Optional[str] = typer.Option(None, help="hanabi-runtime for dockerd to run (default: this one)"),
+                   config: Optional[Path] = typer.Option(None, "--config", help="hanabi config the runtimes get as --config")) -> None:
+    """Add the hanabi, hanabi-qemu and hanabi-fc runtimes to Docker's daemon.json."""
+    from hanabi_runtime import docker_install
+    config = config or _globals.get("config")  # `hanabi-runtime --config X install-docker` works too
+    result = _guard(lambda: docker_install.install(daemon_json, runtime_path, str(config) if config else None))
+    typer.echo(docker_install.describe(result, "installed"))
+
+
+@app.command("uninstall-docker")
+def uninstall_docker(daemon_json: Path = typer.Option(Path("/etc/docker/daemon.json"), help="the daemon.json to edit")) -> None:
+    """Remove exactly the hanabi runtimes from Docker's daemon.json."""
+    from hanabi_runtime import docker_install
+    typer.echo(docker_install.describe(_guard(lambda: docker_install.uninstall(daemon_json)), "removed"))
 
 
 def main() -> None:

@@ -29,6 +29,7 @@ from hanabi_common.ids import validate_id
 from hanabi_common.state import StateStore
 from hanabi_runtime.bundle import Bundle, load_bundle
 from hanabi_runtime.daemons import Daemons
+from hanabi_runtime.sizing import vm_size
 from hanabi_runtime.state import (STATE_NAME, RuntimeState, is_same_process_alive,
                                   process_start_time, write_pid_file)
 
@@ -70,7 +71,7 @@ class Runtime:
             fifo = self.store.sandbox_dir(cid) / START_FIFO
             os.mkfifo(fifo, 0o600)
             mark = time.monotonic()
-            standin = self._spawn_standin(cid, fifo, detach_standin)
+            standin = self.spawn_standin(cid, fifo, detach_standin)
             timings["standin_s"] = round(time.monotonic() - mark, 4)
             state = RuntimeState(id=cid, bundle=str(bundle.path), rootfs=str(bundle.rootfs),
                                  created_at=time.time(), standin_pid=standin.pid,
@@ -112,7 +113,9 @@ class Runtime:
                                         cid, str(bundle.rootfs), bundle.readonly)
             try:
                 with _phase(timings, "vm_start_s"):
-                    vm = d.vmmd.create(cid, hypervisor=self.hypervisor)
+                    size = vm_size(bundle.config.get("linux", {}).get("resources"))
+                    vm = d.vmmd.create(cid, memory_mib=size.memory_mib, vcpus=size.vcpus,
+                                       hypervisor=self.hypervisor)
                 with _phase(timings, "agent_ready_s"):
                     d.agentd.connect(cid, vm.agent_socket)
             finally:
@@ -126,10 +129,14 @@ class Runtime:
                 process=bundle.process, hostname=bundle.hostname))
         return timings
 
-    def _spawn_standin(self, cid: str, fifo: Path, detach: bool) -> subprocess.Popen:
+    def spawn_standin(self, cid: str, fifo: Path | None, detach: bool,
+                      exec_id: str = "init") -> subprocess.Popen:
+        """Start a stand-in for one process of `cid` and wait until it is attached."""
         ready_r, ready_w = os.pipe()
         argv = [sys.executable, "-m", "hanabi_runtime.standin", "--sandbox", cid,
-                "--container", cid, "--ready-fd", str(ready_w), "--start-fifo", str(fifo)]
+                "--container", cid, "--exec-id", exec_id, "--ready-fd", str(ready_w)]
+        if fifo is not None:
+            argv += ["--start-fifo", str(fifo)]
         if self.config.source:
             argv += ["--config", str(self.config.source)]
         try:
@@ -182,10 +189,28 @@ class Runtime:
         if not state.started:
             return "created" if standin_alive else "stopped"
         try:
-            return self.daemons.agentd.state(state.id, state.id).status
+            status = self.daemons.agentd.state(state.id, state.id).status
         except (Unavailable, NotFound) as exc:
             log.debug("agentd could not tell the status", extra={"error": str(exc)})
-            return "running" if standin_alive else "stopped"
+            status = "running" if standin_alive else "stopped"
+        return "paused" if status == "running" and state.paused else status
+
+    def exec_records(self, cid: str) -> list:
+        """The exec'd processes recorded for a container."""
+        from hanabi_runtime.execs import EXEC_PREFIX, ExecRecord
+
+        directory = self.store.sandbox_dir(cid)
+        if not directory.is_dir():
+            return []
+        records = []
+        for path in sorted(directory.glob(f"{EXEC_PREFIX}*.json")):
+            try:
+                record = self.store.read(cid, path.stem, ExecRecord)
+            except HanabiError:
+                continue
+            if record is not None:
+                records.append(record)
+        return records
 
     def list(self) -> list[tuple[RuntimeState, str]]:
         """Every container with its status."""
@@ -197,6 +222,25 @@ class Runtime:
                 continue
             result.append((state, self.status(state)))
         return result
+
+    # -- pause / resume -----------------------------------------------------------------
+    def pause(self, cid: str) -> None:
+        """Freeze the container: its whole VM stops running (QMP stop)."""
+        state = self.load(cid)
+        status = self.status(state)
+        if status != "running":
+            raise FailedPrecondition(f"container {cid} is {status}, not running: cannot pause it")
+        self.daemons.vmmd.pause(cid)
+        self.store.write(cid, STATE_NAME, state.model_copy(update={"paused": True}))
+
+    def resume(self, cid: str) -> None:
+        """Let a paused container's VM run again."""
+        state = self.load(cid)
+        status = self.status(state)
+        if status != "paused":
+            raise FailedPrecondition(f"container {cid} is {status}, not paused: cannot resume it")
+        self.daemons.vmmd.resume(cid)
+        self.store.write(cid, STATE_NAME, state.model_copy(update={"paused": False}))
 
     # -- kill --------------------------------------------------------------------------
     def kill(self, cid: str, signum: int, all_processes: bool = False) -> None:
@@ -225,6 +269,11 @@ class Runtime:
             if status in ("running", "creating"):
                 raise FailedPrecondition(f"cannot delete container {cid} that is {status}: "
                                          "stop it first or use --force")
+        if state is not None and state.paused:
+            try:  # a frozen guest cannot answer destroy: let it run for its last moments
+                self.daemons.vmmd.resume(cid)
+            except HanabiError:
+                pass
         self._teardown(cid, standin_pid=state.standin_pid if state else None,
                        standin_start=state.standin_start_time if state else None)
 
@@ -245,11 +294,14 @@ class Runtime:
                 pass
             except HanabiError as exc:
                 failures.append(f"{what}: {exc.message}")
-        if standin_pid and is_same_process_alive(standin_pid, standin_start):
-            try:
-                os.kill(standin_pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        standins = [(standin_pid, standin_start)] + [
+            (record.standin_pid, record.standin_start_time) for record in self.exec_records(cid)]
+        for pid, start in standins:
+            if pid and is_same_process_alive(pid, start):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
         self.store.purge(cid)
         if failures:
             raise Internal(f"container {cid} removed, but not cleanly: " + "; ".join(failures))

@@ -21,6 +21,7 @@ class RuntimeState(VersionedState):
     standin_pid: int | None = None
     standin_start_time: int | None = None
     started: bool = False
+    paused: bool = False
     annotations: dict[str, str] = {}
     root: str | None = None
     timings: dict[str, float] = {}

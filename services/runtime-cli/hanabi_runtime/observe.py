@@ -1,0 +1,90 @@
+"""Looking at a running container: `ps`, `events --stats`, and the OCI features document.
+
+`ps --format json` answers with host pids, as containerd's shim and `docker top` expect:
+the stand-ins, which stand for the container's processes on the host. `ps` (table) shows
+what the guest itself sees. Stats describe the VM as the host pays for it (the VMM's CPU
+time and resident memory), with the guest's process count.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from hanabi_runtime.state import is_same_process_alive
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def host_pids(runtime, cid: str) -> list[int]:
+    """The live stand-in pids of a container: its init's, then every exec's."""
+    state = runtime.load(cid)
+    pairs = [(state.standin_pid, state.standin_start_time)]
+    pairs += [(r.standin_pid, r.standin_start_time) for r in runtime.exec_records(cid)]
+    return [pid for pid, start in pairs if pid and is_same_process_alive(pid, start)]
+
+
+def guest_table(runtime, cid: str) -> str:
+    """`ps` as the guest sees it: PID, EXEC and the command."""
+    runtime.load(cid)
+    processes = runtime.daemons.agentd.ps(cid, cid).processes
+    lines = [f"{'PID':>7}  {'EXEC':<18} CMD"]
+    lines += [f"{p.pid:>7}  {p.exec_id or '-':<18} {' '.join(p.args)}" for p in processes]
+    return "\n".join(lines)
+
+
+def _proc_usage(pid: int) -> tuple[int, int]:
+    """CPU time (ns) and resident memory (bytes) of a host process."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    cpu_ns = (int(fields[11]) + int(fields[12])) * 1_000_000_000 // CLOCK_TICKS
+    rss = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+    return cpu_ns, rss
+
+
+def stats(runtime, cid: str) -> dict:
+    """One runc-style stats event for the container's VM."""
+    state = runtime.load(cid)
+    vm = runtime.daemons.vmmd.get(cid)
+    try:
+        cpu_ns, rss = _proc_usage(vm.pid)
+    except (OSError, IndexError, ValueError):
+        cpu_ns, rss = 0, 0
+    try:
+        pids = len(runtime.daemons.agentd.ps(cid, cid).processes)
+    except Exception:
+        pids = 0
+    limit = vm.memory_mib << 20
+    return {
+        "type": "stats",
+        "id": state.id,
+        "data": {
+            "cpu": {"usage": {"total": cpu_ns, "kernel": 0, "user": cpu_ns}},
+            "memory": {"usage": {"usage": rss, "limit": limit, "max": rss}},
+            "pids": {"current": pids, "limit": 0},
+            "vm": {"pid": vm.pid, "vcpus": vm.vcpus, "memory_mib": vm.memory_mib, "state": vm.state},
+        },
+        "time": time.time(),
+    }
+
+
+def features() -> dict:
+    """The OCI features document (`hanabi-runtime features`)."""
+    return {
+        "ociVersionMin": "1.0.0",
+        "ociVersionMax": "1.2.0",
+        "hooks": [],
+        "mountOptions": ["ro", "rw", "nosuid", "nodev", "noexec", "bind", "rbind"],
+        "linux": {
+            "namespaces": ["cgroup", "ipc", "mount", "network", "pid", "user", "uts"],
+            "capabilities": [],
+            "cgroup": {"v1": False, "v2": True, "systemd": False, "systemdUser": False},
+            "seccomp": {"enabled": False},
+            "apparmor": {"enabled": False},
+            "selinux": {"enabled": False},
+        },
+        "annotations": {
+            "io.github.hanabi.isolation": "microvm",
+            "io.github.hanabi.hypervisors": "qemu,firecracker",
+        },
+    }
