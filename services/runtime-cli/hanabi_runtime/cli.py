@@ -190,7 +190,7 @@ def spec(bundle: str = typer.Option(".", "--bundle", "-b", help="where to write 
     target.write_text(json.dumps(default_spec(), indent=2) + "\n")
 
 
-@app.command("exec")
+@app.command("exec", context_settings={"allow_interspersed_args": False})
 def exec_(container_id: str = typer.Argument(..., metavar="ID"),
           command: Optional[list[str]] = typer.Argument(None, metavar="[COMMAND]..."),
           process: Optional[str] = typer.Option(None, "--process", "-p", help="OCI process JSON file"),
