@@ -79,3 +79,26 @@ def test_delete_force_kills_exec_standins(hanabi, bundle, cid, tmp_path):
     while processes_mentioning(f"--sandbox {cid} ") and time.monotonic() < deadline:
         time.sleep(0.1)
     assert leftovers(hanabi, cid) == []
+
+
+def test_vm_and_standin_are_accounted_in_the_container_cgroup(hanabi, bundle, cid):
+    path = bundle(["sleep", "600"])
+    config_file = f"{path}/config.json"
+    spec = json.loads(open(config_file).read())
+    spec["linux"]["cgroupsPath"] = f"/hanabi-test/{cid}"
+    open(config_file, "w").write(json.dumps(spec))
+    hanabi.runtime("create", "--bundle", path, cid, check=True)
+    try:
+        state = hanabi.state(cid)
+        vm_pid = json.loads((hanabi.config.sandboxes_dir / cid / "hypervisor.json").read_text())["pid"]
+        for pid in (state["pid"], vm_pid):
+            assert f"/hanabi-test/{cid}" in open(f"/proc/{pid}/cgroup").read()
+        recorded = json.loads((hanabi.config.sandboxes_dir / cid / "state.json").read_text())["cgroups"]
+        assert recorded
+    finally:
+        hanabi.runtime("delete", "--force", cid, check=True)
+    from pathlib import Path
+    assert not [d for d in recorded if Path(d).exists()]
+    for directory in recorded:
+        Path(directory).parent.rmdir()  # the test's own parent cgroup
+    assert leftovers(hanabi, cid) == []

@@ -86,6 +86,9 @@ def run_exec(runtime, cid: str, process: dict, pid_file: str | None, detach: boo
     exec_id = new_exec_id()
     runtime.daemons.agentd.exec(cid, cid, exec_id, process)
     standin = runtime.spawn_standin(cid, None, detach, exec_id=exec_id)
+    if state.cgroups:
+        from hanabi_runtime.cgroups import join
+        join(state.cgroups, standin.pid)
     runtime.store.write(cid, f"{EXEC_PREFIX}{exec_id}", ExecRecord(
         exec_id=exec_id, args=list(process.get("args", [])), standin_pid=standin.pid,
         standin_start_time=process_start_time(standin.pid)))

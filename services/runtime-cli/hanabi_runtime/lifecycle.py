@@ -60,29 +60,36 @@ class Runtime:
 
     # -- create ------------------------------------------------------------------------
     def create(self, cid: str, bundle_path: str, pid_file: str | None = None,
-               *, detach_standin: bool = True) -> Created:
-        """Create container `cid` from a bundle; on return the stand-in runs and the pid file exists."""
+               *, detach_standin: bool = True, console_socket: str | None = None) -> Created:
+        """Create container `cid` from a bundle; on return the stand-in runs and the pid file exists
+        (with `console_socket`, the pty master of a terminal: true process has been sent there)."""
+        from hanabi_runtime.console import standin_args
+
         validate_id(cid)
         bundle = load_bundle(bundle_path)
+        console = standin_args(bool(bundle.process.get("terminal")), console_socket, detach_standin)
         self._reserve(cid, bundle)
         standin = None
         try:
-            timings = self._provision(cid, bundle)
+            timings, vm = self._provision(cid, bundle)
             fifo = self.store.sandbox_dir(cid) / START_FIFO
             os.mkfifo(fifo, 0o600)
             mark = time.monotonic()
-            standin = self.spawn_standin(cid, fifo, detach_standin)
+            standin = self.spawn_standin(cid, fifo, detach_standin, console=console)
             timings["standin_s"] = round(time.monotonic() - mark, 4)
+            cgroup_dirs = self._account(bundle, [vm.pid, standin.pid])
             state = RuntimeState(id=cid, bundle=str(bundle.path), rootfs=str(bundle.rootfs),
                                  created_at=time.time(), standin_pid=standin.pid,
                                  standin_start_time=process_start_time(standin.pid),
-                                 annotations=bundle.annotations, root=self.root, timings=timings)
+                                 annotations=bundle.annotations, root=self.root, timings=timings,
+                                 cgroups=cgroup_dirs)
             self.store.write(cid, STATE_NAME, state)
             if pid_file:
                 write_pid_file(pid_file, standin.pid)
         except BaseException as exc:
             log.warning("create failed, undoing", extra={"container": cid, "error": str(exc)})
-            self._teardown(cid, standin_pid=standin.pid if standin else None)
+            self._teardown(cid, standin_pid=standin.pid if standin else None,
+                           cgroup_dirs=self._cgroup_dirs(bundle))
             if standin is not None:
                 standin.wait()
             raise
@@ -100,8 +107,28 @@ class Runtime:
             id=cid, bundle=str(bundle.path), rootfs=str(bundle.rootfs), created_at=time.time(),
             annotations=bundle.annotations, root=self.root))
 
-    def _provision(self, cid: str, bundle: Bundle) -> dict[str, float]:
-        """Ask the daemons for network, VM, volume, agent and container; return phase timings."""
+    @staticmethod
+    def _cgroup_dirs(bundle: Bundle) -> list[str]:
+        from hanabi_runtime import cgroups
+
+        path = bundle.config.get("linux", {}).get("cgroupsPath")
+        try:
+            relative = cgroups.normalize(path) if path else None
+        except HanabiError:
+            return []
+        return [str(h / relative) for h in cgroups.hierarchies()] if relative else []
+
+    @staticmethod
+    def _account(bundle: Bundle, pids: list[int]) -> list[str]:
+        """Put the VM and the stand-in in the container's host cgroup (for `docker stats`)."""
+        from hanabi_runtime import cgroups
+
+        path = bundle.config.get("linux", {}).get("cgroupsPath")
+        return cgroups.place(cgroups.normalize(path), pids) if path else []
+
+    def _provision(self, cid: str, bundle: Bundle):
+        """Ask the daemons for network, VM, volume, agent and container; return phase timings
+        and the VM."""
         from hanabi_common.models.agentd import CreateContainer, RootfsSpec
 
         d = self.daemons
@@ -127,11 +154,12 @@ class Runtime:
                 sandbox_id=cid, container_id=cid,
                 rootfs=RootfsSpec(serial=volume.serial, fstype=volume.fstype, readonly=bundle.readonly),
                 process=bundle.process, hostname=bundle.hostname))
-        return timings
+        return timings, vm
 
     def spawn_standin(self, cid: str, fifo: Path | None, detach: bool,
-                      exec_id: str = "init") -> subprocess.Popen:
-        """Start a stand-in for one process of `cid` and wait until it is attached."""
+                      exec_id: str = "init", console: list[str] | None = None) -> subprocess.Popen:
+        """Start a stand-in for one process of `cid` and wait until it is attached.
+        `console`: its terminal arguments, from `console.standin_args`."""
         ready_r, ready_w = os.pipe()
         argv = [sys.executable, "-m", "hanabi_runtime.standin", "--sandbox", cid,
                 "--container", cid, "--exec-id", exec_id, "--ready-fd", str(ready_w)]
@@ -139,6 +167,7 @@ class Runtime:
             argv += ["--start-fifo", str(fifo)]
         if self.config.source:
             argv += ["--config", str(self.config.source)]
+        argv += console or []
         try:
             proc = subprocess.Popen(argv, pass_fds=(ready_w,), start_new_session=detach)
         finally:
@@ -275,9 +304,11 @@ class Runtime:
             except HanabiError:
                 pass
         self._teardown(cid, standin_pid=state.standin_pid if state else None,
-                       standin_start=state.standin_start_time if state else None)
+                       standin_start=state.standin_start_time if state else None,
+                       cgroup_dirs=state.cgroups if state else [])
 
-    def _teardown(self, cid: str, standin_pid: int | None, standin_start: int | None = None) -> None:
+    def _teardown(self, cid: str, standin_pid: int | None, standin_start: int | None = None,
+                  cgroup_dirs: list[str] | None = None) -> None:
         d = self.daemons
         steps = [
             ("destroy the container", lambda: d.agentd.destroy(cid, cid)),
@@ -303,6 +334,11 @@ class Runtime:
                 except ProcessLookupError:
                     pass
         self.store.purge(cid)
+        if cgroup_dirs:
+            from hanabi_runtime.cgroups import remove
+            left = remove(cgroup_dirs)
+            if left:
+                failures.append(f"cgroups still in use: {', '.join(left)}")
         if failures:
             raise Internal(f"container {cid} removed, but not cleanly: " + "; ".join(failures))
 

@@ -25,6 +25,7 @@ class RuntimeState(VersionedState):
     annotations: dict[str, str] = {}
     root: str | None = None
     timings: dict[str, float] = {}
+    cgroups: list[str] = []
 
 
 def process_start_time(pid: int) -> int | None:
