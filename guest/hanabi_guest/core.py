@@ -64,13 +64,18 @@ PENDING = Pending()
 
 
 class Proc:
-    """One process started by the agent (a container's init or an exec)."""
+    """One process started by the agent (a container's init or an exec).
+
+    A process on a pty (``terminal: true``) has no stderr stream: ``stdout_fd`` is the pty
+    master, ``stdin_fd`` a dup of it, and ``tty_fd`` another dup kept for resizes until the
+    process is forgotten.
+    """
 
     __slots__ = ("cid", "exec_id", "pid", "args", "stdin_fd", "stdin_buf", "stdin_close",
-                 "streams", "status")
+                 "streams", "status", "tty_fd")
 
     def __init__(self, cid: str, exec_id: str, pid: int, args: list[str], stdin_fd: int,
-                 stdout_fd: int, stderr_fd: int) -> None:
+                 stdout_fd: int, stderr_fd: int | None, tty_fd: int | None = None) -> None:
         self.cid = cid
         self.exec_id = exec_id
         self.pid = pid
@@ -78,8 +83,11 @@ class Proc:
         self.stdin_fd: int | None = stdin_fd
         self.stdin_buf = bytearray()
         self.stdin_close = False
-        self.streams: dict[int, str] = {stdout_fd: "stdout", stderr_fd: "stderr"}
+        self.streams: dict[int, str] = {stdout_fd: "stdout"}
+        if stderr_fd is not None:
+            self.streams[stderr_fd] = "stderr"
         self.status: int | None = None  # raw wait status once reaped
+        self.tty_fd = tty_fd
 
     @property
     def alive(self) -> bool:
@@ -97,7 +105,7 @@ class Container:
     """A container: its spec, its mounted rootfs and its processes by exec id."""
 
     __slots__ = ("cid", "process", "hostname", "rootfs_spec", "root", "state", "procs",
-                 "destroy_waiters")
+                 "destroy_waiters", "mounts", "mounts_disk")
 
     def __init__(self, cid: str, process: dict[str, Any], hostname: str | None,
                  rootfs_spec: dict[str, Any]) -> None:
@@ -109,6 +117,8 @@ class Container:
         self.state = CREATING
         self.procs: dict[str, Proc] = {}
         self.destroy_waiters: list[int] = []
+        self.mounts: list[dict[str, Any]] = []
+        self.mounts_disk: dict[str, Any] | None = None
 
 
 def need_str(msg: dict[str, Any], key: str, pattern: re.Pattern[str] | None = None,

@@ -19,7 +19,8 @@ from . import protocol as P
 from .core import (AGENT_VERSION, CREATED, CREATING, DESTROYING, HOSTNAME_RE, ID_RE, PENDING,
                    RUNNING, AgentError, Container, Pending, Proc, check_rootfs, need_bool,
                    need_int, need_str)
-from .process import check_process, spawn
+from .mounts import check_mounts, check_mounts_disk
+from .process import check_process, initial_size, set_winsize, spawn
 from .sandbox import Sandbox
 
 DISK_WAIT_S = 10.0
@@ -64,6 +65,7 @@ class Handlers:
             P.T_EXEC: self.h_exec,
             P.T_SIGNAL: self.h_signal,
             P.T_CLOSE_STDIN: self.h_close_stdin,
+            P.T_RESIZE: self.h_resize,
             P.T_PS: self.h_ps,
             P.T_DESTROY_CONTAINER: self.h_destroy_container,
             P.T_SHUTDOWN: self.h_shutdown,
@@ -90,12 +92,12 @@ class Handlers:
         except ValueError as exc:
             raise AgentError(P.E_INVALID_ARGUMENT, str(exc)) from None
         assert isinstance(process, dict)
-        if process.get("terminal"):
-            raise AgentError(P.E_INVALID_ARGUMENT, "terminal not supported yet")
         hostname = msg.get("hostname")
         if hostname is not None and not (isinstance(hostname, str) and HOSTNAME_RE.fullmatch(hostname)):
             raise AgentError(P.E_INVALID_ARGUMENT, "field 'hostname' is invalid")
         c = Container(cid, process, hostname, rootfs)
+        c.mounts = check_mounts(msg.get("mounts"))
+        c.mounts_disk = check_mounts_disk(msg.get("mounts_disk"))
         self.containers[cid] = c
         deadline = time.monotonic() + DISK_WAIT_S
         self._poll_disk(req_id, c, deadline)
@@ -106,13 +108,16 @@ class Handlers:
             return
         try:
             source = self.sandbox.locate(c.rootfs_spec)
-            if source is None:
+            binds = self.sandbox.locate(c.mounts_disk) if c.mounts_disk else ""
+            if source is None or binds is None:
                 if time.monotonic() >= deadline:
+                    missing = c.rootfs_spec if source is None else c.mounts_disk
                     raise AgentError(P.E_NOT_FOUND, f"no block device with serial "
-                                     f"{c.rootfs_spec['serial']!r} appeared within {DISK_WAIT_S:.0f} s")
+                                     f"{missing['serial']!r} appeared within {DISK_WAIT_S:.0f} s")
                 self.call_later(0.01, lambda: self._poll_disk(req_id, c, deadline))
                 return
             c.root = self.sandbox.setup(c.cid, source, c.rootfs_spec)
+            self.sandbox.add_mounts(c.root, binds or None, c.mounts)
             if c.hostname:
                 self.sandbox.set_hostname(c.hostname)
         except Exception as exc:  # noqa: BLE001 - every failure becomes the reply
@@ -126,12 +131,42 @@ class Handlers:
 
     def _spawn(self, c: Container, exec_id: str, process: dict[str, Any]) -> Proc:
         assert c.root is not None
-        pid, stdin_fd, out_fd, err_fd = spawn(process, c.root.path, chroot=self.sandbox.use_chroot,
-                                              cgroup=c.root.cgroup)
-        proc = Proc(c.cid, exec_id, pid, list(process["args"]), stdin_fd, out_fd, err_fd)
+        if isinstance(process, dict) and process.get("terminal"):
+            proc = self._spawn_on_pty(c, exec_id, process)
+        else:
+            pid, stdin_fd, out_fd, err_fd = spawn(process, c.root.path, chroot=self.sandbox.use_chroot,
+                                                  cgroup=c.root.cgroup)
+            proc = Proc(c.cid, exec_id, pid, list(process["args"]), stdin_fd, out_fd, err_fd)
         c.procs[exec_id] = proc
         self.add_proc(proc)
         return proc
+
+    def _spawn_on_pty(self, c: Container, exec_id: str, process: dict[str, Any]) -> Proc:
+        """``terminal: true``: the process gets a pty slave; its master is relayed as stdout
+        (reads) and fed by stdin events (writes through a dup), a third dup takes resizes."""
+        assert c.root is not None
+        try:
+            check_process(process)
+        except ValueError as exc:
+            raise AgentError(P.E_INVALID_ARGUMENT, str(exc)) from None
+        master, slave = self.sandbox.open_pty(c.root)
+        fds = [master]
+        try:
+            size = initial_size(process)
+            if size is not None:
+                set_winsize(master, *size)
+            pid, _, _, _ = spawn(process, c.root.path, chroot=self.sandbox.use_chroot,
+                                 cgroup=c.root.cgroup, tty=slave)
+            os.set_blocking(master, False)
+            fds.append(os.dup(master))
+            fds.append(os.dup(master))
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        finally:
+            os.close(slave)
+        return Proc(c.cid, exec_id, pid, list(process["args"]), fds[1], master, None, tty_fd=fds[2])
 
     def h_start(self, req_id: int, msg: dict[str, Any]) -> Result:
         c = self.container(msg)
@@ -172,6 +207,19 @@ class Handlers:
             raise AgentError(P.E_NOT_FOUND, f"process {exec_id} of {c.cid} not found")
         proc.stdin_close = True
         self.stdin_progress(proc)
+        return {}
+
+    def h_resize(self, req_id: int, msg: dict[str, Any]) -> Result:
+        c = self.container(msg)
+        exec_id = need_str(msg, "exec_id", ID_RE, default=P.INIT_EXEC_ID)
+        height = need_int(msg, "height", 1, 65535)
+        width = need_int(msg, "width", 1, 65535)
+        proc = c.procs.get(exec_id)
+        if proc is None:
+            raise AgentError(P.E_NOT_FOUND, f"process {exec_id} of {c.cid} not found")
+        if proc.tty_fd is None:
+            raise AgentError(P.E_FAILED_PRECONDITION, f"process {exec_id} of {c.cid} has no terminal")
+        set_winsize(proc.tty_fd, height, width)
         return {}
 
     def h_ps(self, req_id: int, msg: dict[str, Any]) -> Result:

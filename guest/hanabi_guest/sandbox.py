@@ -5,6 +5,10 @@ whose serial is the requested one, mounts it under /run/hanabi/c/<cid>/rootfs, m
 /proc, /sys, a tmpfs /dev with the basic nodes, /dev/pts and /dev/shm inside it, puts the
 container's processes into a cgroup v2 group, sets the hostname and powers the VM off.
 
+``open_pty`` gives a process with ``terminal: true`` its pty: in the guest from the
+container's own devpts instance (``<rootfs>/dev/pts/ptmx``, so the slave is a /dev/pts/N of
+the container, as runc does it), elsewhere from ``os.openpty()``.
+
 ``DirSandbox`` is the host-side test double: every rootfs is one existing directory, no
 mounts, no chroot, no cgroups, and "power off" just stops the agent loop.
 
@@ -26,6 +30,10 @@ MS_NODEV = 4
 MS_NOEXEC = 8
 MS_STRICTATIME = 1 << 24
 MNT_DETACH = 2
+# pty ioctls (asm-generic numbers, as on x86_64 and arm64).
+TIOCGPTN = 0x80045430
+TIOCSPTLCK = 0x40045431
+TIOCGPTPEER = 0x5441
 LINUX_REBOOT_CMD_POWER_OFF = 0x4321FEDC
 
 RUN_DIR = "/run/hanabi/c"
@@ -53,12 +61,13 @@ BASIC_SYMLINKS = (
 class Rootfs:
     """A prepared container root: its path and the mount points to undo (in mount order)."""
 
-    __slots__ = ("path", "mounts", "cgroup")
+    __slots__ = ("path", "mounts", "cgroup", "readonly")
 
     def __init__(self, path: str) -> None:
         self.path = path
         self.mounts: list[str] = []
         self.cgroup: str | None = None
+        self.readonly = False
 
 
 class SandboxError(Exception):
@@ -136,10 +145,35 @@ def ensure_block_node(name: str, sysfs: str = "/sys") -> str:
     return path
 
 
+def open_pty_in(pts_dir: str) -> tuple[int, int]:
+    """Open a pty pair in the devpts mounted at ``pts_dir``; return ``(master, slave)``
+    (close-on-exec; the slave is opened without becoming anyone's controlling tty)."""
+    import fcntl
+    import struct
+
+    flags = os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC
+    master = os.open(os.path.join(pts_dir, "ptmx"), flags)
+    try:
+        fcntl.ioctl(master, TIOCSPTLCK, struct.pack("i", 0))
+        try:
+            slave = fcntl.ioctl(master, TIOCGPTPEER, flags)
+        except OSError:  # kernel < 4.13: open the slave by its number
+            (num,) = struct.unpack("I", fcntl.ioctl(master, TIOCGPTN, bytes(4)))
+            slave = os.open(os.path.join(pts_dir, str(num)), flags)
+    except BaseException:
+        os.close(master)
+        raise
+    return master, slave
+
+
 class Sandbox:
     """Interface the agent uses for everything that needs root in the guest."""
 
     use_chroot = True
+
+    def open_pty(self, root: Rootfs) -> tuple[int, int]:
+        """A ``(master, slave)`` pty pair for a process of the container at ``root``."""
+        return os.openpty()
 
     def locate(self, rootfs: dict[str, Any]) -> str | None:
         """The device (or directory) holding ``rootfs``; None while it has not appeared."""
@@ -150,6 +184,11 @@ class Sandbox:
 
     def teardown(self, root: Rootfs) -> None:
         raise NotImplementedError
+
+    def add_mounts(self, root: Rootfs, binds_source: str | None, mounts: list[dict[str, Any]]) -> None:
+        """Make the container's bind and tmpfs mounts (binds come from the binds disk)."""
+        if mounts:
+            raise SandboxError("INVALID_ARGUMENT", "this sandbox cannot make mounts")
 
     def set_hostname(self, name: str) -> None:
         raise NotImplementedError
@@ -190,9 +229,10 @@ class GuestSandbox(Sandbox):
         path = os.path.join(self.run_dir, cid, "rootfs")
         os.makedirs(path, exist_ok=True)
         root = Rootfs(path)
-        ro = MS_RDONLY if rootfs.get("readonly") else 0
+        root.readonly = bool(rootfs.get("readonly"))
         try:
-            mount(source, path, rootfs.get("fstype", "ext4"), ro)
+            # Read-write until add_mounts has made the mount points; then read-only if asked.
+            mount(source, path, rootfs.get("fstype", "ext4"), 0)
             root.mounts.append(path)
             nsd = MS_NOSUID | MS_NODEV | MS_NOEXEC
             self._mount_in(root, "proc", "proc", "proc", nsd)
@@ -219,6 +259,29 @@ class GuestSandbox(Sandbox):
                 root.cgroup = None
         return root
 
+    def add_mounts(self, root: Rootfs, binds_source: str | None, mounts: list[dict[str, Any]]) -> None:
+        from .mounts import MS_REMOUNT, make_mounts
+
+        try:
+            binds_dir = None
+            if binds_source is not None:
+                binds_dir = os.path.join(os.path.dirname(root.path), "binds")
+                os.makedirs(binds_dir, exist_ok=True)
+                mount(binds_source, binds_dir, "ext4", 0)
+                root.mounts.append(binds_dir)
+            make_mounts(root, binds_dir, mounts, mount)
+            if root.readonly:
+                mount("", root.path, "", MS_REMOUNT | MS_RDONLY)
+        except BaseException:
+            self.teardown(root)
+            raise
+
+    def open_pty(self, root: Rootfs) -> tuple[int, int]:
+        pts = os.path.join(root.path, "dev/pts")
+        if os.path.ismount(pts):
+            return open_pty_in(pts)
+        return os.openpty()
+
     @staticmethod
     def _mount_in(root: Rootfs, rel: str, source: str, fstype: str, flags: int, data: str = "") -> None:
         target = os.path.join(root.path, rel)
@@ -242,7 +305,7 @@ class GuestSandbox(Sandbox):
                 os.rmdir(root.cgroup)
             except OSError:
                 pass
-        for d in (root.path, os.path.dirname(root.path)):
+        for d in (root.path, os.path.join(os.path.dirname(root.path), "binds"), os.path.dirname(root.path)):
             try:
                 os.rmdir(d)
             except OSError:

@@ -1,5 +1,5 @@
 """agentd's RPC surface: agents (connect, get, list, inspect, disconnect) and containers
-(create, start, exec, signal, close_stdin, state, ps, destroy) inside the guest.
+(create, start, exec, signal, close_stdin, resize, state, ps, destroy) inside the guest.
 
 Every call names a sandbox; its `AgentSession` does the talking. Process records are
 created before the guest can mention them (so early output is buffered, not dropped) and
@@ -25,13 +25,19 @@ from hanabi_common.rpc.server import RpcServer
 
 from hanabi_agentd.guest_messages import GuestMisbehaved, PidResult, PsResult, parse_result
 from hanabi_agentd.io_server import IoServer, io_socket_path
-from hanabi_agentd.models import AgentDetails, AgentList, ProcessRef
+from hanabi_agentd.models import AgentDetails, AgentList, ProcessRef, ResizeProcess
 from hanabi_agentd.process import ContainerRecord, ProcessRecord
 from hanabi_agentd.registry import Registry, Sandbox
 from hanabi_agentd.session import AgentSession
 
 log = logging.getLogger("hanabi.agentd")
 SHUTDOWN_TIMEOUT_S = 5.0
+
+
+def resize_fields(record: ProcessRecord, height: int, width: int) -> dict:
+    """The fields of the guest's `resize` request for one process."""
+    return {"container_id": record.container_id, "exec_id": record.exec_id,
+            "height": height, "width": width}
 
 
 def _result(model, result: dict, what: str):
@@ -65,6 +71,7 @@ class AgentService:
             ("container.exec", ExecProcess, self.exec),
             ("container.signal", SignalProcess, self.signal),
             ("container.close_stdin", ProcessRef, self.close_stdin),
+            ("container.resize", ResizeProcess, self.resize),
             ("container.state", ContainerRef, self.state),
             ("container.ps", ContainerRef, self.ps),
             ("container.destroy", ContainerRef, self.destroy),
@@ -161,7 +168,9 @@ class AgentService:
         try:
             session.request("create_container", {
                 "container_id": cid, "rootfs": request.rootfs.model_dump(mode="json"),
-                "process": request.process, "hostname": request.hostname})
+                "process": request.process, "hostname": request.hostname,
+                "mounts": [m.model_dump(mode="json") for m in request.mounts],
+                "mounts_disk": request.mounts_disk.model_dump(mode="json") if request.mounts_disk else None})
         except BaseException:
             with session._lock:
                 if session.containers.get(cid) is record:
@@ -223,6 +232,16 @@ class AgentService:
         session = self.registry.live(request.sandbox_id)
         session.process(request.container_id, request.exec_id)
         session.request("close_stdin", {"container_id": request.container_id, "exec_id": request.exec_id})
+        return {}
+
+    def resize(self, request: ResizeProcess) -> dict:
+        """Set the window size of a process's terminal (its io client usually does this)."""
+        session = self.registry.live(request.sandbox_id)
+        record = session.process(request.container_id, request.exec_id)
+        if record.status != "running":
+            raise FailedPrecondition(f"process {request.container_id}/{request.exec_id} is {record.status}, "
+                                     "not running")
+        session.request("resize", resize_fields(record, request.height, request.width))
         return {}
 
     def state(self, request: ContainerRef) -> ContainerState:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from hanabi_common.config import Config
 from hanabi_common.models.base import Removed, SandboxRef
-from hanabi_common.models.blockd import ProvisionVolume, VolumeInfo, VolumeList
+from hanabi_common.models.blockd import BindSource, ProvisionVolume, VolumeInfo, VolumeList
 from hanabi_common.rpc.client import RpcClient
 
 
@@ -14,9 +14,12 @@ class BlockdClient:
     def __init__(self, config: Config, timeout: float | None = None) -> None:
         self.rpc = RpcClient("blockd", config.endpoint("blockd"), timeout=timeout or max(config.rpc.default_timeout_s, 120))
 
-    def provision(self, sandbox_id: str, rootfs: str, readonly: bool = False) -> VolumeInfo:
-        """Build the sandbox's root volume."""
-        return self.rpc.call("volume.provision", ProvisionVolume(sandbox_id=sandbox_id, rootfs=rootfs, readonly=readonly), VolumeInfo)
+    def provision(self, sandbox_id: str, rootfs: str, readonly: bool = False,
+                  binds: list[tuple[str, str]] = ()) -> VolumeInfo:
+        """Build the sandbox's root volume (and its binds disk when `binds` names any)."""
+        request = ProvisionVolume(sandbox_id=sandbox_id, rootfs=rootfs, readonly=readonly,
+                                  binds=[BindSource(name=n, source=s) for n, s in binds])
+        return self.rpc.call("volume.provision", request, VolumeInfo)
 
     def release(self, sandbox_id: str) -> Removed:
         """Remove the sandbox's volumes (idempotent)."""

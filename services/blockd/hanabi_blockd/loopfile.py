@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import stat
 import subprocess
 from pathlib import Path
 
@@ -19,6 +20,33 @@ from hanabi_common.errors import FailedPrecondition, Internal, InvalidArgument
 
 log = logging.getLogger("hanabi.blockd.loopfile")
 PARTIAL_SUFFIX = ".partial"
+STAGING_SUFFIX = ".staging"
+
+
+def copy_bind_source(source: Path, target: Path) -> None:
+    """Copy a bind mount's source; sockets, devices and fifos cannot travel to a VM."""
+    try:
+        mode = source.stat().st_mode
+    except FileNotFoundError:
+        raise InvalidArgument(f"bind mount source {source} does not exist") from None
+    if stat.S_ISDIR(mode):
+        shutil.copytree(source, target, symlinks=True, ignore_dangling_symlinks=True,
+                        ignore=_special_files)
+    elif stat.S_ISREG(mode):
+        shutil.copy2(source, target)
+    else:
+        raise InvalidArgument(f"bind mount source {source} is not a file or a directory "
+                              "(sockets, devices and fifos cannot be shared with a VM)")
+
+
+def _special_files(directory: str, names: list[str]) -> list[str]:
+    """Entries copytree must skip: anything neither file, directory nor symlink."""
+    skipped = []
+    for name in names:
+        st = os.lstat(os.path.join(directory, name))
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+            skipped.append(name)
+    return skipped
 
 
 def measure_tree(root: Path) -> tuple[int, int]:
@@ -46,21 +74,41 @@ class LoopFileBackend:
         self.max_volume_mib = max_volume_mib
 
     def clean_partials(self) -> list[Path]:
-        """Remove images a crash left half-built; return what was removed."""
+        """Remove images and staging trees a crash left half-built; return what was removed."""
         if not self.volume_dir.is_dir():
             return []
         removed = []
         for leftover in self.volume_dir.glob(f"*{PARTIAL_SUFFIX}"):
             leftover.unlink(missing_ok=True)
             removed.append(leftover)
+        for staging in self.volume_dir.glob(f"*{STAGING_SUFFIX}"):
+            shutil.rmtree(staging, ignore_errors=True)
+            removed.append(staging)
         return removed
 
-    def image_path(self, sandbox_id: str) -> Path:
-        """Where a sandbox's image lives."""
-        return self.volume_dir / f"{sandbox_id}.ext4"
+    def image_path(self, sandbox_id: str, kind: str = "ext4") -> Path:
+        """Where a sandbox's image lives (`ext4`: its root; `binds.ext4`: its copied binds)."""
+        return self.volume_dir / f"{sandbox_id}.{kind}"
 
-    def build(self, sandbox_id: str, rootfs: Path) -> tuple[Path, int]:
-        """Build the image of `rootfs` for `sandbox_id`; return its path and size."""
+    def build_binds(self, sandbox_id: str, binds: list[tuple[str, Path]]) -> tuple[Path, int]:
+        """Copy each bind source (a file or a directory) to `<name>` on a fresh image.
+
+        The guest bind-mounts from this disk: the container sees the host's content as it
+        was at create; its writes stay in the copy and are not seen on the host.
+        """
+        staging = self.volume_dir / f"{sandbox_id}{STAGING_SUFFIX}"
+        self.volume_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(mode=0o700)
+        try:
+            for name, source in binds:
+                copy_bind_source(source, staging / name)
+            return self.build(sandbox_id, staging, kind="binds.ext4")
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def build(self, sandbox_id: str, rootfs: Path, kind: str = "ext4") -> tuple[Path, int]:
+        """Build the image of directory `rootfs` for `sandbox_id`; return its path and size."""
         if not rootfs.is_dir():
             raise InvalidArgument(f"rootfs {rootfs} is not a directory")
         content, entries = measure_tree(rootfs)
@@ -73,7 +121,7 @@ class LoopFileBackend:
         if content + (16 << 20) > free:
             raise FailedPrecondition(f"not enough space in {self.volume_dir}: {free >> 20} MiB "
                                      f"free, the rootfs needs about {content >> 20} MiB")
-        final = self.image_path(sandbox_id)
+        final = self.image_path(sandbox_id, kind)
         partial = final.with_name(final.name + PARTIAL_SUFFIX)
         try:
             with open(partial, "wb") as handle:

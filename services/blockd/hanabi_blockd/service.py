@@ -18,6 +18,7 @@ from hanabi_common.state import StateStore
 
 log = logging.getLogger("hanabi.blockd")
 ROOT_SERIAL = "hanabi-root"
+BINDS_SERIAL = "hanabi-binds"
 
 
 class BlockService:
@@ -44,7 +45,7 @@ class BlockService:
         claimed = {Path(v.path) for sid in self.store.list_sandboxes(having=STATE_NAME)
                    for v in (self.store.read(sid, STATE_NAME, DevicesState) or DevicesState(volumes=[])).volumes}
         if self.backend.volume_dir.is_dir():
-            for image in self.backend.volume_dir.glob("*.ext4"):
+            for image in self.backend.volume_dir.glob("*.ext4"):  # roots and binds alike
                 if image not in claimed:
                     image.unlink(missing_ok=True)
                     log.warning("removed an unclaimed volume", extra={"path": str(image)})
@@ -66,14 +67,28 @@ class BlockService:
             if self.store.read(request.sandbox_id, STATE_NAME, DevicesState) is not None:
                 raise AlreadyExists(f"sandbox {request.sandbox_id} already has a volume")
             rootfs = Path(request.rootfs)
-            path, size = self.backend.build(request.sandbox_id, rootfs)
-            info = VolumeInfo(sandbox_id=request.sandbox_id, backend=self.backend_name, path=str(path),
-                              format="raw", fstype="ext4", size_bytes=size, serial=ROOT_SERIAL,
-                              source=str(rootfs))
+            made: list[Path] = []
             try:
-                self.store.write(request.sandbox_id, STATE_NAME, DevicesState(volumes=[info]))
+                path, size = self.backend.build(request.sandbox_id, rootfs)
+                made.append(path)
+                info = VolumeInfo(sandbox_id=request.sandbox_id, backend=self.backend_name,
+                                  path=str(path), format="raw", fstype="ext4", size_bytes=size,
+                                  serial=ROOT_SERIAL, source=str(rootfs))
+                volumes = [info]
+                if request.binds:
+                    binds_path, binds_size = self.backend.build_binds(
+                        request.sandbox_id, [(b.name, Path(b.source)) for b in request.binds])
+                    made.append(binds_path)
+                    binds = VolumeInfo(sandbox_id=request.sandbox_id, backend=self.backend_name,
+                                       path=str(binds_path), format="raw", fstype="ext4",
+                                       size_bytes=binds_size, serial=BINDS_SERIAL,
+                                       source=", ".join(b.source for b in request.binds)[:4096])
+                    volumes.append(binds)
+                    info = info.model_copy(update={"binds": binds})
+                self.store.write(request.sandbox_id, STATE_NAME, DevicesState(volumes=volumes))
             except BaseException:
-                self.backend.remove(path)
+                for leftover in made:
+                    self.backend.remove(leftover)
                 raise
         log.info("provisioned", extra={"sandbox": request.sandbox_id, "path": str(path), "bytes": size})
         return info

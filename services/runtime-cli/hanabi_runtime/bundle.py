@@ -39,9 +39,6 @@ def check_process(process: dict) -> None:
     cwd = process.get("cwd", "")
     if not cwd.startswith("/"):
         raise InvalidArgument(f"config.json: process.cwd {cwd!r} must be an absolute path")
-    if process.get("terminal"):
-        raise InvalidArgument("config.json: process.terminal=true is not supported yet "
-                              "(run without a tty, e.g. `docker run` without -t)")
 
 
 def load_bundle(bundle: str | Path) -> Bundle:

@@ -65,21 +65,17 @@ def place(relative: str, pids: list[int], root: Path = CGROUP_ROOT) -> list[str]
 
 
 def _make(directory: Path) -> None:
-    """mkdir -p, initialising v1 cpuset parents on the way (they start with no cpus/mems)."""
-    missing = []
-    probe = directory
-    while not probe.exists():
-        missing.append(probe)
-        probe = probe.parent
-    for path in reversed(missing):
-        path.mkdir()
+    """mkdir -p, then give every v1 cpuset group on the path the cpus and mems of its
+    parent where it has none (a new one starts empty, and an empty one refuses processes)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for path in reversed([directory, *directory.parents]):
         _inherit_cpuset(path)
 
 
 def _inherit_cpuset(directory: Path) -> None:
     for name in ("cpuset.cpus", "cpuset.mems"):
         target = directory / name
-        if target.exists() and not target.read_text().strip():
+        if target.exists() and (directory.parent / name).exists() and not target.read_text().strip():
             target.write_text((directory.parent / name).read_text())
 
 

@@ -34,9 +34,26 @@ def _global(root: Optional[str] = typer.Option(None, help="runc's state root (re
             config: Optional[Path] = typer.Option(None, help="hanabi config file (default $HANABI_CONFIG or /etc/hanabi/hanabi.toml)"),
             hypervisor: Optional[str] = typer.Option(None, help="auto, qemu or firecracker (default: the config's vmm.hypervisor)")) -> None:
     _globals.update(root=root, log=log, log_format=log_format, debug=debug, config=config, hypervisor=hypervisor)
-    if debug:
-        import logging
-        logging.basicConfig(level=logging.DEBUG, stream=sys.stderr)
+    _setup_logging(log, log_format, debug)
+
+
+def _setup_logging(log: Optional[Path], log_format: str, debug: bool) -> None:
+    """Warnings go to the --log file only: during `create` our stderr is the container's."""
+    import logging
+
+    root = logging.getLogger("hanabi")
+    root.propagate = False
+    root.setLevel(logging.DEBUG if debug else logging.WARNING)
+    if log is not None:
+        handler: logging.Handler = logging.FileHandler(log)
+        if log_format == "json":
+            from hanabi_common.logs import JsonFormatter
+            handler.setFormatter(JsonFormatter())
+    elif debug:
+        handler = logging.StreamHandler(sys.stderr)
+    else:
+        handler = logging.NullHandler()
+    root.addHandler(handler)
 
 
 def _runtime():
@@ -74,13 +91,12 @@ def _guard(action):
 def create(container_id: str = typer.Argument(..., metavar="ID"),
            bundle: str = typer.Option(".", "--bundle", "-b", help="path to the OCI bundle"),
            pid_file: Optional[str] = typer.Option(None, help="write the container's host pid here"),
-           console_socket: Optional[str] = typer.Option(None, help="unix socket for the pty master (not supported yet)"),
+           console_socket: Optional[str] = typer.Option(None, help="unix socket that gets the pty master (process.terminal: true)"),
            no_pivot: bool = typer.Option(False, help="accepted for runc compatibility"),
            no_new_keyring: bool = typer.Option(False, help="accepted for runc compatibility"),
            preserve_fds: int = typer.Option(0, help="accepted for runc compatibility")) -> None:
     """Create a container in a new microVM; its process waits for `start`."""
-    _no_console(console_socket)
-    _guard(lambda: _runtime().create(container_id, bundle, pid_file))
+    _guard(lambda: _runtime().create(container_id, bundle, pid_file, console_socket=console_socket))
 
 
 @app.command()
@@ -122,16 +138,17 @@ def run(container_id: str = typer.Argument(..., metavar="ID"),
         bundle: str = typer.Option(".", "--bundle", "-b", help="path to the OCI bundle"),
         pid_file: Optional[str] = typer.Option(None, help="write the container's host pid here"),
         detach: bool = typer.Option(False, "--detach", "-d", help="do not wait for the container"),
-        console_socket: Optional[str] = typer.Option(None, help="not supported yet"),
+        console_socket: Optional[str] = typer.Option(None, help="with --detach: unix socket that gets the pty master"),
         no_pivot: bool = typer.Option(False, help="accepted for runc compatibility"),
         no_new_keyring: bool = typer.Option(False, help="accepted for runc compatibility"),
         keep: bool = typer.Option(False, help="do not delete the container after it exits")) -> None:
     """Create and start a container; without --detach, wait and exit with its status."""
-    _no_console(console_socket)
-
     def go() -> int:
+        from hanabi_runtime import console
         runtime = _runtime()
-        created = runtime.create(container_id, bundle, pid_file, detach_standin=detach)
+        terminal = console.save_terminal(0)  # the stand-in makes it raw: restore it even if it is killed
+        created = runtime.create(container_id, bundle, pid_file, detach_standin=detach,
+                                 console_socket=console_socket)
         try:
             runtime.start(container_id)
         except BaseException:
@@ -140,6 +157,7 @@ def run(container_id: str = typer.Argument(..., metavar="ID"),
         if detach:
             return 0
         status = _wait_forwarding_signals(created.standin)
+        console.restore(0, terminal)
         if not keep:
             runtime.delete(container_id, force=True)
         return status

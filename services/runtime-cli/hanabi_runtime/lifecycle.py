@@ -29,6 +29,7 @@ from hanabi_common.ids import validate_id
 from hanabi_common.state import StateStore
 from hanabi_runtime.bundle import Bundle, load_bundle
 from hanabi_runtime.daemons import Daemons
+from hanabi_runtime.mounts import plan_mounts
 from hanabi_runtime.sizing import vm_size
 from hanabi_runtime.state import (STATE_NAME, RuntimeState, is_same_process_alive,
                                   process_start_time, write_pid_file)
@@ -129,15 +130,16 @@ class Runtime:
     def _provision(self, cid: str, bundle: Bundle):
         """Ask the daemons for network, VM, volume, agent and container; return phase timings
         and the VM."""
-        from hanabi_common.models.agentd import CreateContainer, RootfsSpec
+        from hanabi_common.models.agentd import CreateContainer, GuestMount, RootfsSpec
 
         d = self.daemons
         timings: dict[str, float] = {}
+        plan = plan_mounts(bundle.config.get("mounts"))
         with _phase(timings, "network_s"):
             d.netd.attach(cid, bundle.netns_path)
         with ThreadPoolExecutor(max_workers=1) as pool:
             volume_future = pool.submit(_timed, timings, "volume_s", d.blockd.provision,
-                                        cid, str(bundle.rootfs), bundle.readonly)
+                                        cid, str(bundle.rootfs), bundle.readonly, plan.binds)
             try:
                 with _phase(timings, "vm_start_s"):
                     size = vm_size(bundle.config.get("linux", {}).get("resources"))
@@ -148,12 +150,18 @@ class Runtime:
             finally:
                 volume = volume_future.result()
         with _phase(timings, "disk_hotplug_s"):
-            d.vmmd.attach_disk(cid, volume.path, volume.serial, volume.format, bundle.readonly)
+            # Attached writable even for a read-only root: the image is this container's own
+            # copy, and the guest makes mount points before it remounts the root read-only.
+            for disk in filter(None, (volume, volume.binds)):
+                d.vmmd.attach_disk(cid, disk.path, disk.serial, disk.format, False)
         with _phase(timings, "container_create_s"):
             d.agentd.create_container(CreateContainer(
                 sandbox_id=cid, container_id=cid,
                 rootfs=RootfsSpec(serial=volume.serial, fstype=volume.fstype, readonly=bundle.readonly),
-                process=bundle.process, hostname=bundle.hostname))
+                process=bundle.process, hostname=bundle.hostname,
+                mounts=[GuestMount(**m) for m in plan.guest],
+                mounts_disk=RootfsSpec(serial=volume.binds.serial, fstype=volume.binds.fstype)
+                if volume.binds else None))
         return timings, vm
 
     def spawn_standin(self, cid: str, fifo: Path | None, detach: bool,

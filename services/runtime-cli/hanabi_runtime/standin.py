@@ -7,8 +7,11 @@ agentd's io stream, forwards the signals it receives, and exits with the contain
 Kata 1.x called it kata-shim.
 
 Run as `python -m hanabi_runtime.standin --sandbox S --container C --ready-fd N
-[--start-fifo F] [--exec-id E] [--config PATH]`. It writes "ok\\n" (or an error line) to the
-ready fd once attached, then, if a start fifo is given, waits for `start` to write to it.
+[--start-fifo F] [--exec-id E] [--config PATH] [--console-socket P | --tty]`. It writes
+"ok\\n" (or an error line) to the ready fd once attached, then, if a start fifo is given,
+waits for `start` to write to it. For a process with `terminal: true`, `--console-socket`
+sends a host pty master to P and relays the slave, `--tty` relays its own stdio as a
+terminal (see `console`).
 """
 
 from __future__ import annotations
@@ -35,13 +38,19 @@ class StandIn:
         # and a read never sees end-of-file.
         self.fifo_fd = os.open(args.start_fifo, os.O_RDWR | os.O_CLOEXEC) if args.start_fifo else None
         self.stream = None
+        self.console = None
 
     def attach(self) -> None:
-        """Attach to agentd's io stream for this process (before it starts: nothing is lost)."""
+        """Attach to agentd's io stream for this process (before it starts: nothing is lost);
+        for a terminal, set up the host end (the master goes to the console socket now)."""
         from hanabi_agentd.iostream import IoStream
 
         self.stream = IoStream.attach(self.config.run_dir, self.args.sandbox, self.args.container,
                                       self.args.exec_id, timeout=10.0)
+        if self.args.console_socket or self.args.tty:
+            from hanabi_runtime.console import setup_console
+
+            self.console = setup_console(self.args.console_socket, _stdin_fd())
 
     def on_signal(self, signum: int, _frame: object) -> None:
         """Forward a signal to the process in the VM (Python runs this between bytecodes)."""
@@ -64,12 +73,18 @@ class StandIn:
 
     def relay(self) -> int:
         """Relay stdio until the process exits; return its status."""
-        try:
-            os.fstat(0)
-            stdin_fd: int | None = 0
-        except OSError:
-            stdin_fd = None
-        return self.stream.relay(stdin_fd, 1, 2)
+        if self.console is not None:
+            return self.console.relay(self.stream)
+        return self.stream.relay(_stdin_fd(), 1, 2)
+
+
+def _stdin_fd() -> int | None:
+    """0 if this process has a stdin, else None (the process's stdin is closed at once)."""
+    try:
+        os.fstat(0)
+        return 0
+    except OSError:
+        return None
 
 
 def _warn(message: str) -> None:
@@ -87,6 +102,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--ready-fd", type=int, required=True)
     parser.add_argument("--start-fifo")
     parser.add_argument("--config")
+    parser.add_argument("--console-socket")
+    parser.add_argument("--tty", action="store_true")
     return parser.parse_args(argv)
 
 

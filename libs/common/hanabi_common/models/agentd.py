@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
@@ -35,6 +35,16 @@ class RootfsSpec(Request):
     readonly: bool = False
 
 
+class GuestMount(Request):
+    """A mount the agent makes in the container: a bind of a copy that travelled on the
+    mounts disk (`source` names it there), or a tmpfs."""
+
+    destination: str = Field(pattern=r"^/", max_length=4096)
+    type: Literal["bind", "tmpfs"]
+    source: str | None = Field(None, pattern=r"^m[0-9]{1,4}$")
+    options: list[Annotated[str, Field(max_length=128)]] = Field([], max_length=32)
+
+
 class CreateContainer(Request):
     """Prepare a container in the guest (its process is not started yet)."""
 
@@ -43,6 +53,8 @@ class CreateContainer(Request):
     rootfs: RootfsSpec
     process: dict[str, Any]
     hostname: str | None = Field(None, max_length=255)
+    mounts: list[GuestMount] = Field([], max_length=256)
+    mounts_disk: RootfsSpec | None = None
 
 
 class ContainerRef(Request):
