@@ -41,8 +41,7 @@ def _setup_logging(log: Optional[Path], log_format: str, debug: bool) -> None:
     """Warnings go to the --log file only: during `create` our stderr is the container's."""
     import logging
 
-    root = logging.getLogger("hanabi")
-    root.propagate = False
+    root = logging.getLogger("hanabi")  # with a handler here, Python's last resort stays silent
     root.setLevel(logging.DEBUG if debug else logging.WARNING)
     if log is not None:
         handler: logging.Handler = logging.FileHandler(log)
