@@ -1,4 +1,4 @@
-"""Start one OCI process (runtime-spec ``process`` object) with pipes for its stdio.
+"""Start one OCI process (runtime-spec ``process`` object) with pipes or a pty for its stdio.
 
 ``spawn()`` forks; the child becomes a session leader, joins the container's cgroup,
 chroots into the container rootfs (unless disabled for host-side tests), applies cwd,
@@ -7,8 +7,13 @@ rlimits, oomScoreAdj, umask, supplementary groups, gid and uid, then execs ``arg
 close-on-exec error pipe and is raised as ``SpawnError`` in the parent, with runc-like
 messages (``executable file not found in $PATH``) that Docker maps to exit codes 127/126.
 
+With ``terminal: true`` the caller opens a pty (``Sandbox.open_pty``) and passes its slave
+as ``tty``: the child makes it stdin, stdout, stderr and, after ``setsid``, its controlling
+terminal (TIOCSCTTY), and owns it (fchown to the process uid) like runc does; the caller
+keeps the master. ``set_winsize`` applies ``process.consoleSize`` and later resizes.
+
 Not applied (the VM is the isolation boundary): capabilities, noNewPrivileges, seccomp,
-apparmor/selinux labels. ``terminal: true`` is refused ("terminal not supported yet").
+apparmor/selinux labels.
 
 STDLIB ONLY: runs inside the guest.
 """
@@ -16,8 +21,10 @@ STDLIB ONLY: runs inside the guest.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import signal
+import struct
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
@@ -25,6 +32,10 @@ if TYPE_CHECKING:
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 MAX_ARGS = 4096
 MAX_STRING = 128 * 1024
+MAX_TTY_DIM = 65535
+# ioctl numbers (asm-generic, as on x86_64 and arm64): no termios module in the guest.
+TIOCSCTTY = 0x540E
+TIOCSWINSZ = 0x5414
 
 
 class SpawnError(Exception):
@@ -63,6 +74,11 @@ def check_process(p: Any) -> None:
         raise ValueError("process.cwd must be an absolute path")
     if p.get("terminal") not in (None, False, True):
         raise ValueError("process.terminal must be a boolean")
+    size = p.get("consoleSize")
+    if size is not None:
+        if not isinstance(size, dict) or not all(
+                _is_int(size.get(k, 0)) and 0 <= size.get(k, 0) <= MAX_TTY_DIM for k in ("height", "width")):
+            raise ValueError(f"process.consoleSize must be {{height, width}} in 0..{MAX_TTY_DIM}")
     user = p.get("user", {})
     if not isinstance(user, dict):
         raise ValueError("process.user must be an object")
@@ -84,6 +100,18 @@ def check_process(p: Any) -> None:
     if "oomScoreAdj" in p and p["oomScoreAdj"] is not None:
         if not (_is_int(p["oomScoreAdj"]) and -1000 <= p["oomScoreAdj"] <= 1000):
             raise ValueError("process.oomScoreAdj must be -1000..1000")
+
+
+def set_winsize(fd: int, height: int, width: int) -> None:
+    """TIOCSWINSZ on a pty (master or slave): rows ``height``, columns ``width``."""
+    fcntl.ioctl(fd, TIOCSWINSZ, struct.pack("HHHH", height, width, 0, 0))
+
+
+def initial_size(p: dict[str, Any]) -> tuple[int, int] | None:
+    """``process.consoleSize`` as ``(height, width)``, or None when absent or zero."""
+    size = p.get("consoleSize") or {}
+    height, width = size.get("height") or 0, size.get("width") or 0
+    return (height, width) if height and width else None
 
 
 def _rlimits(p: dict[str, Any]) -> list[tuple[int, int, int]]:
@@ -142,7 +170,8 @@ def _execvpe(args: list[str], env: dict[str, str]) -> None:
 
 
 def _child(p: dict[str, Any], root: str, chroot: bool, cgroup: str | None,
-           fds: tuple[int, int, int], errw: int, rlimits: list[tuple[int, int, int]]) -> None:
+           fds: tuple[int, int, int], errw: int, rlimits: list[tuple[int, int, int]],
+           tty: bool = False) -> None:
     """Runs in the forked child; never returns.
 
     Nothing here may import a module that is not loaded yet: after chroot the guest's
@@ -158,6 +187,9 @@ def _child(p: dict[str, Any], root: str, chroot: bool, cgroup: str | None,
                 f.write("0")
         for i, fd in enumerate(fds):
             os.dup2(fd, i)
+        if tty:
+            stage = "set controlling terminal"
+            fcntl.ioctl(0, TIOCSCTTY, 0)
         for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD, signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
@@ -191,6 +223,8 @@ def _child(p: dict[str, Any], root: str, chroot: bool, cgroup: str | None,
         os.umask(umask if isinstance(umask, int) else 0o022)
         stage = "set user"
         if os.geteuid() == 0:
+            if tty:
+                os.fchown(0, uid, -1)
             os.setgroups(list(user.get("additionalGids") or []))
             os.setgid(gid)
             os.setuid(uid)
@@ -226,29 +260,35 @@ def _spawn_error(data: bytes, args: list[str]) -> SpawnError:
 
 
 def spawn(p: dict[str, Any], root: str, *, chroot: bool = True,
-          cgroup: str | None = None) -> tuple[int, int, int, int]:
+          cgroup: str | None = None, tty: int | None = None) -> tuple[int, int, int, int]:
     """Start process ``p`` in rootfs ``root``.
 
     Returns ``(pid, stdin_w, stdout_r, stderr_r)``; the three pipe ends are non-blocking and
-    close-on-exec, owned by the caller.
+    close-on-exec, owned by the caller. With ``tty`` (a pty slave, which the caller still
+    owns and closes) the process runs on that terminal and the three fds are -1.
     """
     check_process(p)
-    if p.get("terminal"):
-        raise SpawnError("INVALID_ARGUMENT", "terminal not supported yet")
     rlimits = _rlimits(p)
-    in_r, in_w = os.pipe2(os.O_CLOEXEC)
-    out_r, out_w = os.pipe2(os.O_CLOEXEC)
-    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    if tty is not None:
+        ours: tuple[int, ...] = ()
+        theirs: tuple[int, ...] = ()
+        child_fds = (tty, tty, tty)
+    else:
+        in_r, in_w = os.pipe2(os.O_CLOEXEC)
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        ours, theirs = (in_w, out_r, err_r), (in_r, out_w, err_w)
+        child_fds = (in_r, out_w, err_w)
     ep_r, ep_w = os.pipe2(os.O_CLOEXEC)
     try:
         pid = os.fork()
     except BaseException:
-        for fd in (in_r, in_w, out_r, out_w, err_r, err_w, ep_r, ep_w):
+        for fd in (*ours, *theirs, ep_r, ep_w):
             os.close(fd)
         raise
     if pid == 0:
-        _child(p, root, chroot, cgroup, (in_r, out_w, err_w), ep_w, rlimits)
-    for fd in (in_r, out_w, err_w, ep_w):
+        _child(p, root, chroot, cgroup, child_fds, ep_w, rlimits, tty is not None)
+    for fd in (*theirs, ep_w):
         os.close(fd)
     chunks = []
     while True:
@@ -261,7 +301,7 @@ def spawn(p: dict[str, Any], root: str, *, chroot: bool = True,
         chunks.append(chunk)
     os.close(ep_r)
     if chunks:
-        for fd in (in_w, out_r, err_r):
+        for fd in ours:
             os.close(fd)
         while True:
             try:
@@ -272,6 +312,8 @@ def spawn(p: dict[str, Any], root: str, *, chroot: bool = True,
             except ChildProcessError:
                 break
         raise _spawn_error(b"".join(chunks), p["args"])
-    for fd in (in_w, out_r, err_r):
+    if tty is not None:
+        return pid, -1, -1, -1
+    for fd in ours:
         os.set_blocking(fd, False)
     return pid, in_w, out_r, err_r

@@ -4,7 +4,8 @@
 MAX_DATA_CHUNK pieces and relayed as ``output`` events; ``stdin`` events are buffered and
 written when the pipe is writable; SIGCHLD wake-ups reap every child (and every orphan the
 kernel re-parents to PID 1). ``exit`` is sent when a process is reaped and both its output
-pipes reached EOF. When a container's init dies its other processes are SIGKILLed, like a
+pipes reached EOF (a process on a pty: when its master reads EOF or EIO, i.e. every holder
+of the slave closed it). When a container's init dies its other processes are SIGKILLed, like a
 PID namespace would.
 
 STDLIB ONLY: runs inside the guest.
@@ -150,6 +151,7 @@ class ProcIO:
         if proc.status is None or proc.streams or self.procs.get(proc.pid) is not proc:
             return
         self._close_stdin_fd(proc)
+        _close_tty(proc)
         del self.procs[proc.pid]
         c = self.containers.get(proc.cid)
         if c is not None and c.procs.get(proc.exec_id) is proc:
@@ -166,6 +168,7 @@ class ProcIO:
             return
         log(f"process {proc.pid} ({proc.cid}/{proc.exec_id}) did not die; forgetting it")
         self._close_stdin_fd(proc)
+        _close_tty(proc)
         self.procs.pop(proc.pid, None)
         c = self.containers.get(proc.cid)
         if c is not None:
@@ -190,6 +193,12 @@ class ProcIO:
                 moved = False
             if moved:  # it left its group: signal it directly too
                 _kill(os.kill, proc.pid, sig)
+
+
+def _close_tty(proc: Proc) -> None:
+    if proc.tty_fd is not None:
+        os.close(proc.tty_fd)
+        proc.tty_fd = None
 
 
 def _kill(fn: Callable[[int, int], None], pid: int, sig: int) -> None:

@@ -33,6 +33,7 @@ T_START = "start"
 T_EXEC = "exec"
 T_SIGNAL = "signal"
 T_CLOSE_STDIN = "close_stdin"
+T_RESIZE = "resize"
 T_PS = "ps"
 T_DESTROY_CONTAINER = "destroy_container"
 T_SHUTDOWN = "shutdown"
@@ -44,6 +45,7 @@ REQUEST_TYPES = frozenset(
         T_EXEC,
         T_SIGNAL,
         T_CLOSE_STDIN,
+        T_RESIZE,
         T_PS,
         T_DESTROY_CONTAINER,
         T_SHUTDOWN,

@@ -5,7 +5,7 @@ some stdlib function imports lazily (``os.execvpe`` -> ``warnings``, say) would 
 inside the VM. So the builder starts the agent from the assembled tree in host mode
 (``--fd``: socketpair channel, ``DirSandbox``: no mounts, no chroot) and walks it through
 its code paths: ping, create, exec with output/stdin/exit, a failed exec, signal, ps,
-an unknown request, destroy and shutdown.
+an exec on a pty with a resize, an unknown request, destroy and shutdown.
 """
 
 from __future__ import annotations
@@ -79,6 +79,18 @@ def run(python: str, agent_path: str) -> None:
             ok(6, "exec", container_id="t", exec_id="s", process={**spec, "args": ["sh", "-c", "sleep 30"]})
             ok(7, "ps", container_id="t")
             ok(8, "signal", container_id="t", exec_id="s", signal=9)
+            tty = {**spec, "args": ["sh", "-c", "read x; stty size"], "terminal": True,
+                   "consoleSize": {"height": 5, "width": 6}}
+            ok(20, "exec", container_id="t", exec_id="tty", process=tty)
+            ok(21, "resize", container_id="t", exec_id="tty", height=12, width=34)
+            ours.sendall(P.encode_frame({"type": "stdin", "container_id": "t", "exec_id": "tty",
+                                         "data": P.b64e(b"go\n")}))
+            while (ex := _exchange(ours, dec, inbox, {}, "exit")).get("exec_id") != "tty":
+                pass
+            out = b"".join(P.b64d(m["data"]) for m in inbox if m.get("type") == "output"
+                           and m.get("exec_id") == "tty")
+            if ex.get("exit_code") != 0 or b"12 34" not in out:
+                raise SelfTestError(f"agent self-test: pty exec gave {ex} and {out!r}")
             if req(9, "bogus")["ok"] or req(10, "start", container_id="?")["ok"]:
                 raise SelfTestError("agent self-test: bad requests succeeded")
             ok(11, "destroy_container", container_id="t")

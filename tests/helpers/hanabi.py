@@ -147,7 +147,8 @@ def leftovers(daemons: Daemons, cid: str) -> list[str]:
     """Everything a deleted container might have left behind; empty when clean."""
     config = daemons.config
     found = []
-    pids = processes_mentioning(f"hanabi-{cid} ") + processes_mentioning(f"--sandbox {cid} ")
+    pids = (processes_mentioning(f"hanabi-{cid} ") + processes_mentioning(f"--sandbox {cid} ")
+            + processes_mentioning(f"[hanabi {cid[:12]}]"))
     if pids:
         found.append(f"processes {pids}")
     if (config.sandboxes_dir / cid).exists():

@@ -76,7 +76,7 @@ def test_delete_force_kills_exec_standins(hanabi, bundle, cid, tmp_path):
     hanabi.runtime("exec", "--detach", cid, "sleep", "600", check=True)
     hanabi.runtime("delete", "--force", cid, check=True)
     deadline = time.monotonic() + 10
-    while processes_mentioning(f"--sandbox {cid} ") and time.monotonic() < deadline:
+    while processes_mentioning(f"[hanabi {cid[:12]}]") and time.monotonic() < deadline:
         time.sleep(0.1)
     assert leftovers(hanabi, cid) == []
 

@@ -213,7 +213,10 @@ def test_errors_are_replies(c1: AgentProc) -> None:
     assert c1.err("create_container", container_id="c2", rootfs={"serial": "x"},
                   process={"args": []})["code"] == "INVALID_ARGUMENT"
     assert c1.err("create_container", container_id="c2", rootfs={"serial": "x"},
-                  process=proc_spec("sh", terminal=True))["message"] == "terminal not supported yet"
+                  process=proc_spec("sh", terminal="yes"))["code"] == "INVALID_ARGUMENT"
+    assert c1.err("create_container", container_id="c2", rootfs={"serial": "x"},
+                  process=proc_spec("sh", terminal=True, consoleSize={"height": 70000, "width": 80})
+                  )["code"] == "INVALID_ARGUMENT"
     missing = c1.err("exec", container_id="c1", exec_id="m", process=proc_spec("no-such-binary-xyz"))
     assert missing["code"] == "FAILED_PRECONDITION"
     assert "executable file not found in $PATH" in missing["message"]

@@ -35,7 +35,7 @@ def test_default_spec_loads(tmp_path):
     (lambda s: s["process"].update(args="sh"), InvalidArgument, "OCI runtime-spec schema"),
     (lambda s: s["process"].update(args=[]), InvalidArgument, "process.args"),
     (lambda s: s["process"].update(cwd="rel"), InvalidArgument, "absolute"),
-    (lambda s: s["process"].update(terminal=True), InvalidArgument, "terminal"),
+    (lambda s: s["process"].update(terminal="yes"), InvalidArgument, "OCI runtime-spec schema"),
     (lambda s: s.pop("process"), InvalidArgument, "process is required"),
     (lambda s: s.update(ociVersion="2.0.0"), InvalidArgument, "ociVersion"),
     (lambda s: s["root"].update(path="missing"), NotFound, "rootfs"),
@@ -45,6 +45,12 @@ def test_bad_bundles(tmp_path, mutate, error, match):
     mutate(spec)
     with pytest.raises(error, match=match):
         load_bundle(write_bundle(tmp_path, spec))
+
+
+def test_terminal_is_accepted(tmp_path):
+    spec = default_spec()
+    spec["process"].update(terminal=True, consoleSize={"height": 24, "width": 80})
+    assert load_bundle(write_bundle(tmp_path, spec)).process["terminal"] is True
 
 
 def test_missing_and_garbage(tmp_path):

@@ -11,7 +11,7 @@ from hanabi_common.models.agentd import (AgentInfo, ConnectAgent, ContainerRef, 
 from hanabi_common.models.base import Removed, SandboxRef
 from hanabi_common.rpc.client import RpcClient
 
-from hanabi_agentd.models import AgentDetails, AgentList, ProcessRef
+from hanabi_agentd.models import AgentDetails, AgentList, ProcessRef, ResizeProcess
 
 SLACK_S = 5.0
 
@@ -80,6 +80,13 @@ class AgentdClient:
         """Close a process's stdin."""
         self.rpc.call("container.close_stdin", ProcessRef(sandbox_id=sandbox_id, container_id=container_id,
                                                           exec_id=exec_id))
+
+    def resize(self, sandbox_id: str, container_id: str, height: int, width: int,
+               exec_id: str = "init") -> None:
+        """Set the window size (rows, columns) of a process's terminal."""
+        self.rpc.call("container.resize", ResizeProcess(sandbox_id=sandbox_id, container_id=container_id,
+                                                        exec_id=exec_id, height=height, width=width),
+                      idempotent=True)
 
     def state(self, sandbox_id: str, container_id: str) -> ContainerState:
         """Status of the container and its processes (also after they exited)."""

@@ -3,7 +3,9 @@
 `<run_dir>/agentd-io.sock` (mode 0600) speaks the agent framing (`hanabi_guest.protocol`).
 A client first sends `{"type":"attach","sandbox_id","container_id","exec_id"}` and gets
 `{"type":"attached"}` or `{"type":"error","code","message"}`. Then it may send
-`{"type":"stdin","data":b64}` and `{"type":"close_stdin"}`; the server sends
+`{"type":"stdin","data":b64}`, `{"type":"close_stdin"}` and, for a process on a terminal,
+`{"type":"resize","height":H,"width":W}` (strict integers 1..65535, passed on to the
+guest's `resize`); the server sends
 `{"type":"output","stream","data"}` for every chunk and finally
 `{"type":"exit","exit_code","signal"}`, after which it closes the connection.
 One client per process at a time; a client that comes back (say after an agentd restart)
@@ -26,6 +28,7 @@ from hanabi_common.errors import HanabiError, InvalidArgument
 from hanabi_guest.protocol import FrameDecoder, ProtocolError, b64e, encode_frame
 
 from hanabi_agentd.guest_messages import ID_REGEX, Data
+from hanabi_agentd.models import TtyDim
 from hanabi_agentd.process import ExitEvent, OutputEvent, ProcessRecord
 
 log = logging.getLogger("hanabi.agentd.io")
@@ -63,7 +66,15 @@ class CloseStdin(_ClientMsg):
     type: Literal["close_stdin"]
 
 
-_CLIENT = TypeAdapter(Annotated[Union[Stdin, CloseStdin], Field(discriminator="type")])
+class Resize(_ClientMsg):
+    """New window size of the process's terminal (rows, columns)."""
+
+    type: Literal["resize"]
+    height: TtyDim
+    width: TtyDim
+
+
+_CLIENT = TypeAdapter(Annotated[Union[Stdin, CloseStdin, Resize], Field(discriminator="type")])
 
 
 def io_socket_path(run_dir: Path) -> Path:
@@ -257,11 +268,13 @@ class _IoClient:
             if isinstance(msg, Stdin):
                 if msg.data:
                     self.session.send_event("stdin", {**fields, "data": b64e(msg.data)})
+            elif isinstance(msg, Resize):
+                self.session.request("resize", {**fields, "height": msg.height, "width": msg.width})
             else:
                 self.session.request("close_stdin", fields)
         except HanabiError as exc:
-            log.debug("stdin not delivered", extra={"container": record.container_id,
-                                                    "exec": record.exec_id, "error": exc.message})
+            log.debug(f"{msg.type} not delivered", extra={"container": record.container_id,
+                                                          "exec": record.exec_id, "error": exc.message})
 
     def _write_loop(self) -> None:
         record = self.record

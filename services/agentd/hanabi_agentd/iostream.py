@@ -7,7 +7,7 @@ Python process per container. Typical use by the stand-in::
     status = stream.relay(0, 1, 2)        # stdin -> guest, guest stdout/stderr -> fds
     os._exit(status)                       # exit code, or 128+signal, 255 if unknown
 
-or by hand: `send_stdin`, `close_stdin`, select on `fileno()`, `read_events()`.
+or by hand: `send_stdin`, `close_stdin`, `resize`, select on `fileno()`, `read_events()`.
 Events are validated dicts: `{"type":"output","stream":"stdout"|"stderr","data":bytes}`
 and `{"type":"exit","exit_code":int|None,"signal":int|None}`; after the exit the server
 closes the connection. `read_events()` raises EOFError when the connection ended without
@@ -17,6 +17,7 @@ an exit (agentd went away: attach again, buffered output and the exit are kept f
 from __future__ import annotations
 
 import os
+import select
 import socket
 import threading
 import time
@@ -27,6 +28,7 @@ from hanabi_guest.protocol import (HEADER, MAX_DATA_CHUNK, MAX_FRAME, FrameDecod
 
 IO_SOCKET_NAME = "agentd-io.sock"
 UNKNOWN_STATUS = 255
+MAX_TTY_DIM = 65535
 
 
 class IoError(Exception):
@@ -149,6 +151,15 @@ class IoStream:
         with self._send_lock:
             self._sock.sendall(encode_frame({"type": "close_stdin"}))
 
+    def resize(self, height: int, width: int) -> None:
+        """Set the window size (rows, columns) of the process's terminal (terminal: true).
+        ValueError unless both are integers in 1..65535."""
+        for name, value in (("height", height), ("width", width)):
+            if type(value) is not int or not 1 <= value <= MAX_TTY_DIM:
+                raise ValueError(f"terminal {name} must be an integer in 1..{MAX_TTY_DIM}, not {value!r}")
+        with self._send_lock:
+            self._sock.sendall(encode_frame({"type": "resize", "height": height, "width": width}))
+
     def read_events(self) -> list[dict]:
         """Read once (blocking) and return the validated events completed by it;
         EOFError when agentd closed the connection without an exit event."""
@@ -249,6 +260,11 @@ def _write_all(fd: int, data: bytes) -> None:
     while view:
         try:
             written = os.write(fd, view)
-        except BrokenPipeError:
-            return  # nobody reads that stream any more; keep relaying the rest
+        except BlockingIOError:  # a non-blocking fd from our caller: wait until it drains
+            select.select([], [fd], [])
+            continue
+        except OSError:
+            # EPIPE, or EIO from a pty whose master side was closed: nobody reads that
+            # stream any more; keep relaying the rest (the exit status still matters).
+            return
         view = view[written:]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import Field
 
 from hanabi_common.models.agentd import AgentInfo
 from hanabi_common.models.base import ContainerId, ExecId, Reply, Request, SandboxId
@@ -14,6 +16,21 @@ class ProcessRef(Request):
     sandbox_id: SandboxId
     container_id: ContainerId
     exec_id: ExecId = "init"
+
+
+MAX_TTY_DIM = 65535
+# Rows or columns of a terminal: a strict integer in 1..65535 (struct winsize holds u16).
+TtyDim = Annotated[int, Field(strict=True, ge=1, le=MAX_TTY_DIM)]
+
+
+class ResizeProcess(Request):
+    """`container.resize`: set the window size of a process's terminal (terminal: true)."""
+
+    sandbox_id: SandboxId
+    container_id: ContainerId
+    exec_id: ExecId = "init"
+    height: TtyDim
+    width: TtyDim
 
 
 class AgentList(Reply):

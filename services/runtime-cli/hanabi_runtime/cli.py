@@ -220,7 +220,6 @@ def exec_(container_id: str = typer.Argument(..., metavar="ID"),
           user: Optional[str] = typer.Option(None, "--user", "-u", help="uid[:gid]"),
           preserve_fds: int = typer.Option(0, help="accepted for runc compatibility")) -> None:
     """Run one more process in a running container."""
-    _no_console(console_socket)
 
     def go() -> int:
         from hanabi_runtime.bundle import load_bundle
@@ -228,7 +227,7 @@ def exec_(container_id: str = typer.Argument(..., metavar="ID"),
         runtime = _runtime()
         base = {} if process else load_bundle(runtime.load(container_id).bundle).process
         spec = load_process(process, command or [], cwd=cwd, env=env, user=user, tty=tty, base=base)
-        return run_exec(runtime, container_id, spec, pid_file, detach)
+        return run_exec(runtime, container_id, spec, pid_file, detach, console_socket)
     raise typer.Exit(_guard(go))
 
 
@@ -299,12 +298,6 @@ def features() -> None:
 def version() -> None:
     """Print the version."""
     typer.echo(f"hanabi-runtime version {VERSION}\nspec: 1.0.2")
-
-
-def _no_console(console_socket: Optional[str]) -> None:
-    if console_socket:
-        typer.echo("hanabi-runtime: invalid_argument: --console-socket (tty) is not supported yet", err=True)
-        raise typer.Exit(1)
 
 
 @app.command("install-docker")

@@ -326,10 +326,21 @@ def setup_console(console_socket: str | None, stdin_fd: int | None = 0, stdout_f
             os.close(master)
         if not take_controlling_tty(slave):
             _warn("cannot make the pty its controlling terminal: window resizes will not follow")
+        _release_stdio()
         return ConsoleRelay(slave, slave, size_fd=slave, owned=(slave,))
     if stdin_fd is not None and os.isatty(stdin_fd):
         return ConsoleRelay(stdin_fd, stdout_fd, size_fd=stdin_fd, raw_fd=stdin_fd)
     return ConsoleRelay(stdin_fd, stdout_fd)
+
+
+def _release_stdio() -> None:
+    """Let go of the stdio inherited from `create`: the process's stdio is the pty now, and
+    the caller (containerd's shim, through go-runc) waits for its pipes to close before it
+    takes `create` as done."""
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 def _warn(message: str) -> None:

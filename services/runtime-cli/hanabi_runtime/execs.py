@@ -73,19 +73,25 @@ def parse_user(value: str) -> dict:
         raise InvalidArgument(f"--user {value!r} must be uid[:gid] with numbers") from None
 
 
-def run_exec(runtime, cid: str, process: dict, pid_file: str | None, detach: bool) -> int:
+def run_exec(runtime, cid: str, process: dict, pid_file: str | None, detach: bool,
+             console_socket: str | None = None) -> int:
     """Start `process` in container `cid`; detached: return 0 once the stand-in runs,
-    else wait and return the process's status."""
+    else wait and return the process's status. With a terminal, the pty master goes to
+    `console_socket` (detached, as containerd's shim asks) or our own tty is used."""
     from hanabi_common.errors import FailedPrecondition
+    from hanabi_runtime import console
     from hanabi_runtime.state import process_start_time, write_pid_file
 
+    console_args = console.standin_args(bool(process.get("terminal")), console_socket, detach)
     state = runtime.load(cid)
     status = runtime.status(state)
     if status != "running":
         raise FailedPrecondition(f"cannot exec in container {cid}: it is {status}, not running")
     exec_id = new_exec_id()
+    terminal = console.save_terminal(0)
     runtime.daemons.agentd.exec(cid, cid, exec_id, process)
-    standin = runtime.spawn_standin(cid, None, detach, exec_id=exec_id)
+    standin = runtime.spawn_standin(cid, None, detach, exec_id=exec_id, console=console_args,
+                                    args=process["args"])
     if state.cgroups:
         from hanabi_runtime.cgroups import join
         join(state.cgroups, standin.pid)
@@ -96,5 +102,8 @@ def run_exec(runtime, cid: str, process: dict, pid_file: str | None, detach: boo
         write_pid_file(pid_file, standin.pid)
     if detach:
         return 0
-    code = standin.wait()
+    try:
+        code = standin.wait()
+    finally:
+        console.restore(0, terminal)
     return 128 - code if code < 0 else code

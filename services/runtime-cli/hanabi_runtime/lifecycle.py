@@ -76,7 +76,8 @@ class Runtime:
             fifo = self.store.sandbox_dir(cid) / START_FIFO
             os.mkfifo(fifo, 0o600)
             mark = time.monotonic()
-            standin = self.spawn_standin(cid, fifo, detach_standin, console=console)
+            standin = self.spawn_standin(cid, fifo, detach_standin, console=console,
+                                         args=bundle.process["args"])
             timings["standin_s"] = round(time.monotonic() - mark, 4)
             cgroup_dirs = self._account(bundle, [vm.pid, standin.pid])
             state = RuntimeState(id=cid, bundle=str(bundle.path), rootfs=str(bundle.rootfs),
@@ -164,13 +165,15 @@ class Runtime:
                 if volume.binds else None))
         return timings, vm
 
-    def spawn_standin(self, cid: str, fifo: Path | None, detach: bool,
-                      exec_id: str = "init", console: list[str] | None = None) -> subprocess.Popen:
+    def spawn_standin(self, cid: str, fifo: Path | None, detach: bool, exec_id: str = "init",
+                      console: list[str] | None = None, args: list[str] = ()) -> subprocess.Popen:
         """Start a stand-in for one process of `cid` and wait until it is attached.
-        `console`: its terminal arguments, from `console.standin_args`."""
+        `console`: its terminal arguments, from `console.standin_args`; `args`: the command
+        it stands for (its process title, which host ps and `docker top` show)."""
         ready_r, ready_w = os.pipe()
         argv = [sys.executable, "-m", "hanabi_runtime.standin", "--sandbox", cid,
-                "--container", cid, "--exec-id", exec_id, "--ready-fd", str(ready_w)]
+                "--container", cid, "--exec-id", exec_id, "--ready-fd", str(ready_w),
+                "--title", " ".join(args)[:512]]
         if fifo is not None:
             argv += ["--start-fifo", str(fifo)]
         if self.config.source:

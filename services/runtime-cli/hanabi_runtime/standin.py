@@ -104,7 +104,13 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--config")
     parser.add_argument("--console-socket")
     parser.add_argument("--tty", action="store_true")
+    parser.add_argument("--title", default="", help="the process's command, shown by ps and docker top")
     return parser.parse_args(argv)
+
+
+def process_title(command: str, container: str) -> str:
+    """What host `ps` (and so `docker top`) shows for a stand-in: the command it stands for."""
+    return f"{command} [hanabi {container[:12]}]" if command else f"[hanabi {container[:12]}]"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         os.write(args.ready_fd, f"error: {exc}\n".encode())
         return 1
+    from setproctitle import setproctitle
+    setproctitle(process_title(args.title, args.container))
+    from setproctitle import setproctitle
+    setproctitle(process_title(args.title, args.container))
     os.write(args.ready_fd, b"ok\n")
     os.close(args.ready_fd)
     if not standin.started:
