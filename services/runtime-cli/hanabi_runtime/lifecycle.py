@@ -13,7 +13,6 @@ import logging
 import os
 import select
 import signal
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -39,12 +38,36 @@ START_FIFO = "start.fifo"
 STANDIN_READY_TIMEOUT_S = 30.0
 
 
+class StandinProcess:
+    """A stand-in this process started, by pid alone.
+
+    Not a subprocess.Popen on purpose: a Popen object polls (and so may reap) its child
+    when it is garbage-collected, and the exit of a detached stand-in belongs to
+    containerd's shim, its subreaper, which waits for it to report the container's exit.
+    """
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def kill(self) -> None:
+        """SIGKILL it (gone already is fine)."""
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def wait(self) -> int:
+        """Reap it; its exit code, or -N when signal N killed it (like Popen.returncode)."""
+        _, status = os.waitpid(self.pid, 0)
+        return os.waitstatus_to_exitcode(status)
+
+
 @dataclass
 class Created:
     """What `create` made: the recorded state and the stand-in process."""
 
     state: RuntimeState
-    standin: subprocess.Popen
+    standin: StandinProcess
 
 
 class Runtime:
@@ -166,7 +189,7 @@ class Runtime:
         return timings, vm
 
     def spawn_standin(self, cid: str, fifo: Path | None, detach: bool, exec_id: str = "init",
-                      console: list[str] | None = None, args: list[str] = ()) -> subprocess.Popen:
+                      console: list[str] | None = None, args: list[str] = ()) -> "StandinProcess":
         """Start a stand-in for one process of `cid` and wait until it is attached.
         `console`: its terminal arguments, from `console.standin_args`; `args`: the command
         it stands for (its process title, which host ps and `docker top` show)."""
@@ -180,7 +203,8 @@ class Runtime:
             argv += ["--config", str(self.config.source)]
         argv += console or []
         try:
-            proc = subprocess.Popen(argv, pass_fds=(ready_w,), start_new_session=detach)
+            os.set_inheritable(ready_w, True)
+            proc = StandinProcess(os.posix_spawn(sys.executable, argv, os.environ, setsid=detach))
         finally:
             os.close(ready_w)
         try:
