@@ -65,8 +65,10 @@ def bench_hanabi(daemons, bundle: Path) -> dict:
         for name, value in state["timings"].items():
             phases.setdefault(name, []).append(value)
         state_times.append(time_command(runtime + ["state", cid]))
+        before_start = time.perf_counter()
         subprocess.run(runtime + ["start", cid], check=True, capture_output=True)
         begun = time.perf_counter()
+        phases.setdefault("start_cli_s", []).append(begun - before_start)
         while json.loads(subprocess.run(runtime + ["state", cid], capture_output=True).stdout)["status"] != "stopped":
             time.sleep(0.01)
         ended = time.perf_counter()
@@ -111,6 +113,10 @@ def main() -> None:
         "phases_median_s": {k: median(v) for k, v in sorted(hanabi["phases"].items())},
         "boot_to_agent_ready_s": median(hanabi["phases"]["agent_ready_s"]),
         "state_cli_wall_s": median(hanabi["state_cli_s"]),
+        "cli_calls_s": {"create": median(hanabi["phases"]["create_total_s"]),
+                        "start": median(hanabi["phases"]["start_cli_s"]),
+                        "state": median(hanabi["state_cli_s"]),
+                        "delete": median(hanabi["phases"]["delete_s"])},
         "state_cli_vs_runc_run": round(median(hanabi["state_cli_s"]) / runc_median, 1),
         "cli_import_s": round(import_time(), 4),
     }

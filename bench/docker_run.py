@@ -1,0 +1,67 @@
+"""`docker run --rm IMAGE true`: hanabi against runc, through the same private dockerd.
+
+Part of `make bench`. Starts the hanabi daemons and a private dockerd (the e2e harness in
+tests/e2e/docker_env.py), imports the busybox test image, then times N runs per runtime,
+interleaved so that both see the same machine load. Prints medians and the ratio; writes
+bench/results/docker.json. Asserts nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.e2e.docker_env import IMAGE, PrivateDocker, e2e_skip_reason, make_base_dir  # noqa: E402
+from tests.helpers.hanabi import start_daemons  # noqa: E402
+
+RUNS = int(os.environ.get("HANABI_BENCH_RUNS", "10"))
+
+
+def timed_run(env: PrivateDocker, runtime: str) -> float:
+    started = time.perf_counter()
+    done = env.run("run", "--rm", f"--runtime={runtime}", "--network", "none", IMAGE, "true", timeout=120)
+    elapsed = time.perf_counter() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"docker run with {runtime} failed: {done.stderr.strip()[-500:]}")
+    return elapsed
+
+
+def main() -> None:
+    reason = e2e_skip_reason()
+    if reason:
+        sys.exit(f"cannot benchmark here: {reason}")
+    import tempfile
+    logs = Path(tempfile.mkdtemp(prefix="hanabi-bench-docker-"))
+    daemons = start_daemons(logs / "hanabi")
+    env = PrivateDocker(base=make_base_dir(), logs=logs, hanabi=daemons)
+    try:
+        env.start()
+        env.import_busybox()
+        timed_run(env, "runc")  # warm the image and the shim once for both
+        runc, hanabi = [], []
+        for _ in range(RUNS):
+            runc.append(timed_run(env, "runc"))
+            hanabi.append(timed_run(env, "hanabi"))
+    finally:
+        env.close()
+    report = {
+        "runs": RUNS,
+        "docker_run_true_runc_s": round(statistics.median(runc), 3),
+        "docker_run_true_hanabi_s": round(statistics.median(hanabi), 3),
+        "ratio_hanabi_vs_runc": round(statistics.median(hanabi) / statistics.median(runc), 1),
+    }
+    out = ROOT / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "docker.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
