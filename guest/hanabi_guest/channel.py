@@ -112,42 +112,6 @@ def _ensure_dev_node(port: str, sysfs: str = "/sys") -> str:
     return path
 
 
-class SerialChannel(Channel):
-    """A virtio-serial port opened O_RDWR | O_NONBLOCK."""
-
-    name = "virtio-serial"
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.retry_delay = 0.05
-
-    @classmethod
-    def open(cls, name: str = SERIAL_PORT_NAME, timeout: float = 10.0) -> "SerialChannel":
-        """Find the port called ``name`` (waiting up to ``timeout`` s) and open it."""
-        deadline = time.monotonic() + timeout
-        while True:
-            port = find_serial_port(name)
-            if port is not None:
-                break
-            if time.monotonic() >= deadline:
-                raise RuntimeError(f"no virtio-serial port named {name!r} in /sys/class/virtio-ports")
-            time.sleep(0.01)
-        path = _ensure_dev_node(port)
-        return cls(os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY))
-
-    def fileno(self) -> int:
-        return self.fd
-
-    def read(self) -> bytes | None:
-        return _read_fd(self.fd)
-
-    def write(self, data: bytes | memoryview) -> int:
-        return _write_fd(self.fd, data)
-
-    def close(self) -> None:
-        os.close(self.fd)
-
-
 class FdChannel(Channel):
     """An inherited, already connected stream socket; the agent stops when it closes."""
 
@@ -169,6 +133,30 @@ class FdChannel(Channel):
 
     def close(self) -> None:
         os.close(self.fd)
+
+
+class SerialChannel(FdChannel):
+    """A virtio-serial port opened O_RDWR | O_NONBLOCK."""
+
+    name = "virtio-serial"
+
+    def __init__(self, fd: int) -> None:  # opened non-blocking already; EOF means no host yet
+        self.fd = fd
+        self.retry_delay = 0.05
+
+    @classmethod
+    def open(cls, name: str = SERIAL_PORT_NAME, timeout: float = 10.0) -> "SerialChannel":
+        """Find the port called ``name`` (waiting up to ``timeout`` s) and open it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            port = find_serial_port(name)
+            if port is not None:
+                break
+            if time.monotonic() >= deadline:
+                raise RuntimeError(f"no virtio-serial port named {name!r} in /sys/class/virtio-ports")
+            time.sleep(0.01)
+        path = _ensure_dev_node(port)
+        return cls(os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY))
 
 
 class VsockChannel(Channel):
