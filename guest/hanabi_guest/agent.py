@@ -19,7 +19,8 @@ channel reading pauses while more than STDIN_HIGH bytes of stdin wait for proces
 
 Run in the guest by /init (``main()`` with no arguments: channel from ``hanabi.channel=``,
 real mounts). Host-side tests run ``python -m hanabi_guest.agent --fd N --rootfs-dir D``:
-a socketpair end as channel, ``DirSandbox`` (no mounts, no chroot).
+a socketpair end as channel, ``DirSandbox`` (no mounts, no chroot; ``--chroot 1`` and
+``--pidns 1`` turn on chroot and PID/mount namespaces, both need root).
 
 STDLIB ONLY: runs inside the guest.
 """
@@ -257,12 +258,14 @@ class Agent(Handlers, ProcIO):
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: the guest (no arguments) or ``--fd N --rootfs-dir D [--chroot 1]`` (host tests)."""
+    """Entry point: the guest (no arguments) or ``--fd N --rootfs-dir D [--chroot 1] [--pidns 1]``
+    (host tests)."""
     args = sys.argv[1:] if argv is None else argv
     opts = dict(zip(args[::2], args[1::2]))
     if "--fd" in opts:
         sandbox = DirSandbox(opts.get("--rootfs-dir", "/"))
         sandbox.use_chroot = opts.get("--chroot") == "1"
+        sandbox.use_pid_namespace = opts.get("--pidns") == "1"  # needs root
         agent = Agent(FdChannel(int(opts["--fd"])), sandbox)
         agent.run()
         return

@@ -11,15 +11,17 @@ STDLIB ONLY: runs inside the guest.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import time
 
 from . import protocol as P
 from .core import (AGENT_VERSION, CREATED, CREATING, DESTROYING, HOSTNAME_RE, ID_RE, PENDING,
-                   RUNNING, AgentError, Container, Pending, Proc, check_rootfs, need_bool,
+                   RUNNING, AgentError, Container, Pending, Proc, check_rootfs, log, need_bool,
                    need_int, need_str)
 from .mounts import check_mounts, check_mounts_disk
+from .namespaces import Namespaces, plan
 from .process import check_process, initial_size, set_winsize, spawn
 from .sandbox import Sandbox
 
@@ -129,13 +131,53 @@ class Handlers:
         c.state = CREATED
         self.send(P.reply_ok(req_id, {}))
 
+    def _namespaces(self, c: Container, exec_id: str) -> Namespaces | None:
+        """The namespaces of a new process of ``c``: new ones for its init, the init's for an
+        exec while the init runs; None (the guest's) without a running init or namespaces."""
+        init = c.procs.get(P.INIT_EXEC_ID)
+        how = plan(self.sandbox.use_pid_namespace, exec_id == P.INIT_EXEC_ID,
+                   init.pid if init is not None and init.alive else None)
+        if how == "new":
+            return Namespaces.new(self.sandbox.ns_hide_scope)
+        if how == "join":
+            assert init is not None
+            try:
+                return Namespaces.join(init.pid)
+            except OSError:
+                return None  # the init just exited (a zombie has no namespaces)
+        return None
+
+    def _spawn_ns(self, c: Container, exec_id: str, process: dict[str, Any],
+                  tty: int | None = None) -> tuple[int, int, int, int]:
+        """``spawn`` in the namespaces ``_namespaces`` picks, falling back to the guest's when
+        the kernel has no PID namespaces or the init's namespace stopped taking processes."""
+        assert c.root is not None
+        ns = self._namespaces(c, exec_id)
+        try:
+            return spawn(process, c.root.path, chroot=self.sandbox.use_chroot, cgroup=c.root.cgroup,
+                         tty=tty, ns=ns)
+        except OSError as exc:  # raised in the agent: unshare/setns/fork (the child's errors are SpawnError)
+            if ns is None:
+                raise
+            if ns.joining:
+                if exc.errno != errno.ENOMEM:  # ENOMEM: its PID 1 is exiting
+                    raise
+            elif exc.errno in (errno.EINVAL, errno.ENOSYS):
+                log(f"no PID namespaces ({exc}): container processes share the guest's")
+                self.sandbox.use_pid_namespace = False
+            else:
+                raise
+        finally:
+            if ns is not None:
+                ns.close()
+        return spawn(process, c.root.path, chroot=self.sandbox.use_chroot, cgroup=c.root.cgroup, tty=tty)
+
     def _spawn(self, c: Container, exec_id: str, process: dict[str, Any]) -> Proc:
         assert c.root is not None
         if isinstance(process, dict) and process.get("terminal"):
             proc = self._spawn_on_pty(c, exec_id, process)
         else:
-            pid, stdin_fd, out_fd, err_fd = spawn(process, c.root.path, chroot=self.sandbox.use_chroot,
-                                                  cgroup=c.root.cgroup)
+            pid, stdin_fd, out_fd, err_fd = self._spawn_ns(c, exec_id, process)
             proc = Proc(c.cid, exec_id, pid, list(process["args"]), stdin_fd, out_fd, err_fd)
         c.procs[exec_id] = proc
         self.add_proc(proc)
@@ -155,8 +197,7 @@ class Handlers:
             size = initial_size(process)
             if size is not None:
                 set_winsize(master, *size)
-            pid, _, _, _ = spawn(process, c.root.path, chroot=self.sandbox.use_chroot,
-                                 cgroup=c.root.cgroup, tty=slave)
+            pid, _, _, _ = self._spawn_ns(c, exec_id, process, tty=slave)
             os.set_blocking(master, False)
             fds.append(os.dup(master))
             fds.append(os.dup(master))

@@ -12,6 +12,11 @@ as ``tty``: the child makes it stdin, stdout, stderr and, after ``setsid``, its 
 terminal (TIOCSCTTY), and owns it (fchown to the process uid) like runc does; the caller
 keeps the master. ``set_winsize`` applies ``process.consoleSize`` and later resizes.
 
+With ``ns`` (a ``namespaces.Namespaces``) the process is forked into a PID namespace (a new
+one where it is PID 1, or the container init's) and, first thing in the child, gets its
+mount namespace (a new one with a fresh /proc, or the init's); it is still a direct child
+of the caller, so ``waitpid`` gives its own status. See namespaces.py.
+
 Not applied (the VM is the isolation boundary): capabilities, noNewPrivileges, seccomp,
 apparmor/selinux labels.
 
@@ -28,6 +33,8 @@ import struct
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
+
+    from .namespaces import Namespaces
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 MAX_ARGS = 4096
@@ -171,7 +178,7 @@ def _execvpe(args: list[str], env: dict[str, str]) -> None:
 
 def _child(p: dict[str, Any], root: str, chroot: bool, cgroup: str | None,
            fds: tuple[int, int, int], errw: int, rlimits: list[tuple[int, int, int]],
-           tty: bool = False) -> None:
+           tty: bool = False, ns: Namespaces | None = None) -> None:
     """Runs in the forked child; never returns.
 
     Nothing here may import a module that is not loaded yet: after chroot the guest's
@@ -179,6 +186,9 @@ def _child(p: dict[str, Any], root: str, chroot: bool, cgroup: str | None,
     """
     stage = "setup"
     try:
+        if ns is not None:
+            stage = "enter mount namespace"
+            ns.enter_mounts(root, chroot)
         stage = "setsid"
         os.setsid()
         if cgroup:
@@ -260,12 +270,15 @@ def _spawn_error(data: bytes, args: list[str]) -> SpawnError:
 
 
 def spawn(p: dict[str, Any], root: str, *, chroot: bool = True,
-          cgroup: str | None = None, tty: int | None = None) -> tuple[int, int, int, int]:
+          cgroup: str | None = None, tty: int | None = None,
+          ns: Namespaces | None = None) -> tuple[int, int, int, int]:
     """Start process ``p`` in rootfs ``root``.
 
     Returns ``(pid, stdin_w, stdout_r, stderr_r)``; the three pipe ends are non-blocking and
     close-on-exec, owned by the caller. With ``tty`` (a pty slave, which the caller still
-    owns and closes) the process runs on that terminal and the three fds are -1.
+    owns and closes) the process runs on that terminal and the three fds are -1. With
+    ``ns`` it runs in those namespaces (the caller keeps and closes ``ns``); ``pid`` is
+    its pid in the caller's (the guest's) PID namespace.
     """
     check_process(p)
     rlimits = _rlimits(p)
@@ -281,13 +294,13 @@ def spawn(p: dict[str, Any], root: str, *, chroot: bool = True,
         child_fds = (in_r, out_w, err_w)
     ep_r, ep_w = os.pipe2(os.O_CLOEXEC)
     try:
-        pid = os.fork()
+        pid = os.fork() if ns is None else ns.fork()
     except BaseException:
         for fd in (*ours, *theirs, ep_r, ep_w):
             os.close(fd)
         raise
     if pid == 0:
-        _child(p, root, chroot, cgroup, child_fds, ep_w, rlimits, tty is not None)
+        _child(p, root, chroot, cgroup, child_fds, ep_w, rlimits, tty is not None, ns)
     for fd in (*theirs, ep_w):
         os.close(fd)
     chunks = []

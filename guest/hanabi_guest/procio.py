@@ -5,8 +5,8 @@ MAX_DATA_CHUNK pieces and relayed as ``output`` events; ``stdin`` events are buf
 written when the pipe is writable; SIGCHLD wake-ups reap every child (and every orphan the
 kernel re-parents to PID 1). ``exit`` is sent when a process is reaped and both its output
 pipes reached EOF (a process on a pty: when its master reads EOF or EIO, i.e. every holder
-of the slave closed it). When a container's init dies its other processes are SIGKILLed, like a
-PID namespace would.
+of the slave closed it). When a container's init dies its other processes are SIGKILLed (the
+kernel does it too when the init was PID 1 of the container's PID namespace, see namespaces.py).
 
 STDLIB ONLY: runs inside the guest.
 """
@@ -142,7 +142,7 @@ class ProcIO:
             proc.status = status
             c = self.containers.get(proc.cid)
             if c is not None and proc.exec_id == P.INIT_EXEC_ID:
-                # Like a PID namespace: when the init process dies, the container dies.
+                # When the init process dies, the container dies (as its PID namespace does).
                 c.state = STOPPED if c.state != DESTROYING else c.state
                 self.kill_container(c, signal.SIGKILL)
             self._maybe_exited(proc)

@@ -9,8 +9,12 @@ container's processes into a cgroup v2 group, sets the hostname and powers the V
 container's own devpts instance (``<rootfs>/dev/pts/ptmx``, so the slave is a /dev/pts/N of
 the container, as runc does it), elsewhere from ``os.openpty()``.
 
+``use_pid_namespace`` (True here) gives every container its own PID and mount namespaces
+(see namespaces.py); ``ns_hide_scope`` is where other containers' mounts live, which a new
+container mount namespace detaches.
+
 ``DirSandbox`` is the host-side test double: every rootfs is one existing directory, no
-mounts, no chroot, no cgroups, and "power off" just stops the agent loop.
+mounts, no chroot, no cgroups, no namespaces, and "power off" just stops the agent loop.
 
 STDLIB ONLY: runs inside the guest. ``ctypes`` is imported lazily (mount/reboot only).
 """
@@ -170,6 +174,8 @@ class Sandbox:
     """Interface the agent uses for everything that needs root in the guest."""
 
     use_chroot = True
+    use_pid_namespace = False
+    ns_hide_scope: str | None = None
 
     def open_pty(self, root: Rootfs) -> tuple[int, int]:
         """A ``(master, slave)`` pty pair for a process of the container at ``root``."""
@@ -205,10 +211,13 @@ class Sandbox:
 
 
 class GuestSandbox(Sandbox):
-    """The real sandbox: mounts inside the VM, chroot, cgroup v2, power off."""
+    """The real sandbox: mounts inside the VM, chroot, namespaces, cgroup v2, power off."""
+
+    use_pid_namespace = True
 
     def __init__(self, run_dir: str = RUN_DIR, cgroup_root: str = CGROUP_ROOT) -> None:
         self.run_dir = run_dir
+        self.ns_hide_scope = run_dir
         self.cgroup_root: str | None = self._init_cgroups(cgroup_root)
 
     @staticmethod
@@ -344,6 +353,7 @@ class DirSandbox(Sandbox):
     """Host-side test double: every rootfs is ``directory``; nothing is mounted."""
 
     use_chroot = False
+    use_pid_namespace = False
 
     def __init__(self, directory: str) -> None:
         self.directory = directory
