@@ -205,8 +205,9 @@ def test_reconnect_after_the_connection_was_lost(rig):
     create(svc, "c1")
     svc.start(ref("c1"))
     agent.agents[-1].sock.shutdown(socket.SHUT_RDWR)
-    wait_until(lambda: not svc.get(SandboxRef(sandbox_id="sb1")).connected)
-    assert svc.state(ref("c1")).status == "stopped"
+    # the session flips `connected` first, then marks its processes: wait for both
+    wait_until(lambda: not svc.get(SandboxRef(sandbox_id="sb1")).connected
+               and svc.state(ref("c1")).status == "stopped")
     again = svc.connect(ConnectAgent(sandbox_id="sb1", socket_path=agent.path))
     assert again.connected
     assert svc.state(ref("c1")).status == "stopped"

@@ -367,10 +367,13 @@ def test_listener_channel_serves_one_connection_after_another(tmp_path: Path) ->
             s.settimeout(10)
             while not any(m.get("id") == round_ for m in got):
                 got += dec.feed(s.recv(65536))
+            kinds = [m["type"] for m in got]
             if round_ == 0:
-                assert [m["type"] for m in got] == ["sync", "ready", "reply"]  # ready was queued for us
+                # `ready` goes out as soon as a host connects: before our SYNC was read (then the
+                # decoder rightly drops it) or after it; the protocol tells hosts not to rely on it.
+                assert kinds in (["sync", "ready", "reply"], ["sync", "reply"])
             else:
-                assert [m["type"] for m in got] == ["sync", "reply"]
+                assert kinds == ["sync", "reply"]
             s.close()
     finally:
         proc.kill()
