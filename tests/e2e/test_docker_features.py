@@ -86,7 +86,8 @@ def test_pause_and_unpause(docker, busy):
 # -- a terminal -------------------------------------------------------------------------------
 
 CURSOR_QUERY = b"\x1b[6n"   # busybox's line editor asks the terminal where the cursor is
-PROMPT = re.compile(r"[#$] $", re.M)
+# The prompt, possibly redrawn after the cursor answer ("\r/ # \x1b[J": clear to the end).
+PROMPT = re.compile(r"[#$] (?:\x1b\[J)?(?:\r|$)", re.M)
 
 
 class Terminal:
