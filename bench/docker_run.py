@@ -8,7 +8,6 @@ bench/results/docker.json. Asserts nothing.
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import sys
@@ -19,6 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.e2e.docker_env import IMAGE, PrivateDocker, e2e_skip_reason, make_base_dir  # noqa: E402
+from bench.run import publish  # noqa: E402
 from tests.helpers.hanabi import start_daemons  # noqa: E402
 
 RUNS = int(os.environ.get("HANABI_BENCH_RUNS", "10"))
@@ -57,10 +57,7 @@ def main() -> None:
         "docker_run_true_hanabi_s": round(statistics.median(hanabi), 3),
         "ratio_hanabi_vs_runc": round(statistics.median(hanabi) / statistics.median(runc), 1),
     }
-    out = ROOT / "bench" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "docker.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2))
+    publish(report, "docker.json")
 
 
 if __name__ == "__main__":

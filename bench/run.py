@@ -120,9 +120,14 @@ def main() -> None:
         "state_cli_vs_runc_run": round(median(hanabi["state_cli_s"]) / runc_median, 1),
         "cli_import_s": round(import_time(), 4),
     }
+    publish(report, "latest.json")
+
+
+def publish(report: dict, name: str) -> None:
+    """Print a report and keep it as bench/results/<name>."""
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "latest.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / name).write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
 
 

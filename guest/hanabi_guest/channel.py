@@ -23,7 +23,10 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import time
+
+from .sandbox import ensure_dev_node
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -102,16 +105,6 @@ def find_serial_port(name: str = SERIAL_PORT_NAME, sysfs: str = "/sys") -> str |
     return None
 
 
-def _ensure_dev_node(port: str, sysfs: str = "/sys") -> str:
-    """Return /dev/<port>, creating the char node from sysfs if devtmpfs lacks it."""
-    path = "/dev/" + port
-    if not os.path.exists(path):
-        with open(os.path.join(sysfs, "class/virtio-ports", port, "dev"), encoding="utf-8") as f:
-            major, minor = (int(x) for x in f.read().strip().split(":"))
-        os.mknod(path, 0o600 | 0o020000, os.makedev(major, minor))
-    return path
-
-
 class FdChannel(Channel):
     """An inherited, already connected stream socket; the agent stops when it closes."""
 
@@ -155,7 +148,7 @@ class SerialChannel(FdChannel):
             if time.monotonic() >= deadline:
                 raise RuntimeError(f"no virtio-serial port named {name!r} in /sys/class/virtio-ports")
             time.sleep(0.01)
-        path = _ensure_dev_node(port)
+        path = ensure_dev_node(port, "/sys/class/virtio-ports", stat.S_IFCHR)
         return cls(os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY))
 
 

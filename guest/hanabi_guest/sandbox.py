@@ -139,14 +139,20 @@ def find_block_device(serial: str, sysfs: str = "/sys") -> str | None:
     return None
 
 
-def ensure_block_node(name: str, sysfs: str = "/sys") -> str:
-    """Return /dev/<name>, creating the block node if devtmpfs does not have it."""
+def ensure_dev_node(name: str, sysfs_dir: str, file_type: int) -> str:
+    """Return /dev/<name>, making the node from ``<sysfs_dir>/<name>/dev`` if devtmpfs
+    lacks it (there is no udev in the guest)."""
     path = "/dev/" + name
     if not os.path.exists(path):
-        with open(os.path.join(sysfs, "block", name, "dev"), encoding="utf-8") as f:
+        with open(os.path.join(sysfs_dir, name, "dev"), encoding="utf-8") as f:
             major, minor = (int(x) for x in f.read().strip().split(":"))
-        os.mknod(path, 0o600 | stat.S_IFBLK, os.makedev(major, minor))
+        os.mknod(path, 0o600 | file_type, os.makedev(major, minor))
     return path
+
+
+def ensure_block_node(name: str, sysfs: str = "/sys") -> str:
+    """Return /dev/<name>, creating the block node if devtmpfs does not have it."""
+    return ensure_dev_node(name, os.path.join(sysfs, "block"), stat.S_IFBLK)
 
 
 def open_pty_in(pts_dir: str) -> tuple[int, int]:
