@@ -26,7 +26,7 @@ import os
 import stat
 import time
 
-from .sandbox import ensure_dev_node
+from .sandbox import ensure_dev_node, find_sysfs_entry
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -90,19 +90,7 @@ def _write_fd(fd: int, data: bytes | memoryview) -> int:
 
 def find_serial_port(name: str = SERIAL_PORT_NAME, sysfs: str = "/sys") -> str | None:
     """Return the /dev name (e.g. ``vport1p1``) of the virtio-serial port called ``name``."""
-    base = os.path.join(sysfs, "class/virtio-ports")
-    try:
-        ports = sorted(os.listdir(base))
-    except OSError:
-        return None
-    for port in ports:
-        try:
-            with open(os.path.join(base, port, "name"), encoding="utf-8") as f:
-                if f.read().strip() == name:
-                    return port
-        except OSError:
-            continue
-    return None
+    return find_sysfs_entry(os.path.join(sysfs, "class/virtio-ports"), "name", name)
 
 
 class FdChannel(Channel):

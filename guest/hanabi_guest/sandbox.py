@@ -122,21 +122,25 @@ def poweroff() -> None:
     _check(libc().reboot(LINUX_REBOOT_CMD_POWER_OFF), "reboot(POWER_OFF)")
 
 
-def find_block_device(serial: str, sysfs: str = "/sys") -> str | None:
-    """Return the name (e.g. ``vdb``) of the block device whose virtio serial is ``serial``."""
-    base = os.path.join(sysfs, "block")
+def find_sysfs_entry(base: str, attribute: str, value: str) -> str | None:
+    """The first entry of sysfs directory ``base`` whose ``attribute`` file reads ``value``."""
     try:
         names = sorted(os.listdir(base))
     except OSError:
         return None
     for name in names:
         try:
-            with open(os.path.join(base, name, "serial"), encoding="utf-8", errors="replace") as f:
-                if f.read().strip() == serial:
+            with open(os.path.join(base, name, attribute), encoding="utf-8", errors="replace") as f:
+                if f.read().strip() == value:
                     return name
         except OSError:
             continue
     return None
+
+
+def find_block_device(serial: str, sysfs: str = "/sys") -> str | None:
+    """Return the name (e.g. ``vdb``) of the block device whose virtio serial is ``serial``."""
+    return find_sysfs_entry(os.path.join(sysfs, "block"), "serial", serial)
 
 
 def ensure_dev_node(name: str, sysfs_dir: str, file_type: int) -> str:

@@ -166,11 +166,8 @@ class AgentService:
                 raise AlreadyExists(f"container {cid} already exists in sandbox {request.sandbox_id}")
             session.containers[cid] = record
         try:
-            session.request("create_container", {
-                "container_id": cid, "rootfs": request.rootfs.model_dump(mode="json"),
-                "process": request.process, "hostname": request.hostname,
-                "mounts": [m.model_dump(mode="json") for m in request.mounts],
-                "mounts_disk": request.mounts_disk.model_dump(mode="json") if request.mounts_disk else None})
+            # The guest takes the request's own fields (docs/agent-protocol.md), less the sandbox.
+            session.request("create_container", request.model_dump(mode="json", exclude={"sandbox_id"}))
         except BaseException:
             with session._lock:
                 if session.containers.get(cid) is record:
