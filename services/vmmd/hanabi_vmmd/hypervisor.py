@@ -38,6 +38,7 @@ class VmSpec:
     pid_file: Path
     stderr_log: Path
     hotplug_slots: int = 4
+    nics: tuple["NicSpec", ...] = ()
 
     @classmethod
     def in_dir(cls, sandbox_id: str, vm_dir: Path, **kwargs: object) -> "VmSpec":
@@ -82,6 +83,17 @@ class DiskSpec:
 
 
 @dataclass(frozen=True)
+class NicSpec:
+    """A NIC: the tap netd made (in `netns_path`, None for the host's) and the guest's MAC."""
+
+    device_id: str
+    tap: str
+    mac: str
+    mtu: int = 1500
+    netns_path: str | None = None
+
+
+@dataclass(frozen=True)
 class StopResult:
     """How a VM ended: `exit_status` is None when vmmd is not its parent."""
 
@@ -107,6 +119,10 @@ class Hypervisor(Protocol):
 
     def detach_disk(self, handle: VmHandle, disk: DiskSpec, timeout: float) -> None:
         """Hot-unplug `disk` and release its backend node; idempotent."""
+
+    def attach_nic(self, handle: VmHandle, nic: NicSpec, busy_slots: Collection[str]) -> str:
+        """Hot-plug `nic`; return the slot it took. Backends without NIC hotplug raise
+        FailedPrecondition (Firecracker takes its NICs in the VmSpec, at boot)."""
 
     def pause(self, handle: VmHandle) -> None:
         """Stop the vCPUs."""

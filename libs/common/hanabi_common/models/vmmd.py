@@ -11,13 +11,34 @@ from hanabi_common.models.base import Reply, Request, SandboxId, SandboxRef
 VmState = Literal["booting", "running", "paused", "stopped"]
 
 
+class VmNic(Request):
+    """A guest NIC backed by a tap device that netd made in a network namespace."""
+
+    tap: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,15}$")
+    mac: str = Field(pattern=r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$")
+    mtu: int = Field(1500, ge=68, le=65535)
+    netns_path: str | None = Field(None, min_length=1, max_length=4096)
+
+
 class CreateVm(Request):
-    """Boot a VM for a sandbox (memory and vCPUs default to the config)."""
+    """Boot a VM for a sandbox (memory and vCPUs default to the config).
+
+    `nics` are attached at boot (Firecracker can take them no other way); a backend that
+    hot-plugs (QEMU) also takes them later through vm.attach_nic.
+    """
 
     sandbox_id: SandboxId
     memory_mib: int | None = Field(None, ge=64, le=1 << 20)
     vcpus: int | None = Field(None, ge=1, le=64)
     hypervisor: Literal["auto", "qemu", "firecracker"] | None = None
+    nics: list[VmNic] = Field(default_factory=list, max_length=8)
+
+
+class AttachNic(Request):
+    """Hot-plug a NIC into a running VM."""
+
+    sandbox_id: SandboxId
+    nic: VmNic
 
 
 class VmInfo(Reply):
@@ -36,6 +57,7 @@ class VmInfo(Reply):
     created_at: float
     exit_status: int | None = None
     disks: list[str] = []
+    nics: list[str] = []
 
 
 class VmList(Reply):
@@ -76,4 +98,4 @@ class DetachDisk(Request):
     device_id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,32}$")
 
 
-__all__ = ["CreateVm", "VmInfo", "VmList", "StopVm", "AttachDisk", "DiskInfo", "DetachDisk", "SandboxRef"]
+__all__ = ["VmNic", "AttachNic", "CreateVm", "VmInfo", "VmList", "StopVm", "AttachDisk", "DiskInfo", "DetachDisk", "SandboxRef"]
