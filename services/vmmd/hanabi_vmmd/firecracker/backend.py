@@ -1,0 +1,426 @@
+"""The Firecracker backend of the Hypervisor interface.
+
+One `firecracker --api-sock` process per VM (optionally through `jailer`), in a session of
+its own so it outlives a vmmd restart, stdin from /dev/null, stdout and stderr (the guest's
+serial console included) into the VM's stderr log. `start` waits for the API socket (with
+a deadline), configures the VM with `boot.boot_sequence` (kernel = the image's ELF
+vmlinux, initrd, cmdline with the agent on vsock, machine-config from the VmSpec, logger,
+metrics, hybrid vsock on `fc-vsock.sock`, placeholder drives ph0.., the boot NICs) and
+sends InstanceStart. Any failure kills and reaps the process: nothing is left running.
+
+Firecracker has no hotplug: disks arrive by swapping a placeholder drive's backing file
+(`PATCH /drives/phN`), so the hot-plug slots are the placeholder names; detaching swaps the
+empty placeholder file back. NICs only come at boot (`attach_nic` is FailedPrecondition).
+The guest finds a swapped disk by its virtio-blk serial, which Firecracker derives from the
+backing file (`guest_serial`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable, Collection
+
+from hanabi_common.errors import (DeadlineExceeded, FailedPrecondition, HanabiError,
+                                  InvalidArgument, Unavailable)
+from hanabi_vmmd import proc
+from hanabi_vmmd.firecracker import boot
+from hanabi_vmmd.firecracker.api import FirecrackerApi
+from hanabi_vmmd.firecracker.process import (AGENT_VSOCK_PORT, LOG_NAME, METRICS_NAME, JailerConfig,
+                                             Layout, firecracker_argv, jail_id, jailer_argv,
+                                             kernel_args, layout_for, nics_netns)
+from hanabi_vmmd.firecracker.serial import guest_serial
+from hanabi_vmmd.firecracker.version import VersionCheck, probe_version
+from hanabi_vmmd.hypervisor import DiskSpec, NicSpec, StopResult, VmHandle, VmSpec
+
+log = logging.getLogger("hanabi.vmmd.firecracker")
+STDERR_TAIL_BYTES = 2000
+KILL_WAIT_S = 5.0
+DIED_GRACE_S = 1.0  # how long a dropped API connection may take to show as an exit
+ELF_MAGIC = b"\x7fELF"
+MACHINE = "firecracker"
+SLOTS_FILE = "placeholders.json"
+
+
+def stderr_tail(path: Path, limit: int = STDERR_TAIL_BYTES) -> str:
+    """The last `limit` bytes of a log, decoded and stripped ('' if there is none)."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            handle.seek(max(handle.tell() - limit, 0))
+            return handle.read().decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def check_kernel(path: Path) -> None:
+    """Firecracker on x86_64 boots an uncompressed ELF vmlinux only; say so before it does."""
+    try:
+        with open(path, "rb") as handle:
+            magic = handle.read(4)
+    except OSError as exc:
+        raise FailedPrecondition(f"guest kernel {path}: {exc.strerror or exc}") from None
+    if magic != ELF_MAGIC:
+        raise FailedPrecondition(f"guest kernel {path} is not an ELF vmlinux (Firecracker boots no "
+                                 "bzImage); rebuild the guest image with `hanabi-image build`")
+
+
+class FirecrackerHypervisor:
+    """Boots and drives Firecracker VMs."""
+
+    name = "firecracker"
+
+    def __init__(self, *, binary: str = "firecracker", jailer: JailerConfig | None = None,
+                 start_timeout: float = 60.0, api_timeout: float = 5.0,
+                 placeholder_drives: int = 4, log_level: str = "Info",
+                 version: VersionCheck | None = None) -> None:
+        self.binary = binary
+        self.jailer = jailer
+        self.start_timeout = start_timeout
+        self.api_timeout = api_timeout
+        self.placeholder_drives = placeholder_drives
+        self.log_level = log_level
+        self._version = version
+
+    # -- availability ------------------------------------------------------------------
+
+    def version_check(self) -> VersionCheck:
+        """`firecracker --version`, probed once per backend object."""
+        if self._version is None:
+            self._version = probe_version(self.binary)
+        return self._version
+
+    def _require_binary(self) -> str:
+        check = self.version_check()
+        if not check.ok or check.path is None:
+            raise FailedPrecondition(f"cannot use Firecracker: {check.problem}",
+                                     details={"binary": self.binary})
+        return check.path
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def start(self, spec: VmSpec, on_spawned: Callable[[VmHandle], None] | None = None) -> VmHandle:
+        """Spawn Firecracker, wait for its API socket, configure the VM and start it."""
+        exec_file = self._require_binary()
+        check_kernel(spec.kernel)
+        netns = nics_netns([nic.netns_path for nic in spec.nics])
+        if len(spec.nics) > 1:
+            raise InvalidArgument("hanabi gives a Firecracker VM at most one boot NIC")
+        instance = jail_id(spec.vm_dir)
+        layout = layout_for(spec.vm_dir, exec_file, self.jailer)
+        if self.jailer is not None:
+            argv = jailer_argv(self.jailer, exec_file, instance, netns)
+            preexec = None
+        else:
+            argv = firecracker_argv(exec_file, layout, instance)
+            preexec = _netns_preexec(netns)
+        spec.vm_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if layout.jail_dir is not None:
+            shutil.rmtree(layout.jail_dir, ignore_errors=True)  # the jailer wants a fresh one
+        for stale in (layout.api_socket, layout.vsock_socket, spec.pid_file):
+            stale.unlink(missing_ok=True)
+        began = time.monotonic()
+        with open(spec.stderr_log, "wb") as errlog:
+            try:
+                process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=errlog, stderr=errlog,
+                                           cwd=spec.vm_dir, start_new_session=True, close_fds=True,
+                                           preexec_fn=preexec)
+            except OSError as exc:
+                raise Unavailable(f"cannot run {argv[0]!r}: {exc.strerror or exc}") from None
+        handle = VmHandle(sandbox_id=spec.sandbox_id, hypervisor=self.name, pid=process.pid,
+                          start_time=proc.start_time(process.pid) or 0,
+                          control_socket=layout.api_socket, agent_socket=layout.vsock_socket,
+                          vm_dir=spec.vm_dir, machine=MACHINE, hotplug_slots=self.placeholder_drives,
+                          agent_transport="hybrid_vsock", agent_port=AGENT_VSOCK_PORT, process=process)
+        try:
+            spec.pid_file.write_text(f"{process.pid}\n")  # recovery's orphan sweep reads it
+            if on_spawned is not None:
+                on_spawned(handle)
+            self._wait_socket(handle, spec.stderr_log, began + self.start_timeout)
+            socket_ms = (time.monotonic() - began) * 1000
+            steps = boot.boot_sequence(self._boot_spec(spec, layout))
+            self._stage(spec, layout)
+            with FirecrackerApi(str(layout.api_socket), timeout=self.api_timeout) as api:
+                for method, path, body in steps:
+                    self._check_running(handle, spec.stderr_log)
+                    try:
+                        api.request(method, path, body)
+                    except (Unavailable, DeadlineExceeded):
+                        # the connection dropped: if Firecracker died, say so (status, stderr)
+                        self._wait_exit(handle, DIED_GRACE_S)
+                        self._check_running(handle, spec.stderr_log)
+                        raise
+        except BaseException as exc:
+            self._kill_and_reap(handle)
+            if layout.jail_dir is not None:
+                shutil.rmtree(layout.jail_dir, ignore_errors=True)
+            if isinstance(exc, HanabiError) and not isinstance(exc, (DeadlineExceeded, Unavailable)):
+                tail = stderr_tail(spec.stderr_log, 500)
+                if tail and "stderr" not in exc.details:
+                    exc.details["stderr"] = tail
+            raise
+        log.info("firecracker running", extra={
+            "sandbox": spec.sandbox_id, "pid": process.pid, "api_socket_ms": round(socket_ms, 1),
+            "instance_start_ms": round((time.monotonic() - began) * 1000, 1)})
+        return handle
+
+    def _boot_spec(self, spec: VmSpec, layout: Layout) -> boot.FcBootSpec:
+        nic: NicSpec | None = spec.nics[0] if spec.nics else None
+        return boot.FcBootSpec(
+            kernel_image_path=layout.fc("vmlinux") if self.jailer else str(spec.kernel),
+            initrd_path=layout.fc("initrd.img") if self.jailer else str(spec.initrd),
+            boot_args=kernel_args(spec.cmdline), vcpus=spec.vcpus, memory_mib=spec.memory_mib,
+            vsock_uds_path=layout.fc(layout.vsock_socket.name),
+            placeholder_drives=self.placeholder_drives, placeholder_dir=layout.inside,
+            tap_name=nic.tap if nic else None, guest_mac=nic.mac if nic else None,
+            mtu=nic.mtu if nic and nic.mtu != 1500 else None,
+            log_path=layout.fc(LOG_NAME), log_level=self.log_level,  # type: ignore[arg-type]
+            metrics_path=layout.fc(METRICS_NAME))
+
+    def _stage(self, spec: VmSpec, layout: Layout) -> None:
+        """Create the files Firecracker opens (placeholders, log, metrics) where it sees them;
+        under the jailer also link the kernel and initrd into its root, owned by its user."""
+        root = layout.root
+        if self.jailer is not None:
+            _link_or_copy(spec.kernel, root / "vmlinux")
+            _link_or_copy(spec.initrd, root / "initrd.img")
+        made = boot.make_placeholder_files(boot.FcBootSpec(
+            kernel_image_path="", initrd_path=None, boot_args="", vcpus=1, memory_mib=64,
+            vsock_uds_path="", placeholder_drives=self.placeholder_drives, placeholder_dir=str(root)))
+        for name in (LOG_NAME, METRICS_NAME):
+            (root / name).touch()
+            made.append(root / name)
+        if self.jailer is not None:
+            for path in made:
+                os.chown(path, self.jailer.uid, self.jailer.gid)
+
+    def _wait_socket(self, handle: VmHandle, stderr_log: Path, deadline: float) -> None:
+        """Until the API answers GET /; Unavailable if the process dies, DeadlineExceeded
+        (with its stderr) if the socket never appears."""
+        while True:
+            self._check_running(handle, stderr_log)
+            if handle.control_socket.exists():
+                try:
+                    with FirecrackerApi(str(handle.control_socket), timeout=self.api_timeout) as api:
+                        api.describe_instance(timeout=min(self.api_timeout, max(deadline - time.monotonic(), 0.1)))
+                    return
+                except (Unavailable, DeadlineExceeded):
+                    pass
+            if time.monotonic() >= deadline:
+                tail = stderr_tail(stderr_log)
+                raise DeadlineExceeded(
+                    f"Firecracker's API socket {handle.control_socket} did not answer within "
+                    f"{self.start_timeout:.0f}s: {tail or '(no output on stderr)'}",
+                    details={"stderr": tail})
+            time.sleep(0.005)
+
+    @staticmethod
+    def _check_running(handle: VmHandle, stderr_log: Path) -> None:
+        assert handle.process is not None
+        code = handle.process.poll()
+        if code is not None:
+            tail = stderr_tail(stderr_log)
+            status = proc.exit_status(code)
+            raise Unavailable(f"Firecracker exited with status {status} while starting: "
+                              f"{tail or '(no output on stderr)'}",
+                              details={"stderr": tail, "exit_status": status})
+
+    def _kill_and_reap(self, handle: VmHandle) -> None:
+        proc.kill_verified(handle.pid, handle.start_time or None, signal.SIGKILL)
+        if handle.process is not None:
+            try:
+                handle.process.wait(KILL_WAIT_S)
+            except subprocess.TimeoutExpired:
+                log.error("firecracker did not die after SIGKILL", extra={"pid": handle.pid})
+            return
+        proc.wait_gone(handle.pid, handle.start_time, KILL_WAIT_S)
+
+    def is_alive(self, handle: VmHandle) -> bool:
+        """True while the Firecracker process runs (same pid and start time, not a zombie)."""
+        if handle.process is not None and handle.process.poll() is not None:
+            return False
+        return proc.is_alive(handle.pid, handle.start_time)
+
+    def stop(self, handle: VmHandle, timeout: float) -> StopResult:
+        """SendCtrlAltDel, wait up to `timeout`, then SIGKILL; always reap our own child."""
+        try:
+            if not self.is_alive(handle):
+                code = handle.process.wait() if handle.process is not None else None
+                return StopResult(was_running=False, exit_status=proc.exit_status(code), killed=False)
+            deadline = time.monotonic() + timeout
+            try:
+                with self._api(handle, min(timeout, 2.0)) as api:
+                    api.send_ctrl_alt_del()
+            except HanabiError as exc:
+                log.info("SendCtrlAltDel failed, will kill", extra={"sandbox": handle.sandbox_id,
+                                                                    "error": exc.message})
+            killed = False
+            if not self._wait_exit(handle, max(deadline - time.monotonic(), 0.1)):
+                log.warning("firecracker did not exit in time, sending SIGKILL",
+                            extra={"sandbox": handle.sandbox_id, "pid": handle.pid, "timeout_s": timeout})
+                killed = True
+                self._kill_and_reap(handle)
+            code = handle.process.wait() if handle.process is not None else None
+            return StopResult(was_running=True, exit_status=proc.exit_status(code), killed=killed)
+        finally:
+            self._remove_jail(handle)
+
+    def _remove_jail(self, handle: VmHandle) -> None:
+        if self.jailer is None or self.is_alive(handle):
+            return
+        exec_file = self.version_check().path or self.binary
+        jail_dir = layout_for(handle.vm_dir, exec_file, self.jailer).jail_dir
+        if jail_dir is not None and jail_dir.parent.parent == Path(self.jailer.chroot_base):
+            shutil.rmtree(jail_dir, ignore_errors=True)
+
+    def _wait_exit(self, handle: VmHandle, timeout: float) -> bool:
+        if handle.process is not None:
+            try:
+                handle.process.wait(timeout)
+                return True
+            except subprocess.TimeoutExpired:
+                return False
+        return proc.wait_gone(handle.pid, handle.start_time, timeout)
+
+    # -- vCPUs -------------------------------------------------------------------------
+
+    def _api(self, handle: VmHandle, timeout: float | None = None) -> FirecrackerApi:
+        return FirecrackerApi(str(handle.control_socket), timeout=timeout or self.api_timeout)
+
+    def pause(self, handle: VmHandle) -> None:
+        """PATCH /vm Paused."""
+        with self._api(handle) as api:
+            api.pause()
+
+    def resume(self, handle: VmHandle) -> None:
+        """PATCH /vm Resumed."""
+        with self._api(handle) as api:
+            api.resume()
+
+    def query_paused(self, handle: VmHandle) -> bool | None:
+        """From GET /: True when Paused, False when Running, None if the API does not answer."""
+        try:
+            with self._api(handle, 2.0) as api:
+                info = api.describe_instance()
+        except HanabiError:
+            return None
+        return info.state == "Paused"
+
+    # -- devices -----------------------------------------------------------------------
+
+    def _root(self, handle: VmHandle) -> Path:
+        """The directory Firecracker's own files are in (the jail root, or the VM dir)."""
+        return handle.control_socket.parent
+
+    def _inside(self, handle: VmHandle, host_path: Path) -> str:
+        return "/" + host_path.name if self.jailer is not None else str(host_path)
+
+    def attach_disk(self, handle: VmHandle, disk: DiskSpec, busy_slots: Collection[str]) -> str:
+        """Point a free placeholder drive at `disk` (PATCH /drives/phN); return "phN"."""
+        if disk.format != "raw":
+            raise InvalidArgument(f"Firecracker drives are raw images; {disk.path} is {disk.format}")
+        if disk.readonly:
+            raise InvalidArgument("Firecracker cannot make a placeholder drive read-only after boot; "
+                                  "attach it writable and mount it read-only in the guest")
+        count = handle.hotplug_slots or self.placeholder_drives
+        free = [i for i in range(count) if boot.placeholder_id(i) not in busy_slots]
+        if not free:
+            raise FailedPrecondition(f"VM {handle.sandbox_id} has no free placeholder drive "
+                                     f"(all {count} are in use)")
+        index = free[0]
+        slot = boot.placeholder_id(index)
+        target = self._expose(handle, disk, index)
+        method, path, body = boot.swap_placeholder(index, target)
+        with self._api(handle) as api:
+            api.request(method, path, body)
+        slots = read_slots(self._root(handle))
+        slots[slot] = disk.device_id
+        write_slots(self._root(handle), slots)
+        return slot
+
+    def _expose(self, handle: VmHandle, disk: DiskSpec, index: int) -> str:
+        """The path Firecracker opens for `disk` (under the jailer: a hard link in its root)."""
+        try:
+            st = os.stat(disk.path)
+        except OSError as exc:
+            raise InvalidArgument(f"disk {disk.path}: {exc.strerror}") from None
+        if self.jailer is None:
+            return str(disk.path)
+        if not stat.S_ISREG(st.st_mode):
+            raise FailedPrecondition(f"under the jailer only regular files can be attached, not {disk.path}")
+        link = self._root(handle) / f"disk{index}.img"
+        link.unlink(missing_ok=True)
+        try:
+            os.link(disk.path, link)
+        except OSError as exc:
+            raise FailedPrecondition(f"cannot link {disk.path} into the jail {link.parent}: "
+                                     f"{exc.strerror} (volumes must be on the jail's filesystem)") from None
+        os.chown(link, self.jailer.uid, self.jailer.gid)
+        return self._inside(handle, link)
+
+    def guest_serial(self, handle: VmHandle, disk: DiskSpec) -> str:
+        """The serial the guest reads for `disk` once attached (Firecracker's GET_ID)."""
+        return guest_serial(disk.path)
+
+    def detach_disk(self, handle: VmHandle, disk: DiskSpec, timeout: float) -> None:
+        """Swap the empty placeholder file back into the slot `disk` took (idempotent)."""
+        root = self._root(handle)
+        slots = read_slots(root)
+        slot = next((s for s, device in slots.items() if device == disk.device_id), None)
+        if slot is None:
+            return
+        index = int(slot[len(boot.PLACEHOLDER_PREFIX):])
+        placeholder = root / f"{slot}.img"
+        with open(placeholder, "wb") as empty:
+            empty.truncate(boot.PLACEHOLDER_SIZE)
+        method, path, body = boot.swap_placeholder(index, self._inside(handle, placeholder))
+        with self._api(handle, timeout=min(timeout, self.api_timeout)) as api:
+            api.request(method, path, body)
+        del slots[slot]
+        write_slots(root, slots)
+        if self.jailer is not None:
+            (root / f"disk{index}.img").unlink(missing_ok=True)
+
+    def attach_nic(self, handle: VmHandle, nic: NicSpec, busy_slots: Collection[str]) -> str:
+        """Firecracker has no NIC hotplug: NICs are given at boot, in the VmSpec."""
+        raise FailedPrecondition("Firecracker cannot hot-plug a NIC: give it in vm.create's nics")
+
+
+def read_slots(root: Path) -> dict[str, str]:
+    """Which device id each swapped placeholder holds (`placeholders.json` next to the sockets)."""
+    try:
+        data = json.loads((root / SLOTS_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+
+
+def write_slots(root: Path, slots: dict[str, str]) -> None:
+    tmp = root / (SLOTS_FILE + ".tmp")
+    tmp.write_text(json.dumps(slots, sort_keys=True))
+    os.replace(tmp, root / SLOTS_FILE)
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    target.unlink(missing_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
+def _netns_preexec(netns: str | None) -> Callable[[], None] | None:
+    """A pre-exec hook that moves the child into `netns` (its taps live there)."""
+    if netns is None:
+        return None
+    from hanabi_common.netns import check_netns, enter_netns
+
+    check_netns(netns)
+    return lambda: enter_netns(netns)
