@@ -21,6 +21,7 @@ from .core import (AGENT_VERSION, CREATED, CREATING, DESTROYING, HOSTNAME_RE, ID
                    RUNNING, AgentError, Container, Pending, Proc, check_rootfs, log, need_bool,
                    need_int, need_str)
 from .mounts import check_mounts, check_mounts_disk
+from .network import check_network
 from .namespaces import Namespaces, plan
 from .process import check_process, initial_size, set_winsize, spawn
 from .sandbox import Sandbox
@@ -71,6 +72,7 @@ class Handlers:
             P.T_PS: self.h_ps,
             P.T_DESTROY_CONTAINER: self.h_destroy_container,
             P.T_SHUTDOWN: self.h_shutdown,
+            P.T_CONFIGURE_NETWORK: self.h_configure_network,
         }
 
     def container(self, msg: dict[str, Any]) -> Container:
@@ -301,6 +303,11 @@ class Handlers:
             return
         for w in waiters:
             self.send(P.reply_ok(w, {}))
+
+    def h_configure_network(self, req_id: int, msg: dict[str, Any]) -> Result:
+        interfaces, routes = check_network(msg)
+        self.sandbox.configure_network(interfaces, routes)
+        return {"interfaces": [iface["name"] for iface in interfaces]}
 
     def h_shutdown(self, req_id: int, msg: dict[str, Any]) -> Result:
         self.send(P.reply_ok(req_id, {}))

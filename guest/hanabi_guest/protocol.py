@@ -37,6 +37,7 @@ T_RESIZE = "resize"
 T_PS = "ps"
 T_DESTROY_CONTAINER = "destroy_container"
 T_SHUTDOWN = "shutdown"
+T_CONFIGURE_NETWORK = "configure_network"
 REQUEST_TYPES = frozenset(
     {
         T_PING,
@@ -49,6 +50,7 @@ REQUEST_TYPES = frozenset(
         T_PS,
         T_DESTROY_CONTAINER,
         T_SHUTDOWN,
+        T_CONFIGURE_NETWORK,
     }
 )
 

@@ -209,6 +209,10 @@ class Sandbox:
     def set_hostname(self, name: str) -> None:
         raise NotImplementedError
 
+    def configure_network(self, interfaces: list[dict[str, Any]], routes: list[dict[str, Any]]) -> None:
+        """Bring up loopback and configure the NICs (validated by ``network.check_network``)."""
+        raise NotImplementedError
+
     def cgroup_pids(self, root: Rootfs) -> list[int]:
         return []
 
@@ -331,6 +335,11 @@ class GuestSandbox(Sandbox):
                 pass
         os.sync()
 
+    def configure_network(self, interfaces: list[dict[str, Any]], routes: list[dict[str, Any]]) -> None:
+        from .network import apply
+
+        apply(interfaces, routes)
+
     def set_hostname(self, name: str) -> None:
         import socket
 
@@ -368,6 +377,7 @@ class DirSandbox(Sandbox):
     def __init__(self, directory: str) -> None:
         self.directory = directory
         self.hostname: str | None = None
+        self.network: tuple[list[dict[str, Any]], list[dict[str, Any]]] | None = None
         self.powered_off = False
 
     def locate(self, rootfs: dict[str, Any]) -> str | None:
@@ -381,6 +391,9 @@ class DirSandbox(Sandbox):
 
     def set_hostname(self, name: str) -> None:
         self.hostname = name
+
+    def configure_network(self, interfaces: list[dict[str, Any]], routes: list[dict[str, Any]]) -> None:
+        self.network = (interfaces, routes)  # recorded: the host's own network is not touched
 
     def poweroff(self) -> None:
         self.powered_off = True

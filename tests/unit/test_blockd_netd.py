@@ -1,15 +1,11 @@
-"""blockd's pure sizing and backend choice; netd's netns checks (no root needed)."""
+"""blockd's pure sizing and backend choice (no root needed)."""
 
 from __future__ import annotations
-
-import os
 
 import pytest
 
 from hanabi_blockd.detect import HostBlockFacts, choose_backend
 from hanabi_blockd.sizing import MIB, image_size_bytes, inode_count_for
-from hanabi_common.errors import InvalidArgument
-from hanabi_netd.service import check_netns
 
 
 def test_sizes_grow_with_content_and_are_whole_mib():
@@ -32,14 +28,3 @@ def test_backend_choice():
     no_thin = HostBlockFacts(device_mapper=True, thin_pool_target=False)
     assert "thin-pool" in choose_backend("auto", no_thin)[1]
 
-
-def test_netns_checks(tmp_path):
-    check_netns(f"/proc/{os.getpid()}/ns/net")
-    with pytest.raises(InvalidArgument, match="does not exist"):
-        check_netns(str(tmp_path / "nope"))
-    with pytest.raises(InvalidArgument, match="not a network namespace"):
-        check_netns("/etc/hostname")
-    with pytest.raises(InvalidArgument, match="absolute"):
-        check_netns("relative/ns")
-    with pytest.raises(InvalidArgument, match="not a network namespace"):
-        check_netns(f"/proc/{os.getpid()}/ns/uts")

@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import fcntl
 import os
 import threading
 from pathlib import Path
 from typing import Callable, TypeVar
 
-from hanabi_common.errors import InvalidArgument, NotFound
+from hanabi_common.errors import InvalidArgument
 
 CLONE_NEWNET = 0x40000000
+NS_GET_NSTYPE = 0xB703  # ioctl on a namespace file: its CLONE_NEW* type
 T = TypeVar("T")
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
@@ -32,15 +34,17 @@ def check_netns(path: str) -> None:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
-        raise NotFound(f"netns path {path} does not exist") from None
+        raise InvalidArgument(f"netns path {path} does not exist") from None
     except OSError as exc:
         raise InvalidArgument(f"netns path {path}: {exc.strerror}") from None
     try:
-        link = os.readlink(f"/proc/self/fd/{fd}")
+        kind = fcntl.ioctl(fd, NS_GET_NSTYPE)
+    except OSError:
+        kind = None  # not a namespace file at all
     finally:
         os.close(fd)
-    if not link.startswith("net:["):
-        raise InvalidArgument(f"{path} is not a network namespace (it is {link!r})")
+    if kind != CLONE_NEWNET:
+        raise InvalidArgument(f"{path} is not a network namespace")
 
 
 def setns_fd(fd: int) -> None:
@@ -83,9 +87,5 @@ def call_in_netns(path: str | None, func: Callable[[], T]) -> T:
 
 
 def netns_id(path: str) -> str:
-    """The namespace's identity, 'net:[inode]', to tell two paths to one namespace apart."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        return os.readlink(f"/proc/self/fd/{fd}")
-    finally:
-        os.close(fd)
+    """The namespace's identity, 'net:[inode]' (bind mounts of one namespace share it)."""
+    return f"net:[{os.stat(path).st_ino}]"

@@ -1,8 +1,13 @@
 """netd's domain: which network a sandbox gets, and its teardown.
 
-This first version implements `--network none` semantics: the guest gets loopback only,
-no tap is made. A netns path may be given (Docker always passes one); it is checked to
-be a network namespace, so a bad path is refused before anything is recorded.
+`attach` reads the container's network namespace (the path Docker or the OCI config
+gives) and wires each of its ethernet links to a tap of its own with tc redirects (see
+`tcfilter`, `topology`). A namespace with loopback only (`--network none`), or no
+namespace at all, gets mode "none": the guest has loopback only. What was planned is
+written to `network.json` before anything is made, so a netd killed half-way, or
+restarted while containers run, still knows what to remove; `detach` removes the taps
+and qdiscs and leaves the namespace's links as Docker made them. A namespace that is
+gone (Docker deletes it when the container stops) took its taps with it.
 """
 
 from __future__ import annotations
@@ -10,34 +15,29 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from pathlib import Path
+import time
 
 from hanabi_common.config import Config
-from hanabi_common.errors import AlreadyExists, InvalidArgument, NotFound
+from hanabi_common.errors import AlreadyExists, NotFound
 from hanabi_common.models.base import NoArgs, Removed, SandboxRef
 from hanabi_common.models.netd import AttachNetwork, NetworkInfo, NetworkList
+from hanabi_common.netns import call_in_netns, check_netns
 from hanabi_common.rpc.server import RpcServer
 from hanabi_common.state import StateStore
 from hanabi_netd.state import STATE_NAME, NetworkState
 
 log = logging.getLogger("hanabi.netd")
-NSFS_MAGIC = 0x6E736673
 
 
-def check_netns(path: str) -> None:
-    """Raise InvalidArgument unless `path` is a network namespace file (nsfs)."""
-    target = Path(path)
-    if not target.is_absolute():
-        raise InvalidArgument(f"netns path {path!r} must be absolute")
-    if not target.exists():
-        raise InvalidArgument(f"netns path {path} does not exist")
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+def _same_netns(info: NetworkInfo) -> bool:
+    """True when the recorded namespace path still names the namespace we wired."""
+    if info.netns_path is None:
+        return False
     try:
-        link = os.readlink(f"/proc/self/fd/{fd}")
-    finally:
-        os.close(fd)
-    if not link.startswith("net:["):
-        raise InvalidArgument(f"{path} is not a network namespace (it is {link!r})")
+        check_netns(info.netns_path)
+        return info.netns_inode is None or os.stat(info.netns_path).st_ino == info.netns_inode
+    except Exception:  # noqa: BLE001 - gone, unmounted or replaced: nothing of ours is there
+        return False
 
 
 class NetworkService:
@@ -55,26 +55,75 @@ class NetworkService:
         server.register("net.list", NoArgs, self.list)
 
     def close(self) -> None:
-        """Nothing held in memory."""
+        """Nothing held in memory: the taps stay with their sandboxes."""
 
     def attach(self, request: AttachNetwork) -> NetworkInfo:
-        """Set up the sandbox's network; the guest gets loopback only for now."""
-        if request.netns_path is not None:
-            check_netns(request.netns_path)
+        """Wire the sandbox's namespace for its VM; loopback-only namespaces get mode none."""
+        from hanabi_netd import tcfilter, topology
+
+        sid, path = request.sandbox_id, request.netns_path
+        began = time.monotonic()
         with self._lock:
-            if self.store.read(request.sandbox_id, STATE_NAME, NetworkState) is not None:
-                raise AlreadyExists(f"sandbox {request.sandbox_id} already has a network")
-            info = NetworkInfo(sandbox_id=request.sandbox_id, mode="none", netns_path=request.netns_path)
-            self.store.write(request.sandbox_id, STATE_NAME, NetworkState(network=info))
-        log.info("attached", extra={"sandbox": request.sandbox_id, "mode": info.mode})
+            if self.store.read(sid, STATE_NAME, NetworkState) is not None:
+                raise AlreadyExists(f"sandbox {sid} already has a network")
+            if path is None:
+                info = NetworkInfo(sandbox_id=sid, mode="none")
+                self.store.write(sid, STATE_NAME, NetworkState(network=info))
+                return info
+            check_netns(path)
+            inode = os.stat(path).st_ino
+
+            def wire_all() -> NetworkInfo:
+                from pyroute2 import IPRoute
+
+                with IPRoute() as ipr:
+                    plan = topology.plan_network(*tcfilter.snapshot(ipr))
+                    info = NetworkInfo(sandbox_id=sid, mode="tcfilter" if plan.wirings else "none",
+                                       netns_path=path, netns_inode=inode,
+                                       interfaces=[w.interface for w in plan.wirings], routes=plan.routes)
+                    self.store.write(sid, STATE_NAME, NetworkState(network=info))  # intent first
+                    done = []
+                    try:
+                        for wiring in plan.wirings:
+                            tcfilter.wire(ipr, wiring.link.name, wiring.tap, wiring.link.mtu)
+                            done.append(wiring)
+                    except BaseException:
+                        for wiring in reversed(done):
+                            tcfilter.unwire(ipr, wiring.link.name, wiring.tap)
+                        self.store.remove(sid, STATE_NAME)
+                        raise
+                    return info
+
+            info = call_in_netns(path, wire_all)
+            info.attach_ms = round((time.monotonic() - began) * 1000, 1)
+            self.store.write(sid, STATE_NAME, NetworkState(network=info))
+        log.info("attached", extra={"sandbox": sid, "mode": info.mode, "ms": info.attach_ms,
+                                    "taps": [i.tap for i in info.interfaces]})
         return info
 
     def detach(self, request: SandboxRef) -> Removed:
-        """Tear down the sandbox's network (idempotent)."""
+        """Remove the sandbox's taps and qdiscs (idempotent); the namespace's links stay."""
+        from hanabi_netd import tcfilter
+
+        sid = request.sandbox_id
         with self._lock:
-            existed = self.store.path(request.sandbox_id, STATE_NAME).exists()
-            self.store.remove(request.sandbox_id, STATE_NAME)
-        return Removed(existed=existed)
+            state = self.store.read(sid, STATE_NAME, NetworkState)
+            if state is None:
+                self.store.remove(sid, STATE_NAME)
+                return Removed(existed=False)
+            info = state.network
+            if info.interfaces and _same_netns(info):
+                def unwire_all() -> None:
+                    from pyroute2 import IPRoute
+
+                    with IPRoute() as ipr:
+                        for interface in info.interfaces:
+                            tcfilter.unwire(ipr, interface.link, interface.tap)
+
+                call_in_netns(info.netns_path, unwire_all)
+            self.store.remove(sid, STATE_NAME)
+        log.info("detached", extra={"sandbox": sid, "taps": [i.tap for i in info.interfaces]})
+        return Removed(existed=True)
 
     def get(self, request: SandboxRef) -> NetworkInfo:
         """The network of one sandbox."""

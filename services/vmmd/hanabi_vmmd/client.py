@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from hanabi_common.config import Config
 from hanabi_common.models.base import Removed, SandboxRef
-from hanabi_common.models.vmmd import (AttachDisk, CreateVm, DetachDisk, DiskInfo, StopVm, VmInfo,
-                                       VmList)
+from hanabi_common.models.vmmd import (AttachDisk, AttachNic, CreateVm, DetachDisk, DiskInfo, StopVm,
+                                       VmInfo, VmList, VmNic)
 from hanabi_common.rpc.client import RpcClient
 
 
@@ -17,12 +17,18 @@ class VmmdClient:
         self.rpc = RpcClient("vmmd", config.endpoint("vmmd"), timeout=timeout or config.rpc.default_timeout_s)
 
     def create(self, sandbox_id: str, memory_mib: int | None = None, vcpus: int | None = None,
-               hypervisor: str | None = None, timeout: float | None = None) -> VmInfo:
-        """Boot a VM for a sandbox; returns once the VMM answers (not the guest agent)."""
+               hypervisor: str | None = None, timeout: float | None = None,
+               nics: list[VmNic] = ()) -> VmInfo:
+        """Boot a VM for a sandbox (with NICs on netd's taps); returns once the VMM answers
+        (not the guest agent)."""
         request = CreateVm(sandbox_id=sandbox_id, memory_mib=memory_mib, vcpus=vcpus,
-                           hypervisor=hypervisor)  # type: ignore[arg-type]
+                           hypervisor=hypervisor, nics=list(nics))  # type: ignore[arg-type]
         wait = timeout or max(self.rpc.timeout, self.config.vmm.boot_timeout_s + 5)
         return self.rpc.call("vm.create", request, VmInfo, timeout=wait)
+
+    def attach_nic(self, sandbox_id: str, nic: VmNic) -> VmInfo:
+        """Hot-plug a NIC (QEMU)."""
+        return self.rpc.call("vm.attach_nic", AttachNic(sandbox_id=sandbox_id, nic=nic), VmInfo)
 
     def get(self, sandbox_id: str) -> VmInfo:
         """The VM of one sandbox (NotFound if none)."""

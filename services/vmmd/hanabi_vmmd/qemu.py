@@ -21,9 +21,10 @@ from typing import Callable, Collection
 from hanabi_common.errors import (DeadlineExceeded, FailedPrecondition, HanabiError,
                                   InvalidArgument, NotFound, Unavailable)
 from hanabi_vmmd import proc
-from hanabi_vmmd.hypervisor import DiskSpec, StopResult, VmHandle, VmSpec
+from hanabi_vmmd.hypervisor import DiskSpec, NicSpec, StopResult, VmHandle, VmSpec
 from hanabi_vmmd.qemu_cmdline import build_argv, pick_slot
 from hanabi_vmmd.qmp import QmpClient
+from hanabi_vmmd.tap import open_tap
 
 log = logging.getLogger("hanabi.vmmd.qemu")
 STDERR_TAIL_BYTES = 2000
@@ -61,20 +62,29 @@ class QemuHypervisor:
 
     def start(self, spec: VmSpec, on_spawned: Callable[[VmHandle], None] | None = None) -> VmHandle:
         """Spawn QEMU for `spec` and wait until QMP answers."""
+        nic_fds: list[int] = []
         try:
-            argv = build_argv(spec, binary=self.binary, machine=self.machine, sandbox=self.sandbox)
-        except ValueError as exc:
-            raise InvalidArgument(str(exc)) from None
-        spec.vm_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        for stale in (spec.agent_socket, spec.control_socket, spec.pid_file):
-            stale.unlink(missing_ok=True)
-        began = time.monotonic()
-        with open(spec.stderr_log, "wb") as errlog:
+            for nic in spec.nics:
+                nic_fds.append(open_tap(nic.tap, nic.netns_path))
             try:
-                process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=errlog, stderr=errlog,
-                                           cwd=spec.vm_dir, start_new_session=True, close_fds=True)
-            except OSError as exc:
-                raise Unavailable(f"cannot run QEMU {self.binary!r}: {exc.strerror or exc}") from None
+                argv = build_argv(spec, binary=self.binary, machine=self.machine, sandbox=self.sandbox,
+                                  nic_fds=nic_fds)
+            except ValueError as exc:
+                raise InvalidArgument(str(exc)) from None
+            spec.vm_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            for stale in (spec.agent_socket, spec.control_socket, spec.pid_file):
+                stale.unlink(missing_ok=True)
+            began = time.monotonic()
+            with open(spec.stderr_log, "wb") as errlog:
+                try:
+                    process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=errlog, stderr=errlog,
+                                               cwd=spec.vm_dir, start_new_session=True, close_fds=True,
+                                               pass_fds=nic_fds)
+                except OSError as exc:
+                    raise Unavailable(f"cannot run QEMU {self.binary!r}: {exc.strerror or exc}") from None
+        finally:
+            for fd in nic_fds:  # QEMU holds its own copies now
+                os.close(fd)
         handle = VmHandle(sandbox_id=spec.sandbox_id, hypervisor=self.name, pid=process.pid,
                           start_time=proc.start_time(process.pid) or 0,
                           control_socket=spec.control_socket, agent_socket=spec.agent_socket,
@@ -215,6 +225,33 @@ class QemuHypervisor:
                 except HanabiError as exc:
                     log.warning("rollback of blockdev-add failed", extra={"error": exc.message})
                 raise
+        return slot
+
+    def attach_nic(self, handle: VmHandle, nic: NicSpec, busy_slots: Collection[str]) -> str:
+        """Pass the tap's fd (QMP getfd), netdev_add it, device_add a virtio-net-pci with
+        the NIC's MAC on a free root port; undo the netdev if the device is refused."""
+        machine = handle.machine or self.machine
+        slot = pick_slot(machine, handle.hotplug_slots or self.hotplug_slots, busy_slots)
+        if slot is None:
+            raise FailedPrecondition(f"VM {handle.sandbox_id} has no free hot-plug slot for a NIC")
+        fd = open_tap(nic.tap, nic.netns_path)
+        netdev, fdname = f"{nic.device_id}-net", f"{nic.device_id}-fd"
+        try:
+            with self._qmp(handle) as qmp:
+                qmp.execute_with_fd("getfd", {"fdname": fdname}, fd)
+                try:
+                    qmp.execute("netdev_add", {"type": "tap", "id": netdev, "fd": fdname, "vhost": False})
+                except HanabiError:
+                    qmp.execute("closefd", {"fdname": fdname})
+                    raise
+                try:
+                    qmp.execute("device_add", {"driver": "virtio-net-pci", "id": nic.device_id, "netdev": netdev,
+                                               "mac": nic.mac, "bus": slot, "romfile": ""})
+                except HanabiError:
+                    qmp.execute("netdev_del", {"id": netdev})
+                    raise
+        finally:
+            os.close(fd)
         return slot
 
     def detach_disk(self, handle: VmHandle, disk: DiskSpec, timeout: float) -> None:

@@ -9,9 +9,9 @@ ACPI). Under TCG the translation buffer is capped (tb-size) to save about 35 MiB
 
 from __future__ import annotations
 
-from typing import Collection
+from typing import Collection, Sequence
 
-from hanabi_vmmd.hypervisor import VmSpec
+from hanabi_vmmd.hypervisor import NicSpec, VmSpec
 
 FALLBACK_KERNEL_CMDLINE = (
     "console=ttyS0 quiet panic=-1 tsc=reliable no_timer_check rcupdate.rcu_expedited=1 "
@@ -83,9 +83,24 @@ def root_port_args(machine: str, count: int) -> list[str]:
     return args
 
 
+def nic_args(machine: str, nics: Sequence[NicSpec], fds: Sequence[int]) -> list[str]:
+    """A tap netdev (by inherited fd) and a virtio-net device with the given MAC per NIC,
+    cold-plugged on the root bus (so they keep the hot-plug root ports free)."""
+    if len(nics) != len(fds):
+        raise ValueError("one tap fd per NIC is needed")
+    bus = "pci.0" if machine == "pc" else "pcie.0"
+    args: list[str] = []
+    for nic, fd in zip(nics, fds):
+        args += ["-netdev", f"tap,id={nic.device_id}-net,fd={fd},vhost=off",
+                 "-device", f"virtio-net-pci,netdev={nic.device_id}-net,id={nic.device_id},"
+                            f"mac={nic.mac},bus={bus},romfile="]
+    return args
+
+
 def build_argv(spec: VmSpec, *, binary: str = "qemu-system-x86_64", machine: str = "q35",
-               sandbox: bool = True) -> list[str]:
-    """The full argv that boots `spec` (raises ValueError on values QEMU cannot take)."""
+               sandbox: bool = True, nic_fds: Sequence[int] = ()) -> list[str]:
+    """The full argv that boots `spec` (raises ValueError on values QEMU cannot take);
+    `nic_fds`: the tap fds QEMU inherits, one per `spec.nics` entry."""
     if spec.memory_mib < 64 or spec.vcpus < 1:
         raise ValueError("a VM needs at least 64 MiB and 1 vCPU")
     for path in (spec.vm_dir, spec.agent_socket, spec.control_socket, spec.console_log):
@@ -101,6 +116,7 @@ def build_argv(spec: VmSpec, *, binary: str = "qemu-system-x86_64", machine: str
     argv += ["-device", "virtio-serial-pci,id=vser0",
              "-chardev", f"socket,id=agent,path={spec.agent_socket},server=on,wait=off",
              "-device", f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}"]
+    argv += nic_args(machine, spec.nics, nic_fds)
     argv += ["-serial", f"file:{spec.console_log}"]
     argv += ["-qmp", f"unix:{spec.control_socket},server=on,wait=off"]
     argv += ["-pidfile", str(spec.pid_file), "-msg", "timestamp=on"]

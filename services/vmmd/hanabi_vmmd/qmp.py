@@ -101,6 +101,11 @@ class QmpClient:
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         return self._execute(command, arguments, deadline)
 
+    def execute_with_fd(self, command: str, arguments: dict, fd: int, timeout: float | None = None) -> Any:
+        """Run one command with `fd` passed alongside (SCM_RIGHTS), as `getfd` needs."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        return self._execute(command, arguments, deadline, fd=fd)
+
     def wait_event(self, name: str, timeout: float,
                    match: Callable[[dict], bool] | None = None) -> dict:
         """Wait for (or find among those already received) an event; consume and return it."""
@@ -111,12 +116,12 @@ class QmpClient:
                     return self.events.pop(index)
             self.events.append(self._read(deadline, expect="event " + name))
 
-    def _execute(self, command: str, arguments: dict | None, deadline: float) -> Any:
+    def _execute(self, command: str, arguments: dict | None, deadline: float, fd: int | None = None) -> Any:
         request_id = f"hanabi-{next(_ids)}"
         message: dict[str, Any] = {"execute": command, "id": request_id}
         if arguments:
             message["arguments"] = arguments
-        self._send(message)
+        self._send(message, fd)
         while True:
             reply = self._read(deadline, expect=f"the reply to {command}")
             if "event" in reply:
@@ -130,11 +135,15 @@ class QmpClient:
                 return reply["return"]
             raise Internal(f"unexpected QMP message to {command}: {str(reply)[:200]}")
 
-    def _send(self, message: dict) -> None:
+    def _send(self, message: dict, fd: int | None = None) -> None:
         if self._sock is None:
             raise Unavailable(f"QMP session to {self.path} is closed")
+        data = json.dumps(message).encode() + b"\n"
         try:
-            self._sock.sendall(json.dumps(message).encode() + b"\n")
+            if fd is not None:  # the fd rides on the first byte; QEMU takes it with the command
+                socket.send_fds(self._sock, [data[:1]], [fd])
+                data = data[1:]
+            self._sock.sendall(data)
         except OSError as exc:
             raise Unavailable(f"QMP socket {self.path} failed: {exc}") from None
 

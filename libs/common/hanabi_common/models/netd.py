@@ -2,29 +2,37 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from hanabi_common.models.base import Reply, Request, SandboxId
+
+NetworkMode = Literal["none", "tcfilter"]
 
 
 class AttachNetwork(Request):
     """Wire a sandbox's VM into the container's network namespace (None: no network)."""
 
     sandbox_id: SandboxId
-    netns_path: str | None = Field(None, max_length=4096)
+    netns_path: str | None = Field(None, min_length=1, max_length=4096)
 
 
 class Route(Reply):
-    """One route for the guest."""
+    """One route for the guest: `dest` is a CIDR or "default"; `dev` the guest interface."""
 
     dest: str
     gateway: str | None = None
+    dev: str | None = None
+    family: Literal[4, 6] = 4
 
 
 class Interface(Reply):
-    """One guest NIC: the tap the VMM opens, and what the guest configures."""
+    """One guest NIC: the netns link it stands for, the tap the VMM opens, and what the
+    guest configures (the link's own name, MAC, MTU and addresses as CIDRs)."""
 
     name: str
+    link: str = ""
     tap: str
     mac: str
     mtu: int
@@ -35,11 +43,13 @@ class NetworkInfo(Reply):
     """What netd set up for one sandbox."""
 
     sandbox_id: str
-    mode: str
+    mode: NetworkMode
     netns_path: str | None = None
+    netns_inode: int | None = None
     interfaces: list[Interface] = []
     routes: list[Route] = []
     dns: list[str] = []
+    attach_ms: float | None = None
 
 
 class NetworkList(Reply):

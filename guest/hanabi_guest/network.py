@@ -1,0 +1,189 @@
+"""The guest's network: its NICs configured exactly as netd found the container's links.
+
+``check_network`` validates a ``configure_network`` request (the host may be buggy);
+``plan_commands`` turns it into busybox ``ip`` command lines (pure, unit-tested);
+``apply`` finds each NIC by its MAC in sysfs (the VMM gave the guest NIC the link's MAC),
+renames it to the link's name, and runs the commands. IPv6 duplicate address detection
+and router advertisements are turned off on configured NICs: the addresses are already
+the container's, and the routes are the ones Docker set.
+
+STDLIB ONLY: runs inside the guest.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import time
+
+from .core import AgentError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+IFNAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,15}")
+MAC_RE = re.compile(r"([0-9a-f]{2}:){5}[0-9a-f]{2}")
+MAX_INTERFACES = 8
+MAX_ADDRESSES = 32
+MAX_ROUTES = 64
+BUSYBOX = "/bin/busybox"
+NIC_WAIT_S = 5.0
+E_INVALID = "INVALID_ARGUMENT"
+
+
+def _need(cond: bool, message: str) -> None:
+    if not cond:
+        raise AgentError(E_INVALID, message)
+
+
+def check_network(msg: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The request's interfaces and routes, validated and normalised (AgentError if bad)."""
+    interfaces, routes = msg.get("interfaces", []), msg.get("routes", [])
+    _need(isinstance(interfaces, list) and len(interfaces) <= MAX_INTERFACES,
+          f"interfaces must be a list of at most {MAX_INTERFACES}")
+    _need(isinstance(routes, list) and len(routes) <= MAX_ROUTES, f"routes must be a list of at most {MAX_ROUTES}")
+    clean_ifaces, names, macs = [], set(), set()
+    for iface in interfaces:
+        _need(isinstance(iface, dict), "each interface must be an object")
+        name, mac, mtu = iface.get("name"), str(iface.get("mac", "")).lower(), iface.get("mtu", 1500)
+        _need(isinstance(name, str) and IFNAME_RE.fullmatch(name) is not None and name != "lo",
+              f"interface name {name!r} is not a valid link name")
+        _need(MAC_RE.fullmatch(mac) is not None, f"interface {name}: MAC {mac!r} is not a MAC address")
+        _need(isinstance(mtu, int) and not isinstance(mtu, bool) and 68 <= mtu <= 65535,
+              f"interface {name}: MTU must be an integer in 68..65535")
+        _need(name not in names and mac not in macs, f"interface {name} ({mac}) appears twice")
+        addresses = iface.get("addresses", [])
+        _need(isinstance(addresses, list) and len(addresses) <= MAX_ADDRESSES,
+              f"interface {name}: addresses must be a list of at most {MAX_ADDRESSES}")
+        clean_addrs = []
+        for cidr in addresses:
+            try:
+                clean_addrs.append(str(ipaddress.ip_interface(cidr)))
+            except (ValueError, TypeError):
+                raise AgentError(E_INVALID, f"interface {name}: {cidr!r} is not an address/prefix") from None
+        names.add(name)
+        macs.add(mac)
+        clean_ifaces.append({"name": name, "mac": mac, "mtu": mtu, "addresses": clean_addrs})
+    clean_routes = []
+    for route in routes:
+        _need(isinstance(route, dict), "each route must be an object")
+        dest, gateway, dev = route.get("dest"), route.get("gateway"), route.get("dev")
+        family = route.get("family", 4)
+        _need(family in (4, 6), f"route {dest!r}: family must be 4 or 6")
+        _need(dev is None or dev in names, f"route {dest!r}: device {dev!r} is not a configured interface")
+        try:
+            if dest != "default":
+                dest = str(ipaddress.ip_network(dest, strict=False))
+            if gateway is not None:
+                gateway = str(ipaddress.ip_address(gateway))
+        except (ValueError, TypeError):
+            raise AgentError(E_INVALID, f"route {dest!r} via {gateway!r} is not valid") from None
+        clean_routes.append({"dest": dest, "gateway": gateway, "dev": dev, "family": family})
+    return clean_ifaces, clean_routes
+
+
+def plan_commands(interfaces: list[dict[str, Any]], routes: list[dict[str, Any]],
+                  current: dict[str, str]) -> list[list[str]]:
+    """The ``ip`` argv lists (without the busybox prefix) that configure the NICs.
+
+    ``current`` maps each interface's MAC to the name the guest kernel gave that NIC.
+    """
+    cmds: list[list[str]] = [["ip", "link", "set", "dev", "lo", "up"]]
+    renames = [(current[iface["mac"]], iface["name"]) for iface in interfaces
+               if current[iface["mac"]] != iface["name"]]
+    # Through temporary names: the kernel's eth0 may be the NIC that must become eth1.
+    for position, (old, _) in enumerate(renames):
+        cmds.append(["ip", "link", "set", "dev", old, "name", f"hanabitmp{position}"])
+    for position, (_, name) in enumerate(renames):
+        cmds.append(["ip", "link", "set", "dev", f"hanabitmp{position}", "name", name])
+    for iface in interfaces:
+        name = iface["name"]
+        cmds.append(["ip", "link", "set", "dev", name, "mtu", str(iface["mtu"]), "up"])
+        for cidr in iface["addresses"]:
+            family = "-6" if ":" in cidr else "-4"
+            cmds.append(["ip", family, "addr", "add", cidr, "dev", name])
+    for route in routes:
+        cmd = ["ip", "-6" if route["family"] == 6 else "-4", "route", "add", route["dest"]]
+        if route["gateway"]:
+            cmd += ["via", route["gateway"]]
+        if route["dev"]:
+            cmd += ["dev", route["dev"]]
+        cmds.append(cmd)
+    return cmds
+
+
+def nics_by_mac(sysfs: str = "/sys") -> dict[str, str]:
+    """MAC -> name of every ethernet NIC the guest kernel has (loopback excluded)."""
+    base = os.path.join(sysfs, "class", "net")
+    found = {}
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return found
+    for name in names:
+        try:
+            with open(os.path.join(base, name, "address"), encoding="ascii") as f:
+                mac = f.read().strip().lower()
+        except OSError:
+            continue
+        if name != "lo" and MAC_RE.fullmatch(mac):
+            found[mac] = name
+    return found
+
+
+def wait_for_nics(macs: list[str], timeout: float, sysfs: str = "/sys") -> dict[str, str]:
+    """MAC -> guest name, once every MAC in ``macs`` is present (AgentError after timeout)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = nics_by_mac(sysfs)
+        missing = [mac for mac in macs if mac not in found]
+        if not missing:
+            return found
+        if time.monotonic() >= deadline:
+            raise AgentError("NOT_FOUND", f"no NIC with MAC {', '.join(missing)} appeared "
+                                          f"within {timeout:.0f}s (present: {sorted(found) or 'none'})")
+        time.sleep(0.02)
+
+
+def _sysctl(path: str, value: str) -> None:
+    try:
+        with open(path, "w", encoding="ascii") as f:
+            f.write(value)
+    except OSError:
+        pass  # IPv6 disabled in the guest kernel: nothing to turn off
+
+
+def run(argv: list[str]) -> None:
+    """Run one busybox applet and wait for it; AgentError with its output if it fails."""
+    read_fd, write_fd = os.pipe()
+    try:
+        actions = [(os.POSIX_SPAWN_DUP2, write_fd, 1), (os.POSIX_SPAWN_DUP2, write_fd, 2)]
+        pid = os.posix_spawn(BUSYBOX, [BUSYBOX, *argv], {"PATH": "/bin:/sbin"}, file_actions=actions)
+    finally:
+        os.close(write_fd)
+    try:
+        output = b""
+        while len(output) < 4096:
+            chunk = os.read(read_fd, 4096)
+            if not chunk:
+                break
+            output += chunk
+    finally:
+        os.close(read_fd)
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        text = output.decode(errors="replace").strip()[:500]
+        raise AgentError("FAILED_PRECONDITION", f"{' '.join(argv)} failed: {text or 'no output'}")
+
+
+def apply(interfaces: list[dict[str, Any]], routes: list[dict[str, Any]], sysfs: str = "/sys") -> None:
+    """Configure the guest's NICs and routes (the real guest only)."""
+    current = wait_for_nics([iface["mac"] for iface in interfaces], NIC_WAIT_S, sysfs)
+    for iface in interfaces:
+        for old_or_new in {current[iface["mac"]], iface["name"]}:
+            for key, value in (("accept_dad", "0"), ("accept_ra", "0"), ("autoconf", "0")):
+                _sysctl(f"/proc/sys/net/ipv6/conf/{old_or_new}/{key}", value)
+    for argv in plan_commands(interfaces, routes, current):
+        run(argv)

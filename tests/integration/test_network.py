@@ -1,0 +1,167 @@
+"""Container networking through the VM (issue 4), without Docker: a test-made namespace
+with a veth to a second test-made namespace; a hanabi container in the first reaches the
+second (ping, TCP echo), and nothing of hanabi's remains in either after delete."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from hanabi_common.errors import InvalidArgument, NotFound
+from hanabi_netd.client import NetdClient
+from tests.helpers.hanabi import leftovers
+from tests.helpers.netns import NetnsPair, ip, netns_pair
+
+pytestmark = pytest.mark.integration
+
+ECHO_SERVER = r"""
+import socket, sys
+srv = socket.socket(socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET)
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind((sys.argv[1], int(sys.argv[2])))
+srv.listen(1)
+print("listening", flush=True)
+conn, peer = srv.accept()
+line = conn.makefile("rb").readline()
+conn.sendall(b"echo from " + peer[0].encode() + b": " + line)
+conn.close()
+"""
+
+
+@pytest.fixture
+def pair():
+    made = netns_pair()
+    yield made
+    made.destroy()
+
+
+def in_netns(bundle_dir: str, netns_path: str) -> str:
+    """Put the bundle's container into the network namespace at `netns_path`."""
+    config_path = Path(bundle_dir) / "config.json"
+    config = json.loads(config_path.read_text())
+    namespaces = [ns for ns in config["linux"]["namespaces"] if ns["type"] != "network"]
+    config["linux"]["namespaces"] = namespaces + [{"type": "network", "path": netns_path}]
+    config_path.write_text(json.dumps(config))
+    return bundle_dir
+
+
+def test_container_pings_and_talks_tcp_to_a_peer_namespace(hanabi, bundle, cid, pair: NetnsPair):
+    before = pair.link_info()
+    server = subprocess.Popen(["ip", "netns", "exec", pair.outer, sys.executable, "-c", ECHO_SERVER,
+                               pair.outer_ip, "7777"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert server.stdout.readline() == b"listening\n"
+        script = (f"ip -o addr show dev eth0; ip route; ping -c 2 -W 5 {pair.outer_ip} >/dev/null && echo ping-ok; "
+                  f"echo hello | nc {pair.outer_ip} 7777")
+        path = in_netns(bundle(["sh", "-c", script]), pair.inner_path)
+        done = hanabi.runtime("run", "--bundle", path, cid)
+        out = done.stdout.decode()
+        assert done.returncode == 0, (out, done.stderr.decode())
+        assert f"inet {pair.inner_ip}/30" in out
+        assert "ping-ok" in out
+        assert f"echo from {pair.inner_ip}: hello" in out
+        server.wait(10)
+    finally:
+        server.kill()
+        server.wait()
+    assert leftovers(hanabi, cid) == []
+    assert pair.leftovers() == []
+    assert pair.link_info() == before  # Docker's link is left exactly as it was
+
+
+def test_guest_nic_takes_the_links_mac_and_mtu(hanabi, bundle, cid, pair: NetnsPair):
+    ip("link", "set", "dev", pair.inner_link, "mtu", "1400", netns=pair.inner)
+    ip("-6", "addr", "add", "fd00:213::1/64", "dev", pair.inner_link, "nodad", netns=pair.inner)
+    ip("route", "add", "default", "via", pair.outer_ip, netns=pair.inner)
+    path = in_netns(bundle(["sh", "-c", "cat /sys/class/net/eth0/address /sys/class/net/eth0/mtu; "
+                                        "ip -o addr show dev eth0; ip route; ip -6 -o addr; echo $(ls /sys/class/net)"]),
+                    pair.inner_path)
+    done = hanabi.runtime("run", "--bundle", path, cid)
+    out = done.stdout.decode()
+    assert done.returncode == 0, (out, done.stderr.decode())
+    lines = out.splitlines()
+    assert lines[0] == pair.mac() and lines[1] == "1400"
+    assert "fd00:213::1/64" in out
+    assert f"default via {pair.outer_ip} dev eth0" in out
+    assert lines[-1].split() == ["eth0", "lo"]
+    assert pair.leftovers() == []
+
+
+def test_network_none_has_loopback_only(hanabi, bundle, cid):
+    empty = NetnsPair(inner=f"hanabi-none-{cid[:20]}", outer="unused")
+    ip("netns", "add", empty.inner)
+    try:
+        path = in_netns(bundle(["sh", "-c", "ls /sys/class/net; ip -o addr show dev lo"]), empty.inner_path)
+        done = hanabi.runtime("run", "--bundle", path, cid)
+        out = done.stdout.decode()
+        assert done.returncode == 0, (out, done.stderr.decode())
+        assert out.splitlines()[0] == "lo"
+        assert "inet 127.0.0.1/8" in out
+    finally:
+        ip("netns", "del", empty.inner, check=False)
+
+
+@pytest.mark.parametrize("netns, message", [("/run/netns/hanabi-no-such-ns", "does not exist"),
+                                             ("/etc/hostname", "not a network namespace")])
+def test_bad_netns_path_is_refused_and_nothing_is_left(hanabi, bundle, cid, netns, message):
+    path = in_netns(bundle(["true"]), netns)
+    done = hanabi.runtime("run", "--bundle", path, cid)
+    assert done.returncode != 0
+    assert message in done.stderr.decode()
+    assert leftovers(hanabi, cid) == []
+
+
+def test_netd_survives_a_restart_and_still_detaches(hanabi, pair: NetnsPair):
+    client = NetdClient(hanabi.config)
+    info = client.attach("netd-restart", pair.inner_path)
+    assert info.mode == "tcfilter" and [i.tap for i in info.interfaces] == ["tap0_hanabi"]
+    assert info.interfaces[0].mac == pair.mac() and info.interfaces[0].addresses == [f"{pair.inner_ip}/30"]
+    assert pair.leftovers() != []
+    hanabi.stop("netd", sig=9)
+    hanabi.start("netd")
+    client = NetdClient(hanabi.config)
+    assert [n.sandbox_id for n in client.list().networks] == ["netd-restart"]
+    assert client.detach("netd-restart").existed
+    assert pair.leftovers() == []
+    assert not client.detach("netd-restart").existed
+
+
+def test_detach_after_the_namespace_is_gone(hanabi, pair: NetnsPair):
+    client = NetdClient(hanabi.config)
+    client.attach("netns-gone", pair.inner_path)
+    pair.destroy()  # Docker removes the namespace when the container stops
+    assert client.detach("netns-gone").existed
+    assert "netns-gone" not in [n.sandbox_id for n in client.list().networks]
+
+
+def test_a_link_that_vanishes_mid_attach_leaves_nothing(pair: NetnsPair, tmp_path, monkeypatch):
+    """The namespace is read, then its link disappears before it is wired (Docker tearing
+    the endpoint down): a clear error, no tap, no qdisc, no state."""
+    from hanabi_common.config import load_config
+    from hanabi_common.models.netd import AttachNetwork
+    from hanabi_netd import tcfilter
+    from hanabi_netd.service import NetworkService
+
+    real_snapshot = tcfilter.snapshot
+
+    def snapshot_then_vanish(ipr):
+        seen = real_snapshot(ipr)
+        ip("link", "del", pair.inner_link, netns=pair.inner)
+        return seen
+
+    monkeypatch.setattr(tcfilter, "snapshot", snapshot_then_vanish)
+    config_path = tmp_path / "hanabi.toml"
+    config_path.write_text(f'run_dir = "{tmp_path}/run"\n')
+    service = NetworkService(load_config(config_path))
+    with pytest.raises(NotFound, match="eth0 is gone"):
+        service.attach(AttachNetwork(sandbox_id="vanish", netns_path=pair.inner_path))
+    assert pair.leftovers() == []
+    assert "_hanabi" not in ip("-br", "link", netns=pair.inner)
+    assert service.list(None).networks == []
+    with pytest.raises(InvalidArgument, match="not a network namespace"):
+        service.attach(AttachNetwork(sandbox_id="vanish", netns_path="/proc/self/ns/uts"))

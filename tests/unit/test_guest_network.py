@@ -1,0 +1,95 @@
+"""The guest's network configuration: request validation, the ip commands it plans, NICs
+found by MAC in a sysfs tree, and the agent's configure_network request end to end over
+the protocol (DirSandbox: the host's own network is never touched)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hanabi_guest.core import AgentError
+from hanabi_guest.network import check_network, nics_by_mac, plan_commands, wait_for_nics
+from tests.unit.test_guest_agent import AgentProc
+
+ETH = {"name": "eth0", "mac": "02:42:AC:12:00:02", "mtu": 1450,
+       "addresses": ["172.18.0.2/16", "fd00:db8::2/64"]}
+ROUTES = [{"dest": "default", "gateway": "172.18.0.1", "dev": "eth0", "family": 4},
+          {"dest": "default", "gateway": "fd00:db8::1", "dev": "eth0", "family": 6},
+          {"dest": "10.1.0.0/16", "gateway": None, "dev": "eth0", "family": 4}]
+
+
+def test_a_docker_endpoint_becomes_ip_commands():
+    interfaces, routes = check_network({"interfaces": [ETH], "routes": ROUTES})
+    assert interfaces[0]["mac"] == "02:42:ac:12:00:02"
+    cmds = plan_commands(interfaces, routes, {"02:42:ac:12:00:02": "eth0"})
+    assert cmds == [
+        ["ip", "link", "set", "dev", "lo", "up"],
+        ["ip", "link", "set", "dev", "eth0", "mtu", "1450", "up"],
+        ["ip", "-4", "addr", "add", "172.18.0.2/16", "dev", "eth0"],
+        ["ip", "-6", "addr", "add", "fd00:db8::2/64", "dev", "eth0"],
+        ["ip", "-4", "route", "add", "default", "via", "172.18.0.1", "dev", "eth0"],
+        ["ip", "-6", "route", "add", "default", "via", "fd00:db8::1", "dev", "eth0"],
+        ["ip", "-4", "route", "add", "10.1.0.0/16", "dev", "eth0"]]
+
+
+def test_nics_are_renamed_through_temporary_names():
+    second = {"name": "eth1", "mac": "02:00:00:00:00:01", "mtu": 1500, "addresses": []}
+    interfaces, routes = check_network({"interfaces": [ETH, second]})
+    # The kernel named them the other way round.
+    cmds = plan_commands(interfaces, routes, {"02:42:ac:12:00:02": "eth1", "02:00:00:00:00:01": "eth0"})
+    assert cmds[1:5] == [["ip", "link", "set", "dev", "eth1", "name", "hanabitmp0"],
+                         ["ip", "link", "set", "dev", "eth0", "name", "hanabitmp1"],
+                         ["ip", "link", "set", "dev", "hanabitmp0", "name", "eth0"],
+                         ["ip", "link", "set", "dev", "hanabitmp1", "name", "eth1"]]
+
+
+def test_loopback_only():
+    assert plan_commands(*check_network({}), {}) == [["ip", "link", "set", "dev", "lo", "up"]]
+
+
+@pytest.mark.parametrize("msg, message", [
+    ({"interfaces": [dict(ETH, name="lo")]}, "not a valid link name"),
+    ({"interfaces": [dict(ETH, name="a" * 16)]}, "not a valid link name"),
+    ({"interfaces": [dict(ETH, name="eth0; reboot")]}, "not a valid link name"),
+    ({"interfaces": [dict(ETH, mac="zz:42:ac:12:00:02")]}, "not a MAC"),
+    ({"interfaces": [dict(ETH, mtu=10)]}, "MTU"),
+    ({"interfaces": [dict(ETH, mtu=True)]}, "MTU"),
+    ({"interfaces": [dict(ETH, addresses=["172.18.0.2/99"])]}, "not an address/prefix"),
+    ({"interfaces": [dict(ETH, addresses=["-f /etc/passwd"])]}, "not an address/prefix"),
+    ({"interfaces": [ETH, dict(ETH, name="eth1")]}, "appears twice"),
+    ({"interfaces": [ETH] * 9}, "at most 8"),
+    ({"interfaces": [ETH], "routes": [dict(ROUTES[0], dev="eth9")]}, "not a configured interface"),
+    ({"interfaces": [ETH], "routes": [dict(ROUTES[0], gateway="gw")]}, "is not valid"),
+    ({"interfaces": [ETH], "routes": [dict(ROUTES[0], family=5)]}, "family"),
+    ({"interfaces": "eth0"}, "must be a list"),
+])
+def test_bad_requests_are_refused(msg, message):
+    with pytest.raises(AgentError, match=message) as info:
+        check_network(msg)
+    assert info.value.code == "INVALID_ARGUMENT"
+
+
+def _nic(sysfs: Path, name: str, mac: str) -> None:
+    (sysfs / "class/net" / name).mkdir(parents=True)
+    (sysfs / "class/net" / name / "address").write_text(mac + "\n")
+
+
+def test_nics_are_found_by_mac(tmp_path):
+    _nic(tmp_path, "lo", "00:00:00:00:00:00")
+    _nic(tmp_path, "eth0", "02:42:AC:12:00:02")
+    assert nics_by_mac(str(tmp_path)) == {"02:42:ac:12:00:02": "eth0"}
+    assert wait_for_nics(["02:42:ac:12:00:02"], 0.1, str(tmp_path)) == {"02:42:ac:12:00:02": "eth0"}
+    with pytest.raises(AgentError, match="no NIC with MAC 02:00:00:00:00:09"):
+        wait_for_nics(["02:00:00:00:00:09"], 0.1, str(tmp_path))
+
+
+def test_agent_answers_configure_network(tmp_path):
+    agent = AgentProc(tmp_path)
+    try:
+        assert agent.ok("configure_network", interfaces=[ETH], routes=ROUTES) == {"interfaces": ["eth0"]}
+        error = agent.err("configure_network", interfaces=[dict(ETH, mac="nope")])
+        assert error["code"] == "INVALID_ARGUMENT" and "not a MAC" in error["message"]
+        assert agent.ok("ping")["agent_version"]
+    finally:
+        agent.close()
