@@ -24,6 +24,20 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class FirecrackerConfig(_Section):
+    """The Firecracker backend (`[vmm.firecracker]`): binary, jailer, placeholder drives."""
+
+    binary: str = "firecracker"
+    jailer: bool = False  # run it through Firecracker's jailer (chroot, uid/gid, cgroup, netns)
+    jailer_binary: str = "jailer"
+    jailer_uid: int = Field(0, ge=0)
+    jailer_gid: int = Field(0, ge=0)
+    chroot_base: Path = Path("/srv/jailer")
+    cgroup_version: Literal[1, 2] = 2
+    placeholder_drives: int = Field(4, ge=0, le=16)  # drives swapped in after boot
+    log_level: Literal["Error", "Warning", "Info", "Debug", "Trace", "Off"] = "Info"
+
+
 class VmmConfig(_Section):
     """How vmmd starts VMs."""
 
@@ -37,6 +51,7 @@ class VmmConfig(_Section):
     kernel_cmdline_extra: str = ""
     boot_timeout_s: float = Field(60.0, gt=0)
     stop_timeout_s: float = Field(5.0, gt=0)
+    firecracker: FirecrackerConfig = FirecrackerConfig()
 
 
 class AgentConfig(_Section):

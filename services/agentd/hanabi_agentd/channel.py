@@ -216,3 +216,22 @@ def make_channel(address: str) -> Channel:
         return VsockChannel(int(match.group(1)), int(match.group(2)))
     raise InvalidArgument(f"agent address {address[:200]!r} is none of: an absolute socket path, "
                           "unix://PATH, hvsock://PATH:PORT, vsock://CID:PORT")
+
+
+def address_for(socket_path: str, transport: str = "unix", port: int | None = None) -> str:
+    """The channel address for what vmmd reports (VmInfo.agent_socket, agent_transport,
+    agent_port): the path itself for "unix", `hvsock://PATH:PORT` for Firecracker's hybrid
+    vsock, `vsock://CID:PORT` for AF_VSOCK (socket_path "vsock://CID")."""
+    if transport == "unix":
+        return socket_path
+    if port is None:
+        raise InvalidArgument(f"agent transport {transport} needs a port")
+    if transport == "hybrid_vsock":
+        if not socket_path.startswith("/"):
+            raise InvalidArgument(f"hybrid vsock socket {socket_path[:200]!r} must be an absolute path")
+        return f"hvsock://{socket_path}:{port}"
+    if transport == "vsock":
+        if not socket_path.startswith("vsock://"):
+            raise InvalidArgument(f"vsock agent address {socket_path[:200]!r} must be vsock://CID")
+        return f"{socket_path}:{port}"
+    raise InvalidArgument(f"unknown agent transport {transport!r}")

@@ -25,12 +25,15 @@ class AgentdClient:
         self.rpc = RpcClient("agentd", config.endpoint("agentd"), timeout=timeout or default)
 
     # --- agents ---------------------------------------------------------------------------
-    def connect(self, sandbox_id: str, socket_path: str, timeout_s: float | None = None) -> AgentInfo:
-        """Connect to the agent behind `socket_path` (vmmd's VmInfo.agent_socket) and wait
-        until it answers (at most `timeout_s`, default config.agent.ready_timeout_s)."""
+    def connect(self, sandbox_id: str, socket_path: str, timeout_s: float | None = None,
+                transport: str = "unix", port: int | None = None) -> AgentInfo:
+        """Connect to the agent behind `socket_path` (vmmd's VmInfo.agent_socket, used as its
+        agent_transport and agent_port say) and wait until it answers (at most `timeout_s`,
+        default config.agent.ready_timeout_s)."""
         wait = timeout_s or self.config.agent.ready_timeout_s
         return self.rpc.call("agent.connect", ConnectAgent(sandbox_id=sandbox_id, socket_path=socket_path,
-                                                           timeout_s=timeout_s),
+                                                           timeout_s=timeout_s, transport=transport,  # type: ignore[arg-type]
+                                                           port=port),
                              AgentInfo, timeout=wait + SLACK_S)
 
     def get(self, sandbox_id: str) -> AgentInfo:

@@ -23,6 +23,7 @@ from hanabi_common.models.agentd import (AgentInfo, ConnectAgent, ContainerRef, 
 from hanabi_common.models.base import NoArgs, Removed, SandboxRef
 from hanabi_common.rpc.server import RpcServer
 
+from hanabi_agentd.channel import address_for
 from hanabi_agentd.guest_messages import GuestMisbehaved, PidResult, PsResult, parse_result
 from hanabi_agentd.io_server import IoServer, io_socket_path
 from hanabi_agentd.models import AgentDetails, AgentList, ProcessRef, ResizeProcess
@@ -93,16 +94,17 @@ class AgentService:
         sid = request.sandbox_id
         if not request.socket_path.startswith(("/", "unix://", "hvsock://", "vsock://")):
             raise InvalidArgument(f"agent address {request.socket_path[:200]!r} must be absolute")
+        address = address_for(request.socket_path, request.transport, request.port)
         with self.registry.lock:
             sandbox = self.registry.sandboxes.get(sid)
             if sandbox is not None and (sandbox.busy or sandbox.session.connected):
                 raise AlreadyExists(f"sandbox {sid} is already connected to its agent")
             fresh = sandbox is None
             if fresh:
-                sandbox = self.registry.new(sid, request.socket_path)
+                sandbox = self.registry.new(sid, address)
                 self.registry.sandboxes[sid] = sandbox
             else:
-                sandbox.address = request.socket_path
+                sandbox.address = address
             sandbox.busy = True
         try:
             sandbox.session.connect(request.timeout_s)

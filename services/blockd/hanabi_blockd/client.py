@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from hanabi_common.config import Config
 from hanabi_common.models.base import Removed, SandboxRef
-from hanabi_common.models.blockd import BindSource, ProvisionVolume, VolumeInfo, VolumeList
+from hanabi_common.models.blockd import (BindSource, BlockListing, Collected, CollectBases, ProvisionVolume,
+                                         VolumeInfo, VolumeList)
 from hanabi_common.rpc.client import RpcClient
 
 
@@ -15,10 +16,12 @@ class BlockdClient:
         self.rpc = RpcClient("blockd", config.endpoint("blockd"), timeout=timeout or max(config.rpc.default_timeout_s, 120))
 
     def provision(self, sandbox_id: str, rootfs: str, readonly: bool = False,
-                  binds: list[tuple[str, str]] = ()) -> VolumeInfo:
-        """Build the sandbox's root volume (and its binds disk when `binds` names any)."""
+                  binds: list[tuple[str, str]] = (), formats: list[str] | None = None) -> VolumeInfo:
+        """Build the sandbox's root volume (and its binds disk when `binds` names any);
+        `formats`: the disk formats the VM opens, preferred first (["raw"] for Firecracker)."""
         request = ProvisionVolume(sandbox_id=sandbox_id, rootfs=rootfs, readonly=readonly,
-                                  binds=[BindSource(name=n, source=s) for n, s in binds])
+                                  binds=[BindSource(name=n, source=s) for n, s in binds],
+                                  **({"formats": formats} if formats else {}))
         return self.rpc.call("volume.provision", request, VolumeInfo)
 
     def release(self, sandbox_id: str) -> Removed:
@@ -28,3 +31,11 @@ class BlockdClient:
     def list(self) -> VolumeList:
         """Every volume."""
         return self.rpc.call("volume.list", {}, VolumeList, idempotent=True)
+
+    def listing(self) -> BlockListing:
+        """Pools, bases with their holders, volumes."""
+        return self.rpc.call("block.list", {}, BlockListing, idempotent=True)
+
+    def collect(self, budget_mib: int | None = None) -> Collected:
+        """Collect unused bases beyond the budget (or `budget_mib`)."""
+        return self.rpc.call("block.collect", CollectBases(budget_mib=budget_mib), Collected)

@@ -42,7 +42,7 @@ def choose_backend(wanted: str, facts: HostBlockFacts) -> tuple[str, str]:
     elif not facts.thin_pool_target:
         why = "device-mapper has no thin-pool target (`dmsetup targets`)"
     else:
-        why = "the devicemapper backend is not built yet (issue 5)"
+        return "devicemapper", "device-mapper lists the thin-pool target"
     if wanted == "devicemapper":
         raise RuntimeError(f"block backend devicemapper was configured but {why}")
     return "loopfile", why

@@ -1,4 +1,4 @@
-"""The loop-file backend: a container's rootfs directory becomes an ext4 image file.
+"""The loop-file backend: ext4 image files (bases, binds disks) and per-container layers.
 
 The image is built without mounting anything on the host (`mke2fs -t ext4 -d DIR`), on a
 sparse file, and handed to the VMM as a raw disk file: QEMU opens the file itself, so no
@@ -78,7 +78,7 @@ class LoopFileBackend:
         if not self.volume_dir.is_dir():
             return []
         removed = []
-        for leftover in self.volume_dir.glob(f"*{PARTIAL_SUFFIX}"):
+        for leftover in self.volume_dir.glob(f"*{PARTIAL_SUFFIX}"):  # top level only: bases/ has its own
             leftover.unlink(missing_ok=True)
             removed.append(leftover)
         for staging in self.volume_dir.glob(f"*{STAGING_SUFFIX}"):
@@ -109,6 +109,19 @@ class LoopFileBackend:
 
     def build(self, sandbox_id: str, rootfs: Path, kind: str = "ext4") -> tuple[Path, int]:
         """Build the image of directory `rootfs` for `sandbox_id`; return its path and size."""
+        final = self.image_path(sandbox_id, kind)
+        partial = final.with_name(final.name + PARTIAL_SUFFIX)
+        try:
+            size = self.build_to(rootfs, partial)
+            os.replace(partial, final)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        return final, size
+
+    def build_to(self, rootfs: Path, target: Path) -> int:
+        """Write an ext4 image of directory `rootfs` to `target` (a temp name the caller
+        renames); return its size. On failure `target` may remain: the caller removes it."""
         if not rootfs.is_dir():
             raise InvalidArgument(f"rootfs {rootfs} is not a directory")
         content, entries = measure_tree(rootfs)
@@ -116,22 +129,19 @@ class LoopFileBackend:
         if size > self.max_volume_mib << 20:
             raise FailedPrecondition(f"rootfs {rootfs} needs a {size >> 20} MiB volume, above "
                                      f"the configured maximum of {self.max_volume_mib} MiB")
-        self.volume_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        free = shutil.disk_usage(self.volume_dir).free
+        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        free = shutil.disk_usage(target.parent).free
         if content + (16 << 20) > free:
-            raise FailedPrecondition(f"not enough space in {self.volume_dir}: {free >> 20} MiB "
+            raise FailedPrecondition(f"not enough space in {target.parent}: {free >> 20} MiB "
                                      f"free, the rootfs needs about {content >> 20} MiB")
-        final = self.image_path(sandbox_id, kind)
-        partial = final.with_name(final.name + PARTIAL_SUFFIX)
-        try:
-            with open(partial, "wb") as handle:
-                handle.truncate(size)
-            self._mkfs(partial, rootfs, inode_count_for(entries))
-            os.replace(partial, final)
-        except BaseException:
-            partial.unlink(missing_ok=True)
-            raise
-        return final, size
+        with open(target, "wb") as handle:
+            handle.truncate(size)
+        self._mkfs(target, rootfs, inode_count_for(entries))
+        return size
+
+    def layer_path(self, sandbox_id: str, fmt: str) -> Path:
+        """Where a sandbox's copy-on-write root layer lives (`<sid>.qcow2` or `<sid>.raw`)."""
+        return self.volume_dir / f"{sandbox_id}.{fmt}"
 
     @staticmethod
     def _mkfs(image: Path, rootfs: Path, inodes: int) -> None:
@@ -143,6 +153,9 @@ class LoopFileBackend:
         except FileNotFoundError:
             raise FailedPrecondition("mke2fs not found: install e2fsprogs") from None
         if done.returncode != 0:
+            if "No space left" in done.stderr or "Could not allocate" in done.stderr:
+                raise FailedPrecondition(f"no space left for the volume {image}: "
+                                         f"{done.stderr.strip()[-300:]}")
             raise Internal(f"mke2fs failed ({done.returncode}): {done.stderr.strip()[-500:]}")
 
     def remove(self, path: Path) -> bool:
@@ -156,3 +169,17 @@ class LoopFileBackend:
     def describe(self) -> str:
         """One line for humans."""
         return f"ext4 image files in {self.volume_dir}"
+
+
+def loops_backed_by(path: Path, sys_block: Path = Path("/sys/block")) -> list[str]:
+    """Loop devices whose backing file is `path` (someone attached, maybe mounted, a volume)."""
+    found = []
+    target = os.path.realpath(path)
+    for backing in sys_block.glob("loop*/loop/backing_file"):
+        try:
+            name = backing.read_text().strip()
+        except OSError:
+            continue
+        if name.removesuffix(" (deleted)") == target:
+            found.append("/dev/" + backing.parent.parent.name)
+    return found

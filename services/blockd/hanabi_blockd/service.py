@@ -1,23 +1,37 @@
-"""blockd's domain: a volume per sandbox, made from the bundle's rootfs, removed on release."""
+"""blockd's domain: a root volume (and a binds disk) per sandbox, shared bases, collection.
+
+A provisioning picks, in order: passthrough of the rootfs's own block device (passthrough.py),
+else a layer over the shared base of the rootfs's image (identity.py, layered.py or the
+devicemapper backend). devices.json is the only record of what a sandbox holds: blockd keeps
+nothing in memory that a restart would need, and at start-up it removes what no record
+claims (a crash mid-provisioning) and gives back passthrough devices of unfinished records.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
+from collections import Counter
 from pathlib import Path
 
+from hanabi_blockd import passthrough
 from hanabi_blockd.detect import choose_backend, probe_host
-from hanabi_blockd.loopfile import LoopFileBackend
-from hanabi_blockd.state import STATE_NAME, DevicesState
+from hanabi_blockd.gc import choose_evictions
+from hanabi_blockd.identity import identify
+from hanabi_blockd.layered import ROOT_SERIAL, LoopFileVolumes
+from hanabi_blockd.loopfile import LoopFileBackend, loops_backed_by
+from hanabi_blockd.mountinfo import mount_at, read_mountinfo
+from hanabi_blockd.state import STATE_NAME, DevicesState, HostMount
 from hanabi_common.config import Config
-from hanabi_common.errors import AlreadyExists, NotFound
+from hanabi_common.errors import AlreadyExists, FailedPrecondition, HanabiError, InvalidArgument, NotFound
 from hanabi_common.models.base import NoArgs, Removed, SandboxRef
-from hanabi_common.models.blockd import BackendInfo, ProvisionVolume, VolumeInfo, VolumeList
+from hanabi_common.models.blockd import (BackendInfo, BaseInfo, BlockListing, Collected, CollectBases,
+                                         ProvisionVolume, VolumeInfo, VolumeList)
 from hanabi_common.rpc.server import RpcServer
 from hanabi_common.state import StateStore
 
 log = logging.getLogger("hanabi.blockd")
-ROOT_SERIAL = "hanabi-root"
 BINDS_SERIAL = "hanabi-binds"
 
 
@@ -26,86 +40,207 @@ class BlockService:
 
     def __init__(self, config: Config) -> None:
         self.store = StateStore(config.sandboxes_dir)
+        self.budget_bytes = config.block.bases_budget_mib << 20
         self.backend_name, self.reason = choose_backend(config.block.backend, probe_host())
-        self.backend = LoopFileBackend(config.block.volume_dir, config.block.headroom_mib,
-                                       config.block.max_volume_mib)
+        self.files = LoopFileBackend(config.block.volume_dir, config.block.headroom_mib,
+                                     config.block.max_volume_mib)
+        if self.backend_name == "devicemapper":
+            from hanabi_blockd.devicemapper import DeviceMapperVolumes
+            self.volumes = DeviceMapperVolumes(config.block, self.files)
+        else:
+            self.volumes = LoopFileVolumes(self.files)
+        self.backend = self.files  # what older callers and tests reach for
         log.info("block backend chosen", extra={"backend": self.backend_name, "reason": self.reason})
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
+        self._gc_lock = threading.Lock()
+        self._pending: Counter[str] = Counter()  # base keys of provisionings in flight
         self._recover()
 
     def _lock(self, sandbox_id: str) -> threading.Lock:
         with self._guard:
             return self._locks.setdefault(sandbox_id, threading.Lock())
 
+    def _states(self) -> dict[str, DevicesState]:
+        states = {}
+        for sid in self.store.list_sandboxes(having=STATE_NAME):
+            state = self.store.read(sid, STATE_NAME, DevicesState)
+            if state is not None:
+                states[sid] = state
+        return states
+
     def _recover(self) -> None:
-        """Drop half-built images and images no devices.json claims (a crash mid-provision)."""
-        for leftover in self.backend.clean_partials():
-            log.warning("removed a half-built volume", extra={"path": str(leftover)})
-        claimed = {Path(v.path) for sid in self.store.list_sandboxes(having=STATE_NAME)
-                   for v in (self.store.read(sid, STATE_NAME, DevicesState) or DevicesState(volumes=[])).volumes}
-        if self.backend.volume_dir.is_dir():
-            for image in self.backend.volume_dir.glob("*.ext4"):  # roots and binds alike
-                if image not in claimed:
-                    image.unlink(missing_ok=True)
-                    log.warning("removed an unclaimed volume", extra={"path": str(image)})
+        """Finish what a crash interrupted, then drop whatever no devices.json claims."""
+        for sid, state in self._states().items():
+            if not state.complete:
+                log.warning("rolling back an unfinished provisioning", extra={"sandbox": sid})
+                try:
+                    self._undo(state)
+                    self.store.remove(sid, STATE_NAME)
+                except HanabiError as exc:
+                    log.error("rollback failed", extra={"sandbox": sid, "error": exc.message})
+        claimed = {Path(v.path) for s in self._states().values() for v in s.volumes}
+        for leftover in self.volumes.recover(claimed):
+            log.warning("removed a leftover volume file", extra={"path": str(leftover)})
 
     def register(self, server: RpcServer) -> None:
-        """Serve volume.* and backend.info."""
+        """Serve volume.*, block.* and backend.info."""
         server.register("volume.provision", ProvisionVolume, self.provision)
         server.register("volume.release", SandboxRef, self.release)
         server.register("volume.get", SandboxRef, self.get)
         server.register("volume.list", NoArgs, self.list)
+        server.register("block.list", NoArgs, self.listing)
+        server.register("block.collect", CollectBases, self.collect)
         server.register("backend.info", NoArgs, self.info)
 
     def close(self) -> None:
         """Nothing held in memory."""
 
+    # -- provisioning ----------------------------------------------------------------
+
     def provision(self, request: ProvisionVolume) -> VolumeInfo:
-        """Build the sandbox's root volume from its rootfs directory."""
-        with self._lock(request.sandbox_id):
-            if self.store.read(request.sandbox_id, STATE_NAME, DevicesState) is not None:
-                raise AlreadyExists(f"sandbox {request.sandbox_id} already has a volume")
-            rootfs = Path(request.rootfs)
-            made: list[Path] = []
+        """Give the sandbox a root volume for its rootfs directory (and a binds disk)."""
+        sid = request.sandbox_id
+        rootfs = Path(request.rootfs)
+        if not rootfs.exists():
+            raise InvalidArgument(f"rootfs {rootfs} does not exist")
+        if not rootfs.is_dir():
+            raise InvalidArgument(f"rootfs {rootfs} is not a directory")
+        with self._lock(sid):
+            if self.store.read(sid, STATE_NAME, DevicesState) is not None:
+                raise AlreadyExists(f"sandbox {sid} already has a volume")
+            state = DevicesState(volumes=[])
+            key = None
             try:
-                path, size = self.backend.build(request.sandbox_id, rootfs)
-                made.append(path)
-                info = VolumeInfo(sandbox_id=request.sandbox_id, backend=self.backend_name,
-                                  path=str(path), format="raw", fstype="ext4", size_bytes=size,
-                                  serial=ROOT_SERIAL, source=str(rootfs))
-                volumes = [info]
+                entries = read_mountinfo()
+                info = self._try_passthrough(sid, rootfs, entries, state)
+                if info is None:
+                    ident = identify(rootfs, entries)
+                    key = ident.key
+                    with self._guard:
+                        self._pending[key] += 1
+                    info = self.volumes.root_volume(sid, rootfs, ident, request.formats, self._make_room)
+                state.volumes.append(info)
                 if request.binds:
-                    binds_path, binds_size = self.backend.build_binds(
-                        request.sandbox_id, [(b.name, Path(b.source)) for b in request.binds])
-                    made.append(binds_path)
-                    binds = VolumeInfo(sandbox_id=request.sandbox_id, backend=self.backend_name,
-                                       path=str(binds_path), format="raw", fstype="ext4",
-                                       size_bytes=binds_size, serial=BINDS_SERIAL,
-                                       source=", ".join(b.source for b in request.binds)[:4096])
-                    volumes.append(binds)
+                    binds_path, binds_size = self.files.build_binds(
+                        sid, [(b.name, Path(b.source)) for b in request.binds])
+                    binds = VolumeInfo(sandbox_id=sid, backend=self.files.name, path=str(binds_path),
+                                       format="raw", fstype="ext4", size_bytes=binds_size,
+                                       serial=BINDS_SERIAL, source=", ".join(b.source for b in request.binds)[:4096])
+                    state.volumes.append(binds)
                     info = info.model_copy(update={"binds": binds})
-                self.store.write(request.sandbox_id, STATE_NAME, DevicesState(volumes=volumes))
+                state.complete = True
+                self.store.write(sid, STATE_NAME, state)
             except BaseException:
-                for leftover in made:
-                    self.backend.remove(leftover)
+                try:
+                    self._undo(state)
+                finally:
+                    self.store.remove(sid, STATE_NAME)
                 raise
-        log.info("provisioned", extra={"sandbox": request.sandbox_id, "path": str(path), "bytes": size})
+            finally:
+                if key is not None:
+                    with self._guard:
+                        self._pending[key] -= 1
+        self._collect_quietly()
+        log.info("provisioned", extra={"sandbox": sid, "path": info.path, "layout": info.layout,
+                                       "detail": info.detail})
         return info
 
+    def _try_passthrough(self, sid: str, rootfs: Path, entries, state: DevicesState) -> VolumeInfo | None:
+        plan, why = passthrough.decide(os.path.realpath(rootfs), entries, passthrough.device_numbers)
+        if plan is None:
+            if not why.startswith("the rootfs is not a mount point"):
+                log.info("no passthrough, copying the rootfs", extra={"sandbox": sid, "reason": why})
+            return None
+        # Record the intent first: a crash after the unmount leaves a record to give it back.
+        state.host_mount = HostMount(**plan.__dict__)
+        state.complete = False
+        self.store.write(sid, STATE_NAME, state)
+        refusal = passthrough.take(plan)
+        if refusal is not None:
+            state.host_mount = None
+            self.store.remove(sid, STATE_NAME)
+            log.warning("no passthrough, copying the rootfs", extra={"sandbox": sid, "reason": refusal})
+            return None
+        size = _device_bytes(plan.major, plan.minor)
+        return VolumeInfo(sandbox_id=sid, backend="passthrough", path=plan.device, format="raw",
+                          fstype=plan.fstype, size_bytes=size, serial=ROOT_SERIAL, source=str(rootfs),
+                          layout="passthrough", detail=f"{plan.device} taken from {plan.mount_point}")
+
+    def _undo(self, state: DevicesState) -> None:
+        """Remove a sandbox's files and give its passthrough device back (for release and
+        for a failed or interrupted provisioning)."""
+        for volume in state.volumes:
+            if volume.layout == "passthrough":
+                continue
+            loops = loops_backed_by(Path(volume.path)) if Path(volume.path).exists() else []
+            if loops:
+                raise FailedPrecondition(f"volume {volume.path} is still attached to {', '.join(loops)} "
+                                         "(mounted on the host?): unmount and detach it, then delete again")
+        mount = state.host_mount
+        if mount is not None:
+            current = mount_at(mount.mount_point, read_mountinfo())
+            if current is None or (current.major, current.minor) != (mount.major, mount.minor):
+                passthrough.give_back(passthrough.Passthrough(**mount.model_dump()))
+        for volume in state.volumes:
+            if volume.layout == "passthrough":
+                continue
+            if volume.serial == ROOT_SERIAL:
+                self.volumes.remove_volume(volume)
+            else:
+                self.files.remove(Path(volume.path))
+
     def release(self, request: SandboxRef) -> Removed:
-        """Remove the sandbox's volumes (idempotent)."""
+        """Remove the sandbox's volumes (idempotent); its base stays for reuse."""
         with self._lock(request.sandbox_id):
             state = self.store.read(request.sandbox_id, STATE_NAME, DevicesState)
             if state is None:
                 return Removed(existed=False)
-            for volume in state.volumes:
-                self.backend.remove(Path(volume.path))
+            self._undo(state)
             self.store.remove(request.sandbox_id, STATE_NAME)
         with self._guard:
             self._locks.pop(request.sandbox_id, None)
+        self._collect_quietly()
         log.info("released", extra={"sandbox": request.sandbox_id})
         return Removed(existed=True)
+
+    # -- collection of bases ---------------------------------------------------------
+
+    def holders(self) -> dict[str, list[str]]:
+        """Base key -> the sandboxes whose devices.json names it."""
+        held: dict[str, list[str]] = {}
+        for sid, state in self._states().items():
+            for volume in state.volumes:
+                if volume.base_key:
+                    held.setdefault(volume.base_key, []).append(sid)
+        return held
+
+    def _collect(self, budget_bytes: int) -> list[str]:
+        with self._gc_lock:
+            with self._guard:
+                in_use = set(self.holders()) | {k for k, n in self._pending.items() if n > 0}
+            chosen = choose_evictions(self.volumes.base_usage(), in_use, budget_bytes)
+            for key in chosen:
+                self.volumes.remove_base(key)
+                log.info("collected an unused base", extra={"key": key})
+            return chosen
+
+    def _collect_quietly(self) -> None:
+        try:
+            self._collect(self.budget_bytes)
+        except (OSError, HanabiError) as exc:
+            log.warning("collecting bases failed", extra={"error": str(exc)})
+
+    def _make_room(self) -> list[str]:
+        """Collect every unused base (a build ran out of space)."""
+        return self._collect(0)
+
+    def collect(self, request: CollectBases) -> Collected:
+        """Collect unused bases beyond the budget now."""
+        budget = self.budget_bytes if request.budget_mib is None else request.budget_mib << 20
+        return Collected(removed=self._collect(budget))
+
+    # -- queries -----------------------------------------------------------------------
 
     def get(self, request: SandboxRef) -> VolumeInfo:
         """The root volume of one sandbox."""
@@ -116,13 +251,27 @@ class BlockService:
 
     def list(self, _: NoArgs) -> VolumeList:
         """Every volume, with the sandbox holding it."""
-        volumes = []
-        for sid in self.store.list_sandboxes(having=STATE_NAME):
-            state = self.store.read(sid, STATE_NAME, DevicesState)
-            if state is not None:
-                volumes.extend(state.volumes)
-        return VolumeList(volumes=volumes)
+        return VolumeList(volumes=[v for s in self._states().values() for v in s.volumes])
+
+    def listing(self, _: NoArgs) -> BlockListing:
+        """Pools, bases with their holders, volumes."""
+        held = self.holders()
+        usage = {u.key: u.bytes for u in self.volumes.base_usage()}
+        bases = [BaseInfo(key=m.key, kind=m.kind, detail=m.detail, path=self.volumes.base_path(m.key),
+                          source=m.source, size_bytes=m.size_bytes, allocated_bytes=usage.get(m.key, 0),
+                          created_at=m.created_at, last_used=m.last_used, holders=held.get(m.key, []))
+                 for m in self.volumes.bases()]
+        return BlockListing(backend=self.backend_name, reason=self.reason,
+                            pools=self.volumes.pools(self.budget_bytes), bases=bases,
+                            volumes=self.list(NoArgs()).volumes)
 
     def info(self, _: NoArgs) -> BackendInfo:
         """The backend in use and why."""
-        return BackendInfo(backend=self.backend_name, reason=self.reason, volume_dir=str(self.backend.volume_dir))
+        return BackendInfo(backend=self.backend_name, reason=self.reason, volume_dir=str(self.files.volume_dir))
+
+
+def _device_bytes(major: int, minor: int) -> int:
+    try:
+        return int(Path(f"/sys/dev/block/{major}:{minor}/size").read_text()) * 512
+    except (OSError, ValueError):
+        return 0

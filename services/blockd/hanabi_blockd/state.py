@@ -2,13 +2,30 @@
 
 from __future__ import annotations
 
+from pydantic import BaseModel
+
 from hanabi_common.models.blockd import VolumeInfo
 from hanabi_common.state import VersionedState
 
 STATE_NAME = "devices"
 
 
+class HostMount(BaseModel):
+    """A block device blockd took from its host mount for passthrough, to mount back."""
+
+    device: str
+    major: int
+    minor: int
+    fstype: str
+    mount_point: str
+    options: str
+
+
 class DevicesState(VersionedState):
-    """The volumes blockd made for one sandbox."""
+    """The volumes blockd made for one sandbox. `complete` is False only between taking a
+    passthrough device from the host and recording its volume: a restart then gives the
+    device back and drops the record."""
 
     volumes: list[VolumeInfo]
+    host_mount: HostMount | None = None
+    complete: bool = True

@@ -170,21 +170,24 @@ class Runtime:
                     vm = d.vmmd.create(cid, memory_mib=size.memory_mib, vcpus=size.vcpus,
                                        hypervisor=self.hypervisor)
                 with _phase(timings, "agent_ready_s"):
-                    d.agentd.connect(cid, vm.agent_socket)
+                    d.agentd.connect(cid, vm.agent_socket, transport=vm.agent_transport, port=vm.agent_port)
             finally:
                 volume = volume_future.result()
+        guest_serials: dict[str, str] = {}
         with _phase(timings, "disk_hotplug_s"):
             # Attached writable even for a read-only root: the image is this container's own
             # copy, and the guest makes mount points before it remounts the root read-only.
             for disk in filter(None, (volume, volume.binds)):
-                d.vmmd.attach_disk(cid, disk.path, disk.serial, disk.format, False)
+                attached = d.vmmd.attach_disk(cid, disk.path, disk.serial, disk.format, False)
+                guest_serials[disk.serial] = attached.guest_serial or disk.serial  # Firecracker's differ
         with _phase(timings, "container_create_s"):
             d.agentd.create_container(CreateContainer(
                 sandbox_id=cid, container_id=cid,
-                rootfs=RootfsSpec(serial=volume.serial, fstype=volume.fstype, readonly=bundle.readonly),
+                rootfs=RootfsSpec(serial=guest_serials[volume.serial], fstype=volume.fstype,
+                                  readonly=bundle.readonly),
                 process=bundle.process, hostname=bundle.hostname,
                 mounts=[GuestMount(**m) for m in plan.guest],
-                mounts_disk=RootfsSpec(serial=volume.binds.serial, fstype=volume.binds.fstype)
+                mounts_disk=RootfsSpec(serial=guest_serials[volume.binds.serial], fstype=volume.binds.fstype)
                 if volume.binds else None))
         return timings, vm
 

@@ -62,12 +62,12 @@ class VmHandle:
     vm_dir: Path
     machine: str = ""
     hotplug_slots: int = 0
+    process: subprocess.Popen | None = field(default=None, repr=False, compare=False)
     # How agentd reaches the guest agent: "unix" (agent_socket is a stream socket),
     # "hybrid_vsock" (agent_socket is Firecracker's vsock socket, CONNECT agent_port) or
     # "vsock" (AF_VSOCK to the guest's CID, agent_port).
     agent_transport: str = "unix"
     agent_port: int | None = None
-    process: subprocess.Popen | None = field(default=None, repr=False, compare=False)
 
     @property
     def spawned_here(self) -> bool:

@@ -33,6 +33,7 @@ from hanabi_vmmd.locks import KeyedLocks
 from hanabi_vmmd.qemu import QemuHypervisor, stderr_tail
 from hanabi_vmmd.qemu_cmdline import kernel_cmdline
 from hanabi_vmmd.reaper import Reaper
+from hanabi_vmmd.selection import Choice, decide_auto
 from hanabi_vmmd.recovery import recover
 from hanabi_vmmd.state import STATE_NAME, SUN_PATH_MAX, DiskRecord, HypervisorState, vm_dir_for
 
@@ -44,10 +45,18 @@ INITRD_NAME = "initrd.img"
 
 
 def default_backends(config: Config) -> dict[str, Hypervisor]:
-    """The VMM backends this build offers (Firecracker comes with its own issue)."""
+    """The VMM backends this build offers: QEMU and Firecracker (probed when first used)."""
+    from hanabi_vmmd.firecracker.backend import FirecrackerHypervisor
+    from hanabi_vmmd.firecracker.process import JailerConfig
+
     qemu = QemuHypervisor(binary=config.vmm.qemu_binary, machine=config.vmm.machine,
                           start_timeout=config.vmm.boot_timeout_s, hotplug_slots=HOTPLUG_SLOTS)
-    return {"qemu": qemu}
+    fc = config.vmm.firecracker
+    jailer = JailerConfig(binary=fc.jailer_binary, uid=fc.jailer_uid, gid=fc.jailer_gid,
+                          chroot_base=fc.chroot_base, cgroup_version=fc.cgroup_version) if fc.jailer else None
+    firecracker = FirecrackerHypervisor(binary=fc.binary, jailer=jailer, start_timeout=config.vmm.boot_timeout_s,
+                                        placeholder_drives=fc.placeholder_drives, log_level=fc.log_level)
+    return {"qemu": qemu, "firecracker": firecracker}
 
 
 def guest_files(guest_dir: Path) -> tuple[Path, Path]:
@@ -75,6 +84,7 @@ class VmService:
         self.vm_root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.backends = backends if backends is not None else default_backends(config)
         self.accel = accel or accel_mod.resolve(config.vmm.accel)
+        self._auto: Choice | None = None  # what `auto` maps to, decided at the first use
         self.locks = KeyedLocks()
         self._handles: dict[str, VmHandle] = {}
         self._events = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vmmd-exit")
@@ -146,7 +156,7 @@ class VmService:
         """Boot a VM for the sandbox; returns once the VMM runs and answers (not the agent)."""
         sid = request.sandbox_id
         hv_name = request.hypervisor or self.config.vmm.hypervisor
-        backend = self._backend("qemu" if hv_name == "auto" else hv_name)
+        backend = self._backend(self._auto_backend() if hv_name == "auto" else hv_name)
         vmm = self.config.vmm
         with self.locks.hold(sid):
             if self.store.read(sid, STATE_NAME, HypervisorState) is not None:
@@ -185,13 +195,20 @@ class VmService:
                                       "ms": round((time.monotonic() - began) * 1000, 1)})
         return state.info()
 
+    def _auto_backend(self) -> str:
+        """`auto`: Firecracker where its binary and KVM work, else QEMU (decided once, logged)."""
+        if self._auto is None:
+            self._auto = decide_auto(self.backends)
+        return self._auto.backend
+
     def _state_for(self, spec: VmSpec, handle: VmHandle, hypervisor: str) -> HypervisorState:
         return HypervisorState(
             sandbox_id=spec.sandbox_id, hypervisor=hypervisor, accel=spec.accel,
             machine=handle.machine, hotplug_slots=handle.hotplug_slots, state="booting",
             pid=handle.pid, start_time=handle.start_time, memory_mib=spec.memory_mib,
-            vcpus=spec.vcpus, vm_dir=str(spec.vm_dir), agent_socket=str(spec.agent_socket),
-            control_socket=str(spec.control_socket), console_log=str(spec.console_log),
+            vcpus=spec.vcpus, vm_dir=str(spec.vm_dir), agent_socket=str(handle.agent_socket),
+            agent_transport=handle.agent_transport, agent_port=handle.agent_port,  # type: ignore[arg-type]
+            control_socket=str(handle.control_socket), console_log=str(spec.console_log),
             stderr_log=str(spec.stderr_log), created_at=time.time())
 
     def get(self, request: SandboxRef) -> VmInfo:
@@ -282,13 +299,18 @@ class VmService:
             disk = DiskSpec(device_id=f"disk-{request.serial}", node_name=f"blk-{request.serial}",
                             path=path, serial=request.serial, format=request.format,
                             readonly=request.readonly)
+            serial_of = getattr(backend, "guest_serial", None)  # Firecracker derives it from the file
+            guest_serial = serial_of(handle, disk) if callable(serial_of) else ""
+            if guest_serial and any(d.guest_serial == guest_serial for d in state.disks):
+                raise AlreadyExists(f"VM of sandbox {sid} already has a disk the guest sees as {guest_serial}")
             bus = backend.attach_disk(handle, disk, {d.bus for d in state.disks})
             state.disks.append(DiskRecord(device_id=disk.device_id, node_name=disk.node_name,
                                           serial=disk.serial, path=str(path), format=disk.format,
-                                          readonly=disk.readonly, bus=bus))
+                                          readonly=disk.readonly, bus=bus, guest_serial=guest_serial))
             self._write(state)
         log.info("disk attached", extra={"sandbox": sid, "device": disk.device_id, "bus": bus})
-        return DiskInfo(device_id=disk.device_id, serial=disk.serial, path=str(path))
+        return DiskInfo(device_id=disk.device_id, serial=disk.serial, path=str(path),
+                        guest_serial=guest_serial or disk.serial)
 
     def detach_disk(self, request: DetachDisk) -> Removed:
         """Hot-unplug a disk (idempotent); waits for the guest to let go of it."""

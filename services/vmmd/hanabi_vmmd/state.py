@@ -41,6 +41,7 @@ class DiskRecord(BaseModel):
     format: Literal["raw", "qcow2"] = "raw"
     readonly: bool = False
     bus: str
+    guest_serial: str = ""  # what the guest reads, when the VMM does not pass `serial` through
 
     def spec(self) -> DiskSpec:
         """The backend's view of this disk."""
@@ -64,6 +65,8 @@ class HypervisorState(VersionedState):
     vcpus: int
     vm_dir: str
     agent_socket: str
+    agent_transport: Literal["unix", "hybrid_vsock", "vsock"] = "unix"
+    agent_port: int | None = None
     control_socket: str
     console_log: str
     stderr_log: str
@@ -75,13 +78,15 @@ class HypervisorState(VersionedState):
         return VmHandle(sandbox_id=self.sandbox_id, hypervisor=self.hypervisor, pid=self.pid,
                         start_time=self.start_time, control_socket=Path(self.control_socket),
                         agent_socket=Path(self.agent_socket), vm_dir=Path(self.vm_dir),
-                        machine=self.machine, hotplug_slots=self.hotplug_slots)
+                        machine=self.machine, hotplug_slots=self.hotplug_slots,
+                        agent_transport=self.agent_transport, agent_port=self.agent_port)
 
     def info(self) -> VmInfo:
         """The RPC view of this VM."""
         return VmInfo(sandbox_id=self.sandbox_id, hypervisor=self.hypervisor, accel=self.accel,
                       pid=self.pid, state=self.state, memory_mib=self.memory_mib, vcpus=self.vcpus,
-                      agent_socket=self.agent_socket, control_socket=self.control_socket,
+                      agent_socket=self.agent_socket, agent_transport=self.agent_transport,
+                      agent_port=self.agent_port, control_socket=self.control_socket,
                       console_log=self.console_log, created_at=self.created_at,
                       exit_status=self.exit_status, disks=[d.device_id for d in self.disks])
 

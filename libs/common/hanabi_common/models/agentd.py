@@ -15,6 +15,11 @@ class ConnectAgent(Request):
     sandbox_id: SandboxId
     socket_path: str = Field(min_length=1, max_length=4096)
     timeout_s: float | None = Field(None, gt=0, le=600)
+    # How to use socket_path (vmmd's VmInfo.agent_transport/agent_port): "unix" connects to
+    # it; "hybrid_vsock" connects and sends `CONNECT <port>`; "vsock" means AF_VSOCK to
+    # the CID in socket_path ("vsock://CID") and `port`.
+    transport: Literal["unix", "hybrid_vsock", "vsock"] = "unix"
+    port: int | None = Field(None, ge=1, lt=1 << 32)
 
 
 class AgentInfo(Reply):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from hanabi_common.models.base import Reply, Request, SandboxId
@@ -22,6 +24,9 @@ class ProvisionVolume(Request):
     rootfs: str = Field(min_length=1, max_length=4096)
     readonly: bool = False
     binds: list[BindSource] = Field([], max_length=256)
+    # The disk formats the VM can open, preferred first: QEMU takes a qcow2 layer over the
+    # shared base; Firecracker takes raw files only (it gets a reflink/sparse copy).
+    formats: list[Literal["qcow2", "raw"]] = Field(["qcow2", "raw"], min_length=1, max_length=2)
 
 
 class VolumeInfo(Reply):
@@ -36,6 +41,12 @@ class VolumeInfo(Reply):
     serial: str
     source: str
     binds: "VolumeInfo | None" = None
+    # How the volume was made: "layer" (qcow2 over a shared base), "copy" (raw copy of a
+    # base), "passthrough" (the rootfs's own block device), "image" (an image of its own).
+    layout: Literal["layer", "copy", "passthrough", "image"] = "image"
+    base_key: str | None = None
+    base_path: str | None = None
+    detail: str = ""
 
 
 class VolumeList(Reply):
@@ -50,3 +61,54 @@ class BackendInfo(Reply):
     backend: str
     reason: str
     volume_dir: str
+
+
+class BaseInfo(Reply):
+    """A shared base volume: one image, read-only, used by every container of it."""
+
+    key: str
+    kind: str
+    detail: str
+    path: str
+    source: str
+    size_bytes: int
+    allocated_bytes: int
+    created_at: float
+    last_used: float
+    holders: list[str]
+
+
+class PoolInfo(Reply):
+    """A place volumes are made in, its usage and health."""
+
+    name: str
+    backend: str
+    path: str
+    total_bytes: int
+    free_bytes: int
+    bases_bytes: int
+    bases_budget_bytes: int
+    healthy: bool
+    detail: str = ""
+
+
+class BlockListing(Reply):
+    """Everything blockd holds: pools, bases (with their holders), volumes."""
+
+    backend: str
+    reason: str
+    pools: list[PoolInfo]
+    bases: list[BaseInfo]
+    volumes: list[VolumeInfo]
+
+
+class CollectBases(Request):
+    """Collect unused bases beyond the budget now (`budget_mib` overrides the configured one)."""
+
+    budget_mib: int | None = Field(None, ge=0)
+
+
+class Collected(Reply):
+    """The bases a collection removed."""
+
+    removed: list[str]

@@ -9,6 +9,9 @@ from pydantic import Field
 from hanabi_common.models.base import Reply, Request, SandboxId, SandboxRef
 
 VmState = Literal["booting", "running", "paused", "stopped"]
+# How agentd reaches the guest agent: a Unix stream socket (QEMU virtio-serial), Firecracker's
+# hybrid vsock (the Unix socket plus `CONNECT <agent_port>`), or AF_VSOCK (vhost-vsock).
+AgentTransport = Literal["unix", "hybrid_vsock", "vsock"]
 
 
 class VmNic(Request):
@@ -58,6 +61,8 @@ class VmInfo(Reply):
     exit_status: int | None = None
     disks: list[str] = []
     nics: list[str] = []
+    agent_transport: AgentTransport = "unix"
+    agent_port: int | None = None
 
 
 class VmList(Reply):
@@ -89,6 +94,9 @@ class DiskInfo(Reply):
     device_id: str
     serial: str
     path: str
+    # The serial the guest reads for this disk, when the VMM does not pass `serial` through
+    # (Firecracker derives it from the backing file); empty means `serial`.
+    guest_serial: str = ""
 
 
 class DetachDisk(Request):
