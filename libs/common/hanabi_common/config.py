@@ -69,6 +69,18 @@ class BlockConfig(_Section):
     volume_dir: Path = Path("/var/lib/hanabi/volumes")
     headroom_mib: int = Field(64, ge=0)
     max_volume_mib: int = Field(64 * 1024, ge=16)
+    # Shared base volumes (one per image) kept for reuse; beyond this many MiB on disk the
+    # least recently used ones that no sandbox holds are removed.
+    bases_budget_mib: int = Field(8 * 1024, ge=0)
+    # devicemapper backend: a thin pool on the named block devices, or (when unset) on
+    # sparse loop-backed files under dm_dir, like Docker's loop-lvm (logged as a warning).
+    dm_pool_name: str = Field("hanabi-pool", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    dm_data_device: Path | None = None
+    dm_metadata_device: Path | None = None
+    dm_dir: Path = Path("/var/lib/hanabi/devicemapper")
+    dm_data_size_gib: int = Field(100, ge=1)
+    dm_metadata_size_mib: int = Field(2048, ge=2, le=16 * 1024)
+    dm_block_size_kib: int = Field(64, ge=64, le=1024 * 1024)
 
 
 class RpcConfig(_Section):
