@@ -162,11 +162,8 @@ class Runtime:
         with _phase(timings, "network_s"):
             d.netd.attach(cid, bundle.netns_path)
         with ThreadPoolExecutor(max_workers=1) as pool:
-            # Firecracker opens raw disks only; QEMU takes a qcow2 layer over a shared base.
-            raw_only = (self.hypervisor or self.config.vmm.hypervisor) == "firecracker"
             volume_future = pool.submit(_timed, timings, "volume_s", d.blockd.provision,
-                                        cid, str(bundle.rootfs), bundle.readonly, plan.binds,
-                                        ["raw"] if raw_only else None)
+                                        cid, str(bundle.rootfs), bundle.readonly, plan.binds)
             try:
                 with _phase(timings, "vm_start_s"):
                     size = vm_size(bundle.config.get("linux", {}).get("resources"))
