@@ -1,0 +1,262 @@
+"""blockd alone, for real (root, mke2fs, qemu-img, overlayfs, loop devices): image reuse,
+identity of overlay rootfs, collection, restart, bad input. No VM is booted here; the
+tests with VMs are in test_blockd_vms.py."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from hanabi_blockd.client import BlockdClient
+from hanabi_blockd.cow import backing_file
+from hanabi_common.errors import FailedPrecondition, InvalidArgument
+from tests.helpers.hanabi import Daemons
+
+pytestmark = pytest.mark.integration
+MIB = 1 << 20
+
+
+def _need_root():
+    if os.geteuid() != 0:
+        pytest.skip("needs root (overlay mounts, loop devices)")
+    for tool in ("mke2fs", "qemu-img", "debugfs", "losetup"):
+        if not shutil.which(tool):
+            pytest.skip(f"{tool} is not installed")
+
+
+def start_blockd(root: Path, extra: str = "", volume_dir: Path | None = None) -> Daemons:
+    """A blockd of its own under `root` (volumes in `volume_dir`, default root/volumes)."""
+    root.mkdir(parents=True, exist_ok=True)
+    config = root / "hanabi.toml"
+    volume_dir = volume_dir or root / "volumes"
+    config.write_text(f'run_dir = "{root}/run"\nlog_level = "debug"\n[block]\n'
+                      f'volume_dir = "{volume_dir}"\n{extra}')
+    daemons = Daemons(root=root, config_path=config)
+    daemons.start("blockd")
+    return daemons
+
+
+@pytest.fixture
+def blockd(tmp_path):
+    _need_root()
+    daemons = start_blockd(tmp_path / "hanabi")
+    yield daemons
+    daemons.stop_all()
+
+
+def client(daemons: Daemons) -> BlockdClient:
+    return BlockdClient(daemons.config, timeout=120)
+
+
+def sandbox(daemons: Daemons, sid: str) -> str:
+    """Make the sandbox directory the runtime would have reserved."""
+    (daemons.config.sandboxes_dir / sid).mkdir(parents=True, exist_ok=True)
+    return sid
+
+
+def make_image(path: Path, mib: int, marker: str = "image") -> Path:
+    """A rootfs directory with `mib` MiB of random data and a small marker file."""
+    (path / "etc").mkdir(parents=True)
+    (path / "etc" / "marker").write_text(marker + "\n")
+    with open(path / "big", "wb") as handle:
+        for _ in range(mib):
+            handle.write(os.urandom(MIB))
+    return path
+
+
+def debugfs_cat(image: str, inner: str) -> bytes:
+    return subprocess.run(["debugfs", "-R", f"cat {inner}", image], capture_output=True, check=True).stdout
+
+
+def allocated(path: str) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+def files_under(directory: Path) -> list[str]:
+    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
+
+
+def test_second_container_of_a_200mb_image_copies_nothing(blockd, tmp_path):
+    image = make_image(tmp_path / "img", 200)
+    c = client(blockd)
+    first = c.provision(sandbox(blockd, "s1"), str(image))
+    second = c.provision(sandbox(blockd, "s2"), str(image))
+    assert (first.layout, first.format, second.layout) == ("layer", "qcow2", "layer")
+    assert "base built" in first.detail and "base reused" in second.detail
+    # One base, the same file (same inode) for both, holding the 200 MB once.
+    assert first.base_key == second.base_key and first.base_path == second.base_path
+    base = os.stat(first.base_path)
+    assert base.st_ino == os.stat(second.base_path).st_ino and base.st_nlink == 1
+    assert allocated(first.base_path) >= 200 * MIB
+    assert oct(base.st_mode & 0o777) == "0o444"
+    # Each container's own layer: a qcow2 naming the base, well under a MiB on disk.
+    for volume in (first, second):
+        assert backing_file(Path(volume.path)) == first.base_path
+        assert allocated(volume.path) < 1 * MIB, allocated(volume.path)
+    assert debugfs_cat(first.base_path, "/etc/marker") == b"image\n"
+    listing = c.listing()
+    assert [b.holders for b in listing.bases] == [["s1", "s2"]]
+    assert {v.sandbox_id for v in listing.volumes} == {"s1", "s2"}
+    assert listing.pools[0].healthy and listing.pools[0].bases_bytes >= 200 * MIB
+    ctl = subprocess.run([str(Path(os.sys.executable).parent / "hanabi-blockd"), "ctl", "--config",
+                          str(blockd.config_path), "list"], capture_output=True, text=True, timeout=30)
+    assert ctl.returncode == 0, ctl.stderr
+    assert first.base_key in ctl.stdout and "s1,s2" in ctl.stdout and "POOL" in ctl.stdout
+
+    assert c.release("s1").existed and c.release("s2").existed
+    volume_dir = blockd.config.block.volume_dir
+    assert not Path(first.path).exists() and not Path(second.path).exists()
+    assert [b.holders for b in c.listing().bases] == [[]]  # kept for the next container
+    assert c.collect(budget_mib=0).removed == [first.base_key]
+    assert files_under(volume_dir) == []
+
+
+def test_raw_copy_for_firecracker_is_a_sparse_copy_of_the_base(blockd, tmp_path):
+    image = make_image(tmp_path / "img", 10)
+    c = client(blockd)
+    qcow = c.provision(sandbox(blockd, "q"), str(image))
+    raw = c.provision(sandbox(blockd, "r"), str(image), formats=["raw"])
+    assert (raw.layout, raw.format, raw.base_key) == ("copy", "raw", qcow.base_key)
+    assert os.path.getsize(raw.path) == raw.size_bytes
+    assert debugfs_cat(raw.path, "/etc/marker") == b"image\n"
+    # Sparse: the copy occupies about what the base does, not its apparent size.
+    assert allocated(raw.path) <= allocated(raw.base_path) + MIB < raw.size_bytes
+    c.release("q"), c.release("r")
+    assert not Path(raw.path).exists()
+
+
+def _overlay(tmp_path: Path, name: str, layers: list[Path], upper_file: str | None = None) -> Path:
+    """A Docker-shaped overlay2 rootfs: an init layer of its own over shared image layers."""
+    init = tmp_path / f"{name}-init" / "diff"
+    (init / "etc").mkdir(parents=True)
+    for skeleton in ("etc/hosts", "etc/hostname", "etc/resolv.conf", ".dockerenv"):
+        (init / skeleton).touch()
+    upper, work, merged = (tmp_path / name / d for d in ("diff", "work", "merged"))
+    for d in (upper, work, merged):
+        d.mkdir(parents=True)
+    if upper_file:
+        (upper / upper_file).write_text("copied in before start\n")
+    lower = ":".join(str(p) for p in [init, *layers])
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                    f"lowerdir={lower},upperdir={upper},workdir={work}", str(merged)], check=True)
+    return merged
+
+
+def test_overlay2_rootfs_is_keyed_by_its_layers_not_its_init_layer(blockd, tmp_path):
+    layers = [make_image(tmp_path / "layer2", 1, "top"), make_image(tmp_path / "layer1", 1, "bottom")]
+    merged = [_overlay(tmp_path, "c1", layers), _overlay(tmp_path, "c2", layers),
+              _overlay(tmp_path, "c3", layers, upper_file="docker-cp-file")]
+    c = client(blockd)
+    try:
+        v1, v2, v3 = (c.provision(sandbox(blockd, f"o{i}"), str(m)) for i, m in enumerate(merged, 1))
+        assert v1.base_key.startswith("ovl-") and v1.base_key == v2.base_key
+        assert "overlay-layers: 2 layers, init layer" in v1.detail and "base reused" in v2.detail
+        # An upper layer with changes: keyed by content, and the base has the change in it.
+        assert v3.base_key.startswith("cnt-") and "upper layer" in v3.detail
+        assert debugfs_cat(v3.base_path, "/docker-cp-file") == b"copied in before start\n"
+        assert debugfs_cat(v1.base_path, "/etc/marker") == b"top\n"
+        assert debugfs_cat(v1.base_path, "/.dockerenv") == b""
+    finally:
+        for m in merged:
+            subprocess.run(["umount", str(m)], check=False)
+    for sid in ("o1", "o2", "o3"):
+        c.release(sid)
+
+
+def test_collection_takes_least_recently_used_unheld_bases(blockd, tmp_path):
+    c = client(blockd)
+    images = [make_image(tmp_path / f"img{i}", 2, f"m{i}") for i in range(3)]
+    volumes = [c.provision(sandbox(blockd, f"g{i}"), str(p)) for i, p in enumerate(images)]
+    c.release("g0"), c.release("g2")
+    c.provision(sandbox(blockd, "g0b"), str(images[0]))  # g0's base: used again, now the newest
+    c.release("g0b")
+    keys = [v.base_key for v in volumes]
+    assert len(set(keys)) == 3
+    one_base = max(b.allocated_bytes for b in c.listing().bases)
+    removed = c.collect(budget_mib=(2 * one_base + MIB) >> 20).removed
+    assert removed == [keys[2]]  # g2's: unheld and the least recently used
+    assert c.collect(budget_mib=0).removed == [keys[0]]  # g1's is held by g1
+    assert [b.key for b in c.listing().bases] == [keys[1]]
+    c.release("g1")
+
+
+def test_restart_finds_volumes_back_and_cleans_crash_leftovers(blockd, tmp_path):
+    c = client(blockd)
+    image = make_image(tmp_path / "img", 5)
+    kept = c.provision(sandbox(blockd, "alive"), str(image))
+    volume_dir = blockd.config.block.volume_dir
+    # What a crash mid-provisioning leaves: half-built files, a layer no devices.json claims.
+    (volume_dir / "bases" / "cnt-halfbuilt.raw.partial").write_bytes(b"x" * 4096)
+    (volume_dir / "crashed.qcow2.partial").write_bytes(b"x")
+    (volume_dir / "crashed.qcow2").write_bytes(b"x")
+    (volume_dir / "bases" / "cnt-orphan.raw").write_bytes(b"x")
+    blockd.stop("blockd", signal.SIGKILL)
+    blockd.start("blockd")
+    c = client(blockd)
+    assert [v.path for v in c.list().volumes] == [kept.path]
+    assert [b.holders for b in c.listing().bases] == [["alive"]]
+    assert files_under(volume_dir) == sorted([f"bases/{kept.base_key}.json", f"bases/{kept.base_key}.raw",
+                                              Path(kept.path).name])
+    c.release("alive")
+
+
+def test_bad_input_is_refused_and_leaves_nothing(blockd, tmp_path):
+    c = client(blockd)
+    (tmp_path / "file").write_text("not a dir")
+    with pytest.raises(InvalidArgument, match="is not a directory"):
+        c.provision(sandbox(blockd, "b1"), str(tmp_path / "file"))
+    with pytest.raises(InvalidArgument, match="does not exist"):
+        c.provision(sandbox(blockd, "b2"), str(tmp_path / "nope"))
+    assert c.list().volumes == [] and files_under(blockd.config.block.volume_dir) == []
+
+
+def test_a_vanished_base_is_rebuilt(blockd, tmp_path):
+    c = client(blockd)
+    image = make_image(tmp_path / "img", 3)
+    first = c.provision(sandbox(blockd, "v1"), str(image))
+    inode = os.stat(first.base_path).st_ino
+    os.unlink(first.base_path)  # someone removed it under blockd's feet
+    second = c.provision(sandbox(blockd, "v2"), str(image))
+    assert "base built" in second.detail and second.base_path == first.base_path
+    assert os.stat(second.base_path).st_ino != inode
+    assert debugfs_cat(second.path if second.format == "raw" else second.base_path, "/etc/marker") == b"image\n"
+    assert c.release("v1").existed and c.release("v2").existed
+
+
+def test_a_volume_still_attached_at_delete_is_refused_until_detached(blockd, tmp_path):
+    c = client(blockd)
+    volume = c.provision(sandbox(blockd, "busy"), str(make_image(tmp_path / "img", 1)), formats=["raw"])
+    loop = subprocess.run(["losetup", "--find", "--show", "--read-only", volume.path],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        with pytest.raises(FailedPrecondition, match=f"still attached to {loop}"):
+            c.release("busy")
+        assert Path(volume.path).exists() and c.list().volumes  # nothing half-removed
+    finally:
+        subprocess.run(["losetup", "-d", loop], check=True)
+    assert c.release("busy").existed and not Path(volume.path).exists()
+
+
+def test_a_full_disk_fails_cleanly(tmp_path):
+    _need_root()
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(small)], check=True)
+    try:
+        daemons = start_blockd(tmp_path / "hanabi", volume_dir=small)
+        try:
+            c = client(daemons)
+            with pytest.raises(FailedPrecondition, match="space"):
+                c.provision(sandbox(daemons, "full"), str(make_image(tmp_path / "img", 60)))
+            assert c.list().volumes == [] and files_under(small) == []
+            ok = c.provision(sandbox(daemons, "fits"), str(make_image(tmp_path / "img2", 2)))
+            assert c.release("fits").existed and not Path(ok.path).exists()
+        finally:
+            daemons.stop_all()
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
