@@ -246,7 +246,13 @@ class GuestSandbox(Sandbox):
 
     def locate(self, rootfs: dict[str, Any]) -> str | None:
         name = find_block_device(rootfs["serial"])
-        return None if name is None else ensure_block_node(name)
+        if name is None:
+            return None
+        node = ensure_block_node(name)
+        # A disk swapped into a Firecracker placeholder: not before its new size shows.
+        from .blkswap import settled
+
+        return node if settled(name, node) else None
 
     def setup(self, cid: str, source: str, rootfs: dict[str, Any]) -> Rootfs:
         path = os.path.join(self.run_dir, cid, "rootfs")
