@@ -1,0 +1,122 @@
+"""blockd with real VMs through hanabi-runtime: two containers of one 200 MB image share its
+base and not their writes; a loop device mounted at the bundle rootfs passes through.
+Each VM boot costs seconds under TCG: three boots in all."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from hanabi_blockd.client import BlockdClient
+from hanabi_blockd.cow import backing_file
+from hanabi_runtime.demo_bundle import make_bundle, make_rootfs
+from tests.helpers.hanabi import BIN, leftovers
+
+pytestmark = pytest.mark.integration
+MIB = 1 << 20
+
+
+def _create(hanabi, cid: str, bundle: Path, out: Path) -> None:
+    with open(out, "wb") as stdout, open(out.with_suffix(".err"), "wb") as stderr:
+        done = subprocess.run([str(BIN / "hanabi-runtime"), "--config", str(hanabi.config_path),
+                               "create", "--bundle", str(bundle), "--pid-file", str(out.with_suffix(".pid")), cid],
+                              stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL, timeout=180)
+    assert done.returncode == 0, out.with_suffix(".err").read_text()
+
+
+def _start_and_wait(hanabi, cid: str, timeout: float = 120) -> None:
+    hanabi.runtime("start", cid, check=True)
+    deadline = time.monotonic() + timeout
+    while hanabi.state(cid)["status"] != "stopped":
+        assert time.monotonic() < deadline, f"{cid} did not stop"
+        time.sleep(0.3)
+    time.sleep(0.5)  # the stand-in flushes the last output
+
+
+def _bundle(path: Path, args: list[str], rootfs: Path | None = None) -> Path:
+    """A busybox bundle; with `rootfs`, its config points at that shared directory."""
+    make_bundle(path, args)
+    if rootfs is None:
+        return path
+    config = json.loads((path / "config.json").read_text())
+    config["root"]["path"] = str(rootfs)
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def test_two_containers_share_a_200mb_base_but_not_their_writes(hanabi, tmp_path, cid):
+    first = _bundle(tmp_path / "b1", ["sh", "-c", "echo from-c1 > /c1-was-here && sync && cat /c1-was-here"])
+    rootfs = first / "rootfs"
+    with open(rootfs / "big", "wb") as handle:
+        for _ in range(200):
+            handle.write(os.urandom(MIB))
+    tail = hashlib.md5((rootfs / "big").read_bytes()[199 * MIB:]).hexdigest()
+    second = _bundle(tmp_path / "b2", ["sh", "-c", "if [ -e /c1-was-here ]; then echo seen; else echo unseen; fi; "
+                                       "dd if=/big bs=1M skip=199 2>/dev/null | md5sum"], rootfs=rootfs)
+    c1, c2 = f"{cid}-1", f"{cid}-2"
+    blockd = BlockdClient(hanabi.config)
+    try:
+        _create(hanabi, c1, first, tmp_path / "c1.out")
+        _create(hanabi, c2, second, tmp_path / "c2.out")
+        volumes = {v.sandbox_id: v for v in blockd.list().volumes if v.serial == "hanabi-root"}
+        v1, v2 = volumes[c1], volumes[c2]
+        assert v1.base_key == v2.base_key and "base reused" in v2.detail
+        assert os.stat(v1.base_path).st_ino == os.stat(v2.base_path).st_ino
+        assert os.stat(v1.base_path).st_blocks * 512 >= 200 * MIB
+        for volume in (v1, v2):
+            assert volume.format == "qcow2" and backing_file(Path(volume.path)) == v1.base_path
+            assert os.stat(volume.path).st_blocks * 512 < MIB  # booted, mounted, still tiny
+
+        _start_and_wait(hanabi, c1)
+        assert (tmp_path / "c1.out").read_text() == "from-c1\n"
+        _start_and_wait(hanabi, c2)
+        assert (tmp_path / "c2.out").read_text().split() == ["unseen", tail, "-"]
+    finally:
+        for c in (c1, c2):
+            hanabi.runtime("delete", "--force", c)
+    for c in (c1, c2):
+        assert leftovers(hanabi, c) == []
+    assert not Path(v1.path).exists() and not Path(v2.path).exists()
+    base = next(b for b in blockd.listing().bases if b.key == v1.base_key)
+    assert base.holders == []  # kept for reuse until the budget needs the room
+    assert v1.base_key in blockd.collect(budget_mib=0).removed
+    assert not Path(v1.base_path).exists()
+
+
+def _mounted(path: Path) -> str | None:
+    done = subprocess.run(["findmnt", "-n", "-o", "SOURCE", "--mountpoint", str(path)], capture_output=True, text=True)
+    return done.stdout.strip() or None
+
+
+def test_a_loop_device_mounted_at_the_rootfs_passes_through(hanabi, tmp_path, cid):
+    tree = tmp_path / "tree"
+    make_rootfs(tree)
+    (tree / "hello-from-loop").write_text("loop says hi\n")
+    image = tmp_path / "disk.ext4"
+    with open(image, "wb") as handle:
+        handle.truncate(64 * MIB)
+    subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-d", str(tree), str(image)], check=True)
+    loop = subprocess.run(["losetup", "--find", "--show", str(image)], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    bundle = make_bundle(tmp_path / "bundle", ["sh", "-c", "cat /hello-from-loop; echo from-guest > /written"])
+    rootfs = bundle / "rootfs"
+    try:
+        subprocess.run(["mount", str(loop), str(rootfs)], check=True)
+        done = hanabi.runtime("run", "--bundle", str(bundle), cid)
+        assert done.returncode == 0, done.stderr.decode()
+        assert done.stdout == b"loop says hi\n"
+        # Given back: mounted again where it was, with the guest's write on it.
+        assert _mounted(rootfs) == loop
+        assert (rootfs / "written").read_text() == "from-guest\n"
+        assert leftovers(hanabi, cid) == []
+        assert not list(hanabi.config.block.volume_dir.glob(f"{cid}*"))
+    finally:
+        subprocess.run(["umount", str(rootfs)], check=False)
+        subprocess.run(["losetup", "-d", loop], check=True)
+    assert loop not in subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout.split(":")
