@@ -5,9 +5,11 @@ tests with VMs are in test_blockd_vms.py."""
 from __future__ import annotations
 
 import os
+import json
 import shutil
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -260,3 +262,85 @@ def test_a_full_disk_fails_cleanly(tmp_path):
             daemons.stop_all()
     finally:
         subprocess.run(["umount", str(small)], check=True)
+
+
+def test_killed_mid_build_leaves_nothing_a_restart_does_not_clean(blockd, tmp_path):
+    import threading
+    image = make_image(tmp_path / "img", 200)
+    volume_dir = blockd.config.block.volume_dir
+    errors: list[Exception] = []
+
+    def provision():
+        try:
+            client(blockd).provision(sandbox(blockd, "crash"), str(image))
+        except Exception as exc:  # the daemon dies under it
+            errors.append(exc)
+
+    worker = threading.Thread(target=provision)
+    worker.start()
+    deadline = time.monotonic() + 60
+    while not list((volume_dir / "bases").glob("*.partial")):
+        assert time.monotonic() < deadline and worker.is_alive(), "no partial base seen"
+        time.sleep(0.01)
+    blockd.stop("blockd", signal.SIGKILL)
+    worker.join(150)
+    assert errors
+    assert list((volume_dir / "bases").glob("*.partial"))  # the crash really left one
+    blockd.start("blockd")
+    assert files_under(volume_dir) == [] and client(blockd).list().volumes == []
+    volume = client(blockd).provision("crash", str(image))  # and the next try works
+    assert "base built" in volume.detail and debugfs_cat(volume.base_path, "/etc/marker") == b"image\n"
+    client(blockd).release("crash")
+
+
+def test_passthrough_taken_then_crash_gives_the_device_back_at_restart(blockd, tmp_path):
+    image = tmp_path / "disk.ext4"
+    (tmp_path / "tree").mkdir()
+    (tmp_path / "tree" / "f").write_text("on the device\n")
+    with open(image, "wb") as handle:
+        handle.truncate(32 * MIB)
+    subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-d", str(tmp_path / "tree"), str(image)], check=True)
+    loop = subprocess.run(["losetup", "--find", "--show", str(image)], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    rootfs = tmp_path / "rootfs"
+    rootfs.mkdir()
+    try:
+        subprocess.run(["mount", loop, str(rootfs)], check=True)
+        volume = client(blockd).provision(sandbox(blockd, "pt"), str(rootfs))
+        assert (volume.layout, volume.path, volume.fstype) == ("passthrough", loop, "ext4")
+        assert not (rootfs / "f").exists()  # taken from the host: only the VM may mount it now
+        # A crash between taking the device and recording the volume: the intent record says so.
+        state_file = blockd.config.sandboxes_dir / "pt" / "devices.json"
+        state = json.loads(state_file.read_text())
+        state_file.write_text(json.dumps(dict(state, complete=False)))
+        blockd.stop("blockd", signal.SIGKILL)
+        blockd.start("blockd")
+        assert (rootfs / "f").read_text() == "on the device\n"  # given back
+        assert client(blockd).list().volumes == [] and not state_file.exists()
+    finally:
+        subprocess.run(["umount", str(rootfs)], check=False)
+        subprocess.run(["losetup", "-d", loop], check=True)
+
+
+def test_passthrough_refused_for_a_device_mounted_twice_falls_back_to_a_copy(blockd, tmp_path):
+    image = tmp_path / "disk.ext4"
+    (tmp_path / "tree").mkdir()
+    (tmp_path / "tree" / "f").write_text("copied\n")
+    with open(image, "wb") as handle:
+        handle.truncate(32 * MIB)
+    subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-d", str(tmp_path / "tree"), str(image)], check=True)
+    loop = subprocess.run(["losetup", "--find", "--show", str(image)], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    rootfs, other = tmp_path / "rootfs", tmp_path / "other"
+    rootfs.mkdir(), other.mkdir()
+    try:
+        subprocess.run(["mount", loop, str(rootfs)], check=True)
+        subprocess.run(["mount", loop, str(other)], check=True)
+        volume = client(blockd).provision(sandbox(blockd, "twice"), str(rootfs))
+        assert volume.layout == "layer" and (rootfs / "f").exists()  # left mounted on the host
+        assert debugfs_cat(volume.base_path, "/f") == b"copied\n"
+        client(blockd).release("twice")
+    finally:
+        for m in (rootfs, other):
+            subprocess.run(["umount", str(m)], check=False)
+        subprocess.run(["losetup", "-d", loop], check=True)
