@@ -50,6 +50,7 @@ unit: venv
 bench: setup ## benchmarks (hanabi vs runc in the same run)
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/docker_run.py
+	$(BIN)/python bench/blockd.py
 
 clean:
 	rm -rf .tox build *.egg-info
