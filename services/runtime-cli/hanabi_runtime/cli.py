@@ -300,6 +300,20 @@ def version() -> None:
     typer.echo(f"hanabi-runtime version {VERSION}\nspec: 1.0.2")
 
 
+@app.command()
+def check(json_output: bool = typer.Option(False, "--json", help="print the report as JSON"),
+          daemons: bool = typer.Option(True, "--daemons/--no-daemons", help="also ping the four daemons")) -> None:
+    """Say which VMM backends can run on this host, why not, and what to install (exit 0 if one can)."""
+    from hanabi_common.config import load_config
+    from hanabi_runtime import check as host
+
+    config = _guard(lambda: load_config(_globals.get("config")))
+    facts = host.gather(config, daemons=daemons)
+    reports = host.assess(facts)
+    typer.echo(json.dumps(host.as_json(facts, reports), indent=2) if json_output else host.render(facts, reports))
+    raise typer.Exit(host.exit_status(reports))
+
+
 @app.command("install-docker")
 def install_docker(daemon_json: Path = typer.Option(Path("/etc/docker/daemon.json"), help="the daemon.json to edit (created if missing)"),
                    runtime_path: Optional[str] = typer.Option(None, help="hanabi-runtime for dockerd to run (default: this one)"),
