@@ -58,9 +58,10 @@ def test_pool_table():
 
 def test_thin_tables_names_and_messages():
     assert dmplan.thin_table(96 * MIB + 1, "/dev/mapper/hanabi-pool", 7) == "0 196609 thin /dev/mapper/hanabi-pool 7"
-    assert dmplan.device_name("snap", "c1") == "hanabi-snap-c1"
-    long = dmplan.device_name("snap", "x" * 128)
-    assert len(long) <= dmplan.MAX_DM_NAME and long != dmplan.device_name("snap", "y" * 128)
+    assert dmplan.device_name("hanabi-pool", "snap", "c1") == "hanabi-pool-snap-c1"
+    long = dmplan.device_name("hanabi-pool", "snap", "x" * 128)
+    assert len(long) <= dmplan.MAX_DM_NAME and long != dmplan.device_name("hanabi-pool", "snap", "y" * 128)
+    assert long.startswith("hanabi-pool-snap-")
     assert dmplan.message("create_thin", 3) == "create_thin 3"
     assert dmplan.message("create_snap", 4, 3) == "create_snap 4 3"
     assert dmplan.message("delete", 4) == "delete 4"
@@ -79,12 +80,13 @@ def test_ids_are_allocated_as_pending_and_never_reused_while_taken():
 def test_cleanup_plan_after_a_crash():
     record = dmplan.PoolRecord(
         pending=[9],
-        bases={"k": dmplan.ThinRecord(dev_id=1, size_bytes=1, name="hanabi-base-k")},
-        volumes={"live": dmplan.ThinRecord(dev_id=2, size_bytes=1, name="hanabi-snap-live", base_key="k"),
-                 "gone": dmplan.ThinRecord(dev_id=3, size_bytes=1, name="hanabi-snap-gone", base_key="k")})
-    active = ["hanabi-pool", "hanabi-snap-live", "hanabi-snap-gone", "hanabi-base-k", "other-dev"]
-    plan = dmplan.cleanup_plan(record, active, {"live"}, "hanabi-pool")
-    assert plan.remove_devices == ["hanabi-base-k", "hanabi-snap-gone"]
+        bases={"k": dmplan.ThinRecord(dev_id=1, size_bytes=1, name="p-base-k")},
+        volumes={"live": dmplan.ThinRecord(dev_id=2, size_bytes=1, name="p-snap-live", base_key="k"),
+                 "gone": dmplan.ThinRecord(dev_id=3, size_bytes=1, name="p-snap-gone", base_key="k")})
+    active = ["p", "p-snap-live", "p-snap-gone", "p-base-k", "other-dev", "p2-snap-x", "hanabi-pool-snap-y"]
+    plan = dmplan.cleanup_plan(record, active, {"live"}, "p")
+    # a base left active by a crash mid-build goes; another pool's devices are not ours
+    assert plan.remove_devices == ["p-base-k", "p-snap-gone"]
     assert plan.delete_ids == [3, 9]
     assert plan.forget_volumes == ["gone"]
 

@@ -113,17 +113,18 @@ class DeviceMapperVolumes:
             dev_id, record = dmplan.allocate(record)
             self._write(record)
             self._message(dmplan.message("create_snap", dev_id, base.dev_id))
-            name = dmplan.device_name("snap", sandbox_id)
+            name = dmplan.device_name(self.pool, "snap", sandbox_id)
             path = self._thin(name, base.size_bytes, dev_id)
             record.pending.remove(dev_id)
             record.volumes[sandbox_id] = dmplan.ThinRecord(dev_id=dev_id, size_bytes=base.size_bytes,
                                                            name=name, base_key=identity.key)
-            record.bases[identity.key] = base.model_copy(update={"last_used": time.time()})
             self._write(record)
+            if not built:
+                self._touch(identity.key)
         return VolumeInfo(sandbox_id=sandbox_id, backend=self.name, path=path, format="raw",
                           fstype="ext4", size_bytes=base.size_bytes, serial=ROOT_SERIAL,
                           source=str(rootfs), layout="layer", base_key=identity.key,
-                          base_path=dmplan.device_name("base", identity.key),
+                          base_path=dmplan.device_name(self.pool, "base", identity.key),
                           detail=f"{identity.kind}: {identity.detail}; base {'built' if built else 'reused'}")
 
     def _build_base(self, rootfs: Path, identity: Identity) -> dmplan.ThinRecord:
@@ -134,7 +135,7 @@ class DeviceMapperVolumes:
         dev_id, record = dmplan.allocate(self._read())
         self._write(record)
         self._message(dmplan.message("create_thin", dev_id))
-        name = dmplan.device_name("base", identity.key)
+        name = dmplan.device_name(self.pool, "base", identity.key)
         path = self._thin(name, size, dev_id)
         try:
             self.files._mkfs(Path(path), rootfs, inode_count_for(entries))
@@ -153,6 +154,14 @@ class DeviceMapperVolumes:
         meta = BaseMeta(key=identity.key, kind=identity.kind, detail=identity.detail,
                         source=str(rootfs), size_bytes=size, created_at=now, last_used=now)
         atomic_write_bytes(self.dir / f"{identity.key}.json", meta.model_dump_json().encode())
+
+    def _touch(self, key: str) -> None:
+        path = self.dir / f"{key}.json"
+        try:
+            meta = BaseMeta.model_validate_json(path.read_bytes())
+        except (FileNotFoundError, ValueError):
+            return
+        atomic_write_bytes(path, meta.model_copy(update={"last_used": time.time()}).model_dump_json().encode())
 
     def remove_volume(self, volume: VolumeInfo) -> bool:
         """Deactivate and delete a container's snapshot."""
@@ -183,7 +192,7 @@ class DeviceMapperVolumes:
 
     def base_path(self, key: str) -> str:
         """The (inactive) dm name of a base."""
-        return dmplan.device_name("base", key)
+        return dmplan.device_name(self.pool, "base", key)
 
     def base_usage(self) -> list[BaseUsage]:
         """Bases by size (thin volumes: the virtual size bounds what they use)."""
@@ -238,4 +247,9 @@ class DeviceMapperVolumes:
                 record.volumes.pop(sid, None)
             record.pending = []
             self._write(record)
-        return self.files.clean_partials() + [Path(f"/dev/mapper/{n}") for n in plan.remove_devices]
+        removed = self.files.clean_partials() + [Path(f"/dev/mapper/{n}") for n in plan.remove_devices]
+        for leftover in self.files.volume_dir.glob("*.ext4") if self.files.volume_dir.is_dir() else []:
+            if leftover not in claimed:  # binds disks no devices.json claims
+                leftover.unlink(missing_ok=True)
+                removed.append(leftover)
+        return removed

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pydantic import BaseModel
 
 SECTOR = 512
-NAME_PREFIX = "hanabi-"
 MAX_DM_NAME = 127
 
 
@@ -60,11 +59,13 @@ def thin_table(size_bytes: int, pool_dev: str, dev_id: int) -> str:
     return f"0 {-(-size_bytes // SECTOR)} thin {pool_dev} {dev_id}"
 
 
-def device_name(kind: str, ident: str) -> str:
-    """A dm name for a base (`kind`=base) or a container (`snap`); long ids are hashed."""
-    name = f"{NAME_PREFIX}{kind}-{ident}"
+def device_name(pool: str, kind: str, ident: str) -> str:
+    """The dm name of a base (`kind`=base) or a container's snapshot (`snap`) of `pool`:
+    `<pool>-<kind>-<ident>`, so that two pools on one host never touch each other's
+    devices; ids too long or odd for a dm name are hashed."""
+    name = f"{pool}-{kind}-{ident}"
     if len(name) > MAX_DM_NAME or not re.fullmatch(r"[A-Za-z0-9_.+-]+", name):
-        name = f"{NAME_PREFIX}{kind}-{hashlib.sha256(ident.encode()).hexdigest()[:40]}"
+        name = f"{pool}-{kind}-{hashlib.sha256(ident.encode()).hexdigest()[:40]}"
     return name
 
 
@@ -99,10 +100,12 @@ class CleanupPlan:
 def cleanup_plan(record: PoolRecord, active: list[str], live_sandboxes: set[str],
                  pool_name: str) -> CleanupPlan:
     """The clean-up after a restart: snapshots of sandboxes without devices.json, pending
-    ids, and active hanabi dm devices that no record names (bases are kept deactivated)."""
+    ids, and active dm devices of this pool (`<pool>-base-*`, `<pool>-snap-*`) that no live
+    sandbox holds (bases are kept deactivated). Other devices are never touched."""
     forget = sorted(sid for sid in record.volumes if sid not in live_sandboxes)
     keep_active = {record.volumes[sid].name for sid in record.volumes if sid in live_sandboxes}
-    remove = sorted(n for n in active if n.startswith(NAME_PREFIX) and n != pool_name and n not in keep_active)
+    ours = (f"{pool_name}-base-", f"{pool_name}-snap-")
+    remove = sorted(n for n in active if n.startswith(ours) and n not in keep_active)
     delete = sorted(set(record.pending) | {record.volumes[sid].dev_id for sid in forget})
     return CleanupPlan(remove_devices=remove, delete_ids=delete, forget_volumes=forget)
 
