@@ -9,31 +9,16 @@ from __future__ import annotations
 
 import json
 import platform
-import shutil
 import time
 from pathlib import Path
 
 import pytest
 
-from hanabi_vmmd import accel
-from hanabi_vmmd.firecracker.version import probe_version
 from hanabi_vmmd.client import VmmdClient
-from tests.helpers.hanabi import GUEST_DIR, integration_skip_reason, leftovers, start_daemons
+from tests.helpers.firecracker_host import firecracker_skip_reason
+from tests.helpers.hanabi import GUEST_DIR, leftovers, start_daemons
 
 pytestmark = pytest.mark.integration
-
-
-def firecracker_skip_reason() -> str | None:
-    """Why a real Firecracker VM cannot boot here, or None."""
-    if shutil.which("firecracker") is None:
-        return "firecracker not on PATH"
-    problem = accel.kvm_problem(accel.probe_facts())
-    if problem:
-        return f"/dev/kvm unusable: {problem}"
-    version = probe_version("firecracker")
-    if not version.ok:
-        return version.problem
-    return integration_skip_reason()
 
 
 @pytest.fixture(scope="module")
