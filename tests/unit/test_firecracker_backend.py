@@ -254,3 +254,26 @@ def test_guest_serial_matches_stat(tmp_path):
     f.write_bytes(b"x")
     st = os.stat(f)
     assert guest_serial(f) == (str(st.st_dev) + str(st.st_rdev) + str(st.st_ino))[:20]
+
+
+def test_every_request_the_backend_sent_matches_the_spec(env):
+    """What the backend really sent (boot with a NIC, a swap, pause, stop) against the
+    vendored v1.16.1 spec, strictly (no unknown fields)."""
+    from hanabi_vmmd.firecracker.spec import load_spec
+    from tests.unit.test_firecracker_contract import spec_path_for, validate
+
+    fc = backend(env)
+    handle = fc.start(make_spec(env, nics=(NicSpec("nic0", "tap7", "02:aa:bb:cc:dd:ee"),)))
+    vol = env["root"] / "v.img"
+    vol.write_bytes(bytes(4096))
+    fc.attach_disk(handle, DiskSpec("disk-v", "blk-v", vol, "v"), set())
+    fc.pause(handle)
+    fc.resume(handle)
+    fc.stop(handle, timeout=5)
+    spec = load_spec()
+    sent = [r for r in requests_of(env) if r["body"] is not None]
+    assert {r["path"] for r in sent} >= {"/boot-source", "/machine-config", "/vsock", "/actions", "/logger",
+                                         "/metrics", "/network-interfaces/eth0", "/drives/ph0", "/vm"}
+    for r in sent:
+        assert spec_path_for(spec, r["path"]) in spec["paths"]
+        validate(spec, r["method"], spec_path_for(spec, r["path"]), r["body"])

@@ -87,7 +87,8 @@ def test_nics_netns():
 
 def test_kernel_args_add_the_vsock_channel_once():
     args = p.kernel_args("console=ttyS0 quiet")
-    assert args == "console=ttyS0 quiet hanabi.channel=vsock reboot=k"
+    assert args == ("console=ttyS0 quiet hanabi.channel=vsock reboot=k pci=off "
+                    "sysctl.kernel.ctrl-alt-del=1")
     assert p.kernel_args(args) == args
 
 

@@ -123,8 +123,12 @@ def nics_netns(paths: Sequence[str | None]) -> str | None:
 
 
 def kernel_args(base: str) -> str:
-    """The guest cmdline under Firecracker: the image's, the agent on vsock (it listens on
-    AGENT_VSOCK_PORT), and `reboot=k` (a guest reboot ends the Firecracker process)."""
-    extra = ["hanabi.channel=vsock", "reboot=k"]
+    """The guest cmdline under Firecracker: the image's, plus
+    - `hanabi.channel=vsock`: the agent listens on AF_VSOCK port AGENT_VSOCK_PORT;
+    - `reboot=k`: a guest reboot goes through the i8042 reset, which ends Firecracker;
+    - `pci=off`: no PCI bus to probe (devices are virtio-mmio, described by ACPI);
+    - `sysctl.kernel.ctrl-alt-del=1`: SendCtrlAltDel restarts the guest kernel at once
+      (so Firecracker exits) instead of signalling the agent, which is PID 1."""
+    extra = ["hanabi.channel=vsock", "reboot=k", "pci=off", "sysctl.kernel.ctrl-alt-del=1"]
     words = base.split()
     return " ".join(words + [w for w in extra if w not in words])
