@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 from . import protocol as P
 from .channel import Channel, FdChannel, open_guest_channel
 from .core import AGENT_VERSION, Container, Proc, log, log_exc
+from .dnsrelay import DnsRelay
 from .handlers import Handlers, error_reply
 from .poller import EVENT_READ as R, EVENT_WRITE as W, Poller
 from .procio import ProcIO
@@ -72,6 +73,7 @@ class Agent(Handlers, ProcIO):
         self.chan_backoff = False
         self.running = True
         self.table = self.handlers()
+        self.dns = DnsRelay(self.send, self.sel)
 
     # ---------------------------------------------------------------- loop primitives
     def call_later(self, delay: float, fn: Callable[[], None]) -> None:
@@ -196,6 +198,9 @@ class Agent(Handlers, ProcIO):
                 self._on_stdin_event(msg)
             except Exception as exc:  # noqa: BLE001 - events have no reply
                 log(f"stdin event dropped: {exc}")
+            return
+        if mtype == P.T_DNS_ANSWER:
+            self.dns.on_answer(msg)
             return
         req_id = msg.get("id")
         if not isinstance(req_id, int) or isinstance(req_id, bool):

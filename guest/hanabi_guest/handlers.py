@@ -21,6 +21,7 @@ from .core import (AGENT_VERSION, CREATED, CREATING, DESTROYING, HOSTNAME_RE, ID
                    RUNNING, AgentError, Container, Pending, Proc, check_rootfs, log, need_bool,
                    need_int, need_str)
 from .mounts import check_mounts, check_mounts_disk
+from .dnsrelay import DnsRelay
 from .network import check_network
 from .namespaces import Namespaces, plan
 from .process import check_process, initial_size, set_winsize, spawn
@@ -48,6 +49,7 @@ class Handlers:
     """Request handlers; mixed into ``Agent``."""
 
     sandbox: Sandbox
+    dns: DnsRelay
     containers: dict[str, Container]
     running: bool
 
@@ -305,9 +307,10 @@ class Handlers:
             self.send(P.reply_ok(w, {}))
 
     def h_configure_network(self, req_id: int, msg: dict[str, Any]) -> Result:
-        interfaces, routes = check_network(msg)
+        interfaces, routes, dns_relay = check_network(msg)
         self.sandbox.configure_network(interfaces, routes)
-        return {"interfaces": [iface["name"] for iface in interfaces]}
+        listeners = self.dns.listen(dns_relay, self.sandbox.dns_port) if dns_relay else []
+        return {"interfaces": [iface["name"] for iface in interfaces], "dns_relay": listeners}
 
     def h_shutdown(self, req_id: int, msg: dict[str, Any]) -> Result:
         self.send(P.reply_ok(req_id, {}))

@@ -45,7 +45,7 @@ PACKAGES = ["linux-image-cloud-amd64", "busybox-static", "python3.11-minimal", "
 MODULES = ["virtio_pci", "virtio_mmio", "virtio_blk", "virtio_console", "virtio_net", "ext4", "vsock",
            "vmw_vsock_virtio_transport", "virtio_balloon", "virtio_rng"]
 AGENT_FILES = ["__init__.py", "protocol.py", "channel.py", "core.py", "sandbox.py", "process.py",
-               "handlers.py", "procio.py", "poller.py", "agent.py", "mounts.py", "namespaces.py", "network.py",
+               "handlers.py", "procio.py", "poller.py", "agent.py", "mounts.py", "namespaces.py", "network.py", "dnsrelay.py",
                "blkswap.py"]
 # Imported lazily by the agent, or needed by the interpreter in the guest's C locale.
 EXTRA_IMPORTS = ["ctypes", "resource", "traceback", "socket", "encodings.ascii", "encodings.latin_1"]

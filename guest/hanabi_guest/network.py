@@ -38,8 +38,9 @@ def _need(cond: bool, message: str) -> None:
         raise AgentError(E_INVALID, message)
 
 
-def check_network(msg: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The request's interfaces and routes, validated and normalised (AgentError if bad)."""
+def check_network(msg: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str]]:
+    """The request's interfaces, routes and DNS relay addresses (loopback IPv4 only),
+    validated and normalised (AgentError if bad)."""
     interfaces, routes = msg.get("interfaces", []), msg.get("routes", [])
     _need(isinstance(interfaces, list) and len(interfaces) <= MAX_INTERFACES,
           f"interfaces must be a list of at most {MAX_INTERFACES}")
@@ -81,7 +82,17 @@ def check_network(msg: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[
         except (ValueError, TypeError):
             raise AgentError(E_INVALID, f"route {dest!r} via {gateway!r} is not valid") from None
         clean_routes.append({"dest": dest, "gateway": gateway, "dev": dev, "family": family})
-    return clean_ifaces, clean_routes
+    relay = msg.get("dns_relay", [])
+    _need(isinstance(relay, list) and len(relay) <= 4, "dns_relay must be a list of at most 4 addresses")
+    clean_relay = []
+    for address in relay:
+        try:
+            ip = ipaddress.IPv4Address(address)
+        except (ValueError, TypeError):
+            raise AgentError(E_INVALID, f"dns_relay address {address!r} is not an IPv4 address") from None
+        _need(ip.is_loopback, f"dns_relay address {address} is not a loopback address")
+        clean_relay.append(str(ip))
+    return clean_ifaces, clean_routes, clean_relay
 
 
 def plan_commands(interfaces: list[dict[str, Any]], routes: list[dict[str, Any]],

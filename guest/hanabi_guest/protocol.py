@@ -56,6 +56,7 @@ REQUEST_TYPES = frozenset(
 
 # Host -> guest events.
 T_STDIN = "stdin"
+T_DNS_ANSWER = "dns_answer"
 
 # Guest -> host messages.
 T_REPLY = "reply"
@@ -63,6 +64,7 @@ T_READY = "ready"
 T_OUTPUT = "output"
 T_EXIT = "exit"
 T_PROTOCOL_ERROR = "protocol_error"
+T_DNS_QUERY = "dns_query"
 T_SYNC = "sync"  # yielded by FrameDecoder where a SYNC marker was; never sent as a frame
 
 # Error codes carried in failed replies.

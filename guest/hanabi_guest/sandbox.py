@@ -185,6 +185,7 @@ class Sandbox:
 
     use_chroot = True
     use_pid_namespace = False
+    dns_port = 53  # where the DNS relay listens (host-side tests use an ephemeral port)
     ns_hide_scope: str | None = None
 
     def open_pty(self, root: Rootfs) -> tuple[int, int]:
@@ -379,6 +380,7 @@ class DirSandbox(Sandbox):
 
     use_chroot = False
     use_pid_namespace = False
+    dns_port = 0
 
     def __init__(self, directory: str) -> None:
         self.directory = directory

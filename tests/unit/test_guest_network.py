@@ -20,7 +20,7 @@ ROUTES = [{"dest": "default", "gateway": "172.18.0.1", "dev": "eth0", "family": 
 
 
 def test_a_docker_endpoint_becomes_ip_commands():
-    interfaces, routes = check_network({"interfaces": [ETH], "routes": ROUTES})
+    interfaces, routes, _ = check_network({"interfaces": [ETH], "routes": ROUTES})
     assert interfaces[0]["mac"] == "02:42:ac:12:00:02"
     cmds = plan_commands(interfaces, routes, {"02:42:ac:12:00:02": "eth0"})
     assert cmds == [
@@ -35,7 +35,7 @@ def test_a_docker_endpoint_becomes_ip_commands():
 
 def test_nics_are_renamed_through_temporary_names():
     second = {"name": "eth1", "mac": "02:00:00:00:00:01", "mtu": 1500, "addresses": []}
-    interfaces, routes = check_network({"interfaces": [ETH, second]})
+    interfaces, routes, _ = check_network({"interfaces": [ETH, second]})
     # The kernel named them the other way round.
     cmds = plan_commands(interfaces, routes, {"02:42:ac:12:00:02": "eth1", "02:00:00:00:00:01": "eth0"})
     assert cmds[1:5] == [["ip", "link", "set", "dev", "eth1", "name", "hanabitmp0"],
@@ -45,7 +45,7 @@ def test_nics_are_renamed_through_temporary_names():
 
 
 def test_loopback_only():
-    assert plan_commands(*check_network({}), {}) == [["ip", "link", "set", "dev", "lo", "up"]]
+    assert plan_commands(*check_network({})[:2], {}) == [["ip", "link", "set", "dev", "lo", "up"]]
 
 
 @pytest.mark.parametrize("msg, message", [
@@ -63,6 +63,9 @@ def test_loopback_only():
     ({"interfaces": [ETH], "routes": [dict(ROUTES[0], gateway="gw")]}, "is not valid"),
     ({"interfaces": [ETH], "routes": [dict(ROUTES[0], family=5)]}, "family"),
     ({"interfaces": "eth0"}, "must be a list"),
+    ({"dns_relay": ["10.0.0.1"]}, "not a loopback address"),
+    ({"dns_relay": ["::1"]}, "not an IPv4 address"),
+    ({"dns_relay": ["127.0.0.11"] * 5}, "at most 4"),
 ])
 def test_bad_requests_are_refused(msg, message):
     with pytest.raises(AgentError, match=message) as info:
@@ -87,9 +90,39 @@ def test_nics_are_found_by_mac(tmp_path):
 def test_agent_answers_configure_network(tmp_path):
     agent = AgentProc(tmp_path)
     try:
-        assert agent.ok("configure_network", interfaces=[ETH], routes=ROUTES) == {"interfaces": ["eth0"]}
+        assert agent.ok("configure_network", interfaces=[ETH], routes=ROUTES) == {"interfaces": ["eth0"],
+                                                                                 "dns_relay": []}
         error = agent.err("configure_network", interfaces=[dict(ETH, mac="nope")])
         assert error["code"] == "INVALID_ARGUMENT" and "not a MAC" in error["message"]
         assert agent.ok("ping")["agent_version"]
     finally:
+        agent.close()
+
+
+def test_dns_queries_travel_as_events_and_answers_come_back(tmp_path):
+    """The guest half of the DNS relay: a UDP query to the relay address becomes a
+    dns_query event; the dns_answer event reaches the client that asked; an answer for an
+    unknown query id is dropped."""
+    import socket
+
+    from hanabi_guest import protocol as P
+
+    agent = AgentProc(tmp_path)
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        [listener] = agent.ok("configure_network", dns_relay=["127.0.0.1"])["dns_relay"]
+        host, port = listener.rsplit(":", 1)
+        query = b"\x12\x34" + b"\x01\x00\x00\x01" + b"\x00" * 6 + b"\x04test\x00\x00\x01\x00\x01"
+        client.settimeout(5)
+        client.sendto(query, (host, int(port)))
+        event = agent.wait_for(lambda m: m.get("type") == "dns_query")
+        assert event["server"] == "127.0.0.1" and P.b64d(event["data"]) == query
+        agent.send({"type": "dns_answer", "qid": event["qid"] + 1000, "data": P.b64e(b"not for anyone")})
+        agent.send({"type": "dns_answer", "qid": event["qid"], "data": P.b64e(b"answer:" + query)})
+        assert client.recv(4096) == b"answer:" + query
+        client.sendto(b"short", (host, int(port)))  # not a DNS message: dropped, no event
+        assert agent.ok("ping")["agent_version"]
+        assert not [m for m in agent.inbox if m.get("type") == "dns_query"]
+    finally:
+        client.close()
         agent.close()

@@ -89,3 +89,90 @@ def call_in_netns(path: str | None, func: Callable[[], T]) -> T:
 def netns_id(path: str) -> str:
     """The namespace's identity, 'net:[inode]' (bind mounts of one namespace share it)."""
     return f"net:[{os.stat(path).st_ino}]"
+
+
+MS_BIND = 0x1000
+MNT_DETACH = 0x2
+
+
+def create_netns(path: str) -> None:
+    """Make a new, empty network namespace and pin it with a bind mount at `path` (like
+    `ip netns add`): a thread unshares its namespace and the namespace file of that thread
+    is bind-mounted on an empty file. Raises OSError; a half-made file is removed."""
+    target = Path(path)
+    target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    os.close(fd)
+    outcome: dict[str, BaseException] = {}
+
+    def runner() -> None:
+        try:
+            if _libc.unshare(CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"unshare(CLONE_NEWNET): {os.strerror(err)}")
+            source = b"/proc/thread-self/ns/net"
+            if _libc.mount(source, path.encode(), None, MS_BIND, None) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"bind mount of a new netns on {path}: {os.strerror(err)}")
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=runner, name="netns-create", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        target.unlink(missing_ok=True)
+        raise outcome["error"]
+
+
+def remove_netns(path: str) -> bool:
+    """Unpin and remove a namespace made by `create_netns` (it dies with its last user);
+    False when there was nothing at `path`."""
+    if not os.path.lexists(path):
+        return False
+    if _libc.umount2(path.encode(), MNT_DETACH) != 0:
+        err = ctypes.get_errno()
+        if err not in (22,):  # EINVAL: not a mount point (a half-made file)
+            raise OSError(err, f"umount {path}: {os.strerror(err)}")
+    Path(path).unlink(missing_ok=True)
+    return True
+
+
+class NetnsHolder:
+    """A thread parked inside a network namespace, so that `/proc/<tid>/ns/net` names it.
+
+    OCI prestart hooks get the container's pid and find its namespaces under /proc: for a
+    VM there is no such process on the host, so (as Kata does) the hooks get the id of a
+    thread that sits in the namespace until the hooks are done. Use as a context manager;
+    `tid` is the thread's id.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.tid = 0
+        self._entered = threading.Event()
+        self._release = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="netns-holder", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            enter_netns(self.path)
+            self.tid = threading.get_native_id()
+        except BaseException as exc:  # noqa: BLE001 - reported by __enter__
+            self._error = exc
+        self._entered.set()
+        if self._error is None:
+            self._release.wait()
+
+    def __enter__(self) -> "NetnsHolder":
+        check_netns(self.path)
+        self._thread.start()
+        self._entered.wait()
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._release.set()
+        self._thread.join()

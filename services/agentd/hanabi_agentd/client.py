@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from hanabi_common.config import Config
-from hanabi_common.models.agentd import (AgentInfo, ConnectAgent, ContainerRef, ContainerState,
+from hanabi_common.models.agentd import (AgentInfo, ConfigureNetwork, ConnectAgent, ContainerRef, ContainerState,
                                          CreateContainer, ExecProcess, ProcessList, RootfsSpec,
                                          SignalProcess, StartedProcess)
 from hanabi_common.models.base import Removed, SandboxRef
@@ -51,6 +51,10 @@ class AgentdClient:
     def disconnect(self, sandbox_id: str) -> Removed:
         """Shut the guest down (best effort) and forget the agent (idempotent)."""
         return self.rpc.call("agent.disconnect", SandboxRef(sandbox_id=sandbox_id), Removed, idempotent=True)
+
+    def configure_network(self, request: ConfigureNetwork) -> None:
+        """Configure the guest's loopback, NICs and routes."""
+        self.rpc.call("agent.configure_network", request)
 
     # --- containers -----------------------------------------------------------------------
     def create_container(self, request: CreateContainer) -> None:

@@ -98,6 +98,25 @@ class GuestExit(_Msg):
     signal: int | None = Field(None, ge=1, le=64)
 
 
+MAX_DNS_BYTES = 4096
+
+
+def _decode_dns(value: object) -> bytes:
+    raw = _decode_data(value)
+    if not 12 <= len(raw) <= MAX_DNS_BYTES:  # a DNS header alone is 12 bytes
+        raise ValueError(f"a DNS query must be 12..{MAX_DNS_BYTES} bytes")
+    return raw
+
+
+class GuestDnsQuery(_Msg):
+    """A DNS query the guest relays to a loopback resolver of the container's namespace."""
+
+    type: Literal["dns_query"]
+    qid: int = Field(ge=0, le=(1 << 31))
+    server: str = Field(pattern=r"^127\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}$")
+    data: Annotated[bytes, BeforeValidator(_decode_dns)]
+
+
 class GuestProtocolError(_Msg):
     """The agent complains that the host broke the protocol (logged)."""
 
@@ -105,10 +124,10 @@ class GuestProtocolError(_Msg):
     message: str = Field("", max_length=MAX_TEXT)
 
 
-GuestMessage = Annotated[Union[GuestReply, GuestReady, GuestOutput, GuestExit, GuestProtocolError],
+GuestMessage = Annotated[Union[GuestReply, GuestReady, GuestOutput, GuestExit, GuestProtocolError, GuestDnsQuery],
                          Field(discriminator="type")]
 _ADAPTER: TypeAdapter[Any] = TypeAdapter(GuestMessage)
-KNOWN_TYPES = ("reply", "ready", "output", "exit", "protocol_error")
+KNOWN_TYPES = ("reply", "ready", "output", "exit", "protocol_error", "dns_query")
 
 
 def _summary(exc: ValidationError) -> str:
@@ -119,7 +138,8 @@ def _summary(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def parse_guest_message(msg: object) -> GuestReply | GuestReady | GuestOutput | GuestExit | GuestProtocolError:
+def parse_guest_message(msg: object) -> (GuestReply | GuestReady | GuestOutput | GuestExit | GuestProtocolError
+                                         | GuestDnsQuery):
     """Validate one decoded frame; raise GuestMisbehaved with a short, safe reason."""
     if not isinstance(msg, dict):
         raise GuestMisbehaved("message is not a JSON object")

@@ -21,6 +21,7 @@ from hanabi_common.state import StateStore
 
 from hanabi_agentd.channel import HybridVsockChannel, UnixChannel, make_channel
 from hanabi_agentd.process import ContainerRecord, ProcessRecord
+from hanabi_agentd.dns import DnsTarget
 from hanabi_agentd.session import AgentSession
 from hanabi_agentd.state import STATE_NAME, AgentState, ContainerEntry, ProcessEntry
 
@@ -56,6 +57,7 @@ class Registry:
         self.lock = threading.Lock()
         self._write_lock = threading.Lock()
         self.sandboxes: dict[str, Sandbox] = {}
+        self.dns_handler = None  # given to every session: agentd's DnsRelay.submit
 
     # --- building -----------------------------------------------------------------------
     def new(self, sandbox_id: str, address: str,
@@ -65,6 +67,7 @@ class Registry:
         holder: list[Sandbox] = []
         session = AgentSession(sandbox_id, lambda: make_channel(holder[0].address), self.config,
                                on_change=lambda: self.persist(holder[0]), containers=containers)
+        session.dns_handler = self.dns_handler
         sandbox = Sandbox(sandbox_id, address, session)
         sandbox.settled.set()
         holder.append(sandbox)
@@ -106,7 +109,9 @@ class Registry:
         return AgentState(sandbox_id=sandbox.sandbox_id, address=sandbox.address, channel_kind=kind,
                           agent_version=ping.agent_version if ping else "",
                           kernel=ping.kernel if ping else "", connected_at=sandbox.connected_at,
-                          containers=containers)
+                          containers=containers,
+                          dns_netns=session.dns_target.netns_path if session.dns_target else None,
+                          dns_servers=list(session.dns_target.servers) if session.dns_target else [])
 
     def persist(self, sandbox: Sandbox) -> None:
         """Rewrite agent.json (unless the sandbox was removed meanwhile)."""
@@ -139,6 +144,8 @@ class Registry:
                                                                    "error": exc.message})
                 continue
             sandbox.connected_at = state.connected_at
+            if state.dns_netns and state.dns_servers:
+                sandbox.session.dns_target = DnsTarget(state.dns_netns, tuple(state.dns_servers))
             with self.lock:
                 self.sandboxes[sandbox_id] = sandbox
             if self._reachable(sandbox):

@@ -17,13 +17,14 @@ import time
 from hanabi_common.config import Config
 from hanabi_common.errors import (AlreadyExists, FailedPrecondition, HanabiError, Internal,
                                   InvalidArgument, NotFound)
-from hanabi_common.models.agentd import (AgentInfo, ConnectAgent, ContainerRef, ContainerState,
+from hanabi_common.models.agentd import (AgentInfo, ConfigureNetwork, ConnectAgent, ContainerRef, ContainerState,
                                          CreateContainer, ExecProcess, GuestProcess, ProcessList,
                                          SignalProcess, StartedProcess)
 from hanabi_common.models.base import NoArgs, Removed, SandboxRef
 from hanabi_common.rpc.server import RpcServer
 
 from hanabi_agentd.channel import address_for
+from hanabi_agentd.dns import DnsRelay, DnsTarget
 from hanabi_agentd.guest_messages import GuestMisbehaved, PidResult, PsResult, parse_result
 from hanabi_agentd.io_server import IoServer, io_socket_path
 from hanabi_agentd.models import AgentDetails, AgentList, ProcessRef, ResizeProcess
@@ -54,6 +55,8 @@ class AgentService:
     def __init__(self, config: Config, *, restore: bool = True) -> None:
         self.config = config
         self.registry = Registry(config)
+        self.dns = DnsRelay()
+        self.registry.dns_handler = self.dns.submit
         self.io = IoServer(io_socket_path(config.run_dir), self._resolve_io)
         self.io.start()
         if restore:
@@ -67,6 +70,7 @@ class AgentService:
             ("agent.list", NoArgs, self.list),
             ("agent.inspect", SandboxRef, self.inspect),
             ("agent.disconnect", SandboxRef, self.disconnect),
+            ("agent.configure_network", ConfigureNetwork, self.configure_network),
             ("container.create", CreateContainer, self.create),
             ("container.start", ContainerRef, self.start),
             ("container.exec", ExecProcess, self.exec),
@@ -82,6 +86,7 @@ class AgentService:
     def close(self) -> None:
         """Stop the io socket and close every agent connection (guests keep running)."""
         self.io.stop()
+        self.dns.close()
         self.registry.close()
 
     def _resolve_io(self, sandbox_id: str, container_id: str, exec_id: str) -> tuple[AgentSession, ProcessRecord]:
@@ -156,6 +161,17 @@ class AgentService:
             for record in session.all_processes():
                 record.mark_exited(None, None)
         return Removed(existed=self.registry.remove(request.sandbox_id))
+
+    def configure_network(self, request: ConfigureNetwork) -> dict:
+        """Have the guest bring up loopback and its NICs, addresses and routes, and relay
+        its queries to the loopback resolvers of the container's namespace (Docker's
+        embedded DNS) when there are any."""
+        session = self.registry.live(request.sandbox_id)
+        if request.dns_relay and request.dns_netns:
+            session.dns_target = DnsTarget(request.dns_netns, tuple(request.dns_relay))
+        session.request("configure_network", request.model_dump(mode="json", exclude={"sandbox_id", "dns_netns"}))
+        self._persist(request.sandbox_id)
+        return {}
 
     # --- containers -----------------------------------------------------------------------
     def create(self, request: CreateContainer) -> dict:

@@ -29,7 +29,7 @@ from hanabi_common.errors import (DeadlineExceeded, Internal, InvalidArgument, N
 from hanabi_guest.protocol import SYNC, T_SYNC, FrameDecoder, ProtocolError, encode_frame
 
 from hanabi_agentd.channel import Channel
-from hanabi_agentd.guest_messages import (GuestExit, GuestMisbehaved, GuestOutput,
+from hanabi_agentd.guest_messages import (GuestDnsQuery, GuestExit, GuestMisbehaved, GuestOutput,
                                           GuestProtocolError, GuestReady, GuestReply,
                                           PingResult, parse_guest_message, parse_result,
                                           reply_id)
@@ -68,6 +68,9 @@ class AgentSession:
         self.info: PingResult | None = None
         self.ready_s: float | None = None
         self.lost_reason: str | None = None
+        # The guest's DNS relay: where its queries may go, and who relays them (agentd's DnsRelay).
+        self.dns_target: Any = None
+        self.dns_handler: Callable[[AgentSession, GuestDnsQuery], bool] | None = None
 
     # --- connection ---------------------------------------------------------------------
     @property
@@ -325,6 +328,10 @@ class AgentSession:
         elif isinstance(msg, GuestReady):
             log.info("agent says ready", extra={"sandbox": self.sandbox_id,
                                                 "agent_version": msg.agent_version})
+        elif isinstance(msg, GuestDnsQuery):
+            if self.dns_handler is None or not self.dns_handler(self, msg):
+                self._complain("dns query dropped (no relay configured, or too many in flight)",
+                               level=logging.DEBUG)
         elif isinstance(msg, GuestProtocolError):
             log.warning("the guest agent reports a protocol error",
                         extra={"sandbox": self.sandbox_id, "reason": msg.message[:300]})

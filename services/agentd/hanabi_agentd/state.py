@@ -49,3 +49,5 @@ class AgentState(VersionedState):
     kernel: str = ""
     connected_at: float | None = None
     containers: dict[str, ContainerEntry] = Field(default_factory=dict)
+    dns_netns: str | None = None
+    dns_servers: list[str] = Field(default_factory=list)

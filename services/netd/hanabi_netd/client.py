@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from hanabi_common.config import Config
 from hanabi_common.models.base import Removed, SandboxRef
-from hanabi_common.models.netd import AttachNetwork, NetworkInfo, NetworkList
+from hanabi_common.models.netd import AttachNetwork, NetnsInfo, NetworkInfo, NetworkList
 from hanabi_common.rpc.client import RpcClient
 
 
@@ -13,6 +13,10 @@ class NetdClient:
 
     def __init__(self, config: Config, timeout: float | None = None) -> None:
         self.rpc = RpcClient("netd", config.endpoint("netd"), timeout=timeout or config.rpc.default_timeout_s)
+
+    def create_netns(self, sandbox_id: str) -> NetnsInfo:
+        """Make an empty network namespace for the sandbox (net.detach removes it)."""
+        return self.rpc.call("net.create_netns", SandboxRef(sandbox_id=sandbox_id), NetnsInfo)
 
     def attach(self, sandbox_id: str, netns_path: str | None) -> NetworkInfo:
         """Wire a sandbox into its network namespace."""

@@ -12,16 +12,17 @@ gone (Docker deletes it when the container stops) took its taps with it.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
 import time
 
 from hanabi_common.config import Config
-from hanabi_common.errors import AlreadyExists, NotFound
+from hanabi_common.errors import AlreadyExists, FailedPrecondition, NotFound
 from hanabi_common.models.base import NoArgs, Removed, SandboxRef
-from hanabi_common.models.netd import AttachNetwork, NetworkInfo, NetworkList
-from hanabi_common.netns import call_in_netns, check_netns
+from hanabi_common.models.netd import AttachNetwork, NetnsInfo, NetworkInfo, NetworkList
+from hanabi_common.netns import call_in_netns, check_netns, create_netns, remove_netns
 from hanabi_common.rpc.server import RpcServer
 from hanabi_common.state import StateStore
 from hanabi_netd.state import STATE_NAME, NetworkState
@@ -45,10 +46,12 @@ class NetworkService:
 
     def __init__(self, config: Config) -> None:
         self.store = StateStore(config.sandboxes_dir)
+        self.netns_dir = config.run_dir / "netns"
         self._lock = threading.Lock()
 
     def register(self, server: RpcServer) -> None:
         """Serve net.attach, net.detach, net.get and net.list."""
+        server.register("net.create_netns", SandboxRef, self.create_netns)
         server.register("net.attach", AttachNetwork, self.attach)
         server.register("net.detach", SandboxRef, self.detach)
         server.register("net.get", SandboxRef, self.get)
@@ -57,6 +60,30 @@ class NetworkService:
     def close(self) -> None:
         """Nothing held in memory: the taps stay with their sandboxes."""
 
+    def netns_path_for(self, sandbox_id: str) -> str:
+        """Where the namespace netd makes for a sandbox is pinned (short: ids may be long)."""
+        digest = hashlib.sha256(sandbox_id.encode()).hexdigest()[:16]
+        return str(self.netns_dir / digest)
+
+    def create_netns(self, request: SandboxRef) -> NetnsInfo:
+        """Make an empty network namespace for a sandbox whose config asks for a new one
+        (Docker's hooks then put its endpoint there, before `attach` reads it)."""
+        sid = request.sandbox_id
+        with self._lock:
+            state = self.store.read(sid, STATE_NAME, NetworkState)
+            if state is not None:
+                raise AlreadyExists(f"sandbox {sid} already has a network namespace or network")
+            path = self.netns_path_for(sid)
+            remove_netns(path)  # a leftover of a crash: no state file refers to it
+            self.store.write(sid, STATE_NAME, NetworkState(owned_netns=path))  # intent first
+            try:
+                create_netns(path)
+            except OSError as exc:
+                self.store.remove(sid, STATE_NAME)
+                raise FailedPrecondition(f"cannot create a network namespace: {exc}") from None
+        log.info("netns created", extra={"sandbox": sid, "path": path})
+        return NetnsInfo(sandbox_id=sid, path=path)
+
     def attach(self, request: AttachNetwork) -> NetworkInfo:
         """Wire the sandbox's namespace for its VM; loopback-only namespaces get mode none."""
         from hanabi_netd import tcfilter, topology
@@ -64,11 +91,13 @@ class NetworkService:
         sid, path = request.sandbox_id, request.netns_path
         began = time.monotonic()
         with self._lock:
-            if self.store.read(sid, STATE_NAME, NetworkState) is not None:
+            existing = self.store.read(sid, STATE_NAME, NetworkState)
+            if existing is not None and existing.network is not None:
                 raise AlreadyExists(f"sandbox {sid} already has a network")
+            owned = existing.owned_netns if existing is not None else None
             if path is None:
                 info = NetworkInfo(sandbox_id=sid, mode="none")
-                self.store.write(sid, STATE_NAME, NetworkState(network=info))
+                self.store.write(sid, STATE_NAME, NetworkState(owned_netns=owned, network=info))
                 return info
             check_netns(path)
             inode = os.stat(path).st_ino
@@ -81,7 +110,7 @@ class NetworkService:
                     info = NetworkInfo(sandbox_id=sid, mode="tcfilter" if plan.wirings else "none",
                                        netns_path=path, netns_inode=inode,
                                        interfaces=[w.interface for w in plan.wirings], routes=plan.routes)
-                    self.store.write(sid, STATE_NAME, NetworkState(network=info))  # intent first
+                    self.store.write(sid, STATE_NAME, NetworkState(owned_netns=owned, network=info))
                     done = []
                     try:
                         for wiring in plan.wirings:
@@ -90,29 +119,29 @@ class NetworkService:
                     except BaseException:
                         for wiring in reversed(done):
                             tcfilter.unwire(ipr, wiring.link.name, wiring.tap)
-                        self.store.remove(sid, STATE_NAME)
+                        self.store.write(sid, STATE_NAME, NetworkState(owned_netns=owned))
                         raise
                     return info
 
             info = call_in_netns(path, wire_all)
             info.attach_ms = round((time.monotonic() - began) * 1000, 1)
-            self.store.write(sid, STATE_NAME, NetworkState(network=info))
+            self.store.write(sid, STATE_NAME, NetworkState(owned_netns=owned, network=info))
         log.info("attached", extra={"sandbox": sid, "mode": info.mode, "ms": info.attach_ms,
                                     "taps": [i.tap for i in info.interfaces]})
         return info
 
     def detach(self, request: SandboxRef) -> Removed:
-        """Remove the sandbox's taps and qdiscs (idempotent); the namespace's links stay."""
+        """Remove the sandbox's taps and qdiscs, and the namespace if netd made it
+        (idempotent); the namespace's own links stay as they were."""
         from hanabi_netd import tcfilter
 
         sid = request.sandbox_id
         with self._lock:
             state = self.store.read(sid, STATE_NAME, NetworkState)
             if state is None:
-                self.store.remove(sid, STATE_NAME)
                 return Removed(existed=False)
             info = state.network
-            if info.interfaces and _same_netns(info):
+            if info is not None and info.interfaces and _same_netns(info):
                 def unwire_all() -> None:
                     from pyroute2 import IPRoute
 
@@ -121,14 +150,20 @@ class NetworkService:
                             tcfilter.unwire(ipr, interface.link, interface.tap)
 
                 call_in_netns(info.netns_path, unwire_all)
+            if state.owned_netns is not None:
+                try:
+                    remove_netns(state.owned_netns)
+                except OSError as exc:
+                    raise FailedPrecondition(f"cannot remove network namespace {state.owned_netns}: {exc}") from None
             self.store.remove(sid, STATE_NAME)
-        log.info("detached", extra={"sandbox": sid, "taps": [i.tap for i in info.interfaces]})
+        log.info("detached", extra={"sandbox": sid, "taps": [i.tap for i in info.interfaces] if info else [],
+                                    "netns_removed": state.owned_netns})
         return Removed(existed=True)
 
     def get(self, request: SandboxRef) -> NetworkInfo:
         """The network of one sandbox."""
         state = self.store.read(request.sandbox_id, STATE_NAME, NetworkState)
-        if state is None:
+        if state is None or state.network is None:
             raise NotFound(f"sandbox {request.sandbox_id} has no network")
         return state.network
 
@@ -137,6 +172,6 @@ class NetworkService:
         result = []
         for sid in self.store.list_sandboxes(having=STATE_NAME):
             state = self.store.read(sid, STATE_NAME, NetworkState)
-            if state is not None:
+            if state is not None and state.network is not None:
                 result.append(state.network)
         return NetworkList(networks=result)

@@ -9,6 +9,8 @@ STATE_NAME = "network"
 
 
 class NetworkState(VersionedState):
-    """What netd made for one sandbox, enough to tear it down after a restart."""
+    """What netd made for one sandbox, enough to tear it down after a restart: the
+    namespace it created (if it did) and the wiring (once attached)."""
 
-    network: NetworkInfo
+    owned_netns: str | None = None
+    network: NetworkInfo | None = None

@@ -23,13 +23,22 @@ class Bundle:
     hostname: str | None
     annotations: dict[str, str]
     netns_path: str | None
+    new_netns: bool = False
+
+    @property
+    def oci_version(self) -> str:
+        """The spec version the bundle was written for."""
+        return str(self.config.get("ociVersion", "1.0.2"))
 
 
-def _netns_path(config: dict) -> str | None:
+def _network_namespace(config: dict) -> tuple[str | None, bool]:
+    """(path of the network namespace to join, whether a new one is asked for); (None,
+    False) when the config lists none (the host's network: the VM gets loopback only)."""
     for namespace in config.get("linux", {}).get("namespaces", []) or []:
         if namespace.get("type") == "network":
-            return namespace.get("path") or None
-    return None
+            path = namespace.get("path") or None
+            return path, path is None
+    return None, False
 
 
 def check_process(process: dict) -> None:
@@ -70,9 +79,10 @@ def load_bundle(bundle: str | Path) -> Bundle:
     if not process:
         raise InvalidArgument(f"{config_file}: process is required to create a container")
     check_process(process)
+    netns_path, new_netns = _network_namespace(config)
     return Bundle(path=path, config=config, rootfs=rootfs, readonly=bool(root.get("readonly")),
                   process=process, hostname=config.get("hostname"),
-                  annotations=dict(config.get("annotations") or {}), netns_path=_netns_path(config))
+                  annotations=dict(config.get("annotations") or {}), netns_path=netns_path, new_netns=new_netns)
 
 
 def default_spec(args: list[str] | None = None) -> dict:

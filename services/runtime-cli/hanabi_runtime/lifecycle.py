@@ -16,7 +16,7 @@ import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -29,6 +29,7 @@ from hanabi_common.state import StateStore
 from hanabi_runtime.bundle import Bundle, load_bundle
 from hanabi_runtime.daemons import Daemons
 from hanabi_runtime.mounts import plan_mounts
+from hanabi_runtime.resolv import relayed_nameservers
 from hanabi_runtime.sizing import vm_size
 from hanabi_runtime.state import (STATE_NAME, RuntimeState, is_same_process_alive,
                                   process_start_time, write_pid_file)
@@ -151,26 +152,56 @@ class Runtime:
         path = bundle.config.get("linux", {}).get("cgroupsPath")
         return cgroups.place(cgroups.normalize(path), pids) if path else []
 
+    def _network(self, cid: str, bundle: Bundle):
+        """The container's network namespace (joined, or made by netd when the config asks
+        for a new one), the prestart/createRuntime hooks run with a thread of ours parked in
+        it (Docker's hook puts the endpoint there), then netd's wiring of what is inside."""
+        from hanabi_common.netns import NetnsHolder
+        from hanabi_runtime.hooks import CREATE_PHASES, hook_state, run_phase
+
+        netd = self.daemons.netd
+        netns_path = bundle.netns_path
+        if netns_path is None and bundle.new_netns:
+            netns_path = netd.create_netns(cid).path
+        if any((bundle.config.get("hooks") or {}).get(phase) for phase in CREATE_PHASES):
+            with NetnsHolder(netns_path) if netns_path else nullcontext() as holder:
+                state = hook_state(cid, str(bundle.path), holder.tid if holder else os.getpid(), "creating",
+                                   bundle.annotations, bundle.oci_version)
+                for phase in CREATE_PHASES:
+                    run_phase(bundle.config, phase, state, must_succeed=True)
+        return netd.attach(cid, netns_path)
+
     def _provision(self, cid: str, bundle: Bundle):
         """Ask the daemons for network, VM, volume, agent and container; return phase timings
         and the VM."""
-        from hanabi_common.models.agentd import CreateContainer, GuestMount, RootfsSpec
+        from hanabi_common.models.agentd import ConfigureNetwork, CreateContainer, GuestMount, RootfsSpec
+        from hanabi_common.models.vmmd import VmNic
 
         d = self.daemons
         timings: dict[str, float] = {}
         plan = plan_mounts(bundle.config.get("mounts"))
         with _phase(timings, "network_s"):
-            d.netd.attach(cid, bundle.netns_path)
+            network = self._network(cid, bundle)
+        nics = [VmNic(tap=i.tap, mac=i.mac, mtu=i.mtu, netns_path=network.netns_path)
+                for i in network.interfaces]
         with ThreadPoolExecutor(max_workers=1) as pool:
+            # Firecracker opens raw disks only; QEMU takes a qcow2 layer over a shared base.
+            raw_only = (self.hypervisor or self.config.vmm.hypervisor) == "firecracker"
             volume_future = pool.submit(_timed, timings, "volume_s", d.blockd.provision,
-                                        cid, str(bundle.rootfs), bundle.readonly, plan.binds)
+                                        cid, str(bundle.rootfs), bundle.readonly, plan.binds,
+                                        ["raw"] if raw_only else None)
             try:
                 with _phase(timings, "vm_start_s"):
                     size = vm_size(bundle.config.get("linux", {}).get("resources"))
                     vm = d.vmmd.create(cid, memory_mib=size.memory_mib, vcpus=size.vcpus,
-                                       hypervisor=self.hypervisor)
+                                       hypervisor=self.hypervisor, nics=nics)
                 with _phase(timings, "agent_ready_s"):
                     d.agentd.connect(cid, vm.agent_socket, transport=vm.agent_transport, port=vm.agent_port)
+                with _phase(timings, "guest_network_s"):
+                    relay = relayed_nameservers(bundle.config.get("mounts")) if network.netns_path else []
+                    d.agentd.configure_network(ConfigureNetwork(
+                        sandbox_id=cid, interfaces=network.interfaces, routes=network.routes,
+                        dns_relay=relay, dns_netns=network.netns_path if relay else None))
             finally:
                 volume = volume_future.result()
         guest_serials: dict[str, str] = {}

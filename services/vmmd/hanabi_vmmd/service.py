@@ -22,20 +22,21 @@ from hanabi_common.config import Config
 from hanabi_common.errors import (AlreadyExists, FailedPrecondition, HanabiError, Internal,
                                   InvalidArgument, NotFound)
 from hanabi_common.models.base import NoArgs, Removed, SandboxRef
-from hanabi_common.models.vmmd import (AttachDisk, CreateVm, DetachDisk, DiskInfo, StopVm, VmInfo,
+from hanabi_common.models.vmmd import (AttachDisk, AttachNic, CreateVm, DetachDisk, DiskInfo, StopVm, VmInfo,
                                        VmList)
 from hanabi_common.rpc.server import RpcServer
 from hanabi_common.state import StateStore
 from hanabi_vmmd import accel as accel_mod
 from hanabi_vmmd import proc
-from hanabi_vmmd.hypervisor import DiskSpec, Hypervisor, VmHandle, VmSpec
+from hanabi_vmmd.hypervisor import DiskSpec, Hypervisor, NicSpec, VmHandle, VmSpec
 from hanabi_vmmd.locks import KeyedLocks
 from hanabi_vmmd.qemu import QemuHypervisor, stderr_tail
 from hanabi_vmmd.qemu_cmdline import kernel_cmdline
 from hanabi_vmmd.reaper import Reaper
 from hanabi_vmmd.selection import Choice, decide_auto
 from hanabi_vmmd.recovery import recover
-from hanabi_vmmd.state import STATE_NAME, SUN_PATH_MAX, DiskRecord, HypervisorState, vm_dir_for
+from hanabi_vmmd.state import (STATE_NAME, SUN_PATH_MAX, DiskRecord, HypervisorState, NicRecord,
+                               vm_dir_for)
 
 log = logging.getLogger("hanabi.vmmd")
 HOTPLUG_SLOTS = 4
@@ -100,6 +101,7 @@ class VmService:
         server.register("vm.stop", StopVm, self.stop)
         server.register("vm.attach_disk", AttachDisk, self.attach_disk)
         server.register("vm.detach_disk", DetachDisk, self.detach_disk)
+        server.register("vm.attach_nic", AttachNic, self.attach_nic)
         server.register("vm.pause", SandboxRef, self.pause)
         server.register("vm.resume", SandboxRef, self.resume)
 
@@ -167,10 +169,12 @@ class VmService:
                 raise FailedPrecondition(f"run_dir {self.config.run_dir} is too long: VM socket paths "
                                          f"would exceed {SUN_PATH_MAX} bytes")
             self._remove_vm_dir(vm_dir)  # a leftover of a crash: no state file refers to it
+            nics = tuple(NicSpec(device_id=f"nic{index}", tap=nic.tap, mac=nic.mac.lower(), mtu=nic.mtu,
+                                 netns_path=nic.netns_path) for index, nic in enumerate(request.nics))
             spec = VmSpec.in_dir(sid, vm_dir, memory_mib=request.memory_mib or vmm.memory_mib,
                                  vcpus=request.vcpus or vmm.vcpus, kernel=kernel, initrd=initrd,
                                  cmdline=kernel_cmdline(vmm.kernel_cmdline_extra),
-                                 accel=self.accel.accel, hotplug_slots=HOTPLUG_SLOTS)
+                                 accel=self.accel.accel, hotplug_slots=HOTPLUG_SLOTS, nics=nics)
             record: dict = {}
 
             def on_spawned(handle: VmHandle) -> None:
@@ -209,7 +213,9 @@ class VmService:
             vcpus=spec.vcpus, vm_dir=str(spec.vm_dir), agent_socket=str(handle.agent_socket),
             agent_transport=handle.agent_transport, agent_port=handle.agent_port,  # type: ignore[arg-type]
             control_socket=str(handle.control_socket), console_log=str(spec.console_log),
-            stderr_log=str(spec.stderr_log), created_at=time.time())
+            stderr_log=str(spec.stderr_log), created_at=time.time(),
+            nics=[NicRecord(device_id=n.device_id, tap=n.tap, mac=n.mac, mtu=n.mtu, netns_path=n.netns_path)
+                  for n in spec.nics])
 
     def get(self, request: SandboxRef) -> VmInfo:
         """The VM of one sandbox."""
@@ -303,7 +309,7 @@ class VmService:
             guest_serial = serial_of(handle, disk) if callable(serial_of) else ""
             if guest_serial and any(d.guest_serial == guest_serial for d in state.disks):
                 raise AlreadyExists(f"VM of sandbox {sid} already has a disk the guest sees as {guest_serial}")
-            bus = backend.attach_disk(handle, disk, {d.bus for d in state.disks})
+            bus = backend.attach_disk(handle, disk, {d.bus for d in state.disks} | {n.bus for n in state.nics})
             state.disks.append(DiskRecord(device_id=disk.device_id, node_name=disk.node_name,
                                           serial=disk.serial, path=str(path), format=disk.format,
                                           readonly=disk.readonly, bus=bus, guest_serial=guest_serial))
@@ -330,6 +336,27 @@ class VmService:
             self._write(state)
         log.info("disk detached", extra={"sandbox": sid, "device": request.device_id})
         return Removed(existed=True)
+
+    # -- NICs --------------------------------------------------------------------------
+
+    def attach_nic(self, request: AttachNic) -> VmInfo:
+        """Hot-plug a NIC backed by a tap netd made (backends without NIC hotplug refuse)."""
+        sid, nic = request.sandbox_id, request.nic
+        with self.locks.hold(sid):
+            state, backend, handle = self._running(sid, "running")
+            if any(n.tap == nic.tap and n.netns_path == nic.netns_path for n in state.nics):
+                raise AlreadyExists(f"VM of sandbox {sid} already has a NIC on tap {nic.tap}")
+            used = {n.device_id for n in state.nics}
+            device_id = next(f"nic{i}" for i in range(len(used) + 1) if f"nic{i}" not in used)
+            spec = NicSpec(device_id=device_id, tap=nic.tap, mac=nic.mac.lower(), mtu=nic.mtu,
+                           netns_path=nic.netns_path)
+            busy = {d.bus for d in state.disks} | {n.bus for n in state.nics}
+            bus = backend.attach_nic(handle, spec, busy)
+            state.nics.append(NicRecord(device_id=device_id, tap=spec.tap, mac=spec.mac, mtu=spec.mtu,
+                                        netns_path=spec.netns_path, bus=bus))
+            self._write(state)
+        log.info("nic attached", extra={"sandbox": sid, "device": device_id, "bus": bus, "tap": nic.tap})
+        return state.info()
 
     # -- exits -------------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict
 
 from hanabi_common.models.vmmd import VmInfo, VmState
 from hanabi_common.state import VersionedState
-from hanabi_vmmd.hypervisor import DiskSpec, VmHandle
+from hanabi_vmmd.hypervisor import DiskSpec, NicSpec, VmHandle
 
 STATE_NAME = "hypervisor"
 VM_DIR_NAME = "vm"
@@ -49,6 +49,23 @@ class DiskRecord(BaseModel):
                         serial=self.serial, format=self.format, readonly=self.readonly)
 
 
+class NicRecord(BaseModel):
+    """One NIC of the VM: at boot (`bus` "boot") or hot-plugged on a root port."""
+
+    model_config = ConfigDict(extra="forbid")
+    device_id: str
+    tap: str
+    mac: str
+    mtu: int = 1500
+    netns_path: str | None = None
+    bus: str = "boot"
+
+    def spec(self) -> NicSpec:
+        """The backend's view of this NIC."""
+        return NicSpec(device_id=self.device_id, tap=self.tap, mac=self.mac, mtu=self.mtu,
+                       netns_path=self.netns_path)
+
+
 class HypervisorState(VersionedState):
     """What vmmd knows of one sandbox's VM, enough to re-adopt and stop it after a restart."""
 
@@ -72,6 +89,7 @@ class HypervisorState(VersionedState):
     stderr_log: str
     created_at: float
     disks: list[DiskRecord] = []
+    nics: list[NicRecord] = []
 
     def handle(self) -> VmHandle:
         """A backend handle for this VM (without a Popen: good for adopted VMs)."""
@@ -88,7 +106,8 @@ class HypervisorState(VersionedState):
                       agent_socket=self.agent_socket, agent_transport=self.agent_transport,
                       agent_port=self.agent_port, control_socket=self.control_socket,
                       console_log=self.console_log, created_at=self.created_at,
-                      exit_status=self.exit_status, disks=[d.device_id for d in self.disks])
+                      exit_status=self.exit_status, disks=[d.device_id for d in self.disks],
+                      nics=[n.device_id for n in self.nics])
 
     def disk(self, device_id: str) -> DiskRecord | None:
         """The attached disk with that device id, if any."""

@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field
 
 from hanabi_common.models.base import ContainerId, ExecId, Reply, Request, SandboxId
+from hanabi_common.models.netd import Interface, Route
 
 
 class ConnectAgent(Request):
@@ -60,6 +61,19 @@ class CreateContainer(Request):
     hostname: str | None = Field(None, max_length=255)
     mounts: list[GuestMount] = Field([], max_length=256)
     mounts_disk: RootfsSpec | None = None
+
+
+class ConfigureNetwork(Request):
+    """Configure the guest's NICs and routes as netd reported them (empty: loopback only)."""
+
+    sandbox_id: SandboxId
+    interfaces: list[Interface] = Field([], max_length=8)
+    routes: list[Route] = Field([], max_length=64)
+    # Loopback resolvers of the container's namespace (Docker's 127.0.0.11) the guest
+    # relays its queries to, through agentd, and that namespace.
+    dns_relay: list[Annotated[str, Field(pattern=r"^127\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}$")]] = Field(
+        [], max_length=4)
+    dns_netns: str | None = Field(None, max_length=4096)
 
 
 class ContainerRef(Request):

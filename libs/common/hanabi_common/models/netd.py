@@ -18,6 +18,13 @@ class AttachNetwork(Request):
     netns_path: str | None = Field(None, min_length=1, max_length=4096)
 
 
+class NetnsInfo(Reply):
+    """A network namespace netd made for a sandbox (removed by net.detach)."""
+
+    sandbox_id: str
+    path: str
+
+
 class Route(Reply):
     """One route for the guest: `dest` is a CIDR or "default"; `dev` the guest interface."""
 
