@@ -162,4 +162,7 @@ def leftovers(daemons: Daemons, cid: str) -> list[str]:
     vm_dir = config.run_dir / "vm"
     if vm_dir.exists() and any(vm_dir.iterdir()):
         found.append(f"vm dirs {os.listdir(vm_dir)}")
+    netns_dir = config.run_dir / "netns"
+    if netns_dir.exists() and any(netns_dir.iterdir()):
+        found.append(f"network namespaces {os.listdir(netns_dir)}")
     return found

@@ -5,9 +5,9 @@ second (ping, TCP echo), and nothing of hanabi's remains in either after delete.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -165,3 +165,63 @@ def test_a_link_that_vanishes_mid_attach_leaves_nothing(pair: NetnsPair, tmp_pat
     assert service.list(None).networks == []
     with pytest.raises(InvalidArgument, match="not a network namespace"):
         service.attach(AttachNetwork(sandbox_id="vanish", netns_path="/proc/self/ns/uts"))
+
+
+HOOK = """#!/bin/sh
+# What Docker's libnetwork-setkey hook amounts to: put an endpoint into the namespace of
+# the pid the runtime reports, address it, and remember which namespace that was.
+set -e
+pid=$(python3 -c 'import json, sys; print(json.load(sys.stdin)["pid"])')
+readlink /proc/$pid/ns/net > {marker}
+ip link add hkA$$ type veth peer name hkB$$
+ip link set hkB$$ netns {outer} name peer0
+ip -n {outer} addr add 10.215.0.2/30 dev peer0
+ip -n {outer} link set peer0 up
+ip link set hkA$$ netns $pid
+nsenter --net=/proc/$pid/ns/net ip link set hkA$$ name eth0
+nsenter --net=/proc/$pid/ns/net ip addr add 10.215.0.1/30 dev eth0
+nsenter --net=/proc/$pid/ns/net ip link set eth0 up
+"""
+
+
+def test_prestart_hook_wires_a_namespace_hanabi_made(hanabi, bundle, cid, tmp_path):
+    """A config asking for a new network namespace, with a prestart hook that fills it
+    (Docker's model): the hook sees a pid in the namespace netd made, the container
+    reaches the peer the hook wired, and delete removes the namespace (and so the veth
+    pair: the peer end vanishes from the other namespace too)."""
+    outer = f"hanabi-hook-{os.getpid()}"
+    ip("netns", "add", outer)
+    try:
+        marker = tmp_path / "netns-seen-by-hook"
+        hook = tmp_path / "setkey.sh"
+        hook.write_text(HOOK.format(marker=marker, outer=outer))
+        hook.chmod(0o755)
+        path = bundle(["sh", "-c", "ping -c 1 -W 5 10.215.0.2 >/dev/null && echo reached"])
+        config_path = Path(path) / "config.json"
+        config = json.loads(config_path.read_text())
+        assert {"type": "network"} in config["linux"]["namespaces"]  # a new one, no path
+        config["hooks"] = {"prestart": [{"path": str(hook), "args": ["setkey"]}]}
+        config_path.write_text(json.dumps(config))
+        done = hanabi.runtime("run", "--bundle", path, cid)
+        assert done.returncode == 0, (done.stdout.decode(), done.stderr.decode())
+        assert done.stdout.decode().strip() == "reached"
+        assert marker.read_text().startswith("net:[")
+        assert leftovers(hanabi, cid) == []
+        assert "peer0" not in ip("-br", "link", netns=outer)  # the pair died with the namespace
+    finally:
+        ip("netns", "del", outer, check=False)
+
+
+def test_a_failing_prestart_hook_fails_create_and_leaves_nothing(hanabi, bundle, cid, tmp_path):
+    hook = tmp_path / "fail.sh"
+    hook.write_text("#!/bin/sh\necho 'no endpoint for you' >&2\nexit 7\n")
+    hook.chmod(0o755)
+    path = bundle(["true"])
+    config_path = Path(path) / "config.json"
+    config = json.loads(config_path.read_text())
+    config["hooks"] = {"prestart": [{"path": str(hook)}]}
+    config_path.write_text(json.dumps(config))
+    done = hanabi.runtime("run", "--bundle", path, cid)
+    assert done.returncode != 0
+    assert "prestart hook #0" in done.stderr.decode() and "no endpoint for you" in done.stderr.decode()
+    assert leftovers(hanabi, cid) == []

@@ -36,16 +36,19 @@ WORKERS = 4
 class DnsTarget:
     """Where one sandbox's queries go: loopback resolvers inside its network namespace."""
 
-    netns_path: str
+    netns_path: str | None
     servers: tuple[str, ...]
+    port: int = DNS_PORT
 
 
-def exchange(netns_path: str, server: str, query: bytes, timeout: float = EXCHANGE_TIMEOUT_S) -> bytes:
-    """Send one query to `server`:53 from a UDP socket made in the namespace; the answer."""
+def exchange(netns_path: str | None, server: str, query: bytes, *, port: int = DNS_PORT,
+             timeout: float = EXCHANGE_TIMEOUT_S) -> bytes:
+    """Send one query to `server`:`port` from a UDP socket made in the namespace (None:
+    this one); the answer."""
     sock = call_in_netns(netns_path, lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC))
     try:
         sock.settimeout(timeout)
-        sock.connect((server, DNS_PORT))
+        sock.connect((server, port))
         sock.send(query)
         return sock.recv(MAX_ANSWER)
     finally:
@@ -88,7 +91,7 @@ class DnsRelay:
 
     def _run(self, session, target: DnsTarget, query) -> None:
         try:
-            answer = exchange(target.netns_path, query.server, query.data)
+            answer = exchange(target.netns_path, query.server, query.data, port=target.port)
             session.send_event("dns_answer", {"qid": query.qid, "data": b64e(answer)})
         except (OSError, HanabiError) as exc:
             log.info("dns query not answered", extra={"sandbox": session.sandbox_id, "server": query.server,
