@@ -67,9 +67,9 @@ class Handler(BaseHTTPRequestHandler):
         if data:
             self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-        self.wfile.flush()
+        self.end_headers()  # the client may hang up as soon as it has these (204)
+        if data:
+            self.wfile.write(data)
 
     def _handle(self):
         length = int(self.headers.get("Content-Length") or 0)
@@ -89,9 +89,8 @@ class Handler(BaseHTTPRequestHandler):
                     os._exit(3)
                 state["state"] = "Running"
             if action == "SendCtrlAltDel" and mode != "ignore_cad":
-                self._reply(204)
                 threading.Timer(0.05, lambda: os._exit(0)).start()
-                return
+                return self._reply(204)
         if self.command == "PATCH" and self.path == "/vm":
             state["state"] = "Paused" if body["state"] == "Paused" else "Running"
         return self._reply(204)
