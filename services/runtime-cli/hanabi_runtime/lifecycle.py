@@ -37,6 +37,7 @@ from hanabi_runtime.state import (STATE_NAME, RuntimeState, is_same_process_aliv
 log = logging.getLogger("hanabi.runtime")
 START_FIFO = "start.fifo"
 STANDIN_READY_TIMEOUT_S = 30.0
+LATER_PHASES = ("poststart", "poststop")  # run by start and delete, from the recorded state
 
 
 class StandinProcess:
@@ -108,7 +109,9 @@ class Runtime:
                                  created_at=time.time(), standin_pid=standin.pid,
                                  standin_start_time=process_start_time(standin.pid),
                                  annotations=bundle.annotations, root=self.root, timings=timings,
-                                 cgroups=cgroup_dirs)
+                                 cgroups=cgroup_dirs, oci_version=bundle.oci_version,
+                                 hooks={phase: hooks for phase, hooks in (bundle.config.get("hooks") or {}).items()
+                                        if phase in LATER_PHASES and hooks})
             self.store.write(cid, STATE_NAME, state)
             if pid_file:
                 write_pid_file(pid_file, standin.pid)
@@ -269,6 +272,17 @@ class Runtime:
             os.write(fd, b"s")
         finally:
             os.close(fd)
+        self._run_later_hooks(state, "poststart", "running")
+
+    @staticmethod
+    def _run_later_hooks(state: RuntimeState, phase: str, status: str) -> None:
+        """poststart/poststop hooks recorded at create; a failure is logged, not raised."""
+        if state.hooks.get(phase):
+            from hanabi_runtime.hooks import hook_state, run_phase
+
+            run_phase({"hooks": state.hooks}, phase,
+                      hook_state(state.id, state.bundle, state.standin_pid or 0, status, state.annotations,
+                                 state.oci_version), must_succeed=False)
 
     # -- state -------------------------------------------------------------------------
     def load(self, cid: str) -> RuntimeState:
@@ -372,9 +386,13 @@ class Runtime:
                 self.daemons.vmmd.resume(cid)
             except HanabiError:
                 pass
-        self._teardown(cid, standin_pid=state.standin_pid if state else None,
-                       standin_start=state.standin_start_time if state else None,
-                       cgroup_dirs=state.cgroups if state else [])
+        try:
+            self._teardown(cid, standin_pid=state.standin_pid if state else None,
+                           standin_start=state.standin_start_time if state else None,
+                           cgroup_dirs=state.cgroups if state else [])
+        finally:
+            if state is not None:
+                self._run_later_hooks(state, "poststop", "stopped")
 
     def _teardown(self, cid: str, standin_pid: int | None, standin_start: int | None = None,
                   cgroup_dirs: list[str] | None = None) -> None:

@@ -26,6 +26,8 @@ class RuntimeState(VersionedState):
     root: str | None = None
     timings: dict[str, float] = {}
     cgroups: list[str] = []
+    oci_version: str = "1.0.2"
+    hooks: dict[str, list[dict]] = {}  # poststart and poststop, for start and delete
 
 
 def process_start_time(pid: int) -> int | None:
