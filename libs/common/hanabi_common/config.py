@@ -41,7 +41,8 @@ class FirecrackerConfig(_Section):
 class VmmConfig(_Section):
     """How vmmd starts VMs."""
 
-    hypervisor: Literal["auto", "qemu", "firecracker"] = "qemu"
+    # auto: Firecracker where its binary (>= 1.8) and a working KVM exist, QEMU otherwise
+    hypervisor: Literal["auto", "qemu", "firecracker"] = "auto"
     accel: Literal["auto", "kvm", "tcg"] = "auto"
     qemu_binary: str = "qemu-system-x86_64"
     machine: Literal["q35", "pc"] = "q35"
