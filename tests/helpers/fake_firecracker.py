@@ -128,3 +128,32 @@ def read_record(path: Path) -> list[dict]:
     if not os.path.exists(path):
         return []
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+JAILER = r'''
+import json, os, sys
+argv = sys.argv[1:]
+split = argv.index("--")
+opts = dict(zip(argv[:split:2], argv[1:split:2]))
+fc_args = argv[split + 1:]
+record = os.environ.get("FAKE_FC_RECORD")
+if record:
+    with open(record, "a") as f:
+        f.write(json.dumps({"jailer_argv": sys.argv}) + "\n")
+root = os.path.join(opts["--chroot-base-dir"], os.path.basename(opts["--exec-file"]), opts["--id"], "root")
+os.makedirs(root, exist_ok=True)
+# No chroot here: the stand-in firecracker gets its socket path inside the jail's root.
+at = fc_args.index("--api-sock")
+fc_args[at + 1] = root + fc_args[at + 1]
+os.chdir(root)
+os.execv(opts["--exec-file"], [opts["--exec-file"], *fc_args])
+'''
+
+
+def install_jailer(directory: Path, name: str = "jailer") -> Path:
+    """A stand-in `jailer`: makes <base>/<exec name>/<id>/root and runs the exec file in it
+    (no chroot, no uid switch: it checks our argv and file staging, not isolation)."""
+    path = Path(directory) / name
+    path.write_text(f"#!{sys.executable}\n" + JAILER)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return path

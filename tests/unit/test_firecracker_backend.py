@@ -277,3 +277,37 @@ def test_every_request_the_backend_sent_matches_the_spec(env):
     for r in sent:
         assert spec_path_for(spec, r["path"]) in spec["paths"]
         validate(spec, r["method"], spec_path_for(spec, r["path"]), r["body"])
+
+
+def test_through_the_jailer_files_are_staged_in_its_root_and_named_from_inside(env):
+    from hanabi_vmmd.firecracker.process import JailerConfig
+
+    jailer = fake_firecracker.install_jailer(env["root"])
+    base = env["root"] / "jail"
+    fc = backend(env, jailer=JailerConfig(binary=str(jailer), uid=os.getuid(), gid=os.getgid(),
+                                          chroot_base=base))
+    handle = fc.start(make_spec(env))
+    jail_root = base / "firecracker" / "0123456789abcdef" / "root"
+    try:
+        assert handle.control_socket == jail_root / "fc.sock"
+        assert handle.agent_socket == jail_root / "fc-vsock.sock"
+        entries = fake_firecracker.read_record(env["record"])
+        jailer_argv = next(e["jailer_argv"] for e in entries if "jailer_argv" in e)
+        assert jailer_argv[1:3] == ["--id", "0123456789abcdef"] and "--chroot-base-dir" in jailer_argv
+        bodies = {r["path"]: r["body"] for r in requests_of(env)}
+        assert bodies["/boot-source"]["kernel_image_path"] == "/vmlinux"
+        assert bodies["/drives/ph0"]["path_on_host"] == "/ph0.img"
+        assert bodies["/vsock"]["uds_path"] == "/fc-vsock.sock"
+        for name in ("vmlinux", "initrd.img", "ph0.img", "ph3.img", "fc.log", "fc.metrics"):
+            assert (jail_root / name).exists(), name
+        assert (jail_root / "vmlinux").read_bytes() == env["kernel"].read_bytes()
+        vol = env["root"] / "vol.img"
+        vol.write_bytes(bytes(4096))
+        fc.attach_disk(handle, DiskSpec("disk-v", "blk-v", vol, "v"), set())
+        linked = jail_root / "disk0.img"
+        assert os.stat(linked).st_ino == os.stat(vol).st_ino  # the same file: the same guest serial
+        assert [r["body"] for r in requests_of(env) if r["method"] == "PATCH"][-1] == {
+            "drive_id": "ph0", "path_on_host": "/disk0.img"}
+    finally:
+        fc.stop(handle, timeout=5)
+    assert not (base / "firecracker" / "0123456789abcdef").exists()  # the jail is removed
