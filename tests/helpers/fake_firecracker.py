@@ -44,7 +44,7 @@ def note(entry):
             f.write(json.dumps(entry) + "\n")
 
 
-note({"argv": sys.argv, "cwd": os.getcwd()})
+note({"argv": sys.argv, "cwd": os.getcwd(), "netns": os.readlink("/proc/self/ns/net")})
 sock = argv[argv.index("--api-sock") + 1]
 print("fake firecracker starting", flush=True)
 if mode == "exit":
