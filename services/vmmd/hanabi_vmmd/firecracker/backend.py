@@ -150,8 +150,9 @@ class FirecrackerHypervisor:
             with FirecrackerApi(str(layout.api_socket), timeout=self.api_timeout) as api:
                 for method, path, body in steps:
                     self._check_running(handle, spec.stderr_log)
-                    try:
-                        api.request(method, path, body)
+                    try:  # InstanceStart loads the kernel: allow what is left of the deadline
+                        left = began + self.start_timeout - time.monotonic()
+                        api.request(method, path, body, timeout=max(left, self.api_timeout))
                     except (Unavailable, DeadlineExceeded):
                         # the connection dropped: if Firecracker died, say so (status, stderr)
                         self._wait_exit(handle, DIED_GRACE_S)
