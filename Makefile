@@ -51,6 +51,7 @@ bench: setup ## benchmarks (hanabi vs runc in the same run)
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/docker_run.py
 	$(BIN)/python bench/blockd.py
+	$(BIN)/python bench/network.py
 
 clean:
 	rm -rf .tox build *.egg-info
