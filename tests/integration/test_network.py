@@ -225,3 +225,37 @@ def test_a_failing_prestart_hook_fails_create_and_leaves_nothing(hanabi, bundle,
     assert done.returncode != 0
     assert "prestart hook #0" in done.stderr.decode() and "no endpoint for you" in done.stderr.decode()
     assert leftovers(hanabi, cid) == []
+
+
+def test_nic_hotplug_into_a_running_vm(hanabi, pair: NetnsPair):
+    """The warm-pool path: a VM booted without a network gets its NIC afterwards (QMP getfd
+    + netdev_add + device_add on a free root port); the guest finds it by MAC, and the
+    peer namespace pings the guest through it."""
+    from hanabi_agentd.client import AgentdClient
+    from hanabi_common.models.agentd import ConfigureNetwork
+    from hanabi_common.models.vmmd import VmNic
+    from hanabi_vmmd.client import VmmdClient
+
+    sid = f"hotnic-{os.getpid()}"
+    netd, vmmd, agentd = NetdClient(hanabi.config), VmmdClient(hanabi.config), AgentdClient(hanabi.config)
+    try:
+        vm = vmmd.create(sid)
+        agentd.connect(sid, vm.agent_socket)
+        network = netd.attach(sid, pair.inner_path)
+        [iface] = network.interfaces
+        info = vmmd.attach_nic(sid, VmNic(tap=iface.tap, mac=iface.mac, mtu=iface.mtu, netns_path=pair.inner_path))
+        assert info.nics == ["nic0"]
+        agentd.configure_network(ConfigureNetwork(sandbox_id=sid, interfaces=network.interfaces,
+                                                  routes=network.routes))
+        pinged = subprocess.run(["ip", "netns", "exec", pair.outer, "busybox", "ping", "-c", "1", "-W", "5", pair.inner_ip],
+                                capture_output=True, text=True)
+        assert pinged.returncode == 0, pinged.stdout + pinged.stderr
+        with pytest.raises(Exception, match="already has a NIC on tap"):
+            vmmd.attach_nic(sid, VmNic(tap=iface.tap, mac=iface.mac, netns_path=pair.inner_path))
+        with pytest.raises(NotFound, match="does not exist in network namespace"):
+            vmmd.attach_nic(sid, VmNic(tap="tap9_hanabi", mac="02:00:00:00:00:09", netns_path=pair.inner_path))
+    finally:
+        agentd.disconnect(sid)
+        vmmd.stop(sid)
+        netd.detach(sid)
+    assert pair.leftovers() == []
