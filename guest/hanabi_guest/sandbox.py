@@ -39,6 +39,7 @@ TIOCGPTN = 0x80045430
 TIOCSPTLCK = 0x40045431
 TIOCGPTPEER = 0x5441
 LINUX_REBOOT_CMD_POWER_OFF = 0x4321FEDC
+LINUX_REBOOT_CMD_RESTART = 0x01234567
 
 RUN_DIR = "/run/hanabi/c"
 CGROUP_ROOT = "/sys/fs/cgroup"
@@ -116,10 +117,24 @@ def umount(target: str, flags: int = 0) -> None:
     _check(libc().umount2(target.encode(), flags), f"umount {target}")
 
 
+def poweroff_command(cmdline: str) -> int:
+    """The reboot(2) command that ends this VM: POWER_OFF, or RESTART when the kernel
+    command line says ``hanabi.poweroff=reboot`` (Firecracker has no power-off device; a
+    guest restart, with ``reboot=k``, ends the Firecracker process)."""
+    if "hanabi.poweroff=reboot" in cmdline.split():
+        return LINUX_REBOOT_CMD_RESTART
+    return LINUX_REBOOT_CMD_POWER_OFF
+
+
 def poweroff() -> None:
-    """sync, then reboot(LINUX_REBOOT_CMD_POWER_OFF) (QEMU runs with -no-reboot)."""
+    """sync, then reboot(2) with ``poweroff_command`` (QEMU runs with -no-reboot)."""
     os.sync()
-    _check(libc().reboot(LINUX_REBOOT_CMD_POWER_OFF), "reboot(POWER_OFF)")
+    try:
+        with open("/proc/cmdline", encoding="utf-8") as f:
+            cmdline = f.read()
+    except OSError:
+        cmdline = ""
+    _check(libc().reboot(poweroff_command(cmdline)), "reboot(POWER_OFF)")
 
 
 def find_sysfs_entry(base: str, attribute: str, value: str) -> str | None:

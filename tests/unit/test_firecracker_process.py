@@ -88,7 +88,7 @@ def test_nics_netns():
 def test_kernel_args_add_the_vsock_channel_once():
     args = p.kernel_args("console=ttyS0 quiet")
     assert args == ("console=ttyS0 quiet hanabi.channel=vsock reboot=k pci=off "
-                    "sysctl.kernel.ctrl-alt-del=1")
+                    "sysctl.kernel.ctrl-alt-del=1 hanabi.poweroff=reboot")
     assert p.kernel_args(args) == args
 
 
@@ -96,3 +96,10 @@ def test_device_id_like_kvmtool():
     assert device_id(2049, 0, 131077) == "20490131077"
     assert device_id(66306, 0, 123456789012345678) == "66306012345678901234"[:20]
     assert len(device_id(2 ** 40, 2 ** 40, 2 ** 60)) == 20
+
+
+def test_the_guest_ends_a_firecracker_vm_with_a_restart():
+    from hanabi_guest.sandbox import LINUX_REBOOT_CMD_POWER_OFF, LINUX_REBOOT_CMD_RESTART, poweroff_command
+
+    assert poweroff_command(p.kernel_args("console=ttyS0")) == LINUX_REBOOT_CMD_RESTART
+    assert poweroff_command("console=ttyS0 rdinit=/init") == LINUX_REBOOT_CMD_POWER_OFF

@@ -128,7 +128,10 @@ def kernel_args(base: str) -> str:
     - `reboot=k`: a guest reboot goes through the i8042 reset, which ends Firecracker;
     - `pci=off`: no PCI bus to probe (devices are virtio-mmio, described by ACPI);
     - `sysctl.kernel.ctrl-alt-del=1`: SendCtrlAltDel restarts the guest kernel at once
-      (so Firecracker exits) instead of signalling the agent, which is PID 1."""
-    extra = ["hanabi.channel=vsock", "reboot=k", "pci=off", "sysctl.kernel.ctrl-alt-del=1"]
+      (so Firecracker exits) instead of signalling the agent, which is PID 1;
+    - `hanabi.poweroff=reboot`: the agent ends the VM with a restart (Firecracker has no
+      power-off device)."""
+    extra = ["hanabi.channel=vsock", "reboot=k", "pci=off", "sysctl.kernel.ctrl-alt-del=1",
+             "hanabi.poweroff=reboot"]
     words = base.split()
     return " ".join(words + [w for w in extra if w not in words])
