@@ -1,13 +1,15 @@
 """netd's domain: which network a sandbox gets, and its teardown.
 
-`attach` reads the container's network namespace (the path Docker or the OCI config
+`create_netns` makes an empty namespace for a sandbox whose config asks for a new one
+(runc's job under Docker: Docker's prestart hook then moves the endpoint in). `attach` reads the container's network namespace (the path Docker or the OCI config
 gives) and wires each of its ethernet links to a tap of its own with tc redirects (see
 `tcfilter`, `topology`). A namespace with loopback only (`--network none`), or no
 namespace at all, gets mode "none": the guest has loopback only. What was planned is
 written to `network.json` before anything is made, so a netd killed half-way, or
 restarted while containers run, still knows what to remove; `detach` removes the taps
 and qdiscs and leaves the namespace's links as Docker made them. A namespace that is
-gone (Docker deletes it when the container stops) took its taps with it.
+gone (Docker deletes it when the container stops) took its taps with it; one netd made
+is unpinned by `detach` (and dies with its last user, the VM's tap fds).
 """
 
 from __future__ import annotations
