@@ -48,7 +48,7 @@ def test_run_prints_the_guest_kernel_and_leaves_nothing(fc, bundle, cid):
 
 
 def test_the_vm_is_firecracker_reached_over_hybrid_vsock(fc, bundle, cid, tmp_path):
-    fc_runtime(fc, "create", "--bundle", bundle(["sh", "-c", "read x; exit 5"]), "--pid-file",
+    fc_runtime(fc, "create", "--bundle", bundle(["sleep", "60"]), "--pid-file",
                str(tmp_path / "pid"), cid, check=True)
     try:
         vm = VmmdClient(fc.config).get(cid)
