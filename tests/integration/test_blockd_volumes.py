@@ -272,8 +272,9 @@ def test_killed_mid_build_leaves_nothing_a_restart_does_not_clean(blockd, tmp_pa
 
     def provision():
         try:
-            client(blockd).provision(sandbox(blockd, "crash"), str(image))
-        except Exception as exc:  # the daemon dies under it
+            # a short deadline: the daemon dies under the call, nothing will answer it
+            BlockdClient(blockd.config, timeout=10).provision(sandbox(blockd, "crash"), str(image))
+        except Exception as exc:
             errors.append(exc)
 
     worker = threading.Thread(target=provision)
@@ -283,7 +284,8 @@ def test_killed_mid_build_leaves_nothing_a_restart_does_not_clean(blockd, tmp_pa
         assert time.monotonic() < deadline and worker.is_alive(), "no partial base seen"
         time.sleep(0.01)
     blockd.stop("blockd", signal.SIGKILL)
-    worker.join(150)
+    worker.join(30)
+    assert not worker.is_alive()
     assert errors
     assert list((volume_dir / "bases").glob("*.partial"))  # the crash really left one
     blockd.start("blockd")
@@ -344,3 +346,18 @@ def test_passthrough_refused_for_a_device_mounted_twice_falls_back_to_a_copy(blo
         for m in (rootfs, other):
             subprocess.run(["umount", str(m)], check=False)
         subprocess.run(["losetup", "-d", loop], check=True)
+
+
+def test_concurrent_provisionings_of_one_image_build_one_base(blockd, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+    image = make_image(tmp_path / "img", 50)
+    sids = [sandbox(blockd, f"p{i}") for i in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        volumes = list(pool.map(lambda sid: client(blockd).provision(sid, str(image)), sids))
+    assert len({v.base_key for v in volumes}) == 1
+    assert sorted("base built" in v.detail for v in volumes) == [False, False, False, True]
+    assert len(list((blockd.config.block.volume_dir / "bases").glob("*.raw"))) == 1
+    # a collection now cannot take the base: every sandbox holds it
+    assert client(blockd).collect(budget_mib=0).removed == []
+    for sid in sids:
+        client(blockd).release(sid)

@@ -111,9 +111,12 @@ class BaseStore:
             log.warning("could not record a base's use", extra={"key": meta.key, "error": str(exc)})
         return meta
 
-    def remove(self, key: str) -> bool:
-        """Remove a base (image, then record); True if its image existed."""
+    def remove(self, key: str, unless: Callable[[], bool] | None = None) -> bool:
+        """Remove a base (image, then record); True if its image existed. `unless`, asked
+        under the key's lock, can still veto it (a provisioning started to use the base)."""
         with self.key_lock(key):
+            if unless is not None and unless():
+                return False
             existed = self.path(key).exists()
             self.path(key).unlink(missing_ok=True)
             self._meta_path(key).unlink(missing_ok=True)

@@ -198,9 +198,11 @@ class DeviceMapperVolumes:
         """Bases by size (thin volumes: the virtual size bounds what they use)."""
         return [BaseUsage(key=m.key, bytes=m.size_bytes, last_used=m.last_used) for m in self.bases()]
 
-    def remove_base(self, key: str) -> bool:
-        """Delete one base's thin volume."""
+    def remove_base(self, key: str, unless: Callable[[], bool] | None = None) -> bool:
+        """Delete one base's thin volume unless `unless()` says it is in use now."""
         with self._lock:
+            if unless is not None and unless():
+                return False
             record = self._read()
             thin = record.bases.pop(key, None)
             if thin is None:

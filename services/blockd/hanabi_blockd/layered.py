@@ -78,9 +78,9 @@ class LoopFileVolumes:
         """Bytes and last use of every base, for the collector."""
         return self.store.usage()
 
-    def remove_base(self, key: str) -> bool:
-        """Remove one base (the caller made sure nothing holds it)."""
-        return self.store.remove(key)
+    def remove_base(self, key: str, unless: Callable[[], bool] | None = None) -> bool:
+        """Remove one base unless `unless()` says, under the base's lock, it is in use now."""
+        return self.store.remove(key, unless)
 
     def pools(self, budget_bytes: int) -> list[PoolInfo]:
         """The volume directory as the one pool of this backend."""

@@ -219,11 +219,18 @@ class BlockService:
         with self._gc_lock:
             with self._guard:
                 in_use = set(self.holders()) | {k for k, n in self._pending.items() if n > 0}
-            chosen = choose_evictions(self.volumes.base_usage(), in_use, budget_bytes)
-            for key in chosen:
-                self.volumes.remove_base(key)
-                log.info("collected an unused base", extra={"key": key})
-            return chosen
+            removed = []
+            for key in choose_evictions(self.volumes.base_usage(), in_use, budget_bytes):
+                # A provisioning may have picked the base since: it counts as pending before
+                # it takes the base's lock, and the veto is asked under that lock.
+                if self.volumes.remove_base(key, unless=lambda k=key: self._pending_for(k)):
+                    removed.append(key)
+                    log.info("collected an unused base", extra={"key": key})
+            return removed
+
+    def _pending_for(self, key: str) -> bool:
+        with self._guard:
+            return self._pending[key] > 0
 
     def _collect_quietly(self) -> None:
         try:
