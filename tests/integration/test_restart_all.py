@@ -1,0 +1,72 @@
+"""Every daemon killed with SIGKILL and restarted while a container runs: nothing is lost
+(the container keeps running, keeps its network, answers exec, and its exit after a
+SIGTERM is still seen and ends its stand-in) and nothing leaks after delete."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from hanabi_common.config import DAEMONS
+from tests.helpers.hanabi import integration_skip_reason, leftovers, start_daemons
+from tests.helpers.netns import netns_pair
+from hanabi_runtime.demo_bundle import make_bundle
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def daemons(tmp_path):
+    reason = integration_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    started = start_daemons(tmp_path / "hanabi")
+    yield started
+    started.stop_all()
+
+
+def test_all_daemons_killed_and_restarted_while_a_container_runs(daemons, tmp_path):
+    pair = netns_pair()
+    cid = "survivor"
+    try:
+        bundle = make_bundle(tmp_path / "bundle", ["sh", "-c", "trap 'exit 42' TERM; while true; do sleep 1; done"])
+        config = json.loads((bundle / "config.json").read_text())
+        config["linux"]["namespaces"] = [ns for ns in config["linux"]["namespaces"] if ns["type"] != "network"] + [
+            {"type": "network", "path": pair.inner_path}]
+        (bundle / "config.json").write_text(json.dumps(config))
+        daemons.runtime("create", "--bundle", str(bundle), "--pid-file", str(tmp_path / "pid"), cid, check=True)
+        daemons.runtime("start", cid, check=True)
+        standin = int((tmp_path / "pid").read_text())
+        assert daemons.state(cid)["status"] == "running"
+
+        for name in DAEMONS:
+            daemons.stop(name, sig=signal.SIGKILL)
+        for name in DAEMONS:
+            daemons.start(name)
+
+        state = daemons.state(cid)
+        assert state["status"] == "running" and state["pid"] == standin
+        done = daemons.runtime("exec", cid, "sh", "-c", "echo still here; cat /sys/class/net/eth0/address")
+        assert done.returncode == 0, done.stderr.decode()
+        assert done.stdout.decode().splitlines() == ["still here", pair.mac()]
+        pinged = subprocess.run(["ip", "netns", "exec", pair.outer, "busybox", "ping", "-c", "1", "-W", "5",
+                                 pair.inner_ip], capture_output=True, text=True)
+        assert pinged.returncode == 0, pinged.stdout + pinged.stderr
+
+        daemons.runtime("kill", cid, "TERM", check=True)
+        deadline = time.monotonic() + 30
+        while daemons.state(cid)["status"] != "stopped":
+            assert time.monotonic() < deadline, "the container did not stop after SIGTERM"
+            time.sleep(0.2)
+        daemons.runtime("delete", cid, check=True)
+        assert leftovers(daemons, cid) == []
+        assert pair.leftovers() == []
+        assert not Path(f"/proc/{standin}").exists() or "zombie" in Path(f"/proc/{standin}/status").read_text()
+    finally:
+        daemons.runtime("delete", "--force", cid)
+        pair.destroy()
