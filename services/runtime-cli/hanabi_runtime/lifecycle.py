@@ -174,6 +174,14 @@ class Runtime:
                     run_phase(bundle.config, phase, state, must_succeed=True)
         return netd.attach(cid, netns_path)
 
+    def _resolved_hypervisor(self) -> str:
+        """qemu or firecracker: the flag, else the config; `auto` takes Firecracker where its
+        binary (>= 1.8) and KVM work here (hanabi_vmmd.selection, as vmmd decides it)."""
+        from hanabi_vmmd.selection import resolve
+
+        return resolve(self.hypervisor or self.config.vmm.hypervisor,
+                       self.config.vmm.firecracker.binary).backend
+
     def _provision(self, cid: str, bundle: Bundle):
         """Ask the daemons for network, VM, volume, agent and container; return phase timings
         and the VM."""
@@ -189,7 +197,9 @@ class Runtime:
                 for i in network.interfaces]
         with ThreadPoolExecutor(max_workers=1) as pool:
             # Firecracker opens raw disks only; QEMU takes a qcow2 layer over a shared base.
-            raw_only = (self.hypervisor or self.config.vmm.hypervisor) == "firecracker"
+            # `auto` is resolved here, so the disk format and the VM's backend agree.
+            hypervisor = self._resolved_hypervisor()
+            raw_only = hypervisor == "firecracker"
             volume_future = pool.submit(_timed, timings, "volume_s", d.blockd.provision,
                                         cid, str(bundle.rootfs), bundle.readonly, plan.binds,
                                         ["raw"] if raw_only else None)
@@ -197,7 +207,7 @@ class Runtime:
                 with _phase(timings, "vm_start_s"):
                     size = vm_size(bundle.config.get("linux", {}).get("resources"))
                     vm = d.vmmd.create(cid, memory_mib=size.memory_mib, vcpus=size.vcpus,
-                                       hypervisor=self.hypervisor, nics=nics)
+                                       hypervisor=hypervisor, nics=nics)
                 with _phase(timings, "agent_ready_s"):
                     d.agentd.connect(cid, vm.agent_socket, transport=vm.agent_transport, port=vm.agent_port)
                 with _phase(timings, "guest_network_s"):

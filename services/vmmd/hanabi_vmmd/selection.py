@@ -74,3 +74,11 @@ def decide_auto(backends: Mapping[str, object]) -> Choice:
     log.info(f"hypervisor auto -> {choice.backend}: {choice.reason}",
              extra={"hypervisor": choice.backend, "reason": choice.reason})
     return choice
+
+
+def resolve(requested: str, firecracker_binary: str = "firecracker") -> Choice:
+    """`requested` as a concrete backend, probing the host for `auto` (for callers outside
+    vmmd, e.g. the runtime, which must know the backend before it asks for a disk format)."""
+    if requested != "auto":
+        return choose(requested, HostFacts(None, None), {"qemu", "firecracker"})
+    return choose("auto", probe(firecracker_binary), {"qemu", "firecracker"})
