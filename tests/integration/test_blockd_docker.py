@@ -1,0 +1,56 @@
+"""blockd under a real Docker (private dockerd, overlay2): two containers of one image share a
+base keyed by the image's layer chain (Docker's per-container init layer left out), and the
+container's own /etc/hostname still arrives (on the binds disk). Two VM boots."""
+
+from __future__ import annotations
+
+import pytest
+
+from hanabi_blockd.client import BlockdClient
+from tests.e2e.docker_env import PrivateDocker, e2e_skip_reason, make_base_dir
+from tests.helpers.hanabi import start_daemons
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def docker(tmp_path_factory):
+    reason = e2e_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    logs = tmp_path_factory.mktemp("blockd-docker")
+    daemons = start_daemons(logs / "hanabi")
+    env = PrivateDocker(base=make_base_dir(), logs=logs, hanabi=daemons)
+    try:
+        env.start()
+        env.import_busybox()
+    except BaseException:
+        env.close()
+        raise
+    yield env
+    env.close()
+
+
+def test_containers_of_one_docker_image_share_an_overlay_keyed_base(docker):
+    if docker.storage_driver != "overlay2":
+        pytest.skip(f"dockerd runs with {docker.storage_driver}, not overlay2")
+    names = ["blk-a", "blk-b"]
+    blockd = BlockdClient(docker.hanabi.config)
+    try:
+        for name in names:
+            done = docker.run_hanabi("-d", "--name", name, cmd=["sleep", "60"], rm=False, timeout=120)
+            assert done.returncode == 0, done.stderr
+        ids = {docker.inspect(n, "{{.Id}}"): n for n in names}
+        roots = {v.sandbox_id: v for v in blockd.list().volumes if v.serial == "hanabi-root"}
+        assert set(roots) == set(ids)
+        a, b = (roots[i] for i in ids)
+        assert a.base_key == b.base_key and a.base_key.startswith("ovl-"), (a.detail, b.detail)
+        assert "init layer" in a.detail and {"base built", "base reused"} == {
+            v.detail.rsplit("; ", 1)[1] for v in (a, b)}
+        # The container's own small files still differ: /etc/hostname is its id's start.
+        for cid, name in ids.items():
+            done = docker.run("exec", name, "cat", "/etc/hostname", timeout=60)
+            assert done.stdout.strip() == cid[:12], done.stderr
+    finally:
+        docker.remove(*names)
+    assert [v for v in blockd.list().volumes if v.sandbox_id in ids] == []
