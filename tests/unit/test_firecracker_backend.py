@@ -311,3 +311,9 @@ def test_through_the_jailer_files_are_staged_in_its_root_and_named_from_inside(e
     finally:
         fc.stop(handle, timeout=5)
     assert not (base / "firecracker" / "0123456789abcdef").exists()  # the jail is removed
+
+
+def test_a_spec_firecracker_would_refuse_fails_before_spawning(env):
+    with pytest.raises(InvalidArgument, match="1..32 vCPUs"):
+        backend(env).start(make_spec(env, vcpus=64))
+    assert fake_firecracker.read_record(env["record"]) == []

@@ -115,6 +115,7 @@ class FirecrackerHypervisor:
             raise InvalidArgument("hanabi gives a Firecracker VM at most one boot NIC")
         instance = jail_id(spec.vm_dir)
         layout = layout_for(spec.vm_dir, exec_file, self.jailer)
+        steps = boot.boot_sequence(self._boot_spec(spec, layout))  # bad specs fail before spawning
         if self.jailer is not None:
             argv = jailer_argv(self.jailer, exec_file, instance, netns)
             preexec = None
@@ -145,7 +146,6 @@ class FirecrackerHypervisor:
                 on_spawned(handle)
             self._wait_socket(handle, spec.stderr_log, began + self.start_timeout)
             socket_ms = (time.monotonic() - began) * 1000
-            steps = boot.boot_sequence(self._boot_spec(spec, layout))
             self._stage(spec, layout)
             with FirecrackerApi(str(layout.api_socket), timeout=self.api_timeout) as api:
                 for method, path, body in steps:
