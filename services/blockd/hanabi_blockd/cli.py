@@ -18,7 +18,8 @@ app, ctl = make_app("blockd", _build)
 
 
 def _mib(n: int) -> str:
-    return f"{n / (1 << 20):.1f}M"
+    """Bytes for humans: 20.4M, 78.4G."""
+    return f"{n / (1 << 30):.1f}G" if n >= 10 << 30 else f"{n / (1 << 20):.1f}M"
 
 
 def _ago(t: float) -> str:
