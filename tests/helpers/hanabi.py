@@ -105,13 +105,14 @@ class Daemons:
         return json.loads(self.runtime("state", cid, check=True).stdout)
 
 
-def start_daemons(root: Path, extra_toml: str = "") -> Daemons:
-    """Write a config under `root` and start the four daemons with it."""
+def start_daemons(root: Path, extra_toml: str = "", vmm_toml: str = "") -> Daemons:
+    """Write a config under `root` and start the four daemons with it (`vmm_toml`: more
+    keys of the [vmm] table, `extra_toml`: more tables)."""
     root.mkdir(parents=True, exist_ok=True)
     config_path = root / "hanabi.toml"
     config_path.write_text(
         f'run_dir = "{root}/run"\nlog_level = "debug"\n'
-        f'[vmm]\nguest_dir = "{GUEST_DIR}"\n'
+        f'[vmm]\nguest_dir = "{GUEST_DIR}"\n{vmm_toml}\n'
         f'[block]\nvolume_dir = "{root}/volumes"\n' + extra_toml)
     daemons = Daemons(root=root, config_path=config_path)
     try:
@@ -160,8 +161,10 @@ def leftovers(daemons: Daemons, cid: str) -> list[str]:
     if loops:
         found.append(f"loop devices {loops}")
     vm_dir = config.run_dir / "vm"
-    if vm_dir.exists() and any(vm_dir.iterdir()):
-        found.append(f"vm dirs {os.listdir(vm_dir)}")
+    pooled = {Path(json.loads(p.read_text())["vm_dir"]).name
+              for p in (config.run_dir / "pool").glob("*/hypervisor.json")}  # the warm pool's, by design
+    if vm_dir.exists() and set(os.listdir(vm_dir)) - pooled:
+        found.append(f"vm dirs {sorted(set(os.listdir(vm_dir)) - pooled)}")
     netns_dir = config.run_dir / "netns"
     if netns_dir.exists() and any(netns_dir.iterdir()):
         found.append(f"network namespaces {os.listdir(netns_dir)}")

@@ -52,6 +52,8 @@ class VmmConfig(_Section):
     kernel_cmdline_extra: str = ""
     boot_timeout_s: float = Field(60.0, gt=0)
     stop_timeout_s: float = Field(5.0, gt=0)
+    # Warm pool: VMs of the default size kept booted ahead of demand (QEMU; 0 turns it off).
+    pool_size: int = Field(0, ge=0, le=64)
     firecracker: FirecrackerConfig = FirecrackerConfig()
 
 

@@ -1,4 +1,4 @@
-"""`hanabi-vmmd`: run vmmd (`serve`), or inspect a running one (`ctl list|inspect|stop`)."""
+"""`hanabi-vmmd`: run vmmd (`serve`), or inspect a running one (`ctl list|pool|inspect|stop`)."""
 
 from __future__ import annotations
 
@@ -29,6 +29,12 @@ def _client(rpc):
 def list_vms() -> None:
     """List every VM vmmd owns."""
     app.with_client(lambda rpc: print_json(_client(rpc).list()))
+
+
+@ctl.command("pool")
+def pool() -> None:
+    """List the warm pool's VMs that are ready to be taken."""
+    app.with_client(lambda rpc: print_json(_client(rpc).pool()))
 
 
 @ctl.command("inspect")

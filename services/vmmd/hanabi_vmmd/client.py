@@ -26,6 +26,10 @@ class VmmdClient:
         wait = timeout or max(self.rpc.timeout, self.config.vmm.boot_timeout_s + 5)
         return self.rpc.call("vm.create", request, VmInfo, timeout=wait)
 
+    def pool(self) -> VmList:
+        """The warm pool's VMs ready to be taken."""
+        return self.rpc.call("vm.pool", {}, VmList, idempotent=True)
+
     def attach_nic(self, sandbox_id: str, nic: VmNic) -> VmInfo:
         """Hot-plug a NIC (QEMU)."""
         return self.rpc.call("vm.attach_nic", AttachNic(sandbox_id=sandbox_id, nic=nic), VmInfo)

@@ -14,7 +14,7 @@ import logging
 import shutil
 import signal
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 from hanabi_common.errors import HanabiError
 from hanabi_common.state import StateStore
@@ -26,25 +26,37 @@ from hanabi_vmmd.state import STATE_NAME, HypervisorState, vm_dir_for
 log = logging.getLogger("hanabi.vmmd")
 
 
-def recover(store: StateStore, backends: Mapping[str, Hypervisor], vm_root: Path,
+def recover(stores: Sequence[StateStore], backends: Mapping[str, Hypervisor], vm_root: Path,
             locks: KeyedLocks) -> list[VmHandle]:
-    """Re-adopt live VMs, mark dead ones stopped, clean orphans; return handles to watch."""
+    """Re-adopt live VMs of every store (sandboxes first, then the warm pool's), mark dead
+    ones stopped, clean orphans; return handles to watch.
+
+    A VM recorded twice (vmmd died while handing a pooled VM to a sandbox) belongs to the
+    sandbox: the later store's record is dropped.
+    """
     handles: list[VmHandle] = []
     referenced: set[Path] = set()
-    for sid in store.list_sandboxes(having=STATE_NAME):
-        referenced.add(vm_dir_for(vm_root.parent, sid))
-        try:
-            state = store.read(sid, STATE_NAME, HypervisorState)
-        except HanabiError as exc:
-            log.error("unreadable state file, leaving it alone", extra={"sandbox": sid, "error": exc.message})
-            continue
-        if state is None:
-            continue
-        referenced.add(Path(state.vm_dir))
-        with locks.hold(sid):
-            handle = adopt(store, backends, state)
-        if handle is not None:
-            handles.append(handle)
+    seen: set[tuple[int, int]] = set()
+    for store in stores:
+        for sid in store.list_sandboxes(having=STATE_NAME):
+            referenced.add(vm_dir_for(vm_root.parent, sid))
+            try:
+                state = store.read(sid, STATE_NAME, HypervisorState)
+            except HanabiError as exc:
+                log.error("unreadable state file, leaving it alone", extra={"sandbox": sid, "error": exc.message})
+                continue
+            if state is None:
+                continue
+            if (state.pid, state.start_time) in seen:
+                log.warning("vm recorded twice, keeping the first record", extra={"sandbox": sid, "pid": state.pid})
+                store.purge(sid)
+                continue
+            seen.add((state.pid, state.start_time))
+            referenced.add(Path(state.vm_dir))
+            with locks.hold(sid):
+                handle = adopt(store, backends, state)
+            if handle is not None:
+                handles.append(handle)
     clean_orphans(vm_root, referenced)
     if handles:
         log.info("re-adopted running vms", extra={"count": len(handles)})

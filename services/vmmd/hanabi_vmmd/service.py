@@ -30,6 +30,7 @@ from hanabi_vmmd import accel as accel_mod
 from hanabi_vmmd import proc
 from hanabi_vmmd.hypervisor import DiskSpec, Hypervisor, NicSpec, VmHandle, VmSpec
 from hanabi_vmmd.locks import KeyedLocks
+from hanabi_vmmd.pool import WarmPool, is_pool_id
 from hanabi_vmmd.qemu import QemuHypervisor, stderr_tail
 from hanabi_vmmd.qemu_cmdline import kernel_cmdline
 from hanabi_vmmd.reaper import Reaper
@@ -40,6 +41,8 @@ from hanabi_vmmd.state import (STATE_NAME, SUN_PATH_MAX, DiskRecord, HypervisorS
 
 log = logging.getLogger("hanabi.vmmd")
 HOTPLUG_SLOTS = 4
+DISKS_PER_SANDBOX = 2  # root and binds: with the NICs they must fit a pooled VM's root ports
+POOLED_BACKEND = "qemu"  # the pool needs NIC hot-plug (Firecracker takes NICs at boot only)
 DETACH_TIMEOUT_S = 15.0
 KERNEL_NAMES = ("vmlinux", "vmlinuz")
 INITRD_NAME = "initrd.img"
@@ -90,14 +93,20 @@ class VmService:
         self._handles: dict[str, VmHandle] = {}
         self._events = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vmmd-exit")
         self.reaper = Reaper(self._on_exit)
-        for handle in recover(self.store, self.backends, self.vm_root, self.locks):
+        self.pool_store = StateStore(config.run_dir / "pool")
+        for handle in recover([self.store, self.pool_store], self.backends, self.vm_root, self.locks):
             self.reaper.watch(handle)
+            if is_pool_id(handle.sandbox_id):
+                self._handles[handle.sandbox_id] = handle
+        self.pool = WarmPool(config.vmm.pool_size, self._boot_pooled)
+        self.pool.start(self._pooled_after_restart())
 
     def register(self, server: RpcServer) -> None:
         """Serve the vm.* methods."""
         server.register("vm.create", CreateVm, self.create)
         server.register("vm.get", SandboxRef, self.get)
         server.register("vm.list", NoArgs, self.list)
+        server.register("vm.pool", NoArgs, self.pooled)
         server.register("vm.stop", StopVm, self.stop)
         server.register("vm.attach_disk", AttachDisk, self.attach_disk)
         server.register("vm.detach_disk", DetachDisk, self.detach_disk)
@@ -107,6 +116,7 @@ class VmService:
 
     def close(self) -> None:
         """Stop watching; the VMs keep running and are re-adopted by the next vmmd."""
+        self.pool.close()
         self.reaper.close()
         self._events.shutdown(wait=True)
 
@@ -125,8 +135,8 @@ class VmService:
             raise NotFound(f"sandbox {sandbox_id} has no VM")
         return state
 
-    def _write(self, state: HypervisorState) -> None:
-        self.store.write(state.sandbox_id, STATE_NAME, state)
+    def _write(self, state: HypervisorState, store: StateStore | None = None) -> None:
+        (store or self.store).write(state.sandbox_id, STATE_NAME, state)
 
     def _handle(self, state: HypervisorState) -> VmHandle:
         """The live handle (with its Popen) if this vmmd spawned the VM, else one from state."""
@@ -155,49 +165,133 @@ class VmService:
     # -- lifecycle ---------------------------------------------------------------------
 
     def create(self, request: CreateVm) -> VmInfo:
-        """Boot a VM for the sandbox; returns once the VMM runs and answers (not the agent)."""
+        """Boot a VM for the sandbox (or take a pooled one of its size); returns once the
+        VMM runs and answers (not the agent)."""
         sid = request.sandbox_id
         hv_name = request.hypervisor or self.config.vmm.hypervisor
         backend = self._backend(self._auto_backend() if hv_name == "auto" else hv_name)
         vmm = self.config.vmm
+        memory_mib, vcpus = request.memory_mib or vmm.memory_mib, request.vcpus or vmm.vcpus
+        nics = tuple(NicSpec(device_id=f"nic{index}", tap=nic.tap, mac=nic.mac.lower(), mtu=nic.mtu,
+                             netns_path=nic.netns_path) for index, nic in enumerate(request.nics))
         with self.locks.hold(sid):
             if self.store.read(sid, STATE_NAME, HypervisorState) is not None:
                 raise AlreadyExists(f"sandbox {sid} already has a VM (vm.stop it first)")
-            kernel, initrd = guest_files(vmm.guest_dir)
-            vm_dir = vm_dir_for(self.config.run_dir, sid)
-            if len(str(vm_dir / "agent.sock")) > SUN_PATH_MAX:
-                raise FailedPrecondition(f"run_dir {self.config.run_dir} is too long: VM socket paths "
-                                         f"would exceed {SUN_PATH_MAX} bytes")
-            self._remove_vm_dir(vm_dir)  # a leftover of a crash: no state file refers to it
-            nics = tuple(NicSpec(device_id=f"nic{index}", tap=nic.tap, mac=nic.mac.lower(), mtu=nic.mtu,
-                                 netns_path=nic.netns_path) for index, nic in enumerate(request.nics))
-            spec = VmSpec.in_dir(sid, vm_dir, memory_mib=request.memory_mib or vmm.memory_mib,
-                                 vcpus=request.vcpus or vmm.vcpus, kernel=kernel, initrd=initrd,
-                                 cmdline=kernel_cmdline(vmm.kernel_cmdline_extra),
-                                 accel=self.accel.accel, hotplug_slots=HOTPLUG_SLOTS, nics=nics)
-            record: dict = {}
+            if (backend.name == POOLED_BACKEND and (memory_mib, vcpus) == (vmm.memory_mib, vmm.vcpus)
+                    and not is_pool_id(sid) and len(nics) + DISKS_PER_SANDBOX <= HOTPLUG_SLOTS):
+                state = self._claim_pooled(sid, nics)
+                if state is not None:
+                    return state.info()
+            state = self._boot(sid, self.store, backend, memory_mib, vcpus, nics)
+        return state.info()
 
-            def on_spawned(handle: VmHandle) -> None:
-                record["state"] = self._state_for(spec, handle, backend.name)
-                self._write(record["state"])
+    def _boot(self, sid: str, store: StateStore, backend: Hypervisor, memory_mib: int, vcpus: int,
+              nics: tuple[NicSpec, ...] = ()) -> HypervisorState:
+        """Boot a VM recorded in `store` (the sandboxes' or the pool's); caller holds sid's lock."""
+        vmm = self.config.vmm
+        kernel, initrd = guest_files(vmm.guest_dir)
+        vm_dir = vm_dir_for(self.config.run_dir, sid)
+        if len(str(vm_dir / "agent.sock")) > SUN_PATH_MAX:
+            raise FailedPrecondition(f"run_dir {self.config.run_dir} is too long: VM socket paths "
+                                     f"would exceed {SUN_PATH_MAX} bytes")
+        self._remove_vm_dir(vm_dir)  # a leftover of a crash: no state file refers to it
+        spec = VmSpec.in_dir(sid, vm_dir, memory_mib=memory_mib, vcpus=vcpus, kernel=kernel, initrd=initrd,
+                             cmdline=kernel_cmdline(vmm.kernel_cmdline_extra),
+                             accel=self.accel.accel, hotplug_slots=HOTPLUG_SLOTS, nics=nics)
+        record: dict = {}
 
-            began = time.monotonic()
-            try:
-                handle = backend.start(spec, on_spawned)
-            except BaseException as exc:
-                self.store.remove(sid, STATE_NAME)
-                self._remove_vm_dir(vm_dir)
-                if isinstance(exc, HanabiError):
-                    log.warning("vm start failed", extra={"sandbox": sid, "error": exc.message})
-                raise
-            state = record.get("state") or self._state_for(spec, handle, backend.name)
-            state.state = "running"
-            self._write(state)
-            self._handles[sid] = handle
-            self.reaper.watch(handle)
+        def on_spawned(handle: VmHandle) -> None:
+            record["state"] = self._state_for(spec, handle, backend.name)
+            self._write(record["state"], store)
+
+        began = time.monotonic()
+        try:
+            handle = backend.start(spec, on_spawned)
+        except BaseException as exc:
+            store.remove(sid, STATE_NAME)
+            self._remove_vm_dir(vm_dir)
+            if isinstance(exc, HanabiError):
+                log.warning("vm start failed", extra={"sandbox": sid, "error": exc.message})
+            raise
+        state = record.get("state") or self._state_for(spec, handle, backend.name)
+        state.state = "running"
+        self._write(state, store)
+        self._handles[sid] = handle
+        self.reaper.watch(handle)
         log.info("vm created", extra={"sandbox": sid, "pid": handle.pid, "accel": spec.accel,
                                       "ms": round((time.monotonic() - began) * 1000, 1)})
-        return state.info()
+        return state
+
+    # -- warm pool -----------------------------------------------------------------------
+
+    def _boot_pooled(self, pool_id: str) -> None:
+        """The pool's boot: a VM of the default size, no NICs, recorded in the pool's store."""
+        with self.locks.hold(pool_id):
+            self._boot(pool_id, self.pool_store, self._backend(POOLED_BACKEND), self.config.vmm.memory_mib,
+                       self.config.vmm.vcpus)
+
+    def _pooled_after_restart(self) -> list[str]:
+        """Pooled VMs a restart re-adopted (dead ones are removed)."""
+        alive = []
+        for pool_id in self.pool_store.list_sandboxes(having=STATE_NAME):
+            state = self.pool_store.read(pool_id, STATE_NAME, HypervisorState)
+            if state is not None and state.state == "running" and pool_id in self._handles:
+                alive.append(pool_id)
+            else:
+                self._discard_pooled(pool_id, state)
+        return alive
+
+    def _discard_pooled(self, pool_id: str, state: HypervisorState | None) -> None:
+        """Stop (if needed) and remove a pooled VM that cannot be handed out."""
+        self.reaper.unwatch(pool_id)
+        if state is not None:
+            backend = self.backends.get(state.hypervisor)
+            handle = self._handles.get(pool_id) or state.handle()
+            if backend is not None and backend.is_alive(handle):
+                backend.stop(handle, self.config.vmm.stop_timeout_s)
+            self._remove_vm_dir(Path(state.vm_dir))
+        self._handles.pop(pool_id, None)
+        self.pool_store.purge(pool_id)
+
+    def _claim_pooled(self, sid: str, nics: tuple[NicSpec, ...]) -> HypervisorState | None:
+        """Hand a free pooled VM to sandbox `sid` and hot-plug its NICs; None when the pool
+        has none (or the one taken turned out dead). Caller holds sid's lock."""
+        pool_id = self.pool.take()
+        if pool_id is None:
+            return None
+        began = time.monotonic()
+        with self.locks.hold(pool_id):
+            state = self.pool_store.read(pool_id, STATE_NAME, HypervisorState)
+            backend = self._backend(state.hypervisor) if state is not None else None
+            handle = self._handles.get(pool_id) or (state.handle() if state is not None else None)
+            if state is None or backend is None or handle is None or not backend.is_alive(handle):
+                self._discard_pooled(pool_id, state)
+                return None
+            self.reaper.unwatch(pool_id)
+            state.sandbox_id = sid
+            self._write(state)                  # the sandbox's record first: a crash now keeps it
+            self.pool_store.purge(pool_id)
+            self._handles.pop(pool_id, None)
+            handle.sandbox_id = sid
+            self._handles[sid] = handle
+            self.reaper.watch(handle)
+        try:
+            for nic in nics:
+                busy = {d.bus for d in state.disks} | {n.bus for n in state.nics}
+                bus = backend.attach_nic(handle, nic, busy)
+                state.nics.append(NicRecord(device_id=nic.device_id, tap=nic.tap, mac=nic.mac, mtu=nic.mtu,
+                                            netns_path=nic.netns_path, bus=bus))
+                self._write(state)
+        except BaseException:
+            self.reaper.unwatch(sid)
+            backend.stop(handle, self.config.vmm.stop_timeout_s)
+            self.store.remove(sid, STATE_NAME)
+            self._remove_vm_dir(Path(state.vm_dir))
+            self._handles.pop(sid, None)
+            raise
+        log.info("vm taken from the warm pool", extra={"sandbox": sid, "pool_id": pool_id, "pid": state.pid,
+                                                       "ms": round((time.monotonic() - began) * 1000, 1)})
+        return state
 
     def _auto_backend(self) -> str:
         """`auto`: Firecracker where its binary and KVM work, else QEMU (decided once, logged)."""
@@ -232,6 +326,15 @@ class VmService:
                 continue
             if state is not None:
                 vms.append(self._observed(state).info())
+        return VmList(vms=vms)
+
+    def pooled(self, _: NoArgs | None = None) -> VmList:
+        """The warm pool's VMs that are ready to be taken."""
+        vms = []
+        for pool_id in self.pool.free():
+            state = self.pool_store.read(pool_id, STATE_NAME, HypervisorState)
+            if state is not None:
+                vms.append(state.info())
         return VmList(vms=vms)
 
     def _observed(self, state: HypervisorState) -> HypervisorState:
@@ -369,6 +472,12 @@ class VmService:
 
     def _mark_exited(self, handle: VmHandle, status: int | None) -> None:
         sid = handle.sandbox_id
+        if is_pool_id(sid):
+            with self.locks.hold(sid):
+                log.warning("pooled vm exited", extra={"pool_id": sid, "exit_status": status})
+                self.pool.forget(sid)
+                self._discard_pooled(sid, self.pool_store.read(sid, STATE_NAME, HypervisorState))
+            return
         with self.locks.hold(sid):
             try:
                 state = self.store.read(sid, STATE_NAME, HypervisorState)
