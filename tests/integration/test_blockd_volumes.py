@@ -361,3 +361,35 @@ def test_concurrent_provisionings_of_one_image_build_one_base(blockd, tmp_path):
     assert client(blockd).collect(budget_mib=0).removed == []
     for sid in sids:
         client(blockd).release(sid)
+
+
+def test_a_passthrough_device_still_held_at_delete_is_not_mounted_back_yet(blockd, tmp_path):
+    image = tmp_path / "disk.ext4"
+    (tmp_path / "tree").mkdir()
+    (tmp_path / "tree" / "f").write_text("mine\n")
+    with open(image, "wb") as handle:
+        handle.truncate(32 * MIB)
+    subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-d", str(tmp_path / "tree"), str(image)], check=True)
+    loop = subprocess.run(["losetup", "--find", "--show", str(image)], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    rootfs = tmp_path / "rootfs"
+    rootfs.mkdir()
+    holder = None
+    try:
+        subprocess.run(["mount", loop, str(rootfs)], check=True)
+        assert client(blockd).provision(sandbox(blockd, "held"), str(rootfs)).layout == "passthrough"
+        # Something (a VM that did not stop) still has the device open.
+        holder = subprocess.Popen(["sh", "-c", f"exec 3<{loop}; exec sleep 60"])
+        time.sleep(0.3)
+        with pytest.raises(FailedPrecondition, match=f"still held open by pid {holder.pid}"):
+            client(blockd).release("held")
+        assert not (rootfs / "f").exists() and client(blockd).list().volumes  # nothing half-done
+        holder.kill()
+        holder.wait()
+        assert client(blockd).release("held").existed
+        assert (rootfs / "f").read_text() == "mine\n"
+    finally:
+        if holder is not None and holder.poll() is None:
+            holder.kill()
+        subprocess.run(["umount", str(rootfs)], check=False)
+        subprocess.run(["losetup", "-d", loop], check=True)

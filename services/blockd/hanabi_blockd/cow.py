@@ -10,7 +10,9 @@
   O(image) bytes written and time per container. The per-image work (walking the rootfs,
   mke2fs) is still done once per image, and the copy is sequential I/O, but the promise of
   "a second container costs nothing" holds for Firecracker only on a reflink filesystem or
-  with the devicemapper backend (thin snapshots). blockd logs which one it got.
+  with the devicemapper backend (thin snapshots). blockd logs which one it got. (Another
+  route, not taken: export the qcow2 layer as a block device with `qemu-nbd --connect`; it
+  needs the nbd module, missing here, and a host process per container.)
 
 Both build to `<layer>.partial` and rename, like every other volume file.
 """

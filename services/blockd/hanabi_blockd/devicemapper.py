@@ -132,6 +132,12 @@ class DeviceMapperVolumes:
             raise InvalidArgument(f"rootfs {rootfs} is not a directory")
         content, entries = measure_tree(rootfs)
         size = image_size_bytes(content, entries, self.files.headroom_mib)
+        pool = self.pools(0)[0]
+        if not pool.healthy:
+            raise FailedPrecondition(f"thin pool {self.pool} is not usable: {pool.detail}")
+        if content + (16 << 20) > pool.free_bytes:
+            raise FailedPrecondition(f"thin pool {self.pool} is full: {pool.free_bytes >> 20} MiB free, "
+                                     f"the image needs about {content >> 20} MiB")
         dev_id, record = dmplan.allocate(self._read())
         self._write(record)
         self._message(dmplan.message("create_thin", dev_id))
