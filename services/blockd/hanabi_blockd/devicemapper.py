@@ -10,6 +10,7 @@ A snapshot is a block device: QEMU and Firecracker both take it as a raw disk.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import subprocess
 import threading
@@ -76,23 +77,46 @@ class DeviceMapperVolumes:
         if Path(self.pool_dev).exists():
             return
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if self.config.dm_data_device and self.config.dm_metadata_device:
-            data, meta = str(self.config.dm_data_device), str(self.config.dm_metadata_device)
-        else:
-            log.warning(dmplan.LOOP_WARNING.format(dir=self.dir))
-            loops = []
-            for path, size in dmplan.loop_files(str(self.dir), self.config.dm_data_size_gib,
-                                                self.config.dm_metadata_size_mib):
-                if not Path(path).exists():
-                    with open(path, "wb") as handle:
-                        handle.truncate(size)
-                loops.append(_run(["losetup", "--find", "--show", path]).strip())
-            data, meta = loops
-        data_bytes = int(_run(["blockdev", "--getsize64", data]).strip())
-        if not self._read().bases and not self._read().volumes:
-            _run(["dd", "if=/dev/zero", f"of={meta}", "bs=4096", "count=1", "conv=notrunc"])
-        table = dmplan.pool_table(data_bytes, meta, data, self.config.dm_block_size_kib)
-        _run(["dmsetup", "create", self.pool, "--table", table])
+        attached: list[str] = []
+        try:
+            if self.config.dm_data_device and self.config.dm_metadata_device:
+                data, meta = str(self.config.dm_data_device), str(self.config.dm_metadata_device)
+            else:
+                log.warning(dmplan.LOOP_WARNING.format(dir=self.dir))
+                for path, size in dmplan.loop_files(str(self.dir), self.config.dm_data_size_gib,
+                                                    self.config.dm_metadata_size_mib):
+                    if not Path(path).exists():
+                        with open(path, "wb") as handle:
+                            handle.truncate(size)
+                    attached.append(_run(["losetup", "--find", "--show", path]).strip())
+                data, meta = attached
+            data_bytes = int(_run(["blockdev", "--getsize64", data]).strip())
+            if not self._read().bases and not self._read().volumes:  # a new pool: blank metadata
+                _run(["dd", "if=/dev/zero", f"of={meta}", "bs=4096", "count=1", "conv=notrunc"])
+            table = dmplan.pool_table(data_bytes, meta, data, self.config.dm_block_size_kib)
+            _run(["dmsetup", "create", self.pool, "--table", table])
+        except BaseException:
+            for loop in attached:  # no loop device outlives a pool that did not come up
+                subprocess.run(["losetup", "-d", loop], capture_output=True)
+            raise
+
+    @contextlib.contextmanager
+    def _undo_on_failure(self, dev_id: int, name: str):
+        """On failure: deactivate `name`, delete thin id `dev_id`, drop it from pending
+        (best effort: what stays pending is deleted at the next start)."""
+        try:
+            yield
+        except BaseException:
+            if Path(f"/dev/mapper/{name}").exists():
+                subprocess.run(["dmsetup", "remove", name], capture_output=True)
+            done = subprocess.run(["dmsetup", "message", self.pool, "0", dmplan.message("delete", dev_id)],
+                                  capture_output=True)
+            if done.returncode == 0:
+                record = self._read()
+                if dev_id in record.pending:
+                    record.pending.remove(dev_id)
+                    self._write(record)
+            raise
 
     def _thin(self, name: str, size: int, dev_id: int) -> str:
         _run(["dmsetup", "create", name, "--table", dmplan.thin_table(size, self.pool_dev, dev_id)])
@@ -112,9 +136,10 @@ class DeviceMapperVolumes:
                 record = self._read()
             dev_id, record = dmplan.allocate(record)
             self._write(record)
-            self._message(dmplan.message("create_snap", dev_id, base.dev_id))
             name = dmplan.device_name(self.pool, "snap", sandbox_id)
-            path = self._thin(name, base.size_bytes, dev_id)
+            with self._undo_on_failure(dev_id, name):
+                self._message(dmplan.message("create_snap", dev_id, base.dev_id))
+                path = self._thin(name, base.size_bytes, dev_id)
             record.pending.remove(dev_id)
             record.volumes[sandbox_id] = dmplan.ThinRecord(dev_id=dev_id, size_bytes=base.size_bytes,
                                                            name=name, base_key=identity.key)
@@ -140,13 +165,12 @@ class DeviceMapperVolumes:
                                      f"the image needs about {content >> 20} MiB")
         dev_id, record = dmplan.allocate(self._read())
         self._write(record)
-        self._message(dmplan.message("create_thin", dev_id))
         name = dmplan.device_name(self.pool, "base", identity.key)
-        path = self._thin(name, size, dev_id)
-        try:
+        with self._undo_on_failure(dev_id, name):
+            self._message(dmplan.message("create_thin", dev_id))
+            path = self._thin(name, size, dev_id)
             self.files._mkfs(Path(path), rootfs, inode_count_for(entries))
-        finally:
-            _run(["dmsetup", "remove", name])
+            _run(["dmsetup", "remove", name])  # a base stays inactive: never written again
         now = time.time()
         base = dmplan.ThinRecord(dev_id=dev_id, size_bytes=size, name=name)
         record = self._read()

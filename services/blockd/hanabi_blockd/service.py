@@ -44,11 +44,17 @@ class BlockService:
         self.backend_name, self.reason = choose_backend(config.block.backend, probe_host())
         self.files = LoopFileBackend(config.block.volume_dir, config.block.headroom_mib,
                                      config.block.max_volume_mib)
+        self.volumes = LoopFileVolumes(self.files)
         if self.backend_name == "devicemapper":
             from hanabi_blockd.devicemapper import DeviceMapperVolumes
-            self.volumes = DeviceMapperVolumes(config.block, self.files)
-        else:
-            self.volumes = LoopFileVolumes(self.files)
+            try:
+                self.volumes = DeviceMapperVolumes(config.block, self.files)
+            except HanabiError as exc:
+                if config.block.backend == "devicemapper":
+                    raise
+                log.error("the thin pool cannot be set up, using the loop-file backend",
+                          extra={"error": exc.message})
+                self.backend_name, self.reason = "loopfile", f"thin pool set-up failed: {exc.message}"
         self.backend = self.files  # what older callers and tests reach for
         log.info("block backend chosen", extra={"backend": self.backend_name, "reason": self.reason})
         self._locks: dict[str, threading.Lock] = {}
