@@ -31,6 +31,7 @@ from hanabi_common.models.blockd import PoolInfo, VolumeInfo
 from hanabi_common.state import atomic_write_bytes
 
 log = logging.getLogger("hanabi.blockd.devicemapper")
+MAPPER_DIR = Path("/dev/mapper")  # where dmsetup makes the device nodes
 
 
 def _run(argv: list[str], timeout: float = 120) -> str:
@@ -53,7 +54,7 @@ class DeviceMapperVolumes:
         self.files = files
         self.dir = Path(config.dm_dir)
         self.pool = config.dm_pool_name
-        self.pool_dev = f"/dev/mapper/{self.pool}"
+        self.pool_dev = str(MAPPER_DIR / self.pool)
         self._lock = threading.RLock()
         self._ensure_pool()
 
@@ -107,7 +108,7 @@ class DeviceMapperVolumes:
         try:
             yield
         except BaseException:
-            if Path(f"/dev/mapper/{name}").exists():
+            if (MAPPER_DIR / name).exists():
                 subprocess.run(["dmsetup", "remove", name], capture_output=True)
             done = subprocess.run(["dmsetup", "message", self.pool, "0", dmplan.message("delete", dev_id)],
                                   capture_output=True)
@@ -120,7 +121,7 @@ class DeviceMapperVolumes:
 
     def _thin(self, name: str, size: int, dev_id: int) -> str:
         _run(["dmsetup", "create", name, "--table", dmplan.thin_table(size, self.pool_dev, dev_id)])
-        return f"/dev/mapper/{name}"
+        return str(MAPPER_DIR / name)
 
     # -- volumes -----------------------------------------------------------------------
 
@@ -200,7 +201,7 @@ class DeviceMapperVolumes:
             thin = record.volumes.pop(volume.sandbox_id, None)
             if thin is None:
                 return False
-            if Path(f"/dev/mapper/{thin.name}").exists():
+            if (MAPPER_DIR / thin.name).exists():
                 _run(["dmsetup", "remove", thin.name])
             record.pending.append(thin.dev_id)
             self._write(record)
@@ -265,7 +266,7 @@ class DeviceMapperVolumes:
         """Carry out the clean-up plan; then the loop-file leftovers (binds disks)."""
         with self._lock:
             record = self._read()
-            live = {sid for sid, t in record.volumes.items() if Path(f"/dev/mapper/{t.name}") in claimed}
+            live = {sid for sid, t in record.volumes.items() if (MAPPER_DIR / t.name) in claimed}
             active = [line.split()[0] for line in _run(["dmsetup", "ls"]).splitlines() if line.strip()]
             plan = dmplan.cleanup_plan(record, active, live, self.pool)
             for name in plan.remove_devices:
@@ -279,7 +280,7 @@ class DeviceMapperVolumes:
                 record.volumes.pop(sid, None)
             record.pending = []
             self._write(record)
-        removed = self.files.clean_partials() + [Path(f"/dev/mapper/{n}") for n in plan.remove_devices]
+        removed = self.files.clean_partials() + [(MAPPER_DIR / n) for n in plan.remove_devices]
         for leftover in self.files.volume_dir.glob("*.ext4") if self.files.volume_dir.is_dir() else []:
             if leftover not in claimed:  # binds disks no devices.json claims
                 leftover.unlink(missing_ok=True)
