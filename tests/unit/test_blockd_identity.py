@@ -22,17 +22,18 @@ LOOP = ("40 28 7:3 / /bundles/b1/rootfs rw,nosuid,relatime shared:9 - ext4 /dev/
         "41 28 7:3 /sub /elsewhere rw,relatime - ext4 /dev/loop3 rw\n"
         "42 28 7:4 /rootfs /bundles/b2/rootfs rw,relatime - ext4 /dev/loop4 rw\n"
         "43 28 7:5 / /bundles/b3/rootfs ro,relatime - xfs /dev/loop5 ro\n"
-        "44 28 7:6 / /bundles/with\\040space/rootfs ro,noexec,relatime - ext4 /dev/loop6 ro\n")
+        "44 28 7:6 / /bundles/with\\040space/rootfs ro,noexec,relatime - ext4 /dev/loop6 ro\n"
+        "45 28 7:7 / /devmapper/mnt/abc rw,relatime - ext4 /dev/loop7 rw\n")
 
 
 def test_mountinfo_lines_are_parsed_and_unescaped():
     entries = parse_mountinfo(OVERLAY + "\nnot a mountinfo line\n" + LOOP)
-    assert len(entries) == 6
+    assert len(entries) == 7
     overlay = entries[0]
     assert (overlay.major, overlay.minor, overlay.fstype, overlay.root) == (0, 123, "overlay", "/")
     assert overlay.super_option("upperdir") == f"{D}/c1/diff"
     assert overlay.super_option("nope") is None
-    assert entries[-1].mount_point == "/bundles/with space/rootfs" and entries[-1].readonly
+    assert entries[5].mount_point == "/bundles/with space/rootfs" and entries[5].readonly
     assert unescape(r"a\134b") == "a\\b"
     assert [e.mount_point for e in mounts_of_device(7, 3, entries)] == ["/bundles/b1/rootfs", "/elsewhere"]
 
@@ -104,6 +105,7 @@ def _numbers(path):
     ("/bundles/b2/rootfs", "only /rootfs of /dev/loop4"),
     ("/bundles/b3/rootfs", "holds xfs"),
     ("/bundles/none", "not a mount point"),
+    ("/devmapper/mnt/abc/rootfs", "rootfs/ subdirectory of /dev/loop7"),
     (f"{D}/c1/merged", "overlay mount, not a block device"),
 ])
 def test_passthrough_refusals(rootfs, why):

@@ -55,6 +55,11 @@ def decide(rootfs: str, entries: list[MountEntry], device_numbers) -> tuple[Pass
     `device_numbers(path) -> (major, minor) | None` probe of the mount source)."""
     mount = mount_at(rootfs, entries)
     if mount is None:
+        parent = mount_at(os.path.dirname(rootfs), entries)
+        if parent is not None and parent.source.startswith("/dev/") and device_numbers(parent.source):
+            # Docker's devicemapper driver: device mounted at mnt/<id>, rootfs is mnt/<id>/rootfs.
+            return None, (f"the rootfs is the {os.path.basename(rootfs)}/ subdirectory of {parent.source} "
+                          "mounted at its parent; the guest mounts a whole device as the root")
         return None, "the rootfs is not a mount point"
     numbers = device_numbers(mount.source) if mount.source.startswith("/dev/") else None
     if numbers is None:
