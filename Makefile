@@ -52,6 +52,7 @@ bench: setup ## benchmarks (hanabi vs runc in the same run)
 	$(BIN)/python bench/docker_run.py
 	$(BIN)/python bench/blockd.py
 	$(BIN)/python bench/network.py
+	$(BIN)/python bench/pool.py
 
 clean:
 	rm -rf .tox build *.egg-info

@@ -29,13 +29,9 @@ RETRY_AFTER_FAILURE_S = 10.0
 
 
 def new_pool_id() -> str:
-    """A fresh id for a pooled VM (a valid sandbox id, never a container's: see is_pool_id)."""
+    """A fresh id for a pooled VM (a valid sandbox id; what makes it pooled is where its
+    state file lives, not its name)."""
     return POOL_PREFIX + secrets.token_hex(6)
-
-
-def is_pool_id(sandbox_id: str) -> bool:
-    """True for the ids the pool gives its VMs."""
-    return sandbox_id.startswith(POOL_PREFIX)
 
 
 class WarmPool:

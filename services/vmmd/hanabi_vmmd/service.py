@@ -27,10 +27,11 @@ from hanabi_common.models.vmmd import (AttachDisk, AttachNic, CreateVm, DetachDi
 from hanabi_common.rpc.server import RpcServer
 from hanabi_common.state import StateStore
 from hanabi_vmmd import accel as accel_mod
+from hanabi_vmmd.agent_probe import wait_agent_ready
 from hanabi_vmmd import proc
 from hanabi_vmmd.hypervisor import DiskSpec, Hypervisor, NicSpec, VmHandle, VmSpec
 from hanabi_vmmd.locks import KeyedLocks
-from hanabi_vmmd.pool import WarmPool, is_pool_id
+from hanabi_vmmd.pool import WarmPool
 from hanabi_vmmd.qemu import QemuHypervisor, stderr_tail
 from hanabi_vmmd.qemu_cmdline import kernel_cmdline
 from hanabi_vmmd.reaper import Reaper
@@ -96,7 +97,7 @@ class VmService:
         self.pool_store = StateStore(config.run_dir / "pool")
         for handle in recover([self.store, self.pool_store], self.backends, self.vm_root, self.locks):
             self.reaper.watch(handle)
-            if is_pool_id(handle.sandbox_id):
+            if self._is_pooled(handle.sandbox_id):
                 self._handles[handle.sandbox_id] = handle
         self.pool = WarmPool(config.vmm.pool_size, self._boot_pooled)
         self.pool.start(self._pooled_after_restart())
@@ -178,7 +179,7 @@ class VmService:
             if self.store.read(sid, STATE_NAME, HypervisorState) is not None:
                 raise AlreadyExists(f"sandbox {sid} already has a VM (vm.stop it first)")
             if (backend.name == POOLED_BACKEND and (memory_mib, vcpus) == (vmm.memory_mib, vmm.vcpus)
-                    and not is_pool_id(sid) and len(nics) + DISKS_PER_SANDBOX <= HOTPLUG_SLOTS):
+                    and len(nics) + DISKS_PER_SANDBOX <= HOTPLUG_SLOTS):
                 state = self._claim_pooled(sid, nics)
                 if state is not None:
                     return state.info()
@@ -225,10 +226,23 @@ class VmService:
     # -- warm pool -----------------------------------------------------------------------
 
     def _boot_pooled(self, pool_id: str) -> None:
-        """The pool's boot: a VM of the default size, no NICs, recorded in the pool's store."""
+        """The pool's boot: a VM of the default size, no NICs, recorded in the pool's store,
+        ready once its guest agent answers (a VM that does not get there is removed)."""
         with self.locks.hold(pool_id):
-            self._boot(pool_id, self.pool_store, self._backend(POOLED_BACKEND), self.config.vmm.memory_mib,
-                       self.config.vmm.vcpus)
+            state = self._boot(pool_id, self.pool_store, self._backend(POOLED_BACKEND),
+                               self.config.vmm.memory_mib, self.config.vmm.vcpus)
+        try:
+            seconds = wait_agent_ready(Path(state.agent_socket), self.config.vmm.boot_timeout_s)
+        except BaseException:
+            with self.locks.hold(pool_id):
+                self._discard_pooled(pool_id, state)
+            raise
+        log.info("pooled vm booted", extra={"pool_id": pool_id, "agent_ready_s": round(seconds, 2)})
+
+    def _is_pooled(self, sid: str) -> bool:
+        """Whether `sid` names a VM of the warm pool (recorded in the pool's store; a
+        container may well be called pool-something)."""
+        return self.pool_store.path(sid, STATE_NAME).exists()
 
     def _pooled_after_restart(self) -> list[str]:
         """Pooled VMs a restart re-adopted (dead ones are removed)."""
@@ -472,7 +486,7 @@ class VmService:
 
     def _mark_exited(self, handle: VmHandle, status: int | None) -> None:
         sid = handle.sandbox_id
-        if is_pool_id(sid):
+        if self._is_pooled(sid):
             with self.locks.hold(sid):
                 log.warning("pooled vm exited", extra={"pool_id": sid, "exit_status": status})
                 self.pool.forget(sid)

@@ -1,0 +1,58 @@
+"""Is a VM's guest up? Ask its agent: one ping over the agent socket, then let go.
+
+The warm pool hands out VMs whose guest has finished booting: a pooled VM counts as ready
+once its agent answers a ping (docs/agent-protocol.md: SYNC first, read with
+`wait_sync`, a reply with the same id). The session is closed right after; agentd's own
+connection later starts with SYNC again, which the agent is built for.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import time
+from pathlib import Path
+
+from hanabi_common.errors import DeadlineExceeded
+from hanabi_guest.protocol import SYNC, FrameDecoder, ProtocolError, encode_frame
+
+PROBE_ID = 1
+ATTEMPT_S = 1.0
+
+
+def _attempt(path: Path, deadline: float) -> bool:
+    """One connect + SYNC + ping; True when the agent answered it."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.settimeout(max(min(ATTEMPT_S, deadline - time.monotonic()), 0.01))
+        sock.connect(str(path))
+        sock.sendall(SYNC + encode_frame({"type": "ping", "id": PROBE_ID}))
+        decoder = FrameDecoder(wait_sync=True)
+        until = min(deadline, time.monotonic() + ATTEMPT_S)
+        while time.monotonic() < until:
+            ready, _, _ = select.select([sock], [], [], max(until - time.monotonic(), 0))
+            if not ready:
+                break
+            data = sock.recv(65536)
+            if not data:
+                return False
+            for msg in decoder.feed(data):
+                if msg.get("type") == "reply" and msg.get("id") == PROBE_ID:
+                    return bool(msg.get("ok"))
+        return False
+    except (OSError, ProtocolError):
+        return False
+    finally:
+        sock.close()
+
+
+def wait_agent_ready(path: Path, timeout: float) -> float:
+    """Seconds until the agent behind the Unix socket `path` answered a ping;
+    DeadlineExceeded after `timeout`."""
+    began = time.monotonic()
+    deadline = began + timeout
+    while time.monotonic() < deadline:
+        if _attempt(path, deadline):
+            return time.monotonic() - began
+        time.sleep(0.05)
+    raise DeadlineExceeded(f"the guest agent behind {path} did not answer within {timeout:.0f}s")
