@@ -259,3 +259,22 @@ def test_nic_hotplug_into_a_running_vm(hanabi, pair: NetnsPair):
         vmmd.stop(sid)
         netd.detach(sid)
     assert pair.leftovers() == []
+
+
+def test_two_links_two_nics(hanabi, bundle, cid, pair: NetnsPair):
+    """A namespace with two links (a CNI setup; Docker adds further networks later): the
+    guest gets two NICs named like the links, each reaching its own peer."""
+    ip("link", "add", "hnx1a", "type", "veth", "peer", "name", "hnx1b")
+    ip("link", "set", "hnx1a", "netns", pair.inner, "name", "eth1")
+    ip("link", "set", "hnx1b", "netns", pair.outer, "name", "peer1")
+    ip("addr", "add", "10.216.0.1/30", "dev", "eth1", netns=pair.inner)
+    ip("addr", "add", "10.216.0.2/30", "dev", "peer1", netns=pair.outer)
+    for ns, link in ((pair.inner, "eth1"), (pair.outer, "peer1")):
+        ip("link", "set", link, "up", netns=ns)
+    script = (f"echo $(ls /sys/class/net); ping -c 1 -W 5 {pair.outer_ip} >/dev/null && echo first-ok; "
+              f"ping -c 1 -W 5 10.216.0.2 >/dev/null && echo second-ok")
+    done = hanabi.runtime("run", "--bundle", in_netns(bundle(["sh", "-c", script]), pair.inner_path), cid)
+    out = done.stdout.decode()
+    assert done.returncode == 0, (out, done.stderr.decode())
+    assert out.splitlines() == ["eth0 eth1 lo", "first-ok", "second-ok"]
+    assert pair.leftovers() == [] and "_hanabi" not in ip("-br", "link", netns=pair.inner)
