@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 
@@ -95,9 +96,12 @@ def test_vm_and_standin_are_accounted_in_the_container_cgroup(hanabi, bundle, ci
             assert f"/hanabi-test/{cid}" in open(f"/proc/{pid}/cgroup").read()
         recorded = json.loads((hanabi.config.sandboxes_dir / cid / "state.json").read_text())["cgroups"]
         assert recorded
+        # The VM joined the cgroup before its guest touched memory: its pages are charged there.
+        usage = [Path(d) / name for d in recorded for name in ("memory.usage_in_bytes", "memory.current")
+                 if (Path(d) / name).exists()]
+        assert usage and int(usage[0].read_text()) > 64 << 20, [u.read_text() for u in usage]
     finally:
         hanabi.runtime("delete", "--force", cid, check=True)
-    from pathlib import Path
     assert not [d for d in recorded if Path(d).exists()]
     for directory in recorded:
         Path(directory).parent.rmdir()  # the test's own parent cgroup

@@ -207,7 +207,7 @@ class Runtime:
                 with _phase(timings, "vm_start_s"):
                     size = vm_size(bundle.config.get("linux", {}).get("resources"))
                     vm = d.vmmd.create(cid, memory_mib=size.memory_mib, vcpus=size.vcpus,
-                                       hypervisor=hypervisor, nics=nics)
+                                       hypervisor=hypervisor, nics=nics, cgroup_dirs=self._account(bundle, []))
                 with _phase(timings, "agent_ready_s"):
                     d.agentd.connect(cid, vm.agent_socket, transport=vm.agent_transport, port=vm.agent_port)
                 with _phase(timings, "guest_network_s"):

@@ -18,11 +18,12 @@ class VmmdClient:
 
     def create(self, sandbox_id: str, memory_mib: int | None = None, vcpus: int | None = None,
                hypervisor: str | None = None, timeout: float | None = None,
-               nics: list[VmNic] = ()) -> VmInfo:
+               nics: list[VmNic] = (), cgroup_dirs: list[str] = ()) -> VmInfo:
         """Boot a VM for a sandbox (with NICs on netd's taps); returns once the VMM answers
         (not the guest agent)."""
         request = CreateVm(sandbox_id=sandbox_id, memory_mib=memory_mib, vcpus=vcpus,
-                           hypervisor=hypervisor, nics=list(nics))  # type: ignore[arg-type]
+                           hypervisor=hypervisor, nics=list(nics),  # type: ignore[arg-type]
+                           cgroup_dirs=list(cgroup_dirs))
         wait = timeout or max(self.rpc.timeout, self.config.vmm.boot_timeout_s + 5)
         return self.rpc.call("vm.create", request, VmInfo, timeout=wait)
 

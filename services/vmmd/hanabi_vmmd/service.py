@@ -27,6 +27,7 @@ from hanabi_common.models.vmmd import (AttachDisk, AttachNic, CreateVm, DetachDi
 from hanabi_common.rpc.server import RpcServer
 from hanabi_common.state import StateStore
 from hanabi_vmmd import accel as accel_mod
+from hanabi_vmmd import cgroup
 from hanabi_vmmd.agent_probe import wait_agent_ready
 from hanabi_vmmd import proc
 from hanabi_vmmd.hypervisor import DiskSpec, Hypervisor, NicSpec, VmHandle, VmSpec
@@ -175,6 +176,7 @@ class VmService:
         memory_mib, vcpus = request.memory_mib or vmm.memory_mib, request.vcpus or vmm.vcpus
         nics = tuple(NicSpec(device_id=f"nic{index}", tap=nic.tap, mac=nic.mac.lower(), mtu=nic.mtu,
                              netns_path=nic.netns_path) for index, nic in enumerate(request.nics))
+        cgroups = cgroup.checked_dirs(request.cgroup_dirs)
         with self.locks.hold(sid):
             if self.store.read(sid, STATE_NAME, HypervisorState) is not None:
                 raise AlreadyExists(f"sandbox {sid} already has a VM (vm.stop it first)")
@@ -182,12 +184,13 @@ class VmService:
                     and len(nics) + DISKS_PER_SANDBOX <= HOTPLUG_SLOTS):
                 state = self._claim_pooled(sid, nics)
                 if state is not None:
+                    cgroup.join(state.pid, cgroups)  # booted earlier: its memory stays charged to vmmd
                     return state.info()
-            state = self._boot(sid, self.store, backend, memory_mib, vcpus, nics)
+            state = self._boot(sid, self.store, backend, memory_mib, vcpus, nics, cgroups)
         return state.info()
 
     def _boot(self, sid: str, store: StateStore, backend: Hypervisor, memory_mib: int, vcpus: int,
-              nics: tuple[NicSpec, ...] = ()) -> HypervisorState:
+              nics: tuple[NicSpec, ...] = (), cgroups: list[Path] = ()) -> HypervisorState:
         """Boot a VM recorded in `store` (the sandboxes' or the pool's); caller holds sid's lock."""
         vmm = self.config.vmm
         kernel, initrd = guest_files(vmm.guest_dir)
@@ -202,6 +205,7 @@ class VmService:
         record: dict = {}
 
         def on_spawned(handle: VmHandle) -> None:
+            cgroup.join(handle.pid, list(cgroups))  # before the guest touches its memory
             record["state"] = self._state_for(spec, handle, backend.name)
             self._write(record["state"], store)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 
@@ -35,6 +35,10 @@ class CreateVm(Request):
     vcpus: int | None = Field(None, ge=1, le=64)
     hypervisor: Literal["auto", "qemu", "firecracker"] | None = None
     nics: list[VmNic] = Field(default_factory=list, max_length=8)
+    # The container's host cgroups (made by the runtime): the VMM joins them as soon as it
+    # is spawned, so its guest memory is charged there (`docker stats`).
+    cgroup_dirs: list[Annotated[str, Field(pattern=r"^/sys/fs/cgroup/", max_length=4096)]] = Field(
+        default_factory=list, max_length=16)
 
 
 class AttachNic(Request):
