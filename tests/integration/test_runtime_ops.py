@@ -39,8 +39,7 @@ def test_exec_detached_with_pid_file_and_ps(hanabi, running, tmp_path):
     process = tmp_path / "process.json"
     process.write_text(json.dumps({"args": ["sleep", "500"], "cwd": "/", "user": {"uid": 0, "gid": 0},
                                    "env": ["PATH=/bin"]}))
-    with open(tmp_path / "out", "wb") as out:
-        done = hanabi.runtime("exec", "--process", str(process), "--detach", "--pid-file", str(pid_file), running)
+    done = hanabi.runtime("exec", "--process", str(process), "--detach", "--pid-file", str(pid_file), running)
     assert done.returncode == 0, done.stderr.decode()
     pid = int(pid_file.read_text())
     pids = json.loads(hanabi.runtime("ps", "--format", "json", running, check=True).stdout)

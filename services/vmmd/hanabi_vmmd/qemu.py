@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import stat
 import subprocess
 import time
@@ -20,27 +19,14 @@ from typing import Callable, Collection
 
 from hanabi_common.errors import (DeadlineExceeded, FailedPrecondition, HanabiError,
                                   InvalidArgument, NotFound, Unavailable)
-from hanabi_vmmd import proc
+from hanabi_vmmd import proc, vmm_process
+from hanabi_vmmd.vmm_process import stderr_tail
 from hanabi_vmmd.hypervisor import DiskSpec, NicSpec, StopResult, VmHandle, VmSpec
 from hanabi_vmmd.qemu_cmdline import build_argv, pick_slot
 from hanabi_vmmd.qmp import QmpClient
 from hanabi_vmmd.tap import open_tap
 
 log = logging.getLogger("hanabi.vmmd.qemu")
-STDERR_TAIL_BYTES = 2000
-KILL_WAIT_S = 5.0
-
-
-def stderr_tail(path: Path, limit: int = STDERR_TAIL_BYTES) -> str:
-    """The last `limit` bytes of a QEMU stderr log, decoded, stripped ('' if none)."""
-    try:
-        with open(path, "rb") as handle:
-            handle.seek(0, os.SEEK_END)
-            size = handle.tell()
-            handle.seek(max(size - limit, 0))
-            return handle.read().decode(errors="replace").strip()
-    except OSError:
-        return ""
 
 
 class QemuHypervisor:
@@ -96,7 +82,7 @@ class QemuHypervisor:
                 on_spawned(handle)
             self._wait_qmp(handle, spec.stderr_log, began + self.start_timeout)
         except BaseException:
-            self._kill_and_reap(handle)
+            vmm_process.kill_and_reap(handle)
             raise
         log.info("qemu running", extra={"sandbox": spec.sandbox_id, "pid": process.pid,
                                         "qmp_ready_ms": round((time.monotonic() - began) * 1000, 1)})
@@ -125,22 +111,9 @@ class QemuHypervisor:
                     f"{stderr_tail(stderr_log) or '(no output on stderr)'}")
             time.sleep(0.01)
 
-    def _kill_and_reap(self, handle: VmHandle) -> int | None:
-        proc.kill_verified(handle.pid, handle.start_time or None, signal.SIGKILL)
-        if handle.process is not None:
-            try:
-                return handle.process.wait(KILL_WAIT_S)
-            except subprocess.TimeoutExpired:
-                log.error("qemu did not die after SIGKILL", extra={"pid": handle.pid})
-                return None
-        proc.wait_gone(handle.pid, handle.start_time, KILL_WAIT_S)
-        return None
-
     def is_alive(self, handle: VmHandle) -> bool:
         """True while the QEMU process runs (same pid and start time, not a zombie)."""
-        if handle.process is not None and handle.process.poll() is not None:
-            return False
-        return proc.is_alive(handle.pid, handle.start_time)
+        return vmm_process.is_alive(handle)
 
     def stop(self, handle: VmHandle, timeout: float) -> StopResult:
         """QMP `quit`, wait up to `timeout`, then SIGKILL; always reap our own child."""
@@ -154,22 +127,13 @@ class QemuHypervisor:
         except HanabiError as exc:
             log.info("qmp quit failed, will kill", extra={"sandbox": handle.sandbox_id, "error": exc.message})
         killed = False
-        if not self._wait_exit(handle, max(deadline - time.monotonic(), 0.1)):
+        if not vmm_process.wait_exit(handle, max(deadline - time.monotonic(), 0.1)):
             log.warning("qemu did not quit in time, sending SIGKILL",
                         extra={"sandbox": handle.sandbox_id, "pid": handle.pid, "timeout_s": timeout})
             killed = True
-            self._kill_and_reap(handle)
+            vmm_process.kill_and_reap(handle)
         code = handle.process.wait() if handle.process is not None else None
         return StopResult(was_running=True, exit_status=proc.exit_status(code), killed=killed)
-
-    def _wait_exit(self, handle: VmHandle, timeout: float) -> bool:
-        if handle.process is not None:
-            try:
-                handle.process.wait(timeout)
-                return True
-            except subprocess.TimeoutExpired:
-                return False
-        return proc.wait_gone(handle.pid, handle.start_time, timeout)
 
     # -- vCPUs -------------------------------------------------------------------------
 

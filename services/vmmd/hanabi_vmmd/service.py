@@ -33,7 +33,8 @@ from hanabi_vmmd import proc
 from hanabi_vmmd.hypervisor import DiskSpec, Hypervisor, NicSpec, VmHandle, VmSpec
 from hanabi_vmmd.locks import KeyedLocks
 from hanabi_vmmd.pool import WarmPool
-from hanabi_vmmd.qemu import QemuHypervisor, stderr_tail
+from hanabi_vmmd.qemu import QemuHypervisor
+from hanabi_vmmd.vmm_process import stderr_tail
 from hanabi_vmmd.qemu_cmdline import kernel_cmdline
 from hanabi_vmmd.reaper import Reaper
 from hanabi_vmmd.selection import Choice, decide_auto

@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import stat
 import subprocess
 import time
@@ -30,7 +29,8 @@ from typing import Callable, Collection
 
 from hanabi_common.errors import (DeadlineExceeded, FailedPrecondition, HanabiError,
                                   InvalidArgument, Unavailable)
-from hanabi_vmmd import proc
+from hanabi_vmmd import proc, vmm_process
+from hanabi_vmmd.vmm_process import stderr_tail
 from hanabi_vmmd.firecracker import boot
 from hanabi_vmmd.firecracker.api import FirecrackerApi
 from hanabi_vmmd.firecracker.process import (AGENT_VSOCK_PORT, LOG_NAME, METRICS_NAME, JailerConfig,
@@ -41,23 +41,10 @@ from hanabi_vmmd.firecracker.version import VersionCheck, probe_version
 from hanabi_vmmd.hypervisor import DiskSpec, NicSpec, StopResult, VmHandle, VmSpec
 
 log = logging.getLogger("hanabi.vmmd.firecracker")
-STDERR_TAIL_BYTES = 2000
-KILL_WAIT_S = 5.0
 DIED_GRACE_S = 1.0  # how long a dropped API connection may take to show as an exit
 ELF_MAGIC = b"\x7fELF"
 MACHINE = "firecracker"
 SLOTS_FILE = "placeholders.json"
-
-
-def stderr_tail(path: Path, limit: int = STDERR_TAIL_BYTES) -> str:
-    """The last `limit` bytes of a log, decoded and stripped ('' if there is none)."""
-    try:
-        with open(path, "rb") as handle:
-            handle.seek(0, os.SEEK_END)
-            handle.seek(max(handle.tell() - limit, 0))
-            return handle.read().decode(errors="replace").strip()
-    except OSError:
-        return ""
 
 
 def check_kernel(path: Path) -> None:
@@ -155,11 +142,11 @@ class FirecrackerHypervisor:
                         api.request(method, path, body, timeout=max(left, self.api_timeout))
                     except (Unavailable, DeadlineExceeded):
                         # the connection dropped: if Firecracker died, say so (status, stderr)
-                        self._wait_exit(handle, DIED_GRACE_S)
+                        vmm_process.wait_exit(handle, DIED_GRACE_S)
                         self._check_running(handle, spec.stderr_log)
                         raise
         except BaseException as exc:
-            self._kill_and_reap(handle)
+            vmm_process.kill_and_reap(handle)
             if layout.jail_dir is not None:
                 shutil.rmtree(layout.jail_dir, ignore_errors=True)
             if isinstance(exc, HanabiError) and not isinstance(exc, (DeadlineExceeded, Unavailable)):
@@ -233,21 +220,9 @@ class FirecrackerHypervisor:
                               f"{tail or '(no output on stderr)'}",
                               details={"stderr": tail, "exit_status": status})
 
-    def _kill_and_reap(self, handle: VmHandle) -> None:
-        proc.kill_verified(handle.pid, handle.start_time or None, signal.SIGKILL)
-        if handle.process is not None:
-            try:
-                handle.process.wait(KILL_WAIT_S)
-            except subprocess.TimeoutExpired:
-                log.error("firecracker did not die after SIGKILL", extra={"pid": handle.pid})
-            return
-        proc.wait_gone(handle.pid, handle.start_time, KILL_WAIT_S)
-
     def is_alive(self, handle: VmHandle) -> bool:
         """True while the Firecracker process runs (same pid and start time, not a zombie)."""
-        if handle.process is not None and handle.process.poll() is not None:
-            return False
-        return proc.is_alive(handle.pid, handle.start_time)
+        return vmm_process.is_alive(handle)
 
     def stop(self, handle: VmHandle, timeout: float) -> StopResult:
         """SendCtrlAltDel, wait up to `timeout`, then SIGKILL; always reap our own child."""
@@ -263,11 +238,11 @@ class FirecrackerHypervisor:
                 log.info("SendCtrlAltDel failed, will kill", extra={"sandbox": handle.sandbox_id,
                                                                     "error": exc.message})
             killed = False
-            if not self._wait_exit(handle, max(deadline - time.monotonic(), 0.1)):
+            if not vmm_process.wait_exit(handle, max(deadline - time.monotonic(), 0.1)):
                 log.warning("firecracker did not exit in time, sending SIGKILL",
                             extra={"sandbox": handle.sandbox_id, "pid": handle.pid, "timeout_s": timeout})
                 killed = True
-                self._kill_and_reap(handle)
+                vmm_process.kill_and_reap(handle)
             code = handle.process.wait() if handle.process is not None else None
             return StopResult(was_running=True, exit_status=proc.exit_status(code), killed=killed)
         finally:
@@ -280,15 +255,6 @@ class FirecrackerHypervisor:
         jail_dir = layout_for(handle.vm_dir, exec_file, self.jailer).jail_dir
         if jail_dir is not None and jail_dir.parent.parent == Path(self.jailer.chroot_base):
             shutil.rmtree(jail_dir, ignore_errors=True)
-
-    def _wait_exit(self, handle: VmHandle, timeout: float) -> bool:
-        if handle.process is not None:
-            try:
-                handle.process.wait(timeout)
-                return True
-            except subprocess.TimeoutExpired:
-                return False
-        return proc.wait_gone(handle.pid, handle.start_time, timeout)
 
     # -- vCPUs -------------------------------------------------------------------------
 
