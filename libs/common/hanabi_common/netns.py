@@ -63,27 +63,37 @@ def enter_netns(path: str) -> None:
         os.close(fd)
 
 
+def in_own_thread(func: Callable[[], T], name: str = "netns") -> T:
+    """Run `func` in a fresh thread (whose namespace changes die with it); its result, or
+    its exception raised here."""
+    outcome: dict[str, object] = {}
+
+    def runner() -> None:
+        try:
+            outcome["value"] = func()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=runner, name=name, daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]  # type: ignore[misc]
+    return outcome["value"]  # type: ignore[return-value]
+
+
 def call_in_netns(path: str | None, func: Callable[[], T]) -> T:
     """Run `func` in a thread inside the network namespace at `path` (None: here) and
     return its result or raise its exception. The path is checked first."""
     if path is None:
         return func()
     check_netns(path)
-    outcome: dict[str, object] = {}
 
-    def runner() -> None:
-        try:
-            enter_netns(path)
-            outcome["value"] = func()
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
-            outcome["error"] = exc
+    def entered() -> T:
+        enter_netns(path)
+        return func()
 
-    thread = threading.Thread(target=runner, name="netns", daemon=True)
-    thread.start()
-    thread.join()
-    if "error" in outcome:
-        raise outcome["error"]  # type: ignore[misc]
-    return outcome["value"]  # type: ignore[return-value]
+    return in_own_thread(entered)
 
 
 def netns_id(path: str) -> str:
@@ -103,26 +113,20 @@ def create_netns(path: str) -> None:
     target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     os.close(fd)
-    outcome: dict[str, BaseException] = {}
 
-    def runner() -> None:
-        try:
-            if _libc.unshare(CLONE_NEWNET) != 0:
-                err = ctypes.get_errno()
-                raise OSError(err, f"unshare(CLONE_NEWNET): {os.strerror(err)}")
-            source = b"/proc/thread-self/ns/net"
-            if _libc.mount(source, path.encode(), None, MS_BIND, None) != 0:
-                err = ctypes.get_errno()
-                raise OSError(err, f"bind mount of a new netns on {path}: {os.strerror(err)}")
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
-            outcome["error"] = exc
+    def unshare_and_pin() -> None:
+        if _libc.unshare(CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"unshare(CLONE_NEWNET): {os.strerror(err)}")
+        if _libc.mount(b"/proc/thread-self/ns/net", path.encode(), None, MS_BIND, None) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"bind mount of a new netns on {path}: {os.strerror(err)}")
 
-    thread = threading.Thread(target=runner, name="netns-create", daemon=True)
-    thread.start()
-    thread.join()
-    if "error" in outcome:
+    try:
+        in_own_thread(unshare_and_pin, "netns-create")
+    except BaseException:
         target.unlink(missing_ok=True)
-        raise outcome["error"]
+        raise
 
 
 def remove_netns(path: str) -> bool:
