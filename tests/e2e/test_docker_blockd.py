@@ -7,28 +7,8 @@ from __future__ import annotations
 import pytest
 
 from hanabi_blockd.client import BlockdClient
-from tests.e2e.docker_env import PrivateDocker, e2e_skip_reason, make_base_dir
-from tests.helpers.hanabi import start_daemons
 
-pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def docker(tmp_path_factory):
-    reason = e2e_skip_reason()
-    if reason:
-        pytest.skip(reason)
-    logs = tmp_path_factory.mktemp("blockd-docker")
-    daemons = start_daemons(logs / "hanabi")
-    env = PrivateDocker(base=make_base_dir(), logs=logs, hanabi=daemons)
-    try:
-        env.start()
-        env.import_busybox()
-    except BaseException:
-        env.close()
-        raise
-    yield env
-    env.close()
+pytestmark = pytest.mark.e2e
 
 
 def test_containers_of_one_docker_image_share_an_overlay_keyed_base(docker):
