@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from hanabi_common.errors import InvalidArgument, NotFound
+from hanabi_common.errors import FailedPrecondition, InvalidArgument, NotFound
 from hanabi_netd.client import NetdClient
 from tests.helpers.hanabi import leftovers
 from tests.helpers.netns import NetnsPair, ip, netns_pair
@@ -165,6 +165,9 @@ def test_a_link_that_vanishes_mid_attach_leaves_nothing(pair: NetnsPair, tmp_pat
     assert service.list(None).networks == []
     with pytest.raises(InvalidArgument, match="not a network namespace"):
         service.attach(AttachNetwork(sandbox_id="vanish", netns_path="/proc/self/ns/uts"))
+    with pytest.raises(FailedPrecondition, match="the host's network namespace"):
+        service.attach(AttachNetwork(sandbox_id="host", netns_path="/proc/self/ns/net"))
+    assert service.list(None).networks == []
 
 
 HOOK = """#!/bin/sh

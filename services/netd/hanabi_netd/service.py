@@ -103,6 +103,10 @@ class NetworkService:
                 return info
             check_netns(path)
             inode = os.stat(path).st_ino
+            if inode == os.stat("/proc/self/ns/net").st_ino:
+                raise FailedPrecondition(
+                    f"{path} is the host's network namespace: its links cannot be handed to a VM "
+                    "(a container without a network namespace in its config gets loopback only)")
 
             def wire_all() -> NetworkInfo:
                 from pyroute2 import IPRoute
