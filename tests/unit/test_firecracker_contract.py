@@ -10,7 +10,7 @@ import jsonschema
 import pytest
 
 from hanabi_vmmd.firecracker import boot, models as m
-from hanabi_vmmd.firecracker.spec import SPEC_PATH, load_spec, parse_yaml_subset
+from hanabi_vmmd.firecracker.spec import SPEC_PATH, load_spec
 
 SHARED_SPEC = Path(__file__).resolve().parents[3] / "shared/specs/firecracker/firecracker-v1.16.1.yaml"
 
@@ -76,23 +76,6 @@ def test_spec_loads_with_its_paths_and_definitions(spec):
     assert "/drives/{drive_id}" in spec["paths"]
     assert spec["definitions"]["Logger"]["properties"]["level"]["enum"][-1] == "Off"
     assert spec["paths"]["/"]["get"]["responses"][200]["schema"]["$ref"] == "#/definitions/InstanceInfo"
-
-
-def test_subset_parser_matches_pyyaml_where_available():
-    yaml = pytest.importorskip("yaml")
-    text = SPEC_PATH.read_text()
-    ours, theirs = parse_yaml_subset(text), yaml.safe_load(text)
-    # YAML 1.1 (PyYAML) reads the Logger level `Off` as False; Firecracker means the string.
-    theirs["definitions"]["Logger"]["properties"]["level"]["enum"][-1] = "Off"
-    assert ours == theirs
-
-
-def test_subset_parser_handles_the_constructs_the_spec_uses():
-    doc = parse_yaml_subset(
-        'a:\n  b: "x"\n  # comment\n  c:\n    folded\n    text\n  d: [One, 2M, "q"]\n'
-        'e:\n  - name: n\n    in: body\n  - plain\n200:\n  f: true\n')
-    assert doc == {"a": {"b": "x", "c": "folded text", "d": ["One", "2M", "q"]},
-                   "e": [{"name": "n", "in": "body"}, "plain"], 200: {"f": True}}
 
 
 # -- requests ----------------------------------------------------------------------------
