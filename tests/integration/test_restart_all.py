@@ -1,5 +1,5 @@
 """Every daemon killed with SIGKILL and restarted while a container runs: nothing is lost
-(the container keeps running, keeps its network, answers exec, and its exit after a
+(the container keeps running, keeps its network and its DNS relay, answers exec, and its exit after a
 SIGTERM is still seen and ends its stand-in) and nothing leaks after delete."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -33,16 +34,30 @@ def daemons(tmp_path):
 def test_all_daemons_killed_and_restarted_while_a_container_runs(daemons, tmp_path):
     pair = netns_pair()
     cid = "survivor"
+    dns = None
     try:
+        # Docker's embedded DNS stands in the namespace on 127.0.0.11:53; resolv.conf names it.
+        dns = subprocess.Popen(["ip", "netns", "exec", pair.inner, sys.executable, "-m", "tests.helpers.dns_stub",
+                                "127.0.0.11", "53", "10.9.8.7"], stdout=subprocess.PIPE, text=True,
+                               cwd=Path(__file__).resolve().parents[2])
+        assert dns.stdout.readline().strip() == "ready"
+        resolv = tmp_path / "resolv.conf"
+        resolv.write_text("nameserver 127.0.0.11\noptions ndots:0\n")
         bundle = make_bundle(tmp_path / "bundle", ["sh", "-c", "trap 'exit 42' TERM; while true; do sleep 1; done"])
         config = json.loads((bundle / "config.json").read_text())
         config["linux"]["namespaces"] = [ns for ns in config["linux"]["namespaces"] if ns["type"] != "network"] + [
             {"type": "network", "path": pair.inner_path}]
+        config["mounts"].append({"destination": "/etc/resolv.conf", "type": "bind", "source": str(resolv),
+                                 "options": ["rbind", "ro"]})
         (bundle / "config.json").write_text(json.dumps(config))
         daemons.runtime("create", "--bundle", str(bundle), "--pid-file", str(tmp_path / "pid"), cid, check=True)
         daemons.runtime("start", cid, check=True)
         standin = int((tmp_path / "pid").read_text())
         assert daemons.state(cid)["status"] == "running"
+
+        lookup = "nslookup db.example 127.0.0.11"
+        before = daemons.runtime("exec", cid, "sh", "-c", lookup)
+        assert "10.9.8.7" in before.stdout.decode(), before.stdout.decode() + before.stderr.decode()
 
         for name in DAEMONS:
             daemons.stop(name, sig=signal.SIGKILL)
@@ -51,6 +66,8 @@ def test_all_daemons_killed_and_restarted_while_a_container_runs(daemons, tmp_pa
 
         state = daemons.state(cid)
         assert state["status"] == "running" and state["pid"] == standin
+        after = daemons.runtime("exec", cid, "sh", "-c", lookup)  # the relay was found back too
+        assert "10.9.8.7" in after.stdout.decode(), after.stdout.decode() + after.stderr.decode()
         done = daemons.runtime("exec", cid, "sh", "-c", "echo still here; cat /sys/class/net/eth0/address")
         assert done.returncode == 0, done.stderr.decode()
         assert done.stdout.decode().splitlines() == ["still here", pair.mac()]
@@ -69,4 +86,7 @@ def test_all_daemons_killed_and_restarted_while_a_container_runs(daemons, tmp_pa
         assert not Path(f"/proc/{standin}").exists() or "zombie" in Path(f"/proc/{standin}/status").read_text()
     finally:
         daemons.runtime("delete", "--force", cid)
+        if dns is not None:
+            dns.kill()
+            dns.wait()
         pair.destroy()
