@@ -113,3 +113,29 @@ def test_removed_network_containers_leave_nothing(docker, net):
             break
         assert time.monotonic() < deadline, busy
         time.sleep(0.5)
+
+
+def test_network_connect_and_disconnect_a_running_container(docker, net, web):
+    """`docker network connect` adds a NIC to the running VM (netd sees the new link in the
+    namespace and hot-plugs it); a container on that second network reaches it there;
+    `disconnect` unplugs it again."""
+    second = f"hanabinet2{os.getpid()}"
+    subnet = f"10.{234 + os.getpid() % 20}.{os.getpid() % 250}.0/24"
+    docker.check("network", "create", "--driver", "bridge", "--subnet", subnet, second)
+    try:
+        docker.check("network", "connect", second, web["name"], timeout=60)
+        ip = docker.inspect(web["name"], "{{(index .NetworkSettings.Networks \"%s\").IPAddress}}" % second)
+        deadline = time.monotonic() + 30
+        while f"{ip}/" not in docker.run("exec", web["name"], "ip", "-o", "addr").stdout:
+            assert time.monotonic() < deadline, docker.run("exec", web["name"], "ip", "-o", "addr").stdout
+            time.sleep(0.5)
+        done = _client(docker, second, "wget", "-qO-", f"http://{ip}/")
+        assert done.returncode == 0 and done.stdout.strip() == PAGE, done.stderr
+        docker.check("network", "disconnect", second, web["name"], timeout=60)
+        deadline = time.monotonic() + 30
+        while f"{ip}/" in docker.run("exec", web["name"], "ip", "-o", "addr").stdout:
+            assert time.monotonic() < deadline, "the NIC of the disconnected network stayed"
+            time.sleep(0.5)
+        assert docker.run("exec", web["name"], "ls", "/sys/class/net").stdout.split() == ["eth0", "lo"]
+    finally:
+        docker.run("network", "rm", second, timeout=60)

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -281,3 +282,46 @@ def test_two_links_two_nics(hanabi, bundle, cid, pair: NetnsPair):
     assert done.returncode == 0, (out, done.stderr.decode())
     assert out.splitlines() == ["eth0 eth1 lo", "first-ok", "second-ok"]
     assert pair.leftovers() == [] and "_hanabi" not in ip("-br", "link", netns=pair.inner)
+
+
+def _wait_for(predicate, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.3)
+    return predicate()
+
+
+def test_links_connected_and_disconnected_while_running(hanabi, bundle, cid, pair: NetnsPair):
+    """`docker network connect` / `disconnect` without Docker: a link moved into the running
+    container's namespace (then addressed and brought up) becomes a NIC in the guest that
+    reaches its peer; removing the link unplugs the NIC and its tap."""
+    path = in_netns(bundle(["sleep", "600"]), pair.inner_path)
+    hanabi.runtime("create", "--bundle", path, cid, check=True)
+    try:
+        hanabi.runtime("start", cid, check=True)
+        ip("link", "add", "hncA", "type", "veth", "peer", "name", "hncB")
+        ip("link", "set", "hncB", "netns", pair.outer, "name", "peer1")
+        ip("addr", "add", "10.217.0.2/30", "dev", "peer1", netns=pair.outer)
+        ip("link", "set", "peer1", "up", netns=pair.outer)
+        ip("link", "set", "hncA", "netns", pair.inner, "name", "eth1")
+        ip("addr", "add", "10.217.0.1/30", "dev", "eth1", netns=pair.inner)
+        ip("link", "set", "eth1", "up", netns=pair.inner)
+
+        def guest(script: str) -> str:
+            return hanabi.runtime("exec", cid, "sh", "-c", script).stdout.decode()
+
+        assert _wait_for(lambda: "10.217.0.1/30" in guest("ip -o addr show dev eth1 2>/dev/null")), \
+            guest("ip -o addr")
+        assert "ok" in guest("ping -c 1 -W 5 10.217.0.2 >/dev/null && echo ok")
+        assert "ok" in guest(f"ping -c 1 -W 5 {pair.outer_ip} >/dev/null && echo ok")  # eth0 untouched
+        assert "tap1_hanabi" in ip("-br", "link", netns=pair.inner)
+
+        ip("link", "del", "eth1", netns=pair.inner)
+        assert _wait_for(lambda: guest("echo $(ls /sys/class/net)").split() == ["eth0", "lo"])
+        assert "tap1_hanabi" not in ip("-br", "link", netns=pair.inner)
+    finally:
+        hanabi.runtime("delete", "--force", cid)
+    assert leftovers(hanabi, cid) == []
+    assert pair.leftovers() == []

@@ -77,3 +77,28 @@ def test_call_in_netns_returns_and_raises_in_the_callers_thread():
     assert call_in_netns(None, lambda: "no namespace") == "no namespace"
     with pytest.raises(ZeroDivisionError):
         call_in_netns(here, lambda: 1 / 0)
+
+
+def test_changes_after_attach_connect_and_disconnect():
+    from hanabi_common.models.netd import Interface
+    from hanabi_netd.topology import plan_change
+
+    wired = [Interface(name="eth0", link="eth0", tap="tap0_hanabi", mac="02:42:ac:12:00:02", mtu=1450,
+                       addresses=["172.18.0.2/16"])]
+    eth1 = Link(index=9, name="eth1", kind="veth", mac="02:42:ac:13:00:02", mtu=1500)
+    addrs = [Address(7, V4, "172.18.0.2", 16), Address(9, V4, "172.19.0.2", 16)]
+    routes = [RouteEntry(V4, "10.5.0.0", 16, "172.19.0.1", 9, proto=3)]
+    assert plan_change([LO, ETH0], addrs, [], wired).empty
+    # connect: a new link, once up and addressed, gets the next free tap and its own routes
+    assert plan_change([LO, ETH0, Link(9, "eth1", "veth", "02:42:ac:13:00:02", 1500, up=False)], addrs, [], wired).empty
+    assert plan_change([LO, ETH0, eth1], addrs[:1], [], wired).empty
+    change = plan_change([LO, ETH0, eth1], addrs, routes, wired)
+    assert [(w.link.name, w.tap, w.interface.addresses) for w in change.added] == [
+        ("eth1", "tap1_hanabi", ["172.19.0.2/16"])]
+    assert [(r.dest, r.gateway, r.dev) for r in change.routes] == [("10.5.0.0/16", "172.19.0.1", "eth1")]
+    assert change.removed == []
+    # disconnect: the wired link is gone (or came back with another MAC)
+    change = plan_change([LO, eth1], addrs, [], wired)
+    assert change.removed == wired and [w.tap for w in change.added] == ["tap0_hanabi"]
+    relinked = Link(index=7, name="eth0", kind="veth", mac="02:42:ac:12:00:99", mtu=1450)
+    assert plan_change([LO, relinked], addrs, [], wired).removed == wired

@@ -21,13 +21,15 @@ import threading
 import time
 
 from hanabi_common.config import Config
-from hanabi_common.errors import AlreadyExists, FailedPrecondition, NotFound
+from hanabi_common.errors import AlreadyExists, FailedPrecondition, HanabiError, NotFound
 from hanabi_common.models.base import NoArgs, Removed, SandboxRef
 from hanabi_common.models.netd import AttachNetwork, NetnsInfo, NetworkInfo, NetworkList
 from hanabi_common.netns import call_in_netns, check_netns, create_netns, remove_netns
 from hanabi_common.rpc.server import RpcServer
 from hanabi_common.state import StateStore
 from hanabi_netd.state import STATE_NAME, NetworkState
+from hanabi_netd.topology import plan_change
+from hanabi_netd.watch import NetnsWatcher
 
 log = logging.getLogger("hanabi.netd")
 
@@ -46,10 +48,17 @@ def _same_netns(info: NetworkInfo) -> bool:
 class NetworkService:
     """Owns the sandbox networks of this host."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, watch: bool = True) -> None:
+        self.config = config
         self.store = StateStore(config.sandboxes_dir)
         self.netns_dir = config.run_dir / "netns"
         self._lock = threading.Lock()
+        self._watch = watch
+        self._watchers: dict[str, NetnsWatcher] = {}
+        for sid in self.store.list_sandboxes(having=STATE_NAME):  # a restart watches again
+            state = self.store.read(sid, STATE_NAME, NetworkState)
+            if state is not None and state.network is not None and _same_netns(state.network):
+                self._start_watching(sid, state.network.netns_path)
 
     def register(self, server: RpcServer) -> None:
         """Serve net.attach, net.detach, net.get and net.list."""
@@ -60,7 +69,76 @@ class NetworkService:
         server.register("net.list", NoArgs, self.list)
 
     def close(self) -> None:
-        """Nothing held in memory: the taps stay with their sandboxes."""
+        """Stop watching namespaces; the taps stay with their sandboxes."""
+        for watcher in list(self._watchers.values()):
+            watcher.stop()
+        self._watchers.clear()
+
+    # -- watching (docker network connect / disconnect) ---------------------------------
+
+    def _start_watching(self, sid: str, netns_path: str | None) -> None:
+        if not self._watch or netns_path is None or sid in self._watchers:
+            return
+        watcher = NetnsWatcher(sid, netns_path, lambda: self.reconcile(sid))
+        try:
+            watcher.start()
+        except Exception as exc:  # noqa: BLE001 - the container still works without it
+            log.warning("cannot watch the namespace", extra={"sandbox": sid, "error": str(exc)})
+            return
+        self._watchers[sid] = watcher
+
+    def _stop_watching(self, sid: str) -> None:
+        watcher = self._watchers.pop(sid, None)
+        if watcher is not None:
+            watcher.stop()
+
+    def reconcile(self, sid: str) -> None:
+        """Bring the VM in line with its namespace: wire links that appeared (a NIC is
+        hot-plugged and configured in the guest), let go of the ones that vanished (the
+        NIC is unplugged). Only once the VM runs: during create the runtime does this."""
+        from hanabi_agentd.client import AgentdClient
+        from hanabi_common.models.agentd import ConfigureNetwork
+        from hanabi_common.models.vmmd import VmNic
+        from hanabi_netd import tcfilter
+        from hanabi_vmmd.client import VmmdClient
+
+        state = self.store.read(sid, STATE_NAME, NetworkState)
+        if state is None or state.network is None or not _same_netns(state.network):
+            return
+        info = state.network
+        vmmd, agentd = VmmdClient(self.config), AgentdClient(self.config)
+        try:
+            if vmmd.get(sid).state != "running":
+                return
+        except HanabiError:
+            return  # no VM yet (create in progress) or any more
+        change = call_in_netns(info.netns_path, lambda: tcfilter.in_namespace(
+            lambda ipr: plan_change(*tcfilter.snapshot(ipr), info.interfaces)))
+        for interface in change.removed:
+            call_in_netns(info.netns_path, lambda i=interface: tcfilter.in_namespace(
+                lambda ipr: tcfilter.unwire(ipr, i.link, i.tap)))
+            vmmd.detach_nic(sid, interface.tap, info.netns_path)
+            info.interfaces = [i for i in info.interfaces if i.tap != interface.tap]
+            info.routes = [r for r in info.routes if r.dev != interface.name]
+            self._save(sid, state)
+            log.info("interface gone", extra={"sandbox": sid, "link": interface.link, "tap": interface.tap})
+        for wiring in change.added:
+            call_in_netns(info.netns_path, lambda w=wiring: tcfilter.in_namespace(
+                lambda ipr: tcfilter.wire(ipr, w.link.name, w.tap, w.link.mtu)))
+            info.interfaces.append(wiring.interface)
+            self._save(sid, state)  # recorded before the VM takes it: detach finds it either way
+            vmmd.attach_nic(sid, VmNic(tap=wiring.tap, mac=wiring.interface.mac, mtu=wiring.interface.mtu,
+                                       netns_path=info.netns_path))
+            routes = [r for r in change.routes if r.dev == wiring.interface.name]
+            agentd.configure_network(ConfigureNetwork(sandbox_id=sid, interfaces=[wiring.interface], routes=routes))
+            info.routes.extend(routes)
+            self._save(sid, state)
+            log.info("interface added", extra={"sandbox": sid, "link": wiring.link.name, "tap": wiring.tap})
+
+    def _save(self, sid: str, state: NetworkState) -> None:
+        with self._lock:
+            if self.store.read(sid, STATE_NAME, NetworkState) is not None:  # not detached meanwhile
+                self.store.write(sid, STATE_NAME, state)
 
     def netns_path_for(self, sandbox_id: str) -> str:
         """Where the namespace netd makes for a sandbox is pinned (short: ids may be long)."""
@@ -132,6 +210,7 @@ class NetworkService:
             info = call_in_netns(path, wire_all)
             info.attach_ms = round((time.monotonic() - began) * 1000, 1)
             self.store.write(sid, STATE_NAME, NetworkState(owned_netns=owned, network=info))
+        self._start_watching(sid, path)
         log.info("attached", extra={"sandbox": sid, "mode": info.mode, "ms": info.attach_ms,
                                     "taps": [i.tap for i in info.interfaces]})
         return info
@@ -142,6 +221,7 @@ class NetworkService:
         from hanabi_netd import tcfilter
 
         sid = request.sandbox_id
+        self._stop_watching(sid)  # first: a change in progress finishes (it takes the lock)
         with self._lock:
             state = self.store.read(sid, STATE_NAME, NetworkState)
             if state is None:

@@ -25,7 +25,14 @@ log = logging.getLogger("hanabi.netd.tcfilter")
 ETH_P_ALL = 0x0003
 INGRESS_PARENT = 0xFFFF0000
 ARPHRD_LOOPBACK = 772
+IFF_UP = 0x1
 TAP_FLAGS = {"no_pi": True, "vnet_hdr": True, "one_queue": False, "multi_queue": False}
+
+
+def in_namespace(func):
+    """Call `func(ipr)` with an IPRoute made here (call it inside the namespace's thread)."""
+    with IPRoute() as ipr:
+        return func(ipr)
 
 
 def snapshot(ipr: IPRoute) -> tuple[list[Link], list[Address], list[RouteEntry]]:
@@ -36,7 +43,7 @@ def snapshot(ipr: IPRoute) -> tuple[list[Link], list[Address], list[RouteEntry]]
         kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
         links.append(Link(index=msg["index"], name=msg.get_attr("IFLA_IFNAME"), kind=kind,
                           mac=msg.get_attr("IFLA_ADDRESS"), mtu=msg.get_attr("IFLA_MTU") or 1500,
-                          loopback=msg["ifi_type"] == ARPHRD_LOOPBACK))
+                          loopback=msg["ifi_type"] == ARPHRD_LOOPBACK, up=bool(msg["flags"] & IFF_UP)))
     addresses = [Address(index=msg["index"], family=msg["family"],
                          address=msg.get_attr("IFA_ADDRESS"), prefixlen=msg["prefixlen"])
                  for msg in ipr.get_addr()]

@@ -33,6 +33,7 @@ class Link:
     mac: str | None
     mtu: int
     loopback: bool = False
+    up: bool = True
 
 
 @dataclass(frozen=True)
@@ -145,3 +146,42 @@ def plan_network(links: list[Link], addresses: list[Address], routes: list[Route
         wirings.append(Wiring(link=link, tap=tap, interface=interface))
     names = {link.index: link.name for link in chosen}
     return NetworkPlan(wirings=wirings, routes=guest_routes(routes, names))
+
+
+@dataclass(frozen=True)
+class NetworkChange:
+    """What changed in a wired namespace since attach: links to wire and to let go."""
+
+    added: list[Wiring]
+    removed: list[Interface]
+    routes: list[Route]
+
+    @property
+    def empty(self) -> bool:
+        """True when there is nothing to do."""
+        return not self.added and not self.removed
+
+
+def plan_change(links: list[Link], addresses: list[Address], routes: list[RouteEntry],
+                wired: list[Interface]) -> NetworkChange:
+    """Links that appeared since `wired` was made (`docker network connect`), once they are
+    up and addressed, and wired interfaces whose link is gone (`disconnect`). New links get
+    the lowest free tap numbers; `routes` are the new links' own routes."""
+    current = {(link.name, (link.mac or "").lower()): link for link in wired_links(links)}
+    kept = [i for i in wired if (i.link, i.mac.lower()) in current]
+    removed = [i for i in wired if (i.link, i.mac.lower()) not in current]
+    known = {(i.link, i.mac.lower()) for i in kept}
+    taken = {i.tap for i in kept}
+    added = []
+    for key, link in sorted(current.items(), key=lambda item: item[1].index):
+        addrs = guest_addresses(addresses, link.index)
+        if key in known or not link.up or not addrs:
+            continue
+        tap = next(tap_name(n) for n in range(len(taken) + 1) if tap_name(n) not in taken)
+        taken.add(tap)
+        added.append(Wiring(link=link, tap=tap, interface=Interface(
+            name=link.name, link=link.name, tap=tap, mac=link.mac or "", mtu=link.mtu, addresses=addrs)))
+    if len(kept) + len(added) > MAX_INTERFACES:
+        raise FailedPrecondition(f"a hanabi VM takes at most {MAX_INTERFACES} interfaces")
+    new_routes = guest_routes(routes, {w.link.index: w.link.name for w in added})
+    return NetworkChange(added=added, removed=removed, routes=new_routes)

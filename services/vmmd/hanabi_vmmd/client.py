@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from hanabi_common.config import Config
 from hanabi_common.models.base import Removed, SandboxRef
-from hanabi_common.models.vmmd import (AttachDisk, AttachNic, CreateVm, DetachDisk, DiskInfo, StopVm,
-                                       VmInfo, VmList, VmNic)
+from hanabi_common.models.vmmd import (AttachDisk, AttachNic, CreateVm, DetachDisk, DetachNic, DiskInfo,
+                                       StopVm, VmInfo, VmList, VmNic)
 from hanabi_common.rpc.client import RpcClient
 
 
@@ -34,6 +34,11 @@ class VmmdClient:
     def attach_nic(self, sandbox_id: str, nic: VmNic) -> VmInfo:
         """Hot-plug a NIC (QEMU)."""
         return self.rpc.call("vm.attach_nic", AttachNic(sandbox_id=sandbox_id, nic=nic), VmInfo)
+
+    def detach_nic(self, sandbox_id: str, tap: str, netns_path: str | None) -> Removed:
+        """Hot-unplug the NIC on `tap` (idempotent)."""
+        return self.rpc.call("vm.detach_nic", DetachNic(sandbox_id=sandbox_id, tap=tap, netns_path=netns_path),
+                             Removed, idempotent=True)
 
     def get(self, sandbox_id: str) -> VmInfo:
         """The VM of one sandbox (NotFound if none)."""

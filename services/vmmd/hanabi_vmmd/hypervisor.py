@@ -129,6 +129,9 @@ class Hypervisor(Protocol):
         """Hot-plug `nic`; return the slot it took. Backends without NIC hotplug raise
         FailedPrecondition (Firecracker takes its NICs in the VmSpec, at boot)."""
 
+    def detach_nic(self, handle: VmHandle, nic: NicSpec, timeout: float) -> None:
+        """Hot-unplug `nic`; idempotent. Backends without NIC hotplug raise FailedPrecondition."""
+
     def pause(self, handle: VmHandle) -> None:
         """Stop the vCPUs."""
 

@@ -221,22 +221,34 @@ class QemuHypervisor:
     def detach_disk(self, handle: VmHandle, disk: DiskSpec, timeout: float) -> None:
         """device_del, wait for DEVICE_DELETED (the guest lets go), then blockdev-del."""
         with self._qmp(handle) as qmp:
-            if self._device_exists(qmp, disk.device_id):
-                try:
-                    qmp.execute("device_del", {"id": disk.device_id})
-                except NotFound:
-                    pass
-                except FailedPrecondition as exc:  # e.g. an unplug already in progress
-                    log.info("device_del refused, waiting anyway", extra={"error": exc.message})
-                try:
-                    qmp.wait_event("DEVICE_DELETED", timeout,
-                                   match=lambda data: data.get("device") == disk.device_id)
-                except DeadlineExceeded:
-                    if self._device_exists(qmp, disk.device_id):
-                        raise DeadlineExceeded(
-                            f"the guest of {handle.sandbox_id} did not release disk {disk.device_id} "
-                            f"within {timeout:.0f}s") from None
+            self._unplug(qmp, handle, disk.device_id, timeout)
             self._blockdev_del(qmp, disk.node_name)
+
+    def detach_nic(self, handle: VmHandle, nic: NicSpec, timeout: float) -> None:
+        """device_del the NIC, wait until the guest let go, then netdev_del its tap backend."""
+        with self._qmp(handle) as qmp:
+            self._unplug(qmp, handle, nic.device_id, timeout)
+            try:
+                qmp.execute("netdev_del", {"id": f"{nic.device_id}-net"})
+            except (NotFound, FailedPrecondition):
+                pass  # gone already (or a boot NIC whose netdev QEMU removed with it)
+
+    def _unplug(self, qmp: QmpClient, handle: VmHandle, device_id: str, timeout: float) -> None:
+        """device_del and wait for DEVICE_DELETED; idempotent."""
+        if not self._device_exists(qmp, device_id):
+            return
+        try:
+            qmp.execute("device_del", {"id": device_id})
+        except NotFound:
+            pass
+        except FailedPrecondition as exc:  # e.g. an unplug already in progress
+            log.info("device_del refused, waiting anyway", extra={"error": exc.message})
+        try:
+            qmp.wait_event("DEVICE_DELETED", timeout, match=lambda data: data.get("device") == device_id)
+        except DeadlineExceeded:
+            if self._device_exists(qmp, device_id):
+                raise DeadlineExceeded(f"the guest of {handle.sandbox_id} did not release {device_id} "
+                                       f"within {timeout:.0f}s") from None
 
     @staticmethod
     def _device_exists(qmp: QmpClient, device_id: str) -> bool:

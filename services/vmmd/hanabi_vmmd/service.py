@@ -22,8 +22,8 @@ from hanabi_common.config import Config
 from hanabi_common.errors import (AlreadyExists, FailedPrecondition, HanabiError, Internal,
                                   InvalidArgument, NotFound)
 from hanabi_common.models.base import NoArgs, Removed, SandboxRef
-from hanabi_common.models.vmmd import (AttachDisk, AttachNic, CreateVm, DetachDisk, DiskInfo, StopVm, VmInfo,
-                                       VmList)
+from hanabi_common.models.vmmd import (AttachDisk, AttachNic, CreateVm, DetachDisk, DetachNic, DiskInfo,
+                                       StopVm, VmInfo, VmList)
 from hanabi_common.rpc.server import RpcServer
 from hanabi_common.state import StateStore
 from hanabi_vmmd import accel as accel_mod
@@ -114,6 +114,7 @@ class VmService:
         server.register("vm.attach_disk", AttachDisk, self.attach_disk)
         server.register("vm.detach_disk", DetachDisk, self.detach_disk)
         server.register("vm.attach_nic", AttachNic, self.attach_nic)
+        server.register("vm.detach_nic", DetachNic, self.detach_nic)
         server.register("vm.pause", SandboxRef, self.pause)
         server.register("vm.resume", SandboxRef, self.resume)
 
@@ -479,6 +480,24 @@ class VmService:
             self._write(state)
         log.info("nic attached", extra={"sandbox": sid, "device": device_id, "bus": bus, "tap": nic.tap})
         return state.info()
+
+    def detach_nic(self, request: DetachNic) -> Removed:
+        """Hot-unplug the NIC on a tap (idempotent); waits for the guest to let go of it."""
+        sid = request.sandbox_id
+        with self.locks.hold(sid):
+            state = self._read(sid)
+            record = next((n for n in state.nics if n.tap == request.tap and n.netns_path == request.netns_path),
+                          None)
+            if record is None:
+                return Removed(existed=False)
+            backend = self._backend(state.hypervisor)
+            handle = self._handle(state)
+            if backend.is_alive(handle):
+                backend.detach_nic(handle, record.spec(), DETACH_TIMEOUT_S)
+            state.nics = [n for n in state.nics if n is not record]
+            self._write(state)
+        log.info("nic detached", extra={"sandbox": sid, "device": record.device_id, "tap": request.tap})
+        return Removed(existed=True)
 
     # -- exits -------------------------------------------------------------------------
 

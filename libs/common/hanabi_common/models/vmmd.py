@@ -48,6 +48,14 @@ class AttachNic(Request):
     nic: VmNic
 
 
+class DetachNic(Request):
+    """Hot-unplug the NIC backed by `tap` (in `netns_path`)."""
+
+    sandbox_id: SandboxId
+    tap: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,15}$")
+    netns_path: str | None = Field(None, min_length=1, max_length=4096)
+
+
 class VmInfo(Reply):
     """What vmmd knows of one VM."""
 
@@ -110,4 +118,4 @@ class DetachDisk(Request):
     device_id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,32}$")
 
 
-__all__ = ["VmNic", "AttachNic", "CreateVm", "VmInfo", "VmList", "StopVm", "AttachDisk", "DiskInfo", "DetachDisk", "SandboxRef"]
+__all__ = ["VmNic", "AttachNic", "DetachNic", "CreateVm", "VmInfo", "VmList", "StopVm", "AttachDisk", "DiskInfo", "DetachDisk", "SandboxRef"]

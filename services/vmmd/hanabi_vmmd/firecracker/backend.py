@@ -359,6 +359,10 @@ class FirecrackerHypervisor:
         """Firecracker has no NIC hotplug: NICs are given at boot, in the VmSpec."""
         raise FailedPrecondition("Firecracker cannot hot-plug a NIC: give it in vm.create's nics")
 
+    def detach_nic(self, handle: VmHandle, nic: NicSpec, timeout: float) -> None:
+        """Firecracker has no NIC hot-unplug: the NIC stays until the VM ends."""
+        raise FailedPrecondition("Firecracker cannot hot-unplug a NIC")
+
 
 def read_slots(root: Path) -> dict[str, str]:
     """Which device id each swapped placeholder holds (`placeholders.json` next to the sockets)."""

@@ -1,0 +1,80 @@
+"""Watch a wired network namespace for links that come and go after the container started.
+
+`docker network connect` and `disconnect` change a running container's namespace
+directly (no runtime call): a veth is moved in, renamed, addressed and brought up, or
+removed. A watcher holds a netlink socket subscribed to that namespace's link, address
+and route events (made inside the namespace: a netlink socket stays in the namespace it
+was made in) and, once events stop arriving for SETTLE_S, calls `on_change` from its own
+thread. The service decides what changed (`topology.plan_change`) and acts.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import threading
+from typing import Callable
+
+from hanabi_common.netns import call_in_netns
+
+log = logging.getLogger("hanabi.netd.watch")
+SETTLE_S = 0.3
+POLL_S = 0.5
+
+
+class NetnsWatcher:
+    """One namespace's netlink events, debounced into `on_change()` calls."""
+
+    def __init__(self, sandbox_id: str, netns_path: str, on_change: Callable[[], None]) -> None:
+        self.sandbox_id = sandbox_id
+        self.netns_path = netns_path
+        self.on_change = on_change
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._ipr = None
+
+    def start(self) -> None:
+        """Subscribe (in the namespace) and start the watching thread."""
+        from pyroute2 import IPRoute
+
+        def subscribe():
+            ipr = IPRoute()
+            ipr.bind()
+            return ipr
+
+        self._ipr = call_in_netns(self.netns_path, subscribe)
+        self._thread = threading.Thread(target=self._run, name=f"netd-watch-{self.sandbox_id[:12]}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop watching (waits for a change in progress to finish)."""
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=30)
+        if self._ipr is not None:
+            self._ipr.close()
+            self._ipr = None
+
+    def _drain(self) -> bool:
+        """Read what is queued; True when any of it was an event."""
+        try:
+            return bool(self._ipr.get())
+        except Exception:  # noqa: BLE001 - a namespace that went away closes the socket
+            return False
+
+    def _run(self) -> None:
+        pending = False
+        while not self._stop.is_set():
+            try:
+                ready, _, _ = select.select([self._ipr.fileno()], [], [], SETTLE_S if pending else POLL_S)
+            except (OSError, ValueError):
+                return
+            if ready:
+                pending = self._drain() or pending
+                continue
+            if pending:
+                pending = False
+                try:
+                    self.on_change()
+                except Exception:  # noqa: BLE001 - the watcher must outlive one failed change
+                    log.exception("network change not applied", extra={"sandbox": self.sandbox_id})
