@@ -1,4 +1,4 @@
-"""vmmd's domain: one VM per sandbox, its lifecycle, its hot-plugged disks.
+"""vmmd's domain: one VM per sandbox and its lifecycle (hot-plug: `devices`; warm pool: `pooling`).
 
 Every operation on a sandbox holds that sandbox's lock. `hypervisor.json` is written as
 soon as the VMM process exists (state `booting`) and again once its control channel
@@ -11,27 +11,25 @@ their own `stopped`, with their exit status when vmmd is their parent.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
-import stat
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from hanabi_common.config import Config
 from hanabi_common.errors import (AlreadyExists, FailedPrecondition, HanabiError, Internal,
-                                  InvalidArgument, NotFound)
+                                  NotFound)
 from hanabi_common.models.base import NoArgs, Removed, SandboxRef
-from hanabi_common.models.vmmd import (AttachDisk, AttachNic, CreateVm, DetachDisk, DetachNic, DiskInfo,
-                                       StopVm, VmInfo, VmList)
+from hanabi_common.models.vmmd import (AttachDisk, AttachNic, CreateVm, DetachDisk, DetachNic, StopVm, VmInfo, VmList)
 from hanabi_common.rpc.server import RpcServer
 from hanabi_common.state import StateStore
 from hanabi_vmmd import accel as accel_mod
 from hanabi_vmmd import cgroup
-from hanabi_vmmd.agent_probe import wait_agent_ready
 from hanabi_vmmd import proc
-from hanabi_vmmd.hypervisor import DiskSpec, Hypervisor, NicSpec, VmHandle, VmSpec
+from hanabi_vmmd.hypervisor import Hypervisor, NicSpec, VmHandle, VmSpec
+from hanabi_vmmd.devices import DeviceOps
 from hanabi_vmmd.locks import KeyedLocks
+from hanabi_vmmd.pooling import POOLED_BACKEND, PoolOps
 from hanabi_vmmd.pool import WarmPool
 from hanabi_vmmd.qemu import QemuHypervisor
 from hanabi_vmmd.vmm_process import stderr_tail
@@ -39,14 +37,12 @@ from hanabi_vmmd.qemu_cmdline import kernel_cmdline
 from hanabi_vmmd.reaper import Reaper
 from hanabi_vmmd.selection import Choice, decide_auto
 from hanabi_vmmd.recovery import recover
-from hanabi_vmmd.state import (STATE_NAME, SUN_PATH_MAX, DiskRecord, HypervisorState, NicRecord,
+from hanabi_vmmd.state import (STATE_NAME, SUN_PATH_MAX, HypervisorState, NicRecord,
                                vm_dir_for)
 
 log = logging.getLogger("hanabi.vmmd")
 HOTPLUG_SLOTS = 4
 DISKS_PER_SANDBOX = 2  # root and binds: with the NICs they must fit a pooled VM's root ports
-POOLED_BACKEND = "qemu"  # the pool needs NIC hot-plug (Firecracker takes NICs at boot only)
-DETACH_TIMEOUT_S = 15.0
 KERNEL_NAMES = ("vmlinux", "vmlinuz")
 INITRD_NAME = "initrd.img"
 
@@ -80,8 +76,8 @@ def guest_files(guest_dir: Path) -> tuple[Path, Path]:
     return kernel, initrd
 
 
-class VmService:
-    """Owns the VMs of this host."""
+class VmService(DeviceOps, PoolOps):
+    """Owns the VMs of this host (device hot-plug in `devices`, the warm pool in `pooling`)."""
 
     def __init__(self, config: Config, *, backends: dict[str, Hypervisor] | None = None,
                  accel: accel_mod.AccelDecision | None = None) -> None:
@@ -229,90 +225,6 @@ class VmService:
                                       "ms": round((time.monotonic() - began) * 1000, 1)})
         return state
 
-    # -- warm pool -----------------------------------------------------------------------
-
-    def _boot_pooled(self, pool_id: str) -> None:
-        """The pool's boot: a VM of the default size, no NICs, recorded in the pool's store,
-        ready once its guest agent answers (a VM that does not get there is removed)."""
-        with self.locks.hold(pool_id):
-            state = self._boot(pool_id, self.pool_store, self._backend(POOLED_BACKEND),
-                               self.config.vmm.memory_mib, self.config.vmm.vcpus)
-        try:
-            seconds = wait_agent_ready(Path(state.agent_socket), self.config.vmm.boot_timeout_s)
-        except BaseException:
-            with self.locks.hold(pool_id):
-                self._discard_pooled(pool_id, state)
-            raise
-        log.info("pooled vm booted", extra={"pool_id": pool_id, "agent_ready_s": round(seconds, 2)})
-
-    def _is_pooled(self, sid: str) -> bool:
-        """Whether `sid` names a VM of the warm pool (recorded in the pool's store; a
-        container may well be called pool-something)."""
-        return self.pool_store.path(sid, STATE_NAME).exists()
-
-    def _pooled_after_restart(self) -> list[str]:
-        """Pooled VMs a restart re-adopted (dead ones are removed)."""
-        alive = []
-        for pool_id in self.pool_store.list_sandboxes(having=STATE_NAME):
-            state = self.pool_store.read(pool_id, STATE_NAME, HypervisorState)
-            if state is not None and state.state == "running" and pool_id in self._handles:
-                alive.append(pool_id)
-            else:
-                self._discard_pooled(pool_id, state)
-        return alive
-
-    def _discard_pooled(self, pool_id: str, state: HypervisorState | None) -> None:
-        """Stop (if needed) and remove a pooled VM that cannot be handed out."""
-        self.reaper.unwatch(pool_id)
-        if state is not None:
-            backend = self.backends.get(state.hypervisor)
-            handle = self._handles.get(pool_id) or state.handle()
-            if backend is not None and backend.is_alive(handle):
-                backend.stop(handle, self.config.vmm.stop_timeout_s)
-            self._remove_vm_dir(Path(state.vm_dir))
-        self._handles.pop(pool_id, None)
-        self.pool_store.purge(pool_id)
-
-    def _claim_pooled(self, sid: str, nics: tuple[NicSpec, ...]) -> HypervisorState | None:
-        """Hand a free pooled VM to sandbox `sid` and hot-plug its NICs; None when the pool
-        has none (or the one taken turned out dead). Caller holds sid's lock."""
-        pool_id = self.pool.take()
-        if pool_id is None:
-            return None
-        began = time.monotonic()
-        with self.locks.hold(pool_id):
-            state = self.pool_store.read(pool_id, STATE_NAME, HypervisorState)
-            backend = self._backend(state.hypervisor) if state is not None else None
-            handle = self._handles.get(pool_id) or (state.handle() if state is not None else None)
-            if state is None or backend is None or handle is None or not backend.is_alive(handle):
-                self._discard_pooled(pool_id, state)
-                return None
-            self.reaper.unwatch(pool_id)
-            state.sandbox_id = sid
-            self._write(state)                  # the sandbox's record first: a crash now keeps it
-            self.pool_store.purge(pool_id)
-            self._handles.pop(pool_id, None)
-            handle.sandbox_id = sid
-            self._handles[sid] = handle
-            self.reaper.watch(handle)
-        try:
-            for nic in nics:
-                busy = {d.bus for d in state.disks} | {n.bus for n in state.nics}
-                bus = backend.attach_nic(handle, nic, busy)
-                state.nics.append(NicRecord(device_id=nic.device_id, tap=nic.tap, mac=nic.mac, mtu=nic.mtu,
-                                            netns_path=nic.netns_path, bus=bus))
-                self._write(state)
-        except BaseException:
-            self.reaper.unwatch(sid)
-            backend.stop(handle, self.config.vmm.stop_timeout_s)
-            self.store.remove(sid, STATE_NAME)
-            self._remove_vm_dir(Path(state.vm_dir))
-            self._handles.pop(sid, None)
-            raise
-        log.info("vm taken from the warm pool", extra={"sandbox": sid, "pool_id": pool_id, "pid": state.pid,
-                                                       "ms": round((time.monotonic() - began) * 1000, 1)})
-        return state
-
     def _auto_backend(self) -> str:
         """`auto`: Firecracker where its binary and KVM work, else QEMU (decided once, logged)."""
         if self._auto is None:
@@ -346,15 +258,6 @@ class VmService:
                 continue
             if state is not None:
                 vms.append(self._observed(state).info())
-        return VmList(vms=vms)
-
-    def pooled(self, _: NoArgs | None = None) -> VmList:
-        """The warm pool's VMs that are ready to be taken."""
-        vms = []
-        for pool_id in self.pool.free():
-            state = self.pool_store.read(pool_id, STATE_NAME, HypervisorState)
-            if state is not None:
-                vms.append(state.info())
         return VmList(vms=vms)
 
     def _observed(self, state: HypervisorState) -> HypervisorState:
@@ -406,98 +309,6 @@ class VmService:
             self._write(state)
         log.info("vm paused" if paused else "vm resumed", extra={"sandbox": sid})
         return state.info()
-
-    # -- disks -------------------------------------------------------------------------
-
-    def attach_disk(self, request: AttachDisk) -> DiskInfo:
-        """Hot-plug a raw/qcow2 image or a block device; the guest sees it by serial."""
-        path = Path(request.path)
-        if not path.is_absolute():
-            raise InvalidArgument(f"disk path {request.path!r} must be absolute")
-        try:
-            mode = os.stat(path).st_mode
-        except OSError as exc:
-            raise InvalidArgument(f"disk path {path}: {exc.strerror}") from None
-        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
-            raise InvalidArgument(f"disk path {path} is neither a regular file nor a block device")
-        sid = request.sandbox_id
-        with self.locks.hold(sid):
-            state, backend, handle = self._running(sid, "running")
-            if any(d.serial == request.serial for d in state.disks):
-                raise AlreadyExists(f"VM of sandbox {sid} already has a disk with serial {request.serial}")
-            disk = DiskSpec(device_id=f"disk-{request.serial}", node_name=f"blk-{request.serial}",
-                            path=path, serial=request.serial, format=request.format,
-                            readonly=request.readonly)
-            serial_of = getattr(backend, "guest_serial", None)  # Firecracker derives it from the file
-            guest_serial = serial_of(handle, disk) if callable(serial_of) else ""
-            if guest_serial and any(d.guest_serial == guest_serial for d in state.disks):
-                raise AlreadyExists(f"VM of sandbox {sid} already has a disk the guest sees as {guest_serial}")
-            bus = backend.attach_disk(handle, disk, {d.bus for d in state.disks} | {n.bus for n in state.nics})
-            state.disks.append(DiskRecord(device_id=disk.device_id, node_name=disk.node_name,
-                                          serial=disk.serial, path=str(path), format=disk.format,
-                                          readonly=disk.readonly, bus=bus, guest_serial=guest_serial))
-            self._write(state)
-        log.info("disk attached", extra={"sandbox": sid, "device": disk.device_id, "bus": bus})
-        return DiskInfo(device_id=disk.device_id, serial=disk.serial, path=str(path),
-                        guest_serial=guest_serial or disk.serial)
-
-    def detach_disk(self, request: DetachDisk) -> Removed:
-        """Hot-unplug a disk (idempotent); waits for the guest to let go of it."""
-        sid = request.sandbox_id
-        with self.locks.hold(sid):
-            state = self._read(sid)
-            record = state.disk(request.device_id)
-            if record is None:
-                return Removed(existed=False)
-            backend = self._backend(state.hypervisor)
-            handle = self._handle(state)
-            if backend.is_alive(handle):
-                if state.state == "paused":
-                    raise FailedPrecondition(f"VM of sandbox {sid} is paused: resume it to detach a disk")
-                backend.detach_disk(handle, record.spec(), DETACH_TIMEOUT_S)
-            state.disks = [d for d in state.disks if d.device_id != request.device_id]
-            self._write(state)
-        log.info("disk detached", extra={"sandbox": sid, "device": request.device_id})
-        return Removed(existed=True)
-
-    # -- NICs --------------------------------------------------------------------------
-
-    def attach_nic(self, request: AttachNic) -> VmInfo:
-        """Hot-plug a NIC backed by a tap netd made (backends without NIC hotplug refuse)."""
-        sid, nic = request.sandbox_id, request.nic
-        with self.locks.hold(sid):
-            state, backend, handle = self._running(sid, "running")
-            if any(n.tap == nic.tap and n.netns_path == nic.netns_path for n in state.nics):
-                raise AlreadyExists(f"VM of sandbox {sid} already has a NIC on tap {nic.tap}")
-            used = {n.device_id for n in state.nics}
-            device_id = next(f"nic{i}" for i in range(len(used) + 1) if f"nic{i}" not in used)
-            spec = NicSpec(device_id=device_id, tap=nic.tap, mac=nic.mac.lower(), mtu=nic.mtu,
-                           netns_path=nic.netns_path)
-            busy = {d.bus for d in state.disks} | {n.bus for n in state.nics}
-            bus = backend.attach_nic(handle, spec, busy)
-            state.nics.append(NicRecord(device_id=device_id, tap=spec.tap, mac=spec.mac, mtu=spec.mtu,
-                                        netns_path=spec.netns_path, bus=bus))
-            self._write(state)
-        log.info("nic attached", extra={"sandbox": sid, "device": device_id, "bus": bus, "tap": nic.tap})
-        return state.info()
-
-    def detach_nic(self, request: DetachNic) -> Removed:
-        """Hot-unplug the NIC on a tap (idempotent); waits for the guest to let go of it."""
-        sid = request.sandbox_id
-        with self.locks.hold(sid):
-            state = self._read(sid)
-            record = next((n for n in state.nics if n.tap == request.tap and n.netns_path == request.netns_path),
-                          None)
-            if record is None:
-                return Removed(existed=False)
-            backend = self._backend(state.hypervisor)
-            handle = self._handle(state)
-            if backend.is_alive(handle):
-                backend.detach_nic(handle, record.spec(), DETACH_TIMEOUT_S)
-            state.nics = [n for n in state.nics if n is not record]
-            self._write(state)
-        log.info("nic detached", extra={"sandbox": sid, "device": record.device_id, "tap": request.tap})
-        return Removed(existed=True)
 
     # -- exits -------------------------------------------------------------------------
 
