@@ -25,8 +25,8 @@ def test_containers_of_one_docker_image_share_an_overlay_keyed_base(docker):
         assert set(roots) == set(ids)
         a, b = (roots[i] for i in ids)
         assert a.base_key == b.base_key and a.base_key.startswith("ovl-"), (a.detail, b.detail)
-        assert "init layer" in a.detail and {"base built", "base reused"} == {
-            v.detail.rsplit("; ", 1)[1] for v in (a, b)}
+        # The second one never builds (the first, or an earlier test of this image, did).
+        assert "init layer" in a.detail and b.detail.endswith("; base reused"), (a.detail, b.detail)
         # The container's own small files still differ: /etc/hostname is its id's start.
         for cid, name in ids.items():
             done = docker.run("exec", name, "cat", "/etc/hostname", timeout=60)

@@ -221,11 +221,11 @@ def test_a_vanished_base_is_rebuilt(blockd, tmp_path):
     c = client(blockd)
     image = make_image(tmp_path / "img", 3)
     first = c.provision(sandbox(blockd, "v1"), str(image))
-    inode = os.stat(first.base_path).st_ino
     os.unlink(first.base_path)  # someone removed it under blockd's feet
     second = c.provision(sandbox(blockd, "v2"), str(image))
+    # (not the inode number: ext4 may give the new file the freed one)
     assert "base built" in second.detail and second.base_path == first.base_path
-    assert os.stat(second.base_path).st_ino != inode
+    assert os.path.exists(second.base_path)
     assert debugfs_cat(second.path if second.format == "raw" else second.base_path, "/etc/marker") == b"image\n"
     assert c.release("v1").existed and c.release("v2").existed
 
