@@ -43,6 +43,8 @@ def wait_for_pool(vmmd: VmmdClient, timeout: float = 60.0, other_than: int | Non
 def test_a_container_takes_the_pooled_vm_and_the_pool_refills(pooled, tmp_path):
     vmmd = VmmdClient(pooled.config)
     ready = wait_for_pool(vmmd)
+    text = vmmd.rpc.call("metrics", {})["text"]
+    assert 'hanabi_pool_free{daemon="vmmd"} 1.0' in text and 'hanabi_pool_size{daemon="vmmd"} 1.0' in text
     pair = netns_pair()
     cid = "from-the-pool"
     try:

@@ -94,6 +94,14 @@ class RpcConfig(_Section):
     workers: int = Field(8, ge=1, le=256)
 
 
+class MetricsConfig(_Section):
+    """Prometheus metrics over HTTP (always available through each daemon's `ctl metrics`)."""
+
+    listen: str = "127.0.0.1"
+    # 0: no HTTP; else vmmd, netd, blockd and agentd serve /metrics on port_base + 0..3
+    port_base: int = Field(0, ge=0, le=65531)
+
+
 class Config(_Section):
     """The whole configuration."""
 
@@ -104,6 +112,7 @@ class Config(_Section):
     agent: AgentConfig = AgentConfig()
     block: BlockConfig = BlockConfig()
     rpc: RpcConfig = RpcConfig()
+    metrics: MetricsConfig = MetricsConfig()
     source: Path | None = None
 
     def endpoint(self, daemon: str) -> str:

@@ -12,7 +12,9 @@ import time
 from pathlib import Path
 from typing import Callable, Protocol
 
-from hanabi_common.config import Config
+from hanabi_common.config import DAEMONS, Config
+from hanabi_common.metrics import DaemonMetrics
+from hanabi_common.models.base import NoArgs
 from hanabi_common.logs import setup_logging
 from hanabi_common.rpc.server import RpcServer
 from hanabi_common.sdnotify import notify, watchdog_interval
@@ -26,6 +28,8 @@ class Service(Protocol):
 
     def close(self) -> None:
         """Release what the daemon holds in memory (never the sandboxes themselves)."""
+
+    # Optional: `metrics() -> hanabi_common.metrics.Gauges`, read at every scrape.
 
 
 def serve(name: str, config: Config, build: Callable[[Config], Service],
@@ -43,9 +47,16 @@ def serve(name: str, config: Config, build: Callable[[Config], Service],
             notify("WATCHDOG=1")
             last_ping[0] = time.monotonic()
 
+    metrics = DaemonMetrics(name)
+    if hasattr(service, "metrics"):
+        metrics.add_service(service.metrics)
     server = RpcServer(name, config.endpoint(name), max_message_bytes=config.rpc.max_message_bytes,
-                       workers=config.rpc.workers, on_tick=tick)
+                       workers=config.rpc.workers, on_tick=tick, on_call=metrics.observe_call)
     service.register(server)
+    server.register("metrics", NoArgs, lambda _: {"text": metrics.text()},
+                    "Prometheus text exposition of the daemon's metrics.")
+    if config.metrics.port_base:
+        metrics.serve_http(config.metrics.listen, config.metrics.port_base + DAEMONS.index(name))
 
     def on_signal(signum: int, _frame: object) -> None:
         log.info("signal received, stopping", extra={"signal": signal.Signals(signum).name})

@@ -66,6 +66,11 @@ def make_app(name: str, build: Callable[[Config], object]) -> tuple[typer.Typer,
         with_client(lambda c: print_json(c.call("describe", timeout=state["timeout"])))
 
     @ctl.command()
+    def metrics() -> None:
+        """Print the daemon's Prometheus metrics (text exposition format)."""
+        with_client(lambda c: typer.echo(c.call("metrics", timeout=state["timeout"])["text"], nl=False))
+
+    @ctl.command()
     def call(method: str, body: str = typer.Argument("{}", help="JSON object, or - for stdin")) -> None:
         """Call any RPC method with a raw JSON body."""
         raw = sys.stdin.read() if body == "-" else body

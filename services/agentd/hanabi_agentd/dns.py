@@ -62,6 +62,7 @@ class DnsRelay:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="agentd-dns")
         self._pending: Counter[str] = Counter()
         self._lock = threading.Lock()
+        self.counts: Counter[str] = Counter()  # answered, unanswered, dropped (for metrics)
 
     def submit(self, session, query) -> bool:
         """Relay a `GuestDnsQuery` of `session` (whose `dns_target` says where); False when
@@ -71,9 +72,11 @@ class DnsRelay:
         if target is None or query.server not in target.servers:
             log.warning("dns query for a resolver that was not configured",
                         extra={"sandbox": sid, "server": query.server})
+            self.counts["dropped"] += 1
             return False
         with self._lock:
             if self._pending[sid] >= MAX_PENDING:
+                self.counts["dropped"] += 1
                 return False
             self._pending[sid] += 1
         try:
@@ -93,7 +96,9 @@ class DnsRelay:
         try:
             answer = exchange(target.netns_path, query.server, query.data, port=target.port)
             session.send_event("dns_answer", {"qid": query.qid, "data": b64e(answer)})
+            self.counts["answered"] += 1
         except (OSError, HanabiError) as exc:
+            self.counts["unanswered"] += 1
             log.info("dns query not answered", extra={"sandbox": session.sandbox_id, "server": query.server,
                                                       "error": str(exc)[:200]})
         finally:

@@ -20,6 +20,7 @@ from hanabi_common.errors import (AlreadyExists, FailedPrecondition, HanabiError
 from hanabi_common.models.agentd import (AgentInfo, ConfigureNetwork, ConnectAgent, ContainerRef, ContainerState,
                                          CreateContainer, ExecProcess, GuestProcess, ProcessList,
                                          SignalProcess, StartedProcess)
+from hanabi_common.metrics import Gauges, LabelledGauge
 from hanabi_common.models.base import NoArgs, Removed, SandboxRef
 from hanabi_common.rpc.server import RpcServer
 
@@ -82,6 +83,24 @@ class AgentService:
             ("container.destroy", ContainerRef, self.destroy),
         ):
             server.register(name, model, handler)
+
+    def metrics(self) -> Gauges:
+        """Gauges for Prometheus: agents by connection, processes by status, DNS relay totals."""
+        with self.registry.lock:
+            sandboxes = list(self.registry.sandboxes.values())
+        connected = sum(s.session.connected for s in sandboxes)
+        statuses: dict[str, int] = {}
+        for sandbox in sandboxes:
+            for record in sandbox.session.all_processes():
+                statuses[record.status] = statuses.get(record.status, 0) + 1
+        return {
+            "hanabi_agents": ("Guest agents by connection", LabelledGauge(
+                "connected", {"true": connected, "false": len(sandboxes) - connected})),
+            "hanabi_guest_processes": ("Container processes by status", LabelledGauge("status", statuses)),
+            "hanabi_dns_relay_queries": ("Guest DNS queries relayed since start, by result",
+                                         LabelledGauge("result", {k: self.dns.counts.get(k, 0)
+                                                                  for k in ("answered", "unanswered", "dropped")})),
+        }
 
     def close(self) -> None:
         """Stop the io socket and close every agent connection (guests keep running)."""

@@ -25,6 +25,7 @@ from hanabi_blockd.mountinfo import mount_at, read_mountinfo
 from hanabi_blockd.state import STATE_NAME, DevicesState, HostMount
 from hanabi_common.config import Config
 from hanabi_common.errors import AlreadyExists, FailedPrecondition, HanabiError, InvalidArgument, NotFound
+from hanabi_common.metrics import Gauges, LabelledGauge
 from hanabi_common.models.base import NoArgs, Removed, SandboxRef
 from hanabi_common.models.blockd import (BackendInfo, BaseInfo, BlockListing, Collected, CollectBases,
                                          ProvisionVolume, VolumeInfo, VolumeList)
@@ -277,6 +278,20 @@ class BlockService:
         return BlockListing(backend=self.backend_name, reason=self.reason,
                             pools=self.volumes.pools(self.budget_bytes), bases=bases,
                             volumes=self.list(NoArgs()).volumes)
+
+    def metrics(self) -> Gauges:
+        """Gauges for Prometheus: volumes, bases, and each pool's space."""
+        listing = self.listing(NoArgs())
+        return {
+            "hanabi_block_volumes": ("Volumes attached to sandboxes", len(listing.volumes)),
+            "hanabi_block_bases": ("Shared base volumes kept for reuse", len(listing.bases)),
+            "hanabi_block_bases_bytes": ("Bytes the base volumes take on disk",
+                                         sum(b.allocated_bytes for b in listing.bases)),
+            "hanabi_block_pool_free_bytes": ("Free bytes where volumes are made, per pool",
+                                             LabelledGauge("pool", {p.name: p.free_bytes for p in listing.pools})),
+            "hanabi_block_pool_healthy": ("1 when the pool is healthy, per pool",
+                                          LabelledGauge("pool", {p.name: int(p.healthy) for p in listing.pools})),
+        }
 
     def info(self, _: NoArgs) -> BackendInfo:
         """The backend in use and why."""

@@ -22,6 +22,7 @@ import time
 
 from hanabi_common.config import Config
 from hanabi_common.errors import AlreadyExists, FailedPrecondition, HanabiError, NotFound
+from hanabi_common.metrics import Gauges, LabelledGauge
 from hanabi_common.models.base import NoArgs, Removed, SandboxRef
 from hanabi_common.models.netd import AttachNetwork, NetnsInfo, NetworkInfo, NetworkList
 from hanabi_common.netns import call_in_netns, check_netns, create_netns, remove_netns
@@ -139,6 +140,18 @@ class NetworkService:
         with self._lock:
             if self.store.read(sid, STATE_NAME, NetworkState) is not None:  # not detached meanwhile
                 self.store.write(sid, STATE_NAME, state)
+
+    def metrics(self) -> Gauges:
+        """Gauges for Prometheus: networks by mode, taps, watched namespaces."""
+        networks = self.list(None).networks
+        modes = {"none": 0, "tcfilter": 0}
+        for network in networks:
+            modes[network.mode] = modes.get(network.mode, 0) + 1
+        return {
+            "hanabi_networks": ("Sandbox networks by mode", LabelledGauge("mode", modes)),
+            "hanabi_network_taps": ("Taps wired to container links", sum(len(n.interfaces) for n in networks)),
+            "hanabi_network_watched_namespaces": ("Namespaces watched for connect/disconnect", len(self._watchers)),
+        }
 
     def netns_path_for(self, sandbox_id: str) -> str:
         """Where the namespace netd makes for a sandbox is pinned (short: ids may be long)."""

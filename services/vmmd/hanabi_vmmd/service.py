@@ -19,6 +19,7 @@ from pathlib import Path
 from hanabi_common.config import Config
 from hanabi_common.errors import (AlreadyExists, FailedPrecondition, HanabiError, Internal,
                                   NotFound)
+from hanabi_common.metrics import Gauges, LabelledGauge
 from hanabi_common.models.base import NoArgs, Removed, SandboxRef
 from hanabi_common.models.vmmd import (AttachDisk, AttachNic, CreateVm, DetachDisk, DetachNic, StopVm, VmInfo, VmList)
 from hanabi_common.rpc.server import RpcServer
@@ -259,6 +260,17 @@ class VmService(DeviceOps, PoolOps):
             if state is not None:
                 vms.append(self._observed(state).info())
         return VmList(vms=vms)
+
+    def metrics(self) -> Gauges:
+        """Gauges for Prometheus: VMs by state and hypervisor, the warm pool."""
+        vms = self.list().vms
+        states = {state: sum(vm.state == state for vm in vms) for state in ("booting", "running", "paused", "stopped")}
+        return {
+            "hanabi_vms": ("VMs of sandboxes by state", LabelledGauge("state", states)),
+            "hanabi_vms_memory_mib": ("Guest memory of the sandboxes' VMs (MiB)", sum(vm.memory_mib for vm in vms)),
+            "hanabi_pool_free": ("Pooled VMs ready to be taken", len(self.pool.free())),
+            "hanabi_pool_size": ("Configured size of the warm pool", self.pool.size),
+        }
 
     def _observed(self, state: HypervisorState) -> HypervisorState:
         """`state`, shown as stopped if its process is gone and the reaper has not caught up."""

@@ -56,8 +56,10 @@ class RpcServer:
     """A daemon's RPC endpoint: register methods, then `serve_forever` until `stop`."""
 
     def __init__(self, name: str, endpoint: str, *, max_message_bytes: int = 4 << 20,
-                 workers: int = 8, on_tick: Callable[[], None] | None = None) -> None:
+                 workers: int = 8, on_tick: Callable[[], None] | None = None,
+                 on_call: Callable[[str, str, float], None] | None = None) -> None:
         self.name = name
+        self._on_call = on_call  # (method, outcome, seconds) of every request served
         self.endpoint = endpoint
         self.max_message_bytes = max_message_bytes
         self._methods: dict[str, Method] = {}
@@ -175,8 +177,10 @@ class RpcServer:
             log.exception("handler failed", extra={"method": header.method})
             frames = encode_reply(header.msg_id, error=Internal(f"{type(exc).__name__}: {exc}"))
             outcome = "INTERNAL"
-        log.debug("call", extra={"method": header.method, "outcome": outcome,
-                                  "ms": round((time.monotonic() - started) * 1000, 1)})
+        elapsed = time.monotonic() - started
+        log.debug("call", extra={"method": header.method, "outcome": outcome, "ms": round(elapsed * 1000, 1)})
+        if self._on_call is not None:
+            self._on_call(header.method if header.method in self._methods else "(unknown)", outcome, elapsed)
         self._replies.put(routing + frames)
         os.write(self._wake_w, b"r")
 
