@@ -139,3 +139,20 @@ def test_network_connect_and_disconnect_a_running_container(docker, net, web):
         assert docker.run("exec", web["name"], "ls", "/sys/class/net").stdout.split() == ["eth0", "lo"]
     finally:
         docker.run("network", "rm", second, timeout=60)
+
+
+def test_restart_keeps_the_container_on_its_network(docker, net, web):
+    """`docker restart`: Docker deletes the task and creates it again under the same id
+    (a new VM, a new namespace filled by its hooks); it comes back with its address,
+    serves again, and its name still resolves."""
+    docker.check("restart", "-t", "2", web["name"], timeout=120)
+    assert docker.inspect(web["name"], "{{.State.Running}}") == "true"
+    ip = docker.inspect(web["name"], "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}")
+    assert f"inet {ip}/" in docker.run("exec", web["name"], "ip", "-o", "addr").stdout
+    deadline = time.monotonic() + 30
+    while True:
+        done = _client(docker, net, "wget", "-qO-", f"http://{web['name']}/")
+        if done.returncode == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert done.returncode == 0 and done.stdout.strip() == PAGE, (done.stdout, done.stderr)
