@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import stat
-import subprocess
 import time
 from pathlib import Path
 from typing import Callable, Collection
@@ -61,13 +60,7 @@ class QemuHypervisor:
             for stale in (spec.agent_socket, spec.control_socket, spec.pid_file):
                 stale.unlink(missing_ok=True)
             began = time.monotonic()
-            with open(spec.stderr_log, "wb") as errlog:
-                try:
-                    process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=errlog, stderr=errlog,
-                                               cwd=spec.vm_dir, start_new_session=True, close_fds=True,
-                                               pass_fds=nic_fds)
-                except OSError as exc:
-                    raise Unavailable(f"cannot run QEMU {self.binary!r}: {exc.strerror or exc}") from None
+            process = vmm_process.spawn(argv, spec.vm_dir, spec.stderr_log, "QEMU", pass_fds=nic_fds)
         finally:
             for fd in nic_fds:  # QEMU holds its own copies now
                 os.close(fd)

@@ -13,6 +13,7 @@ import signal
 import subprocess
 from pathlib import Path
 
+from hanabi_common.errors import Unavailable
 from hanabi_vmmd import proc
 from hanabi_vmmd.hypervisor import VmHandle
 
@@ -30,6 +31,17 @@ def stderr_tail(path: Path, limit: int = STDERR_TAIL_BYTES) -> str:
             return handle.read().decode(errors="replace").strip()
     except OSError:
         return ""
+
+
+def spawn(argv: list[str], cwd: Path, stderr_log: Path, what: str, **popen: object) -> subprocess.Popen:
+    """Start a VMM in a session of its own (it outlives a vmmd restart), stdin from
+    /dev/null, stdout and stderr into `stderr_log`; Unavailable naming `what` if it cannot run."""
+    with open(stderr_log, "wb") as errlog:
+        try:
+            return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=errlog, stderr=errlog, cwd=cwd,
+                                    start_new_session=True, close_fds=True, **popen)  # type: ignore[arg-type]
+        except OSError as exc:
+            raise Unavailable(f"cannot run {what} {argv[0]!r}: {exc.strerror or exc}") from None
 
 
 def is_alive(handle: VmHandle) -> bool:

@@ -22,7 +22,6 @@ import logging
 import os
 import shutil
 import stat
-import subprocess
 import time
 from pathlib import Path
 from typing import Callable, Collection
@@ -115,13 +114,7 @@ class FirecrackerHypervisor:
         for stale in (layout.api_socket, layout.vsock_socket, spec.pid_file):
             stale.unlink(missing_ok=True)
         began = time.monotonic()
-        with open(spec.stderr_log, "wb") as errlog:
-            try:
-                process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=errlog, stderr=errlog,
-                                           cwd=spec.vm_dir, start_new_session=True, close_fds=True,
-                                           preexec_fn=preexec)
-            except OSError as exc:
-                raise Unavailable(f"cannot run {argv[0]!r}: {exc.strerror or exc}") from None
+        process = vmm_process.spawn(argv, spec.vm_dir, spec.stderr_log, "Firecracker", preexec_fn=preexec)
         handle = VmHandle(sandbox_id=spec.sandbox_id, hypervisor=self.name, pid=process.pid,
                           start_time=proc.start_time(process.pid) or 0,
                           control_socket=layout.api_socket, agent_socket=layout.vsock_socket,
