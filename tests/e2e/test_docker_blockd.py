@@ -34,3 +34,24 @@ def test_containers_of_one_docker_image_share_an_overlay_keyed_base(docker):
     finally:
         docker.remove(*names)
     assert [v for v in blockd.list().volumes if v.sandbox_id in ids] == []
+
+
+def test_root_filesystem_writes_survive_stop_and_start(docker, name):
+    """As under runc: a file written in the container's root filesystem is there again after
+    `docker stop` / `docker start` (its layer was kept), and nothing stays after `docker rm`."""
+    import time
+
+    kept_dir = docker.hanabi.config.block.volume_dir / "kept"
+    docker.check("run", "-d", "--runtime=hanabi", "--network", "none", "--name", name,
+                 "hanabi-busybox:test", "sleep", "600", timeout=120)
+    docker.check("exec", name, "sh", "-c", "echo written-in-run-1 > /persisted.txt && sync", timeout=60)
+    docker.check("stop", "-t", "1", name, timeout=60)
+    cid = docker.inspect(name, "{{.Id}}")
+    assert (kept_dir / f"{cid}.json").exists()
+    docker.check("start", name, timeout=120)
+    assert docker.check("exec", name, "cat", "/persisted.txt", timeout=60).strip() == "written-in-run-1"
+    docker.check("rm", "-f", name, timeout=60)
+    deadline = time.monotonic() + 15
+    while [p for p in kept_dir.iterdir() if p.name.startswith(cid)]:
+        assert time.monotonic() < deadline, "the kept layer of a removed container stayed"
+        time.sleep(0.5)

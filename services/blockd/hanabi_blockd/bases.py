@@ -49,6 +49,7 @@ class BaseStore:
 
     def __init__(self, directory: Path) -> None:
         self.dir = Path(directory)
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # there from the start, like the volumes
         self._guard = threading.Lock()
         self._locks: dict[str, threading.Lock] = {}
 

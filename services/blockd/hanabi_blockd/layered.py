@@ -18,6 +18,7 @@ from hanabi_blockd.bases import BaseMeta, BaseStore, allocated_bytes
 from hanabi_blockd.cow import make_layer
 from hanabi_blockd.gc import BaseUsage
 from hanabi_blockd.identity import Identity
+from hanabi_blockd.kept import KeptLayers, anchor_of
 from hanabi_blockd.loopfile import LoopFileBackend
 from hanabi_common.errors import FailedPrecondition
 from hanabi_common.models.blockd import PoolInfo, VolumeInfo
@@ -35,6 +36,7 @@ class LoopFileVolumes:
     def __init__(self, files: LoopFileBackend) -> None:
         self.files = files
         self.store = BaseStore(files.volume_dir / "bases")
+        self.kept = KeptLayers(files.volume_dir / "kept")
 
     def root_volume(self, sandbox_id: str, rootfs: Path, identity: Identity,
                     formats: Sequence[str], make_room: Callable[[], list[str]]) -> VolumeInfo:
@@ -53,18 +55,35 @@ class LoopFileVolumes:
         base = self.store.path(meta.key)
         fmt = formats[0]
         layer = self.files.layer_path(sandbox_id, fmt)
-        make_layer(base, layer, meta.size_bytes, fmt)
+        taken = self.kept.take(sandbox_id, meta.key, fmt, layer)  # this container's own, from its last run
+        if not taken:
+            make_layer(base, layer, meta.size_bytes, fmt)
         log.info("root layer made", extra={"sandbox": sandbox_id, "base": meta.key, "built": built,
-                                           "format": fmt, "layer_bytes": allocated_bytes(layer)})
+                                           "kept_layer": taken, "format": fmt, "layer_bytes": allocated_bytes(layer)})
         return VolumeInfo(sandbox_id=sandbox_id, backend=self.name, path=str(layer), format=fmt,
                           fstype="ext4", size_bytes=meta.size_bytes, serial=ROOT_SERIAL,
                           source=str(rootfs), layout="layer" if fmt == "qcow2" else "copy",
                           base_key=meta.key, base_path=str(base),
-                          detail=f"{identity.kind}: {identity.detail}; base {'built' if built else 'reused'}")
+                          detail=f"{identity.kind}: {identity.detail}; base {'built' if built else 'reused'}"
+                                 + ("; layer kept from the last run" if taken else ""))
 
     def remove_volume(self, volume: VolumeInfo) -> bool:
-        """Remove a container's layer; the base stays for the next container."""
-        return self.files.remove(Path(volume.path))
+        """Remove a container's layer (the base stays for the next container); the layer of
+        a Docker overlay2 container is kept for its next start instead (see kept.py)."""
+        anchor = anchor_of(volume.source)
+        path = Path(volume.path)
+        if anchor is not None and volume.base_key and volume.layout in ("layer", "copy") and path.exists():
+            self.kept.keep(volume.sandbox_id, path, volume.base_key, volume.format, volume.size_bytes, anchor)
+            return True
+        return self.files.remove(path)
+
+    def sweep_kept(self) -> list[str]:
+        """Drop the kept layers whose containers are gone."""
+        return self.kept.sweep()
+
+    def held_bases(self) -> set[str]:
+        """Bases that kept layers stand on."""
+        return self.kept.base_keys()
 
     def bases(self) -> list[BaseMeta]:
         """Every complete base."""
@@ -97,8 +116,9 @@ class LoopFileVolumes:
                          bases_budget_bytes=budget_bytes, healthy=healthy, detail=detail)]
 
     def recover(self, claimed: set[Path]) -> list[Path]:
-        """Remove what a crash left: partial files, bases without record, and container
-        layers and images that no devices.json claims."""
+        """Remove what a crash left: partial files, bases without record, container layers
+        and images that no devices.json claims, kept layers of removed containers."""
+        self.kept.sweep()
         removed = self.files.clean_partials() + self.store.clean()
         directory = self.files.volume_dir
         if directory.is_dir():

@@ -33,6 +33,7 @@ from hanabi_common.rpc.server import RpcServer
 from hanabi_common.state import StateStore
 
 log = logging.getLogger("hanabi.blockd")
+SWEEP_INTERVAL_S = 1.0
 BINDS_SERIAL = "hanabi-binds"
 
 
@@ -63,6 +64,18 @@ class BlockService:
         self._gc_lock = threading.Lock()
         self._pending: Counter[str] = Counter()  # base keys of provisionings in flight
         self._recover()
+        self._stop = threading.Event()
+        self._sweeper = threading.Thread(target=self._sweep_loop, name="blockd-kept-sweeper", daemon=True)
+        self._sweeper.start()
+
+    def _sweep_loop(self) -> None:
+        """Drop kept root layers soon after Docker removed their containers."""
+        sweep = getattr(self.volumes, "sweep_kept", None)
+        while sweep is not None and not self._stop.wait(SWEEP_INTERVAL_S):
+            try:
+                sweep()
+            except Exception:  # noqa: BLE001 - the sweeper must go on
+                log.exception("sweep of kept layers failed")
 
     def _lock(self, sandbox_id: str) -> threading.Lock:
         with self._guard:
@@ -101,7 +114,9 @@ class BlockService:
         server.register("backend.info", NoArgs, self.info)
 
     def close(self) -> None:
-        """Nothing held in memory."""
+        """Stop the sweeper; the volumes stay with their sandboxes."""
+        self._stop.set()
+        self._sweeper.join(timeout=5)
 
     # -- provisioning ----------------------------------------------------------------
 
@@ -225,7 +240,8 @@ class BlockService:
     def _collect(self, budget_bytes: int) -> list[str]:
         with self._gc_lock:
             with self._guard:
-                in_use = set(self.holders()) | {k for k, n in self._pending.items() if n > 0}
+                kept = getattr(self.volumes, "held_bases", lambda: set())()
+            in_use = set(self.holders()) | {k for k, n in self._pending.items() if n > 0} | kept
             removed = []
             for key in choose_evictions(self.volumes.base_usage(), in_use, budget_bytes):
                 # A provisioning may have picked the base since: it counts as pending before
@@ -285,6 +301,8 @@ class BlockService:
         return {
             "hanabi_block_volumes": ("Volumes attached to sandboxes", len(listing.volumes)),
             "hanabi_block_bases": ("Shared base volumes kept for reuse", len(listing.bases)),
+            "hanabi_block_kept_layers": ("Root layers of stopped Docker containers, kept for their next start",
+                                         len(self.volumes.kept.all()) if hasattr(self.volumes, "kept") else 0),
             "hanabi_block_bases_bytes": ("Bytes the base volumes take on disk",
                                          sum(b.allocated_bytes for b in listing.bases)),
             "hanabi_block_pool_free_bytes": ("Free bytes where volumes are made, per pool",
