@@ -75,6 +75,22 @@ def debugfs_cat(image: str, inner: str) -> bytes:
     return subprocess.run(["debugfs", "-R", f"cat {inner}", image], capture_output=True, check=True).stdout
 
 
+def ext4_on_loop(tmp_path: Path, text: str) -> tuple[str, Path]:
+    """A 32 MiB ext4 image holding a file `f` with `text`, on a fresh loop device; and an
+    empty directory to mount it on. The caller detaches the loop device."""
+    image = tmp_path / "disk.ext4"
+    (tmp_path / "tree").mkdir()
+    (tmp_path / "tree" / "f").write_text(text)
+    with open(image, "wb") as handle:
+        handle.truncate(32 * MIB)
+    subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-d", str(tmp_path / "tree"), str(image)], check=True)
+    loop = subprocess.run(["losetup", "--find", "--show", str(image)], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    rootfs = tmp_path / "rootfs"
+    rootfs.mkdir()
+    return loop, rootfs
+
+
 def allocated(path: str) -> int:
     return os.stat(path).st_blocks * 512
 
@@ -296,16 +312,7 @@ def test_killed_mid_build_leaves_nothing_a_restart_does_not_clean(blockd, tmp_pa
 
 
 def test_passthrough_taken_then_crash_gives_the_device_back_at_restart(blockd, tmp_path):
-    image = tmp_path / "disk.ext4"
-    (tmp_path / "tree").mkdir()
-    (tmp_path / "tree" / "f").write_text("on the device\n")
-    with open(image, "wb") as handle:
-        handle.truncate(32 * MIB)
-    subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-d", str(tmp_path / "tree"), str(image)], check=True)
-    loop = subprocess.run(["losetup", "--find", "--show", str(image)], capture_output=True, text=True,
-                          check=True).stdout.strip()
-    rootfs = tmp_path / "rootfs"
-    rootfs.mkdir()
+    loop, rootfs = ext4_on_loop(tmp_path, "on the device\n")
     try:
         subprocess.run(["mount", loop, str(rootfs)], check=True)
         volume = client(blockd).provision(sandbox(blockd, "pt"), str(rootfs))
@@ -325,16 +332,9 @@ def test_passthrough_taken_then_crash_gives_the_device_back_at_restart(blockd, t
 
 
 def test_passthrough_refused_for_a_device_mounted_twice_falls_back_to_a_copy(blockd, tmp_path):
-    image = tmp_path / "disk.ext4"
-    (tmp_path / "tree").mkdir()
-    (tmp_path / "tree" / "f").write_text("copied\n")
-    with open(image, "wb") as handle:
-        handle.truncate(32 * MIB)
-    subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-d", str(tmp_path / "tree"), str(image)], check=True)
-    loop = subprocess.run(["losetup", "--find", "--show", str(image)], capture_output=True, text=True,
-                          check=True).stdout.strip()
-    rootfs, other = tmp_path / "rootfs", tmp_path / "other"
-    rootfs.mkdir(), other.mkdir()
+    loop, rootfs = ext4_on_loop(tmp_path, "copied\n")
+    other = tmp_path / "other"
+    other.mkdir()
     try:
         subprocess.run(["mount", loop, str(rootfs)], check=True)
         subprocess.run(["mount", loop, str(other)], check=True)
@@ -364,16 +364,7 @@ def test_concurrent_provisionings_of_one_image_build_one_base(blockd, tmp_path):
 
 
 def test_a_passthrough_device_still_held_at_delete_is_not_mounted_back_yet(blockd, tmp_path):
-    image = tmp_path / "disk.ext4"
-    (tmp_path / "tree").mkdir()
-    (tmp_path / "tree" / "f").write_text("mine\n")
-    with open(image, "wb") as handle:
-        handle.truncate(32 * MIB)
-    subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-d", str(tmp_path / "tree"), str(image)], check=True)
-    loop = subprocess.run(["losetup", "--find", "--show", str(image)], capture_output=True, text=True,
-                          check=True).stdout.strip()
-    rootfs = tmp_path / "rootfs"
-    rootfs.mkdir()
+    loop, rootfs = ext4_on_loop(tmp_path, "mine\n")
     holder = None
     try:
         subprocess.run(["mount", loop, str(rootfs)], check=True)
