@@ -68,6 +68,15 @@ def test_all_daemons_killed_and_restarted_while_a_container_runs(daemons, tmp_pa
         assert state["status"] == "running" and state["pid"] == standin
         after = daemons.runtime("exec", cid, "sh", "-c", lookup)  # the relay was found back too
         assert "10.9.8.7" in after.stdout.decode(), after.stdout.decode() + after.stderr.decode()
+        # And over TCP (what a resolver does after a truncated answer): a length-prefixed query
+        # through busybox nc; the stub's answer is the question plus one 16-byte A record.
+        query = bytes.fromhex("abcd01000001000000000000") + b"\x02db\x07example\x00\x00\x01\x00\x01"
+        framed = len(query).to_bytes(2, "big") + query
+        octal = "".join(f"\\{byte:03o}" for byte in framed)
+        tcp = daemons.runtime("exec", cid, "sh", "-c", f"printf '{octal}' | nc -w 5 127.0.0.11 53 | od -An -tx1")
+        got = bytes.fromhex("".join(tcp.stdout.decode().split()))
+        assert got[:2] == (len(query) + 16).to_bytes(2, "big") and got[2:4] == b"\xab\xcd", tcp
+        assert got.endswith(bytes([10, 9, 8, 7])), tcp
         done = daemons.runtime("exec", cid, "sh", "-c", "echo still here; cat /sys/class/net/eth0/address")
         assert done.returncode == 0, done.stderr.decode()
         assert done.stdout.decode().splitlines() == ["still here", pair.mac()]

@@ -102,3 +102,32 @@ def test_queries_go_only_where_configured_and_in_bounded_numbers():
     finally:
         relay.close()
         silent.close()
+
+
+def test_tcp_exchange_with_length_prefixes():
+    """The TCP path (a truncated UDP answer makes clients ask again over TCP): a loopback
+    TCP 'resolver' answering with a long, length-prefixed answer."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    answer = b"long answer " * 1000
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn:
+            size = int.from_bytes(conn.recv(2), "big")
+            received = b""
+            while len(received) < size:
+                received += conn.recv(size - len(received))
+            assert received == QUERY
+            conn.sendall(len(answer).to_bytes(2, "big") + answer)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        assert exchange(None, "127.0.0.1", QUERY, port=server.getsockname()[1], tcp=True) == answer
+    finally:
+        thread.join(5)
+        server.close()
+    msg = parse_guest_message({"type": "dns_query", "qid": 1, "server": "127.0.0.11", "data": b64(QUERY), "tcp": True})
+    assert msg.tcp is True

@@ -126,3 +126,35 @@ def test_dns_queries_travel_as_events_and_answers_come_back(tmp_path):
     finally:
         client.close()
         agent.close()
+
+
+def test_tcp_dns_queries_travel_too(tmp_path):
+    """A TCP client (what resolvers use after a truncated answer): length-prefixed queries
+    become dns_query events marked tcp, answers come back length-prefixed on the same
+    connection; an oversized length closes it."""
+    import socket
+
+    from hanabi_guest import protocol as P
+
+    agent = AgentProc(tmp_path)
+    try:
+        [listener] = agent.ok("configure_network", dns_relay=["127.0.0.1"])["dns_relay"]
+        host, port = listener.rsplit(":", 1)
+        query = b"\x43\x21" + b"\x01\x00\x00\x01" + b"\x00" * 6 + b"\x03tcp\x00\x00\x01\x00\x01"
+        with socket.create_connection((host, int(port)), timeout=5) as client:
+            client.sendall(len(query).to_bytes(2, "big") + query[:5])   # in two pieces
+            client.sendall(query[5:])
+            event = agent.wait_for(lambda m: m.get("type") == "dns_query")
+            assert event["tcp"] is True and P.b64d(event["data"]) == query
+            answer = b"big answer " * 100
+            agent.send({"type": "dns_answer", "qid": event["qid"], "data": P.b64e(answer)})
+            got = b""
+            while len(got) < 2 + len(answer):
+                got += client.recv(65536)
+            assert got == len(answer).to_bytes(2, "big") + answer
+        with socket.create_connection((host, int(port)), timeout=5) as client:
+            client.sendall((5000).to_bytes(2, "big"))
+            assert client.recv(10) == b""                                # refused: too long
+        assert agent.ok("ping")["agent_version"]
+    finally:
+        agent.close()

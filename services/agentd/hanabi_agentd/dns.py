@@ -28,7 +28,7 @@ log = logging.getLogger("hanabi.agentd.dns")
 DNS_PORT = 53
 MAX_PENDING = 32
 EXCHANGE_TIMEOUT_S = 5.0
-MAX_ANSWER = 4096
+MAX_ANSWER = 4096  # UDP; over TCP an answer may take the whole 64 KiB its length prefix allows
 WORKERS = 4
 
 
@@ -42,17 +42,32 @@ class DnsTarget:
 
 
 def exchange(netns_path: str | None, server: str, query: bytes, *, port: int = DNS_PORT,
-             timeout: float = EXCHANGE_TIMEOUT_S) -> bytes:
-    """Send one query to `server`:`port` from a UDP socket made in the namespace (None:
-    this one); the answer."""
-    sock = call_in_netns(netns_path, lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC))
+             timeout: float = EXCHANGE_TIMEOUT_S, tcp: bool = False) -> bytes:
+    """Send one query to `server`:`port` from a socket made in the namespace (None: this
+    one), over UDP, or TCP with 2-byte length prefixes; the answer."""
+    kind = socket.SOCK_STREAM if tcp else socket.SOCK_DGRAM
+    sock = call_in_netns(netns_path, lambda: socket.socket(socket.AF_INET, kind | socket.SOCK_CLOEXEC))
     try:
         sock.settimeout(timeout)
         sock.connect((server, port))
-        sock.send(query)
-        return sock.recv(MAX_ANSWER)
+        if not tcp:
+            sock.send(query)
+            return sock.recv(MAX_ANSWER)
+        sock.sendall(len(query).to_bytes(2, "big") + query)
+        size = int.from_bytes(_read_exactly(sock, 2), "big")
+        return _read_exactly(sock, size)
     finally:
         sock.close()
+
+
+def _read_exactly(sock: socket.socket, count: int) -> bytes:
+    data = b""
+    while len(data) < count:
+        chunk = sock.recv(count - len(data))
+        if not chunk:
+            raise ConnectionError("the resolver closed the connection mid-answer")
+        data += chunk
+    return data
 
 
 class DnsRelay:
@@ -94,7 +109,7 @@ class DnsRelay:
 
     def _run(self, session, target: DnsTarget, query) -> None:
         try:
-            answer = exchange(target.netns_path, query.server, query.data, port=target.port)
+            answer = exchange(target.netns_path, query.server, query.data, port=target.port, tcp=query.tcp)
             session.send_event("dns_answer", {"qid": query.qid, "data": b64e(answer)})
             self.counts["answered"] += 1
         except (OSError, HanabiError) as exc:

@@ -115,6 +115,7 @@ class GuestDnsQuery(_Msg):
     qid: int = Field(ge=0, le=(1 << 31))
     server: str = Field(pattern=r"^127\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}$")
     data: Annotated[bytes, BeforeValidator(_decode_dns)]
+    tcp: bool = False
 
 
 class GuestProtocolError(_Msg):
