@@ -43,6 +43,7 @@ class DnsRelay:
         self.sockets: dict[str, socket.socket] = {}
         self.listeners: dict[str, socket.socket] = {}
         self.clients: dict[int, tuple[socket.socket, bytearray]] = {}
+        self.half_closed: set[int] = set()  # clients that sent EOF: closed once answered
         self.pending: dict[int, tuple[socket.socket, Any, float]] = {}
         self.ids = itertools.count(1)
 
@@ -103,8 +104,10 @@ class DnsRelay:
     def _close_client(self, fd: int) -> None:
         conn, _ = self.clients.pop(fd, (None, None))
         if conn is not None:
-            self.poller.unregister(fd)
+            if fd not in self.half_closed:
+                self.poller.unregister(fd)
             conn.close()
+        self.half_closed.discard(fd)
 
     def _on_tcp(self, fd: int, address: str) -> None:
         conn, buf = self.clients[fd]
@@ -114,8 +117,10 @@ class DnsRelay:
             return
         except OSError:
             chunk = b""
-        if not chunk:
-            self._close_client(fd)
+        if not chunk:  # the client is done sending (nc half-closes): answer it first, then close
+            self.poller.unregister(fd)
+            self.half_closed.add(fd)
+            self._close_if_answered(fd)
             return
         buf += chunk
         while len(buf) >= 2:
@@ -132,6 +137,14 @@ class DnsRelay:
     def _expire(self, now: float) -> None:
         for qid in [q for q, (_, _, when) in self.pending.items() if now - when > PENDING_TTL_S]:
             del self.pending[qid]
+        for fd in list(self.half_closed):
+            self._close_if_answered(fd)
+
+    def _close_if_answered(self, fd: int) -> None:
+        """Close a half-closed TCP client once no answer is owed to it."""
+        conn = self.clients.get(fd, (None,))[0]
+        if conn is None or not any(sock is conn for sock, _, _ in self.pending.values()):
+            self._close_client(fd)
 
     def _on_query(self, address: str) -> None:
         sock = self.sockets[address]
@@ -161,6 +174,8 @@ class DnsRelay:
                     sock.sendall(len(answer).to_bytes(2, "big") + answer)
                 finally:
                     sock.setblocking(False)
+                if sock.fileno() in self.half_closed:
+                    self._close_if_answered(sock.fileno())
         except (OSError, P.ProtocolError) as exc:
             log(f"dns answer dropped: {exc}")
             if peer is None and sock.fileno() in self.clients:

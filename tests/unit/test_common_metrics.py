@@ -40,8 +40,10 @@ def test_the_rpc_server_counts_calls_by_method_and_outcome(tmp_path):
     metrics = DaemonMetrics("testd")
     server = RpcServer("testd", f"ipc://{tmp_path}/t.sock", on_call=metrics.observe_call)
     server.register("fail", NoArgs, lambda _: 1 / 0)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    bound = threading.Event()
+    thread = threading.Thread(target=server.serve_forever, kwargs={"ready": bound.set}, daemon=True)
     thread.start()
+    assert bound.wait(10)
     client = RpcClient("testd", f"ipc://{tmp_path}/t.sock", timeout=5)
     try:
         client.ping()

@@ -152,6 +152,18 @@ def test_tcp_dns_queries_travel_too(tmp_path):
             while len(got) < 2 + len(answer):
                 got += client.recv(65536)
             assert got == len(answer).to_bytes(2, "big") + answer
+        with socket.create_connection((host, int(port)), timeout=5) as client:  # nc: send, half-close, read
+            client.sendall(len(query).to_bytes(2, "big") + query)
+            client.shutdown(socket.SHUT_WR)
+            event = agent.wait_for(lambda m: m.get("type") == "dns_query")
+            agent.send({"type": "dns_answer", "qid": event["qid"], "data": P.b64e(b"after eof")})
+            got = b""
+            while True:
+                chunk = client.recv(65536)
+                if not chunk:
+                    break
+                got += chunk
+            assert got == (9).to_bytes(2, "big") + b"after eof"                # answered, then closed
         with socket.create_connection((host, int(port)), timeout=5) as client:
             client.sendall((5000).to_bytes(2, "big"))
             assert client.recv(10) == b""                                # refused: too long
