@@ -110,23 +110,11 @@ class QemuHypervisor:
 
     def stop(self, handle: VmHandle, timeout: float) -> StopResult:
         """QMP `quit`, wait up to `timeout`, then SIGKILL; always reap our own child."""
-        if not self.is_alive(handle):
-            code = handle.process.wait() if handle.process is not None else None
-            return StopResult(was_running=False, exit_status=proc.exit_status(code), killed=False)
-        deadline = time.monotonic() + timeout
-        try:
-            with QmpClient(handle.control_socket, timeout=min(timeout, 2.0)) as qmp:
+        def quit_(seconds: float) -> None:
+            with QmpClient(handle.control_socket, timeout=seconds) as qmp:
                 qmp.execute("quit")
-        except HanabiError as exc:
-            log.info("qmp quit failed, will kill", extra={"sandbox": handle.sandbox_id, "error": exc.message})
-        killed = False
-        if not vmm_process.wait_exit(handle, max(deadline - time.monotonic(), 0.1)):
-            log.warning("qemu did not quit in time, sending SIGKILL",
-                        extra={"sandbox": handle.sandbox_id, "pid": handle.pid, "timeout_s": timeout})
-            killed = True
-            vmm_process.kill_and_reap(handle)
-        code = handle.process.wait() if handle.process is not None else None
-        return StopResult(was_running=True, exit_status=proc.exit_status(code), killed=killed)
+
+        return vmm_process.stop(handle, timeout, quit_, "qemu")
 
     # -- vCPUs -------------------------------------------------------------------------
 

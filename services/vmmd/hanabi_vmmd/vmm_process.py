@@ -1,5 +1,6 @@
-"""The process side of a `VmHandle`, the same for every backend: is the VMM alive, wait
-for it to exit, SIGKILL and reap it, and the tail of its stderr log for error messages.
+"""The process side of a `VmHandle`, the same for every backend: spawn the VMM, is it
+alive, wait for it to exit, stop it (ask, wait, SIGKILL, reap), and the tail of its
+stderr log for error messages.
 
 A handle carries the `Popen` when this vmmd spawned the VMM (then the exit status can be
 read); an adopted VMM is known by pid and start time only (see `proc`).
@@ -11,11 +12,13 @@ import logging
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
+from typing import Callable
 
-from hanabi_common.errors import Unavailable
+from hanabi_common.errors import HanabiError, Unavailable
 from hanabi_vmmd import proc
-from hanabi_vmmd.hypervisor import VmHandle
+from hanabi_vmmd.hypervisor import StopResult, VmHandle
 
 log = logging.getLogger("hanabi.vmmd")
 STDERR_TAIL_BYTES = 2000
@@ -74,3 +77,24 @@ def kill_and_reap(handle: VmHandle) -> int | None:
             return None
     proc.wait_gone(handle.pid, handle.start_time, KILL_WAIT_S)
     return None
+
+
+def stop(handle: VmHandle, timeout: float, ask_to_end: Callable[[float], None], what: str) -> StopResult:
+    """End a VMM: `ask_to_end(seconds)` (QMP quit, SendCtrlAltDel...), wait up to `timeout`,
+    then SIGKILL; always reap our own child."""
+    if not is_alive(handle):
+        code = handle.process.wait() if handle.process is not None else None
+        return StopResult(was_running=False, exit_status=proc.exit_status(code), killed=False)
+    deadline = time.monotonic() + timeout
+    try:
+        ask_to_end(min(timeout, 2.0))
+    except HanabiError as exc:
+        log.info(f"{what} was not asked to end, will kill", extra={"sandbox": handle.sandbox_id, "error": exc.message})
+    killed = False
+    if not wait_exit(handle, max(deadline - time.monotonic(), 0.1)):
+        log.warning(f"{what} did not end in time, sending SIGKILL",
+                    extra={"sandbox": handle.sandbox_id, "pid": handle.pid, "timeout_s": timeout})
+        killed = True
+        kill_and_reap(handle)
+    code = handle.process.wait() if handle.process is not None else None
+    return StopResult(was_running=True, exit_status=proc.exit_status(code), killed=killed)

@@ -219,25 +219,12 @@ class FirecrackerHypervisor:
 
     def stop(self, handle: VmHandle, timeout: float) -> StopResult:
         """SendCtrlAltDel, wait up to `timeout`, then SIGKILL; always reap our own child."""
+        def ctrl_alt_del(seconds: float) -> None:
+            with self._api(handle, seconds) as api:
+                api.send_ctrl_alt_del()
+
         try:
-            if not self.is_alive(handle):
-                code = handle.process.wait() if handle.process is not None else None
-                return StopResult(was_running=False, exit_status=proc.exit_status(code), killed=False)
-            deadline = time.monotonic() + timeout
-            try:
-                with self._api(handle, min(timeout, 2.0)) as api:
-                    api.send_ctrl_alt_del()
-            except HanabiError as exc:
-                log.info("SendCtrlAltDel failed, will kill", extra={"sandbox": handle.sandbox_id,
-                                                                    "error": exc.message})
-            killed = False
-            if not vmm_process.wait_exit(handle, max(deadline - time.monotonic(), 0.1)):
-                log.warning("firecracker did not exit in time, sending SIGKILL",
-                            extra={"sandbox": handle.sandbox_id, "pid": handle.pid, "timeout_s": timeout})
-                killed = True
-                vmm_process.kill_and_reap(handle)
-            code = handle.process.wait() if handle.process is not None else None
-            return StopResult(was_running=True, exit_status=proc.exit_status(code), killed=killed)
+            return vmm_process.stop(handle, timeout, ctrl_alt_del, "firecracker")
         finally:
             self._remove_jail(handle)
 
