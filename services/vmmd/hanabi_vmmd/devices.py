@@ -14,12 +14,17 @@ from pathlib import Path
 
 from hanabi_common.errors import AlreadyExists, FailedPrecondition, InvalidArgument
 from hanabi_common.models.base import Removed
-from hanabi_common.models.vmmd import AttachDisk, AttachNic, DetachDisk, DetachNic, DiskInfo, VmInfo
-from hanabi_vmmd.hypervisor import DiskSpec, NicSpec
-from hanabi_vmmd.state import DiskRecord, NicRecord
+from hanabi_common.models.vmmd import AttachDisk, AttachNic, DetachDisk, DetachNic, DiskInfo, VmInfo, VmNic
+from hanabi_vmmd.hypervisor import DiskSpec, Hypervisor, NicSpec, VmHandle
+from hanabi_vmmd.state import DiskRecord, HypervisorState, NicRecord
 
 log = logging.getLogger("hanabi.vmmd")
 DETACH_TIMEOUT_S = 15.0
+
+
+def nic_spec(device_id: str, nic: VmNic) -> NicSpec:
+    """The backend's view of a requested NIC (MACs kept lower-case, as the guest reports them)."""
+    return NicSpec(device_id=device_id, tap=nic.tap, mac=nic.mac.lower(), mtu=nic.mtu, netns_path=nic.netns_path)
 
 
 class DeviceOps:
@@ -48,7 +53,7 @@ class DeviceOps:
             guest_serial = serial_of(handle, disk) if callable(serial_of) else ""
             if guest_serial and any(d.guest_serial == guest_serial for d in state.disks):
                 raise AlreadyExists(f"VM of sandbox {sid} already has a disk the guest sees as {guest_serial}")
-            bus = backend.attach_disk(handle, disk, {d.bus for d in state.disks} | {n.bus for n in state.nics})
+            bus = backend.attach_disk(handle, disk, state.busy_slots())
             state.disks.append(DiskRecord(device_id=disk.device_id, node_name=disk.node_name,
                                           serial=disk.serial, path=str(path), format=disk.format,
                                           readonly=disk.readonly, bus=bus, guest_serial=guest_serial))
@@ -87,15 +92,16 @@ class DeviceOps:
                 raise AlreadyExists(f"VM of sandbox {sid} already has a NIC on tap {nic.tap}")
             used = {n.device_id for n in state.nics}
             device_id = next(f"nic{i}" for i in range(len(used) + 1) if f"nic{i}" not in used)
-            spec = NicSpec(device_id=device_id, tap=nic.tap, mac=nic.mac.lower(), mtu=nic.mtu,
-                           netns_path=nic.netns_path)
-            busy = {d.bus for d in state.disks} | {n.bus for n in state.nics}
-            bus = backend.attach_nic(handle, spec, busy)
-            state.nics.append(NicRecord(device_id=device_id, tap=spec.tap, mac=spec.mac, mtu=spec.mtu,
-                                        netns_path=spec.netns_path, bus=bus))
-            self._write(state)
+            bus = self._plug_nic(state, backend, handle, nic_spec(device_id, nic))
         log.info("nic attached", extra={"sandbox": sid, "device": device_id, "bus": bus, "tap": nic.tap})
         return state.info()
+
+    def _plug_nic(self, state: HypervisorState, backend: Hypervisor, handle: VmHandle, spec: NicSpec) -> str:
+        """Hot-plug `spec` on a free slot and record it in hypervisor.json; the slot."""
+        bus = backend.attach_nic(handle, spec, state.busy_slots())
+        state.nics.append(NicRecord.of(spec, bus))
+        self._write(state)
+        return bus
 
     def detach_nic(self, request: DetachNic) -> Removed:
         """Hot-unplug the NIC on a tap (idempotent); waits for the guest to let go of it."""

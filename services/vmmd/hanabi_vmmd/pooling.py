@@ -12,7 +12,7 @@ from hanabi_common.models.base import NoArgs
 from hanabi_common.models.vmmd import VmList
 from hanabi_vmmd.agent_probe import wait_agent_ready
 from hanabi_vmmd.hypervisor import NicSpec
-from hanabi_vmmd.state import STATE_NAME, HypervisorState, NicRecord
+from hanabi_vmmd.state import STATE_NAME, HypervisorState
 
 log = logging.getLogger("hanabi.vmmd")
 POOLED_BACKEND = "qemu"  # the pool needs NIC hot-plug (Firecracker takes NICs at boot only)
@@ -87,11 +87,7 @@ class PoolOps:
             self.reaper.watch(handle)
         try:
             for nic in nics:
-                busy = {d.bus for d in state.disks} | {n.bus for n in state.nics}
-                bus = backend.attach_nic(handle, nic, busy)
-                state.nics.append(NicRecord(device_id=nic.device_id, tap=nic.tap, mac=nic.mac, mtu=nic.mtu,
-                                            netns_path=nic.netns_path, bus=bus))
-                self._write(state)
+                self._plug_nic(state, backend, handle, nic)
         except BaseException:
             self.reaper.unwatch(sid)
             backend.stop(handle, self.config.vmm.stop_timeout_s)

@@ -28,7 +28,7 @@ from hanabi_vmmd import accel as accel_mod
 from hanabi_vmmd import cgroup
 from hanabi_vmmd import proc
 from hanabi_vmmd.hypervisor import Hypervisor, NicSpec, VmHandle, VmSpec
-from hanabi_vmmd.devices import DeviceOps
+from hanabi_vmmd.devices import DeviceOps, nic_spec
 from hanabi_vmmd.locks import KeyedLocks
 from hanabi_vmmd.pooling import POOLED_BACKEND, PoolOps
 from hanabi_vmmd.pool import WarmPool
@@ -173,8 +173,7 @@ class VmService(DeviceOps, PoolOps):
         backend = self._backend(self._auto_backend() if hv_name == "auto" else hv_name)
         vmm = self.config.vmm
         memory_mib, vcpus = request.memory_mib or vmm.memory_mib, request.vcpus or vmm.vcpus
-        nics = tuple(NicSpec(device_id=f"nic{index}", tap=nic.tap, mac=nic.mac.lower(), mtu=nic.mtu,
-                             netns_path=nic.netns_path) for index, nic in enumerate(request.nics))
+        nics = tuple(nic_spec(f"nic{index}", nic) for index, nic in enumerate(request.nics))
         cgroups = cgroup.checked_dirs(request.cgroup_dirs)
         with self.locks.hold(sid):
             if self.store.read(sid, STATE_NAME, HypervisorState) is not None:
@@ -241,8 +240,7 @@ class VmService(DeviceOps, PoolOps):
             agent_transport=handle.agent_transport, agent_port=handle.agent_port,  # type: ignore[arg-type]
             control_socket=str(handle.control_socket), console_log=str(spec.console_log),
             stderr_log=str(spec.stderr_log), created_at=time.time(),
-            nics=[NicRecord(device_id=n.device_id, tap=n.tap, mac=n.mac, mtu=n.mtu, netns_path=n.netns_path)
-                  for n in spec.nics])
+            nics=[NicRecord.of(n) for n in spec.nics])
 
     def get(self, request: SandboxRef) -> VmInfo:
         """The VM of one sandbox."""

@@ -65,6 +65,12 @@ class NicRecord(BaseModel):
         return NicSpec(device_id=self.device_id, tap=self.tap, mac=self.mac, mtu=self.mtu,
                        netns_path=self.netns_path)
 
+    @classmethod
+    def of(cls, spec: NicSpec, bus: str = "boot") -> "NicRecord":
+        """The record of a NIC plugged from `spec` into `bus`."""
+        return cls(device_id=spec.device_id, tap=spec.tap, mac=spec.mac, mtu=spec.mtu,
+                   netns_path=spec.netns_path, bus=bus)
+
 
 class HypervisorState(VersionedState):
     """What vmmd knows of one sandbox's VM, enough to re-adopt and stop it after a restart."""
@@ -108,6 +114,10 @@ class HypervisorState(VersionedState):
                       console_log=self.console_log, created_at=self.created_at,
                       exit_status=self.exit_status, disks=[d.device_id for d in self.disks],
                       nics=[n.device_id for n in self.nics])
+
+    def busy_slots(self) -> set[str]:
+        """The hot-plug slots its disks and NICs hold."""
+        return {d.bus for d in self.disks} | {n.bus for n in self.nics}
 
     def disk(self, device_id: str) -> DiskRecord | None:
         """The attached disk with that device id, if any."""
