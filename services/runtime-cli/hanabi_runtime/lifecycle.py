@@ -97,14 +97,15 @@ class Runtime:
         self._reserve(cid, bundle)
         standin = None
         try:
-            timings, vm = self._provision(cid, bundle)
+            timings, cgroup_dirs = self._provision(cid, bundle)
             fifo = self.store.sandbox_dir(cid) / START_FIFO
             os.mkfifo(fifo, 0o600)
             mark = time.monotonic()
             standin = self.spawn_standin(cid, fifo, detach_standin, console=console,
                                          args=bundle.process["args"])
             timings["standin_s"] = round(time.monotonic() - mark, 4)
-            cgroup_dirs = self._account(bundle, [vm.pid, standin.pid])
+            from hanabi_runtime import cgroups
+            cgroups.join(cgroup_dirs, standin.pid)  # the VM joined them when it was spawned
             state = RuntimeState(id=cid, bundle=str(bundle.path), rootfs=str(bundle.rootfs),
                                  created_at=time.time(), standin_pid=standin.pid,
                                  standin_start_time=process_start_time(standin.pid),
@@ -148,12 +149,13 @@ class Runtime:
         return [str(h / relative) for h in cgroups.hierarchies()] if relative else []
 
     @staticmethod
-    def _account(bundle: Bundle, pids: list[int]) -> list[str]:
-        """Put the VM and the stand-in in the container's host cgroup (for `docker stats`)."""
+    def _make_cgroups(bundle: Bundle) -> list[str]:
+        """The container's host cgroups, made before its VM: vmmd puts the VM in them as it
+        spawns it, the stand-in joins after (for `docker stats`)."""
         from hanabi_runtime import cgroups
 
         path = bundle.config.get("linux", {}).get("cgroupsPath")
-        return cgroups.place(cgroups.normalize(path), pids) if path else []
+        return cgroups.place(cgroups.normalize(path), []) if path else []
 
     def _network(self, cid: str, bundle: Bundle):
         """The container's network namespace (joined, or made by netd when the config asks
@@ -184,7 +186,7 @@ class Runtime:
 
     def _provision(self, cid: str, bundle: Bundle):
         """Ask the daemons for network, VM, volume, agent and container; return phase timings
-        and the VM."""
+        and the container's host cgroups (the VM is in them already)."""
         from hanabi_common.models.agentd import ConfigureNetwork, CreateContainer, GuestMount, RootfsSpec
         from hanabi_common.models.vmmd import VmNic
 
@@ -195,6 +197,7 @@ class Runtime:
             network = self._network(cid, bundle)
         nics = [VmNic(tap=i.tap, mac=i.mac, mtu=i.mtu, netns_path=network.netns_path)
                 for i in network.interfaces]
+        cgroup_dirs = self._make_cgroups(bundle)
         with ThreadPoolExecutor(max_workers=1) as pool:
             # Firecracker opens raw disks only; QEMU takes a qcow2 layer over a shared base.
             # `auto` is resolved here, so the disk format and the VM's backend agree.
@@ -207,7 +210,7 @@ class Runtime:
                 with _phase(timings, "vm_start_s"):
                     size = vm_size(bundle.config.get("linux", {}).get("resources"))
                     vm = d.vmmd.create(cid, memory_mib=size.memory_mib, vcpus=size.vcpus,
-                                       hypervisor=hypervisor, nics=nics, cgroup_dirs=self._account(bundle, []))
+                                       hypervisor=hypervisor, nics=nics, cgroup_dirs=cgroup_dirs)
                 with _phase(timings, "agent_ready_s"):
                     d.agentd.connect(cid, vm.agent_socket, transport=vm.agent_transport, port=vm.agent_port)
                 with _phase(timings, "guest_network_s"):
@@ -233,7 +236,7 @@ class Runtime:
                 mounts=[GuestMount(**m) for m in plan.guest],
                 mounts_disk=RootfsSpec(serial=guest_serials[volume.binds.serial], fstype=volume.binds.fstype)
                 if volume.binds else None))
-        return timings, vm
+        return timings, cgroup_dirs
 
     def spawn_standin(self, cid: str, fifo: Path | None, detach: bool, exec_id: str = "init",
                       console: list[str] | None = None, args: list[str] = ()) -> "StandinProcess":
