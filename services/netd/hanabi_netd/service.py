@@ -1,9 +1,10 @@
 """netd's domain: which network a sandbox gets, and its teardown.
 
 `create_netns` makes an empty namespace for a sandbox whose config asks for a new one
-(runc's job under Docker: Docker's prestart hook then moves the endpoint in). `attach` reads the container's network namespace (the path Docker or the OCI config
-gives) and wires each of its ethernet links to a tap of its own with tc redirects (see
-`tcfilter`, `topology`). A namespace with loopback only (`--network none`), or no
+(runc's job under Docker: Docker's prestart hook then moves the endpoint in). `attach`
+reads the container's network namespace (the path Docker or the OCI config gives) and
+wires each of its ethernet links to a tap of its own with tc redirects (see `tcfilter`,
+`topology`). A namespace with loopback only (`--network none`), or no
 namespace at all, gets mode "none": the guest has loopback only. What was planned is
 written to `network.json` before anything is made, so a netd killed half-way, or
 restarted while containers run, still knows what to remove; `detach` removes the taps
@@ -25,7 +26,7 @@ from hanabi_common.errors import AlreadyExists, FailedPrecondition, HanabiError,
 from hanabi_common.metrics import Gauges, LabelledGauge
 from hanabi_common.models.base import NoArgs, Removed, SandboxRef
 from hanabi_common.models.netd import AttachNetwork, NetnsInfo, NetworkInfo, NetworkList
-from hanabi_common.netns import call_in_netns, check_netns, create_netns, remove_netns
+from hanabi_common.netns import check_netns, create_netns, remove_netns
 from hanabi_common.rpc.server import RpcServer
 from hanabi_common.state import StateStore
 from hanabi_netd.state import STATE_NAME, NetworkState
@@ -113,19 +114,17 @@ class NetworkService:
                 return
         except HanabiError:
             return  # no VM yet (create in progress) or any more
-        change = call_in_netns(info.netns_path, lambda: tcfilter.in_namespace(
-            lambda ipr: plan_change(*tcfilter.snapshot(ipr), info.interfaces)))
+        change = tcfilter.with_ipr(info.netns_path, lambda ipr: plan_change(*tcfilter.snapshot(ipr), info.interfaces))
         for interface in change.removed:
-            call_in_netns(info.netns_path, lambda i=interface: tcfilter.in_namespace(
-                lambda ipr: tcfilter.unwire(ipr, i.link, i.tap)))
+            tcfilter.with_ipr(info.netns_path, lambda ipr, i=interface: tcfilter.unwire(ipr, i.link, i.tap))
             vmmd.detach_nic(sid, interface.tap, info.netns_path)
             info.interfaces = [i for i in info.interfaces if i.tap != interface.tap]
             info.routes = [r for r in info.routes if r.dev != interface.name]
             self._save(sid, state)
             log.info("interface gone", extra={"sandbox": sid, "link": interface.link, "tap": interface.tap})
         for wiring in change.added:
-            call_in_netns(info.netns_path, lambda w=wiring: tcfilter.in_namespace(
-                lambda ipr: tcfilter.wire(ipr, w.link.name, w.tap, w.link.mtu)))
+            tcfilter.with_ipr(info.netns_path,
+                              lambda ipr, w=wiring: tcfilter.wire(ipr, w.link.name, w.tap, w.link.mtu))
             info.interfaces.append(wiring.interface)
             self._save(sid, state)  # recorded before the VM takes it: detach finds it either way
             vmmd.attach_nic(sid, VmNic(tap=wiring.tap, mac=wiring.interface.mac, mtu=wiring.interface.mtu,
@@ -199,28 +198,25 @@ class NetworkService:
                     f"{path} is the host's network namespace: its links cannot be handed to a VM "
                     "(a container without a network namespace in its config gets loopback only)")
 
-            def wire_all() -> NetworkInfo:
-                from pyroute2 import IPRoute
+            def wire_all(ipr) -> NetworkInfo:
+                plan = topology.plan_network(*tcfilter.snapshot(ipr))
+                info = NetworkInfo(sandbox_id=sid, mode="tcfilter" if plan.wirings else "none",
+                                   netns_path=path, netns_inode=inode,
+                                   interfaces=[w.interface for w in plan.wirings], routes=plan.routes)
+                self.store.write(sid, STATE_NAME, NetworkState(owned_netns=owned, network=info))  # intent first
+                done = []
+                try:
+                    for wiring in plan.wirings:
+                        tcfilter.wire(ipr, wiring.link.name, wiring.tap, wiring.link.mtu)
+                        done.append(wiring)
+                except BaseException:
+                    for wiring in reversed(done):
+                        tcfilter.unwire(ipr, wiring.link.name, wiring.tap)
+                    self.store.write(sid, STATE_NAME, NetworkState(owned_netns=owned))
+                    raise
+                return info
 
-                with IPRoute() as ipr:
-                    plan = topology.plan_network(*tcfilter.snapshot(ipr))
-                    info = NetworkInfo(sandbox_id=sid, mode="tcfilter" if plan.wirings else "none",
-                                       netns_path=path, netns_inode=inode,
-                                       interfaces=[w.interface for w in plan.wirings], routes=plan.routes)
-                    self.store.write(sid, STATE_NAME, NetworkState(owned_netns=owned, network=info))
-                    done = []
-                    try:
-                        for wiring in plan.wirings:
-                            tcfilter.wire(ipr, wiring.link.name, wiring.tap, wiring.link.mtu)
-                            done.append(wiring)
-                    except BaseException:
-                        for wiring in reversed(done):
-                            tcfilter.unwire(ipr, wiring.link.name, wiring.tap)
-                        self.store.write(sid, STATE_NAME, NetworkState(owned_netns=owned))
-                        raise
-                    return info
-
-            info = call_in_netns(path, wire_all)
+            info = tcfilter.with_ipr(path, wire_all)
             info.attach_ms = round((time.monotonic() - began) * 1000, 1)
             self.store.write(sid, STATE_NAME, NetworkState(owned_netns=owned, network=info))
         self._start_watching(sid, path)
@@ -241,14 +237,11 @@ class NetworkService:
                 return Removed(existed=False)
             info = state.network
             if info is not None and info.interfaces and _same_netns(info):
-                def unwire_all() -> None:
-                    from pyroute2 import IPRoute
+                def unwire_all(ipr) -> None:
+                    for interface in info.interfaces:
+                        tcfilter.unwire(ipr, interface.link, interface.tap)
 
-                    with IPRoute() as ipr:
-                        for interface in info.interfaces:
-                            tcfilter.unwire(ipr, interface.link, interface.tap)
-
-                call_in_netns(info.netns_path, unwire_all)
+                tcfilter.with_ipr(info.netns_path, unwire_all)
             if state.owned_netns is not None:
                 try:
                     remove_netns(state.owned_netns)

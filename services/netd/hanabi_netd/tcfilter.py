@@ -19,6 +19,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from hanabi_common.errors import FailedPrecondition, HanabiError, NotFound
+from hanabi_common.netns import call_in_netns
 from hanabi_netd.topology import Address, Link, RouteEntry
 
 log = logging.getLogger("hanabi.netd.tcfilter")
@@ -29,10 +30,14 @@ IFF_UP = 0x1
 TAP_FLAGS = {"no_pi": True, "vnet_hdr": True, "one_queue": False, "multi_queue": False}
 
 
-def in_namespace(func):
-    """Call `func(ipr)` with an IPRoute made here (call it inside the namespace's thread)."""
-    with IPRoute() as ipr:
-        return func(ipr)
+def with_ipr(netns_path: str | None, func):
+    """`func(ipr)` with an IPRoute made inside the namespace at `netns_path` (in a thread
+    that joined it), and its result."""
+    def run():
+        with IPRoute() as ipr:
+            return func(ipr)
+
+    return call_in_netns(netns_path, run)
 
 
 def snapshot(ipr: IPRoute) -> tuple[list[Link], list[Address], list[RouteEntry]]:
