@@ -96,11 +96,6 @@ def call_in_netns(path: str | None, func: Callable[[], T]) -> T:
     return in_own_thread(entered)
 
 
-def netns_id(path: str) -> str:
-    """The namespace's identity, 'net:[inode]' (bind mounts of one namespace share it)."""
-    return f"net:[{os.stat(path).st_ino}]"
-
-
 MS_BIND = 0x1000
 MNT_DETACH = 0x2
 

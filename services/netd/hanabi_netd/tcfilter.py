@@ -127,11 +127,3 @@ def unwire(ipr: IPRoute, link_name: str, tap: str) -> None:
         except NetlinkError as exc:
             if exc.code != errno.ENODEV:
                 raise
-
-
-def has_ingress(ipr: IPRoute, name: str) -> bool:
-    """True when the link has an ingress qdisc (for leak checks)."""
-    index = _lookup(ipr, name)
-    if index is None:
-        return False
-    return any(msg.get_attr("TCA_KIND") == "ingress" for msg in ipr.get_qdiscs(index))
