@@ -10,8 +10,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterator
 
 from hanabi_common.config import DAEMONS, load_config
 from hanabi_common.rpc.client import RpcClient
@@ -122,6 +124,24 @@ def start_daemons(root: Path, extra_toml: str = "", vmm_toml: str = "") -> Daemo
         daemons.stop_all()
         raise
     return daemons
+
+
+@contextmanager
+def daemons_for_test(root: Path, skip_reason: Callable[[], str | None] | None = None,
+                     **options: str) -> Iterator[Daemons]:
+    """Skip the test if `skip_reason()` (default: why real VMs cannot run here) gives a
+    reason, else the four daemons started under `root` (options as for `start_daemons`),
+    stopped after."""
+    import pytest
+
+    reason = (skip_reason or integration_skip_reason)()
+    if reason:
+        pytest.skip(reason)
+    daemons = start_daemons(root, **options)
+    try:
+        yield daemons
+    finally:
+        daemons.stop_all()
 
 
 def processes_mentioning(text: str) -> list[int]:

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from tests.helpers.hanabi import integration_skip_reason, start_daemons
+from tests.helpers.hanabi import daemons_for_test
 from hanabi_runtime.demo_bundle import make_bundle
 
 _counter = itertools.count()
@@ -16,12 +16,8 @@ _counter = itertools.count()
 @pytest.fixture(scope="session")
 def hanabi(tmp_path_factory):
     """The four daemons, started once for the session under a temp run dir."""
-    reason = integration_skip_reason()
-    if reason:
-        pytest.skip(reason)
-    daemons = start_daemons(tmp_path_factory.mktemp("hanabi"))
-    yield daemons
-    daemons.stop_all()
+    with daemons_for_test(tmp_path_factory.mktemp("hanabi")) as daemons:
+        yield daemons
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import pytest
 
 from hanabi_vmmd.client import VmmdClient
 from tests.helpers.firecracker_host import firecracker_skip_reason
-from tests.helpers.hanabi import GUEST_DIR, leftovers, start_daemons
+from tests.helpers.hanabi import GUEST_DIR, daemons_for_test, leftovers
 
 pytestmark = pytest.mark.integration
 
@@ -24,12 +24,8 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def fc(tmp_path_factory):
     """The four daemons, for VMs that run under Firecracker."""
-    reason = firecracker_skip_reason()
-    if reason:
-        pytest.skip(reason)
-    daemons = start_daemons(tmp_path_factory.mktemp("hanabi-fc"))
-    yield daemons
-    daemons.stop_all()
+    with daemons_for_test(tmp_path_factory.mktemp("hanabi-fc"), firecracker_skip_reason) as daemons:
+        yield daemons
 
 
 def fc_runtime(daemons, *args, **kwargs):

@@ -11,7 +11,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from hanabi_common.config import DAEMONS
-from tests.helpers.hanabi import BIN, integration_skip_reason, start_daemons
+from tests.helpers.hanabi import BIN, daemons_for_test
 
 pytestmark = pytest.mark.integration
 
@@ -41,14 +41,10 @@ def free_port_run(count: int) -> int:
 
 @pytest.fixture
 def daemons(tmp_path):
-    reason = integration_skip_reason()
-    if reason:
-        pytest.skip(reason)
     base = free_port_run(len(DAEMONS))
-    started = start_daemons(tmp_path / "hanabi", extra_toml=f"[metrics]\nport_base = {base}\n")
-    started.port_base = base
-    yield started
-    started.stop_all()
+    with daemons_for_test(tmp_path / "hanabi", extra_toml=f"[metrics]\nport_base = {base}\n") as started:
+        started.port_base = base
+        yield started
 
 
 def names(text: str) -> set[str]:

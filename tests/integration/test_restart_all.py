@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from hanabi_common.config import DAEMONS
-from tests.helpers.hanabi import integration_skip_reason, leftovers, start_daemons
+from tests.helpers.hanabi import daemons_for_test, leftovers
 from tests.helpers.netns import netns_pair
 from hanabi_runtime.demo_bundle import make_bundle
 
@@ -23,12 +23,8 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def daemons(tmp_path):
-    reason = integration_skip_reason()
-    if reason:
-        pytest.skip(reason)
-    started = start_daemons(tmp_path / "hanabi")
-    yield started
-    started.stop_all()
+    with daemons_for_test(tmp_path / "hanabi") as started:
+        yield started
 
 
 def test_all_daemons_killed_and_restarted_while_a_container_runs(daemons, tmp_path):

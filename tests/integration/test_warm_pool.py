@@ -14,7 +14,7 @@ import pytest
 
 from hanabi_runtime.demo_bundle import make_bundle
 from hanabi_vmmd.client import VmmdClient
-from tests.helpers.hanabi import integration_skip_reason, leftovers, start_daemons
+from tests.helpers.hanabi import daemons_for_test, leftovers
 from tests.helpers.netns import netns_pair
 
 pytestmark = pytest.mark.integration
@@ -22,12 +22,8 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def pooled(tmp_path):
-    reason = integration_skip_reason()
-    if reason:
-        pytest.skip(reason)
-    daemons = start_daemons(tmp_path / "hanabi", vmm_toml="pool_size = 1")
-    yield daemons
-    daemons.stop_all()
+    with daemons_for_test(tmp_path / "hanabi", vmm_toml="pool_size = 1") as daemons:
+        yield daemons
 
 
 def wait_for_pool(vmmd: VmmdClient, timeout: float = 60.0, other_than: int | None = None):
