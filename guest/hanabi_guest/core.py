@@ -22,6 +22,7 @@ AGENT_VERSION = "0.1.0"
 ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 HOSTNAME_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,62}[A-Za-z0-9])?")
 SERIAL_RE = re.compile(r"[A-Za-z0-9_.:-]{1,20}")
+SHARE_ROOTFS_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}/rootfs")
 
 # Container states.
 CREATING = "creating"
@@ -105,7 +106,7 @@ class Container:
     """A container: its spec, its mounted rootfs and its processes by exec id."""
 
     __slots__ = ("cid", "process", "hostname", "rootfs_spec", "root", "state", "procs",
-                 "destroy_waiters", "mounts", "mounts_disk")
+                 "destroy_waiters", "mounts", "mounts_disk", "share")
 
     def __init__(self, cid: str, process: dict[str, Any], hostname: str | None,
                  rootfs_spec: dict[str, Any]) -> None:
@@ -119,6 +120,7 @@ class Container:
         self.destroy_waiters: list[int] = []
         self.mounts: list[dict[str, Any]] = []
         self.mounts_disk: dict[str, Any] | None = None
+        self.share: str | None = None  # its directory in the VM's file share (binds live there)
 
 
 def need_str(msg: dict[str, Any], key: str, pattern: re.Pattern[str] | None = None,
@@ -147,11 +149,27 @@ def need_int(msg: dict[str, Any], key: str, lo: int, hi: int) -> int:
 
 
 def check_rootfs(v: Any) -> dict[str, Any]:
-    """Validate the ``rootfs`` object of create_container."""
+    """Validate the ``rootfs`` object of create_container: a disk by virtio ``serial``
+    (fstype ext4), or a ``share`` directory ``<container>/rootfs`` (fstype 9p)."""
     if not isinstance(v, dict):
         raise AgentError("INVALID_ARGUMENT", "field 'rootfs' must be an object")
-    need_str(v, "serial", SERIAL_RE)
-    if v.get("fstype", "ext4") != "ext4":
-        raise AgentError("INVALID_ARGUMENT", "rootfs.fstype must be 'ext4'")
+    if v.get("share") is not None:
+        need_str(v, "share", SHARE_ROOTFS_RE)
+        if v.get("fstype") != "9p" or v.get("serial") is not None:
+            raise AgentError("INVALID_ARGUMENT", "a share rootfs has fstype '9p' and no serial")
+    else:
+        need_str(v, "serial", SERIAL_RE)
+        if v.get("fstype", "ext4") != "ext4":
+            raise AgentError("INVALID_ARGUMENT", "rootfs.fstype must be 'ext4'")
     need_bool(v, "readonly")
+    return v
+
+
+def check_share(v: Any) -> str | None:
+    """Validate the ``share`` field of create_container: the container's directory in the
+    VM's file share (a container-id-like name), or None."""
+    if v is None:
+        return None
+    if not isinstance(v, str) or not ID_RE.fullmatch(v):
+        raise AgentError("INVALID_ARGUMENT", "field 'share' must be a directory name like a container id")
     return v

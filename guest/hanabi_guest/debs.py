@@ -16,7 +16,9 @@ import subprocess
 from dataclasses import dataclass
 
 DEFAULT_CACHE = "/var/cache/hanabi/debs"
-KERNEL_META = "linux-image-cloud-amd64"
+# The generic kernel: unlike the cloud flavour it has 9P (9p, 9pnet_virtio, 9pnet_fd) as
+# modules, which the live file shares need (see GUEST-FACTS and hanabi_guest/shares.py).
+KERNEL_META = "linux-image-amd64"
 
 
 class DebError(RuntimeError):
@@ -93,7 +95,7 @@ def resolve(names: list[str]) -> dict[str, Deb]:
         found = show(names)
     if KERNEL_META in found:
         meta = found.pop(KERNEL_META)
-        m = re.search(r"(linux-image-\d[^\s,(]*-cloud-amd64)", meta.depends)
+        m = re.search(r"(linux-image-\d[^\s,(]*-amd64)", meta.depends)
         if not m:
             raise DebError(f"cannot find the concrete kernel in {KERNEL_META} Depends: {meta.depends}")
         found.update(show([m.group(1)]))

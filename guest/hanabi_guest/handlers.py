@@ -18,7 +18,7 @@ import time
 
 from . import protocol as P
 from .core import (AGENT_VERSION, CREATED, CREATING, DESTROYING, HOSTNAME_RE, ID_RE, PENDING,
-                   RUNNING, AgentError, Container, Pending, Proc, check_rootfs, log, need_bool,
+                   RUNNING, AgentError, Container, Pending, Proc, check_rootfs, check_share, log, need_bool,
                    need_int, need_str)
 from .mounts import check_mounts, check_mounts_disk
 from .dnsrelay import DnsRelay
@@ -104,6 +104,7 @@ class Handlers:
         c = Container(cid, process, hostname, rootfs)
         c.mounts = check_mounts(msg.get("mounts"))
         c.mounts_disk = check_mounts_disk(msg.get("mounts_disk"))
+        c.share = check_share(msg.get("share"))
         self.containers[cid] = c
         deadline = time.monotonic() + DISK_WAIT_S
         self._poll_disk(req_id, c, deadline)
@@ -114,16 +115,20 @@ class Handlers:
             return
         try:
             source = self.sandbox.locate(c.rootfs_spec)
-            binds = self.sandbox.locate(c.mounts_disk) if c.mounts_disk else ""
+            if c.share is not None:  # binds live in the container's share directory
+                binds: str | None = self.sandbox.share_path(c.share)
+            else:
+                binds = self.sandbox.locate(c.mounts_disk) if c.mounts_disk else ""
             if source is None or binds is None:
                 if time.monotonic() >= deadline:
-                    missing = c.rootfs_spec if source is None else c.mounts_disk
-                    raise AgentError(P.E_NOT_FOUND, f"no block device with serial "
-                                     f"{missing['serial']!r} appeared within {DISK_WAIT_S:.0f} s")
+                    missing = c.rootfs_spec if source is None else (c.mounts_disk or {"share": c.share})
+                    what = (f"share directory {missing['share']!r}" if missing.get("share")
+                            else f"block device with serial {missing['serial']!r}")
+                    raise AgentError(P.E_NOT_FOUND, f"no {what} appeared within {DISK_WAIT_S:.0f} s")
                 self.call_later(0.01, lambda: self._poll_disk(req_id, c, deadline))
                 return
             c.root = self.sandbox.setup(c.cid, source, c.rootfs_spec)
-            self.sandbox.add_mounts(c.root, binds or None, c.mounts)
+            self.sandbox.add_mounts(c.root, binds or None, c.mounts, shared=c.share is not None)
             if c.hostname:
                 self.sandbox.set_hostname(c.hostname)
         except Exception as exc:  # noqa: BLE001 - every failure becomes the reply

@@ -1,6 +1,6 @@
 """Build the hanabi guest (kernel + initramfs with busybox, python3.11 and the agent).
 
-Everything comes from Debian packages (see ``debs``): the cloud kernel, busybox-static,
+Everything comes from Debian packages (see ``debs``): the generic kernel, busybox-static,
 python3.11-minimal with the few stdlib modules the agent imports, and the C libraries they
 link. The result directory holds ``vmlinuz`` (the bzImage), ``vmlinux`` (the ELF with the
 PVH note, what QEMU -kernel and Firecracker boot), ``initrd.img`` (newc cpio) and
@@ -38,12 +38,13 @@ KERNEL_CMDLINE = ("console=ttyS0 quiet panic=-1 tsc=reliable no_timer_check rcup
                   "i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd cryptomgr.notests 8250.nr_uarts=1 "
                   "rdinit=/init")
 FIRECRACKER_VERSIONS = ">=1.8"
-PACKAGES = ["linux-image-cloud-amd64", "busybox-static", "python3.11-minimal", "libpython3.11-minimal",
+PACKAGES = ["linux-image-amd64", "busybox-static", "python3.11-minimal", "libpython3.11-minimal",
             "libpython3.11-stdlib", "libc6", "zlib1g", "libexpat1", "libffi8"]
 # virtio_mmio: Firecracker (>= 1.8 describes its virtio-mmio devices in ACPI). virtio_balloon
 # and virtio_rng are cheap extras (free page reporting, entropy for containers).
+# 9p + 9pnet_virtio: QEMU's virtio-9p shares; 9pnet_fd: 9P2000.L over a vsock stream (Firecracker).
 MODULES = ["virtio_pci", "virtio_mmio", "virtio_blk", "virtio_console", "virtio_net", "ext4", "vsock",
-           "vmw_vsock_virtio_transport", "virtio_balloon", "virtio_rng"]
+           "vmw_vsock_virtio_transport", "virtio_balloon", "virtio_rng", "9p", "9pnet_virtio", "9pnet_fd"]
 AGENT_FILES = ["__init__.py", "protocol.py", "channel.py", "core.py", "sandbox.py", "process.py",
                "handlers.py", "procio.py", "poller.py", "agent.py", "mounts.py", "namespaces.py", "network.py", "dnsrelay.py",
                "blkswap.py"]

@@ -78,6 +78,9 @@ ERROR_CODES = frozenset(
 )
 
 INIT_EXEC_ID = "init"
+# The mount tag of the VM's 9P file share (QEMU's virtio-9p device); the agent mounts it
+# at SHARE_MOUNT_POINT and finds each container's tree under it (docs/agent-protocol.md).
+SHARE_MOUNT_TAG = "hanabi"
 STREAM_STDOUT = "stdout"
 STREAM_STDERR = "stderr"
 

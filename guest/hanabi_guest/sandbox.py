@@ -24,6 +24,8 @@ from __future__ import annotations
 import errno
 import os
 import stat
+
+from . import protocol as P
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
@@ -42,6 +44,15 @@ LINUX_REBOOT_CMD_POWER_OFF = 0x4321FEDC
 LINUX_REBOOT_CMD_RESTART = 0x01234567
 
 RUN_DIR = "/run/hanabi/c"
+# Where the VM's 9P file share is mounted, in the run dir: so every container's mount
+# namespace detaches it (namespaces.foreign_mounts) and sees only its own binds of it.
+# (Container ids start with a letter or digit: no container directory is called this.)
+SHARE_DIR_NAME = ".share"
+# cache=mmap: reads and writes go to the host at once (a host change is seen, a write is
+# on the host when write(2) returns), page cache only for shared writable mmap.
+SHARE_MOUNT_OPTIONS = "trans=virtio,version=9p2000.L,msize=262144,cache=mmap,access=client"
+MS_BIND = 4096
+MS_REC = 16384
 CGROUP_ROOT = "/sys/fs/cgroup"
 
 # (name, major, minor) of the character devices every container /dev gets.
@@ -211,14 +222,21 @@ class Sandbox:
         """The device (or directory) holding ``rootfs``; None while it has not appeared."""
         raise NotImplementedError
 
+    def share_path(self, rel: str) -> str | None:
+        """The path of ``rel`` (checked by the caller) in the VM's file share, mounting the
+        share on first use; None while it has not appeared."""
+        raise SandboxError("FAILED_PRECONDITION", "this sandbox has no file share")
+
     def setup(self, cid: str, source: str, rootfs: dict[str, Any]) -> Rootfs:
         raise NotImplementedError
 
     def teardown(self, root: Rootfs) -> None:
         raise NotImplementedError
 
-    def add_mounts(self, root: Rootfs, binds_source: str | None, mounts: list[dict[str, Any]]) -> None:
-        """Make the container's bind and tmpfs mounts (binds come from the binds disk)."""
+    def add_mounts(self, root: Rootfs, binds_source: str | None, mounts: list[dict[str, Any]],
+                   shared: bool = False) -> None:
+        """Make the container's bind and tmpfs mounts: binds come from the container's share
+        directory (``shared``: ``binds_source`` is that directory) or the binds disk."""
         if mounts:
             raise SandboxError("INVALID_ARGUMENT", "this sandbox cannot make mounts")
 
@@ -247,6 +265,7 @@ class GuestSandbox(Sandbox):
 
     def __init__(self, run_dir: str = RUN_DIR, cgroup_root: str = CGROUP_ROOT) -> None:
         self.run_dir = run_dir
+        self.share_mount_point = os.path.join(run_dir, SHARE_DIR_NAME)
         self.ns_hide_scope = run_dir
         self.cgroup_root: str | None = self._init_cgroups(cgroup_root)
 
@@ -261,6 +280,8 @@ class GuestSandbox(Sandbox):
             return None
 
     def locate(self, rootfs: dict[str, Any]) -> str | None:
+        if rootfs.get("share"):
+            return self.share_path(rootfs["share"])
         name = find_block_device(rootfs["serial"])
         if name is None:
             return None
@@ -270,6 +291,19 @@ class GuestSandbox(Sandbox):
 
         return node if settled(name, node) else None
 
+    def share_path(self, rel: str) -> str | None:
+        point = self.share_mount_point
+        if not os.path.ismount(point):
+            os.makedirs(point, mode=0o700, exist_ok=True)
+            try:
+                mount(P.SHARE_MOUNT_TAG, point, "9p", 0, SHARE_MOUNT_OPTIONS)
+            except OSError as exc:
+                if exc.errno in (errno.ENOENT, errno.ENODEV):  # no such tag (yet) / no 9p module yet
+                    return None
+                raise
+        path = os.path.join(point, rel)
+        return path if os.path.isdir(path) else None
+
     def setup(self, cid: str, source: str, rootfs: dict[str, Any]) -> Rootfs:
         path = os.path.join(self.run_dir, cid, "rootfs")
         os.makedirs(path, exist_ok=True)
@@ -277,7 +311,10 @@ class GuestSandbox(Sandbox):
         root.readonly = bool(rootfs.get("readonly"))
         try:
             # Read-write until add_mounts has made the mount points; then read-only if asked.
-            mount(source, path, rootfs.get("fstype", "ext4"), 0)
+            if rootfs.get("share"):  # the host's rootfs directory itself, from the share
+                mount(source, path, "", MS_BIND | MS_REC)
+            else:
+                mount(source, path, rootfs.get("fstype", "ext4"), 0)
             root.mounts.append(path)
             nsd = MS_NOSUID | MS_NODEV | MS_NOEXEC
             self._mount_in(root, "proc", "proc", "proc", nsd)
@@ -304,19 +341,21 @@ class GuestSandbox(Sandbox):
                 root.cgroup = None
         return root
 
-    def add_mounts(self, root: Rootfs, binds_source: str | None, mounts: list[dict[str, Any]]) -> None:
+    def add_mounts(self, root: Rootfs, binds_source: str | None, mounts: list[dict[str, Any]],
+                   shared: bool = False) -> None:
         from .mounts import MS_REMOUNT, make_mounts
 
         try:
-            binds_dir = None
-            if binds_source is not None:
+            binds_dir = binds_source if shared else None
+            if binds_source is not None and not shared:
                 binds_dir = os.path.join(os.path.dirname(root.path), "binds")
                 os.makedirs(binds_dir, exist_ok=True)
                 mount(binds_source, binds_dir, "ext4", 0)
                 root.mounts.append(binds_dir)
             make_mounts(root, binds_dir, mounts, mount)
             if root.readonly:
-                mount("", root.path, "", MS_REMOUNT | MS_RDONLY)
+                # Per mount (MS_BIND): a share root's superblock is also its binds'.
+                mount("", root.path, "", MS_BIND | MS_REMOUNT | MS_RDONLY)
         except BaseException:
             self.teardown(root)
             raise
@@ -397,14 +436,21 @@ class DirSandbox(Sandbox):
     use_pid_namespace = False
     dns_port = 0
 
-    def __init__(self, directory: str) -> None:
+    def __init__(self, directory: str, share_root: str | None = None) -> None:
         self.directory = directory
+        self.share_root = share_root  # stands for the VM's file share
         self.hostname: str | None = None
         self.network: tuple[list[dict[str, Any]], list[dict[str, Any]]] | None = None
         self.powered_off = False
 
     def locate(self, rootfs: dict[str, Any]) -> str | None:
         return self.directory if os.path.isdir(self.directory) else None
+
+    def share_path(self, rel: str) -> str | None:
+        if self.share_root is None:
+            return super().share_path(rel)
+        path = os.path.join(self.share_root, rel)
+        return path if os.path.isdir(path) else None
 
     def setup(self, cid: str, source: str, rootfs: dict[str, Any]) -> Rootfs:
         return Rootfs(source)

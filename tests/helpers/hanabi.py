@@ -188,4 +188,24 @@ def leftovers(daemons: Daemons, cid: str) -> list[str]:
     netns_dir = config.run_dir / "netns"
     if netns_dir.exists() and any(netns_dir.iterdir()):
         found.append(f"network namespaces {os.listdir(netns_dir)}")
+    pooled_shares = {Path(json.loads(p.read_text()).get("share_dir") or "/").name
+                     for p in (config.run_dir / "pool").glob("*/hypervisor.json")}
+    shares = config.shares_dir
+    if shares.exists() and set(os.listdir(shares)) - pooled_shares:
+        found.append(f"share roots {sorted(set(os.listdir(shares)) - pooled_shares)}")
+    share_mounts = mounts_under(shares)
+    if share_mounts:
+        found.append(f"share mounts {share_mounts}")
     return found
+
+
+def mounts_under(path: Path) -> list[str]:
+    """The mount points at or below `path` in this mount namespace."""
+    prefix = str(path).rstrip("/") + "/"
+    points = []
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        for line in f:
+            point = line.split(" ")[4].replace("\\040", " ")
+            if point == str(path) or point.startswith(prefix):
+                points.append(point)
+    return points

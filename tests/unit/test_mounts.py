@@ -23,7 +23,7 @@ DOCKER_MOUNTS = [
 
 def test_plan_keeps_binds_and_tmpfs_and_leaves_the_rest_to_the_agent():
     plan = plan_mounts(DOCKER_MOUNTS)
-    assert plan.binds == [("m0", "/var/lib/docker/c/hosts"), ("m1", "/srv/data")]
+    assert plan.binds == [("m0", "/var/lib/docker/c/hosts", False), ("m1", "/srv/data", True)]
     assert plan.guest == [
         {"destination": "/etc/hosts", "type": "bind", "source": "m0", "options": ["rbind"]},
         {"destination": "/data", "type": "bind", "source": "m1", "options": ["rbind", "ro"]},

@@ -32,6 +32,7 @@ class FakeHypervisor:
     """A 'VM' is a `sleep` in its own session; disks and pause are just recorded."""
 
     name = "qemu"
+    share_kind = None
 
     def __init__(self, fail_start: bool = False) -> None:
         self.fail_start = fail_start

@@ -69,6 +69,12 @@ class BlockConfig(_Section):
     """How blockd provisions root filesystems."""
 
     backend: Literal["auto", "loopfile", "devicemapper"] = "auto"
+    # How a directory rootfs reaches the VM. "share": the directory itself, live over the
+    # VM's 9P share (writes land in Docker's layer / the bundle's rootfs, as under runc).
+    # "block": a copy-on-write block layer over a per-image base (faster reads, but the
+    # container's writes stay in that layer and never reach the rootfs directory).
+    # A VM without a share device (Firecracker without diod) always takes "block".
+    rootfs: Literal["share", "block"] = "share"
     volume_dir: Path = Path("/var/lib/hanabi/volumes")
     headroom_mib: int = Field(64, ge=0)
     max_volume_mib: int = Field(64 * 1024, ge=16)
@@ -129,6 +135,13 @@ class Config(_Section):
     def sandboxes_dir(self) -> Path:
         """Where the per-sandbox state directories live."""
         return self.run_dir / "sbs"
+
+    @property
+    def shares_dir(self) -> Path:
+        """Where each VM's file-share export root lives (vmmd makes and removes the empty
+        directory; blockd owns the bind mounts inside it). Never under a VM directory,
+        which vmmd removes whole."""
+        return self.run_dir / "shares"
 
 
 def config_path(explicit: str | os.PathLike | None = None) -> Path | None:

@@ -16,11 +16,15 @@ class BlockdClient:
         self.rpc = RpcClient("blockd", config.endpoint("blockd"), timeout=timeout or max(config.rpc.default_timeout_s, 120))
 
     def provision(self, sandbox_id: str, rootfs: str, readonly: bool = False,
-                  binds: list[tuple[str, str]] = (), formats: list[str] | None = None) -> VolumeInfo:
-        """Build the sandbox's root volume (and its binds disk when `binds` names any);
-        `formats`: the disk formats the VM opens, preferred first (["raw"] for Firecracker)."""
+                  binds: list[tuple[str, str, bool]] = (), formats: list[str] | None = None,
+                  share_root: str | None = None, container_id: str | None = None) -> VolumeInfo:
+        """Give the sandbox its root filesystem and binds (name, source, read-only): with
+        `share_root` (the VM's export root) bind-mounted live into it, else as a root
+        volume and a binds disk; `formats`: the disk formats the VM opens, preferred first
+        (["raw"] for Firecracker)."""
         request = ProvisionVolume(sandbox_id=sandbox_id, rootfs=rootfs, readonly=readonly,
-                                  binds=[BindSource(name=n, source=s) for n, s in binds],
+                                  binds=[BindSource(name=n, source=s, readonly=ro) for n, s, ro in binds],
+                                  share_root=share_root, container_id=container_id,
                                   **({"formats": formats} if formats else {}))
         return self.rpc.call("volume.provision", request, VolumeInfo)
 

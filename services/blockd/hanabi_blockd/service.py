@@ -15,14 +15,14 @@ import threading
 from collections import Counter
 from pathlib import Path
 
-from hanabi_blockd import passthrough
+from hanabi_blockd import passthrough, shares
 from hanabi_blockd.detect import choose_backend, probe_host
 from hanabi_blockd.gc import choose_evictions
 from hanabi_blockd.identity import identify
 from hanabi_blockd.layered import ROOT_SERIAL, LoopFileVolumes
 from hanabi_blockd.loopfile import LoopFileBackend, loops_backed_by
 from hanabi_blockd.mountinfo import mount_at, read_mountinfo
-from hanabi_blockd.state import STATE_NAME, DevicesState, HostMount
+from hanabi_blockd.state import STATE_NAME, DevicesState, HostMount, ShareRecord
 from hanabi_common.config import Config
 from hanabi_common.errors import AlreadyExists, FailedPrecondition, HanabiError, InvalidArgument, NotFound
 from hanabi_common.metrics import Gauges, LabelledGauge
@@ -136,14 +136,16 @@ class BlockService:
             try:
                 entries = read_mountinfo()
                 info = self._try_passthrough(sid, rootfs, entries, state)
-                if info is None:
+                if request.share_root is not None:
+                    info = self._share(request, state, info)
+                elif info is None:
                     ident = identify(rootfs, entries)
                     key = ident.key
                     with self._guard:
                         self._pending[key] += 1
                     info = self.volumes.root_volume(sid, rootfs, ident, request.formats, self._make_room)
                 state.volumes.append(info)
-                if request.binds:
+                if request.binds and request.share_root is None:
                     binds_path, binds_size = self.files.build_binds(
                         sid, [(b.name, Path(b.source)) for b in request.binds])
                     binds = VolumeInfo(sandbox_id=sid, backend=self.files.name, path=str(binds_path),
@@ -189,11 +191,36 @@ class BlockService:
                           fstype=plan.fstype, size_bytes=size, serial=ROOT_SERIAL, source=str(rootfs),
                           layout="passthrough", detail=f"{plan.device} taken from {plan.mount_point}")
 
+    def _share(self, request: ProvisionVolume, state: DevicesState, root: VolumeInfo | None) -> VolumeInfo:
+        """Bind the rootfs directory (unless `root` passed its device through) and the binds
+        into the VM's export root; recorded before the first mount."""
+        cid = request.container_id or request.sandbox_id
+        entries = [] if root is not None else [shares.ShareEntry(shares.ROOTFS_NAME, Path(request.rootfs))]
+        entries += [shares.ShareEntry(b.name, Path(b.source), b.readonly) for b in request.binds]
+        state.shares.append(ShareRecord(share_root=request.share_root, container_id=cid,
+                                        names=[e.name for e in entries]))
+        complete, state.complete = state.complete, False
+        self.store.write(request.sandbox_id, STATE_NAME, state)
+        shares.attach(Path(request.share_root), cid, entries)
+        state.complete = complete
+        if root is not None:
+            return root.model_copy(update={"share": cid})
+        return VolumeInfo(sandbox_id=request.sandbox_id, backend="share",
+                          path=str(shares.container_dir(Path(request.share_root), cid) / shares.ROOTFS_NAME),
+                          format="dir", fstype="9p", size_bytes=0, serial="", source=request.rootfs,
+                          layout="share", share=cid, detail=f"live in the VM's share {request.share_root}")
+
     def _undo(self, state: DevicesState) -> None:
         """Remove a sandbox's files and give its passthrough device back (for release and
         for a failed or interrupted provisioning)."""
+        busy = []
+        for record in state.shares:
+            busy += shares.detach(Path(record.share_root), record.container_id, record.names)
+            shares.remove_root_if_empty(Path(record.share_root))
+        if busy:
+            raise FailedPrecondition(f"shared paths still in use: {', '.join(busy)}")
         for volume in state.volumes:
-            if volume.layout == "passthrough":
+            if volume.layout in ("passthrough", "share"):
                 continue
             loops = loops_backed_by(Path(volume.path)) if Path(volume.path).exists() else []
             if loops:
@@ -205,7 +232,7 @@ class BlockService:
             if current is None or (current.major, current.minor) != (mount.major, mount.minor):
                 passthrough.give_back(passthrough.Passthrough(**mount.model_dump()))
         for volume in state.volumes:
-            if volume.layout == "passthrough":
+            if volume.layout in ("passthrough", "share"):
                 continue
             if volume.serial == ROOT_SERIAL:
                 self.volumes.remove_volume(volume)

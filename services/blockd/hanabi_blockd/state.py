@@ -21,6 +21,15 @@ class HostMount(BaseModel):
     options: str
 
 
+class ShareRecord(BaseModel):
+    """What blockd bind-mounted into a VM's export root for one container (recorded before
+    the first mount, so a crash in between is undone too)."""
+
+    share_root: str
+    container_id: str
+    names: list[str]
+
+
 class DevicesState(VersionedState):
     """The volumes blockd made for one sandbox. `complete` is False only between taking a
     passthrough device from the host and recording its volume: a restart then gives the
@@ -28,4 +37,5 @@ class DevicesState(VersionedState):
 
     volumes: list[VolumeInfo]
     host_mount: HostMount | None = None
+    shares: list[ShareRecord] = []
     complete: bool = True

@@ -202,15 +202,25 @@ class Runtime:
             # Firecracker opens raw disks only; QEMU takes a qcow2 layer over a shared base.
             # `auto` is resolved here, so the disk format and the VM's backend agree.
             hypervisor = self._resolved_hypervisor()
-            raw_only = hypervisor == "firecracker"
-            volume_future = pool.submit(_timed, timings, "volume_s", d.blockd.provision,
-                                        cid, str(bundle.rootfs), bundle.readonly, plan.binds,
-                                        ["raw"] if raw_only else None)
+            formats = ["raw"] if hypervisor == "firecracker" else None
+
+            def provision(share_root: str | None = None):
+                return pool.submit(_timed, timings, "volume_s", d.blockd.provision,
+                                   cid, str(bundle.rootfs), bundle.readonly, plan.binds, formats,
+                                   share_root, cid)
+            # A block rootfs is built while the VM boots; a shared one needs the VM's share.
+            want_share = self.config.block.rootfs == "share"
+            volume_future = None if want_share else provision()
             try:
                 with _phase(timings, "vm_start_s"):
                     size = vm_size(bundle.config.get("linux", {}).get("resources"))
                     vm = d.vmmd.create(cid, memory_mib=size.memory_mib, vcpus=size.vcpus,
                                        hypervisor=hypervisor, nics=nics, cgroup_dirs=cgroup_dirs)
+                if volume_future is None:
+                    if vm.share_dir is None:
+                        log.info("the VM has no file share: binds are copies, root-fs writes stay "
+                                 "in its layer", extra={"container": cid, "hypervisor": vm.hypervisor})
+                    volume_future = provision(vm.share_dir)
                 with _phase(timings, "agent_ready_s"):
                     d.agentd.connect(cid, vm.agent_socket, transport=vm.agent_transport, port=vm.agent_port)
                 with _phase(timings, "guest_network_s"):
@@ -219,21 +229,25 @@ class Runtime:
                         sandbox_id=cid, interfaces=network.interfaces, routes=network.routes,
                         dns_relay=relay, dns_netns=network.netns_path if relay else None))
             finally:
-                volume = volume_future.result()
+                volume = volume_future.result() if volume_future is not None else None
         guest_serials: dict[str, str] = {}
         with _phase(timings, "disk_hotplug_s"):
             # Attached writable even for a read-only root: the image is this container's own
             # copy, and the guest makes mount points before it remounts the root read-only.
-            for disk in filter(None, (volume, volume.binds)):
+            disks = [v for v in (volume, volume.binds) if v is not None and v.layout != "share"]
+            for disk in disks:
                 attached = d.vmmd.attach_disk(cid, disk.path, disk.serial, disk.format, False)
                 guest_serials[disk.serial] = attached.guest_serial or disk.serial  # Firecracker's differ
+        if volume.layout == "share":
+            rootfs = RootfsSpec(share=f"{volume.share}/rootfs", fstype="9p", readonly=bundle.readonly)
+        else:
+            rootfs = RootfsSpec(serial=guest_serials[volume.serial], fstype=volume.fstype,
+                                readonly=bundle.readonly)
         with _phase(timings, "container_create_s"):
             d.agentd.create_container(CreateContainer(
-                sandbox_id=cid, container_id=cid,
-                rootfs=RootfsSpec(serial=guest_serials[volume.serial], fstype=volume.fstype,
-                                  readonly=bundle.readonly),
+                sandbox_id=cid, container_id=cid, rootfs=rootfs,
                 process=bundle.process, hostname=bundle.hostname,
-                mounts=[GuestMount(**m) for m in plan.guest],
+                mounts=[GuestMount(**m) for m in plan.guest], share=volume.share,
                 mounts_disk=RootfsSpec(serial=guest_serials[volume.binds.serial], fstype=volume.binds.fstype)
                 if volume.binds else None))
         return timings, cgroup_dirs

@@ -1,8 +1,10 @@
 """Which of an OCI config's mounts reach the guest, and how (pure planning).
 
-A VM shares no filesystem with the host, so a bind mount travels as a copy: blockd copies
-each bind source onto a small second disk, and the guest agent bind-mounts it from there.
-The container sees the host content as it was at create; its writes stay in the VM.
+A bind mount's source is shared live with the VM: blockd bind-mounts it into the VM's 9P
+export root (read-only there too for `ro`), and the guest agent bind-mounts it from its
+share mount, so writes reach the host at once and host changes are seen. On a VM without a
+file share (Firecracker today) blockd copies each source onto a small second disk instead
+(the container then sees the content as of create; its writes stay in the VM).
 tmpfs mounts are made in the guest. The agent itself provides /proc, /sys, /dev,
 /dev/pts, /dev/shm (and Docker's mqueue and cgroup mounts have no meaning in the VM).
 """
@@ -24,9 +26,9 @@ TMPFS_DATA_KEYS = ("size=", "mode=", "nr_inodes=", "uid=", "gid=")
 
 @dataclass
 class MountPlan:
-    """Binds to copy (name, host source) and the mounts the agent makes."""
+    """Binds to share (name, host source, read-only) and the mounts the agent makes."""
 
-    binds: list[tuple[str, str]] = field(default_factory=list)
+    binds: list[tuple[str, str, bool]] = field(default_factory=list)
     guest: list[dict] = field(default_factory=list)
 
 
@@ -57,7 +59,7 @@ def plan_mounts(mounts: list[dict] | None) -> MountPlan:
             if not source.startswith("/"):
                 raise InvalidArgument(f"bind mount at {destination} needs an absolute source, got {source!r}")
             name = f"m{len(plan.binds)}"
-            plan.binds.append((name, source))
+            plan.binds.append((name, source, "ro" in options))
             plan.guest.append({"destination": destination, "type": "bind", "source": name,
                                "options": [o for o in options if o in BIND_OPTIONS]})
         elif kind == "tmpfs":

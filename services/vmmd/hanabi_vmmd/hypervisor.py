@@ -39,6 +39,8 @@ class VmSpec:
     stderr_log: Path
     hotplug_slots: int = 4
     nics: tuple["NicSpec", ...] = ()
+    # The export root of the VM's file share (None: no share device). See shares.py.
+    share_dir: Path | None = None
 
     @classmethod
     def in_dir(cls, sandbox_id: str, vm_dir: Path, **kwargs: object) -> "VmSpec":
@@ -111,6 +113,9 @@ class Hypervisor(Protocol):
     """What vmmd's service needs from a VMM backend. Every method raises HanabiError."""
 
     name: str
+    # The file-share device the backend gives a VM whose spec has a share_dir:
+    # "virtio-9p" (QEMU), or None where it has none (the VM then gets no share_dir).
+    share_kind: str | None
 
     def start(self, spec: VmSpec, on_spawned: Callable[[VmHandle], None] | None = None) -> VmHandle:
         """Boot a VM; return once its control channel answers (not the guest agent).

@@ -59,7 +59,7 @@ class PoolOps:
             handle = self._handles.get(pool_id) or state.handle()
             if backend is not None and backend.is_alive(handle):
                 backend.stop(handle, self.config.vmm.stop_timeout_s)
-            self._remove_vm_dir(Path(state.vm_dir))
+            self._remove_vm_dirs(state)
         self._handles.pop(pool_id, None)
         self.pool_store.purge(pool_id)
 
@@ -92,7 +92,7 @@ class PoolOps:
             self.reaper.unwatch(sid)
             backend.stop(handle, self.config.vmm.stop_timeout_s)
             self.store.remove(sid, STATE_NAME)
-            self._remove_vm_dir(Path(state.vm_dir))
+            self._remove_vm_dirs(state)
             self._handles.pop(sid, None)
             raise
         log.info("vm taken from the warm pool", extra={"sandbox": sid, "pool_id": pool_id, "pid": state.pid,

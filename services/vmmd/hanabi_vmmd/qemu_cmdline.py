@@ -25,6 +25,7 @@ except Exception:  # noqa: BLE001 - absent or broken: use the known-good default
 BASE_KERNEL_CMDLINE: str = _GUEST_CMDLINE if isinstance(_GUEST_CMDLINE, str) else FALLBACK_KERNEL_CMDLINE
 
 AGENT_PORT_NAME = "agent.0"
+from hanabi_guest.protocol import SHARE_MOUNT_TAG  # noqa: E402 - the tag the agent mounts
 TCG_TB_SIZE_MIB = 32
 PC_HOTPLUG_BUS = "pci.0"
 SANDBOX_OPTS = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
@@ -97,6 +98,19 @@ def nic_args(machine: str, nics: Sequence[NicSpec], fds: Sequence[int]) -> list[
     return args
 
 
+def share_args(machine: str, share_dir) -> list[str]:
+    """The VM's file share: QEMU's own 9P server (`-fsdev local`) exporting `share_dir`,
+    on a virtio-9p device cold-plugged on the root bus. passthrough: owners and modes are
+    the host's (uids map 1:1, as under runc); multidevs=remap: the export crosses mount
+    points (one bind per container path), whose inode numbers must not collide."""
+    if share_dir is None:
+        return []
+    path = _check_option_path(str(share_dir), "share dir")
+    bus = "pci.0" if machine == "pc" else "pcie.0"
+    return ["-fsdev", f"local,id=share0,path={path},security_model=passthrough,multidevs=remap",
+            "-device", f"virtio-9p-pci,fsdev=share0,mount_tag={SHARE_MOUNT_TAG},bus={bus},romfile="]
+
+
 def build_argv(spec: VmSpec, *, binary: str = "qemu-system-x86_64", machine: str = "q35",
                sandbox: bool = True, nic_fds: Sequence[int] = ()) -> list[str]:
     """The full argv that boots `spec` (raises ValueError on values QEMU cannot take);
@@ -117,6 +131,7 @@ def build_argv(spec: VmSpec, *, binary: str = "qemu-system-x86_64", machine: str
              "-chardev", f"socket,id=agent,path={spec.agent_socket},server=on,wait=off",
              "-device", f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}"]
     argv += nic_args(machine, spec.nics, nic_fds)
+    argv += share_args(machine, spec.share_dir)
     argv += ["-serial", f"file:{spec.console_log}"]
     argv += ["-qmp", f"unix:{spec.control_socket},server=on,wait=off"]
     argv += ["-pidfile", str(spec.pid_file), "-msg", "timestamp=on"]

@@ -37,6 +37,7 @@ from hanabi_vmmd.vmm_process import stderr_tail
 from hanabi_vmmd.qemu_cmdline import kernel_cmdline
 from hanabi_vmmd.reaper import Reaper
 from hanabi_vmmd.selection import Choice, decide_auto
+from hanabi_vmmd.shares import clean_orphan_shares, make_share_dir, remove_share_dir, share_dir_for
 from hanabi_vmmd.recovery import recover
 from hanabi_vmmd.state import (STATE_NAME, SUN_PATH_MAX, HypervisorState, NicRecord,
                                vm_dir_for)
@@ -98,6 +99,10 @@ class VmService(DeviceOps, PoolOps):
             self.reaper.watch(handle)
             if self._is_pooled(handle.sandbox_id):
                 self._handles[handle.sandbox_id] = handle
+        clean_orphan_shares(config.shares_dir, {
+            Path(state.share_dir) for store in (self.store, self.pool_store)
+            for sid in store.list_sandboxes(having=STATE_NAME)
+            if (state := store.read(sid, STATE_NAME, HypervisorState)) is not None and state.share_dir})
         self.pool = WarmPool(config.vmm.pool_size, self._boot_pooled)
         self.pool.start(self._pooled_after_restart())
 
@@ -157,6 +162,11 @@ class VmService(DeviceOps, PoolOps):
                                      f"this needs it {' or '.join(allowed)}")
         return state, backend, handle
 
+    def _remove_vm_dirs(self, state: HypervisorState) -> None:
+        """The VM directory of an ended VM, and its share root once blockd emptied it."""
+        self._remove_vm_dir(Path(state.vm_dir))
+        remove_share_dir(Path(state.share_dir) if state.share_dir else None)
+
     def _remove_vm_dir(self, vm_dir: Path) -> None:
         if vm_dir.parent != self.vm_root:
             log.error("refusing to remove a VM directory outside the run dir", extra={"path": str(vm_dir)})
@@ -197,9 +207,12 @@ class VmService(DeviceOps, PoolOps):
             raise FailedPrecondition(f"run_dir {self.config.run_dir} is too long: VM socket paths "
                                      f"would exceed {SUN_PATH_MAX} bytes")
         self._remove_vm_dir(vm_dir)  # a leftover of a crash: no state file refers to it
+        share_dir = (make_share_dir(share_dir_for(self.config.shares_dir, sid))
+                     if backend.share_kind is not None else None)
         spec = VmSpec.in_dir(sid, vm_dir, memory_mib=memory_mib, vcpus=vcpus, kernel=kernel, initrd=initrd,
                              cmdline=kernel_cmdline(vmm.kernel_cmdline_extra),
-                             accel=self.accel.accel, hotplug_slots=HOTPLUG_SLOTS, nics=nics)
+                             accel=self.accel.accel, hotplug_slots=HOTPLUG_SLOTS, nics=nics,
+                             share_dir=share_dir)
         record: dict = {}
 
         def on_spawned(handle: VmHandle) -> None:
@@ -213,6 +226,7 @@ class VmService(DeviceOps, PoolOps):
         except BaseException as exc:
             store.remove(sid, STATE_NAME)
             self._remove_vm_dir(vm_dir)
+            remove_share_dir(share_dir)
             if isinstance(exc, HanabiError):
                 log.warning("vm start failed", extra={"sandbox": sid, "error": exc.message})
             raise
@@ -240,7 +254,8 @@ class VmService(DeviceOps, PoolOps):
             agent_transport=handle.agent_transport, agent_port=handle.agent_port,  # type: ignore[arg-type]
             control_socket=str(handle.control_socket), console_log=str(spec.console_log),
             stderr_log=str(spec.stderr_log), created_at=time.time(),
-            nics=[NicRecord.of(n) for n in spec.nics])
+            nics=[NicRecord.of(n) for n in spec.nics],
+            share_dir=str(spec.share_dir) if spec.share_dir else None)
 
     def get(self, request: SandboxRef) -> VmInfo:
         """The VM of one sandbox."""
@@ -294,7 +309,7 @@ class VmService(DeviceOps, PoolOps):
             if backend.is_alive(handle):
                 raise Internal(f"VM of sandbox {sid} (pid {state.pid}) survived SIGKILL")
             self.store.remove(sid, STATE_NAME)
-            self._remove_vm_dir(Path(state.vm_dir))
+            self._remove_vm_dirs(state)
             self._handles.pop(sid, None)
         log.info("vm stopped", extra={"sandbox": sid, "pid": state.pid, "was_running": result.was_running,
                                       "killed": result.killed, "exit_status": result.exit_status})

@@ -96,6 +96,7 @@ class HypervisorState(VersionedState):
     created_at: float
     disks: list[DiskRecord] = []
     nics: list[NicRecord] = []
+    share_dir: str | None = None
 
     def handle(self) -> VmHandle:
         """A backend handle for this VM (without a Popen: good for adopted VMs)."""
@@ -113,7 +114,7 @@ class HypervisorState(VersionedState):
                       agent_port=self.agent_port, control_socket=self.control_socket,
                       console_log=self.console_log, created_at=self.created_at,
                       exit_status=self.exit_status, disks=[d.device_id for d in self.disks],
-                      nics=[n.device_id for n in self.nics])
+                      nics=[n.device_id for n in self.nics], share_dir=self.share_dir)
 
     def busy_slots(self) -> set[str]:
         """The hot-plug slots its disks and NICs hold."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from hanabi_common.models.base import ContainerId, ExecId, Reply, Request, SandboxId
 from hanabi_common.models.netd import Interface, Route
@@ -34,16 +34,27 @@ class AgentInfo(Reply):
 
 
 class RootfsSpec(Request):
-    """The disk the guest mounts as the container's root."""
+    """What the guest mounts as the container's root: the disk with virtio serial `serial`,
+    or (`share`, with fstype "9p") a directory of the VM's file share, relative to it."""
 
-    serial: str = Field(pattern=r"^[A-Za-z0-9_-]{1,20}$")
-    fstype: Literal["ext4"] = "ext4"
+    serial: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]{1,20}$")
+    fstype: Literal["ext4", "9p"] = "ext4"
     readonly: bool = False
+    share: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}/rootfs$")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "RootfsSpec":
+        if (self.serial is None) == (self.share is None):
+            raise ValueError("a rootfs is either a disk (serial) or a share directory (share)")
+        if (self.share is not None) != (self.fstype == "9p"):
+            raise ValueError("a share rootfs has fstype 9p, a disk ext4")
+        return self
 
 
 class GuestMount(Request):
-    """A mount the agent makes in the container: a bind of a copy that travelled on the
-    mounts disk (`source` names it there), or a tmpfs."""
+    """A mount the agent makes in the container: a bind of an entry of the container's
+    share directory (or of a copy that travelled on the mounts disk): `source` names it
+    there; or a tmpfs."""
 
     destination: str = Field(pattern=r"^/", max_length=4096)
     type: Literal["bind", "tmpfs"]
@@ -61,6 +72,8 @@ class CreateContainer(Request):
     hostname: str | None = Field(None, max_length=255)
     mounts: list[GuestMount] = Field([], max_length=256)
     mounts_disk: RootfsSpec | None = None
+    # The container's directory in the VM's file share (binds' `source` entries live there).
+    share: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
 class ConfigureNetwork(Request):

@@ -10,10 +10,12 @@ from hanabi_common.models.base import Reply, Request, SandboxId
 
 
 class BindSource(Request):
-    """A host file or directory to copy onto the sandbox's mounts disk, under `name`."""
+    """A host file or directory the container bind-mounts, under `name`: shared live into
+    the VM (with `share_root`), else copied onto the sandbox's mounts disk."""
 
     name: str = Field(pattern=r"^m[0-9]{1,4}$")
     source: str = Field(pattern=r"^/", max_length=4096)
+    readonly: bool = False
 
 
 class ProvisionVolume(Request):
@@ -27,6 +29,11 @@ class ProvisionVolume(Request):
     # The disk formats the VM can open, preferred first: QEMU takes a qcow2 layer over the
     # shared base; Firecracker takes raw files only (it gets a reflink/sparse copy).
     formats: list[Literal["qcow2", "raw"]] = Field(["qcow2", "raw"], min_length=1, max_length=2)
+    # The VM's 9P export root (VmInfo.share_dir): when set, the rootfs directory and the
+    # binds are bind-mounted into `<share_root>/<container_id>/` instead of copied (a rootfs
+    # that is a whole block device's mount is still passed through as a disk).
+    share_root: str | None = Field(None, pattern=r"^/", max_length=4096)
+    container_id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
 class VolumeInfo(Reply):
@@ -42,8 +49,12 @@ class VolumeInfo(Reply):
     source: str
     binds: "VolumeInfo | None" = None
     # How the volume was made: "layer" (qcow2 over a shared base), "copy" (raw copy of a
-    # base), "passthrough" (the rootfs's own block device), "image" (an image of its own).
-    layout: Literal["layer", "copy", "passthrough", "image"] = "image"
+    # base), "passthrough" (the rootfs's own block device), "image" (an image of its own),
+    # "share" (no disk: the rootfs directory itself, in the VM's file share).
+    layout: Literal["layer", "copy", "passthrough", "image", "share"] = "image"
+    # With a file share: the container's directory in the export root (relative to it),
+    # holding `rootfs` (layout "share") and the binds m0..mN.
+    share: str | None = None
     base_key: str | None = None
     base_path: str | None = None
     detail: str = ""

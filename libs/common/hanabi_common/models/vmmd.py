@@ -75,6 +75,9 @@ class VmInfo(Reply):
     nics: list[str] = []
     agent_transport: AgentTransport = "unix"
     agent_port: int | None = None
+    # The export root of the VM's file share (blockd binds container paths into it);
+    # None when the backend gives this VM no share device.
+    share_dir: str | None = None
 
 
 class VmList(Reply):

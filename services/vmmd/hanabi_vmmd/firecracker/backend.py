@@ -62,6 +62,7 @@ class FirecrackerHypervisor:
     """Boots and drives Firecracker VMs."""
 
     name = "firecracker"
+    share_kind = None  # no shared-filesystem device: 9P over vsock (diod) is not wired yet
 
     def __init__(self, *, binary: str = "firecracker", jailer: JailerConfig | None = None,
                  start_timeout: float = 60.0, api_timeout: float = 5.0,

@@ -1,0 +1,172 @@
+"""Live file shares, end to end: bind mounts and the root filesystem are the host's
+directories themselves inside the VM (virtio-9p), compared with what runc gives.
+
+Each test runs a busybox container in a real QEMU VM through the four daemons; the host
+side checks the host directories directly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.hanabi import BIN, leftovers, mounts_under
+
+pytestmark = pytest.mark.integration
+
+
+def with_mounts(path: str, mounts: list[dict], readonly: bool = False) -> str:
+    config = Path(path) / "config.json"
+    spec = json.loads(config.read_text())
+    spec["mounts"] += mounts
+    spec["root"]["readonly"] = readonly
+    config.write_text(json.dumps(spec))
+    return path
+
+
+def bind(source: Path, destination: str, *options: str) -> dict:
+    return {"destination": destination, "type": "bind", "source": str(source), "options": ["rbind", *options]}
+
+
+def run(hanabi, path: str, cid: str) -> list[str]:
+    done = hanabi.runtime("run", "--bundle", path, cid, timeout=240)
+    assert done.returncode == 0, done.stderr.decode()
+    return done.stdout.decode().splitlines()
+
+
+def wait_for(path: Path, timeout: float = 60.0, proc: subprocess.Popen | None = None) -> None:
+    """Wait until `path` exists (a condition, polled; fails after `timeout` or once `proc`,
+    which should make it, has ended)."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        assert proc is None or proc.poll() is None, f"{path} never appeared: the container ended"
+        time.sleep(0.05)
+
+
+def install_flocker(rootfs: Path) -> None:
+    """Build tests/helpers/flocker.c statically into the rootfs as /bin/flocker."""
+    source = Path(__file__).parent.parent / "helpers" / "flocker.c"
+    subprocess.run(["cc", "-static", "-O1", "-o", str(rootfs / "bin" / "flocker"), str(source)], check=True)
+
+
+def test_bind_writes_are_on_the_host_at_once_and_host_changes_are_seen(hanabi, bundle, cid, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "old").write_text("old\n")
+    (data / "gone").write_text("x")
+    script = (
+        "cd /data && echo hello > new && mkdir -p d/e && ln -s new link && ln new hard && "
+        "mv old renamed && rm gone && chmod 640 new && chown 1234:4321 renamed && "
+        "touch -d '2001-02-03 04:05:06' d && "
+        # a file past 4 GiB (sparse), fsync'd
+        "dd if=/dev/zero of=big bs=1M count=1 seek=4100 conv=fsync 2>/dev/null && "
+        "{ flocker hold lk held 60 & } ; while [ ! -f held ]; do sleep 0.05; done; "
+        "flocker try lk > lock.out; kill $! ; wait; flocker try lk >> lock.out; "
+        "echo ready > ready && "
+        "i=0; while [ ! -f from-host ] && [ $i -lt 1200 ]; do sleep 0.05; i=$((i+1)); done; "
+        "cat from-host > seen; stat -c '%s' from-host >> seen")
+    path = with_mounts(bundle(["sh", "-c", script]), [bind(data, "/data")])
+    install_flocker(Path(path) / "rootfs")
+    argv = [str(BIN / "hanabi-runtime"), "--config", str(hanabi.config_path), "run", "--bundle", path, cid]
+    with open(tmp_path / "out", "wb") as out:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for(data / "ready", 180, proc)
+        # Everything the container did is on the host while it still runs.
+        assert (data / "new").read_text() == "hello\n"
+        assert (data / "d" / "e").is_dir()
+        assert os.readlink(data / "link") == "new"
+        assert (data / "hard").stat().st_ino == (data / "new").stat().st_ino
+        assert (data / "new").stat().st_nlink == 2
+        assert (data / "renamed").read_text() == "old\n" and not (data / "old").exists()
+        assert not (data / "gone").exists()
+        assert (data / "new").stat().st_mode & 0o777 == 0o640
+        st = (data / "renamed").stat()
+        assert (st.st_uid, st.st_gid) == (1234, 4321)  # uids map 1:1, as under runc
+        assert time.gmtime((data / "d").stat().st_mtime)[:6] == (2001, 2, 3, 4, 5, 6)
+        assert (data / "big").stat().st_size == 4101 << 20
+        assert (data / "lock.out").read_text() == "busy\nlocked\n"  # flock(2) works in the guest
+        # A host change is seen inside the running container.
+        (data / "from-host").write_text("written on the host\n")
+        assert proc.wait(timeout=120) == 0, (tmp_path / "out").read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert (data / "seen").read_text() == "written on the host\n20\n"
+    assert leftovers(hanabi, cid) == []
+
+
+def test_readonly_bind_and_file_bind_and_readonly_root(hanabi, bundle, cid, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "note.txt").write_text("from the host\n")
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 localhost\n10.1.2.3 web\n")
+    script = ("cat /ro/note.txt; echo x > /ro/x 2>/dev/null || echo bind-readonly;"
+              "grep web /etc/hosts; echo '10.9.9.9 db' >> /etc/hosts && echo hosts-appended;"
+              "touch /rootfile 2>/dev/null || echo root-readonly; echo rw > /rw/rw && echo rw-ok")
+    path = with_mounts(bundle(["sh", "-c", script]), [
+        bind(data, "/ro", "ro"), bind(data, "/rw"), bind(hosts, "/etc/hosts")], readonly=True)
+    assert run(hanabi, path, cid) == ["from the host", "bind-readonly", "10.1.2.3 web", "hosts-appended",
+                                      "root-readonly", "rw-ok"]
+    assert sorted(p.name for p in data.iterdir()) == ["note.txt", "rw"]
+    assert hosts.read_text().endswith("10.9.9.9 db\n")  # a single-file bind is the host's file
+    assert leftovers(hanabi, cid) == []
+
+
+def test_root_filesystem_writes_and_deletions_land_in_the_bundle_rootfs(hanabi, bundle, cid):
+    path = bundle(["sh", "-c", "echo kept > /etc/written; rm /etc/group; mkdir /newdir; echo done"])
+    rootfs = Path(path) / "rootfs"
+    assert (rootfs / "etc" / "group").exists()
+    assert run(hanabi, path, cid) == ["done"]
+    assert (rootfs / "etc" / "written").read_text() == "kept\n"
+    assert not (rootfs / "etc" / "group").exists()
+    assert (rootfs / "newdir").is_dir()
+    assert leftovers(hanabi, cid) == []
+
+
+def test_the_guest_reaches_no_host_path_outside_the_share(hanabi, bundle, cid, tmp_path):
+    secret = tmp_path / "secret"
+    secret.write_text("host secret\n")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "escape").symlink_to(secret)           # absolute: resolved inside the guest
+    (data / "up").symlink_to("../secret")          # relative, climbing out of the share
+    script = ("cat /data/escape 2>&1; cat /data/up 2>&1; cat /data/../secret 2>&1;"
+              "ls /data/../../ | grep -c secret; echo end")
+    path = with_mounts(bundle(["sh", "-c", script]), [bind(data, "/data")])
+    out = run(hanabi, path, cid)
+    assert "host secret" not in "\n".join(out), out
+    assert out[-2:] == ["0", "end"]
+    assert leftovers(hanabi, cid) == []
+
+
+def test_fsynced_data_survives_a_sigkill_of_the_vmm(hanabi, bundle, cid, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    script = ("dd if=/dev/urandom of=/data/f bs=64k count=16 conv=fsync 2>/dev/null; "
+              "md5sum /data/f > /data/f.md5; sync; echo ready > /data/ready; "
+              "while :; do dd if=/dev/zero of=/data/churn bs=64k count=4 2>/dev/null; done")
+    path = with_mounts(bundle(["sh", "-c", script]), [bind(data, "/data")])
+    created = hanabi.runtime("create", "--bundle", path, cid)
+    assert created.returncode == 0, created.stderr.decode()
+    assert hanabi.runtime("start", cid).returncode == 0
+    wait_for(data / "ready", 180)
+    vm = json.loads((hanabi.config.sandboxes_dir / cid / "hypervisor.json").read_text())
+    os.kill(vm["pid"], signal.SIGKILL)
+    digest = (data / "f.md5").read_text().split()[0]
+    import hashlib
+    assert hashlib.md5((data / "f").read_bytes()).hexdigest() == digest
+    assert (data / "f").stat().st_size == 1 << 20
+    deleted = hanabi.runtime("delete", "--force", cid)
+    assert deleted.returncode == 0, deleted.stderr.decode()
+    assert leftovers(hanabi, cid) == []
+    assert mounts_under(hanabi.config.shares_dir) == []
