@@ -51,6 +51,7 @@ SHARE_DIR_NAME = ".share"
 # cache=mmap: reads and writes go to the host at once (a host change is seen, a write is
 # on the host when write(2) returns), page cache only for shared writable mmap.
 SHARE_MOUNT_OPTIONS = "trans=virtio,version=9p2000.L,msize=262144,cache=mmap,access=client"
+SHARE_MODULES = ("9p", "9pnet_virtio")
 MS_BIND = 4096
 MS_REC = 16384
 CGROUP_ROOT = "/sys/fs/cgroup"
@@ -294,11 +295,15 @@ class GuestSandbox(Sandbox):
     def share_path(self, rel: str) -> str | None:
         point = self.share_mount_point
         if not os.path.ismount(point):
+            # /init loads the modules in the background: 9p before its virtio transport
+            # (until that is in, a mount fails with EINVAL, "unknown transport").
+            if not all(os.path.isdir(f"/sys/module/{m}") for m in SHARE_MODULES):
+                return None
             os.makedirs(point, mode=0o700, exist_ok=True)
             try:
                 mount(P.SHARE_MOUNT_TAG, point, "9p", 0, SHARE_MOUNT_OPTIONS)
             except OSError as exc:
-                if exc.errno in (errno.ENOENT, errno.ENODEV):  # no such tag (yet) / no 9p module yet
+                if exc.errno == errno.ENOENT:  # no device with that tag (yet)
                     return None
                 raise
         path = os.path.join(point, rel)
