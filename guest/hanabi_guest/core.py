@@ -1,7 +1,7 @@
-"""State the in-guest agent keeps per container and per process, plus field validation.
+"""State the in-guest agent keeps per container and per process.
 
-The agent validates every request field itself (the host may be buggy); a bad field becomes
-an ``AgentError`` with code INVALID_ARGUMENT.
+The agent validates every request with ``hanabi_wire`` before a handler sees it (the host
+may be buggy); a bad field becomes an error reply with code INVALID_ARGUMENT.
 
 STDLIB ONLY: runs inside the guest.
 """
@@ -9,19 +9,17 @@ STDLIB ONLY: runs inside the guest.
 from __future__ import annotations
 
 import os
-import re
 import sys
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
+from hanabi_wire.messages import DISK
+from hanabi_wire.schema import OBJECT, F, check_value
+
 from .sandbox import Rootfs
 
 AGENT_VERSION = "0.1.0"
-
-ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
-HOSTNAME_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,62}[A-Za-z0-9])?")
-SERIAL_RE = re.compile(r"[A-Za-z0-9_.:-]{1,20}")
 
 # Container states.
 CREATING = "creating"
@@ -121,37 +119,10 @@ class Container:
         self.mounts_disk: dict[str, Any] | None = None
 
 
-def need_str(msg: dict[str, Any], key: str, pattern: re.Pattern[str] | None = None,
-             default: str | None = None) -> str:
-    """Return the string field ``key`` (matching ``pattern``) or raise INVALID_ARGUMENT."""
-    v = msg.get(key, default)
-    if not isinstance(v, str) or (pattern is not None and not pattern.fullmatch(v)):
-        raise AgentError("INVALID_ARGUMENT", f"field {key!r} is missing or invalid")
-    return v
-
-
-def need_bool(msg: dict[str, Any], key: str, default: bool = False) -> bool:
-    v = msg.get(key, default)
-    if v is None:
-        return default
-    if not isinstance(v, bool):
-        raise AgentError("INVALID_ARGUMENT", f"field {key!r} must be a boolean")
-    return v
-
-
-def need_int(msg: dict[str, Any], key: str, lo: int, hi: int) -> int:
-    v = msg.get(key)
-    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
-        raise AgentError("INVALID_ARGUMENT", f"field {key!r} must be an integer in {lo}..{hi}")
-    return v
+_DISK = F("rootfs", OBJECT, fields=DISK)
 
 
 def check_rootfs(v: Any) -> dict[str, Any]:
-    """Validate the ``rootfs`` object of create_container."""
-    if not isinstance(v, dict):
-        raise AgentError("INVALID_ARGUMENT", "field 'rootfs' must be an object")
-    need_str(v, "serial", SERIAL_RE)
-    if v.get("fstype", "ext4") != "ext4":
-        raise AgentError("INVALID_ARGUMENT", "rootfs.fstype must be 'ext4'")
-    need_bool(v, "readonly")
-    return v
+    """Validate a disk object (``rootfs``, ``mounts_disk``) of create_container."""
+    checked: dict[str, Any] = check_value(_DISK, v, "rootfs")
+    return checked

@@ -24,6 +24,9 @@ from __future__ import annotations
 import errno
 import os
 import stat
+
+from hanabi_wire.constants import CMDLINE_POWEROFF, POWEROFF_REBOOT, cmdline_word
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
@@ -121,7 +124,7 @@ def poweroff_command(cmdline: str) -> int:
     """The reboot(2) command that ends this VM: POWER_OFF, or RESTART when the kernel
     command line says ``hanabi.poweroff=reboot`` (Firecracker has no power-off device; a
     guest restart, with ``reboot=k``, ends the Firecracker process)."""
-    if "hanabi.poweroff=reboot" in cmdline.split():
+    if cmdline_word(CMDLINE_POWEROFF, POWEROFF_REBOOT) in cmdline.split():
         return LINUX_REBOOT_CMD_RESTART
     return LINUX_REBOOT_CMD_POWER_OFF
 

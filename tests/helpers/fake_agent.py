@@ -19,7 +19,7 @@ import socket
 import threading
 from typing import Callable
 
-from hanabi_guest.protocol import SYNC, T_SYNC, FrameDecoder, ProtocolError, encode_frame
+from hanabi_wire import SYNC, T_SYNC, FrameDecoder, ProtocolError, encode_frame
 
 HEAD_KEPT = 64
 Behave = Callable[["FakeAgent", dict], None]

@@ -4,7 +4,6 @@ real one; agentd ignores every byte the guest sends before that answer."""
 
 from __future__ import annotations
 
-import base64
 import logging
 import socket
 import struct
@@ -19,11 +18,11 @@ from hanabi_agentd.session import AgentSession
 from hanabi_common.config import AgentConfig, Config
 from hanabi_common.errors import (AlreadyExists, DeadlineExceeded, FailedPrecondition, Internal,
                                   NotFound, Unavailable)
-from hanabi_guest.protocol import MAX_FRAME, SYNC, encode_frame
+from hanabi_wire import MAX_FRAME, PROTOCOL_VERSION, SYNC, encode_frame
 
 from tests.helpers.fake_agent import FakeAgent
 
-PING = {"agent_version": "0.1.0", "kernel": "6.1.0-test", "uptime_s": 1.5}
+PING = {"agent_version": "0.1.0", "kernel": "6.1.0-test", "uptime_s": 1.5, "protocol": PROTOCOL_VERSION}
 
 
 def ping_only(agent: FakeAgent, msg: dict) -> None:
@@ -252,7 +251,7 @@ def test_invalid_events_are_dropped(make_session, caplog):
     record = add_container(session)
     agent = session.agents[0]
     agent.send({"type": "output", "container_id": "c1", "exec_id": "init", "stream": "stdout",
-                "data": base64.b64encode(b"x" * 70000).decode()})
+                "data": b"x" * 70000})
     agent.send({"type": "exit", "container_id": "c1", "exec_id": "init", "exit_code": "0"})
     agent.send({"type": "surprise"})
     agent.send({"type": "output", "container_id": "nope", "exec_id": "init", "stream": "stdout", "data": ""})
@@ -346,7 +345,7 @@ def test_output_is_buffered_then_exit_follows_it(make_session):
     for i in range(3):
         agent.send({"type": "output", "container_id": "c1", "exec_id": "init",
                     "stream": "stdout" if i % 2 == 0 else "stderr",
-                    "data": base64.b64encode(f"chunk{i}".encode()).decode()})
+                    "data": f"chunk{i}".encode()})
     agent.send({"type": "exit", "container_id": "c1", "exec_id": "init", "exit_code": 3, "signal": None})
     assert wait_for(lambda: record.status == "stopped")
     assert session.changes

@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from hanabi_guest import protocol as P
+import hanabi_wire as P
 
 
 def test_round_trip_one_frame() -> None:

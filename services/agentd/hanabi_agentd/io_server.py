@@ -1,6 +1,6 @@
 """The io socket: where each container's host stand-in process gets its stdio relayed.
 
-`<run_dir>/agentd-io.sock` (mode 0600) speaks the agent framing (`hanabi_guest.protocol`).
+`<run_dir>/agentd-io.sock` (mode 0600) speaks the agent framing (`hanabi_wire`).
 A client first sends `{"type":"attach","sandbox_id","container_id","exec_id"}` and gets
 `{"type":"attached"}` or `{"type":"error","code","message"}`. Then it may send
 `{"type":"stdin","data":b64}`, `{"type":"close_stdin"}` and, for a process on a terminal,
@@ -25,7 +25,7 @@ from typing import Annotated, Any, Callable, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from hanabi_common.errors import HanabiError, InvalidArgument
-from hanabi_guest.protocol import FrameDecoder, ProtocolError, b64e, encode_frame
+from hanabi_wire import FrameDecoder, ProtocolError, b64e, encode_frame
 
 from hanabi_agentd.guest_messages import ID_REGEX, Data
 from hanabi_agentd.models import TtyDim
@@ -267,7 +267,7 @@ class _IoClient:
         try:
             if isinstance(msg, Stdin):
                 if msg.data:
-                    self.session.send_event("stdin", {**fields, "data": b64e(msg.data)})
+                    self.session.send_event("stdin", {**fields, "data": msg.data})  # a data frame
             elif isinstance(msg, Resize):
                 self.session.request("resize", {**fields, "height": msg.height, "width": msg.width})
             else:
