@@ -70,7 +70,7 @@ def run(python: str, agent_path: str) -> None:
                 raise SelfTestError("agent self-test: ping did not state the protocol version")
             ok(2, "create_container", container_id="t", rootfs={"serial": "x"}, process=spec, hostname="h")
             ok(3, "exec", container_id="t", exec_id="e", process=spec)
-            ours.sendall(P.encode_frame({"type": "stdin", "container_id": "t", "exec_id": "e", "data": b"in"}))
+            ours.sendall(P.encode_frame({"type": P.T_STDIN, "container_id": "t", "exec_id": "e", "data": b"in"}))
             ok(4, "close_stdin", container_id="t", exec_id="e")
             ex = _exchange(ours, dec, inbox, {}, "exit")
             if ex.get("exit_code") != 3:
@@ -84,7 +84,7 @@ def run(python: str, agent_path: str) -> None:
                    "consoleSize": {"height": 5, "width": 6}}
             ok(20, "exec", container_id="t", exec_id="tty", process=tty)
             ok(21, "resize", container_id="t", exec_id="tty", height=12, width=34)
-            ours.sendall(P.encode_frame({"type": "stdin", "container_id": "t", "exec_id": "tty",
+            ours.sendall(P.encode_frame({"type": P.T_STDIN, "container_id": "t", "exec_id": "tty",
                                          "data": b"go\n"}))
             while (ex := _exchange(ours, dec, inbox, {}, "exit")).get("exec_id") != "tty":
                 pass

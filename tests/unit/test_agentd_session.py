@@ -174,6 +174,29 @@ def test_guest_that_never_answers_sync_is_not_heard(make_session, caplog):
     assert session.connected and session.request("ping", {})["kernel"] == "6.1.0-test"
 
 
+def test_connect_states_the_version_and_refuses_another(make_session):
+    """The first request says the host's protocol version; an agent that answers with another
+    one (or none) is refused, and so is the host when the agent refuses it: both named."""
+    session = make_session()
+    assert session.agents[0].seen[0]["type"] == "ping"
+    assert session.agents[0].seen[0]["protocol"] == PROTOCOL_VERSION
+    assert session.info.protocol == PROTOCOL_VERSION
+
+    def old_agent(agent, msg):
+        agent.reply(msg, {k: v for k, v in PING.items() if k != "protocol"})
+
+    with pytest.raises(Unavailable, match=f"mismatch: the host speaks version {PROTOCOL_VERSION}, "
+                                          "the guest agent version 1"):
+        make_session(old_agent)
+
+    def newer_agent(agent, msg):
+        agent.fail(msg, "FAILED_PRECONDITION", f"protocol version mismatch: the host speaks version "
+                                               f"{msg['protocol']}, the guest agent version 3")
+
+    with pytest.raises(FailedPrecondition, match=f"version {PROTOCOL_VERSION}, the guest agent version 3"):
+        make_session(newer_agent)
+
+
 def test_replies_are_matched_by_id_out_of_order(make_session):
     held: list[dict] = []
 

@@ -140,6 +140,19 @@ def test_ready_then_ping(agent: AgentProc) -> None:
     assert isinstance(res["uptime_s"], float) and res["uptime_s"] > 0
 
 
+def test_ping_negotiates_the_protocol_version(agent: AgentProc) -> None:
+    """The agent answers a ping with its protocol version, and refuses a host that states
+    another one (or none: version 1), naming both."""
+    assert agent.ok("ping")["protocol"] == P.PROTOCOL_VERSION
+    newer = agent.err("ping", protocol=P.PROTOCOL_VERSION + 1)
+    assert newer["code"] == "FAILED_PRECONDITION" and "protocol version mismatch" in newer["message"]
+    assert f"version {P.PROTOCOL_VERSION + 1}" in newer["message"] and f"version {P.PROTOCOL_VERSION}" in newer["message"]
+    agent.send({"type": "ping", "id": 77})  # an unversioned host
+    old = agent.wait_for(lambda m: m.get("type") == "reply" and m.get("id") == 77)
+    assert old["ok"] is False and f"host speaks version {P.UNVERSIONED}," in old["error"]["message"]
+    assert agent.err("ping", protocol="2")["code"] == "INVALID_ARGUMENT"  # strict types
+
+
 def test_exec_separates_stdout_stderr_and_reports_exit_code(c1: AgentProc) -> None:
     res = c1.ok("exec", container_id="c1", exec_id="e1",
                 process=proc_spec("sh", "-c", "echo out; echo err >&2; echo $FOO $HOME; exit 3"))

@@ -23,12 +23,11 @@ import threading
 import time
 from pathlib import Path
 
-from hanabi_wire import (HEADER, MAX_DATA_CHUNK, MAX_FRAME, FrameDecoder, ProtocolError, b64d, b64e,
+from hanabi_wire import (HEADER, MAX_DATA_CHUNK, MAX_FRAME, MAX_TTY_DIM, FrameDecoder, ProtocolError, b64d, b64e,
                          encode_frame)
 
 IO_SOCKET_NAME = "agentd-io.sock"
 UNKNOWN_STATUS = 255
-MAX_TTY_DIM = 65535
 
 
 class IoError(Exception):

@@ -8,6 +8,7 @@ from pydantic import Field
 
 from hanabi_common.models.base import ContainerId, ExecId, Reply, Request, SandboxId
 from hanabi_common.models.netd import Interface, Route
+from hanabi_wire import INIT_EXEC_ID, MAX_SIGNAL
 
 
 class ConnectAgent(Request):
@@ -103,8 +104,8 @@ class SignalProcess(Request):
 
     sandbox_id: SandboxId
     container_id: ContainerId
-    exec_id: ExecId = "init"
-    signal: int = Field(ge=1, le=64)
+    exec_id: ExecId = INIT_EXEC_ID
+    signal: int = Field(ge=1, le=MAX_SIGNAL)
     all: bool = False
 
 
