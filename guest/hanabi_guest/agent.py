@@ -10,7 +10,7 @@ Channel behaviour: a peer that goes away (virtio-serial POLLHUP/EOF while no hos
 connected) makes the agent reset its frame decoder, drop the unsent rest of a partially
 written frame and look again after ``channel.retry_delay`` (50 ms), without spinning.
 Replies and events produced meanwhile stay queued and go to the next host. A host that
-(re)connects writes ``protocol.SYNC``: the agent then discards any half-received frame,
+(re)connects writes ``hanabi_wire.SYNC``: the agent then discards any half-received frame,
 drops the unsent rest of a half-written one and writes SYNC before its next frame, so both
 directions restart at a frame boundary even if the agent never saw the disconnect. A
 corrupt frame makes it send a ``protocol_error`` event and ignore input until SYNC or EOF.

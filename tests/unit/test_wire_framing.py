@@ -7,6 +7,7 @@ import struct
 import pytest
 
 import hanabi_wire as P
+from hanabi_wire import framing
 
 
 def test_round_trip_one_frame() -> None:
@@ -230,3 +231,13 @@ def test_unknown_frame_kinds_and_the_cap_apply_to_data_frames() -> None:
         P.encode_frame({"type": "output", "stream": "stdin", "container_id": "c", "exec_id": "e", "data": b""})
     plain = P.FrameDecoder(sync=False)  # the io socket's decoder reads data frames too
     assert plain.feed(P.encode_frame(_out(b"\xff"))) == [_out(b"\xff")]
+
+
+def test_escaping_round_trips_any_mix_of_escape_bytes() -> None:
+    import random
+
+    rng = random.Random(10)
+    for _ in range(2000):
+        data = bytes(rng.choice(b"\x00\x01\xfe\xffa") for _ in range(rng.randrange(0, 40)))
+        escaped = framing.escape(data)
+        assert b"\xff" not in escaped and framing.unescape(escaped) == data

@@ -5,8 +5,13 @@ event from the host; agentd: each message from the untrusted guest) and, on the 
 request's result with ``check_result``. docs/agent-protocol.md's message tables are made
 from this table (``hanabi_wire.doc``; a test keeps them equal).
 
-To add a field to a message: add one ``F(...)`` to its tuple below, regenerate the doc
-(``python -m hanabi_wire.doc --write docs/agent-protocol.md``), and use the field.
+To add a field to a message: add one ``F(...)`` to its tuple below (``default=`` makes it
+optional, so older hosts still pass; ``fields=`` declares an object's sub-fields, or leave
+it free-form and check it where it is used), regenerate the doc (``python -m
+hanabi_wire.doc --write docs/agent-protocol.md``) and read it in the handler
+(``msg["name"]``: always present once checked). agentd forwards ``create_container`` and
+``configure_network`` from its RPC models (hanabi_common.models.agentd): a field there that
+is missing here fails at once (``request``) instead of being dropped by the agent.
 
 STDLIB ONLY: runs inside the guest.
 """
