@@ -10,7 +10,7 @@ Channel behaviour: a peer that goes away (virtio-serial POLLHUP/EOF while no hos
 connected) makes the agent reset its frame decoder, drop the unsent rest of a partially
 written frame and look again after ``channel.retry_delay`` (50 ms), without spinning.
 Replies and events produced meanwhile stay queued and go to the next host. A host that
-(re)connects writes ``protocol.SYNC``: the agent then discards any half-received frame,
+(re)connects writes ``hanabi_wire.SYNC``: the agent then discards any half-received frame,
 drops the unsent rest of a half-written one and writes SYNC before its next frame, so both
 directions restart at a frame boundary even if the agent never saw the disconnect. A
 corrupt frame makes it send a ``protocol_error`` event and ignore input until SYNC or EOF.
@@ -37,7 +37,8 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, Callable
 
-from . import protocol as P
+import hanabi_wire as P
+
 from .channel import Channel, FdChannel, open_guest_channel
 from .core import AGENT_VERSION, Container, Proc, log, log_exc
 from .dnsrelay import DnsRelay
@@ -193,14 +194,15 @@ class Agent(Handlers, ProcIO):
         if mtype == P.T_SYNC:
             self._on_sync()
             return
-        if mtype == P.T_STDIN:
+        if mtype in P.HOST_EVENTS:
             try:
-                self._on_stdin_event(msg)
+                event = P.check_message(msg, P.HOST)
+                if mtype == P.T_STDIN:
+                    self._on_stdin_event(event)
+                else:
+                    self.dns.on_answer(event)
             except Exception as exc:  # noqa: BLE001 - events have no reply
-                log(f"stdin event dropped: {exc}")
-            return
-        if mtype == P.T_DNS_ANSWER:
-            self.dns.on_answer(msg)
+                log(f"{mtype} event dropped: {exc}")
             return
         req_id = msg.get("id")
         if not isinstance(req_id, int) or isinstance(req_id, bool):
@@ -211,7 +213,7 @@ class Agent(Handlers, ProcIO):
             self.send(P.reply_error(req_id, P.E_INVALID_ARGUMENT, f"unknown request type {str(mtype)[:64]!r}"))
             return
         try:
-            result = handler(req_id, msg)
+            result = handler(req_id, P.check_message(msg, P.HOST))
         except Exception as exc:  # noqa: BLE001 - every failure becomes an error reply
             if not hasattr(exc, "code"):
                 log_exc(f"{mtype} failed")

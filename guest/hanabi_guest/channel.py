@@ -13,7 +13,7 @@ non-blocking and expose the same small interface (``Channel``):
 ``SerialChannel`` is a virtio-serial port (QEMU). While no host is connected to the port,
 the guest kernel reports POLLHUP and reads return EOF: the loop backs off ``retry_delay``
 seconds and looks again, so a late or reconnecting host costs about 20 wake-ups a second.
-``VsockChannel`` listens on AF_VSOCK port 1024 and serves one connection at a time.
+``VsockChannel`` listens on AF_VSOCK port ``VSOCK_PORT`` (1024) and serves one connection at a time.
 ``FdChannel`` wraps an inherited stream socket (host-side tests); its EOF stops the agent.
 
 STDLIB ONLY: runs inside the guest.
@@ -26,6 +26,9 @@ import os
 import stat
 import time
 
+from hanabi_wire.constants import (CHANNEL_SERIAL, CHANNEL_VSOCK, CMDLINE_CHANNEL, SERIAL_PORT_NAME,
+                                   VSOCK_PORT)
+
 from .sandbox import ensure_dev_node, find_sysfs_entry
 
 TYPE_CHECKING = False
@@ -33,8 +36,6 @@ if TYPE_CHECKING:
     from typing import Any
 
 READ_SIZE = 256 * 1024
-SERIAL_PORT_NAME = "agent.0"
-VSOCK_PORT = 1024
 
 
 class Channel:
@@ -141,7 +142,7 @@ class SerialChannel(FdChannel):
 
 
 class VsockChannel(Channel):
-    """An AF_VSOCK listener (port 1024) serving one host connection at a time."""
+    """An AF_VSOCK listener (port VSOCK_PORT) serving one host connection at a time."""
 
     name = "vsock"
 
@@ -220,8 +221,8 @@ def kernel_cmdline_option(key: str, default: str, cmdline_path: str = "/proc/cmd
 
 def open_guest_channel() -> Channel:
     """Open the channel selected by ``hanabi.channel=`` (``serial`` default, or ``vsock``)."""
-    kind = kernel_cmdline_option("hanabi.channel", "serial")
-    if kind != "vsock":
+    kind = kernel_cmdline_option(CMDLINE_CHANNEL, CHANNEL_SERIAL)
+    if kind != CHANNEL_VSOCK:
         return SerialChannel.open()
     deadline = time.monotonic() + 10.0
     while True:  # the vsock modules may still be loading (init loads them in the background)

@@ -1,7 +1,7 @@
-"""State the in-guest agent keeps per container and per process, plus field validation.
+"""State the in-guest agent keeps per container and per process.
 
-The agent validates every request field itself (the host may be buggy); a bad field becomes
-an ``AgentError`` with code INVALID_ARGUMENT.
+The agent validates every request with ``hanabi_wire`` before a handler sees it (the host
+may be buggy); a bad field becomes an error reply with code INVALID_ARGUMENT.
 
 STDLIB ONLY: runs inside the guest.
 """
@@ -9,20 +9,15 @@ STDLIB ONLY: runs inside the guest.
 from __future__ import annotations
 
 import os
-import re
 import sys
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
+
 from .sandbox import Rootfs
 
 AGENT_VERSION = "0.1.0"
-
-ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
-HOSTNAME_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,62}[A-Za-z0-9])?")
-SERIAL_RE = re.compile(r"[A-Za-z0-9_.:-]{1,20}")
-SHARE_ROOTFS_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}/rootfs")
 
 # Container states.
 CREATING = "creating"
@@ -123,53 +118,12 @@ class Container:
         self.share: str | None = None  # its directory in the VM's file share (binds live there)
 
 
-def need_str(msg: dict[str, Any], key: str, pattern: re.Pattern[str] | None = None,
-             default: str | None = None) -> str:
-    """Return the string field ``key`` (matching ``pattern``) or raise INVALID_ARGUMENT."""
-    v = msg.get(key, default)
-    if not isinstance(v, str) or (pattern is not None and not pattern.fullmatch(v)):
-        raise AgentError("INVALID_ARGUMENT", f"field {key!r} is missing or invalid")
-    return v
-
-
-def need_bool(msg: dict[str, Any], key: str, default: bool = False) -> bool:
-    v = msg.get(key, default)
-    if v is None:
-        return default
-    if not isinstance(v, bool):
-        raise AgentError("INVALID_ARGUMENT", f"field {key!r} must be a boolean")
-    return v
-
-
-def need_int(msg: dict[str, Any], key: str, lo: int, hi: int) -> int:
-    v = msg.get(key)
-    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
-        raise AgentError("INVALID_ARGUMENT", f"field {key!r} must be an integer in {lo}..{hi}")
-    return v
-
-
-def check_rootfs(v: Any) -> dict[str, Any]:
-    """Validate the ``rootfs`` object of create_container: a disk by virtio ``serial``
-    (fstype ext4), or a ``share`` directory ``<container>/rootfs`` (fstype 9p)."""
-    if not isinstance(v, dict):
-        raise AgentError("INVALID_ARGUMENT", "field 'rootfs' must be an object")
-    if v.get("share") is not None:
-        need_str(v, "share", SHARE_ROOTFS_RE)
-        if v.get("fstype") != "9p" or v.get("serial") is not None:
-            raise AgentError("INVALID_ARGUMENT", "a share rootfs has fstype '9p' and no serial")
-    else:
-        need_str(v, "serial", SERIAL_RE)
-        if v.get("fstype", "ext4") != "ext4":
-            raise AgentError("INVALID_ARGUMENT", "rootfs.fstype must be 'ext4'")
-    need_bool(v, "readonly")
-    return v
-
-
-def check_share(v: Any) -> str | None:
-    """Validate the ``share`` field of create_container: the container's directory in the
-    VM's file share (a container-id-like name), or None."""
-    if v is None:
-        return None
-    if not isinstance(v, str) or not ID_RE.fullmatch(v):
-        raise AgentError("INVALID_ARGUMENT", "field 'share' must be a directory name like a container id")
-    return v
+def check_rootfs(checked: dict[str, Any]) -> dict[str, Any]:
+    """The rule the field table cannot say about create_container's ``rootfs`` (already
+    checked against ``ROOTFS``): a disk by virtio ``serial`` (fstype ext4), or a ``share``
+    directory ``<container>/rootfs`` (fstype 9p), never both."""
+    if (checked["share"] is None) == (checked["serial"] is None):
+        raise AgentError("INVALID_ARGUMENT", "field 'rootfs' needs exactly one of 'serial' and 'share'")
+    if (checked["share"] is not None) != (checked["fstype"] == "9p"):
+        raise AgentError("INVALID_ARGUMENT", "field 'rootfs': a share has fstype '9p', a disk 'ext4'")
+    return checked

@@ -17,7 +17,8 @@ import itertools
 import socket
 import time
 
-from . import protocol as P
+import hanabi_wire as P
+
 from .core import log
 
 TYPE_CHECKING = False
@@ -160,12 +161,12 @@ class DnsRelay:
 
     def on_answer(self, msg: dict[str, Any]) -> None:
         """A ``dns_answer`` event from the host: send it to the client that asked."""
-        entry = self.pending.pop(msg.get("qid"), None) if isinstance(msg.get("qid"), int) else None
+        entry = self.pending.pop(msg["qid"], None)
         if entry is None:
             return  # expired, or never asked
         sock, peer, _ = entry
         try:
-            answer = P.b64d(str(msg.get("data", "")))
+            answer = msg["data"]
             if peer is not None:
                 sock.sendto(answer, peer)
             elif self.clients.get(sock.fileno(), (None,))[0] is sock and len(answer) <= 0xFFFF:

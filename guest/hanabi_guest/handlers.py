@@ -5,6 +5,8 @@ A handler returns the ``result`` object of the reply, or ``PENDING`` when it rep
 powers off after the reply went out). Errors are raised (``AgentError``, ``SpawnError``,
 ``SandboxError``, ``OSError``, ``ValueError``) and turned into error replies by the loop.
 ``Handlers`` is a mixin of ``agent.Agent``, which provides the loop primitives it uses.
+Every request reaches its handler checked against its definition (``hanabi_wire.messages``:
+types, id patterns, ranges, defaults filled in); handlers check what depends on state.
 
 STDLIB ONLY: runs inside the guest.
 """
@@ -16,11 +18,11 @@ import os
 import signal
 import time
 
-from . import protocol as P
-from .core import (AGENT_VERSION, CREATED, CREATING, DESTROYING, HOSTNAME_RE, ID_RE, PENDING,
-                   RUNNING, AgentError, Container, Pending, Proc, check_rootfs, check_share, log, need_bool,
-                   need_int, need_str)
-from .mounts import check_mounts, check_mounts_disk
+import hanabi_wire as P
+
+from .core import (AGENT_VERSION, CREATED, CREATING, DESTROYING, PENDING, RUNNING, AgentError,
+                   Container, Pending, Proc, check_rootfs, log)
+from .mounts import check_mounts
 from .dnsrelay import DnsRelay
 from .network import check_network
 from .namespaces import Namespaces, plan
@@ -78,33 +80,32 @@ class Handlers:
         }
 
     def container(self, msg: dict[str, Any]) -> Container:
-        cid = need_str(msg, "container_id", ID_RE)
+        cid = msg["container_id"]
         c = self.containers.get(cid)
         if c is None:
             raise AgentError(P.E_NOT_FOUND, f"container {cid} not found")
         return c
 
     def h_ping(self, req_id: int, msg: dict[str, Any]) -> Result:
-        return {"agent_version": AGENT_VERSION, "kernel": os.uname().release, "uptime_s": uptime()}
+        mismatch = P.version_mismatch(msg["protocol"], P.PROTOCOL_VERSION)
+        if mismatch is not None:
+            raise AgentError(P.E_FAILED_PRECONDITION, mismatch)
+        return {"agent_version": AGENT_VERSION, "kernel": os.uname().release, "uptime_s": uptime(),
+                "protocol": P.PROTOCOL_VERSION}
 
     def h_create_container(self, req_id: int, msg: dict[str, Any]) -> Result:
-        cid = need_str(msg, "container_id", ID_RE)
+        cid = msg["container_id"]
         if cid in self.containers:
             raise AgentError(P.E_ALREADY_EXISTS, f"container {cid} already exists")
-        rootfs = check_rootfs(msg.get("rootfs"))
-        process = msg.get("process")
+        process = msg["process"]
         try:
             check_process(process)
         except ValueError as exc:
             raise AgentError(P.E_INVALID_ARGUMENT, str(exc)) from None
-        assert isinstance(process, dict)
-        hostname = msg.get("hostname")
-        if hostname is not None and not (isinstance(hostname, str) and HOSTNAME_RE.fullmatch(hostname)):
-            raise AgentError(P.E_INVALID_ARGUMENT, "field 'hostname' is invalid")
-        c = Container(cid, process, hostname, rootfs)
-        c.mounts = check_mounts(msg.get("mounts"))
-        c.mounts_disk = check_mounts_disk(msg.get("mounts_disk"))
-        c.share = check_share(msg.get("share"))
+        c = Container(cid, process, msg["hostname"], check_rootfs(msg["rootfs"]))
+        c.mounts = check_mounts(msg["mounts"])
+        c.mounts_disk = msg["mounts_disk"]
+        c.share = msg["share"]
         self.containers[cid] = c
         deadline = time.monotonic() + DISK_WAIT_S
         self._poll_disk(req_id, c, deadline)
@@ -228,21 +229,21 @@ class Handlers:
 
     def h_exec(self, req_id: int, msg: dict[str, Any]) -> Result:
         c = self.container(msg)
-        exec_id = need_str(msg, "exec_id", ID_RE)
+        exec_id = msg["exec_id"]
         if c.state in (CREATING, DESTROYING):
             raise AgentError(P.E_FAILED_PRECONDITION, f"container {c.cid} is {c.state}")
         if exec_id in c.procs or exec_id == P.INIT_EXEC_ID:
             raise AgentError(P.E_ALREADY_EXISTS, f"exec id {exec_id} is in use")
-        proc = self._spawn(c, exec_id, msg.get("process"))  # type: ignore[arg-type]
+        proc = self._spawn(c, exec_id, msg["process"])
         return {"pid": proc.pid}
 
     def h_signal(self, req_id: int, msg: dict[str, Any]) -> Result:
         c = self.container(msg)
-        sig = need_int(msg, "signal", 1, 64)
-        if need_bool(msg, "all"):
+        sig = msg["signal"]
+        if msg["all"]:
             self.kill_container(c, sig)
             return {}
-        exec_id = need_str(msg, "exec_id", ID_RE, default=P.INIT_EXEC_ID)
+        exec_id = msg["exec_id"]
         proc = c.procs.get(exec_id)
         if proc is None or not proc.alive:
             raise AgentError(P.E_NOT_FOUND, f"process {exec_id} of {c.cid} is not running")
@@ -251,7 +252,7 @@ class Handlers:
 
     def h_close_stdin(self, req_id: int, msg: dict[str, Any]) -> Result:
         c = self.container(msg)
-        exec_id = need_str(msg, "exec_id", ID_RE, default=P.INIT_EXEC_ID)
+        exec_id = msg["exec_id"]
         proc = c.procs.get(exec_id)
         if proc is None:
             raise AgentError(P.E_NOT_FOUND, f"process {exec_id} of {c.cid} not found")
@@ -261,9 +262,7 @@ class Handlers:
 
     def h_resize(self, req_id: int, msg: dict[str, Any]) -> Result:
         c = self.container(msg)
-        exec_id = need_str(msg, "exec_id", ID_RE, default=P.INIT_EXEC_ID)
-        height = need_int(msg, "height", 1, 65535)
-        width = need_int(msg, "width", 1, 65535)
+        exec_id, height, width = msg["exec_id"], msg["height"], msg["width"]
         proc = c.procs.get(exec_id)
         if proc is None:
             raise AgentError(P.E_NOT_FOUND, f"process {exec_id} of {c.cid} not found")

@@ -9,7 +9,9 @@ agent and /init sources, module list, builder version), so a build is skipped wh
 changed; ``/var/lib/hanabi/guest/current`` points at the newest one.
 
 The VMM boots it with ``KERNEL_CMDLINE`` (append ``hanabi.channel=vsock`` to make the agent
-listen on AF_VSOCK port 1024 instead of the virtio-serial port ``agent.0``).
+listen on AF_VSOCK port 1024 instead of the virtio-serial port ``agent.0``); those pieces are
+``hanabi_wire.constants``. The agent's modules and the protocol package ``hanabi_wire``
+(``WIRE_FILES``) go to /usr/lib/hanabi, compiled to __pycache__.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ import time
 from importlib import resources
 from typing import Any
 
+from hanabi_wire.constants import (CHANNEL_VSOCK, CMDLINE_CHANNEL, KERNEL_CMDLINE, PROTOCOL_VERSION,
+                                   SERIAL_PORT_NAME, VSOCK_PORT, cmdline_word)
+
 from . import debs as D
 from . import selftest
 from .cpio import CpioWriter
@@ -34,9 +39,6 @@ from .kernel import extract_vmlinux, module_closure
 BUILDER_VERSION = "1"
 GUEST_ROOT = "/var/lib/hanabi/guest"
 KEEP_BUILDS = 3
-KERNEL_CMDLINE = ("console=ttyS0 quiet panic=-1 tsc=reliable no_timer_check rcupdate.rcu_expedited=1 "
-                  "i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd cryptomgr.notests 8250.nr_uarts=1 "
-                  "rdinit=/init")
 FIRECRACKER_VERSIONS = ">=1.8"
 PACKAGES = ["linux-image-amd64", "busybox-static", "python3.11-minimal", "libpython3.11-minimal",
             "libpython3.11-stdlib", "libc6", "zlib1g", "libexpat1", "libffi8"]
@@ -47,9 +49,11 @@ PACKAGES = ["linux-image-amd64", "busybox-static", "python3.11-minimal", "libpyt
 # names it only by the alias crypto-crc32c, which the closure cannot follow).
 MODULES = ["virtio_pci", "virtio_mmio", "virtio_blk", "virtio_console", "virtio_net", "crc32c_generic", "ext4", "vsock",
            "vmw_vsock_virtio_transport", "virtio_balloon", "virtio_rng", "9p", "9pnet_virtio", "9pnet_fd"]
-AGENT_FILES = ["__init__.py", "protocol.py", "channel.py", "core.py", "sandbox.py", "process.py",
+AGENT_FILES = ["__init__.py", "channel.py", "core.py", "sandbox.py", "process.py",
                "handlers.py", "procio.py", "poller.py", "agent.py", "mounts.py", "namespaces.py", "network.py", "dnsrelay.py",
                "blkswap.py"]
+WIRE_FILES = ["__init__.py", "constants.py", "framing.py", "schema.py", "messages.py"]
+PACKAGES_IN_IMAGE = ("hanabi_guest/", "hanabi_wire/")
 # Imported lazily by the agent, or needed by the interpreter in the guest's C locale.
 EXTRA_IMPORTS = ["ctypes", "resource", "traceback", "socket", "encodings.ascii", "encodings.latin_1"]
 INITRD_COMPRESSION = "none"  # "none" or "lz4" (legacy frames, `lz4 -l`)
@@ -62,13 +66,14 @@ class BuildError(RuntimeError):
     """The guest image could not be built."""
 
 
-def _pkg_file(name: str) -> bytes:
-    return resources.files("hanabi_guest").joinpath(name).read_bytes()
+def _pkg_file(name: str, package: str = "hanabi_guest") -> bytes:
+    return resources.files(package).joinpath(name).read_bytes()
 
 
 def sources() -> dict[str, bytes]:
-    """The agent package files and /init that go into the initramfs."""
+    """The agent and protocol package files and /init that go into the initramfs."""
     out = {f"hanabi_guest/{f}": _pkg_file(f) for f in AGENT_FILES}
+    out.update({f"hanabi_wire/{f}": _pkg_file(f, "hanabi_wire") for f in WIRE_FILES})
     out["init"] = _pkg_file("init.sh")
     return out
 
@@ -166,8 +171,8 @@ def _install_python(x: str, root: str) -> int:
     os.symlink("python3.11", os.path.join(root, "usr/bin/python3"))
     agent_dir = os.path.join(root, "usr/lib/hanabi")
     for rel, data in sources().items():
-        if rel.startswith("hanabi_guest/"):
-            os.makedirs(os.path.join(agent_dir, "hanabi_guest"), exist_ok=True)
+        if rel.startswith(PACKAGES_IN_IMAGE):
+            os.makedirs(os.path.join(agent_dir, os.path.dirname(rel)), exist_ok=True)
             with open(os.path.join(agent_dir, rel), "wb") as f:
                 f.write(data)
     prefix = os.path.join(x, STDLIB) + "/"
@@ -187,7 +192,7 @@ def _install_python(x: str, root: str) -> int:
     _python(os.path.join(x, PY), "-c", COMPILE_SCRIPT, "legacy", *py_srcs)
     for src in py_srcs:
         os.unlink(src)
-    agent_py = [os.path.join(agent_dir, r) for r in sources() if r.startswith("hanabi_guest/")]
+    agent_py = [os.path.join(agent_dir, r) for r in sources() if r.startswith(PACKAGES_IN_IMAGE)]
     _python(os.path.join(x, PY), "-c", COMPILE_SCRIPT, "pycache", *agent_py)
     _copy_libs(x, root, [os.path.join(root, PY), *sos])
     return len(files)
@@ -196,6 +201,7 @@ def _install_python(x: str, root: str) -> int:
 def _verify_python(root: str) -> None:
     """Run the trimmed interpreter from the tree: every guest import must resolve inside it."""
     check = ("import sys; sys.path.insert(0, sys.argv[1]); import hanabi_guest.agent, json, ctypes, resource; "
+             "import hanabi_wire, hanabi_wire.messages; "
              "ctypes.CDLL('libc.so.6').getpid(); import traceback\ntry: 1/0\nexcept Exception: traceback.format_exc()\n"
              "bad = [m for m, v in sys.modules.items() if getattr(v, '__file__', None) and "
              "not v.__file__.startswith(sys.argv[2])]; assert not bad, bad; print(sys.version)")
@@ -286,8 +292,9 @@ def _build_into(tmp: str, debs: dict[str, D.Deb], paths: dict[str, str], digest:
         "builder_version": BUILDER_VERSION,
         "agent_version": AGENT_VERSION,
         "kernel_cmdline": KERNEL_CMDLINE,
-        "agent_channel": {"default": "virtio-serial", "virtio_serial_name": "agent.0",
-                          "vsock_port": 1024, "vsock_cmdline": "hanabi.channel=vsock"},
+        "protocol_version": PROTOCOL_VERSION,
+        "agent_channel": {"default": "virtio-serial", "virtio_serial_name": SERIAL_PORT_NAME,
+                          "vsock_port": VSOCK_PORT, "vsock_cmdline": cmdline_word(CMDLINE_CHANNEL, CHANNEL_VSOCK)},
         "initrd_compression": INITRD_COMPRESSION,
         "initrd_uncompressed_size": raw_size,
         "files": {n: _file_info(os.path.join(tmp, n)) for n in ("vmlinuz", "vmlinux", "initrd.img")},

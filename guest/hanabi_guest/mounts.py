@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 
-from .core import AgentError, check_rootfs
+from .core import AgentError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -66,11 +66,6 @@ def check_mounts(value: object) -> list[dict[str, Any]]:
         checked.append({"destination": _destination(item.get("destination")), "type": kind,
                         "source": source, "options": options})
     return checked
-
-
-def check_mounts_disk(value: object) -> dict[str, Any] | None:
-    """Validate ``mounts_disk`` (the binds disk, by serial); None when there is none."""
-    return None if value is None else check_rootfs(value)
 
 
 def _flags(options: list[str]) -> int:

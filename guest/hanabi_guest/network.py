@@ -1,6 +1,7 @@
 """The guest's network: its NICs configured exactly as netd found the container's links.
 
-``check_network`` validates a ``configure_network`` request (the host may be buggy);
+``check_network`` validates a ``configure_network`` request (the host may be buggy; its
+fields are defined in ``hanabi_wire.messages``);
 ``plan_commands`` turns it into busybox ``ip`` command lines (pure, unit-tested);
 ``apply`` finds each NIC by its MAC in sysfs (the VMM gave the guest NIC the link's MAC),
 renames it to the link's name, and runs the commands. IPv6 duplicate address detection
@@ -17,20 +18,21 @@ import os
 import re
 import time
 
+from hanabi_wire.constants import T_CONFIGURE_NETWORK
+from hanabi_wire.messages import MESSAGES
+from hanabi_wire.schema import WireError, check
+
 from .core import AgentError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-IFNAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,15}")
 MAC_RE = re.compile(r"([0-9a-f]{2}:){5}[0-9a-f]{2}")
-MAX_INTERFACES = 8
-MAX_ADDRESSES = 32
-MAX_ROUTES = 64
 BUSYBOX = "/bin/busybox"
 NIC_WAIT_S = 5.0
 E_INVALID = "INVALID_ARGUMENT"
+_FIELDS = MESSAGES[T_CONFIGURE_NETWORK].fields
 
 
 def _need(cond: bool, message: str) -> None:
@@ -40,26 +42,20 @@ def _need(cond: bool, message: str) -> None:
 
 def check_network(msg: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str]]:
     """The request's interfaces, routes and DNS relay addresses (loopback IPv4 only),
-    validated and normalised (AgentError if bad)."""
-    interfaces, routes = msg.get("interfaces", []), msg.get("routes", [])
-    _need(isinstance(interfaces, list) and len(interfaces) <= MAX_INTERFACES,
-          f"interfaces must be a list of at most {MAX_INTERFACES}")
-    _need(isinstance(routes, list) and len(routes) <= MAX_ROUTES, f"routes must be a list of at most {MAX_ROUTES}")
+    validated and normalised (AgentError if bad): the shapes and bounds of
+    ``hanabi_wire.messages``, then what they cannot say (addresses parse, no name or MAC
+    twice, routes only over configured interfaces)."""
+    try:
+        fields = check(_FIELDS, msg)
+    except WireError as exc:
+        raise AgentError(E_INVALID, str(exc)) from None
     clean_ifaces, names, macs = [], set(), set()
-    for iface in interfaces:
-        _need(isinstance(iface, dict), "each interface must be an object")
-        name, mac, mtu = iface.get("name"), str(iface.get("mac", "")).lower(), iface.get("mtu", 1500)
-        _need(isinstance(name, str) and IFNAME_RE.fullmatch(name) is not None and name != "lo",
-              f"interface name {name!r} is not a valid link name")
-        _need(MAC_RE.fullmatch(mac) is not None, f"interface {name}: MAC {mac!r} is not a MAC address")
-        _need(isinstance(mtu, int) and not isinstance(mtu, bool) and 68 <= mtu <= 65535,
-              f"interface {name}: MTU must be an integer in 68..65535")
+    for iface in fields["interfaces"]:
+        name, mac, mtu = iface["name"], iface["mac"].lower(), iface["mtu"]
+        _need(name != "lo", f"interface name {name!r} is not a valid link name")
         _need(name not in names and mac not in macs, f"interface {name} ({mac}) appears twice")
-        addresses = iface.get("addresses", [])
-        _need(isinstance(addresses, list) and len(addresses) <= MAX_ADDRESSES,
-              f"interface {name}: addresses must be a list of at most {MAX_ADDRESSES}")
         clean_addrs = []
-        for cidr in addresses:
+        for cidr in iface["addresses"]:
             try:
                 clean_addrs.append(str(ipaddress.ip_interface(cidr)))
             except (ValueError, TypeError):
@@ -68,11 +64,8 @@ def check_network(msg: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[
         macs.add(mac)
         clean_ifaces.append({"name": name, "mac": mac, "mtu": mtu, "addresses": clean_addrs})
     clean_routes = []
-    for route in routes:
-        _need(isinstance(route, dict), "each route must be an object")
-        dest, gateway, dev = route.get("dest"), route.get("gateway"), route.get("dev")
-        family = route.get("family", 4)
-        _need(family in (4, 6), f"route {dest!r}: family must be 4 or 6")
+    for route in fields["routes"]:
+        dest, gateway, dev, family = route["dest"], route["gateway"], route["dev"], route["family"]
         _need(dev is None or dev in names, f"route {dest!r}: device {dev!r} is not a configured interface")
         try:
             if dest != "default":
@@ -82,10 +75,8 @@ def check_network(msg: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[
         except (ValueError, TypeError):
             raise AgentError(E_INVALID, f"route {dest!r} via {gateway!r} is not valid") from None
         clean_routes.append({"dest": dest, "gateway": gateway, "dev": dev, "family": family})
-    relay = msg.get("dns_relay", [])
-    _need(isinstance(relay, list) and len(relay) <= 4, "dns_relay must be a list of at most 4 addresses")
     clean_relay = []
-    for address in relay:
+    for address in fields["dns_relay"]:
         try:
             ip = ipaddress.IPv4Address(address)
         except (ValueError, TypeError):

@@ -30,6 +30,8 @@ import fcntl
 import os
 import signal
 import struct
+
+from hanabi_wire.constants import MAX_TTY_DIM
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
@@ -39,7 +41,6 @@ if TYPE_CHECKING:
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 MAX_ARGS = 4096
 MAX_STRING = 128 * 1024
-MAX_TTY_DIM = 65535
 # ioctl numbers (asm-generic, as on x86_64 and arm64): no termios module in the guest.
 TIOCSCTTY = 0x540E
 TIOCSWINSZ = 0x5414

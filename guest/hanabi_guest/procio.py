@@ -1,7 +1,8 @@
 """Process I/O of the in-guest agent: output relay, stdin feeding, reaping, killing.
 
 ``ProcIO`` is a mixin of ``agent.Agent``. Each process's stdout/stderr pipe is read in
-MAX_DATA_CHUNK pieces and relayed as ``output`` events; ``stdin`` events are buffered and
+MAX_DATA_CHUNK pieces and relayed as ``output`` events (data frames: the bytes as they
+are); ``stdin`` events are buffered and
 written when the pipe is writable; SIGCHLD wake-ups reap every child (and every orphan the
 kernel re-parents to PID 1). ``exit`` is sent when a process is reaped and both its output
 pipes reached EOF (a process on a pty: when its master reads EOF or EIO, i.e. every holder
@@ -16,7 +17,8 @@ from __future__ import annotations
 import os
 import signal
 
-from . import protocol as P
+import hanabi_wire as P
+
 from .core import DESTROYING, STOPPED, Container, Proc, log
 from .poller import EVENT_READ as R, EVENT_WRITE as W, Poller
 from .sandbox import Sandbox
@@ -63,7 +65,7 @@ class ProcIO:
             self._maybe_exited(proc)
             return
         self.send({"type": P.T_OUTPUT, "container_id": proc.cid, "exec_id": proc.exec_id,
-                   "stream": proc.streams[fd], "data": P.b64e(data)})
+                   "stream": proc.streams[fd], "data": data})
 
     def _close_stream(self, proc: Proc, fd: int) -> None:
         if self.out_fds.pop(fd, None) is not None and not self.paused:
@@ -72,12 +74,12 @@ class ProcIO:
         os.close(fd)
 
     def _on_stdin_event(self, msg: dict[str, Any]) -> None:
+        """A checked ``stdin`` event: queue its bytes for the process's stdin."""
         c = self.container(msg)
-        exec_id = msg.get("exec_id", P.INIT_EXEC_ID)
-        proc = c.procs.get(exec_id) if isinstance(exec_id, str) else None
+        proc = c.procs.get(msg["exec_id"])
         if proc is None or proc.stdin_fd is None or proc.stdin_close:
             return
-        data = P.b64d(msg.get("data"))  # type: ignore[arg-type]
+        data = msg["data"]
         if data:
             proc.stdin_buf += data
             self.stdin_bytes += len(data)

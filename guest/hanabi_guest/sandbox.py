@@ -25,7 +25,8 @@ import errno
 import os
 import stat
 
-from . import protocol as P
+from hanabi_wire.constants import CMDLINE_POWEROFF, POWEROFF_REBOOT, SHARE_MOUNT_TAG, cmdline_word
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
@@ -133,7 +134,7 @@ def poweroff_command(cmdline: str) -> int:
     """The reboot(2) command that ends this VM: POWER_OFF, or RESTART when the kernel
     command line says ``hanabi.poweroff=reboot`` (Firecracker has no power-off device; a
     guest restart, with ``reboot=k``, ends the Firecracker process)."""
-    if "hanabi.poweroff=reboot" in cmdline.split():
+    if cmdline_word(CMDLINE_POWEROFF, POWEROFF_REBOOT) in cmdline.split():
         return LINUX_REBOOT_CMD_RESTART
     return LINUX_REBOOT_CMD_POWER_OFF
 
@@ -301,7 +302,7 @@ class GuestSandbox(Sandbox):
                 return None
             os.makedirs(point, mode=0o700, exist_ok=True)
             try:
-                mount(P.SHARE_MOUNT_TAG, point, "9p", 0, SHARE_MOUNT_OPTIONS)
+                mount(SHARE_MOUNT_TAG, point, "9p", 0, SHARE_MOUNT_OPTIONS)
             except OSError as exc:
                 if exc.errno == errno.ENOENT:  # no device with that tag (yet)
                     return None

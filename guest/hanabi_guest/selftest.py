@@ -16,7 +16,7 @@ import tempfile
 import time
 from typing import Any
 
-from . import protocol as P
+import hanabi_wire as P
 
 
 class SelfTestError(RuntimeError):
@@ -66,10 +66,11 @@ def run(python: str, agent_path: str) -> None:
 
             spec = {"args": ["sh", "-c", "cat; echo err >&2; exit 3"], "env": ["A=b"], "cwd": "/",
                     "rlimits": [{"type": "RLIMIT_NOFILE", "soft": 1024, "hard": 1024}]}
-            ok(1, "ping")
+            if ok(1, "ping", **P.ping_fields()).get("protocol") != P.PROTOCOL_VERSION:
+                raise SelfTestError("agent self-test: ping did not state the protocol version")
             ok(2, "create_container", container_id="t", rootfs={"serial": "x"}, process=spec, hostname="h")
             ok(3, "exec", container_id="t", exec_id="e", process=spec)
-            ours.sendall(P.encode_frame({"type": "stdin", "container_id": "t", "exec_id": "e", "data": P.b64e(b"in")}))
+            ours.sendall(P.encode_frame({"type": P.T_STDIN, "container_id": "t", "exec_id": "e", "data": b"in"}))
             ok(4, "close_stdin", container_id="t", exec_id="e")
             ex = _exchange(ours, dec, inbox, {}, "exit")
             if ex.get("exit_code") != 3:
@@ -83,11 +84,11 @@ def run(python: str, agent_path: str) -> None:
                    "consoleSize": {"height": 5, "width": 6}}
             ok(20, "exec", container_id="t", exec_id="tty", process=tty)
             ok(21, "resize", container_id="t", exec_id="tty", height=12, width=34)
-            ours.sendall(P.encode_frame({"type": "stdin", "container_id": "t", "exec_id": "tty",
-                                         "data": P.b64e(b"go\n")}))
+            ours.sendall(P.encode_frame({"type": P.T_STDIN, "container_id": "t", "exec_id": "tty",
+                                         "data": b"go\n"}))
             while (ex := _exchange(ours, dec, inbox, {}, "exit")).get("exec_id") != "tty":
                 pass
-            out = b"".join(P.b64d(m["data"]) for m in inbox if m.get("type") == "output"
+            out = b"".join(m["data"] for m in inbox if m.get("type") == "output"
                            and m.get("exec_id") == "tty")
             if ex.get("exit_code") != 0 or b"12 34" not in out:
                 raise SelfTestError(f"agent self-test: pty exec gave {ex} and {out!r}")

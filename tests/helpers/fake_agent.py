@@ -2,7 +2,7 @@
 
 `FakeAgent` decodes what the host sends with `FrameDecoder` and hands every message to a
 `behave(agent, msg)` callback, after doing what the real agent (guest/hanabi_guest/agent.py)
-does with the SYNC handshake: when the host's SYNC marker arrives it writes `protocol.SYNC`
+does with the SYNC handshake: when the host's SYNC marker arrives it writes `hanabi_wire.SYNC`
 before any later frame. The host (agentd) ignores every byte it receives before that answer.
 
 Knobs for hostile or odd guests:
@@ -19,7 +19,7 @@ import socket
 import threading
 from typing import Callable
 
-from hanabi_guest.protocol import SYNC, T_SYNC, FrameDecoder, ProtocolError, encode_frame
+from hanabi_wire import SYNC, T_SYNC, FrameDecoder, ProtocolError, encode_frame
 
 HEAD_KEPT = 64
 Behave = Callable[["FakeAgent", dict], None]

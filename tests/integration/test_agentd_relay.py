@@ -27,6 +27,7 @@ from hanabi_common.errors import (AlreadyExists, DeadlineExceeded, FailedPrecond
                                   InvalidArgument, NotFound, Unavailable)
 from hanabi_common.models.agentd import RootfsSpec
 from hanabi_common.rpc.client import RpcClient
+from hanabi_wire import PROTOCOL_VERSION
 
 from tests.helpers.fake_agent import FakeAgent, ListeningFakeAgent
 
@@ -40,7 +41,7 @@ ENV = ["PATH=/usr/local/bin:/usr/bin:/bin", "HOME=/"]
 # no host is connected wait for the next one.
 CHARDEV = textwrap.dedent("""
     import os, select, socket, subprocess, sys
-    from hanabi_guest.protocol import SYNC, T_SYNC, FrameDecoder, encode_frame
+    from hanabi_wire import SYNC, T_SYNC, FrameDecoder, encode_frame
     path, rootfs = sys.argv[1], sys.argv[2]
     ours, theirs = socket.socketpair()
     agent = subprocess.Popen([sys.executable, "-m", "hanabi_guest.agent", "--fd", str(theirs.fileno()),
@@ -161,7 +162,7 @@ class Chardev:
         self.log.close()
 
 
-PING = {"agent_version": "9.9", "kernel": "hostile", "uptime_s": 1.0}
+PING = {"agent_version": "9.9", "kernel": "hostile", "uptime_s": 1.0, "protocol": PROTOCOL_VERSION}
 
 
 class HostilePeer(ListeningFakeAgent):

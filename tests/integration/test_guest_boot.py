@@ -19,12 +19,12 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from hanabi_guest import protocol as P
+import hanabi_wire as P
 from hanabi_guest.elf import Elf
-from hanabi_guest.image import KERNEL_CMDLINE
+from hanabi_wire import KERNEL_CMDLINE
 
 
-GUEST = Path("/var/lib/hanabi/guest/current")
+GUEST = Path(os.environ.get("HANABI_GUEST_DIR", "/var/lib/hanabi/guest/current"))  # as tests.helpers.hanabi
 BUSYBOX = Path("/bin/busybox")
 
 
@@ -129,7 +129,7 @@ class Agent:
         for m in [m for m in self.inbox if m.get("type") == "output" and m.get("exec_id") == exec_id
                   and m.get("stream") == stream]:
             self.inbox.remove(m)
-            out += P.b64d(m["data"])
+            out += m["data"]
         return out
 
 
@@ -195,7 +195,7 @@ def test_boot_hotplug_run_and_power_off(vm: dict[str, Any]) -> None:
     while pong is None:
         agent.next_id += 1
         sent.add(agent.next_id)
-        agent.send({"type": "ping", "id": agent.next_id})
+        agent.send({"type": "ping", "id": agent.next_id, **P.ping_fields()})
         try:  # pings sent before the agent opened its port are delivered then: any answer counts
             pong = agent.wait_for(lambda m: m.get("type") == "reply" and m.get("id") in sent, 0.5)
         except TimeoutError:
@@ -232,7 +232,7 @@ def test_boot_hotplug_run_and_power_off(vm: dict[str, Any]) -> None:
     time.sleep(2)
     t = time.monotonic()
     agent.connect(sync=True)
-    assert agent.request("ping")["agent_version"] == manifest["agent_version"]
+    assert agent.request("ping", **P.ping_fields())["agent_version"] == manifest["agent_version"]
     print(f"reconnect + SYNC + ping: {time.monotonic() - t:.3f} s")
     assert agent.exit_of("bg")["exit_code"] == 0 and agent.output("bg") == b"late\n"
     idle = agent_cpu_ticks(agent, process, "s1") - cpu0
@@ -242,7 +242,7 @@ def test_boot_hotplug_run_and_power_off(vm: dict[str, Any]) -> None:
     check = ("test -c /dev/null && test -e /proc/self/status && test -d /dev/pts && test -d /dev/shm "
              "&& test -d /sys/class && hostname && cat /proc/self/cgroup && cat")
     agent.request("exec", container_id="c1", exec_id="chk", process={**process, "args": ["sh", "-c", check]})
-    agent.send({"type": "stdin", "container_id": "c1", "exec_id": "chk", "data": P.b64e(b"via stdin\n")})
+    agent.send({"type": "stdin", "container_id": "c1", "exec_id": "chk", "data": b"via stdin\n"})
     agent.request("close_stdin", container_id="c1", exec_id="chk")
     ex = agent.exit_of("chk")
     assert ex["exit_code"] == 0, agent.output("chk", "stderr")

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import base64
 
 import pytest
 
 from hanabi_agentd.guest_messages import (GuestExit, GuestMisbehaved, GuestOutput, GuestReady,
                                           GuestReply, PidResult, PingResult, PsResult,
                                           parse_guest_message, parse_result, reply_id)
-from hanabi_guest.protocol import MAX_DATA_CHUNK
+from hanabi_wire import MAX_DATA_CHUNK, PROTOCOL_VERSION, FrameDecoder, encode_frame
 
 
 def output(**over):
-    msg = {"type": "output", "container_id": "c1", "exec_id": "init", "stream": "stdout",
-           "data": base64.b64encode(b"hello").decode()}
+    msg = {"type": "output", "container_id": "c1", "exec_id": "init", "stream": "stdout", "data": b"hello"}
     msg.update(over)
     return msg
 
@@ -22,8 +20,8 @@ def output(**over):
 def test_valid_messages_parse():
     out = parse_guest_message(output())
     assert isinstance(out, GuestOutput) and out.data == b"hello"
-    full = base64.b64encode(b"x" * MAX_DATA_CHUNK).decode()
-    assert parse_guest_message(output(data=full)).data == b"x" * MAX_DATA_CHUNK
+    full = b"\xff" * MAX_DATA_CHUNK  # through a data frame, as it travels
+    assert parse_guest_message(FrameDecoder().feed(encode_frame(output(data=full)))[0]).data == full
     ex = parse_guest_message({"type": "exit", "container_id": "c1", "exec_id": "e-1.2",
                               "exit_code": None, "signal": 9})
     assert isinstance(ex, GuestExit) and ex.signal == 9 and ex.exit_code is None
@@ -37,17 +35,24 @@ def test_valid_messages_parse():
 
 
 def test_oversized_data_is_rejected():
-    too_big = base64.b64encode(b"x" * (MAX_DATA_CHUNK + 1)).decode()
     with pytest.raises(GuestMisbehaved, match="data"):
-        parse_guest_message(output(data=too_big))
+        parse_guest_message(output(data=b"x" * (MAX_DATA_CHUNK + 1)))
     with pytest.raises(GuestMisbehaved, match="data"):
-        parse_guest_message(output(data="A" * 10_000_000))
+        parse_guest_message(output(data=b"A" * 10_000_000))
 
 
-@pytest.mark.parametrize("data", ["not base64!", "aGVsbG8", "aGVs\nbG8=", 5, None, ["aGk="]])
-def test_bad_base64_is_rejected(data):
-    with pytest.raises(GuestMisbehaved):
+@pytest.mark.parametrize("data", ["aGVsbG8=", 5, None, ["aGk="], bytearray(b"x" * (MAX_DATA_CHUNK + 1))])
+def test_output_data_must_be_bytes_of_a_data_frame(data):
+    """Stdio travels in data frames: base64 text in a JSON frame is no longer output."""
+    with pytest.raises(GuestMisbehaved, match="data"):
         parse_guest_message(output(data=data))
+
+
+@pytest.mark.parametrize("data", ["not base64!", "aGVsbG8", "aGVs\nbG8=", 5, None, ["aGk="],
+                                  "A" * 10_000_000])
+def test_bad_base64_is_rejected(data):
+    with pytest.raises(GuestMisbehaved, match="data"):
+        parse_guest_message({"type": "dns_query", "qid": 1, "server": "127.0.0.11", "data": data})
 
 
 @pytest.mark.parametrize("field,value", [
@@ -103,7 +108,9 @@ def test_results_are_validated_per_request():
         with pytest.raises(GuestMisbehaved):
             parse_result(PidResult, bad, "start")
     ping = parse_result(PingResult, {"agent_version": "0.1", "kernel": "6.1", "uptime_s": 2}, "ping")
-    assert ping.uptime_s == 2.0
+    assert ping.uptime_s == 2.0 and ping.protocol == 1  # an agent that states no version speaks 1
+    assert parse_result(PingResult, {"agent_version": "0.1", "kernel": "6.1", "protocol": PROTOCOL_VERSION},
+                        "ping").protocol == PROTOCOL_VERSION
     with pytest.raises(GuestMisbehaved):
         parse_result(PingResult, {"agent_version": "v" * 100, "kernel": "k"}, "ping")
     ps = parse_result(PsResult, {"processes": [{"pid": 5, "exec_id": "init", "args": ["sh"]},

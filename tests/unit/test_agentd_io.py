@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import os
 import select
 import socket
@@ -19,7 +18,7 @@ from hanabi_agentd.iostream import IoError, IoStream, exit_status
 from hanabi_agentd.process import ContainerRecord
 from hanabi_agentd.session import AgentSession
 from hanabi_common.config import AgentConfig, Config
-from hanabi_guest.protocol import FrameDecoder, encode_frame
+from hanabi_wire import FrameDecoder, encode_frame
 
 from tests.helpers.fake_agent import FakeAgent
 from tests.unit.test_agentd_session import PING, PairChannel
@@ -37,7 +36,7 @@ def echo_agent(agent: FakeAgent, msg: dict) -> None:
         agent.send({"type": "output", **where, "stream": "stdout", "data": msg["data"]})
     elif kind == "close_stdin":
         agent.reply(msg)
-        agent.send({"type": "output", **where, "stream": "stderr", "data": base64.b64encode(b"bye").decode()})
+        agent.send({"type": "output", **where, "stream": "stderr", "data": b"bye"})
         agent.send({"type": "exit", **where, "exit_code": 5, "signal": None})
 
 
@@ -101,7 +100,7 @@ def test_attach_after_exit_gets_buffer_then_exit_at_once(rig):
     record = session.process("c1", "init")
     record.mark_running(42)
     agents[0].send({"type": "output", "container_id": "c1", "exec_id": "init", "stream": "stdout",
-                    "data": base64.b64encode(b"before attach").decode()})
+                    "data": b"before attach"})
     agents[0].send({"type": "exit", "container_id": "c1", "exec_id": "init", "exit_code": None, "signal": 9})
     deadline = time.monotonic() + 3
     while record.status != "stopped" and time.monotonic() < deadline:

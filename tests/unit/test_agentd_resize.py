@@ -21,7 +21,7 @@ from hanabi_agentd.session import AgentSession
 from hanabi_common.config import AgentConfig, Config
 from hanabi_common.errors import FailedPrecondition, NotFound
 from hanabi_common.models.agentd import ConnectAgent, ContainerRef, CreateContainer, RootfsSpec
-from hanabi_guest.protocol import FrameDecoder, encode_frame
+from hanabi_wire import FrameDecoder, encode_frame
 
 from tests.helpers.fake_agent import FakeAgent
 from tests.unit.test_agentd_service import ListeningAgent

@@ -18,10 +18,11 @@ from hanabi_common.errors import (AlreadyExists, FailedPrecondition, InvalidArgu
 from hanabi_common.models.agentd import (ConnectAgent, ContainerRef, CreateContainer, ExecProcess,
                                          RootfsSpec, SignalProcess)
 from hanabi_common.models.base import NoArgs, SandboxRef
+from hanabi_wire import PROTOCOL_VERSION
 
 from tests.helpers.fake_agent import FakeAgent, ListeningFakeAgent
 
-PING = {"agent_version": "0.1.0", "kernel": "6.1.0-fake", "uptime_s": 1.0}
+PING = {"agent_version": "0.1.0", "kernel": "6.1.0-fake", "uptime_s": 1.0, "protocol": PROTOCOL_VERSION}
 
 
 class ListeningAgent(ListeningFakeAgent):

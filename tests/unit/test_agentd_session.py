@@ -4,7 +4,6 @@ real one; agentd ignores every byte the guest sends before that answer."""
 
 from __future__ import annotations
 
-import base64
 import logging
 import socket
 import struct
@@ -19,11 +18,11 @@ from hanabi_agentd.session import AgentSession
 from hanabi_common.config import AgentConfig, Config
 from hanabi_common.errors import (AlreadyExists, DeadlineExceeded, FailedPrecondition, Internal,
                                   NotFound, Unavailable)
-from hanabi_guest.protocol import MAX_FRAME, SYNC, encode_frame
+from hanabi_wire import MAX_FRAME, PROTOCOL_VERSION, SYNC, encode_frame
 
 from tests.helpers.fake_agent import FakeAgent
 
-PING = {"agent_version": "0.1.0", "kernel": "6.1.0-test", "uptime_s": 1.5}
+PING = {"agent_version": "0.1.0", "kernel": "6.1.0-test", "uptime_s": 1.5, "protocol": PROTOCOL_VERSION}
 
 
 def ping_only(agent: FakeAgent, msg: dict) -> None:
@@ -175,6 +174,29 @@ def test_guest_that_never_answers_sync_is_not_heard(make_session, caplog):
     assert session.connected and session.request("ping", {})["kernel"] == "6.1.0-test"
 
 
+def test_connect_states_the_version_and_refuses_another(make_session):
+    """The first request says the host's protocol version; an agent that answers with another
+    one (or none) is refused, and so is the host when the agent refuses it: both named."""
+    session = make_session()
+    assert session.agents[0].seen[0]["type"] == "ping"
+    assert session.agents[0].seen[0]["protocol"] == PROTOCOL_VERSION
+    assert session.info.protocol == PROTOCOL_VERSION
+
+    def old_agent(agent, msg):
+        agent.reply(msg, {k: v for k, v in PING.items() if k != "protocol"})
+
+    with pytest.raises(Unavailable, match=f"mismatch: the host speaks version {PROTOCOL_VERSION}, "
+                                          "the guest agent version 1"):
+        make_session(old_agent)
+
+    def newer_agent(agent, msg):
+        agent.fail(msg, "FAILED_PRECONDITION", f"protocol version mismatch: the host speaks version "
+                                               f"{msg['protocol']}, the guest agent version 3")
+
+    with pytest.raises(FailedPrecondition, match=f"version {PROTOCOL_VERSION}, the guest agent version 3"):
+        make_session(newer_agent)
+
+
 def test_replies_are_matched_by_id_out_of_order(make_session):
     held: list[dict] = []
 
@@ -252,7 +274,7 @@ def test_invalid_events_are_dropped(make_session, caplog):
     record = add_container(session)
     agent = session.agents[0]
     agent.send({"type": "output", "container_id": "c1", "exec_id": "init", "stream": "stdout",
-                "data": base64.b64encode(b"x" * 70000).decode()})
+                "data": b"x" * 70000})
     agent.send({"type": "exit", "container_id": "c1", "exec_id": "init", "exit_code": "0"})
     agent.send({"type": "surprise"})
     agent.send({"type": "output", "container_id": "nope", "exec_id": "init", "stream": "stdout", "data": ""})
@@ -346,7 +368,7 @@ def test_output_is_buffered_then_exit_follows_it(make_session):
     for i in range(3):
         agent.send({"type": "output", "container_id": "c1", "exec_id": "init",
                     "stream": "stdout" if i % 2 == 0 else "stderr",
-                    "data": base64.b64encode(f"chunk{i}".encode()).decode()})
+                    "data": f"chunk{i}".encode()})
     agent.send({"type": "exit", "container_id": "c1", "exec_id": "init", "exit_code": 3, "signal": None})
     assert wait_for(lambda: record.status == "stopped")
     assert session.changes

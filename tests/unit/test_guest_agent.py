@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from hanabi_guest import protocol as P
+import hanabi_wire as P
 
 Msg = dict[str, Any]
 
@@ -67,6 +67,8 @@ class AgentProc:
     def request(self, mtype: str, timeout: float = 10.0, **fields: Any) -> Msg:
         self.next_id += 1
         rid = self.next_id
+        if mtype == P.T_PING:  # a host states its protocol version in every ping
+            fields = {**P.ping_fields(), **fields}
         self.send({"type": mtype, "id": rid, **fields})
         return self.wait_for(lambda m: m.get("type") == "reply" and m.get("id") == rid, timeout)
 
@@ -90,7 +92,7 @@ class AgentProc:
         for m in self.inbox:
             if m.get("type") == "output" and m["exec_id"] == exec_id and m["stream"] == stream \
                     and m["container_id"] == cid:
-                data += P.b64d(m["data"])
+                data += m["data"]
             else:
                 keep.append(m)
         self.inbox = keep
@@ -138,6 +140,19 @@ def test_ready_then_ping(agent: AgentProc) -> None:
     assert isinstance(res["uptime_s"], float) and res["uptime_s"] > 0
 
 
+def test_ping_negotiates_the_protocol_version(agent: AgentProc) -> None:
+    """The agent answers a ping with its protocol version, and refuses a host that states
+    another one (or none: version 1), naming both."""
+    assert agent.ok("ping")["protocol"] == P.PROTOCOL_VERSION
+    newer = agent.err("ping", protocol=P.PROTOCOL_VERSION + 1)
+    assert newer["code"] == "FAILED_PRECONDITION" and "protocol version mismatch" in newer["message"]
+    assert f"version {P.PROTOCOL_VERSION + 1}" in newer["message"] and f"version {P.PROTOCOL_VERSION}" in newer["message"]
+    agent.send({"type": "ping", "id": 77})  # an unversioned host
+    old = agent.wait_for(lambda m: m.get("type") == "reply" and m.get("id") == 77)
+    assert old["ok"] is False and f"host speaks version {P.UNVERSIONED}," in old["error"]["message"]
+    assert agent.err("ping", protocol="2")["code"] == "INVALID_ARGUMENT"  # strict types
+
+
 def test_exec_separates_stdout_stderr_and_reports_exit_code(c1: AgentProc) -> None:
     res = c1.ok("exec", container_id="c1", exec_id="e1",
                 process=proc_spec("sh", "-c", "echo out; echo err >&2; echo $FOO $HOME; exit 3"))
@@ -151,7 +166,7 @@ def test_exec_separates_stdout_stderr_and_reports_exit_code(c1: AgentProc) -> No
 def test_start_init_with_stdin(c1: AgentProc) -> None:
     assert c1.ok("start", container_id="c1")["pid"] > 0
     assert c1.err("start", container_id="c1")["code"] == "FAILED_PRECONDITION"
-    c1.send({"type": "stdin", "container_id": "c1", "exec_id": "init", "data": P.b64e(b"hello\n")})
+    c1.send({"type": "stdin", "container_id": "c1", "exec_id": "init", "data": b"hello\n"})
     ex = c1.exit_of("init")
     assert ex["exit_code"] == 0
     assert c1.output_of("init", "stdout") == b"init got hello\n"
@@ -161,7 +176,7 @@ def test_stdin_piped_to_cat_in_chunks_then_closed(c1: AgentProc) -> None:
     c1.ok("exec", container_id="c1", exec_id="cat", process=proc_spec("cat"))
     payload = os.urandom(300_000)
     for i in range(0, len(payload), 50_000):
-        c1.send({"type": "stdin", "container_id": "c1", "exec_id": "cat", "data": P.b64e(payload[i:i + 50_000])})
+        c1.send({"type": "stdin", "container_id": "c1", "exec_id": "cat", "data": payload[i:i + 50_000]})
     c1.ok("close_stdin", container_id="c1", exec_id="cat")
     assert c1.exit_of("cat")["exit_code"] == 0
     assert c1.output_of("cat", "stdout") == payload
@@ -171,7 +186,7 @@ def test_large_output_arrives_whole_before_exit(c1: AgentProc) -> None:
     c1.ok("exec", container_id="c1", exec_id="big", process=proc_spec("head", "-c", "3000000", "/dev/zero"))
     c1.exit_of("big")
     outs = [m for m in c1.inbox if m.get("type") == "output"]
-    assert all(len(P.b64d(m["data"])) <= P.MAX_DATA_CHUNK for m in outs)
+    assert all(len(m["data"]) <= P.MAX_DATA_CHUNK for m in outs)
     assert c1.output_of("big", "stdout") == b"\0" * 3_000_000
 
 
@@ -238,10 +253,10 @@ def test_rlimits_and_cwd(c1: AgentProc, tmp_path: Path) -> None:
 
 def test_garbage_frame_poisons_until_sync(agent: AgentProc) -> None:
     agent.ok("ping")
-    agent.sock.sendall(P.encode_frame({"type": "ping", "id": 50}) + struct.pack(">I", 5) + b"[1,2]")
+    agent.sock.sendall(P.encode_frame({"type": "ping", "id": 50, **P.ping_fields()}) + struct.pack(">I", 5) + b"[1,2]")
     assert agent.wait_for(lambda m: m.get("id") == 50)["ok"]  # decoded before the garbage: served
     assert "not an object" in agent.wait_for(lambda m: m["type"] == "protocol_error")["message"]
-    agent.send({"type": "ping", "id": 99})
+    agent.send({"type": "ping", "id": 99, **P.ping_fields()})
     with pytest.raises(TimeoutError):
         agent.wait_for(lambda m: m.get("id") == 99, timeout=0.3)
     agent.sock.sendall(P.SYNC)  # what a reconnecting host sends first
@@ -362,7 +377,7 @@ def test_listener_channel_serves_one_connection_after_another(tmp_path: Path) ->
         for round_ in range(3):
             s = socket.socket(socket.AF_UNIX)
             s.connect(path)
-            s.sendall(P.SYNC + P.encode_frame({"type": "ping", "id": round_}))
+            s.sendall(P.SYNC + P.encode_frame({"type": "ping", "id": round_, **P.ping_fields()}))
             dec, got = P.FrameDecoder(wait_sync=True), list[Msg]()
             s.settimeout(10)
             while not any(m.get("id") == round_ for m in got):

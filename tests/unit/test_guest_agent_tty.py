@@ -12,7 +12,7 @@ from typing import Iterator
 
 import pytest
 
-from hanabi_guest import protocol as P
+import hanabi_wire as P
 
 from tests.unit.test_guest_agent import AgentProc, proc_spec
 
@@ -27,7 +27,7 @@ def agent(tmp_path: Path) -> Iterator[AgentProc]:
 
 
 def type_in(agent: AgentProc, text: bytes, exec_id: str = "init") -> None:
-    agent.send({"type": "stdin", "container_id": "c1", "exec_id": exec_id, "data": P.b64e(text)})
+    agent.send({"type": "stdin", "container_id": "c1", "exec_id": exec_id, "data": text})
 
 
 def read_until(agent: AgentProc, needle: bytes, exec_id: str = "init", timeout: float = 10.0) -> bytes:

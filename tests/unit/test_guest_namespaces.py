@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from hanabi_guest import protocol as P
+import hanabi_wire as P
 from hanabi_guest.namespaces import foreign_mounts, plan, unescape_mount_path
 from hanabi_guest.sandbox import DirSandbox, GuestSandbox
 
@@ -89,9 +89,9 @@ def test_pid_namespace_on_the_host(tmp_path: Path) -> None:
         a.ok("create_container", container_id="c1", rootfs={"serial": "s"}, process=spec)
         init_pid = a.ok("start", container_id="c1")["pid"]
         assert init_pid > 1  # the pid outside, where the agent kills and reaps
-        a.send({"type": "stdin", "container_id": "c1", "exec_id": "init", "data": P.b64e(b"go\n")})
+        a.send({"type": "stdin", "container_id": "c1", "exec_id": "init", "data": b"go\n"})
         first = a.wait_for(lambda m: m.get("type") == "output" and m["exec_id"] == "init")
-        assert P.b64d(first["data"]) == b"pid=1\n"
+        assert first["data"] == b"pid=1\n"
         deadline = time.monotonic() + 10
         while Path(f"/proc/{init_pid}/cmdline").read_bytes() != b"sleep\x00600\x00":  # the agent's pid is ours too
             assert time.monotonic() < deadline, "the init did not exec sleep"

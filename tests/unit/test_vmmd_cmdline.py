@@ -98,11 +98,11 @@ def test_kernel_cmdline_base_and_extra():
     assert "console=ttyS0" in default and "panic=-1" in default
 
 
-def test_fallback_cmdline_is_the_kata_style_one():
+def test_base_cmdline_is_the_kata_style_one():
     for word in ("console=ttyS0", "quiet", "panic=-1", "tsc=reliable", "no_timer_check",
                  "rcupdate.rcu_expedited=1", "i8042.noaux", "i8042.nomux", "i8042.nopnp",
                  "i8042.dumbkbd", "cryptomgr.notests", "8250.nr_uarts=1", "rdinit=/init"):
-        assert word in qc.FALLBACK_KERNEL_CMDLINE.split()
+        assert word in qc.BASE_KERNEL_CMDLINE.split()
 
 
 def test_hotplug_slots_and_picking():

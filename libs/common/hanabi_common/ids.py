@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import re
+from hanabi_wire.constants import ID_RE
 
 from hanabi_common.errors import InvalidArgument
 
-ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+ID_PATTERN = ID_RE  # one rule for every id, host and guest (hanabi_wire.constants)
 EXEC_ID_PATTERN = ID_PATTERN
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from hanabi_common.errors import HanabiError
 from hanabi_common.netns import call_in_netns
-from hanabi_guest.protocol import b64e
+from hanabi_wire import T_DNS_ANSWER, b64e
 
 log = logging.getLogger("hanabi.agentd.dns")
 DNS_PORT = 53
@@ -110,7 +110,7 @@ class DnsRelay:
     def _run(self, session, target: DnsTarget, query) -> None:
         try:
             answer = exchange(target.netns_path, query.server, query.data, port=target.port, tcp=query.tcp)
-            session.send_event("dns_answer", {"qid": query.qid, "data": b64e(answer)})
+            session.send_event(T_DNS_ANSWER, {"qid": query.qid, "data": b64e(answer)})
             self.counts["answered"] += 1
         except (OSError, HanabiError) as exc:
             self.counts["unanswered"] += 1

@@ -1,29 +1,26 @@
-"""What the (untrusted) guest agent may send, as strict pydantic models.
+"""What the (untrusted) guest agent may send, checked against `hanabi_wire.messages`.
 
 Every frame read from the guest goes through `parse_guest_message` before anything acts on
-it. Types are strict (no "3" for 3, no true for 1), ids match the container id pattern,
-`data` is strict base64 of at most MAX_DATA_CHUNK bytes, signals are 1..64 and exit codes
-0..255. Request results are checked again per request type (`PingResult`, `PidResult`,
-`PsResult`). A message that fails is reported as `GuestMisbehaved`; the session logs it
-and drops the frame.
+it: the one validator of `hanabi_wire` (strict types: no "3" for 3, no true for 1; ids
+match the id pattern; `data` at most MAX_DATA_CHUNK bytes; signals 1..64, exit codes
+0..255; text fields bounded), then wrapped in a read-only object of its type
+(`GuestReply`, `GuestOutput`, ...). Request results are checked per request type
+(`PingResult`, `PidResult`, `PsResult`). A message that fails is reported as
+`GuestMisbehaved`; the session logs it and drops the frame.
+
+`ID_REGEX` and `Data` are pydantic types for agentd's own models (the io socket).
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar
 
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter,
-                      ValidationError)
+from pydantic import BeforeValidator
 
-from hanabi_guest.protocol import MAX_DATA_CHUNK, ProtocolError, b64d
+import hanabi_wire as W
+from hanabi_wire import ID_REGEX, MAX_DATA_CHUNK, ProtocolError, WireError, b64d
 
-ID_REGEX = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
-MAX_B64_CHARS = 4 * ((MAX_DATA_CHUNK + 2) // 3)
-MAX_TEXT = 4096
-MAX_PID = (1 << 22)
-GuestId = Annotated[str, Field(pattern=ID_REGEX)]
-GuestErrorCode = Literal["NOT_FOUND", "INVALID_ARGUMENT", "FAILED_PRECONDITION",
-                         "ALREADY_EXISTS", "INTERNAL"]
+__all__ = ["ID_REGEX", "Data", "GuestMisbehaved", "parse_guest_message", "parse_result", "reply_id"]
 
 
 class GuestMisbehaved(Exception):
@@ -31,179 +28,182 @@ class GuestMisbehaved(Exception):
 
 
 def _decode_data(value: object) -> bytes:
+    """Strict base64 of at most MAX_DATA_CHUNK bytes (agentd's io socket)."""
     if not isinstance(value, str):
         raise ValueError("data must be a base64 string")
-    if len(value) > MAX_B64_CHARS:
-        raise ValueError(f"data longer than {MAX_B64_CHARS} base64 characters")
+    if len(value) > 4 * ((MAX_DATA_CHUNK + 2) // 3):
+        raise ValueError(f"data longer than {MAX_DATA_CHUNK} bytes in base64")
     try:
-        raw = b64d(value)
+        return b64d(value)
     except ProtocolError as exc:
         raise ValueError(str(exc)) from None
-    if len(raw) > MAX_DATA_CHUNK:
-        raise ValueError(f"data of {len(raw)} bytes exceeds {MAX_DATA_CHUNK}")
-    return raw
 
 
 Data = Annotated[bytes, BeforeValidator(_decode_data)]
 
 
-class _Msg(BaseModel):
-    """Strict; fields a newer agent adds are ignored, never used."""
+class Checked:
+    """Read-only attribute view of checked fields (nested objects are views too)."""
 
-    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+    __slots__ = ("_fields",)
+    _fields: dict[str, Any]
+
+    def __init__(self, fields: dict[str, Any]) -> None:
+        object.__setattr__(self, "_fields", {k: _view(v) for k, v in fields.items()})
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "_fields":  # not set yet: no recursion
+            raise AttributeError(name)
+        try:
+            return self._fields[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"{type(self).__name__} is read-only")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Checked) and type(other) is type(self) and other._fields == self._fields
+
+    __hash__ = None  # type: ignore[assignment]  # mutable-looking views are not hashable
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._fields!r})"
 
 
-class GuestError(_Msg):
-    """The error of a failed reply."""
+def _view(value: Any) -> Any:
+    if isinstance(value, dict):
+        return Checked(value)
+    if isinstance(value, list):
+        return [_view(v) for v in value]
+    return value
 
-    code: GuestErrorCode
-    message: str = Field(max_length=MAX_TEXT)
+
+class GuestMessage(Checked):
+    """A checked message from the guest; `GuestX(**fields)` checks `fields` as type TYPE."""
+
+    TYPE: ClassVar[str] = ""
+    __slots__ = ()
+
+    def __init__(self, **fields: Any) -> None:
+        try:
+            checked = W.check_message({**fields, "type": self.TYPE}, W.GUEST)
+        except WireError as exc:
+            raise GuestMisbehaved(f"invalid {self.TYPE} message: {exc}") from None
+        super().__init__(checked)
+        if self.TYPE == W.T_REPLY:  # the result stays a plain dict (checked per request)
+            self._fields["result"] = checked["result"]
 
 
-class GuestReply(_Msg):
+class GuestReply(GuestMessage):
     """The answer to the host's request `id`."""
 
-    type: Literal["reply"]
-    id: int = Field(ge=1, le=(1 << 53))
-    ok: bool
-    result: dict[str, Any] | None = None
-    error: GuestError | None = None
+    TYPE = W.T_REPLY
+    __slots__ = ()
 
 
-class GuestReady(_Msg):
+class GuestReady(GuestMessage):
     """Sent once when the agent starts (informational only)."""
 
-    type: Literal["ready"]
-    agent_version: str = Field(max_length=64)
-    kernel: str = Field(max_length=256)
+    TYPE = W.T_READY
+    __slots__ = ()
 
 
-class GuestOutput(_Msg):
+class GuestOutput(GuestMessage):
     """A chunk of a process's stdout or stderr."""
 
-    type: Literal["output"]
-    container_id: GuestId
-    exec_id: GuestId
-    stream: Literal["stdout", "stderr"]
-    data: Data
+    TYPE = W.T_OUTPUT
+    __slots__ = ()
 
 
-class GuestExit(_Msg):
+class GuestExit(GuestMessage):
     """A process ended: its exit code, or the signal that killed it."""
 
-    type: Literal["exit"]
-    container_id: GuestId
-    exec_id: GuestId
-    exit_code: int | None = Field(None, ge=0, le=255)
-    signal: int | None = Field(None, ge=1, le=64)
+    TYPE = W.T_EXIT
+    __slots__ = ()
 
 
-MAX_DNS_BYTES = 4096
-
-
-def _decode_dns(value: object) -> bytes:
-    raw = _decode_data(value)
-    if not 12 <= len(raw) <= MAX_DNS_BYTES:  # a DNS header alone is 12 bytes
-        raise ValueError(f"a DNS query must be 12..{MAX_DNS_BYTES} bytes")
-    return raw
-
-
-class GuestDnsQuery(_Msg):
+class GuestDnsQuery(GuestMessage):
     """A DNS query the guest relays to a loopback resolver of the container's namespace."""
 
-    type: Literal["dns_query"]
-    qid: int = Field(ge=0, le=(1 << 31))
-    server: str = Field(pattern=r"^127\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}$")
-    data: Annotated[bytes, BeforeValidator(_decode_dns)]
-    tcp: bool = False
+    TYPE = W.T_DNS_QUERY
+    __slots__ = ()
 
 
-class GuestProtocolError(_Msg):
+class GuestProtocolError(GuestMessage):
     """The agent complains that the host broke the protocol (logged)."""
 
-    type: Literal["protocol_error"]
-    message: str = Field("", max_length=MAX_TEXT)
+    TYPE = W.T_PROTOCOL_ERROR
+    __slots__ = ()
 
 
-GuestMessage = Annotated[Union[GuestReply, GuestReady, GuestOutput, GuestExit, GuestProtocolError, GuestDnsQuery],
-                         Field(discriminator="type")]
-_ADAPTER: TypeAdapter[Any] = TypeAdapter(GuestMessage)
-KNOWN_TYPES = ("reply", "ready", "output", "exit", "protocol_error", "dns_query")
+_CLASSES: dict[str, type[GuestMessage]] = {cls.TYPE: cls for cls in (
+    GuestReply, GuestReady, GuestOutput, GuestExit, GuestDnsQuery, GuestProtocolError)}
+assert set(_CLASSES) == W.GUEST_MESSAGES, "a guest message without its class"
+KNOWN_TYPES = tuple(_CLASSES)
 
 
-def _summary(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors(include_url=False, include_input=False)[:3]:
-        where = ".".join(str(p) for p in err["loc"]) or "message"
-        parts.append(f"{where}: {err['msg']}")
-    return "; ".join(parts)
-
-
-def parse_guest_message(msg: object) -> (GuestReply | GuestReady | GuestOutput | GuestExit | GuestProtocolError
-                                         | GuestDnsQuery):
+def parse_guest_message(msg: object) -> GuestMessage:
     """Validate one decoded frame; raise GuestMisbehaved with a short, safe reason."""
     if not isinstance(msg, dict):
         raise GuestMisbehaved("message is not a JSON object")
     kind = msg.get("type")
-    if kind not in KNOWN_TYPES:
+    cls = _CLASSES.get(kind) if isinstance(kind, str) else None
+    if cls is None:
         shown = kind[:32] if isinstance(kind, str) else type(kind).__name__
         raise GuestMisbehaved(f"unknown message type {shown!r}")
-    try:
-        message = _ADAPTER.validate_python(msg)
-    except ValidationError as exc:
-        raise GuestMisbehaved(f"invalid {kind} message: {_summary(exc)}") from None
-    if isinstance(message, GuestReply):
-        if message.ok and message.error is not None:
-            raise GuestMisbehaved("successful reply carries an error")
-        if not message.ok and message.error is None:
-            raise GuestMisbehaved("failed reply without an error")
-    return message
+    return cls(**{k: v for k, v in msg.items() if k != "type"})
 
 
 def reply_id(msg: object) -> int | None:
     """The request id of something that looks like a reply, even an invalid one."""
-    if isinstance(msg, dict) and msg.get("type") == "reply":
+    if isinstance(msg, dict) and msg.get("type") == W.T_REPLY:
         value = msg.get("id")
         if type(value) is int:
             return value
     return None
 
 
-class _Result(_Msg):
-    pass
+class Result(Checked):
+    """A request's checked result; REQUEST names the request type."""
+
+    REQUEST: ClassVar[str] = ""
+    __slots__ = ()
 
 
-class PingResult(_Result):
-    """Result of `ping`."""
+class PingResult(Result):
+    """Result of `ping` (its `protocol` must be this host's, see `check_version`)."""
 
-    agent_version: str = Field(max_length=64)
-    kernel: str = Field(max_length=256)
-    uptime_s: float = Field(0.0, ge=0)
+    REQUEST = W.T_PING
+    __slots__ = ()
 
 
-class PidResult(_Result):
+class PidResult(Result):
     """Result of `start` and `exec`."""
 
-    pid: int = Field(ge=1, le=MAX_PID)
+    REQUEST = W.T_START
+    __slots__ = ()
 
 
-class PsEntry(_Result):
-    """One process in the result of `ps`."""
-
-    pid: int = Field(ge=1, le=MAX_PID)
-    exec_id: Annotated[str, Field(pattern=r"^$|" + ID_REGEX)]  # "" for processes it did not start
-    args: list[Annotated[str, Field(max_length=MAX_TEXT)]] = Field(default_factory=list, max_length=1024)
-
-
-class PsResult(_Result):
+class PsResult(Result):
     """Result of `ps`."""
 
-    processes: list[PsEntry] = Field(max_length=65536)
+    REQUEST = W.T_PS
+    __slots__ = ()
 
 
-def parse_result(model: type[_Result], result: dict[str, Any] | None, what: str) -> Any:
+def parse_result(model: type[Result], result: dict[str, Any] | None, what: str) -> Any:
     """Validate the result of one request type; GuestMisbehaved if it does not fit."""
     try:
-        return model.model_validate(result or {})
-    except ValidationError as exc:
-        raise GuestMisbehaved(f"invalid result of {what}: {_summary(exc)}") from None
+        return model(W.check_result(model.REQUEST, result))
+    except WireError as exc:
+        raise GuestMisbehaved(f"invalid result of {what}: {exc}") from None
+
+
+def check_version(ping: PingResult) -> PingResult:
+    """The ping result if the agent speaks this host's protocol; GuestMisbehaved naming
+    both versions if not."""
+    mismatch = W.version_mismatch(W.PROTOCOL_VERSION, ping.protocol)
+    if mismatch is not None:
+        raise GuestMisbehaved(mismatch)
+    return ping

@@ -1,6 +1,6 @@
 """The io socket: where each container's host stand-in process gets its stdio relayed.
 
-`<run_dir>/agentd-io.sock` (mode 0600) speaks the agent framing (`hanabi_guest.protocol`).
+`<run_dir>/agentd-io.sock` (mode 0600) speaks the agent framing (`hanabi_wire`).
 A client first sends `{"type":"attach","sandbox_id","container_id","exec_id"}` and gets
 `{"type":"attached"}` or `{"type":"error","code","message"}`. Then it may send
 `{"type":"stdin","data":b64}`, `{"type":"close_stdin"}` and, for a process on a terminal,
@@ -25,7 +25,8 @@ from typing import Annotated, Any, Callable, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from hanabi_common.errors import HanabiError, InvalidArgument
-from hanabi_guest.protocol import FrameDecoder, ProtocolError, b64e, encode_frame
+from hanabi_wire import (T_CLOSE_STDIN, T_RESIZE, T_STDIN, FrameDecoder, ProtocolError, b64e,
+                         encode_frame)
 
 from hanabi_agentd.guest_messages import ID_REGEX, Data
 from hanabi_agentd.models import TtyDim
@@ -267,11 +268,11 @@ class _IoClient:
         try:
             if isinstance(msg, Stdin):
                 if msg.data:
-                    self.session.send_event("stdin", {**fields, "data": b64e(msg.data)})
+                    self.session.send_event(T_STDIN, {**fields, "data": msg.data})  # a data frame
             elif isinstance(msg, Resize):
-                self.session.request("resize", {**fields, "height": msg.height, "width": msg.width})
+                self.session.request(T_RESIZE, {**fields, "height": msg.height, "width": msg.width})
             else:
-                self.session.request("close_stdin", fields)
+                self.session.request(T_CLOSE_STDIN, fields)
         except HanabiError as exc:
             log.debug(f"{msg.type} not delivered", extra={"container": record.container_id,
                                                           "exec": record.exec_id, "error": exc.message})

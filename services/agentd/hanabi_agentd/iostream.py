@@ -1,6 +1,6 @@
 """Client side of agentd's io socket, for the per-container host stand-in process.
 
-Import-light on purpose (stdlib and `hanabi_guest.protocol` only): it runs in a fresh
+Import-light on purpose (stdlib and `hanabi_wire` only): it runs in a fresh
 Python process per container. Typical use by the stand-in::
 
     stream = IoStream.attach(run_dir, sandbox_id, container_id, "init", timeout=10)
@@ -23,12 +23,11 @@ import threading
 import time
 from pathlib import Path
 
-from hanabi_guest.protocol import (HEADER, MAX_DATA_CHUNK, MAX_FRAME, FrameDecoder, ProtocolError,
-                                   b64d, b64e, encode_frame)
+from hanabi_wire import (HEADER, MAX_DATA_CHUNK, MAX_FRAME, MAX_TTY_DIM, FrameDecoder, ProtocolError, b64d, b64e,
+                         encode_frame)
 
 IO_SOCKET_NAME = "agentd-io.sock"
 UNKNOWN_STATUS = 255
-MAX_TTY_DIM = 65535
 
 
 class IoError(Exception):

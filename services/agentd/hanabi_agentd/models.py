@@ -8,6 +8,7 @@ from pydantic import Field
 
 from hanabi_common.models.agentd import AgentInfo
 from hanabi_common.models.base import ContainerId, ExecId, Reply, Request, SandboxId
+from hanabi_wire import MAX_TTY_DIM
 
 
 class ProcessRef(Request):
@@ -18,7 +19,6 @@ class ProcessRef(Request):
     exec_id: ExecId = "init"
 
 
-MAX_TTY_DIM = 65535
 # Rows or columns of a terminal: a strict integer in 1..65535 (struct winsize holds u16).
 TtyDim = Annotated[int, Field(strict=True, ge=1, le=MAX_TTY_DIM)]
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from hanabi_common.models.agentd import ContainerState, ProcessState, ProcessStatus
+from hanabi_wire import INIT_EXEC_ID
 
 log = logging.getLogger("hanabi.agentd")
 Stream = Literal["stdout", "stderr"]
@@ -176,12 +177,12 @@ class ContainerRecord:
 
     def __init__(self, container_id: str, init: ProcessRecord) -> None:
         self.container_id = container_id
-        self.processes: dict[str, ProcessRecord] = {"init": init}
+        self.processes: dict[str, ProcessRecord] = {INIT_EXEC_ID: init}
 
     @property
     def init(self) -> ProcessRecord:
         """The container's first process."""
-        return self.processes["init"]
+        return self.processes[INIT_EXEC_ID]
 
     def state(self, sandbox_id: str) -> ContainerState:
         """The public view: status of init, and every process."""

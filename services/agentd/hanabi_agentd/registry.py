@@ -18,6 +18,7 @@ from hanabi_common.config import Config
 from hanabi_common.errors import HanabiError, NotFound, Unavailable
 from hanabi_common.models.agentd import AgentInfo
 from hanabi_common.state import StateStore
+from hanabi_wire import INIT_EXEC_ID, T_PS
 
 from hanabi_agentd.channel import HybridVsockChannel, UnixChannel, make_channel
 from hanabi_agentd.process import ContainerRecord, ProcessRecord
@@ -165,9 +166,9 @@ class Registry:
             procs = {eid: ProcessRecord(cid, eid, limit, status=p.status, pid=p.pid,
                                         exit_code=p.exit_code, signal=p.signal)
                      for eid, p in entry.processes.items()}
-            if "init" not in procs:
+            if INIT_EXEC_ID not in procs:
                 continue
-            container = ContainerRecord(cid, procs["init"])
+            container = ContainerRecord(cid, procs[INIT_EXEC_ID])
             container.processes.update(procs)
             containers[cid] = container
         return containers
@@ -202,7 +203,7 @@ class Registry:
             if not running:
                 continue
             try:
-                result = parse_result(PsResult, session.request("ps", {"container_id": container.container_id}), "ps")
+                result = parse_result(PsResult, session.request(T_PS, {"container_id": container.container_id}), "ps")
                 alive = {p.exec_id for p in result.processes}
             except NotFound:
                 alive = set()

@@ -23,6 +23,10 @@ from hanabi_common.models.agentd import (AgentInfo, ConfigureNetwork, ConnectAge
 from hanabi_common.metrics import Gauges, LabelledGauge
 from hanabi_common.models.base import NoArgs, Removed, SandboxRef
 from hanabi_common.rpc.server import RpcServer
+from hanabi_wire import (INIT_EXEC_ID, T_CLOSE_STDIN, T_CONFIGURE_NETWORK, T_CREATE_CONTAINER,
+                         T_DESTROY_CONTAINER, T_EXEC, T_PS, T_RESIZE, T_SHUTDOWN, T_SIGNAL, T_START,
+                         WireError)
+from hanabi_wire import request as wire_request
 
 from hanabi_agentd.channel import address_for
 from hanabi_agentd.dns import DnsRelay, DnsTarget
@@ -37,10 +41,18 @@ log = logging.getLogger("hanabi.agentd")
 SHUTDOWN_TIMEOUT_S = 5.0
 
 
+def guest_request(kind: str, **fields) -> dict:
+    """A request for the guest, checked against its definition (hanabi_wire.messages)."""
+    try:
+        return wire_request(kind, **fields)
+    except WireError as exc:
+        raise InvalidArgument(f"cannot send {kind} to the guest: {exc}") from None
+
+
 def resize_fields(record: ProcessRecord, height: int, width: int) -> dict:
     """The fields of the guest's `resize` request for one process."""
-    return {"container_id": record.container_id, "exec_id": record.exec_id,
-            "height": height, "width": width}
+    return guest_request(T_RESIZE, container_id=record.container_id, exec_id=record.exec_id,
+                         height=height, width=width)
 
 
 def _result(model, result: dict, what: str):
@@ -172,7 +184,7 @@ class AgentService:
             session = sandbox.session
             if session.connected:
                 try:
-                    session.request("shutdown", {}, timeout=SHUTDOWN_TIMEOUT_S)
+                    session.request(T_SHUTDOWN, guest_request(T_SHUTDOWN), timeout=SHUTDOWN_TIMEOUT_S)
                 except HanabiError as exc:
                     log.info("guest did not acknowledge shutdown", extra={
                         "sandbox": request.sandbox_id, "error": exc.message})
@@ -188,7 +200,8 @@ class AgentService:
         session = self.registry.live(request.sandbox_id)
         if request.dns_relay and request.dns_netns:
             session.dns_target = DnsTarget(request.dns_netns, tuple(request.dns_relay))
-        session.request("configure_network", request.model_dump(mode="json", exclude={"sandbox_id", "dns_netns"}))
+        fields = request.model_dump(mode="json", exclude={"sandbox_id", "dns_netns"})
+        session.request(T_CONFIGURE_NETWORK, guest_request(T_CONFIGURE_NETWORK, **fields))
         self._persist(request.sandbox_id)
         return {}
 
@@ -197,14 +210,15 @@ class AgentService:
         """Create a container in the guest (mounts its disk; the process is not started)."""
         session = self.registry.live(request.sandbox_id)
         cid = request.container_id
-        record = ContainerRecord(cid, session.new_process(cid, "init"))
+        record = ContainerRecord(cid, session.new_process(cid, INIT_EXEC_ID))
+        # The guest takes the request's own fields (docs/agent-protocol.md), less the sandbox.
+        fields = guest_request(T_CREATE_CONTAINER, **request.model_dump(mode="json", exclude={"sandbox_id"}))
         with session._lock:
             if cid in session.containers:
                 raise AlreadyExists(f"container {cid} already exists in sandbox {request.sandbox_id}")
             session.containers[cid] = record
         try:
-            # The guest takes the request's own fields (docs/agent-protocol.md), less the sandbox.
-            session.request("create_container", request.model_dump(mode="json", exclude={"sandbox_id"}))
+            session.request(T_CREATE_CONTAINER, fields)
         except BaseException:
             with session._lock:
                 if session.containers.get(cid) is record:
@@ -216,10 +230,11 @@ class AgentService:
     def start(self, request: ContainerRef) -> StartedProcess:
         """Start a created container's init process."""
         session = self.registry.live(request.sandbox_id)
-        record = session.process(request.container_id, "init")
+        record = session.process(request.container_id, INIT_EXEC_ID)
         if record.status != "created":
             raise FailedPrecondition(f"container {request.container_id} is {record.status}, not created")
-        result = _result(PidResult, session.request("start", {"container_id": request.container_id}), "start")
+        result = _result(PidResult, session.request(T_START, guest_request(
+            T_START, container_id=request.container_id)), "start")
         record.mark_running(result.pid)
         self._persist(request.sandbox_id)
         return StartedProcess(pid=result.pid)
@@ -228,7 +243,7 @@ class AgentService:
         """Start one more process in a running container."""
         session = self.registry.live(request.sandbox_id)
         cid, eid = request.container_id, request.exec_id
-        if eid == "init":
+        if eid == INIT_EXEC_ID:
             raise InvalidArgument("exec id 'init' is reserved for the container's first process")
         container = session.container(cid)
         if container.init.status != "running":
@@ -240,7 +255,8 @@ class AgentService:
                 raise AlreadyExists(f"container {cid} already has a process {eid}")
             container.processes[eid] = record
         try:
-            reply = session.request("exec", {"container_id": cid, "exec_id": eid, "process": request.process})
+            reply = session.request(T_EXEC, guest_request(T_EXEC, container_id=cid, exec_id=eid,
+                                                          process=request.process))
             result = _result(PidResult, reply, "exec")
         except BaseException:
             with session._lock:
@@ -257,15 +273,16 @@ class AgentService:
         record = session.process(request.container_id, request.exec_id)
         if record.status == "stopped" and not request.all:
             raise FailedPrecondition(f"process {request.container_id}/{request.exec_id} is not running")
-        session.request("signal", {"container_id": request.container_id, "exec_id": request.exec_id,
-                                   "signal": request.signal, "all": request.all})
+        session.request(T_SIGNAL, guest_request(T_SIGNAL, container_id=request.container_id,
+                                                exec_id=request.exec_id, signal=request.signal, all=request.all))
         return {}
 
     def close_stdin(self, request: ProcessRef) -> dict:
         """Close a process's stdin (its io client usually does this instead)."""
         session = self.registry.live(request.sandbox_id)
         session.process(request.container_id, request.exec_id)
-        session.request("close_stdin", {"container_id": request.container_id, "exec_id": request.exec_id})
+        session.request(T_CLOSE_STDIN, guest_request(T_CLOSE_STDIN, container_id=request.container_id,
+                                                     exec_id=request.exec_id))
         return {}
 
     def resize(self, request: ResizeProcess) -> dict:
@@ -275,7 +292,7 @@ class AgentService:
         if record.status != "running":
             raise FailedPrecondition(f"process {request.container_id}/{request.exec_id} is {record.status}, "
                                      "not running")
-        session.request("resize", resize_fields(record, request.height, request.width))
+        session.request(T_RESIZE, resize_fields(record, request.height, request.width))
         return {}
 
     def state(self, request: ContainerRef) -> ContainerState:
@@ -287,7 +304,8 @@ class AgentService:
         """The container's processes as the guest sees them."""
         session = self.registry.live(request.sandbox_id)
         session.container(request.container_id)
-        result = _result(PsResult, session.request("ps", {"container_id": request.container_id}), "ps")
+        result = _result(PsResult, session.request(T_PS, guest_request(T_PS, container_id=request.container_id)),
+                         "ps")
         return ProcessList(processes=[GuestProcess(pid=p.pid, exec_id=p.exec_id, args=list(p.args))
                                       for p in result.processes])
 
@@ -307,7 +325,7 @@ class AgentService:
         sandbox.settled.wait(self.config.agent.request_timeout_s)
         if session.connected:
             try:
-                session.request("destroy_container", {"container_id": cid})
+                session.request(T_DESTROY_CONTAINER, guest_request(T_DESTROY_CONTAINER, container_id=cid))
                 existed = True
             except NotFound:
                 pass

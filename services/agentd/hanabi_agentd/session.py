@@ -26,13 +26,13 @@ from typing import Any, Callable
 from hanabi_common.config import Config
 from hanabi_common.errors import (DeadlineExceeded, Internal, InvalidArgument, NotFound,
                                   Unavailable, error_for_code)
-from hanabi_guest.protocol import SYNC, T_SYNC, FrameDecoder, ProtocolError, encode_frame
+from hanabi_wire import SYNC, T_PING, T_SYNC, FrameDecoder, ProtocolError, encode_frame, ping_fields
 
 from hanabi_agentd.channel import Channel
 from hanabi_agentd.guest_messages import (GuestDnsQuery, GuestExit, GuestMisbehaved, GuestOutput,
                                           GuestProtocolError, GuestReady, GuestReply,
-                                          PingResult, parse_guest_message, parse_result,
-                                          reply_id)
+                                          PingResult, check_version, parse_guest_message,
+                                          parse_result, reply_id)
 from hanabi_agentd.process import ContainerRecord, ProcessRecord
 
 log = logging.getLogger("hanabi.agentd")
@@ -148,7 +148,7 @@ class AgentSession:
         try:
             while (left := deadline - time.monotonic()) > 0 and self._generation == generation:
                 try:
-                    rid, future = self._submit("ping", {}, require_ready=False)
+                    rid, future = self._submit(T_PING, ping_fields(), require_ready=False)
                 except Unavailable:
                     return None
                 futures[future] = rid
@@ -161,7 +161,7 @@ class AgentSession:
                             return None  # the connection went away: retry
                         raise fut.exception()  # type: ignore[misc]
                     try:
-                        return parse_result(PingResult, fut.result(), "ping")
+                        return check_version(parse_result(PingResult, fut.result(), "ping"))
                     except GuestMisbehaved as exc:
                         raise Unavailable(f"guest agent of sandbox {self.sandbox_id}: {exc}") from None
             return None

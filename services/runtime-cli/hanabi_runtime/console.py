@@ -38,10 +38,11 @@ import threading
 from contextlib import contextmanager
 from typing import Iterator, Protocol
 
+from hanabi_wire import MAX_TTY_DIM
+
 MAX_NAME_LEN = 4096  # runc's utils.MaxNameLen: the data part of the fd message
 MASTER_NAME = "/dev/ptmx"  # what runc sends: the name of the master's file
 CONNECT_TIMEOUT_S = 10.0
-MAX_TTY_DIM = 65535
 
 
 class Stream(Protocol):

@@ -187,7 +187,8 @@ class Runtime:
     def _provision(self, cid: str, bundle: Bundle):
         """Ask the daemons for network, VM, volume, agent and container; return phase timings
         and the container's host cgroups (the VM is in them already)."""
-        from hanabi_common.models.agentd import ConfigureNetwork, CreateContainer, GuestMount, RootfsSpec
+        from hanabi_common.models.agentd import (ConfigureNetwork, CreateContainer, DiskSpec, GuestMount,
+                                                 RootfsSpec)
         from hanabi_common.models.vmmd import VmNic
 
         d = self.daemons
@@ -248,7 +249,7 @@ class Runtime:
                 sandbox_id=cid, container_id=cid, rootfs=rootfs,
                 process=bundle.process, hostname=bundle.hostname,
                 mounts=[GuestMount(**m) for m in plan.guest], share=volume.share,
-                mounts_disk=RootfsSpec(serial=guest_serials[volume.binds.serial], fstype=volume.binds.fstype)
+                mounts_disk=DiskSpec(serial=guest_serials[volume.binds.serial], fstype=volume.binds.fstype)
                 if volume.binds else None))
         return timings, cgroup_dirs
 

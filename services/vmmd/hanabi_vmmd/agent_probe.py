@@ -2,22 +2,35 @@
 
 The warm pool hands out VMs whose guest has finished booting: a pooled VM counts as ready
 once its agent answers a ping (docs/agent-protocol.md: SYNC first, read with
-`wait_sync`, a reply with the same id). The session is closed right after; agentd's own
+`wait_sync`, a reply with the same id, stating this host's protocol version). The session is closed right after; agentd's own
 connection later starts with SYNC again, which the agent is built for.
 """
 
 from __future__ import annotations
 
+import logging
 import select
 import socket
 import time
 from pathlib import Path
 
 from hanabi_common.errors import DeadlineExceeded
-from hanabi_guest.protocol import SYNC, FrameDecoder, ProtocolError, encode_frame
+from hanabi_wire import (PROTOCOL_VERSION, SYNC, T_PING, T_REPLY, UNVERSIONED, FrameDecoder, ProtocolError,
+                         encode_frame, ping_fields, version_mismatch)
 
+log = logging.getLogger("hanabi.vmmd")
 PROBE_ID = 1
 ATTEMPT_S = 1.0
+
+
+def _same_version(result: object) -> bool:
+    """Whether a ping result states this host's protocol version (a mismatch is logged:
+    agentd will refuse the agent, naming both versions)."""
+    theirs = result.get("protocol", UNVERSIONED) if isinstance(result, dict) else UNVERSIONED
+    mismatch = version_mismatch(PROTOCOL_VERSION, theirs)
+    if mismatch is not None:
+        log.warning("warm-pool probe: %s", mismatch)
+    return mismatch is None
 
 
 def _attempt(path: Path, deadline: float) -> bool:
@@ -26,7 +39,7 @@ def _attempt(path: Path, deadline: float) -> bool:
     try:
         sock.settimeout(max(min(ATTEMPT_S, deadline - time.monotonic()), 0.01))
         sock.connect(str(path))
-        sock.sendall(SYNC + encode_frame({"type": "ping", "id": PROBE_ID}))
+        sock.sendall(SYNC + encode_frame({"type": T_PING, "id": PROBE_ID, **ping_fields()}))
         decoder = FrameDecoder(wait_sync=True)
         until = min(deadline, time.monotonic() + ATTEMPT_S)
         while time.monotonic() < until:
@@ -37,8 +50,8 @@ def _attempt(path: Path, deadline: float) -> bool:
             if not data:
                 return False
             for msg in decoder.feed(data):
-                if msg.get("type") == "reply" and msg.get("id") == PROBE_ID:
-                    return bool(msg.get("ok"))
+                if msg.get("type") == T_REPLY and msg.get("id") == PROBE_ID:
+                    return bool(msg.get("ok")) and _same_version(msg.get("result"))
         return False
     except (OSError, ProtocolError):
         return False

@@ -11,21 +11,11 @@ from __future__ import annotations
 
 from typing import Collection, Sequence
 
+from hanabi_wire.constants import KERNEL_CMDLINE, SERIAL_PORT_NAME, SHARE_MOUNT_TAG
+
 from hanabi_vmmd.hypervisor import NicSpec, VmSpec
 
-FALLBACK_KERNEL_CMDLINE = (
-    "console=ttyS0 quiet panic=-1 tsc=reliable no_timer_check rcupdate.rcu_expedited=1 "
-    "i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd cryptomgr.notests 8250.nr_uarts=1 "
-    "rdinit=/init"
-)
-try:  # the guest image builder owns the cmdline its image expects
-    from hanabi_guest.image import KERNEL_CMDLINE as _GUEST_CMDLINE  # type: ignore[import-not-found]
-except Exception:  # noqa: BLE001 - absent or broken: use the known-good default
-    _GUEST_CMDLINE = None
-BASE_KERNEL_CMDLINE: str = _GUEST_CMDLINE if isinstance(_GUEST_CMDLINE, str) else FALLBACK_KERNEL_CMDLINE
-
-AGENT_PORT_NAME = "agent.0"
-from hanabi_guest.protocol import SHARE_MOUNT_TAG  # noqa: E402 - the tag the agent mounts
+BASE_KERNEL_CMDLINE: str = KERNEL_CMDLINE  # the guest image's (hanabi_wire.constants)
 TCG_TB_SIZE_MIB = 32
 PC_HOTPLUG_BUS = "pci.0"
 SANDBOX_OPTS = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
@@ -129,7 +119,7 @@ def build_argv(spec: VmSpec, *, binary: str = "qemu-system-x86_64", machine: str
     argv += root_port_args(machine, spec.hotplug_slots)
     argv += ["-device", "virtio-serial-pci,id=vser0",
              "-chardev", f"socket,id=agent,path={spec.agent_socket},server=on,wait=off",
-             "-device", f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}"]
+             "-device", f"virtserialport,chardev=agent,name={SERIAL_PORT_NAME}"]
     argv += nic_args(machine, spec.nics, nic_fds)
     argv += share_args(machine, spec.share_dir)
     argv += ["-serial", f"file:{spec.console_log}"]

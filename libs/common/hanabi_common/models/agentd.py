@@ -8,6 +8,7 @@ from pydantic import Field, model_validator
 
 from hanabi_common.models.base import ContainerId, ExecId, Reply, Request, SandboxId
 from hanabi_common.models.netd import Interface, Route
+from hanabi_wire import ID_REGEX, INIT_EXEC_ID, MAX_SIGNAL, SHARE_ROOTFS_REGEX
 
 
 class ConnectAgent(Request):
@@ -40,7 +41,7 @@ class RootfsSpec(Request):
     serial: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]{1,20}$")
     fstype: Literal["ext4", "9p"] = "ext4"
     readonly: bool = False
-    share: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}/rootfs$")
+    share: str | None = Field(None, pattern=SHARE_ROOTFS_REGEX)
 
     @model_validator(mode="after")
     def _one_source(self) -> "RootfsSpec":
@@ -49,6 +50,14 @@ class RootfsSpec(Request):
         if (self.share is not None) != (self.fstype == "9p"):
             raise ValueError("a share rootfs has fstype 9p, a disk ext4")
         return self
+
+
+class DiskSpec(Request):
+    """A disk the guest mounts by its virtio serial (the mounts disk)."""
+
+    serial: str = Field(pattern=r"^[A-Za-z0-9_-]{1,20}$")
+    fstype: Literal["ext4"] = "ext4"
+    readonly: bool = False
 
 
 class GuestMount(Request):
@@ -71,9 +80,9 @@ class CreateContainer(Request):
     process: dict[str, Any]
     hostname: str | None = Field(None, max_length=255)
     mounts: list[GuestMount] = Field([], max_length=256)
-    mounts_disk: RootfsSpec | None = None
+    mounts_disk: DiskSpec | None = None
     # The container's directory in the VM's file share (binds' `source` entries live there).
-    share: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+    share: str | None = Field(None, pattern=ID_REGEX)
 
 
 class ConfigureNetwork(Request):
@@ -116,8 +125,8 @@ class SignalProcess(Request):
 
     sandbox_id: SandboxId
     container_id: ContainerId
-    exec_id: ExecId = "init"
-    signal: int = Field(ge=1, le=64)
+    exec_id: ExecId = INIT_EXEC_ID
+    signal: int = Field(ge=1, le=MAX_SIGNAL)
     all: bool = False
 
 

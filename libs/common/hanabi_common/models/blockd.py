@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from hanabi_common.models.base import Reply, Request, SandboxId
+from hanabi_common.models.base import ContainerId, Reply, Request, SandboxId
 
 
 class BindSource(Request):
@@ -33,7 +33,7 @@ class ProvisionVolume(Request):
     # binds are bind-mounted into `<share_root>/<container_id>/` instead of copied (a rootfs
     # that is a whole block device's mount is still passed through as a disk).
     share_root: str | None = Field(None, pattern=r"^/", max_length=4096)
-    container_id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+    container_id: ContainerId | None = None
 
 
 class VolumeInfo(Reply):

@@ -17,12 +17,14 @@ from pathlib import Path
 from typing import Sequence
 
 from hanabi_common.errors import InvalidArgument
+from hanabi_wire.constants import (CHANNEL_VSOCK, CMDLINE_CHANNEL, CMDLINE_POWEROFF, POWEROFF_REBOOT,
+                                   VSOCK_PORT, cmdline_word)
 
 API_SOCK_NAME = "fc.sock"
 VSOCK_NAME = "fc-vsock.sock"
 LOG_NAME = "fc.log"
 METRICS_NAME = "fc.metrics"
-AGENT_VSOCK_PORT = 1024  # guest/hanabi_guest/channel.py VSOCK_PORT
+AGENT_VSOCK_PORT = VSOCK_PORT  # where the agent listens (hanabi_wire.constants)
 _JAIL_ID = re.compile(r"^[A-Za-z0-9-]{1,64}$")
 
 
@@ -131,7 +133,7 @@ def kernel_args(base: str) -> str:
       (so Firecracker exits) instead of signalling the agent, which is PID 1;
     - `hanabi.poweroff=reboot`: the agent ends the VM with a restart (Firecracker has no
       power-off device)."""
-    extra = ["hanabi.channel=vsock", "reboot=k", "pci=off", "sysctl.kernel.ctrl-alt-del=1",
-             "hanabi.poweroff=reboot"]
+    extra = [cmdline_word(CMDLINE_CHANNEL, CHANNEL_VSOCK), "reboot=k", "pci=off", "sysctl.kernel.ctrl-alt-del=1",
+             cmdline_word(CMDLINE_POWEROFF, POWEROFF_REBOOT)]
     words = base.split()
     return " ".join(words + [w for w in extra if w not in words])

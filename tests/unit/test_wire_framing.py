@@ -1,4 +1,4 @@
-"""Unit tests of the agent protocol framing (hanabi_guest.protocol)."""
+"""Unit tests of the agent protocol framing (hanabi_wire.framing): JSON and data frames, SYNC."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import struct
 
 import pytest
 
-from hanabi_guest import protocol as P
+import hanabi_wire as P
+from hanabi_wire import framing
 
 
 def test_round_trip_one_frame() -> None:
@@ -161,3 +162,82 @@ def test_plain_decoder_has_no_sync_markers():
         broken.feed(b"\x00\x00\x00\x02{x")
     with pytest.raises(P.ProtocolError, match="already corrupt"):
         broken.feed(frame)
+
+
+def _out(data: bytes, stream: str = "stdout", cid: str = "c1", eid: str = "init") -> dict:
+    return {"type": "output", "container_id": cid, "exec_id": eid, "stream": stream, "data": data}
+
+
+@pytest.mark.parametrize("data", [b"", b"hello\n", bytes(range(256)) * 3, b"\xff" * 1000, b"\xfe\x00\xfe\x01\xff",
+                                  b"\xff" * P.MAX_DATA_CHUNK])
+def test_data_frames_carry_any_bytes_without_0xff(data: bytes) -> None:
+    for msg in (_out(data), _out(data, "stderr", "c-2.x", "e" * 128),
+                {"type": "stdin", "container_id": "c1", "exec_id": "init", "data": data}):
+        frame = P.encode_frame(msg)
+        assert frame[0] == 1  # the data kind
+        assert b"\xff\xff\xff" not in frame[4:] and b"\xff" not in frame[5:]
+        assert len(frame) - 4 <= 2 * len(data) + 2 + 2 * 129
+        got = P.FrameDecoder().feed(frame)
+        assert got == [msg]
+        assert isinstance(got[0]["data"], bytes)
+
+
+def test_text_costs_no_escaping_and_json_messages_stay_json() -> None:
+    frame = P.encode_frame(_out(b"plain text\n"))
+    assert frame == bytes([1, 0, 0, 20, 2, 2]) + b"c1" + bytes([4]) + b"init" + b"plain text\n"
+    assert P.encode_frame({"type": "output", "data": "a string"})[0] == 0  # not bytes: JSON, as before
+    with pytest.raises(P.ProtocolError, match="not encodable"):  # bytes only travel in data frames
+        P.encode_frame({"type": "dns_answer", "qid": 1, "data": b"x"})
+
+
+def test_sync_cuts_a_data_frame_full_of_0xff() -> None:
+    """A data frame cut by a reconnect: the marker is found inside it, as in a JSON frame."""
+    old = P.encode_frame(_out(b"\xff" * 5000))
+    dec = P.FrameDecoder()
+    assert dec.feed(old[:3000]) == []
+    stream = P.SYNC + P.encode_frame(_out(b"\xff\xfe after"))
+    got = []
+    for i in range(len(stream)):
+        got += dec.feed(stream[i:i + 1])
+    assert got == [{"type": "sync"}, _out(b"\xff\xfe after")]
+    host = P.FrameDecoder(wait_sync=True)  # stale data frames before the marker are skipped
+    assert host.feed(old + old[:100] + P.SYNC + P.encode_frame(_out(b"new"))) == [{"type": "sync"}, _out(b"new")]
+
+
+@pytest.mark.parametrize("body", [
+    bytes([9, 1]) + b"c" + bytes([1]) + b"e" + b"x",      # unknown tag
+    bytes([2, 5]) + b"c",                                  # cut inside the container id
+    bytes([2, 1]) + b"c" + bytes([9]) + b"e",              # cut inside the exec id
+    bytes([2, 1]) + b"\xe9" + bytes([1]) + b"e",           # not ASCII
+    bytes([2, 1]) + b"c" + bytes([1]) + b"e" + b"\xfe\x02",  # bad escape
+    bytes([2, 1]) + b"c" + bytes([1]) + b"e" + b"\xfe",      # escape cut at the end
+    bytes([2, 1]) + b"c" + bytes([1]) + b"e" + b"a\xffb",    # a raw 0xFF
+])
+def test_bad_data_frames_are_corrupt(body: bytes) -> None:
+    dec = P.FrameDecoder()
+    with pytest.raises(P.ProtocolError):
+        dec.feed(struct.pack(">I", 1 << 24 | len(body)) + body)
+    assert dec.corrupt
+
+
+def test_unknown_frame_kinds_and_the_cap_apply_to_data_frames() -> None:
+    with pytest.raises(P.ProtocolError, match="unknown frame kind"):
+        P.FrameDecoder().feed(struct.pack(">I", 2 << 24 | 5) + b"{}{}{")
+    with pytest.raises(P.ProtocolError, match="outside"):
+        P.FrameDecoder().feed(struct.pack(">I", 1 << 24 | P.MAX_FRAME + 1))
+    with pytest.raises(P.ProtocolError, match="longer than"):
+        P.encode_frame(_out(b"x", eid="e" * 129))
+    with pytest.raises(P.ProtocolError, match="no data frame"):
+        P.encode_frame({"type": "output", "stream": "stdin", "container_id": "c", "exec_id": "e", "data": b""})
+    plain = P.FrameDecoder(sync=False)  # the io socket's decoder reads data frames too
+    assert plain.feed(P.encode_frame(_out(b"\xff"))) == [_out(b"\xff")]
+
+
+def test_escaping_round_trips_any_mix_of_escape_bytes() -> None:
+    import random
+
+    rng = random.Random(10)
+    for _ in range(2000):
+        data = bytes(rng.choice(b"\x00\x01\xfe\xffa") for _ in range(rng.randrange(0, 40)))
+        escaped = framing.escape(data)
+        assert b"\xff" not in escaped and framing.unescape(escaped) == data

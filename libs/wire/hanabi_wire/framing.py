@@ -1,10 +1,23 @@
-"""Framing and message vocabulary of the hanabi host <-> guest agent protocol.
+"""Framing of the host <-> guest byte stream: JSON frames, data frames, the SYNC marker.
 
-See docs/agent-protocol.md (binding). A frame is a 4-byte big-endian length N followed by
-N bytes of UTF-8 JSON encoding one JSON object, with 1 <= N <= MAX_FRAME. Binary payloads
-travel base64-encoded in a ``data`` field, at most MAX_DATA_CHUNK raw bytes per frame.
+A frame is a 4-byte big-endian header, then its body. The header's top byte is the frame
+kind, the low 24 bits the body length N, 1 <= N <= MAX_FRAME:
 
-STDLIB ONLY: this module runs inside the guest under a bare, trimmed python3.11.
+* kind 0, a JSON frame: N bytes of UTF-8 JSON encoding one JSON object (a message);
+* kind 1, a data frame (stdio, no base64): ``tag`` (1 byte: 1 stdin, 2 output on stdout,
+  3 output on stderr), the container id and the exec id (each a length byte then ASCII),
+  then the data, escaped so the body never holds 0xFF: 0xFE -> FE 00, 0xFF -> FE 01.
+  ``FrameDecoder`` yields it as the message ``{"type": "stdin"|"output", "container_id",
+  "exec_id", ["stream",] "data": bytes}`` and ``encode_frame`` makes one of any such
+  message whose ``data`` is bytes.
+
+SYNC (8 bytes of 0xFF) resynchronises the stream. It works because a valid stream never
+holds three 0xFF bytes in a row: a header's kind byte is 0 or 1 and its length at most
+00 10 00 00 (at most two 0xFF, in its low bytes), a JSON body is UTF-8 (which never has
+0xFF), a data frame's tag, id lengths and ids are small or ASCII and its data is escaped.
+So a run of three 0xFF is always a marker, found even in the middle of a cut frame.
+
+STDLIB ONLY: runs inside the guest.
 """
 
 from __future__ import annotations
@@ -12,77 +25,24 @@ from __future__ import annotations
 import binascii
 import json
 import struct
+
+from .constants import (ID_MAX_LEN, MAX_FRAME, STREAM_STDERR, STREAM_STDOUT, T_OUTPUT,
+                        T_STDIN, T_SYNC)
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-MAX_FRAME = 1 << 20
-MAX_DATA_CHUNK = 64 * 1024
 HEADER = struct.Struct(">I")
-# Resynchronisation marker. A valid stream never holds three 0xFF bytes in a row (a header
-# is at most 00 10 00 00 .. 00 00 FF FF and bodies are UTF-8), so a run of 0xFF marks a
-# point where the reader may start over. A host writes SYNC right after it connects; the
-# agent answers with SYNC before its next frame (see docs/agent-protocol.md).
+KIND_JSON = 0
+KIND_DATA = 1
+KIND_SHIFT = 24
+LENGTH_MASK = (1 << KIND_SHIFT) - 1
 SYNC = b"\xff" * 8
 _RUN = b"\xff\xff\xff"
-
-# Host -> guest requests.
-T_PING = "ping"
-T_CREATE_CONTAINER = "create_container"
-T_START = "start"
-T_EXEC = "exec"
-T_SIGNAL = "signal"
-T_CLOSE_STDIN = "close_stdin"
-T_RESIZE = "resize"
-T_PS = "ps"
-T_DESTROY_CONTAINER = "destroy_container"
-T_SHUTDOWN = "shutdown"
-T_CONFIGURE_NETWORK = "configure_network"
-REQUEST_TYPES = frozenset(
-    {
-        T_PING,
-        T_CREATE_CONTAINER,
-        T_START,
-        T_EXEC,
-        T_SIGNAL,
-        T_CLOSE_STDIN,
-        T_RESIZE,
-        T_PS,
-        T_DESTROY_CONTAINER,
-        T_SHUTDOWN,
-        T_CONFIGURE_NETWORK,
-    }
-)
-
-# Host -> guest events.
-T_STDIN = "stdin"
-T_DNS_ANSWER = "dns_answer"
-
-# Guest -> host messages.
-T_REPLY = "reply"
-T_READY = "ready"
-T_OUTPUT = "output"
-T_EXIT = "exit"
-T_PROTOCOL_ERROR = "protocol_error"
-T_DNS_QUERY = "dns_query"
-T_SYNC = "sync"  # yielded by FrameDecoder where a SYNC marker was; never sent as a frame
-
-# Error codes carried in failed replies.
-E_NOT_FOUND = "NOT_FOUND"
-E_INVALID_ARGUMENT = "INVALID_ARGUMENT"
-E_FAILED_PRECONDITION = "FAILED_PRECONDITION"
-E_ALREADY_EXISTS = "ALREADY_EXISTS"
-E_INTERNAL = "INTERNAL"
-ERROR_CODES = frozenset(
-    {E_NOT_FOUND, E_INVALID_ARGUMENT, E_FAILED_PRECONDITION, E_ALREADY_EXISTS, E_INTERNAL}
-)
-
-INIT_EXEC_ID = "init"
-# The mount tag of the VM's 9P file share (QEMU's virtio-9p device); the agent mounts it
-# at SHARE_MOUNT_POINT and finds each container's tree under it (docs/agent-protocol.md).
-SHARE_MOUNT_TAG = "hanabi"
-STREAM_STDOUT = "stdout"
-STREAM_STDERR = "stderr"
+# Data frame tags: (message type, stream); stdin has no stream.
+DATA_TAGS = {1: (T_STDIN, None), 2: (T_OUTPUT, STREAM_STDOUT), 3: (T_OUTPUT, STREAM_STDERR)}
+_TAG_OF = {v: k for k, v in DATA_TAGS.items()}
 
 
 class ProtocolError(Exception):
@@ -98,23 +58,87 @@ def _reject_constant(name: str) -> Any:
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 
 
+def escape(data: bytes) -> bytes:
+    """Data as it travels in a data frame: no 0xFF byte (0xFE -> FE 00, 0xFF -> FE 01)."""
+    return data.replace(b"\xfe", b"\xfe\x00").replace(b"\xff", b"\xfe\x01")
+
+
+def unescape(data: bytes) -> bytes:
+    """The inverse of ``escape``; ProtocolError for a 0xFF byte or a bad escape."""
+    if b"\xff" in data:
+        raise ProtocolError("data frame holds a 0xFF byte")
+    escapes = data.count(b"\xfe")
+    if escapes and data.count(b"\xfe\x00") + data.count(b"\xfe\x01") != escapes:
+        raise ProtocolError("data frame holds a bad escape")
+    return data.replace(b"\xfe\x01", b"\xff").replace(b"\xfe\x00", b"\xfe") if escapes else data
+
+
+def _frame(kind: int, body: bytes) -> bytes:
+    if len(body) > MAX_FRAME:
+        raise ProtocolError(f"frame of {len(body)} bytes exceeds MAX_FRAME ({MAX_FRAME})")
+    return HEADER.pack(kind << KIND_SHIFT | len(body)) + body
+
+
+def _ident(value: object, what: str) -> bytes:
+    if not isinstance(value, str):
+        raise ProtocolError(f"{what} of a data frame must be a string")
+    raw = value.encode("ascii", "replace")
+    if len(raw) > ID_MAX_LEN:
+        raise ProtocolError(f"{what} of a data frame is longer than {ID_MAX_LEN}")
+    return bytes((len(raw),)) + raw
+
+
+def encode_data(msg: dict[str, Any]) -> bytes:
+    """A data frame for a ``stdin`` or ``output`` message whose ``data`` is bytes."""
+    tag = _TAG_OF.get((msg.get("type"), msg.get("stream")))
+    if tag is None:
+        raise ProtocolError(f"no data frame for {msg.get('type')!r} on stream {msg.get('stream')!r}")
+    body = (bytes((tag,)) + _ident(msg.get("container_id"), "container_id")
+            + _ident(msg.get("exec_id"), "exec_id") + escape(bytes(msg["data"])))
+    return _frame(KIND_DATA, body)
+
+
+def decode_data(body: bytes) -> dict[str, Any]:
+    """The message of a data frame's body (ids are checked later, as any field is)."""
+    kind = DATA_TAGS.get(body[0])
+    if kind is None:
+        raise ProtocolError(f"data frame with unknown tag {body[0]}")
+    pos, ids = 1, []
+    for _ in range(2):
+        end = pos + 1 + (body[pos] if pos < len(body) else 0)
+        if pos >= len(body) or end > len(body):
+            raise ProtocolError("data frame cut inside its ids")
+        try:
+            ids.append(body[pos + 1:end].decode("ascii"))
+        except UnicodeDecodeError:
+            raise ProtocolError("data frame ids are not ASCII") from None
+        pos = end
+    msg: dict[str, Any] = {"type": kind[0], "container_id": ids[0], "exec_id": ids[1]}
+    if kind[1] is not None:
+        msg["stream"] = kind[1]
+    msg["data"] = unescape(body[pos:])
+    return msg
+
+
 def encode_frame(msg: dict[str, Any]) -> bytes:
-    """Serialize one message as a length-prefixed frame."""
+    """Serialize one message: a data frame for stdio bytes, otherwise a JSON frame."""
     if not isinstance(msg, dict):
         raise ProtocolError("a message must be a JSON object")
+    if msg.get("type") in (T_STDIN, T_OUTPUT) and isinstance(msg.get("data"), (bytes, bytearray, memoryview)):
+        return encode_data(msg)
     try:
         body = json.dumps(msg, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode(
             "utf-8"
         )
     except (TypeError, ValueError, UnicodeEncodeError) as exc:
         raise ProtocolError(f"message is not encodable as JSON: {exc}") from exc
-    if len(body) > MAX_FRAME:
-        raise ProtocolError(f"frame of {len(body)} bytes exceeds MAX_FRAME ({MAX_FRAME})")
-    return HEADER.pack(len(body)) + body
+    return _frame(KIND_JSON, body)
 
 
-def decode_body(body: bytes) -> dict[str, Any]:
-    """Decode one frame body (without its length prefix) into a message."""
+def decode_body(body: bytes, kind: int = KIND_JSON) -> dict[str, Any]:
+    """Decode one frame body (without its header) into a message."""
+    if kind == KIND_DATA:
+        return decode_data(body)
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -126,6 +150,17 @@ def decode_body(body: bytes) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ProtocolError(f"frame is a JSON {type(value).__name__}, not an object")
     return value
+
+
+def _header(buf: bytearray, pos: int) -> tuple[int, int]:
+    """(kind, length) of the header at ``pos``; ProtocolError if either is out of range."""
+    (word,) = HEADER.unpack_from(buf, pos)
+    kind, length = word >> KIND_SHIFT, word & LENGTH_MASK
+    if length == 0 or length > MAX_FRAME:
+        raise ProtocolError(f"frame length {length} outside 1..MAX_FRAME ({MAX_FRAME})")
+    if kind not in (KIND_JSON, KIND_DATA):
+        raise ProtocolError(f"frame header {word:#010x}: unknown frame kind {kind}")
+    return kind, length
 
 
 class FrameDecoder:
@@ -205,9 +240,10 @@ class FrameDecoder:
                     continue
                 if len(buf) - pos < HEADER.size:
                     break
-                (length,) = HEADER.unpack_from(buf, pos)
-                if length == 0 or length > MAX_FRAME:
-                    pos = self._corrupt(pos, f"frame length {length} outside 1..MAX_FRAME ({MAX_FRAME})", out)
+                try:
+                    kind, length = _header(buf, pos)
+                except ProtocolError as exc:
+                    pos = self._corrupt(pos, str(exc), out)
                     continue
                 end = pos + HEADER.size + length
                 k = buf.find(_RUN, pos + HEADER.size, min(end, len(buf)))
@@ -218,7 +254,7 @@ class FrameDecoder:
                 if len(buf) < end:
                     break
                 try:
-                    msg = decode_body(bytes(buf[pos + HEADER.size:end]))
+                    msg = decode_body(bytes(buf[pos + HEADER.size:end]), kind)
                 except ProtocolError as exc:
                     pos = self._corrupt(pos, str(exc), out)
                     continue
@@ -236,13 +272,11 @@ class FrameDecoder:
         buf += data
         out: list[dict[str, Any]] = []
         while len(buf) >= HEADER.size:
-            (length,) = HEADER.unpack_from(buf, 0)
             try:
-                if length == 0 or length > MAX_FRAME:
-                    raise ProtocolError(f"frame length {length} outside 1..MAX_FRAME ({MAX_FRAME})")
+                kind, length = _header(buf, 0)
                 if len(buf) < HEADER.size + length:
                     break
-                msg = decode_body(bytes(buf[HEADER.size:HEADER.size + length]))
+                msg = decode_body(bytes(buf[HEADER.size:HEADER.size + length]), kind)
             except ProtocolError as exc:
                 self._error = str(exc)
                 del buf[:]
@@ -266,7 +300,7 @@ class FrameDecoder:
 
 
 def b64e(data: bytes) -> str:
-    """Base64-encode bytes for a ``data`` field."""
+    """Base64-encode bytes for a ``data`` field of a JSON frame (dns_query, dns_answer)."""
     return binascii.b2a_base64(data, newline=False).decode("ascii")
 
 
@@ -282,15 +316,3 @@ def b64d(text: str) -> bytes:
     if len(raw) != (len(data) + 2) // 3 * 4:
         raise ProtocolError("invalid base64 data: excess padding")
     return data
-
-
-def reply_ok(req_id: int, result: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Build a successful reply to request ``req_id``."""
-    return {"type": T_REPLY, "id": req_id, "ok": True, "result": result or {}}
-
-
-def reply_error(req_id: int, code: str, message: str) -> dict[str, Any]:
-    """Build a failed reply to request ``req_id``."""
-    if code not in ERROR_CODES:
-        code = E_INTERNAL
-    return {"type": T_REPLY, "id": req_id, "ok": False, "error": {"code": code, "message": message}}

@@ -1,0 +1,97 @@
+"""Constants shared by the in-guest agent and the host (agentd, vmmd): defined here only.
+
+Channel names and ports, the protocol version, id rules, the kernel command-line pieces
+the guest reads, size limits, error codes, the exec id of a container's first process.
+
+STDLIB ONLY: this package runs inside the guest under a bare, trimmed python3.11.
+"""
+
+from __future__ import annotations
+
+import re
+
+# Version of the protocol in docs/agent-protocol.md. The host states its version in the
+# first request after SYNC (``ping`` field ``protocol``) and the agent answers with its own
+# (result field ``protocol``); any difference fails the connection, naming both. An agent
+# or host that does not state one speaks UNVERSIONED (base64 stdio inside JSON).
+PROTOCOL_VERSION = 2
+UNVERSIONED = 1
+
+# The channel: a virtio-serial port (QEMU) or a vsock stream (Firecracker, vhost-vsock).
+SERIAL_PORT_NAME = "agent.0"
+# The mount tag of the VM's 9P file share (QEMU's virtio-9p device); the agent mounts it and
+# finds each container's directory (rootfs, m0..mN) under it.
+SHARE_MOUNT_TAG = "hanabi"
+VSOCK_PORT = 1024
+
+# Kernel command line: the base the guest image is built for, and the words the agent reads.
+KERNEL_CMDLINE = ("console=ttyS0 quiet panic=-1 tsc=reliable no_timer_check rcupdate.rcu_expedited=1 "
+                  "i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd cryptomgr.notests 8250.nr_uarts=1 "
+                  "rdinit=/init")
+CMDLINE_CHANNEL = "hanabi.channel"  # hanabi.channel=vsock: listen on VSOCK_PORT (default: serial)
+CHANNEL_SERIAL = "serial"
+CHANNEL_VSOCK = "vsock"
+CMDLINE_POWEROFF = "hanabi.poweroff"  # hanabi.poweroff=reboot: end the VM with a restart
+POWEROFF_REBOOT = "reboot"
+
+
+def cmdline_word(key: str, value: str) -> str:
+    """One ``key=value`` word of the kernel command line."""
+    return f"{key}={value}"
+
+
+# Ids. Container and exec ids (and sandbox ids on the host): safe as path components.
+ID_MAX_LEN = 128
+ID_REGEX = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+ID_RE = re.compile(ID_REGEX)  # use fullmatch ("$" alone would let a trailing newline in)
+INIT_EXEC_ID = "init"  # the exec id of a container's first process, reserved for `start`
+SERIAL_REGEX = r"^[A-Za-z0-9_.:-]{1,20}$"  # a virtio-blk serial (20 bytes at most)
+SHARE_ROOTFS_REGEX = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}/rootfs$"  # a container's root in the share
+HOSTNAME_REGEX = r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,62}[A-Za-z0-9])?$"
+
+# Sizes.
+MAX_FRAME = 1 << 20  # bytes of one frame's body
+MAX_DATA_CHUNK = 64 * 1024  # raw bytes of stdio (or DNS) data in one frame
+MAX_TEXT = 4096  # characters of a free-text field the guest sends (error messages, args)
+MAX_PID = 1 << 22
+MAX_SIGNAL = 64
+MAX_TTY_DIM = 65535
+
+# Error codes carried in failed replies.
+E_NOT_FOUND = "NOT_FOUND"
+E_INVALID_ARGUMENT = "INVALID_ARGUMENT"
+E_FAILED_PRECONDITION = "FAILED_PRECONDITION"
+E_ALREADY_EXISTS = "ALREADY_EXISTS"
+E_INTERNAL = "INTERNAL"
+ERROR_CODES = (E_NOT_FOUND, E_INVALID_ARGUMENT, E_FAILED_PRECONDITION, E_ALREADY_EXISTS, E_INTERNAL)
+
+STREAM_STDOUT = "stdout"
+STREAM_STDERR = "stderr"
+
+# Message types (docs/agent-protocol.md; their fields are in ``messages``).
+# Host -> guest requests.
+T_PING = "ping"
+T_CREATE_CONTAINER = "create_container"
+T_START = "start"
+T_EXEC = "exec"
+T_SIGNAL = "signal"
+T_CLOSE_STDIN = "close_stdin"
+T_RESIZE = "resize"
+T_PS = "ps"
+T_DESTROY_CONTAINER = "destroy_container"
+T_SHUTDOWN = "shutdown"
+T_CONFIGURE_NETWORK = "configure_network"
+# Host -> guest events.
+T_STDIN = "stdin"
+T_DNS_ANSWER = "dns_answer"
+# Guest -> host messages.
+T_REPLY = "reply"
+T_READY = "ready"
+T_OUTPUT = "output"
+T_EXIT = "exit"
+T_PROTOCOL_ERROR = "protocol_error"
+T_DNS_QUERY = "dns_query"
+# What FrameDecoder yields where a SYNC marker was; never sent as a frame.
+T_SYNC = "sync"
+
+__all__ = [name for name in dir() if name.isupper() or name == "cmdline_word"]
