@@ -130,18 +130,34 @@ def test_compose_up_logs_scale_down(docker, compose):
     wait_for("the second client's output in logs",
              lambda: f"client-up-{second['Config']['Hostname']}" in compose.check("logs", "--no-color", "client"))
 
+    ours = {c["Id"] for c in web + scaled}
     compose.check("down", "-v", "-t", "5")
     assert not docker.check("ps", "-aq", "--filter", f"label=com.docker.compose.project={project}").split()
     assert network not in docker.check("network", "ls", "--format", "{{.Name}}").split()
     assert f"{project}_data" not in docker.check("volume", "ls", "-q").split()
     deadline = time.monotonic() + 30
-    while left := leaks(docker):
+    while left := leaks(docker, ours):
         assert time.monotonic() < deadline, f"left behind after down -v: {left}"
         time.sleep(0.5)
 
 
-def leaks(docker) -> dict[str, set[str]]:
-    """What hanabi still has of removed containers (the shared per-image bases are not theirs)."""
+def leaks(docker, ids: set[str]) -> dict[str, set[str]]:
+    """What is left of the removed containers: hanabi's processes (a stand-in's title names its
+    container's id), state dirs, volumes and kept layers (not the shared per-image bases), loop
+    devices, taps, and the shims of our dockerd. (dockerd's own data-root mount stays, it is its.)"""
     left = hanabi_leftovers(docker)
-    left["volumes"] = container_volumes(docker.hanabi.config.block.volume_dir)
-    return {kind: found for kind, found in left.items() if found}
+    short = {cid[:12] for cid in ids}
+    mine = {entry for entry in left["processes"] if not entry.startswith("stand-in ")
+            or any(s in _cmdline(int(entry.split()[1])) for s in short)}
+    found = {"processes": mine, "state dirs": left["state dirs"],
+             "volumes": container_volumes(docker.hanabi.config.block.volume_dir),
+             "loop devices": left["loop devices"], "taps": left["taps"], "shims": left["shims"]}
+    return {kind: what for kind, what in found.items() if what}
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return handle.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
