@@ -36,7 +36,11 @@ systemd_running() { [ -d /run/systemd/system ]; }
 install_all() {
   [ "$(id -u)" = 0 ] || die "run as root"
   "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || die "$python is older than 3.11"
-  if systemd_running; then systemctl stop hanabi.target "${units[@]:1}" 2>/dev/null || true; fi
+  local was_active=0
+  if systemd_running; then
+    if systemctl -q is-active hanabi.target "${units[@]:1}" 2>/dev/null; then was_active=1; fi
+    systemctl stop hanabi.target "${units[@]:1}" 2>/dev/null || true   # the venv they run from is replaced
+  fi
   rm -rf "$prefix/.venv"
   mkdir -p "$prefix"
   "$python" -m venv "$prefix/.venv"
@@ -87,7 +91,10 @@ install_all() {
     reload_docker "$out"
   fi
   mv "$manifest.new" "$manifest"
-  if systemd_running; then systemctl daemon-reload; fi
+  if systemd_running; then
+    systemctl daemon-reload
+    if [ $was_active = 1 ]; then systemctl start hanabi.target && echo "hanabi.target started again"; fi
+  fi
   echo "hanabi installed in $prefix. Next: $prefix/.venv/bin/hanabi-image build (the guest image), then"
   echo "  systemctl enable --now hanabi.target"
 }
