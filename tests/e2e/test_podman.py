@@ -1,7 +1,7 @@
 """podman 4.3 (Debian's, with conmon) running containers through `--runtime hanabi-runtime`.
 
 run, run -d, logs, exec (plain and -t), stop (the container's own SIGTERM handler runs),
-start again, rm, run -it on a real pty, two containers on a CNI bridge network, network
+start again, pause/unpause, stats, restart, rm, run -it on a real pty, two containers on a CNI bridge network, network
 connect/disconnect on a running container, and a call hanabi cannot serve (--preserve-fds).
 After each test nothing is left: no VM, stand-in, conmon, state dir, volume, tap, CNI result
 or podman cgroup. podman's state is all under a temp dir (tests/e2e/podman_env.py).
@@ -113,7 +113,7 @@ def test_run_prints_the_guest_kernel_and_exits_with_the_status(podman):
     assert_nothing_left(podman)
 
 
-def test_detached_logs_exec_stop_start_rm(podman, name):
+def test_detached_logs_exec_stop_start_pause_restart_rm(podman, name):
     cid = podman.check("run", "-d", "--name", name, IMAGE, "sh", "-c", TRAP).strip()
     podman.wait_for("hello in the logs", lambda: "hello" in podman.run("logs", name).stdout)
     done = podman.run("exec", name, "sh", "-c", "echo in-$(hostname); exit 4")
@@ -127,6 +127,14 @@ def test_detached_logs_exec_stop_start_rm(podman, name):
     podman.check("start", name, timeout=90)
     podman.wait_for("a second hello", lambda: podman.run("logs", name).stdout.split().count("hello") == 2)
     assert podman.check("inspect", "-f", "{{.State.Status}}", name).strip() == "running"
+    podman.check("pause", name)  # the whole VM
+    assert podman.check("inspect", "-f", "{{.State.Status}}", name).strip() == "paused"
+    podman.check("unpause", name)
+    assert podman.run("exec", name, "true").returncode == 0
+    stats = podman.check("stats", "--no-stream", "--format", "{{.MemUsage}} {{.PIDs}}", name).split()
+    assert stats and stats[0][0].isdigit() and int(stats[-1]) > 0, stats  # the VM's cgroup: VMM + stand-ins
+    podman.check("restart", "-t", "20", name, timeout=120)
+    podman.wait_for("a third hello", lambda: podman.run("logs", name).stdout.split().count("hello") == 3)
     podman.check("rm", "-f", "-t", "20", name, timeout=90)
     assert name not in podman.check("ps", "-a", "--format", "{{.Names}}")
     assert_nothing_left(podman)
