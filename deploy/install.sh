@@ -49,8 +49,12 @@ install_all() {
     local version
     version=$(sed -n 's/^version = "\(.*\)"/\1/p' "$src/pyproject.toml")
     "${pip[@]}" --no-index --find-links "$WHEELHOUSE" "hanabi==$version"
-  else
-    "${pip[@]}" "$src"
+  else  # from a copy: the build writes build/ and *.egg-info, never into the checkout (which may be read-only)
+    local copy
+    copy=$(mktemp -d)
+    cp -r "$src/pyproject.toml" "$src/libs" "$src/services" "$src/guest" "$copy/"
+    "${pip[@]}" "$copy" || { rm -rf "$copy"; die "pip install failed"; }
+    rm -rf "$copy"
   fi
   install -m 0644 "$src/README.md" "$prefix/README.md"
   rm -rf "$prefix/docs"; cp -r "$src/docs" "$prefix/docs"
