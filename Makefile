@@ -7,7 +7,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 DEMO_DIR ?= /var/lib/hanabi/demo
 DEMO_ID ?= hanabi-demo
 
-.PHONY: setup deps venv guest up down status demo test unit bench clean
+.PHONY: setup deps venv guest up down status demo test unit bench clean install uninstall
 
 setup: deps venv guest ## install what is missing: apt packages, the venv, the guest image
 
@@ -55,6 +55,12 @@ bench: setup ## benchmarks (hanabi vs runc in the same run)
 	$(BIN)/python bench/pool.py
 	$(BIN)/python bench/storage.py
 	$(BIN)/python bench/firecracker.py
+
+install: ## systemd hosts: /opt/hanabi (own venv), the units + hanabi.target, /etc/hanabi/hanabi.toml, the Docker runtimes
+	deploy/install.sh install
+
+uninstall: ## remove exactly what `make install` put there (and unregister the Docker runtimes)
+	deploy/install.sh uninstall
 
 clean:
 	rm -rf .tox build *.egg-info

@@ -23,10 +23,23 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="hanabi: run OCI containers, each in its own microVM (runc-compatible CLI)")
 _globals: dict = {}
 VERSION = "0.1.0"
+OCI_SPEC_VERSION = "1.0.2"
+
+
+def _version_text() -> str:
+    return f"hanabi-runtime version {VERSION}\nspec: {OCI_SPEC_VERSION}"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(_version_text())
+        raise typer.Exit(0)
 
 
 @app.callback()
-def _global(root: Optional[str] = typer.Option(None, help="runc's state root (recorded; hanabi keeps state under run_dir)"),
+def _global(version: bool = typer.Option(False, "--version", "-v", callback=_print_version, is_eager=True,
+                                         help="print the version (as `runc --version`; podman info asks for it)"),
+            root: Optional[str] = typer.Option(None, help="runc's state root (recorded; hanabi keeps state under run_dir)"),
             log: Optional[Path] = typer.Option(None, help="also write errors to this file"),
             log_format: str = typer.Option("text", help="text or json, for --log"),
             debug: bool = typer.Option(False, help="verbose logging to stderr"),
@@ -79,6 +92,14 @@ def _fail(exc: HanabiError) -> None:
     raise typer.Exit(1)
 
 
+def _refuse_preserve_fds(container_id: str, count: int) -> None:
+    """Extra file descriptors cannot cross into the VM: refuse them instead of dropping them."""
+    if count:
+        from hanabi_common.errors import InvalidArgument
+        _fail(InvalidArgument(f"container {container_id}: --preserve-fds {count} is not supported: "
+                              "file descriptors of the host cannot be passed into the container's VM"))
+
+
 def _guard(action):
     try:
         return action()
@@ -93,8 +114,9 @@ def create(container_id: str = typer.Argument(..., metavar="ID"),
            console_socket: Optional[str] = typer.Option(None, help="unix socket that gets the pty master (process.terminal: true)"),
            no_pivot: bool = typer.Option(False, help="accepted for runc compatibility"),
            no_new_keyring: bool = typer.Option(False, help="accepted for runc compatibility"),
-           preserve_fds: int = typer.Option(0, help="accepted for runc compatibility")) -> None:
+           preserve_fds: int = typer.Option(0, help="extra fds to pass (only 0: they cannot reach the VM)")) -> None:
     """Create a container in a new microVM; its process waits for `start`."""
+    _refuse_preserve_fds(container_id, preserve_fds)
     _guard(lambda: _runtime().create(container_id, bundle, pid_file, console_socket=console_socket))
 
 
@@ -218,8 +240,9 @@ def exec_(container_id: str = typer.Argument(..., metavar="ID"),
           cwd: Optional[str] = typer.Option(None, help="working directory in the container"),
           env: list[str] = typer.Option([], "--env", "-e", help="extra KEY=VALUE"),
           user: Optional[str] = typer.Option(None, "--user", "-u", help="uid[:gid]"),
-          preserve_fds: int = typer.Option(0, help="accepted for runc compatibility")) -> None:
+          preserve_fds: int = typer.Option(0, help="extra fds to pass (only 0: they cannot reach the VM)")) -> None:
     """Run one more process in a running container."""
+    _refuse_preserve_fds(container_id, preserve_fds)
 
     def go() -> int:
         from hanabi_runtime.bundle import load_bundle
@@ -287,6 +310,29 @@ def update(container_id: str = typer.Argument(..., metavar="ID"),
     _guard(go)
 
 
+_ANY_ARGS = {"ignore_unknown_options": True, "allow_extra_args": True}
+
+
+@app.command(context_settings=_ANY_ARGS)
+def checkpoint(ctx: typer.Context) -> None:
+    """Refused: a container's VM cannot be checkpointed with CRIU."""
+    _refuse_criu("checkpoint", ctx.args)
+
+
+@app.command(context_settings=_ANY_ARGS)
+def restore(ctx: typer.Context) -> None:
+    """Refused: a container's VM cannot be restored from a CRIU image."""
+    _refuse_criu("restore", ctx.args)
+
+
+def _refuse_criu(command: str, args: list[str]) -> None:
+    from hanabi_common.errors import FailedPrecondition
+    positional = [a for a in args if not a.startswith("-")]
+    who = f"container {positional[-1]}" if positional else "a container"
+    _fail(FailedPrecondition(f"{command} of {who} is not supported: hanabi runs it in a microVM, "
+                             "which CRIU cannot checkpoint or restore"))
+
+
 @app.command()
 def features() -> None:
     """Print the OCI features document."""
@@ -297,7 +343,7 @@ def features() -> None:
 @app.command()
 def version() -> None:
     """Print the version."""
-    typer.echo(f"hanabi-runtime version {VERSION}\nspec: 1.0.2")
+    typer.echo(_version_text())
 
 
 @app.command()
