@@ -50,7 +50,7 @@ PACKAGES = ["linux-image-amd64", "busybox-static", "python3.11-minimal", "libpyt
 MODULES = ["virtio_pci", "virtio_mmio", "virtio_blk", "virtio_console", "virtio_net", "crc32c_generic", "ext4", "vsock",
            "vmw_vsock_virtio_transport", "virtio_balloon", "virtio_rng", "9p", "9pnet_virtio", "9pnet_fd"]
 AGENT_FILES = ["__init__.py", "channel.py", "core.py", "sandbox.py", "process.py",
-               "handlers.py", "procio.py", "poller.py", "agent.py", "mounts.py", "namespaces.py", "network.py", "dnsrelay.py",
+               "handlers.py", "procio.py", "poller.py", "agent.py", "mounts.py", "share.py", "namespaces.py", "network.py", "dnsrelay.py",
                "blkswap.py"]
 WIRE_FILES = ["__init__.py", "constants.py", "framing.py", "schema.py", "messages.py"]
 PACKAGES_IN_IMAGE = ("hanabi_guest/", "hanabi_wire/")

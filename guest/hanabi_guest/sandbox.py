@@ -49,10 +49,6 @@ RUN_DIR = "/run/hanabi/c"
 # namespace detaches it (namespaces.foreign_mounts) and sees only its own binds of it.
 # (Container ids start with a letter or digit: no container directory is called this.)
 SHARE_DIR_NAME = ".share"
-# cache=mmap: reads and writes go to the host at once (a host change is seen, a write is
-# on the host when write(2) returns), page cache only for shared writable mmap.
-SHARE_MOUNT_OPTIONS = "trans=virtio,version=9p2000.L,msize=262144,cache=mmap,access=client"
-SHARE_MODULES = ("9p", "9pnet_virtio")
 MS_BIND = 4096
 MS_REC = 16384
 CGROUP_ROOT = "/sys/fs/cgroup"
@@ -295,20 +291,41 @@ class GuestSandbox(Sandbox):
 
     def share_path(self, rel: str) -> str | None:
         point = self.share_mount_point
-        if not os.path.ismount(point):
-            # /init loads the modules in the background: 9p before its virtio transport
-            # (until that is in, a mount fails with EINVAL, "unknown transport").
-            if not all(os.path.isdir(f"/sys/module/{m}") for m in SHARE_MODULES):
-                return None
-            os.makedirs(point, mode=0o700, exist_ok=True)
-            try:
-                mount(SHARE_MOUNT_TAG, point, "9p", 0, SHARE_MOUNT_OPTIONS)
-            except OSError as exc:
-                if exc.errno == errno.ENOENT:  # no device with that tag (yet)
-                    return None
-                raise
+        if not os.path.ismount(point) and not self._mount_share(point):
+            return None
         path = os.path.join(point, rel)
         return path if os.path.isdir(path) else None
+
+    @staticmethod
+    def _mount_share(point: str) -> bool:
+        """Mount the share at ``point`` (see share.py); False while it cannot be yet."""
+        from . import share
+
+        try:
+            with open("/proc/cmdline", encoding="utf-8") as f:
+                aname = share.share_aname(f.read())
+        except OSError:
+            aname = None
+        if not share.modules_loaded(share.FD_MODULES if aname else share.VIRTIO_MODULES):
+            return False
+        os.makedirs(point, mode=0o700, exist_ok=True)
+        if aname is None:
+            try:
+                mount(SHARE_MOUNT_TAG, point, "9p", 0, share.VIRTIO_OPTIONS)
+            except OSError as exc:
+                if exc.errno == errno.ENOENT:  # no device with that tag (yet)
+                    return False
+                raise
+            return True
+        fd = share.connect_host()
+        if fd is None:
+            return False
+        try:
+            mount(SHARE_MOUNT_TAG, point, "9p", 0, share.fd_options(fd, aname))
+        except BaseException:
+            os.close(fd)
+            raise
+        return True  # the fd stays open: the mount's transport
 
     def setup(self, cid: str, source: str, rootfs: dict[str, Any]) -> Rootfs:
         path = os.path.join(self.run_dir, cid, "rootfs")

@@ -85,6 +85,11 @@ def test_nics_netns():
         p.nics_netns(["/run/netns/a", None])
 
 
+def test_kernel_args_name_the_vsock_share_only_when_the_vm_has_one():
+    assert "hanabi.share" not in p.kernel_args("console=ttyS0")
+    assert p.kernel_args("console=ttyS0", share=True).split()[-1] == "hanabi.share=/export"
+
+
 def test_kernel_args_add_the_vsock_channel_once():
     args = p.kernel_args("console=ttyS0 quiet")
     assert args == ("console=ttyS0 quiet hanabi.channel=vsock reboot=k pci=off "

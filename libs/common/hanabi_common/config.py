@@ -36,6 +36,8 @@ class FirecrackerConfig(_Section):
     cgroup_version: Literal[1, 2] = 2
     placeholder_drives: int = Field(4, ge=0, le=16)  # drives swapped in after boot
     log_level: Literal["Error", "Warning", "Info", "Debug", "Trace", "Off"] = "Info"
+    # The 9P server of the file share (9P over vsock); without it binds are copies
+    diod: str = "diod"
 
 
 class VmmConfig(_Section):

@@ -23,6 +23,12 @@ SERIAL_PORT_NAME = "agent.0"
 # finds each container's directory (rootfs, m0..mN) under it.
 SHARE_MOUNT_TAG = "hanabi"
 VSOCK_PORT = 1024
+# Firecracker (no shared-filesystem device): the agent connects to this host vsock port and
+# mounts 9P2000.L over that stream (trans=fd); the host serves it with diod, confined to a
+# root of its own where the VM's export root is SHARE_EXPORT_NAME (the 9P attach name).
+# The kernel command line says so: CMDLINE_SHARE=SHARE_EXPORT_NAME.
+SHARE_VSOCK_PORT = 1025
+SHARE_EXPORT_NAME = "/export"
 
 # Kernel command line: the base the guest image is built for, and the words the agent reads.
 KERNEL_CMDLINE = ("console=ttyS0 quiet panic=-1 tsc=reliable no_timer_check rcupdate.rcu_expedited=1 "
@@ -33,6 +39,7 @@ CHANNEL_SERIAL = "serial"
 CHANNEL_VSOCK = "vsock"
 CMDLINE_POWEROFF = "hanabi.poweroff"  # hanabi.poweroff=reboot: end the VM with a restart
 POWEROFF_REBOOT = "reboot"
+CMDLINE_SHARE = "hanabi.share"  # hanabi.share=PATH: the file share is 9P over vsock, attach name PATH
 
 
 def cmdline_word(key: str, value: str) -> str:

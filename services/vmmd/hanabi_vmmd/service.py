@@ -37,6 +37,7 @@ from hanabi_vmmd.vmm_process import stderr_tail
 from hanabi_vmmd.qemu_cmdline import kernel_cmdline
 from hanabi_vmmd.reaper import Reaper
 from hanabi_vmmd.selection import Choice, decide_auto
+from hanabi_vmmd.share_server import stop_servers
 from hanabi_vmmd.shares import clean_orphan_shares, make_share_dir, remove_share_dir, share_dir_for
 from hanabi_vmmd.recovery import recover
 from hanabi_vmmd.state import (STATE_NAME, SUN_PATH_MAX, HypervisorState, NicRecord,
@@ -60,7 +61,8 @@ def default_backends(config: Config) -> dict[str, Hypervisor]:
     jailer = JailerConfig(binary=fc.jailer_binary, uid=fc.jailer_uid, gid=fc.jailer_gid,
                           chroot_base=fc.chroot_base, cgroup_version=fc.cgroup_version) if fc.jailer else None
     firecracker = FirecrackerHypervisor(binary=fc.binary, jailer=jailer, start_timeout=config.vmm.boot_timeout_s,
-                                        placeholder_drives=fc.placeholder_drives, log_level=fc.log_level)
+                                        placeholder_drives=fc.placeholder_drives, log_level=fc.log_level,
+                                        diod=fc.diod)
     return {"qemu": qemu, "firecracker": firecracker}
 
 
@@ -165,6 +167,8 @@ class VmService(DeviceOps, PoolOps):
     def _remove_vm_dirs(self, state: HypervisorState) -> None:
         """The VM directory of an ended VM, and its share root once blockd emptied it."""
         self._remove_vm_dir(Path(state.vm_dir))
+        if state.share_dir:
+            stop_servers(Path(state.share_dir))  # a Firecracker VM's diod, even from before a restart
         remove_share_dir(Path(state.share_dir) if state.share_dir else None)
 
     def _remove_vm_dir(self, vm_dir: Path) -> None:

@@ -32,6 +32,7 @@ from hanabi_vmmd import proc, vmm_process
 from hanabi_vmmd.vmm_process import stderr_tail
 from hanabi_vmmd.firecracker import boot
 from hanabi_vmmd.firecracker.api import FirecrackerApi
+from hanabi_vmmd.share_server import ShareServer, diod_path, listen_path
 from hanabi_vmmd.firecracker.process import (AGENT_VSOCK_PORT, LOG_NAME, METRICS_NAME, JailerConfig,
                                              Layout, firecracker_argv, jail_id, jailer_argv,
                                              kernel_args, layout_for, nics_netns)
@@ -62,13 +63,17 @@ class FirecrackerHypervisor:
     """Boots and drives Firecracker VMs."""
 
     name = "firecracker"
-    share_kind = None  # no shared-filesystem device: 9P over vsock (diod) is not wired yet
 
     def __init__(self, *, binary: str = "firecracker", jailer: JailerConfig | None = None,
                  start_timeout: float = 60.0, api_timeout: float = 5.0,
                  placeholder_drives: int = 4, log_level: str = "Info",
-                 version: VersionCheck | None = None) -> None:
+                 version: VersionCheck | None = None, diod: str = "diod") -> None:
         self.binary = binary
+        # No shared-filesystem device: the share is 9P over vsock, served by diod (where it is
+        # installed; without it a VM gets no share and its binds travel as copies).
+        self.diod = diod_path(diod)
+        self.share_kind = "9p-vsock" if self.diod else None
+        self._shares: dict[str, ShareServer] = {}
         self.jailer = jailer
         self.start_timeout = start_timeout
         self.api_timeout = api_timeout
@@ -114,6 +119,11 @@ class FirecrackerHypervisor:
             shutil.rmtree(layout.jail_dir, ignore_errors=True)  # the jailer wants a fresh one
         for stale in (layout.api_socket, layout.vsock_socket, spec.pid_file):
             stale.unlink(missing_ok=True)
+        if spec.share_dir is not None and self.diod:  # listening before the guest can connect
+            share = ShareServer(listen_path(layout.vsock_socket), spec.share_dir, self.diod,
+                                spec.vm_dir / "diod.log")
+            share.start()
+            self._shares[str(spec.vm_dir)] = share
         began = time.monotonic()
         process = vmm_process.spawn(argv, spec.vm_dir, spec.stderr_log, "Firecracker", preexec_fn=preexec)
         handle = VmHandle(sandbox_id=spec.sandbox_id, hypervisor=self.name, pid=process.pid,
@@ -141,6 +151,7 @@ class FirecrackerHypervisor:
                         raise
         except BaseException as exc:
             vmm_process.kill_and_reap(handle)
+            self._close_share(spec.vm_dir)
             if layout.jail_dir is not None:
                 shutil.rmtree(layout.jail_dir, ignore_errors=True)
             if isinstance(exc, HanabiError) and not isinstance(exc, (DeadlineExceeded, Unavailable)):
@@ -158,7 +169,8 @@ class FirecrackerHypervisor:
         return boot.FcBootSpec(
             kernel_image_path=layout.fc("vmlinux") if self.jailer else str(spec.kernel),
             initrd_path=layout.fc("initrd.img") if self.jailer else str(spec.initrd),
-            boot_args=kernel_args(spec.cmdline), vcpus=spec.vcpus, memory_mib=spec.memory_mib,
+            boot_args=kernel_args(spec.cmdline, share=spec.share_dir is not None and self.diod is not None),
+            vcpus=spec.vcpus, memory_mib=spec.memory_mib,
             vsock_uds_path=layout.fc(layout.vsock_socket.name),
             placeholder_drives=self.placeholder_drives, placeholder_dir=layout.inside,
             tap_name=nic.tap if nic else None, guest_mac=nic.mac if nic else None,
@@ -227,7 +239,13 @@ class FirecrackerHypervisor:
         try:
             return vmm_process.stop(handle, timeout, ctrl_alt_del, "firecracker")
         finally:
+            self._close_share(handle.vm_dir)
             self._remove_jail(handle)
+
+    def _close_share(self, vm_dir: Path) -> None:
+        share = self._shares.pop(str(vm_dir), None)
+        if share is not None:
+            share.close()
 
     def _remove_jail(self, handle: VmHandle) -> None:
         if self.jailer is None or self.is_alive(handle):

@@ -18,7 +18,7 @@ from typing import Sequence
 
 from hanabi_common.errors import InvalidArgument
 from hanabi_wire.constants import (CHANNEL_VSOCK, CMDLINE_CHANNEL, CMDLINE_POWEROFF, POWEROFF_REBOOT,
-                                   VSOCK_PORT, cmdline_word)
+                                   VSOCK_PORT, CMDLINE_SHARE, SHARE_EXPORT_NAME, cmdline_word)
 
 API_SOCK_NAME = "fc.sock"
 VSOCK_NAME = "fc-vsock.sock"
@@ -124,7 +124,7 @@ def nics_netns(paths: Sequence[str | None]) -> str | None:
     return next(iter(distinct), None)
 
 
-def kernel_args(base: str) -> str:
+def kernel_args(base: str, share: bool = False) -> str:
     """The guest cmdline under Firecracker: the image's, plus
     - `hanabi.channel=vsock`: the agent listens on AF_VSOCK port AGENT_VSOCK_PORT;
     - `reboot=k`: a guest reboot goes through the i8042 reset, which ends Firecracker;
@@ -132,8 +132,12 @@ def kernel_args(base: str) -> str:
     - `sysctl.kernel.ctrl-alt-del=1`: SendCtrlAltDel restarts the guest kernel at once
       (so Firecracker exits) instead of signalling the agent, which is PID 1;
     - `hanabi.poweroff=reboot`: the agent ends the VM with a restart (Firecracker has no
-      power-off device)."""
+      power-off device);
+    - with `share`, `hanabi.share=/export`: the file share is 9P over vsock, attach name
+      SHARE_EXPORT_NAME (the export root as the confined diod sees it, share_server.py)."""
     extra = [cmdline_word(CMDLINE_CHANNEL, CHANNEL_VSOCK), "reboot=k", "pci=off", "sysctl.kernel.ctrl-alt-del=1",
              cmdline_word(CMDLINE_POWEROFF, POWEROFF_REBOOT)]
+    if share:
+        extra.append(cmdline_word(CMDLINE_SHARE, SHARE_EXPORT_NAME))
     words = base.split()
     return " ".join(words + [w for w in extra if w not in words])

@@ -1,0 +1,85 @@
+"""The Firecracker VM's file share, host side: vmmd's ShareServer listens where Firecracker
+connects a guest's vsock stream (`<vsock uds>_1025`) and hands each connection to a real diod;
+a 9P2000.L client on that stream (the guest kernel's `trans=fd` stands in for) attaches to
+the export, reads a file, and cannot walk out of the export. No Firecracker or 9P kernel
+needed: the bytes on the stream are what the guest would exchange."""
+
+from __future__ import annotations
+
+import errno
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from hanabi_vmmd import proc
+from hanabi_vmmd.share_server import ShareServer, diod_path, listen_path, stop_servers
+from hanabi_wire.constants import SHARE_EXPORT_NAME
+from tests.helpers.hanabi import mounts_under
+from tests.helpers.ninep import NinePClient, NinePError
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def server(tmp_path):
+    if diod_path() is None:
+        pytest.skip("diod is not installed (apt-get install diod)")
+    export = tmp_path / "export"
+    (export / "c1").mkdir(parents=True)
+    (export / "c1" / "hello").write_text("hi from the host\n")
+    (tmp_path / "secret").write_text("outside the export\n")
+    share = ShareServer(listen_path(tmp_path / "fc-vsock.sock"), export, diod_path(), tmp_path / "diod.log")
+    share.start()
+    yield share
+    share.close()
+
+
+def connect(share: ShareServer) -> NinePClient:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(20)
+    sock.connect(str(share.path))  # what Firecracker does for the guest's connect to port 1025
+    return NinePClient(sock)
+
+
+def test_diod_serves_the_export_over_the_vsock_stream(server, tmp_path):
+    assert server.path == Path(f"{tmp_path}/fc-vsock.sock_1025")
+    client = connect(server)
+    assert client.version() == "9P2000.L"
+    client.attach(1, SHARE_EXPORT_NAME)
+    assert client.walk(1, 2, ["c1", "hello"]) == 2
+    assert client.read_file(2) == b"hi from the host\n"
+    # diod follows `..` out of its export (a hostile guest may send one): confined, it finds
+    # only its own empty root there, never the host's files beside or above the export.
+    for fid, names in enumerate((["..", "secret"], ["..", "..", "etc", "hostname"], ["..", "root"],
+                                 ["..", "..", str(tmp_path).lstrip("/"), "secret"]), start=3):
+        try:
+            walked = client.walk(1, fid, names)
+        except NinePError as exc:
+            assert exc.errno == errno.ENOENT, names
+        else:
+            assert walked < len(names), names
+    # Only the export can be attached, not a host path.
+    other = connect(server)
+    other.version()
+    with pytest.raises(NinePError):
+        other.attach(1, str(tmp_path))
+    assert mounts_under(server.export) == []  # the server's binds live in its own namespace
+
+
+def test_close_ends_every_diod_of_the_export(server):
+    client = connect(server)
+    client.version()
+    deadline = time.monotonic() + 10
+    while not server.served:
+        assert time.monotonic() < deadline, "no diod was started"
+        time.sleep(0.02)
+    pid = server.served[0]
+    assert proc.is_alive(pid, None)
+    server.close()
+    assert not server.path.exists()
+    assert proc.wait_gone(pid, None, 5.0)
+    assert stop_servers(server.export) == []
+    with pytest.raises((EOFError, BrokenPipeError, ConnectionResetError)):  # the stream is gone
+        client.version()
