@@ -47,9 +47,17 @@ def remove_share_dir(path: Path | None) -> bool:
 
 
 def clean_orphan_shares(shares_dir: Path, referenced: set[Path]) -> None:
-    """At start: rmdir every export root no VM record names (empty ones only)."""
+    """At start: end the 9P servers of every export root no VM record names, and rmdir the
+    roots (empty ones only: blockd's reconcile owns the mounts in the others)."""
+    from hanabi_vmmd.share_server import stop_servers
+
     if not Path(shares_dir).is_dir():
         return
     for entry in Path(shares_dir).iterdir():
-        if entry not in referenced and entry.is_dir() and remove_share_dir(entry):
+        if entry in referenced or not entry.is_dir():
+            continue
+        killed = stop_servers(entry)
+        if killed:
+            log.warning("ended the 9P servers of an orphaned share", extra={"path": str(entry), "pids": killed})
+        if remove_share_dir(entry):
             log.info("removed an orphaned share root", extra={"path": str(entry)})
