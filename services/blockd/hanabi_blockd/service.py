@@ -42,6 +42,7 @@ class BlockService:
 
     def __init__(self, config: Config) -> None:
         self.store = StateStore(config.sandboxes_dir)
+        self.shares_dir = config.shares_dir
         self.budget_bytes = config.block.bases_budget_mib << 20
         self.backend_name, self.reason = choose_backend(config.block.backend, probe_host())
         self.files = LoopFileBackend(config.block.volume_dir, config.block.headroom_mib,
@@ -102,6 +103,10 @@ class BlockService:
         claimed = {Path(v.path) for s in self._states().values() for v in s.volumes}
         for leftover in self.volumes.recover(claimed):
             log.warning("removed a leftover volume file", extra={"path": str(leftover)})
+        shared = {str(shares.container_dir(Path(r.share_root), r.container_id) / name)
+                  for s in self._states().values() for r in s.shares for name in r.names}
+        for point in shares.remove_unclaimed(self.shares_dir, shared):
+            log.warning("removed a share mount no sandbox claims", extra={"path": point})
 
     def register(self, server: RpcServer) -> None:
         """Serve volume.*, block.* and backend.info."""

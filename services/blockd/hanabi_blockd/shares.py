@@ -150,6 +150,31 @@ def detach(share_root: Path, container_id: str, names: list[str]) -> list[str]:
     return left
 
 
+def unclaimed_mounts(shares_dir: Path, claimed: set[str]) -> list[str]:
+    """Mount points under `shares_dir` that no record claims (a sandbox whose state went
+    before its release did), deepest first."""
+    prefix = str(shares_dir).rstrip("/") + "/"
+    points = [e.mount_point for e in read_mountinfo() if e.mount_point.startswith(prefix)]
+    return sorted((p for p in points if p not in claimed), key=len, reverse=True)
+
+
+def remove_unclaimed(shares_dir: Path, claimed: set[str]) -> list[str]:
+    """Unmount (lazily when busy) and remove the mount points no record claims."""
+    removed = []
+    for point in unclaimed_mounts(shares_dir, claimed):
+        try:
+            _umount(point)
+            target = Path(point)
+            if target.is_dir():
+                target.rmdir()
+            elif target.exists() and target.stat().st_size == 0:
+                target.unlink()
+            removed.append(point)
+        except OSError as exc:
+            log.warning("leftover share mount not removed", extra={"path": point, "error": str(exc)})
+    return removed
+
+
 def remove_root_if_empty(share_root: Path) -> None:
     """rmdir the export root once the VM is gone (vmmd could not while our mounts were in it)."""
     try:
