@@ -211,3 +211,51 @@ def test_reconnect_after_the_connection_was_lost(rig):
     again = svc.connect(ConnectAgent(sandbox_id="sb1", socket_path=agent.path))
     assert again.connected
     assert svc.state(ref("c1")).status == "stopped"
+
+
+def test_a_stand_in_relay_rides_out_an_agentd_restart(rig):
+    """The io client of a running process (what a stand-in does) attaches again to the
+    restarted agentd: output before and after reaches it, stdin written while agentd was
+    away is delivered, and the exit ends the relay with the process's status."""
+    import base64
+    import threading
+
+    from hanabi_agentd.iostream import IoStream
+
+    config, agent, service = rig
+    first = service()
+    first.connect(ConnectAgent(sandbox_id="sb1", socket_path=agent.path))
+    create(first, "c1")
+    first.start(ref("c1"))
+    stream = IoStream.attach(config.run_dir, "sb1", "c1", timeout=5)
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    status: list[int] = []
+    relay = threading.Thread(target=lambda: status.append(stream.relay(in_r, out_w, out_w, reattach_timeout=20)))
+    relay.start()
+
+    def output(text: bytes) -> None:
+        agent.agents[-1].send({"type": "output", "container_id": "c1", "exec_id": "init",
+                               "stream": "stdout", "data": base64.b64encode(text).decode()})
+
+    def read_until(wanted: bytes) -> bytes:
+        got = b""
+        while wanted not in got:
+            got += os.read(out_r, 4096)
+        return got
+
+    output(b"one\n")
+    assert read_until(b"one\n") == b"one\n"
+    first.close()  # as if SIGKILLed: the io connection drops, the guest keeps running
+    os.write(in_w, b"typed while away\n")
+    second = service()
+    wait_until(lambda: second.get(SandboxRef(sandbox_id="sb1")).connected)
+    output(b"two\n")
+    assert read_until(b"two\n") == b"two\n"
+    wait_until(lambda: any(base64.b64decode(m["data"]) == b"typed while away\n"
+                           for a in agent.agents for m in a.seen if m["type"] == "stdin"))
+    agent.exit("c1", "init", 7)
+    relay.join(10)
+    assert status == [7]
+    for fd in (in_r, in_w, out_r, out_w):
+        os.close(fd)

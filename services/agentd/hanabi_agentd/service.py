@@ -58,10 +58,12 @@ class AgentService:
         self.registry = Registry(config)
         self.dns = DnsRelay()
         self.registry.dns_handler = self.dns.submit
+        if restore:
+            # Before the io socket opens: a stand-in re-attaching after a restart must find
+            # its sandbox known (an attach to an unknown one is refused for good).
+            self.registry.restore()
         self.io = IoServer(io_socket_path(config.run_dir), self._resolve_io)
         self.io.start()
-        if restore:
-            self.registry.restore()
 
     def register(self, server: RpcServer) -> None:
         """Serve the agent.* and container.* methods."""
@@ -109,7 +111,11 @@ class AgentService:
         self.registry.close()
 
     def _resolve_io(self, sandbox_id: str, container_id: str, exec_id: str) -> tuple[AgentSession, ProcessRecord]:
-        session = self.registry.get(sandbox_id).session
+        sandbox = self.registry.get(sandbox_id)
+        # A reconnect in progress (agentd restarted): answer once it ended, so the client
+        # finds the session as the guest left it.
+        sandbox.settled.wait(self.config.agent.request_timeout_s)
+        session = sandbox.session
         return session, session.process(container_id, exec_id)
 
     # --- agents ---------------------------------------------------------------------------
