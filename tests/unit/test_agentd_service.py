@@ -188,7 +188,8 @@ def test_restart_with_the_agent_socket_gone(rig):
     second = service()
     info = second.get(SandboxRef(sandbox_id="sb1"))
     assert not info.connected
-    assert second.state(ref("c1")).status == "created"  # still known from agent.json
+    assert second.state(ref("c1")).status == "stopped"  # known from agent.json, gone with its VM
+    assert second.state(ref("c1")).processes[0].exit_status == 137
     with pytest.raises(Unavailable):
         second.start(ref("c1"))
     details = second.inspect(SandboxRef(sandbox_id="sb1"))
@@ -259,3 +260,18 @@ def test_a_stand_in_relay_rides_out_an_agentd_restart(rig):
     assert status == [7]
     for fd in (in_r, in_w, out_r, out_w):
         os.close(fd)
+
+
+def test_restart_forgets_a_sandbox_deleted_while_agentd_was_down(rig):
+    from hanabi_common import disowned
+
+    config, agent, service = rig
+    first = service()
+    first.connect(ConnectAgent(sandbox_id="sb1", socket_path=agent.path))
+    create(first, "c1")
+    first.close()
+    disowned.mark(first.registry.store, "sb1", ["agentd"])  # what `delete` leaves
+    second = service()
+    with pytest.raises(NotFound):
+        second.get(SandboxRef(sandbox_id="sb1"))
+    assert not (config.sandboxes_dir / "sb1").exists()

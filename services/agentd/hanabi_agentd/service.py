@@ -31,7 +31,7 @@ from hanabi_agentd.io_server import IoServer, io_socket_path
 from hanabi_agentd.models import AgentDetails, AgentList, ProcessRef, ResizeProcess
 from hanabi_agentd.process import ContainerRecord, ProcessRecord
 from hanabi_agentd.registry import Registry, Sandbox
-from hanabi_agentd.session import AgentSession
+from hanabi_agentd.session import LOST_SIGNAL, AgentSession
 
 log = logging.getLogger("hanabi.agentd")
 SHUTDOWN_TIMEOUT_S = 5.0
@@ -184,7 +184,7 @@ class AgentService:
                         "sandbox": request.sandbox_id, "error": exc.message})
             session.close()
             for record in session.all_processes():
-                record.mark_exited(None, None)
+                record.mark_exited(None, LOST_SIGNAL)  # the VM goes down with them
         return Removed(existed=self.registry.remove(request.sandbox_id))
 
     def configure_network(self, request: ConfigureNetwork) -> dict:

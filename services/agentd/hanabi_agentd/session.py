@@ -6,8 +6,9 @@ the future, or routes `output` and `exit` events to the container's `ProcessReco
 A request not answered in time raises DeadlineExceeded; a guest error reply becomes the
 matching hanabi error. A frame that breaks the framing drops the connection; a frame that
 is well framed but invalid is logged and dropped. When the connection is lost (not closed
-by agentd) every process still running is marked stopped with an unknown status: the guest
-is gone (QEMU closed the chardev) or misbehaved.
+by agentd) every process still running is marked stopped, killed by SIGKILL (status 137, as
+Docker shows a killed container): the guest is gone (QEMU closed the chardev, the VMM
+crashed) or misbehaved and was cut off, and its processes with it.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ PING_INTERVAL_S = 0.5
 CONNECT_ATTEMPT_S = 2.0
 COMPLAINTS_LOGGED = 20
 ABANDONED_KEPT = 1024
+# The signal recorded for the processes of a guest that is gone (the VM died): SIGKILL.
+LOST_SIGNAL = 9
 
 
 class AgentSession:
@@ -285,7 +288,7 @@ class AgentSession:
                         extra={"sandbox": self.sandbox_id, "reason": reason})
             changed = False
             for record in self.all_processes():
-                changed |= record.mark_exited(None, None)
+                changed |= record.mark_exited(None, LOST_SIGNAL)
             if changed:
                 self._notify_change()
         self._fail_pending(Unavailable(f"lost the agent of sandbox {self.sandbox_id}: {reason}"))

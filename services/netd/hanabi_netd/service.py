@@ -24,6 +24,7 @@ import time
 from hanabi_common.config import Config
 from hanabi_common.errors import AlreadyExists, FailedPrecondition, HanabiError, NotFound
 from hanabi_common.metrics import Gauges, LabelledGauge
+from hanabi_common import disowned
 from hanabi_common.models.base import NoArgs, Removed, SandboxRef
 from hanabi_common.models.netd import AttachNetwork, NetnsInfo, NetworkInfo, NetworkList
 from hanabi_common.netns import check_netns, create_netns, remove_netns
@@ -61,6 +62,8 @@ class NetworkService:
             state = self.store.read(sid, STATE_NAME, NetworkState)
             if state is not None and state.network is not None and _same_netns(state.network):
                 self._start_watching(sid, state.network.netns_path)
+        # Containers deleted while netd was down: their taps and namespaces go now.
+        disowned.reconcile(self.store, STATE_NAME, lambda sid: self.detach(SandboxRef(sandbox_id=sid)), log)
 
     def register(self, server: RpcServer) -> None:
         """Serve net.attach, net.detach, net.get and net.list."""
