@@ -302,3 +302,25 @@ class RpcFuzzer:
 
     def close(self) -> None:
         self.sock.close(0)
+
+
+def fuzz_daemon(daemons, name: str, *, budget_s: float, max_items: int, first_seed: int) -> int:
+    """Fuzz one of the running `daemons` (tests.helpers.hanabi.Daemons) for `budget_s`
+    or `max_items` messages; assert it survived and kept no fd; returns the count."""
+    from hanabi_common.rpc.client import RpcClient
+
+    config = daemons.config
+    client = RpcClient(name, config.endpoint(name), timeout=5)
+    methods = sorted(client.call("describe")["methods"])
+    pid = daemons.procs[name].pid
+    baseline = fd_count(pid)
+    fuzzer = RpcFuzzer(config.endpoint(name), methods, config.rpc.max_message_bytes)
+    try:
+        count = run_budgeted(fuzzer.strategy, fuzzer.check, first_seed=first_seed, budget_s=budget_s,
+                             max_items=max_items, mutate=mutate_frames)
+    finally:
+        fuzzer.close()
+    assert daemons.procs[name].poll() is None, f"{name} died"
+    assert client.ping()["daemon"] == name
+    assert settled_fd_count(pid, baseline) <= baseline, f"{name} leaked fds"
+    return count

@@ -10,8 +10,7 @@ import os
 import pytest
 
 from hanabi_common.config import DAEMONS
-from hanabi_common.rpc.client import RpcClient
-from tests.helpers.fuzz import RpcFuzzer, fd_count, mutate_frames, run_budgeted, settled_fd_count
+from tests.helpers.fuzz import fuzz_daemon
 from tests.helpers.hanabi import daemons_for_test
 
 pytestmark = pytest.mark.integration
@@ -23,25 +22,6 @@ SEED = 1313
 def daemons(tmp_path_factory):
     with daemons_for_test(tmp_path_factory.mktemp("fuzz") / "hanabi") as started:
         yield started
-
-
-def fuzz_daemon(daemons, name: str, *, budget_s: float, max_items: int, first_seed: int) -> int:
-    """Fuzz one daemon; returns the number of messages it answered."""
-    config = daemons.config
-    client = RpcClient(name, config.endpoint(name), timeout=5)
-    methods = sorted(client.call("describe")["methods"])
-    pid = daemons.procs[name].pid
-    baseline = fd_count(pid)
-    fuzzer = RpcFuzzer(config.endpoint(name), methods, config.rpc.max_message_bytes)
-    try:
-        count = run_budgeted(fuzzer.strategy, fuzzer.check, first_seed=first_seed, budget_s=budget_s,
-                             max_items=max_items, mutate=mutate_frames)
-    finally:
-        fuzzer.close()
-    assert daemons.procs[name].poll() is None, f"{name} died"
-    assert client.ping()["daemon"] == name
-    assert settled_fd_count(pid, baseline) <= baseline, f"{name} leaked fds"
-    return count
 
 
 @pytest.mark.parametrize("name", DAEMONS)
