@@ -8,6 +8,7 @@ real daemons), like the integration tests. `--count N` sets the number per targe
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import tempfile
 import time
@@ -18,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.run import publish  # noqa: E402
 from hanabi_common.config import DAEMONS  # noqa: E402
-from tests.helpers.fuzz import fd_count, fuzz_daemon  # noqa: E402
+from tests.helpers.fuzz import fd_count, fuzz_daemon, settled_fd_count  # noqa: E402
 from tests.helpers.hanabi import integration_skip_reason, start_daemons  # noqa: E402
 from tests.unit.test_agentd_fuzz import fuzz_guest_channel, hostile_rig  # noqa: E402
 
@@ -30,6 +31,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=100_000)
     args = parser.parse_args()
+    logging.getLogger("hanabi").setLevel(logging.ERROR)  # each cut-off guest is logged: thousands
     report: dict = {"count_per_target": args.count, "seed": SEED, "rpc": {}, "guest_channel": {}}
     reason = integration_skip_reason()
     if reason:
@@ -47,7 +49,7 @@ def main() -> None:
                 elapsed = time.monotonic() - started
                 report["rpc"][name] = {"messages": count, "seconds": round(elapsed, 1),
                                        "per_second": round(count / elapsed), "crashes": 0,
-                                       "fds_before": before, "fds_after": fd_count(pid)}
+                                       "fds_before": before, "fds_after": settled_fd_count(pid, before)}
                 print(name, report["rpc"][name], flush=True)
         finally:
             daemons.stop_all()

@@ -12,6 +12,7 @@ import time
 import pytest
 
 from hanabi_agentd.client import AgentdClient
+from hanabi_common.netns import create_netns
 from hanabi_runtime.demo_bundle import make_bundle
 from tests.helpers.hanabi import daemons_for_test, leftovers
 
@@ -42,9 +43,13 @@ def test_delete_while_daemons_are_down_is_finished_by_them_at_start(daemons, tmp
         assert time.monotonic() - started < 20, "delete waited for the daemons that are down"
         marker = json.loads((daemons.config.sandboxes_dir / cid / "disowned.json").read_text())
         assert marker["pending"] == ["blockd", "netd", "vmmd"]
+        # And a namespace of netd's that nothing records (a crash between making and recording it).
+        stray = daemons.config.run_dir / "netns" / "stray0123456789"
+        create_netns(str(stray))
         for name in ("vmmd", "blockd", "netd"):
             daemons.start(name)  # each reconciles before it serves
         assert leftovers(daemons, cid) == []
+        assert not stray.exists()
         for name in ("vmmd", "blockd", "netd"):
             log = (daemons.root / f"{name}.log").read_text()
             assert "removed what a container deleted while this daemon was down left" in log, name

@@ -70,3 +70,12 @@ def test_each_daemon_reconciles_its_part_and_the_last_removes_the_directory(tmp_
     assert torn == [("vmmd", "c1"), ("blockd", "c1")]
     assert not store.sandbox_dir("c1").exists()
     assert store.list_sandboxes() == ["kept"]
+
+
+def test_netd_sweeps_only_namespaces_no_state_claims():
+    from hanabi_netd.service import orphan_netns
+
+    entries = ["/run/hanabi/netns/a", "/run/hanabi/netns/b", "/run/hanabi/netns/c"]
+    assert orphan_netns(entries, {"/run/hanabi/netns/b", "/var/run/docker/netns/x"}) == [
+        "/run/hanabi/netns/a", "/run/hanabi/netns/c"]
+    assert orphan_netns([], set()) == []
