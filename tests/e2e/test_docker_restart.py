@@ -1,24 +1,30 @@
 """Every hanabi daemon SIGKILLed and restarted while containers run under Docker (issue 13).
 
-Five containers run through the whole test: two idle ones, a counter printing a number every
-second, one with an open `docker exec -i` session, and one attached with `docker run -it`.
-agentd is killed and restarted first, then vmmd, netd and blockd one at a time, then all four
-at once. After each restart every container still runs, answers `docker exec`, and the open
-sessions still answer; at the end `docker logs` of the counter has every number once, in
-order, `docker stop` and `docker rm` work, and nothing is left behind.
+Six containers run through the whole test: two idle ones (one on a user network of the
+test's own), a counter printing a number every second, one with an open `docker exec -i`
+session, one attached with `docker run -it`, and a web server on the same network with its
+port published on 127.0.0.1. agentd is killed and restarted first, then vmmd, netd and blockd
+one at a time, then all four at once. After each restart every container still runs,
+answers `docker exec`, the open sessions still answer, the idle container reaches the web
+server by name (Docker's DNS through the guest's relay) and the published port serves the
+host; at the end `docker logs` of the counter has every number once, in order, `docker stop`
+and `docker rm` work, and nothing is left behind.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import time
+import urllib.request
 
 import pytest
 
 from hanabi_common.config import DAEMONS
 from tests.e2e.docker_env import IMAGE, RUNTIME, LineReader, hanabi_leftovers
 from tests.e2e.test_docker_features import PROMPT, Terminal
+from tests.e2e.test_docker_network import HTTPD, PAGE, free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -27,9 +33,22 @@ IDLE = "echo ready; while :; do sleep 1; done"
 ROUNDS = ("agentd", "vmmd", "netd", "blockd", "all")
 
 
-def _run_detached(docker, name: str, script: str) -> None:
-    docker.check("run", "-d", f"--runtime={RUNTIME}", "--network", "none", "--name", name, IMAGE,
+def _run_detached(docker, name: str, script: str, *options: str, network: str = "none") -> None:
+    docker.check("run", "-d", f"--runtime={RUNTIME}", "--network", network, "--name", name, *options, IMAGE,
                  "sh", "-c", script, timeout=120)
+
+
+def _page(port: int) -> str:
+    """What the published port serves (retried briefly: docker-proxy may lag a moment)."""
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as reply:
+                return reply.read().decode().strip()
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 def _kill_and_restart(docker, which: str) -> None:
@@ -53,12 +72,17 @@ def counter_problems(logs: str) -> list[str]:
 def test_every_daemon_killed_and_restarted_under_docker(docker):
     prefix = f"rst{int(time.monotonic()) % 100000}"
     idle = [f"{prefix}-idle{k}" for k in range(2)]
-    counter, execer, tty = f"{prefix}-counter", f"{prefix}-exec", f"{prefix}-tty"
-    names = [*idle, counter, execer, tty]
+    counter, execer, tty, web = f"{prefix}-counter", f"{prefix}-exec", f"{prefix}-tty", f"{prefix}-web"
+    names = [*idle, counter, execer, tty, web]
+    net, port = f"{prefix}net", free_port()
     before = hanabi_leftovers(docker)
     session = term = None
+    docker.check("network", "create", "--driver", "bridge",
+                 "--subnet", f"10.{234 + os.getpid() % 20}.{os.getpid() % 250}.0/24", net)
     try:
-        for one in idle + [execer]:
+        _run_detached(docker, web, HTTPD, "-p", f"127.0.0.1:{port}:80", network=net)
+        _run_detached(docker, idle[0], IDLE, network=net)
+        for one in idle[1:] + [execer]:
             _run_detached(docker, one, IDLE)
         _run_detached(docker, counter, COUNTER)
         term = Terminal([docker.docker, "run", "-it", "--rm", f"--runtime={RUNTIME}", "--network", "none",
@@ -76,6 +100,15 @@ def test_every_daemon_killed_and_restarted_under_docker(docker):
 
         session_answers("start")
         docker.wait_for_log(counter, "n=2", timeout=60)
+        assert _page(port) == PAGE
+
+        def network_works(round_: str) -> None:
+            done = docker.run("exec", idle[0], "wget", "-qO-", f"http://{web}/", timeout=60)
+            assert (done.returncode, done.stdout.strip()) == (0, PAGE), \
+                f"{web} by name from {idle[0]} after {round_}: {done.stdout!r} {done.stderr!r}"
+            assert _page(port) == PAGE, f"the published port after {round_}"
+
+        network_works("start")
 
         for round_ in ROUNDS:
             _kill_and_restart(docker, round_)
@@ -85,6 +118,7 @@ def test_every_daemon_killed_and_restarted_under_docker(docker):
                 assert (done.returncode, done.stdout.strip()) == (0, f"alive-{round_}"), \
                     f"docker exec {one} after {round_} restarted: {done.returncode} {done.stderr.strip()}"
             session_answers(round_)
+            network_works(round_)
             term.type(f"echo tty-{round_}")
             assert term.expect(f"^tty-{round_}", 60), f"the -it session after {round_}: {bytes(term.seen)[-300:]!r}"
 
@@ -110,6 +144,7 @@ def test_every_daemon_killed_and_restarted_under_docker(docker):
         if term is not None:
             term.close()
         docker.remove(*names)
+        docker.run("network", "rm", net, timeout=60)
     deadline = time.monotonic() + 30
     while True:  # the stand-ins and VMs end within a moment of `docker rm`
         after = hanabi_leftovers(docker)

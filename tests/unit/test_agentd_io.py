@@ -111,7 +111,7 @@ def test_attach_after_exit_gets_buffer_then_exit_at_once(rig):
         readable, _, _ = select.select([stream], [], [], 2)
         assert readable == [stream]  # a select loop (the stand-in's) sees it
         events = collect(stream)
-    assert events == [{"type": "output", "stream": "stdout", "data": b"before attach"},
+    assert events == [{"type": "output", "stream": "stdout", "data": b"before attach", "seq": None},
                       {"type": "exit", "exit_code": None, "signal": 9}]
     assert exit_status(events[-1]) == 137
 

@@ -86,6 +86,7 @@ class GuestOutput(_Msg):
     exec_id: GuestId
     stream: Literal["stdout", "stderr"]
     data: Data
+    seq: int | None = Field(None, ge=1, le=2**63)  # the agent's event counter (replays repeat it)
 
 
 class GuestExit(_Msg):
@@ -96,6 +97,7 @@ class GuestExit(_Msg):
     exec_id: GuestId
     exit_code: int | None = Field(None, ge=0, le=255)
     signal: int | None = Field(None, ge=1, le=64)
+    seq: int | None = Field(None, ge=1, le=2**63)
 
 
 MAX_DNS_BYTES = 4096

@@ -8,7 +8,8 @@ Python process per container. Typical use by the stand-in::
     os._exit(status)                       # exit code, or 128+signal, 255 if unknown
 
 or by hand: `send_stdin`, `close_stdin`, `resize`, select on `fileno()`, `read_events()`.
-Events are validated dicts: `{"type":"output","stream":"stdout"|"stderr","data":bytes}`
+Events are validated dicts: `{"type":"output","stream":"stdout"|"stderr","data":bytes,"seq":int|None}`
+(chunks whose `seq` is not above the last one seen, replays after an agentd restart, are left out)
 and `{"type":"exit","exit_code":int|None,"signal":int|None}`; after the exit the server
 closes the connection. `read_events()` raises EOFError when the connection ended without
 an exit (agentd went away: attach again, buffered output and the exit are kept for you).
@@ -74,7 +75,10 @@ def _validate(msg: dict) -> dict:
             data = b64d(msg.get("data"))  # type: ignore[arg-type]
         except ProtocolError as exc:
             raise IoError("INVALID_ARGUMENT", str(exc)) from None
-        return {"type": "output", "stream": stream, "data": data}
+        seq = msg.get("seq")
+        if seq is not None and (type(seq) is not int or seq < 1):
+            raise IoError("INVALID_ARGUMENT", f"bad output seq {seq!r}")
+        return {"type": "output", "stream": stream, "data": data, "seq": seq}
     if kind == "exit":
         return {"type": "exit", "exit_code": _int_or_none(msg.get("exit_code"), 0, 255),
                 "signal": _int_or_none(msg.get("signal"), 1, 64)}
@@ -93,6 +97,7 @@ class IoStream:
         self._attached = threading.Condition()
         self._attachments = 0  # how many times reattach() replaced the connection
         self.exited: dict | None = None
+        self.last_seq = 0  # of the last output chunk handed out (kept across re-attaches)
         self._target: tuple[str, str, str, str] | None = None
 
     @classmethod
@@ -179,10 +184,16 @@ class IoStream:
             events = [_validate(m) for m in self._decoder.feed(data)]
         except ProtocolError as exc:
             raise IoError("INVALID_ARGUMENT", f"agentd broke the io protocol: {exc}") from None
+        fresh = []
         for event in events:
             if event["type"] == "exit":
                 self.exited = event
-        return events
+            elif event["seq"] is not None:
+                if event["seq"] <= self.last_seq:
+                    continue  # replayed after agentd restarted: had it already
+                self.last_seq = event["seq"]
+            fresh.append(event)
+        return fresh
 
     def reattach(self, timeout: float) -> None:
         """Attach again on a fresh connection (after agentd restarted), with backoff:

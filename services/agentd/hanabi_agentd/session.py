@@ -325,7 +325,7 @@ class AgentSession:
                 self._complain("output for an unknown or stopped process",
                                container=msg.container_id, exec=msg.exec_id)
                 return
-            record.push_output(msg.stream, msg.data)
+            record.push_output(msg.stream, msg.data, msg.seq)
         elif isinstance(msg, GuestExit):
             self._on_exit(msg)
         elif isinstance(msg, GuestReady):
