@@ -322,7 +322,9 @@ class AgentSession:
         elif isinstance(msg, GuestOutput):
             record = self.find_process(msg.container_id, msg.exec_id)
             if record is None or record.status == "stopped":
+                # After a reconnect the guest replays recent events (seq): expected, quiet.
                 self._complain("output for an unknown or stopped process",
+                               logging.WARNING if msg.seq is None else logging.DEBUG,
                                container=msg.container_id, exec=msg.exec_id)
                 return
             record.push_output(msg.stream, msg.data, msg.seq)
@@ -358,11 +360,12 @@ class AgentSession:
 
     def _on_exit(self, msg: GuestExit) -> None:
         record = self.find_process(msg.container_id, msg.exec_id)
+        replayed = logging.WARNING if msg.seq is None else logging.DEBUG  # replays are expected
         if record is None:
-            self._complain("exit of an unknown process", container=msg.container_id, exec=msg.exec_id)
+            self._complain("exit of an unknown process", replayed, container=msg.container_id, exec=msg.exec_id)
             return
         if not record.mark_exited(msg.exit_code, msg.signal, publish=False):
-            self._complain("second exit of a process", container=msg.container_id, exec=msg.exec_id)
+            self._complain("second exit of a process", replayed, container=msg.container_id, exec=msg.exec_id)
             return
         log.info("process exited", extra={"sandbox": self.sandbox_id, "container": msg.container_id,
                                           "exec": msg.exec_id, "exit_code": msg.exit_code,
