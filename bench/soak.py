@@ -3,7 +3,7 @@ dockerd with a random hanabi daemon SIGKILLed and restarted every `--kill-every`
 
 Each cycle: `docker run -d` (create + start), `docker exec` (must print what it was told),
 `docker rm -f` (delete). A daemon is killed between cycles (seeded choice) and restarted the
-way the test harness does it (systemd would do the same with Restart=on-failure). At the end
+way the test harness does it (each daemon once per round of four kills, seeded order) (systemd would do the same with Restart=on-failure). At the end
 the leftovers are compared with what there was before: processes (VMs, stand-ins, shims),
 mounts, taps, network namespaces, loop devices, sockets, state files and volumes; the
 report has the failures per step, the seconds per cycle and the fd count and RSS of each
@@ -94,6 +94,7 @@ def main() -> None:
     failures: dict[str, list[str]] = {"run": [], "exec": [], "rm": []}
     kills: list[dict] = []
     seconds: list[float] = []
+    order: list[str] = []
     try:
         env.start()
         env.import_busybox()
@@ -104,7 +105,9 @@ def main() -> None:
             one_cycle(env, f"soak{cycle}", failures)
             seconds.append(time.monotonic() - started)
             if cycle % args.kill_every == 0:
-                victim = rng.choice(DAEMONS)
+                if not order:  # every daemon once per round, in a seeded random order
+                    order = rng.sample(DAEMONS, len(DAEMONS))
+                victim = order.pop()
                 env.hanabi.stop(victim, sig=signal.SIGKILL)
                 env.hanabi.start(victim)
                 kills.append({"cycle": cycle, "daemon": victim})

@@ -148,6 +148,8 @@ def _guest_message(draw) -> dict:
     else:
         for key in draw(st.lists(st.text(max_size=8), max_size=3)):
             msg[key] = draw(JSON)
+    if kind in ("output", "exit") and draw(st.booleans()):
+        msg["seq"] = draw(st.integers(-1, 2**64) | JSON)
     return msg
 
 
