@@ -79,3 +79,16 @@ def test_a_container_whose_vmm_crashed_reads_stopped_137_and_deletes(daemons, tm
         assert leftovers(daemons, cid) == []
     finally:
         daemons.runtime("delete", "--force", cid)
+
+
+def test_delete_force_of_a_container_whose_stand_in_is_gone(daemons, tmp_path):
+    cid = "no-standin"
+    _running(daemons, tmp_path, cid)
+    try:
+        standin = int((tmp_path / f"{cid}.pid").read_text())
+        os.kill(standin, signal.SIGKILL)
+        done = daemons.runtime("delete", "--force", cid)
+        assert done.returncode == 0, done.stderr.decode()
+        assert leftovers(daemons, cid) == []
+    finally:
+        daemons.runtime("delete", "--force", cid)

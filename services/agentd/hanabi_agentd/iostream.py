@@ -239,7 +239,7 @@ class IoStream:
         while True:
             try:
                 events = self.read_events()
-            except (EOFError, ConnectionError):
+            except (EOFError, OSError, IoError):  # agentd went away (or broke the stream)
                 try:
                     self.reattach(reattach_timeout)
                 except IoError as exc:
