@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
 import tempfile
 import time
@@ -53,6 +54,7 @@ def main() -> None:
                 print(name, report["rpc"][name], flush=True)
         finally:
             daemons.stop_all()
+            shutil.rmtree(root, ignore_errors=True)
     with hostile_rig() as (svc, _good, bad):
         started = time.monotonic()
         got = fuzz_guest_channel(svc, bad, budget_s=BUDGET_S, max_items=args.count, first_seed=SEED)

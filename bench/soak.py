@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import shutil
 import signal
 import sys
 import tempfile
@@ -93,6 +94,7 @@ def main() -> None:
     series: dict[str, list[dict]] = {name: [] for name in DAEMONS}
     failures: dict[str, list[str]] = {"run": [], "exec": [], "rm": []}
     kills: list[dict] = []
+    clean = False
     seconds: list[float] = []
     order: list[str] = []
     try:
@@ -134,8 +136,13 @@ def main() -> None:
                                "series": points} for name, points in series.items()},
         }
         publish(report, "soak.json")
+        clean = not leaked and not any(failures.values())
     finally:
         env.close()
+    if clean:
+        shutil.rmtree(logs, ignore_errors=True)
+    else:
+        print(f"daemon and dockerd logs kept in {logs}", flush=True)
 
 
 if __name__ == "__main__":
