@@ -14,6 +14,11 @@ Replies and events produced meanwhile stay queued and go to the next host. A hos
 drops the unsent rest of a half-written one and writes SYNC before its next frame, so both
 directions restart at a frame boundary even if the agent never saw the disconnect. A
 corrupt frame makes it send a ``protocol_error`` event and ignore input until SYNC or EOF.
+Every ``output`` and ``exit`` event carries ``seq``, one counter for the agent's lifetime;
+the last REPLAY_BYTES of such frames already written (or cut off half-way) are kept, and a
+host's SYNC makes the agent write them again after its own SYNC: whatever a host that died
+(or a channel that dropped them unseen) lost is sent again, and the host side drops what
+it already had by ``seq`` (docs/agent-protocol.md, "Replay").
 Output relaying pauses while more than OUT_HIGH bytes wait for the host (back-pressure);
 channel reading pauses while more than STDIN_HIGH bytes of stdin wait for processes.
 
@@ -48,6 +53,7 @@ from .procio import ProcIO
 from .sandbox import DirSandbox, GuestSandbox, Sandbox
 
 OUT_HIGH = 2 << 20
+REPLAY_BYTES = 256 << 10
 OUT_LOW = 256 << 10
 STDIN_HIGH = 8 << 20
 
@@ -63,6 +69,10 @@ class Agent(Handlers, ProcIO):
         self.out: collections.deque[bytes] = collections.deque()
         self.out_off = 0
         self.out_bytes = 0
+        self.seq = 0  # of the last output/exit event
+        self.replayable: set[int] = set()  # id() of the queued frames that are output/exit
+        self.replay: collections.deque[bytes] = collections.deque()  # written ones, oldest first
+        self.replay_bytes = 0
         self.stdin_bytes = 0
         self.paused = False
         self.containers: dict[str, Container] = {}
@@ -155,7 +165,7 @@ class Agent(Handlers, ProcIO):
     def _peer_gone(self) -> None:
         self.decoder.reset()
         if self.out_off and self.out:
-            self.out_bytes -= len(self.out.popleft())
+            self._written(self.out.popleft())
             self.out_off = 0
         self.chan.peer_gone()
         delay = self.chan.retry_delay
@@ -181,13 +191,32 @@ class Agent(Handlers, ProcIO):
             self._on_message(msg)
 
     def _on_sync(self) -> None:
-        """The host (re)started the stream: drop a half-sent frame, answer with SYNC."""
+        """The host (re)started the stream: drop a half-sent frame, answer with SYNC, then
+        write again the output and exit frames it may have missed (kept in ``replay``)."""
         if self.out_off and self.out:
-            self.out_bytes -= len(self.out.popleft())
+            self._written(self.out.popleft())
             self.out_off = 0
+        while self.replay:
+            frame = self.replay.pop()
+            self.replay_bytes -= len(frame)
+            self.replayable.add(id(frame))
+            self.out.appendleft(frame)
+            self.out_bytes += len(frame)
         self.out.appendleft(P.SYNC)
         self.out_bytes += len(P.SYNC)
         self._flush()
+
+    def _written(self, frame: bytes) -> None:
+        """`frame` left the queue (written, or cut off half-way): keep it for a replay if
+        it is an output or exit frame; the oldest kept ones go beyond REPLAY_BYTES."""
+        self.out_bytes -= len(frame)
+        if id(frame) not in self.replayable:
+            return
+        self.replayable.discard(id(frame))
+        self.replay.append(frame)
+        self.replay_bytes += len(frame)
+        while self.replay_bytes > REPLAY_BYTES and len(self.replay) > 1:
+            self.replay_bytes -= len(self.replay.popleft())
 
     def _on_message(self, msg: dict[str, Any]) -> None:
         mtype = msg.get("type")
@@ -223,6 +252,10 @@ class Agent(Handlers, ProcIO):
             self.send(P.reply_ok(req_id, result))
 
     def send(self, msg: dict[str, Any]) -> None:
+        replayable = msg.get("type") in (P.T_OUTPUT, P.T_EXIT)
+        if replayable:
+            self.seq += 1
+            msg = {**msg, "seq": self.seq}
         try:
             frame = P.encode_frame(msg)
         except P.ProtocolError as exc:
@@ -232,6 +265,8 @@ class Agent(Handlers, ProcIO):
             return
         self.out.append(frame)
         self.out_bytes += len(frame)
+        if replayable:
+            self.replayable.add(id(frame))
         self._flush()
         if not self.paused and self.out_bytes > OUT_HIGH:
             self.paused = True
@@ -246,8 +281,7 @@ class Agent(Handlers, ProcIO):
                 break
             self.out_off += n
             if self.out_off >= len(head):
-                self.out.popleft()
-                self.out_bytes -= len(head)
+                self._written(self.out.popleft())
                 self.out_off = 0
         if self.paused and self.out_bytes < OUT_LOW:
             self.paused = False

@@ -110,7 +110,7 @@ def test_attach_after_exit_gets_buffer_then_exit_at_once(rig):
         readable, _, _ = select.select([stream], [], [], 2)
         assert readable == [stream]  # a select loop (the stand-in's) sees it
         events = collect(stream)
-    assert events == [{"type": "output", "stream": "stdout", "data": b"before attach"},
+    assert events == [{"type": "output", "stream": "stdout", "data": b"before attach", "seq": None},
                       {"type": "exit", "exit_code": None, "signal": 9}]
     assert exit_status(events[-1]) == 137
 
@@ -193,3 +193,42 @@ def test_relay_pumps_fds_and_returns_the_status(rig):
     for fd in (in_r, out_r, err_r):
         os.close(fd)
     stream.close()
+
+
+def test_reattach_retries_while_agentd_is_unavailable_and_stops_at_not_found(tmp_path):
+    """A restarting agentd may refuse an attach with UNAVAILABLE for a while: the stand-in
+    tries again (backoff) and gets through; NOT_FOUND is final."""
+    from hanabi_agentd.iostream import IO_SOCKET_NAME
+
+    path = tmp_path / IO_SOCKET_NAME
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(8)
+    answers = [{"type": "error", "code": "UNAVAILABLE", "message": "restoring"}] * 2 + [{"type": "attached"}]
+
+    def serve(answers: list[dict]) -> None:
+        for answer in answers:
+            conn, _ = listener.accept()
+            with conn:
+                FrameDecoder(sync=False).feed(conn.recv(65536))
+                conn.sendall(encode_frame(answer))
+                if answer["type"] == "attached":
+                    conn.recv(1)  # hold the connection until the client drops it
+
+    server = threading.Thread(target=serve, args=(answers,), daemon=True)
+    server.start()
+    stream = IoStream(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+    stream._target = (str(tmp_path), "sb1", "c1", "init")
+    stream.reattach(timeout=10)
+    stream.close()
+    server.join(5)
+    assert not server.is_alive()
+
+    server = threading.Thread(target=serve, args=([{"type": "error", "code": "NOT_FOUND", "message": "gone"}],),
+                              daemon=True)
+    server.start()
+    started = time.monotonic()
+    with pytest.raises(IoError) as caught:
+        stream.reattach(timeout=10)
+    assert caught.value.code == "NOT_FOUND" and time.monotonic() - started < 5
+    listener.close()

@@ -189,7 +189,8 @@ def test_restart_with_the_agent_socket_gone(rig):
     second = service()
     info = second.get(SandboxRef(sandbox_id="sb1"))
     assert not info.connected
-    assert second.state(ref("c1")).status == "created"  # still known from agent.json
+    assert second.state(ref("c1")).status == "stopped"  # known from agent.json, gone with its VM
+    assert second.state(ref("c1")).processes[0].exit_status == 137
     with pytest.raises(Unavailable):
         second.start(ref("c1"))
     details = second.inspect(SandboxRef(sandbox_id="sb1"))
@@ -212,3 +213,67 @@ def test_reconnect_after_the_connection_was_lost(rig):
     again = svc.connect(ConnectAgent(sandbox_id="sb1", socket_path=agent.path))
     assert again.connected
     assert svc.state(ref("c1")).status == "stopped"
+
+
+def test_a_stand_in_relay_rides_out_an_agentd_restart(rig):
+    """The io client of a running process (what a stand-in does) attaches again to the
+    restarted agentd: output before and after reaches it, stdin written while agentd was
+    away is delivered, and the exit ends the relay with the process's status."""
+    import threading
+
+    from hanabi_agentd.iostream import IoStream
+
+    config, agent, service = rig
+    first = service()
+    first.connect(ConnectAgent(sandbox_id="sb1", socket_path=agent.path))
+    create(first, "c1")
+    first.start(ref("c1"))
+    stream = IoStream.attach(config.run_dir, "sb1", "c1", timeout=5)
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    status: list[int] = []
+    relay = threading.Thread(target=lambda: status.append(stream.relay(in_r, out_w, out_w, reattach_timeout=20)))
+    relay.start()
+
+    def output(text: bytes, seq: int) -> None:
+        agent.agents[-1].send({"type": "output", "container_id": "c1", "exec_id": "init",
+                               "stream": "stdout", "data": text, "seq": seq})  # a data frame
+
+    got = bytearray()
+
+    def read_until(wanted: bytes) -> None:
+        while wanted not in got:
+            got.extend(os.read(out_r, 4096))
+
+    output(b"one\n", 1)
+    read_until(b"one\n")
+    first.close()  # as if SIGKILLed: the io connection drops, the guest keeps running
+    os.write(in_w, b"typed while away\n")
+    second = service()
+    wait_until(lambda: second.get(SandboxRef(sandbox_id="sb1")).connected)
+    output(b"one\n", 1)  # the guest replays what the dead agentd may have lost...
+    output(b"two\n", 2)
+    read_until(b"two\n")
+    assert bytes(got) == b"one\ntwo\n"  # ...and the stand-in keeps it once
+    wait_until(lambda: any(m["data"] == b"typed while away\n"
+                           for a in agent.agents for m in a.seen if m["type"] == "stdin"))
+    agent.exit("c1", "init", 7)
+    relay.join(10)
+    assert status == [7]
+    for fd in (in_r, in_w, out_r, out_w):
+        os.close(fd)
+
+
+def test_restart_forgets_a_sandbox_deleted_while_agentd_was_down(rig):
+    from hanabi_common import disowned
+
+    config, agent, service = rig
+    first = service()
+    first.connect(ConnectAgent(sandbox_id="sb1", socket_path=agent.path))
+    create(first, "c1")
+    first.close()
+    disowned.mark(first.registry.store, "sb1", ["agentd"])  # what `delete` leaves
+    second = service()
+    with pytest.raises(NotFound):
+        second.get(SandboxRef(sandbox_id="sb1"))
+    assert not (config.sandboxes_dir / "sb1").exists()

@@ -308,7 +308,7 @@ def test_framing_error_drops_the_connection(make_session, garbage, caplog):
     waiter.join(3)
     assert errors and isinstance(errors[0], Unavailable)
     assert not session.connected and "protocol error" in session.lost_reason
-    assert record.status == "stopped" and record.exit_code is None and record.signal is None
+    assert record.status == "stopped" and record.exit_code is None and record.signal == 9
     assert session.changes
     assert "dropping the connection" in caplog.text
     with pytest.raises(Unavailable):
@@ -355,6 +355,7 @@ def test_guest_hangup_marks_processes_stopped_but_close_does_not(make_session):
     session.agents[0].sock.shutdown(socket.SHUT_RDWR)  # QEMU went away
     # connected flips first, then the processes are marked: wait for both
     assert wait_for(lambda: not session.connected and record.status == "stopped")
+    assert record.state().exit_status == 137  # killed with its VM, as Docker shows it
     other = make_session()
     kept = add_container(other)
     other.close()

@@ -104,3 +104,30 @@ def test_envelope_round_trip():
     bad[1] = bad[1].replace(b"vm.create", b"VM CREATE")
     with pytest.raises(InvalidArgument, match="header"):
         decode_request(bad, 1 << 20)
+
+
+def test_a_killed_daemon_is_unavailable_fast(tmp_path):
+    """A daemon killed with SIGKILL leaves its socket file; the call fails at once with
+    UNAVAILABLE naming it, not after its deadline; one dying during a call is seen too."""
+    import socket as sockets
+    import time as clock
+
+    path = tmp_path / "dead.sock"
+    left = sockets.socket(sockets.AF_UNIX, sockets.SOCK_STREAM)
+    left.bind(str(path))
+    left.close()  # the file stays, nobody listens
+    started = clock.monotonic()
+    with pytest.raises(Unavailable, match=r"deadd is not running: nothing listens"):
+        RpcClient("deadd", f"ipc://{path}", timeout=20).call("ping")
+    assert clock.monotonic() - started < 2
+
+    path.unlink()
+    listener = sockets.socket(sockets.AF_UNIX, sockets.SOCK_STREAM)  # accepts, never answers
+    listener.bind(str(path))
+    listener.listen(4)
+    import threading
+    threading.Timer(0.3, listener.close).start()  # ...then dies
+    started = clock.monotonic()
+    with pytest.raises(Unavailable, match="went away during ping"):
+        RpcClient("deadd", f"ipc://{path}", timeout=20).call("ping")
+    assert clock.monotonic() - started < 3

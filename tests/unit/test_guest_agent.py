@@ -266,7 +266,7 @@ def test_garbage_frame_poisons_until_sync(agent: AgentProc) -> None:
     assert "Traceback" not in agent.stderr()
 
 
-def test_sync_mid_frame_drops_the_half_written_frame(agent: AgentProc) -> None:
+def test_sync_mid_frame_drops_the_half_written_frame_and_replays_the_recent_ones(agent: AgentProc) -> None:
     agent.ok("create_container", container_id="c1", rootfs={"serial": "s"}, process=proc_spec("true"))
     agent.ok("exec", container_id="c1", exec_id="big", process=proc_spec("head", "-c", "20000000", "/dev/zero"))
     agent.sock.recv(100_000)  # read part of the stream, leaving the agent mid-frame
@@ -276,7 +276,25 @@ def test_sync_mid_frame_drops_the_half_written_frame(agent: AgentProc) -> None:
     agent.wait_for(lambda m: m["type"] == "sync", timeout=30)
     ex = agent.exit_of("big", timeout=30)  # every frame after the marker decodes cleanly
     assert ex["exit_code"] == 0
-    assert 0 < len(agent.output_of("big", "stdout")) < 20_000_000
+    # What the "old host" read raw, and what sat unread in the socket, was written again
+    # after the marker (the last REPLAY_BYTES of output): nothing is missing, nothing twice.
+    seqs = [m["seq"] for m in agent.inbox if m.get("type") == "output" and m.get("exec_id") == "big"]
+    assert seqs == sorted(set(seqs)) and ex["seq"] > seqs[-1]
+    assert len(agent.output_of("big", "stdout")) == 20_000_000
+
+
+def test_a_reconnecting_host_gets_recent_output_and_exits_again_with_their_seq(agent: AgentProc) -> None:
+    agent.ok("create_container", container_id="c1", rootfs={"serial": "s"}, process=proc_spec("true"))
+    agent.ok("exec", container_id="c1", exec_id="e1", process=proc_spec("echo", "hi"))
+    first = agent.exit_of("e1")
+    out = [m for m in agent.inbox if m.get("type") == "output" and m.get("exec_id") == "e1"]
+    agent.dec = P.FrameDecoder(wait_sync=True)  # a new host (agentd restarted)
+    agent.inbox.clear()
+    agent.sock.sendall(P.SYNC)
+    again = agent.exit_of("e1")
+    assert again == first
+    assert [m for m in agent.inbox if m.get("type") == "output" and m.get("exec_id") == "e1"] == out
+    assert agent.ok("ping")["kernel"]
 
 
 def test_shutdown_replies_then_stops(agent: AgentProc) -> None:

@@ -184,7 +184,7 @@ def test_data_frames_carry_any_bytes_without_0xff(data: bytes) -> None:
 
 def test_text_costs_no_escaping_and_json_messages_stay_json() -> None:
     frame = P.encode_frame(_out(b"plain text\n"))
-    assert frame == bytes([1, 0, 0, 20, 2, 2]) + b"c1" + bytes([4]) + b"init" + b"plain text\n"
+    assert frame == bytes([1, 0, 0, 21, 2, 2]) + b"c1" + bytes([4]) + b"init" + bytes([0]) + b"plain text\n"
     assert P.encode_frame({"type": "output", "data": "a string"})[0] == 0  # not bytes: JSON, as before
     with pytest.raises(P.ProtocolError, match="not encodable"):  # bytes only travel in data frames
         P.encode_frame({"type": "dns_answer", "qid": 1, "data": b"x"})

@@ -1,14 +1,15 @@
 """Running a daemon: logging, the RPC server, signals, sd_notify and the watchdog.
 
 In the spirit of gunicorn's arbiter: the main thread owns the loop, signals only set a
-flag, systemd hears READY=1 once the socket is bound and WATCHDOG=1 while the loop turns.
+flag, systemd hears READY=1 once the socket is bound and WATCHDOG=1 while the RPC workers
+make progress (`rpc.progress`: a canary runs on the pool, no call is stuck past its
+deadline); a wedged daemon gets no WATCHDOG=1 and systemd restarts it.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import time
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -16,6 +17,7 @@ from hanabi_common.config import DAEMONS, Config
 from hanabi_common.metrics import DaemonMetrics
 from hanabi_common.models.base import NoArgs
 from hanabi_common.logs import setup_logging
+from hanabi_common.rpc.progress import Watchdog
 from hanabi_common.rpc.server import RpcServer
 from hanabi_common.sdnotify import notify, watchdog_interval
 
@@ -40,18 +42,19 @@ def serve(name: str, config: Config, build: Callable[[Config], Service],
     config.sandboxes_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     service = build(config)
     interval = watchdog_interval()
-    last_ping = [0.0]
+    ticks: list[Callable[[], None]] = []
 
     def tick() -> None:
-        if interval and time.monotonic() - last_ping[0] >= interval:
-            notify("WATCHDOG=1")
-            last_ping[0] = time.monotonic()
+        for each in ticks:
+            each()
 
     metrics = DaemonMetrics(name)
     if hasattr(service, "metrics"):
         metrics.add_service(service.metrics)
     server = RpcServer(name, config.endpoint(name), max_message_bytes=config.rpc.max_message_bytes,
-                       workers=config.rpc.workers, on_tick=tick, on_call=metrics.observe_call)
+                       workers=config.rpc.workers, on_tick=tick, on_call=metrics.observe_call,
+                       stall_s=2 * interval if interval else 30.0)
+    ticks.append(Watchdog(interval, server.progress, notify, log).tick)
     service.register(server)
     server.register("metrics", NoArgs, lambda _: {"text": metrics.text()},
                     "Prometheus text exposition of the daemon's metrics.")

@@ -62,6 +62,9 @@ ROOTFS = (F("serial", STR, "virtio-blk serial of the root disk (or null: `share`
           F("readonly", BOOL, "mount it read-only", default=False, null=True),
           F("share", STR, "the root's directory in the VM's file share, `<dir>/rootfs` (or null: `serial`)",
             default=None, pattern=SHARE_ROOTFS_REGEX))
+# One counter of the agent's output and exit events; a replay after a reconnect repeats it
+# (docs/agent-protocol.md, "Replay"), and the host drops what it already had.
+SEQ = F("seq", INT, "the agent's event counter (see Replay)", default=None, lo=1, hi=(1 << 63) - 1)
 PID = (F("pid", INT, "guest pid (in the guest's PID namespace)", lo=1, hi=MAX_PID),)
 TTY_DIM = {"lo": 1, "hi": MAX_TTY_DIM}
 INTERFACE = (F("name", STR, "link name to give the NIC", pattern=r"[A-Za-z0-9_.-]{1,15}"),
@@ -161,11 +164,13 @@ _MESSAGES = (
         F("stream", STR, f"{STREAM_STDOUT} or {STREAM_STDERR} (a terminal: {STREAM_STDOUT})",
           choices=(STREAM_STDOUT, STREAM_STDERR)),
         F("data", BYTES, "the bytes read", max_len=MAX_DATA_CHUNK),
+        SEQ,
     ), "output of a process (a data frame)", data=True),
     Message(C.T_EXIT, GUEST, (
         CID, _id("exec_id", "the process"),
         F("exit_code", INT, "its exit code (null when killed)", default=None, lo=0, hi=255),
         F("signal", INT, "the signal that killed it (or null)", default=None, lo=1, hi=MAX_SIGNAL),
+        SEQ,
     ), "a process ended, after all its output"),
     Message(C.T_DNS_QUERY, GUEST, (
         F("qid", INT, "query id for the answer", lo=0, hi=1 << 31),

@@ -6,7 +6,8 @@ A client first sends `{"type":"attach","sandbox_id","container_id","exec_id"}` a
 `{"type":"stdin","data":b64}`, `{"type":"close_stdin"}` and, for a process on a terminal,
 `{"type":"resize","height":H,"width":W}` (strict integers 1..65535, passed on to the
 guest's `resize`); the server sends
-`{"type":"output","stream","data"}` for every chunk and finally
+`{"type":"output","stream","data"[,"seq"]}` for every chunk (`seq`: the guest's counter,
+increasing; a client that attaches again drops what it had by it) and finally
 `{"type":"exit","exit_code","signal"}`, after which it closes the connection.
 One client per process at a time; a client that comes back (say after an agentd restart)
 attaches again and gets whatever is buffered. Each client gets two threads: a reader
@@ -287,7 +288,10 @@ class _IoClient:
                     return
                 continue
             if isinstance(event, OutputEvent):
-                if not self._send({"type": "output", "stream": event.stream, "data": b64e(event.data)}):
+                out = {"type": "output", "stream": event.stream, "data": b64e(event.data)}
+                if event.seq is not None:
+                    out["seq"] = event.seq
+                if not self._send(out):
                     record.unread(event)
                     self.close()
                     return

@@ -8,7 +8,8 @@ Python process per container. Typical use by the stand-in::
     os._exit(status)                       # exit code, or 128+signal, 255 if unknown
 
 or by hand: `send_stdin`, `close_stdin`, `resize`, select on `fileno()`, `read_events()`.
-Events are validated dicts: `{"type":"output","stream":"stdout"|"stderr","data":bytes}`
+Events are validated dicts: `{"type":"output","stream":"stdout"|"stderr","data":bytes,"seq":int|None}`
+(chunks whose `seq` is not above the last one seen, replays after an agentd restart, are left out)
 and `{"type":"exit","exit_code":int|None,"signal":int|None}`; after the exit the server
 closes the connection. `read_events()` raises EOFError when the connection ended without
 an exit (agentd went away: attach again, buffered output and the exit are kept for you).
@@ -28,6 +29,13 @@ from hanabi_wire import (HEADER, MAX_DATA_CHUNK, MAX_FRAME, MAX_TTY_DIM, FrameDe
 
 IO_SOCKET_NAME = "agentd-io.sock"
 UNKNOWN_STATUS = 255
+# How long a stand-in keeps trying to re-attach after agentd went away: a stand-in that
+# gives up ends the container for Docker, so this outlasts any restart systemd makes.
+REATTACH_TIMEOUT_S = 600.0
+REATTACH_FIRST_DELAY_S = 0.05
+REATTACH_MAX_DELAY_S = 1.0
+ATTACH_ATTEMPT_S = 30.0
+RETRYABLE = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED"})
 
 
 class IoError(Exception):
@@ -66,7 +74,10 @@ def _validate(msg: dict) -> dict:
             data = b64d(msg.get("data"))  # type: ignore[arg-type]
         except ProtocolError as exc:
             raise IoError("INVALID_ARGUMENT", str(exc)) from None
-        return {"type": "output", "stream": stream, "data": data}
+        seq = msg.get("seq")
+        if seq is not None and (type(seq) is not int or seq < 1):
+            raise IoError("INVALID_ARGUMENT", f"bad output seq {seq!r}")
+        return {"type": "output", "stream": stream, "data": data, "seq": seq}
     if kind == "exit":
         return {"type": "exit", "exit_code": _int_or_none(msg.get("exit_code"), 0, 255),
                 "signal": _int_or_none(msg.get("signal"), 1, 64)}
@@ -82,7 +93,10 @@ class IoStream:
         self._sock = sock
         self._decoder = FrameDecoder(sync=False)
         self._send_lock = threading.Lock()
+        self._attached = threading.Condition()
+        self._attachments = 0  # how many times reattach() replaced the connection
         self.exited: dict | None = None
+        self.last_seq = 0  # of the last output chunk handed out (kept across re-attaches)
         self._target: tuple[str, str, str, str] | None = None
 
     @classmethod
@@ -169,23 +183,49 @@ class IoStream:
             events = [_validate(m) for m in self._decoder.feed(data)]
         except ProtocolError as exc:
             raise IoError("INVALID_ARGUMENT", f"agentd broke the io protocol: {exc}") from None
+        fresh = []
         for event in events:
             if event["type"] == "exit":
                 self.exited = event
-        return events
+            elif event["seq"] is not None:
+                if event["seq"] <= self.last_seq:
+                    continue  # replayed after agentd restarted: had it already
+                self.last_seq = event["seq"]
+            fresh.append(event)
+        return fresh
 
     def reattach(self, timeout: float) -> None:
-        """Attach again on a fresh connection (after agentd restarted)."""
+        """Attach again on a fresh connection (after agentd restarted), with backoff:
+        while agentd is away or busy restoring (UNAVAILABLE, DEADLINE_EXCEEDED, a reset
+        connection) try again until `timeout`; any other refusal (NOT_FOUND: agentd came
+        back without this process) is final. Raises IoError when it gives up."""
         if self._target is None:
             raise IoError("FAILED_PRECONDITION", "this stream was not made by attach()")
-        fresh = IoStream.attach(*self._target, timeout=timeout)
+        deadline = time.monotonic() + timeout
+        delay = REATTACH_FIRST_DELAY_S
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                fresh = IoStream.attach(*self._target, timeout=max(min(left, ATTACH_ATTEMPT_S), 0.05))
+                break
+            except IoError as exc:
+                if exc.code not in RETRYABLE or time.monotonic() + delay >= deadline:
+                    raise
+            except OSError as exc:
+                if time.monotonic() + delay >= deadline:
+                    raise IoError("UNAVAILABLE", f"agentd io socket: {exc}") from None
+            time.sleep(delay)  # backoff between attempts, not a wait for an event
+            delay = min(delay * 2, REATTACH_MAX_DELAY_S)
         with self._send_lock:
             old, self._sock = self._sock, fresh._sock
             self._decoder = fresh._decoder
         old.close()
+        with self._attached:
+            self._attachments += 1
+            self._attached.notify_all()
 
     def relay(self, stdin_fd: int | None, stdout_fd: int, stderr_fd: int,
-              reattach_timeout: float = 60.0) -> int:
+              reattach_timeout: float = REATTACH_TIMEOUT_S) -> int:
         """Relay stdio until the process exits; returns its shell-style exit status.
         stdin is pumped by a helper thread (None: close the process's stdin at once).
         If agentd goes away, attach again for up to `reattach_timeout` seconds; when that
@@ -198,10 +238,11 @@ class IoStream:
         while True:
             try:
                 events = self.read_events()
-            except (EOFError, ConnectionError):
+            except (EOFError, OSError, IoError):  # agentd went away (or broke the stream)
                 try:
                     self.reattach(reattach_timeout)
-                except (IoError, OSError):
+                except IoError as exc:
+                    _warn(f"lost agentd and could not attach again ({exc}); exit status unknown")
                     return UNKNOWN_STATUS
                 continue
             for event in events:
@@ -220,14 +261,17 @@ class IoStream:
 
     def _retrying(self, send, *args) -> None:
         """Send; while agentd is away (relay is re-attaching) try again for a while."""
-        deadline = time.monotonic() + 60.0
+        deadline = time.monotonic() + REATTACH_TIMEOUT_S
         while True:
+            seen = self._attachments
             try:
                 return send(*args)
             except OSError:
                 if self.exited is not None or time.monotonic() > deadline:
                     raise
-                time.sleep(0.2)
+                with self._attached:  # until relay() attached again (or a while passed)
+                    self._attached.wait_for(lambda: self._attachments != seen or self.exited is not None,
+                                            timeout=max(min(deadline - time.monotonic(), 5.0), 0))
 
     def close(self) -> None:
         """Drop the connection (the process keeps running; attach again later)."""
@@ -242,6 +286,13 @@ class IoStream:
 
     def __exit__(self, *_: object) -> None:
         self.close()
+
+
+def _warn(message: str) -> None:
+    try:
+        os.write(2, f"hanabi stand-in: {message}\n".encode())
+    except OSError:
+        pass
 
 
 def _recv_exact(sock: socket.socket, size: int) -> bytes:

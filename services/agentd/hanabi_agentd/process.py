@@ -5,7 +5,9 @@ records the exit) and by the io server (whose writer drains output to the attach
 client, then hands over the exit). Output waits in one ordered, bounded buffer, so the
 client always sees every buffered chunk before the exit. Above the limit the oldest
 chunks are dropped (and counted): the guest channel is shared by all processes and must
-never stall because one client reads slowly or is not attached yet.
+never stall because one client reads slowly or is not attached yet. A chunk carries the
+guest's `seq`; one at or below the last seen (a replay after a reconnect) is dropped here,
+and the io client drops again what it had before an agentd restart.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class OutputEvent:
 
     stream: Stream
     data: bytes
+    seq: int | None = None
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,7 @@ class ProcessRecord:
         self.exit_code = exit_code
         self.signal = signal
         self.dropped = 0
+        self.last_seq = 0
         self._chunks: collections.deque[OutputEvent] = collections.deque()
         self._size = 0
         self._cond = threading.Condition()
@@ -100,12 +104,17 @@ class ProcessRecord:
                                 exit_code=self.exit_code, signal=self.signal)
 
     # --- output -----------------------------------------------------------------------
-    def push_output(self, stream: Stream, data: bytes) -> None:
-        """Buffer a chunk; drop the oldest ones above the limit."""
+    def push_output(self, stream: Stream, data: bytes, seq: int | None = None) -> None:
+        """Buffer a chunk (unless its `seq` shows it was had already); drop the oldest
+        ones above the limit."""
         if not data:
             return
         with self._cond:
-            self._chunks.append(OutputEvent(stream, data))
+            if seq is not None:
+                if seq <= self.last_seq:
+                    return
+                self.last_seq = seq
+            self._chunks.append(OutputEvent(stream, data, seq))
             self._size += len(data)
             dropped = 0
             while self._size > self.limit and len(self._chunks) > 1:

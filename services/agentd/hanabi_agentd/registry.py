@@ -133,7 +133,10 @@ class Registry:
 
     # --- restart ------------------------------------------------------------------------
     def restore(self) -> None:
-        """Read every agent.json back; reconnect where the agent socket still exists."""
+        """Read every agent.json back; reconnect where the agent socket still exists.
+        A container deleted while agentd was down is forgotten (vmmd stops its VM)."""
+        from hanabi_common import disowned
+        disowned.reconcile(self.store, STATE_NAME, lambda sid: None, log)
         for sandbox_id in self.store.list_sandboxes(having=STATE_NAME):
             try:
                 state = self.store.read(sandbox_id, STATE_NAME, AgentState)
@@ -158,6 +161,7 @@ class Registry:
                 sandbox.session.lost_reason = "agent socket gone before agentd restarted"
                 log.warning("agent socket gone, sandbox kept as disconnected",
                             extra={"sandbox": sandbox_id, "address": state.address})
+                self._vm_gone(sandbox)
 
     def _records(self, state: AgentState) -> dict[str, ContainerRecord]:
         limit = self.config.agent.output_buffer_bytes
@@ -189,9 +193,29 @@ class Registry:
         except HanabiError as exc:
             log.warning("could not reconnect to an agent", extra={"sandbox": sandbox.sandbox_id,
                                                                  "error": exc.message})
+            if not self._reachable(sandbox):  # the VM died meanwhile
+                self._vm_gone(sandbox)
         finally:
             sandbox.busy = False
             sandbox.settled.set()
+
+    def _vm_gone(self, sandbox: Sandbox) -> None:
+        """The VM ended while agentd was away (its agent socket is gone): every process
+        that was running is recorded killed (status 137), so its stand-in ends and the
+        container reads as stopped and can be deleted."""
+        from hanabi_agentd.session import LOST_SIGNAL
+        changed = False
+        for record in sandbox.session.all_processes():
+            if record.status != "stopped" and record.mark_exited(None, LOST_SIGNAL):
+                changed = True
+                log.warning("process ended with its VM while agentd was away", extra={
+                    "sandbox": sandbox.sandbox_id, "container": record.container_id, "exec": record.exec_id})
+        if changed:
+            try:
+                self.persist(sandbox)
+            except HanabiError as exc:
+                log.error("could not record the processes as stopped",
+                          extra={"sandbox": sandbox.sandbox_id, "error": exc.message})
 
     def reconcile(self, sandbox: Sandbox) -> None:
         """After a reconnect: processes recorded running that the guest no longer has

@@ -35,7 +35,7 @@ from hanabi_agentd.io_server import IoServer, io_socket_path
 from hanabi_agentd.models import AgentDetails, AgentList, ProcessRef, ResizeProcess
 from hanabi_agentd.process import ContainerRecord, ProcessRecord
 from hanabi_agentd.registry import Registry, Sandbox
-from hanabi_agentd.session import AgentSession
+from hanabi_agentd.session import LOST_SIGNAL, AgentSession
 
 log = logging.getLogger("hanabi.agentd")
 SHUTDOWN_TIMEOUT_S = 5.0
@@ -70,10 +70,12 @@ class AgentService:
         self.registry = Registry(config)
         self.dns = DnsRelay()
         self.registry.dns_handler = self.dns.submit
+        if restore:
+            # Before the io socket opens: a stand-in re-attaching after a restart must find
+            # its sandbox known (an attach to an unknown one is refused for good).
+            self.registry.restore()
         self.io = IoServer(io_socket_path(config.run_dir), self._resolve_io)
         self.io.start()
-        if restore:
-            self.registry.restore()
 
     def register(self, server: RpcServer) -> None:
         """Serve the agent.* and container.* methods."""
@@ -121,7 +123,11 @@ class AgentService:
         self.registry.close()
 
     def _resolve_io(self, sandbox_id: str, container_id: str, exec_id: str) -> tuple[AgentSession, ProcessRecord]:
-        session = self.registry.get(sandbox_id).session
+        sandbox = self.registry.get(sandbox_id)
+        # A reconnect in progress (agentd restarted): answer once it ended, so the client
+        # finds the session as the guest left it.
+        sandbox.settled.wait(self.config.agent.request_timeout_s)
+        session = sandbox.session
         return session, session.process(container_id, exec_id)
 
     # --- agents ---------------------------------------------------------------------------
@@ -190,7 +196,7 @@ class AgentService:
                         "sandbox": request.sandbox_id, "error": exc.message})
             session.close()
             for record in session.all_processes():
-                record.mark_exited(None, None)
+                record.mark_exited(None, LOST_SIGNAL)  # the VM goes down with them
         return Removed(existed=self.registry.remove(request.sandbox_id))
 
     def configure_network(self, request: ConfigureNetwork) -> dict:

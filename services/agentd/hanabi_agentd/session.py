@@ -6,8 +6,9 @@ the future, or routes `output` and `exit` events to the container's `ProcessReco
 A request not answered in time raises DeadlineExceeded; a guest error reply becomes the
 matching hanabi error. A frame that breaks the framing drops the connection; a frame that
 is well framed but invalid is logged and dropped. When the connection is lost (not closed
-by agentd) every process still running is marked stopped with an unknown status: the guest
-is gone (QEMU closed the chardev) or misbehaved.
+by agentd) every process still running is marked stopped, killed by SIGKILL (status 137, as
+Docker shows a killed container): the guest is gone (QEMU closed the chardev, the VMM
+crashed) or misbehaved and was cut off, and its processes with it.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ PING_INTERVAL_S = 0.5
 CONNECT_ATTEMPT_S = 2.0
 COMPLAINTS_LOGGED = 20
 ABANDONED_KEPT = 1024
+# The signal recorded for the processes of a guest that is gone (the VM died): SIGKILL.
+LOST_SIGNAL = 9
 
 
 class AgentSession:
@@ -285,7 +288,7 @@ class AgentSession:
                         extra={"sandbox": self.sandbox_id, "reason": reason})
             changed = False
             for record in self.all_processes():
-                changed |= record.mark_exited(None, None)
+                changed |= record.mark_exited(None, LOST_SIGNAL)
             if changed:
                 self._notify_change()
         self._fail_pending(Unavailable(f"lost the agent of sandbox {self.sandbox_id}: {reason}"))
@@ -319,10 +322,12 @@ class AgentSession:
         elif isinstance(msg, GuestOutput):
             record = self.find_process(msg.container_id, msg.exec_id)
             if record is None or record.status == "stopped":
+                # After a reconnect the guest replays recent events (seq): expected, quiet.
                 self._complain("output for an unknown or stopped process",
+                               logging.WARNING if msg.seq is None else logging.DEBUG,
                                container=msg.container_id, exec=msg.exec_id)
                 return
-            record.push_output(msg.stream, msg.data)
+            record.push_output(msg.stream, msg.data, msg.seq)
         elif isinstance(msg, GuestExit):
             self._on_exit(msg)
         elif isinstance(msg, GuestReady):
@@ -355,11 +360,12 @@ class AgentSession:
 
     def _on_exit(self, msg: GuestExit) -> None:
         record = self.find_process(msg.container_id, msg.exec_id)
+        replayed = logging.WARNING if msg.seq is None else logging.DEBUG  # replays are expected
         if record is None:
-            self._complain("exit of an unknown process", container=msg.container_id, exec=msg.exec_id)
+            self._complain("exit of an unknown process", replayed, container=msg.container_id, exec=msg.exec_id)
             return
         if not record.mark_exited(msg.exit_code, msg.signal, publish=False):
-            self._complain("second exit of a process", container=msg.container_id, exec=msg.exec_id)
+            self._complain("second exit of a process", replayed, container=msg.container_id, exec=msg.exec_id)
             return
         log.info("process exited", extra={"sandbox": self.sandbox_id, "container": msg.container_id,
                                           "exec": msg.exec_id, "exit_code": msg.exit_code,

@@ -26,6 +26,7 @@ from hanabi_blockd.state import STATE_NAME, DevicesState, HostMount, ShareRecord
 from hanabi_common.config import Config
 from hanabi_common.errors import AlreadyExists, FailedPrecondition, HanabiError, InvalidArgument, NotFound
 from hanabi_common.metrics import Gauges, LabelledGauge
+from hanabi_common import disowned
 from hanabi_common.models.base import NoArgs, Removed, SandboxRef
 from hanabi_common.models.blockd import (BackendInfo, BaseInfo, BlockListing, Collected, CollectBases,
                                          ProvisionVolume, VolumeInfo, VolumeList)
@@ -65,6 +66,8 @@ class BlockService:
         self._gc_lock = threading.Lock()
         self._pending: Counter[str] = Counter()  # base keys of provisionings in flight
         self._recover()
+        # Containers deleted while blockd was down: their volumes go now.
+        disowned.reconcile(self.store, STATE_NAME, lambda sid: self.release(SandboxRef(sandbox_id=sid)), log)
         self._stop = threading.Event()
         self._sweeper = threading.Thread(target=self._sweep_loop, name="blockd-kept-sweeper", daemon=True)
         self._sweeper.start()

@@ -24,6 +24,7 @@ import time
 from hanabi_common.config import Config
 from hanabi_common.errors import AlreadyExists, FailedPrecondition, HanabiError, NotFound
 from hanabi_common.metrics import Gauges, LabelledGauge
+from hanabi_common import disowned
 from hanabi_common.models.base import NoArgs, Removed, SandboxRef
 from hanabi_common.models.netd import AttachNetwork, NetnsInfo, NetworkInfo, NetworkList
 from hanabi_common.netns import check_netns, create_netns, remove_netns
@@ -47,6 +48,11 @@ def _same_netns(info: NetworkInfo) -> bool:
         return False
 
 
+def orphan_netns(entries: list[str], claimed: set[str]) -> list[str]:
+    """The namespace files of netd's directory that no network.json names (pure)."""
+    return sorted(e for e in entries if e not in claimed)
+
+
 class NetworkService:
     """Owns the sandbox networks of this host."""
 
@@ -61,6 +67,30 @@ class NetworkService:
             state = self.store.read(sid, STATE_NAME, NetworkState)
             if state is not None and state.network is not None and _same_netns(state.network):
                 self._start_watching(sid, state.network.netns_path)
+        # Containers deleted while netd was down: their taps and namespaces go now.
+        disowned.reconcile(self.store, STATE_NAME, lambda sid: self.detach(SandboxRef(sandbox_id=sid)), log)
+        self._sweep_netns()
+
+    def _sweep_netns(self) -> None:
+        """Unpin the namespaces netd made that no network.json claims any more (a crash
+        between making one and recording it, or a state directory removed by hand)."""
+        if not self.netns_dir.is_dir():
+            return
+        claimed = set()
+        for sid in self.store.list_sandboxes(having=STATE_NAME):
+            try:
+                state = self.store.read(sid, STATE_NAME, NetworkState)
+            except HanabiError:
+                return  # cannot tell what is claimed: touch nothing
+            if state is not None:
+                claimed |= {p for p in (state.owned_netns, state.network.netns_path if state.network else None) if p}
+        entries = [str(self.netns_dir / name) for name in os.listdir(self.netns_dir)]
+        for path in orphan_netns(entries, claimed):
+            try:
+                remove_netns(path)
+                log.warning("removed a network namespace no sandbox owns", extra={"path": path})
+            except OSError as exc:
+                log.error("cannot remove an orphaned network namespace", extra={"path": path, "error": str(exc)})
 
     def register(self, server: RpcServer) -> None:
         """Serve net.attach, net.detach, net.get and net.list."""

@@ -424,20 +424,26 @@ class Runtime:
 
     def _teardown(self, cid: str, standin_pid: int | None, standin_start: int | None = None,
                   cgroup_dirs: list[str] | None = None) -> None:
+        """Have each daemon remove its part, end the stand-ins, remove the state. A daemon
+        that is down (UNAVAILABLE) keeps its state file and the sandbox is marked disowned:
+        that daemon finishes the job when it starts (`hanabi_common.disowned`)."""
         d = self.daemons
         steps = [
-            ("destroy the container", lambda: d.agentd.destroy(cid, cid)),
-            ("disconnect the agent", lambda: d.agentd.disconnect(cid)),
-            ("stop the VM", lambda: d.vmmd.stop(cid)),
-            ("release the volume", lambda: d.blockd.release(cid)),
-            ("detach the network", lambda: d.netd.detach(cid)),
+            ("agentd", "destroy the container", lambda: d.agentd.destroy(cid, cid)),
+            ("agentd", "disconnect the agent", lambda: d.agentd.disconnect(cid)),
+            ("vmmd", "stop the VM", lambda: d.vmmd.stop(cid)),
+            ("blockd", "release the volume", lambda: d.blockd.release(cid)),
+            ("netd", "detach the network", lambda: d.netd.detach(cid)),
         ]
-        failures = []
-        for what, step in steps:
+        failures, down = [], set()
+        for daemon, what, step in steps:
             try:
                 step()
             except NotFound:
                 pass
+            except Unavailable as exc:
+                down.add(daemon)
+                log.warning(f"{what}: left to {daemon}, which is down", extra={"error": exc.message})
             except HanabiError as exc:
                 failures.append(f"{what}: {exc.message}")
         standins = [(standin_pid, standin_start)] + [
@@ -448,7 +454,13 @@ class Runtime:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-        self.store.purge(cid)
+        if down:
+            from hanabi_common import disowned
+            if disowned.disown(self.store, cid, sorted(down)):
+                log.warning("container removed; the daemons that are down finish its cleanup "
+                            "when they start", extra={"container": cid, "daemons": sorted(down)})
+        else:
+            self.store.purge(cid)
         if cgroup_dirs:
             from hanabi_runtime.cgroups import remove
             left = remove(cgroup_dirs)
@@ -456,7 +468,6 @@ class Runtime:
                 failures.append(f"cgroups still in use: {', '.join(left)}")
         if failures:
             raise Internal(f"container {cid} removed, but not cleanly: " + "; ".join(failures))
-
 
 @contextmanager
 def _phase(timings: dict[str, float], name: str) -> Iterator[None]:

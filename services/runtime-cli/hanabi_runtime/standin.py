@@ -21,6 +21,7 @@ import os
 import signal
 import sys
 
+SIGNAL_RETRY_S = 120.0
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
                      signal.SIGUSR1, signal.SIGUSR2)
 
@@ -57,12 +58,33 @@ class StandIn:
         if not self.started:
             # Nothing runs in the guest yet: the signal ends the stand-in, as it would the process.
             os._exit(128 + signum)
-        try:
-            from hanabi_agentd.client import AgentdClient
-            AgentdClient(self.config).signal(self.args.sandbox, self.args.container, signum,
-                                             exec_id=self.args.exec_id)
-        except Exception as exc:  # the process may be gone already
-            _warn(f"could not forward signal {signum}: {exc}")
+        import threading
+        threading.Thread(target=self.forward, args=(signum,), daemon=True, name=f"sig{signum}").start()
+
+    def forward(self, signum: int) -> None:
+        """Send the signal through agentd; while agentd is down (restarting) try again with
+        backoff for up to SIGNAL_RETRY_S, so a `docker stop` then is not lost."""
+        import time
+
+        from hanabi_agentd.client import AgentdClient
+        from hanabi_common.errors import Unavailable
+
+        deadline = time.monotonic() + SIGNAL_RETRY_S
+        delay = 0.1
+        while True:
+            try:
+                AgentdClient(self.config).signal(self.args.sandbox, self.args.container, signum,
+                                                 exec_id=self.args.exec_id)
+                return
+            except Unavailable as exc:
+                if time.monotonic() + delay > deadline:
+                    _warn(f"could not forward signal {signum}: {exc}")
+                    return
+            except Exception as exc:  # the process may be gone already
+                _warn(f"could not forward signal {signum}: {exc}")
+                return
+            time.sleep(delay)  # backoff while agentd is away
+            delay = min(delay * 2, 2.0)
 
     def wait_for_start(self) -> None:
         """Block until `start` writes to the fifo."""
@@ -125,8 +147,6 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         os.write(args.ready_fd, f"error: {exc}\n".encode())
         return 1
-    from setproctitle import setproctitle
-    setproctitle(process_title(args.title, args.container))
     from setproctitle import setproctitle
     setproctitle(process_title(args.title, args.container))
     os.write(args.ready_fd, b"ok\n")

@@ -20,6 +20,7 @@ from hanabi_common.config import Config
 from hanabi_common.errors import (AlreadyExists, FailedPrecondition, HanabiError, Internal,
                                   NotFound)
 from hanabi_common.metrics import Gauges, LabelledGauge
+from hanabi_common import disowned
 from hanabi_common.models.base import NoArgs, Removed, SandboxRef
 from hanabi_common.models.vmmd import (AttachDisk, AttachNic, CreateVm, DetachDisk, DetachNic, StopVm, VmInfo, VmList)
 from hanabi_common.rpc.server import RpcServer
@@ -101,6 +102,8 @@ class VmService(DeviceOps, PoolOps):
             self.reaper.watch(handle)
             if self._is_pooled(handle.sandbox_id):
                 self._handles[handle.sandbox_id] = handle
+        # Containers deleted while vmmd was down: their VMs go now.
+        disowned.reconcile(self.store, STATE_NAME, lambda sid: self.stop(StopVm(sandbox_id=sid)), log)
         clean_orphan_shares(config.shares_dir, {
             Path(state.share_dir) for store in (self.store, self.pool_store)
             for sid in store.list_sandboxes(having=STATE_NAME)

@@ -2,11 +2,18 @@
 
 Following the ZeroMQ guide's Lazy Pirate pattern, a call that times out closes its socket
 (linger 0) and, only when the method is idempotent, tries again within the same deadline.
+
+A daemon that is down is told fast, not by a deadline: for an `ipc://` endpoint the client
+first connects a plain Unix socket to the path (a daemon killed with SIGKILL leaves the
+file behind, and ZeroMQ would queue the request for it forever), and while it waits for a
+reply it looks again every `PROBE_INTERVAL_S`: nothing listening raises `Unavailable`
+naming the daemon.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -19,6 +26,26 @@ from hanabi_common.errors import DeadlineExceeded, HanabiError, Internal, Unavai
 from hanabi_common.rpc.envelope import decode_reply, encode_request
 
 R = TypeVar("R", bound=BaseModel)
+PROBE_INTERVAL_S = 0.5
+
+
+def ipc_down(path: str) -> str | None:
+    """Why nothing serves the Unix socket at `path` (no file, or nobody listening), or
+    None when a connect succeeds (or fails for another reason, e.g. a full backlog: the
+    daemon is busy, not gone)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except FileNotFoundError:
+        return f"no socket at {path}"
+    except ConnectionRefusedError:
+        return f"nothing listens on {path}"
+    except OSError:
+        return None
+    finally:
+        probe.close()
+    return None
 
 
 class RpcClient:
@@ -30,9 +57,14 @@ class RpcClient:
         self.timeout = timeout
         self.sender = f"{os.path.basename(sys.argv[0]) if sys.argv else 'client'}:{os.getpid()}"
 
-    def _check_socket(self) -> None:
-        if self.endpoint.startswith("ipc://") and not Path(self.endpoint[6:]).exists():
-            raise Unavailable(f"{self.name} is not running: no socket at {self.endpoint[6:]} "
+    def _check_socket(self, during: str = "") -> None:
+        """Unavailable (naming the daemon) unless something listens at an ipc endpoint."""
+        if not self.endpoint.startswith("ipc://"):
+            return
+        path = self.endpoint[len("ipc://"):]
+        why = f"no socket at {path}" if not Path(path).exists() else ipc_down(path)
+        if why is not None:
+            raise Unavailable(f"{self.name} is not running{during}: {why} "
                               f"(start it with `make up` or `systemctl start hanabi-{self.name}`)")
 
     def call(self, method: str, request: BaseModel | dict | None = None,
@@ -66,7 +98,8 @@ class RpcClient:
             sock.send_multipart([b""] + frames)
             end = time.monotonic() + timeout
             while (left := end - time.monotonic()) > 0:
-                if not sock.poll(int(left * 1000) + 1, zmq.POLLIN):
+                if not sock.poll(int(min(left, PROBE_INTERVAL_S) * 1000) + 1, zmq.POLLIN):
+                    self._check_socket(f" (it went away during {method})")
                     continue
                 answer = sock.recv_multipart()
                 if answer and answer[0] == b"":

@@ -3,7 +3,9 @@
 Only the loop thread touches the ROUTER socket. Workers hand finished replies back through
 a queue and wake the loop with a pipe. Anything a peer sends that is not a valid request
 (garbage frames, an unknown method, an oversized message, a body that fails its model)
-gets an error reply; the server never dies of it.
+gets an error reply; the server never dies of it. Every call a worker runs is recorded in
+`progress` (with the caller's deadline), and the loop keeps a no-op canary queued for the
+pool: the daemon's watchdog is fed from that (`progress.Watchdog`), not from the loop turning.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pydantic import BaseModel, ValidationError
 from hanabi_common.errors import (DeadlineExceeded, HanabiError, Internal, InvalidArgument,
                                   NotFound)
 from hanabi_common.rpc.envelope import RequestHeader, decode_request, encode_reply
+from hanabi_common.rpc.progress import Progress
 
 log = logging.getLogger("hanabi.rpc")
 
@@ -57,7 +60,8 @@ class RpcServer:
 
     def __init__(self, name: str, endpoint: str, *, max_message_bytes: int = 4 << 20,
                  workers: int = 8, on_tick: Callable[[], None] | None = None,
-                 on_call: Callable[[str, str, float], None] | None = None) -> None:
+                 on_call: Callable[[str, str, float], None] | None = None,
+                 stall_s: float = 30.0) -> None:
         self.name = name
         self._on_call = on_call  # (method, outcome, seconds) of every request served
         self.endpoint = endpoint
@@ -69,6 +73,7 @@ class RpcServer:
         os.set_blocking(self._wake_r, False)
         self._stopping = threading.Event()
         self._on_tick = on_tick
+        self.progress = Progress(stall_s)
         self.started_at = time.time()
         self.register("ping", _Empty, self._ping, "Liveness: the daemon's name, pid and uptime.")
         self.register("describe", _Empty, self._describe, "The methods this daemon serves.")
@@ -124,6 +129,8 @@ class RpcServer:
                     except BlockingIOError:
                         pass
                 self._flush_replies(sock)
+                if self.progress.canary_due():
+                    self._pool.submit(self.progress.canary_ran)
                 if self._on_tick:
                     self._on_tick()
         finally:
@@ -166,6 +173,7 @@ class RpcServer:
 
     def _dispatch(self, routing: list[bytes], header: RequestHeader, body: dict) -> None:
         started = time.monotonic()
+        token = self.progress.begin(header.method, header.deadline - time.time())
         try:
             result = self._call(header, body)
             frames = encode_reply(header.msg_id, result=result)
@@ -177,6 +185,8 @@ class RpcServer:
             log.exception("handler failed", extra={"method": header.method})
             frames = encode_reply(header.msg_id, error=Internal(f"{type(exc).__name__}: {exc}"))
             outcome = "INTERNAL"
+        finally:
+            self.progress.end(token)
         elapsed = time.monotonic() - started
         log.debug("call", extra={"method": header.method, "outcome": outcome, "ms": round(elapsed * 1000, 1)})
         if self._on_call is not None:

@@ -1,0 +1,132 @@
+"""Sandboxes whose container was deleted while one of its daemons was down.
+
+`hanabi-runtime delete` asks each daemon to remove its part (agentd, vmmd, blockd, netd).
+When a daemon cannot be reached, the runtime still removes the container: it removes its
+own files, leaves the state file of each daemon it could not reach, and writes
+`disowned.json` (this module's `Disowned`) beside them. Each daemon, when it starts, finds
+the sandboxes it still has a state file for that are disowned, removes its part (the
+same teardown as its RPC), removes its state file and logs it; the last one removes the
+marker and the directory. A later `delete --force` of the same id does all of it at once.
+
+`plan` is the pure part (which sandboxes to tear down, which directories are finished);
+`reconcile` runs it against a `StateStore`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+from hanabi_common.errors import HanabiError
+from hanabi_common.state import StateStore, VersionedState
+
+DISOWNED_NAME = "disowned"
+# Each daemon's state file in a sandbox directory (what `plan` looks for).
+DAEMON_STATE_NAMES = {"agentd": "agent", "vmmd": "hypervisor", "blockd": "devices", "netd": "network"}
+
+
+class Disowned(VersionedState):
+    """The marker the runtime leaves: which container, when, and who still has to clean."""
+
+    container_id: str
+    deleted_at: float
+    pending: list[str]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one daemon does at start: tear these sandboxes down, then remove these dirs."""
+
+    teardown: list[str]
+    finished: list[str]
+
+
+def plan(listing: Mapping[str, set[str]], state_name: str) -> Plan:
+    """From `{sandbox id: file names in its directory}`, for the daemon whose state file
+    is `<state_name>.json`: the disowned sandboxes it still has a file in, and the
+    directories that hold nothing but the marker (temp files aside)."""
+    marker = f"{DISOWNED_NAME}.json"
+    own = f"{state_name}.json"
+    teardown, finished = [], []
+    for sid, files in sorted(listing.items()):
+        if marker not in files:
+            continue
+        if own in files:
+            teardown.append(sid)
+        elif not {f for f in files if not f.startswith(".")} - {marker}:
+            finished.append(sid)
+    return Plan(teardown, finished)
+
+
+def mark(store: StateStore, sandbox_id: str, pending: list[str]) -> None:
+    """Write the marker for a sandbox whose daemons in `pending` could not be reached."""
+    store.write(sandbox_id, DISOWNED_NAME, Disowned(container_id=sandbox_id, deleted_at=time.time(),
+                                                     pending=sorted(pending)))
+
+
+def disown(store: StateStore, sandbox_id: str, pending: list[str]) -> bool:
+    """The runtime's half: remove everything of the sandbox but the state files of the
+    daemons in `pending` (they are down), and mark it if any of those files is there.
+    True when the sandbox is left marked for them; False when nothing was left."""
+    keep = {f"{DAEMON_STATE_NAMES[name]}.json" for name in pending}
+    directory = store.sandbox_dir(sandbox_id)
+    for entry in list(directory.iterdir()) if directory.is_dir() else []:
+        if entry.name in keep:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+    if any((directory / name).exists() for name in keep):
+        mark(store, sandbox_id, pending)
+        return True
+    store.remove_dir_if_empty(sandbox_id)
+    return False
+
+
+def _listing(store: StateStore) -> dict[str, set[str]]:
+    listing = {}
+    for sid in store.list_sandboxes(having=DISOWNED_NAME):
+        try:
+            listing[sid] = set(os.listdir(store.sandbox_dir(sid)))
+        except OSError:
+            continue
+    return listing
+
+
+def finish(store: StateStore, sandbox_id: str, state_name: str) -> bool:
+    """Remove this daemon's file of a disowned sandbox; remove the marker and the directory
+    when nothing else is left. True when the directory is gone."""
+    store.path(sandbox_id, state_name).unlink(missing_ok=True)
+    left = plan(_listing(store), state_name)
+    if sandbox_id in left.finished:
+        store.path(sandbox_id, DISOWNED_NAME).unlink(missing_ok=True)
+        return store.remove_dir_if_empty(sandbox_id)
+    return False
+
+
+def reconcile(store: StateStore, state_name: str, teardown: Callable[[str], object],
+              log: logging.Logger) -> list[str]:
+    """At a daemon's start: tear down its part of every disowned sandbox (logged), and
+    remove finished directories. Returns the sandboxes torn down. A teardown that fails
+    is logged and left for the next start (or `delete --force`)."""
+    todo = plan(_listing(store), state_name)
+    done = []
+    for sid in todo.teardown:
+        try:
+            teardown(sid)
+        except HanabiError as exc:
+            log.error("could not remove what a deleted container left", extra={
+                "sandbox": sid, "error": exc.message})
+            continue
+        finish(store, sid, state_name)
+        done.append(sid)
+        log.warning("removed what a container deleted while this daemon was down left",
+                    extra={"sandbox": sid})
+    for sid in todo.finished:
+        finish(store, sid, state_name)
+    return done
