@@ -105,7 +105,7 @@ class Container:
     """A container: its spec, its mounted rootfs and its processes by exec id."""
 
     __slots__ = ("cid", "process", "hostname", "rootfs_spec", "root", "state", "procs",
-                 "destroy_waiters", "mounts", "mounts_disk")
+                 "destroy_waiters", "mounts", "mounts_disk", "security")
 
     def __init__(self, cid: str, process: dict[str, Any], hostname: str | None,
                  rootfs_spec: dict[str, Any]) -> None:
@@ -119,6 +119,7 @@ class Container:
         self.destroy_waiters: list[int] = []
         self.mounts: list[dict[str, Any]] = []
         self.mounts_disk: dict[str, Any] | None = None
+        self.security: Any = None  # hardening.Security: linux settings and seccomp filter
 
 
 def need_str(msg: dict[str, Any], key: str, pattern: re.Pattern[str] | None = None,

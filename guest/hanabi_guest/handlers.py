@@ -24,7 +24,8 @@ from .mounts import check_mounts, check_mounts_disk
 from .dnsrelay import DnsRelay
 from .network import check_network
 from .namespaces import Namespaces, plan
-from .process import check_process, initial_size, set_winsize, spawn
+from .hardening import Hardener, Security, prepare
+from .process import check_process, initial_size, make_guard, set_winsize, spawn
 from .sandbox import Sandbox
 
 DISK_WAIT_S = 10.0
@@ -104,6 +105,7 @@ class Handlers:
         c = Container(cid, process, hostname, rootfs)
         c.mounts = check_mounts(msg.get("mounts"))
         c.mounts_disk = check_mounts_disk(msg.get("mounts_disk"))
+        c.security = Security.build(msg.get("linux"), hostname)
         self.containers[cid] = c
         deadline = time.monotonic() + DISK_WAIT_S
         self._poll_disk(req_id, c, deadline)
@@ -124,10 +126,13 @@ class Handlers:
                 return
             c.root = self.sandbox.setup(c.cid, source, c.rootfs_spec)
             self.sandbox.add_mounts(c.root, binds or None, c.mounts)
+            if self.sandbox.use_chroot:
+                prepare(c.root, c.security)
             if c.hostname:
                 self.sandbox.set_hostname(c.hostname)
         except Exception as exc:  # noqa: BLE001 - every failure becomes the reply
             del self.containers[c.cid]
+            c.security.release()
             if c.root is not None:
                 self.sandbox.teardown(c.root)
             self.send(error_reply(req_id, exc))
@@ -141,12 +146,13 @@ class Handlers:
         init = c.procs.get(P.INIT_EXEC_ID)
         how = plan(self.sandbox.use_pid_namespace, exec_id == P.INIT_EXEC_ID,
                    init.pid if init is not None and init.alive else None)
+        others = tuple(c.security.spec.namespaces) if c.security.spec is not None else ()
         if how == "new":
-            return Namespaces.new(self.sandbox.ns_hide_scope)
+            return Namespaces.new(self.sandbox.ns_hide_scope, others)
         if how == "join":
             assert init is not None
             try:
-                return Namespaces.join(init.pid)
+                return Namespaces.join(init.pid, others=others)
             except OSError:
                 return None  # the init just exited (a zombie has no namespaces)
         return None
@@ -156,10 +162,16 @@ class Handlers:
         """``spawn`` in the namespaces ``_namespaces`` picks, falling back to the guest's when
         the kernel has no PID namespaces or the init's namespace stopped taking processes."""
         assert c.root is not None
+        check_process(process)
         ns = self._namespaces(c, exec_id)
+        sec = c.security
+        hardener = None
+        if ns is not None and not ns.joining and sec.spec is not None:
+            hardener = Hardener(sec.spec, c.hostname)
+        guard = make_guard(process, sec.filter, hardener)
         try:
             return spawn(process, c.root.path, chroot=self.sandbox.use_chroot, cgroup=c.root.cgroup,
-                         tty=tty, ns=ns)
+                         tty=tty, ns=ns, guard=guard)
         except OSError as exc:  # raised in the agent: unshare/setns/fork (the child's errors are SpawnError)
             if ns is None:
                 raise
@@ -174,7 +186,8 @@ class Handlers:
         finally:
             if ns is not None:
                 ns.close()
-        return spawn(process, c.root.path, chroot=self.sandbox.use_chroot, cgroup=c.root.cgroup, tty=tty)
+        return spawn(process, c.root.path, chroot=self.sandbox.use_chroot, cgroup=c.root.cgroup, tty=tty,
+                     guard=make_guard(process, sec.filter))
 
     def _spawn(self, c: Container, exec_id: str, process: dict[str, Any]) -> Proc:
         assert c.root is not None
@@ -296,6 +309,7 @@ class Handlers:
             self.drop_proc(proc)
         waiters, c.destroy_waiters = c.destroy_waiters, []
         self.containers.pop(c.cid, None)
+        c.security.release()
         try:
             if c.root is not None:
                 self.sandbox.teardown(c.root)

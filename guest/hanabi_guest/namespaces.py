@@ -29,6 +29,9 @@ from .sandbox import libc, mount, umount
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWPID = 0x20000000
+# The other namespaces a config may list (linuxspec.MADE_IN_GUEST): made by the init's
+# child after it joined its cgroup (so a cgroup namespace is rooted there), joined by execs.
+OTHER_FLAGS = {"ipc": 0x08000000, "uts": 0x04000000, "cgroup": 0x02000000}
 MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
 MS_REC = 0x4000
 MS_PRIVATE = 1 << 18
@@ -142,29 +145,34 @@ class Namespaces:
     ``<rootfs>/proc``. ``join(pid)``: the PID and mount namespaces of process ``pid``.
     """
 
-    __slots__ = ("pid_fd", "mnt_fd", "hide_scope")
+    __slots__ = ("pid_fd", "mnt_fd", "hide_scope", "others", "other_fds")
 
     def __init__(self, pid_fd: int | None = None, mnt_fd: int | None = None,
-                 hide_scope: str | None = None) -> None:
+                 hide_scope: str | None = None, others: tuple[str, ...] = ()) -> None:
         self.pid_fd = pid_fd
         self.mnt_fd = mnt_fd
         self.hide_scope = hide_scope
+        self.others = others  # new ones to make (init) or joined through other_fds (exec)
+        self.other_fds: list[tuple[int, int]] = []
 
     @classmethod
-    def new(cls, hide_scope: str | None = None) -> Namespaces:
-        return cls(hide_scope=hide_scope)
+    def new(cls, hide_scope: str | None = None, others: tuple[str, ...] = ()) -> Namespaces:
+        return cls(hide_scope=hide_scope, others=others)
 
     @classmethod
-    def join(cls, pid: int, proc: str = "/proc") -> Namespaces:
+    def join(cls, pid: int, proc: str = "/proc", others: tuple[str, ...] = ()) -> Namespaces:
         """The namespaces of ``pid``; OSError once it has exited (zombies have none)."""
         flags = os.O_RDONLY | os.O_CLOEXEC
         pid_fd = os.open(f"{proc}/{pid}/ns/pid", flags)
+        ns = cls(pid_fd, None, others=others)
         try:
-            mnt_fd = os.open(f"{proc}/{pid}/ns/mnt", flags)
+            ns.mnt_fd = os.open(f"{proc}/{pid}/ns/mnt", flags)
+            for kind in others:
+                ns.other_fds.append((os.open(f"{proc}/{pid}/ns/{kind}", flags), OTHER_FLAGS[kind]))
         except BaseException:
-            os.close(pid_fd)
+            ns.close()
             raise
-        return cls(pid_fd, mnt_fd)
+        return ns
 
     @property
     def joining(self) -> bool:
@@ -198,8 +206,22 @@ class Namespaces:
             os.makedirs(target, mode=0o555, exist_ok=True)
             mount("proc", target, "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
 
+    def enter_others(self) -> None:
+        """In the forked child, after it joined its cgroup: make (init) or join (exec) the
+        ipc, uts and cgroup namespaces the config lists."""
+        if self.joining:
+            for fd, flag in self.other_fds:
+                setns(fd, flag)
+            return
+        flags = 0
+        for kind in self.others:
+            flags |= OTHER_FLAGS[kind]
+        if flags:
+            unshare(flags)
+
     def close(self) -> None:
-        for fd in (self.pid_fd, self.mnt_fd):
+        for fd in (self.pid_fd, self.mnt_fd, *(fd for fd, _ in self.other_fds)):
             if fd is not None:
                 os.close(fd)
         self.pid_fd = self.mnt_fd = None
+        self.other_fds = []

@@ -189,6 +189,7 @@ class Runtime:
         and the container's host cgroups (the VM is in them already)."""
         from hanabi_common.models.agentd import ConfigureNetwork, CreateContainer, GuestMount, RootfsSpec
         from hanabi_common.models.vmmd import VmNic
+        from hanabi_runtime.guest_linux import guest_linux
 
         d = self.daemons
         timings: dict[str, float] = {}
@@ -227,6 +228,10 @@ class Runtime:
             for disk in filter(None, (volume, volume.binds)):
                 attached = d.vmmd.attach_disk(cid, disk.path, disk.serial, disk.format, False)
                 guest_serials[disk.serial] = attached.guest_serial or disk.serial  # Firecracker's differ
+        linux = guest_linux(bundle.config, seccomp=self.config.agent.seccomp)
+        if not self.config.agent.seccomp and (bundle.config.get("linux") or {}).get("seccomp"):
+            log.warning("guest seccomp is off ([agent] seccomp = false): the container runs without "
+                        "its seccomp profile", extra={"container": cid})
         with _phase(timings, "container_create_s"):
             d.agentd.create_container(CreateContainer(
                 sandbox_id=cid, container_id=cid,
@@ -235,7 +240,7 @@ class Runtime:
                 process=bundle.process, hostname=bundle.hostname,
                 mounts=[GuestMount(**m) for m in plan.guest],
                 mounts_disk=RootfsSpec(serial=guest_serials[volume.binds.serial], fstype=volume.binds.fstype)
-                if volume.binds else None))
+                if volume.binds else None, linux=linux))
         return timings, cgroup_dirs
 
     def spawn_standin(self, cid: str, fifo: Path | None, detach: bool, exec_id: str = "init",

@@ -61,6 +61,11 @@ class CreateContainer(Request):
     hostname: str | None = Field(None, max_length=255)
     mounts: list[GuestMount] = Field([], max_length=256)
     mounts_disk: RootfsSpec | None = None
+    # The subset of the OCI `linux` object the guest applies (namespaces, maskedPaths,
+    # readonlyPaths, sysctl, seccomp, devices, resources, uid/gidMappings,
+    # rootfsPropagation, mountLabel) plus the config's top-level `domainname`; validated
+    # in the guest (docs/agent-protocol.md). None: the guest applies none of it.
+    linux: dict[str, Any] | None = None
 
 
 class ConfigureNetwork(Request):

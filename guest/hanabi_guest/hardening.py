@@ -1,0 +1,204 @@
+"""The container's linux settings applied in the guest, runc's way (see linuxspec.py).
+
+``Security`` is what a container keeps from create to destroy: its ``LinuxSpec`` and its
+seccomp ``Filter`` (built at create, so a bad profile fails there). ``prepare(root, sec,
+ncpus)`` runs once after the container's mounts are made: linux.devices are made in its
+/dev (mknod with type, major, minor, mode, uid, gid; an existing node is replaced, as
+runc's bind/mknod over the default ones) and linux.resources are written to its cgroup.
+
+``Hardener`` runs in the forked child of the container's *init*, in its new mount and
+other namespaces, before chroot, in runc's order: a read-only cgroup2 on /sys/fs/cgroup
+(where nothing is mounted yet), hostname and domainname (a new UTS
+namespace), sysctls (written to /proc/sys of the container's namespaces), readonlyPaths
+(a recursive bind onto itself remounted read-only), maskedPaths (/dev/null bound over a
+file, a read-only tmpfs over a directory; a path that does not exist is skipped, as runc).
+Paths are resolved inside the rootfs (``secure_join``): a symlink in the image never leads
+out of it. Exec processes join the init's namespaces and so see all of it.
+
+STDLIB ONLY: runs inside the guest.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+    from .linuxspec import LinuxSpec
+    from .sandbox import Rootfs
+    from .seccomp import Filter
+
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
+MS_REMOUNT, MS_BIND, MS_REC = 32, 4096, 16384
+ST_NOSUID, ST_NODEV, ST_NOEXEC = 2, 4, 8
+MAX_SYMLINKS = 40
+DEVICE_KINDS = {"c": stat.S_IFCHR, "u": stat.S_IFCHR, "b": stat.S_IFBLK, "p": stat.S_IFIFO}
+
+
+class Security:
+    """A container's validated linux settings and its seccomp filter (or None)."""
+
+    __slots__ = ("spec", "filter")
+
+    def __init__(self, spec: LinuxSpec | None, filter_: Filter | None) -> None:
+        self.spec = spec
+        self.filter = filter_
+
+    @classmethod
+    def build(cls, linux: Any, hostname: str | None) -> Security:
+        """Validate the create_container ``linux`` field; ValueError naming the field."""
+        from .linuxspec import check_linux
+
+        spec = check_linux(linux, hostname)
+        filt = None
+        if spec is not None and spec.seccomp is not None:
+            from .seccomp import Filter, plan
+
+            filt = Filter(plan(spec.seccomp))
+        return cls(spec, filt)
+
+    def release(self) -> None:
+        if self.filter is not None:
+            self.filter.release()
+            self.filter = None
+
+
+def secure_join(root: str, path: str) -> str:
+    """``root`` + ``path`` with every symlink resolved as if ``root`` were / (never out of it)."""
+    root = root.rstrip("/") or "/"
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    done: list[str] = []
+    links = 0
+    while parts:
+        part = parts.pop(0)
+        if part == "..":
+            if done:
+                done.pop()
+            continue
+        here = os.path.join(root, *done, part)
+        try:
+            target = os.readlink(here)
+        except OSError:
+            done.append(part)
+            continue
+        links += 1
+        if links > MAX_SYMLINKS:
+            raise OSError(40, f"too many levels of symbolic links in {path}")
+        if target.startswith("/"):
+            done = []
+        parts = [p for p in target.split("/") if p not in ("", ".")] + parts
+    return os.path.join(root, *done)
+
+
+def make_devices(dev_root: str, devices: list[dict[str, Any]], root: str) -> None:
+    """mknod each device (path inside ``root``), replacing what is there."""
+    for d in devices:
+        path = secure_join(root, d["path"])
+        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+        try:
+            if not os.path.isdir(path):
+                os.unlink(path)
+        except FileNotFoundError:
+            pass
+        kind = DEVICE_KINDS[d["type"]]
+        rdev = 0 if d["type"] == "p" else os.makedev(d["major"], d["minor"])
+        try:
+            os.mknod(path, kind | (d["mode"] & 0o7777), rdev)
+        except OSError as exc:
+            raise ValueError(f"linux.devices {d['path']!r}: mknod: {exc.strerror}") from None
+        os.chmod(path, d["mode"] & 0o7777)
+        os.chown(path, d["uid"], d["gid"])
+
+
+def prepare(root: Rootfs, sec: Security, ncpus: int | None = None) -> None:
+    """After the container's mounts: linux.devices and linux.resources (see module doc)."""
+    spec = sec.spec
+    if spec is None:
+        return
+    if spec.devices:
+        make_devices(os.path.join(root.path, "dev"), spec.devices, root.path)
+    if spec.resources and root.cgroup:
+        from .cgroups import apply, plan_files
+
+        apply(root.cgroup, plan_files(spec.resources, ncpus or os.cpu_count() or 1))
+
+
+class Hardener:
+    """The child-side part (see module doc); built in the agent, run after fork."""
+
+    def __init__(self, spec: LinuxSpec, hostname: str | None) -> None:
+        from .sandbox import libc, mount
+
+        self.spec = spec
+        self.hostname = hostname
+        self._libc = libc()
+        self._mount = mount
+
+    def set_names(self) -> None:
+        """hostname and domainname in the container's new UTS namespace."""
+        for name, fn in ((self.hostname, "sethostname"), (self.spec.domainname, "setdomainname")):
+            if name and "uts" in self.spec.namespaces:
+                raw = name.encode()
+                if getattr(self._libc, fn)(raw, len(raw)) != 0:
+                    import ctypes
+
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"{fn}: {os.strerror(err)}")
+
+    def write_sysctls(self, proc: str = "/proc") -> None:
+        for key, value in self.spec.sysctl.items():
+            path = os.path.join(proc, "sys", key.replace(".", "/"))
+            try:
+                with open(path, "w", encoding="utf-8") as f:
+                    f.write(value)
+            except OSError as exc:
+                raise OSError(exc.errno, f"linux.sysctl.{key} = {value!r}: {exc.strerror}") from None
+
+    def readonly(self, root: str) -> None:
+        for p in self.spec.readonly:
+            target = secure_join(root, p)
+            if not os.path.lexists(target):
+                continue
+            self._mount(target, target, "", MS_BIND | MS_REC)
+            flags = MS_BIND | MS_REMOUNT | MS_RDONLY | MS_REC | self._statvfs_flags(target)
+            self._mount(target, target, "", flags)
+
+    def mask(self, root: str) -> None:
+        null = secure_join(root, "/dev/null")
+        if not os.path.exists(null):
+            null = "/dev/null"
+        for p in self.spec.masked:
+            target = secure_join(root, p)
+            if not os.path.lexists(target):
+                continue
+            if os.path.isdir(target):
+                self._mount("tmpfs", target, "tmpfs", MS_RDONLY)
+            else:
+                self._mount(null, target, "", MS_BIND)
+
+    @staticmethod
+    def _statvfs_flags(path: str) -> int:
+        f = os.statvfs(path).f_flag
+        return ((MS_NOSUID if f & ST_NOSUID else 0) | (MS_NODEV if f & ST_NODEV else 0)
+                | (MS_NOEXEC if f & ST_NOEXEC else 0))
+
+    def mount_cgroup(self, root: str) -> None:
+        """cgroup2 read-only on <rootfs>/sys/fs/cgroup unless something is mounted there
+        already: with a cgroup namespace its root is the container's own group, so the
+        limits of linux.resources read as /sys/fs/cgroup/memory.max etc. (Docker's
+        cgroup mount is not made by mounts.py.)"""
+        target = os.path.join(root, "sys/fs/cgroup")
+        if os.path.isdir(target) and not os.path.ismount(target):
+            self._mount("cgroup2", target, "cgroup2", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+
+    def run(self, root: str) -> str:
+        """All of it, in runc's order; returns the stage that is running (for errors)."""
+        self.mount_cgroup(root)
+        self.set_names()
+        self.write_sysctls()
+        self.readonly(root)
+        self.mask(root)
+        return "done"
