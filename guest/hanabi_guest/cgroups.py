@@ -66,7 +66,9 @@ def check_resources(v: Any) -> dict[str, Any]:
         if cpu.get(key) is not None and not (isinstance(cpu[key], str) and CPUSET_RE.fullmatch(cpu[key])):
             raise ValueError(f"linux.resources.cpu.{key} must be a CPU list like 0-3,5")
     _int(v.get("pids") or {}, "limit", "pids", -1)
-    _int(v.get("blockIO") or {}, "weight", "blockIO", 10, 1000)
+    weight = _int(v.get("blockIO") or {}, "weight", "blockIO", 0, 1000)
+    if weight is not None and 0 < weight < 10:
+        raise ValueError("linux.resources.blockIO.weight must be 10..1000 (0: not set)")
     return v
 
 

@@ -167,7 +167,7 @@ class Handlers:
         sec = c.security
         hardener = None
         if ns is not None and not ns.joining and sec.spec is not None:
-            hardener = Hardener(sec.spec, c.hostname)
+            hardener = Hardener(sec.spec, c.hostname, c.root.cgroup)
         guard = make_guard(process, sec.filter, hardener)
         try:
             return spawn(process, c.root.path, chroot=self.sandbox.use_chroot, cgroup=c.root.cgroup,

@@ -5,6 +5,10 @@ seccomp ``Filter`` (built at create, so a bad profile fails there). ``prepare(ro
 ncpus)`` runs once after the container's mounts are made: linux.devices are made in its
 /dev (mknod with type, major, minor, mode, uid, gid; an existing node is replaced, as
 runc's bind/mknod over the default ones) and linux.resources are written to its cgroup.
+When the device cgroup allows every device (Docker's --privileged) the container's /dev
+gets every device node of the VM instead (``vm_devices``: never a host device, the VM
+cannot reach them) and linux.devices, which names the host's nodes, is not made; its /sys
+is writable and its cgroup2 mount read-write.
 
 ``Hardener`` runs in the forked child of the container's *init*, in its new mount and
 other namespaces, before chroot, in runc's order: a read-only cgroup2 on /sys/fs/cgroup
@@ -113,12 +117,39 @@ def make_devices(dev_root: str, devices: list[dict[str, Any]], root: str) -> Non
         os.chown(path, d["uid"], d["gid"])
 
 
+def vm_devices(dev: str = "/dev") -> list[dict[str, Any]]:
+    """Every character and block node of the VM's /dev (devtmpfs), as linux.devices entries;
+    not its pts, shm or mqueue, and not the agent's virtio-serial ports."""
+    out = []
+    for top, dirs, files in os.walk(dev):
+        rel = os.path.relpath(top, dev)
+        if rel.split("/")[0] in ("pts", "shm", "mqueue", "virtio-ports"):
+            dirs[:] = []
+            continue
+        for name in sorted(files):
+            path = os.path.join(top, name)
+            try:
+                st = os.lstat(path)
+            except OSError:
+                continue
+            if not (stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)) or name.startswith("vport"):
+                continue
+            out.append({"path": "/dev/" + os.path.normpath(os.path.join(rel, name)),
+                        "type": "b" if stat.S_ISBLK(st.st_mode) else "c",
+                        "major": os.major(st.st_rdev), "minor": os.minor(st.st_rdev),
+                        "mode": stat.S_IMODE(st.st_mode), "uid": st.st_uid, "gid": st.st_gid})
+    return out
+
+
 def prepare(root: Rootfs, sec: Security, ncpus: int | None = None) -> None:
     """After the container's mounts: linux.devices and linux.resources (see module doc)."""
     spec = sec.spec
     if spec is None:
         return
-    if spec.devices:
+    if spec.all_devices:
+        missing = [d for d in vm_devices() if not os.path.lexists(secure_join(root.path, d["path"]))]
+        make_devices(os.path.join(root.path, "dev"), missing, root.path)
+    elif spec.devices:
         make_devices(os.path.join(root.path, "dev"), spec.devices, root.path)
     if spec.resources and root.cgroup:
         from .cgroups import apply, plan_files
@@ -129,11 +160,12 @@ def prepare(root: Rootfs, sec: Security, ncpus: int | None = None) -> None:
 class Hardener:
     """The child-side part (see module doc); built in the agent, run after fork."""
 
-    def __init__(self, spec: LinuxSpec, hostname: str | None) -> None:
+    def __init__(self, spec: LinuxSpec, hostname: str | None, cgroup: str | None = None) -> None:
         from .sandbox import libc, mount
 
         self.spec = spec
         self.hostname = hostname
+        self.cgroup = cgroup
         self._libc = libc()
         self._mount = mount
 
@@ -186,16 +218,32 @@ class Hardener:
                 | (MS_NOEXEC if f & ST_NOEXEC else 0))
 
     def mount_cgroup(self, root: str) -> None:
-        """cgroup2 read-only on <rootfs>/sys/fs/cgroup unless something is mounted there
-        already: with a cgroup namespace its root is the container's own group, so the
-        limits of linux.resources read as /sys/fs/cgroup/memory.max etc. (Docker's
-        cgroup mount is not made by mounts.py.)"""
+        """The container's cgroup on <rootfs>/sys/fs/cgroup (read-only; read-write with all
+        devices allowed) unless something is mounted there already: a cgroup2 mount with a
+        cgroup namespace (its root is the container's group), else a bind of the
+        container's group; either way its limits read as /sys/fs/cgroup/memory.max etc.,
+        as a container under runc reads its own group. (Docker's cgroup mount is not made
+        by mounts.py.)"""
         target = os.path.join(root, "sys/fs/cgroup")
-        if os.path.isdir(target) and not os.path.ismount(target):
-            self._mount("cgroup2", target, "cgroup2", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        if not os.path.isdir(target) or os.path.ismount(target):
+            return
+        ro = 0 if self.spec.all_devices else MS_RDONLY
+        flags = MS_NOSUID | MS_NODEV | MS_NOEXEC
+        if "cgroup" in self.spec.namespaces:
+            self._mount("cgroup2", target, "cgroup2", ro | flags)
+        elif self.cgroup:
+            self._mount(self.cgroup, target, "", MS_BIND)
+            self._mount(target, target, "", MS_BIND | MS_REMOUNT | ro | flags)
+
+    def writable_sys(self, root: str) -> None:
+        """--privileged (all devices allowed): the container's /sys writable, as runc's."""
+        target = os.path.join(root, "sys")
+        if self.spec.all_devices and os.path.ismount(target) and os.statvfs(target).f_flag & MS_RDONLY:
+            self._mount(target, target, "", MS_BIND | MS_REMOUNT | self._statvfs_flags(target))
 
     def run(self, root: str) -> str:
         """All of it, in runc's order; returns the stage that is running (for errors)."""
+        self.writable_sys(root)
         self.mount_cgroup(root)
         self.set_names()
         self.write_sysctls()

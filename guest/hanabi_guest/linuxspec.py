@@ -10,6 +10,8 @@ the host, which a VM cannot enter: an error. ``user`` and ``time`` namespaces ar
 (not made in the guest yet). Sysctls follow runc's validator: IPC keys need an ipc
 namespace, ``net.*`` a network one, ``kernel.domainname`` a uts one, ``kernel.hostname`` is
 refused (the hostname field sets it), anything else "is not in a separate kernel namespace".
+A device cgroup that allows every device (``--privileged``) means the VM's devices: see
+``allows_all_devices`` and hardening.py.
 
 STDLIB ONLY: runs inside the guest.
 """
@@ -45,7 +47,7 @@ class LinuxSpec:
     seccomp object (turned into a filter by seccomp.py), the domainname."""
 
     __slots__ = ("namespaces", "masked", "readonly", "sysctl", "devices", "resources", "seccomp",
-                 "domainname", "propagation")
+                 "domainname", "propagation", "all_devices")
 
     def __init__(self) -> None:
         self.namespaces: list[str] = []
@@ -57,6 +59,9 @@ class LinuxSpec:
         self.seccomp: dict[str, Any] | None = None
         self.domainname: str | None = None
         self.propagation = ""
+        # The device cgroup allows every device (Docker's --privileged): the container gets
+        # every device node of the VM, and linux.devices (the host's nodes) is not made.
+        self.all_devices = False
 
 
 def _is_int(v: Any) -> bool:
@@ -173,6 +178,18 @@ def check_devices(v: Any) -> list[dict[str, Any]]:
     return out
 
 
+def allows_all_devices(resources: dict[str, Any]) -> bool:
+    """Whether linux.resources.devices ends in an allow-everything rule (``{"allow": true,
+    "access": "rwm"}`` without type or numbers, as Docker writes for --privileged)."""
+    rules = resources.get("devices")
+    if not isinstance(rules, list) or not rules:
+        return False
+    last = rules[-1]
+    return (isinstance(last, dict) and last.get("allow") is True and last.get("type") in (None, "a")
+            and last.get("major") in (None, -1) and last.get("minor") in (None, -1)
+            and set(str(last.get("access") or "rwm")) >= set("rwm"))
+
+
 def check_linux(obj: Any, hostname: str | None = None) -> LinuxSpec | None:
     """Validate the ``linux`` field (None: a host that sends none; nothing of it applies)."""
     if obj is None:
@@ -200,6 +217,7 @@ def check_linux(obj: Any, hostname: str | None = None) -> LinuxSpec | None:
     from .cgroups import check_resources
 
     spec.resources = check_resources(obj.get("resources"))
+    spec.all_devices = allows_all_devices(spec.resources)
     seccomp = obj.get("seccomp")
     if seccomp is not None and not isinstance(seccomp, dict):
         raise ValueError("linux.seccomp must be an object")

@@ -10,7 +10,8 @@ No double fork: the agent itself switches the PID namespace its *next* child is 
 and switches back (``setns`` to its own namespace, opened once). So every container process
 stays a direct child of the agent: ``waitpid`` reports its own status, and the pid ``fork``
 returns is its guest-global pid, the one ``kill`` and ``ps`` use. The mount namespace is
-changed by the child itself, before it chroots (``Namespaces.enter_mounts``).
+changed by the child itself (``Namespaces.enter_mounts``); the init then enters its rootfs
+moved onto / (``Namespaces.enter_root``), an exec by joining that namespace.
 
 Kernel rules that follow (same as under runc): the container's PID 1 gets only the signals
 it has a handler for, except SIGKILL and SIGSTOP sent from outside (the agent); a
@@ -34,6 +35,8 @@ CLONE_NEWPID = 0x20000000
 OTHER_FLAGS = {"ipc": 0x08000000, "uts": 0x04000000, "cgroup": 0x02000000}
 MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
 MS_REC = 0x4000
+MS_MOVE = 0x2000
+MS_BIND = 0x1000
 MS_PRIVATE = 1 << 18
 MNT_DETACH = 2
 
@@ -124,6 +127,22 @@ def foreign_mounts(mountinfo: str, scope: str, keep: str) -> list[str]:
     return found
 
 
+def outside_mounts(mountinfo: str, root: str) -> list[str]:
+    """Mount points that are neither ``root``, nor under it, nor /: deepest first."""
+    root = root.rstrip("/")
+    found: list[str] = []
+    for line in mountinfo.splitlines():
+        fields = line.split(" ")
+        if len(fields) < 5:
+            continue
+        point = unescape_mount_path(fields[4])
+        if point == "/" or point == root or point.startswith(root + "/") or point in found:
+            continue
+        found.append(point)
+    found.sort(key=lambda p: p.count("/"), reverse=True)
+    return found
+
+
 def plan(enabled: bool, is_init: bool, init_pid: int | None) -> str:
     """Which namespaces a new container process gets: ``"new"`` (the init), ``"join"`` (an
     exec while the init, ``init_pid``, has not been reaped) or ``"none"`` (the guest's:
@@ -205,6 +224,28 @@ class Namespaces:
                 pass
             os.makedirs(target, mode=0o555, exist_ok=True)
             mount("proc", target, "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+
+    def enter_root(self, root: str) -> None:
+        """In the forked init, instead of a bare chroot: detach every mount outside ``root``
+        in this new mount namespace, move ``root`` onto / and chroot there (runc's
+        ``msMoveRoot``; pivot_root is impossible while the agent's root is the initramfs).
+        The container's root is then the top mount of the namespace: ``..`` never leads
+        out of it (a chroot alone can be left by a process with CAP_SYS_CHROOT), the kernel
+        does not count the process as chrooted (it may make user namespaces, as under
+        runc), and an exec that joins the namespace starts at this root (setns puts it there)."""
+        if not os.path.ismount(root):  # a plain directory (host-side tests): runc binds it too
+            mount(root, root, "", MS_BIND | MS_REC)
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            info = f.read()
+        for point in outside_mounts(info, root):
+            try:
+                umount(point, MNT_DETACH)
+            except OSError:
+                pass  # gone with a parent detached before it
+        os.chdir(root)
+        mount(".", "/", "", MS_MOVE)
+        os.chroot(".")
+        os.chdir("/")
 
     def enter_others(self) -> None:
         """In the forked child, after it joined its cgroup: make (init) or join (exec) the

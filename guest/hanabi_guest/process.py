@@ -1,7 +1,8 @@
 """Start one OCI process (runtime-spec ``process`` object) with pipes or a pty for its stdio.
 
-``spawn()`` forks; the child becomes a session leader, joins the container's cgroup,
-chroots into the container rootfs (unless disabled for host-side tests), applies cwd,
+``spawn()`` forks; the child joins the container's cgroup, becomes a session leader, enters
+the container rootfs (moved onto / of its new mount namespace, the init's mount namespace
+for an exec, chroot without namespaces; nothing for host-side tests), applies cwd,
 rlimits, oomScoreAdj, umask, supplementary groups, gid and uid, then execs ``args`` with
 ``env`` (PATH looked up inside the rootfs). A failure before exec comes back through a
 close-on-exec error pipe and is raised as ``SpawnError`` in the parent, with runc-like
@@ -215,15 +216,15 @@ def _child(p: dict[str, Any], root: str, chroot: bool, cgroup: str | None,
     """
     stage = "setup"
     try:
+        if cgroup:  # first: after entering an existing (pivoted) mount namespace it is out of reach
+            stage = "join cgroup"
+            with open(os.path.join(cgroup, "cgroup.procs"), "w", encoding="ascii") as f:
+                f.write("0")
         if ns is not None:
             stage = "enter mount namespace"
             ns.enter_mounts(root, chroot)
         stage = "setsid"
         os.setsid()
-        if cgroup:
-            stage = "join cgroup"
-            with open(os.path.join(cgroup, "cgroup.procs"), "w", encoding="ascii") as f:
-                f.write("0")
         guard = guard or Guard()
         if ns is not None:
             stage = "enter namespaces"
@@ -255,9 +256,15 @@ def _child(p: dict[str, Any], root: str, chroot: bool, cgroup: str | None,
         uid, gid = int(user.get("uid", 0)), int(user.get("gid", 0))
         cwd = p.get("cwd") or "/"
         if chroot:
-            stage = "chroot"
-            os.chroot(root)
-            os.chdir("/")
+            if ns is not None and ns.joining:
+                os.chdir("/")  # setns into the init's mount namespace put us at its root
+            elif ns is not None:
+                stage = "enter the rootfs"
+                ns.enter_root(root)
+            else:
+                stage = "chroot"
+                os.chroot(root)
+                os.chdir("/")
             passwd = "/etc/passwd"
         else:
             passwd = os.path.join(root, "etc/passwd")
