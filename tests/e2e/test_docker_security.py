@@ -63,7 +63,8 @@ def test_privileged_gets_the_vms_devices_and_writable_proc(docker):
     assert done.returncode == 0, done.stderr
     lines = done.stdout.split("\n")
     status = dict(line.split(":\t") for line in lines[:8])
-    full = f"{(1 << 41) - 1:016x}"  # every capability of the 6.1 guest kernel (0..40)
-    assert [status[k] for k in ("CapPrm", "CapEff", "CapBnd")] == [full] * 3
+    # Every capability Docker asked for: those it knows of here (CAP_CHOWN..CAP_AUDIT_READ at least).
+    assert status["CapPrm"] == status["CapEff"] == status["CapBnd"]
+    assert int(status["CapEff"], 16) & (1 << 38) - 1 == (1 << 38) - 1
     assert (status["NoNewPrivs"], status["Seccomp"]) == ("0", "0")
     assert int(lines[8]) >= 3 and lines[9:11] == ["proc-writable", "0"]
