@@ -24,7 +24,7 @@ from .mounts import check_mounts, check_mounts_disk
 from .dnsrelay import DnsRelay
 from .network import check_network
 from .namespaces import Namespaces, plan
-from .hardening import Hardener, Security, prepare
+from .hardening import Hardener, Security, ensure_warm, prepare
 from .process import check_process, initial_size, make_guard, set_winsize, spawn
 from .sandbox import Sandbox
 
@@ -94,6 +94,7 @@ class Handlers:
             raise AgentError(P.E_ALREADY_EXISTS, f"container {cid} already exists")
         rootfs = check_rootfs(msg.get("rootfs"))
         process = msg.get("process")
+        ensure_warm()
         try:
             check_process(process)
         except ValueError as exc:
@@ -139,6 +140,7 @@ class Handlers:
             return
         c.state = CREATED
         self.send(P.reply_ok(req_id, {}))
+        c.security.compile_soon()
 
     def _namespaces(self, c: Container, exec_id: str) -> Namespaces | None:
         """The namespaces of a new process of ``c``: new ones for its init, the init's for an
@@ -163,12 +165,13 @@ class Handlers:
         the kernel has no PID namespaces or the init's namespace stopped taking processes."""
         assert c.root is not None
         check_process(process)
-        ns = self._namespaces(c, exec_id)
         sec = c.security
+        filt = sec.filter()  # waits for its compilation; before any namespace fd or fork
+        ns = self._namespaces(c, exec_id)
         hardener = None
         if ns is not None and not ns.joining and sec.spec is not None:
             hardener = Hardener(sec.spec, c.hostname, c.root.cgroup)
-        guard = make_guard(process, sec.filter, hardener)
+        guard = make_guard(process, filt, hardener)
         try:
             return spawn(process, c.root.path, chroot=self.sandbox.use_chroot, cgroup=c.root.cgroup,
                          tty=tty, ns=ns, guard=guard)
@@ -187,7 +190,7 @@ class Handlers:
             if ns is not None:
                 ns.close()
         return spawn(process, c.root.path, chroot=self.sandbox.use_chroot, cgroup=c.root.cgroup, tty=tty,
-                     guard=make_guard(process, sec.filter))
+                     guard=make_guard(process, filt))
 
     def _spawn(self, c: Container, exec_id: str, process: dict[str, Any]) -> Proc:
         assert c.root is not None

@@ -196,3 +196,28 @@ def test_seccomp_filter_is_loaded_with_and_without_no_new_privs(nnp, tmp_path):
     assert status_lines(out)["NoNewPrivs"] == ("1" if nnp else "0")
     assert code == 1 and "Permission denied" in err
     assert not (tmp_path / "d").exists()
+
+
+def test_the_warm_up_thread_ends_and_is_joined():
+    from hanabi_guest import hardening
+
+    hardening.start_warm_up()
+    assert hardening._warm is not None
+    hardening.ensure_warm()
+    assert hardening._warm is None
+    hardening.ensure_warm()  # nothing to wait for
+
+
+def test_the_filter_is_compiled_in_the_background_and_waited_for():
+    from hanabi_guest.hardening import Security
+
+    sec = Security.build({"seccomp": {"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
+        {"names": ["mkdir", "not_a_syscall"], "action": "SCMP_ACT_ERRNO"}]}}, None)
+    filt = sec.filter()
+    assert filt is not None and filt.ctx and filt.skipped == ["not_a_syscall"]
+    assert sec.filter() is filt
+    sec.release()
+    assert filt.ctx is None and sec.filter() is None
+    assert Security.build({}, None).filter() is None and Security.build(None, None).spec is None
+    with pytest.raises(ValueError, match="linux.seccomp.defaultAction"):
+        Security.build({"seccomp": {"defaultAction": "SCMP_ACT_NOPE"}}, None)
