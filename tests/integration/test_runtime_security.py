@@ -187,3 +187,15 @@ def test_invalid_values_fail_as_under_runc(hanabi, bundle, cid, tmp_path, change
     done = hanabi.runtime("create", "--bundle", path, cid)
     assert done.returncode == 1 and hanabi_says in done.stderr.decode(), done.stderr.decode()
     assert leftovers(hanabi, cid) == []
+
+
+def test_out_of_memory_in_the_container_exits_137_as_under_runc(hanabi, bundle, cid, tmp_path):
+    """The memory limit is the guest cgroup's memory.max: the OOM killer ends the init
+    (tail buffers /dev/zero, which has no newline) with SIGKILL, under runc and here."""
+    def change(spec):
+        spec["linux"]["resources"] = {"memory": {"limit": 32 << 20, "swap": 32 << 20}}
+    path = edit(bundle(["tail", "/dev/zero"]), change)
+    under_runc = runc_run(path, cid, tmp_path)
+    done = hanabi.runtime("run", "--bundle", path, cid, timeout=180)
+    assert (under_runc.returncode, done.returncode) == (137, 137), (under_runc.stderr, done.stderr)
+    assert leftovers(hanabi, cid) == []
