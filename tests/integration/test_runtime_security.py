@@ -199,3 +199,16 @@ def test_out_of_memory_in_the_container_exits_137_as_under_runc(hanabi, bundle, 
     done = hanabi.runtime("run", "--bundle", path, cid, timeout=180)
     assert (under_runc.returncode, done.returncode) == (137, 137), (under_runc.stderr, done.stderr)
     assert leftovers(hanabi, cid) == []
+
+
+def test_devices_are_made_as_under_runc(hanabi, bundle, cid, tmp_path):
+    script = "for d in /dev/mynull /dev/sub/myzero /dev/null; do stat -c '%n %F %a %u %g %t %T' $d; done"
+
+    def change(spec):
+        spec["linux"]["devices"] = [
+            {"path": "/dev/mynull", "type": "c", "major": 1, "minor": 3, "fileMode": 0o640, "uid": 7, "gid": 8},
+            {"path": "/dev/sub/myzero", "type": "c", "major": 1, "minor": 5, "fileMode": 0o600}]
+    path = edit(bundle(["sh", "-c", script]), change)
+    runc_out, hanabi_out = both(hanabi, path, cid, tmp_path)
+    assert hanabi_out == runc_out
+    assert hanabi_out.splitlines()[0] == "/dev/mynull character special file 640 7 8 1 3"
