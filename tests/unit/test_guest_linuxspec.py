@@ -135,3 +135,31 @@ def test_runtime_refuses_what_the_guest_would_before_any_vm():
         {"names": ["read"], "action": "SCMP_ACT_KILL", "errnoRet": 1}]}
     with pytest.raises(InvalidArgument, match=r"linux.seccomp.syscalls\[0\].action: errnoRet is only valid"):
         check_guest_settings(config)
+
+
+def test_privileged_is_a_device_cgroup_allowing_everything():
+    from hanabi_guest.linuxspec import allows_all_devices
+
+    assert allows_all_devices({"devices": [{"allow": False, "access": "rwm"}, {"allow": True, "access": "rwm"}]})
+    assert not allows_all_devices({"devices": [{"allow": False, "access": "rwm"},
+                                               {"allow": True, "type": "c", "major": 1, "minor": 3, "access": "rwm"}]})
+    assert not allows_all_devices({"devices": [{"allow": True, "access": "r"}]})
+    assert not allows_all_devices({})
+    assert check_linux({"resources": {"devices": [{"allow": True, "access": "rwm"}]}}).all_devices
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mknod needs root")
+def test_the_vms_devices_are_listed_without_pts_or_virtio_ports(tmp_path):
+    from hanabi_guest.hardening import vm_devices
+
+    for sub in ("pts", "disk"):
+        (tmp_path / sub).mkdir()
+    os.mknod(tmp_path / "kmsg", 0o644 | stat.S_IFCHR, os.makedev(1, 11))
+    os.chmod(tmp_path / "kmsg", 0o644)
+    os.mknod(tmp_path / "vda", 0o660 | stat.S_IFBLK, os.makedev(254, 0))
+    os.chmod(tmp_path / "vda", 0o660)  # past the umask
+    os.mknod(tmp_path / "vport0p1", 0o600 | stat.S_IFCHR, os.makedev(245, 1))
+    os.mknod(tmp_path / "pts" / "0", 0o620 | stat.S_IFCHR, os.makedev(136, 0))
+    (tmp_path / "disk" / "by-x").symlink_to("../vda")
+    got = {d["path"]: (d["type"], d["major"], d["minor"], d["mode"]) for d in vm_devices(str(tmp_path))}
+    assert got == {"/dev/kmsg": ("c", 1, 11, 0o644), "/dev/vda": ("b", 254, 0, 0o660)}
