@@ -20,7 +20,7 @@ of the caller, so ``waitpid`` gives its own status. See namespaces.py.
 
 Security, in runc's order (caps.py, seccomp.py, hardening.py): the init's child applies the
 container's hostname, sysctls, readonlyPaths and maskedPaths (``Hardener``) in its new
-namespaces before chroot; after chroot every process sets no_new_privs when
+namespaces before it enters its rootfs; then every process sets no_new_privs when
 ``noNewPrivileges``, loads the container's seccomp filter (here when it has no
 no_new_privs: that needs CAP_SYS_ADMIN), drops the bounding set, keeps its capabilities
 across the change of user, sets effective/permitted/inheritable and ambient, and (with
@@ -216,7 +216,7 @@ def _child(p: dict[str, Any], root: str, chroot: bool, cgroup: str | None,
     """
     stage = "setup"
     try:
-        if cgroup:  # first: after entering an existing (pivoted) mount namespace it is out of reach
+        if cgroup:  # first: inside the init's mount namespace (its rootfs on /) it is out of reach
             stage = "join cgroup"
             with open(os.path.join(cgroup, "cgroup.procs"), "w", encoding="ascii") as f:
                 f.write("0")
@@ -276,7 +276,10 @@ def _child(p: dict[str, Any], root: str, chroot: bool, cgroup: str | None,
         os.umask(umask if isinstance(umask, int) else 0o022)
         if guard.nnp:
             stage = "set no_new_privs"
-            guard.caps.no_new_privs() if guard.caps is not None else _no_new_privs()
+            if guard.caps is not None:
+                guard.caps.no_new_privs()
+            else:
+                _no_new_privs()
         if guard.filter is not None and not guard.nnp:
             stage = "load seccomp filter"
             guard.filter.load()
