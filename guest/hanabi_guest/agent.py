@@ -311,6 +311,9 @@ def main(argv: list[str] | None = None) -> None:
         agent.run()
         return
     os.umask(0o022)
+    from .hardening import start_warm_up
+
+    start_warm_up()
     try:
         agent = Agent(open_guest_channel(), GuestSandbox())
         agent.run()

@@ -101,7 +101,7 @@ class Container:
     """A container: its spec, its mounted rootfs and its processes by exec id."""
 
     __slots__ = ("cid", "process", "hostname", "rootfs_spec", "root", "state", "procs",
-                 "destroy_waiters", "mounts", "mounts_disk", "share")
+                 "destroy_waiters", "mounts", "mounts_disk", "share", "security")
 
     def __init__(self, cid: str, process: dict[str, Any], hostname: str | None,
                  rootfs_spec: dict[str, Any]) -> None:
@@ -116,6 +116,7 @@ class Container:
         self.mounts: list[dict[str, Any]] = []
         self.mounts_disk: dict[str, Any] | None = None
         self.share: str | None = None  # its directory in the VM's file share (binds live there)
+        self.security: Any = None  # hardening.Security: linux settings and seccomp filter
 
 
 def check_rootfs(checked: dict[str, Any]) -> dict[str, Any]:

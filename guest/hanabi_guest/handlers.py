@@ -26,7 +26,8 @@ from .mounts import check_mounts
 from .dnsrelay import DnsRelay
 from .network import check_network
 from .namespaces import Namespaces, plan
-from .process import check_process, initial_size, set_winsize, spawn
+from .hardening import Hardener, Security, ensure_warm, prepare
+from .process import check_process, initial_size, make_guard, set_winsize, spawn
 from .sandbox import Sandbox
 
 DISK_WAIT_S = 10.0
@@ -98,6 +99,7 @@ class Handlers:
         if cid in self.containers:
             raise AgentError(P.E_ALREADY_EXISTS, f"container {cid} already exists")
         process = msg["process"]
+        ensure_warm()
         try:
             check_process(process)
         except ValueError as exc:
@@ -106,6 +108,7 @@ class Handlers:
         c.mounts = check_mounts(msg["mounts"])
         c.mounts_disk = msg["mounts_disk"]
         c.share = msg["share"]
+        c.security = Security.build(msg["linux"], msg["hostname"])
         self.containers[cid] = c
         deadline = time.monotonic() + DISK_WAIT_S
         self._poll_disk(req_id, c, deadline)
@@ -130,16 +133,20 @@ class Handlers:
                 return
             c.root = self.sandbox.setup(c.cid, source, c.rootfs_spec)
             self.sandbox.add_mounts(c.root, binds or None, c.mounts, shared=c.share is not None)
+            if self.sandbox.use_chroot:
+                prepare(c.root, c.security)
             if c.hostname:
                 self.sandbox.set_hostname(c.hostname)
         except Exception as exc:  # noqa: BLE001 - every failure becomes the reply
             del self.containers[c.cid]
+            c.security.release()
             if c.root is not None:
                 self.sandbox.teardown(c.root)
             self.send(error_reply(req_id, exc))
             return
         c.state = CREATED
         self.send(P.reply_ok(req_id, {}))
+        c.security.compile_soon()
 
     def _namespaces(self, c: Container, exec_id: str) -> Namespaces | None:
         """The namespaces of a new process of ``c``: new ones for its init, the init's for an
@@ -147,12 +154,13 @@ class Handlers:
         init = c.procs.get(P.INIT_EXEC_ID)
         how = plan(self.sandbox.use_pid_namespace, exec_id == P.INIT_EXEC_ID,
                    init.pid if init is not None and init.alive else None)
+        others = tuple(c.security.spec.namespaces) if c.security.spec is not None else ()
         if how == "new":
-            return Namespaces.new(self.sandbox.ns_hide_scope)
+            return Namespaces.new(self.sandbox.ns_hide_scope, others)
         if how == "join":
             assert init is not None
             try:
-                return Namespaces.join(init.pid)
+                return Namespaces.join(init.pid, others=others)
             except OSError:
                 return None  # the init just exited (a zombie has no namespaces)
         return None
@@ -162,10 +170,17 @@ class Handlers:
         """``spawn`` in the namespaces ``_namespaces`` picks, falling back to the guest's when
         the kernel has no PID namespaces or the init's namespace stopped taking processes."""
         assert c.root is not None
+        check_process(process)
+        sec = c.security
+        filt = sec.filter()  # waits for its compilation; before any namespace fd or fork
         ns = self._namespaces(c, exec_id)
+        hardener = None
+        if ns is not None and not ns.joining and sec.spec is not None:
+            hardener = Hardener(sec.spec, c.hostname, c.root.cgroup)
+        guard = make_guard(process, filt, hardener)
         try:
             return spawn(process, c.root.path, chroot=self.sandbox.use_chroot, cgroup=c.root.cgroup,
-                         tty=tty, ns=ns)
+                         tty=tty, ns=ns, guard=guard)
         except OSError as exc:  # raised in the agent: unshare/setns/fork (the child's errors are SpawnError)
             if ns is None:
                 raise
@@ -180,7 +195,8 @@ class Handlers:
         finally:
             if ns is not None:
                 ns.close()
-        return spawn(process, c.root.path, chroot=self.sandbox.use_chroot, cgroup=c.root.cgroup, tty=tty)
+        return spawn(process, c.root.path, chroot=self.sandbox.use_chroot, cgroup=c.root.cgroup, tty=tty,
+                     guard=make_guard(process, filt))
 
     def _spawn(self, c: Container, exec_id: str, process: dict[str, Any]) -> Proc:
         assert c.root is not None
@@ -300,6 +316,7 @@ class Handlers:
             self.drop_proc(proc)
         waiters, c.destroy_waiters = c.destroy_waiters, []
         self.containers.pop(c.cid, None)
+        c.security.release()
         try:
             if c.root is not None:
                 self.sandbox.teardown(c.root)

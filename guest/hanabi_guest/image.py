@@ -41,7 +41,9 @@ GUEST_ROOT = "/var/lib/hanabi/guest"
 KEEP_BUILDS = 3
 FIRECRACKER_VERSIONS = ">=1.8"
 PACKAGES = ["linux-image-amd64", "busybox-static", "python3.11-minimal", "libpython3.11-minimal",
-            "libpython3.11-stdlib", "libc6", "zlib1g", "libexpat1", "libffi8"]
+            "libpython3.11-stdlib", "libc6", "zlib1g", "libexpat1", "libffi8", "libseccomp2"]
+# Shared libraries the agent opens with ctypes (not in any ELF's DT_NEEDED): seccomp.py.
+CTYPES_LIBS = ["libseccomp.so.2"]
 # virtio_mmio: Firecracker (>= 1.8 describes its virtio-mmio devices in ACPI). virtio_balloon
 # and virtio_rng are cheap extras (free page reporting, entropy for containers).
 # 9p + 9pnet_virtio: QEMU's virtio-9p shares; 9pnet_fd: 9P2000.L over a vsock stream (Firecracker).
@@ -51,7 +53,7 @@ MODULES = ["virtio_pci", "virtio_mmio", "virtio_blk", "virtio_console", "virtio_
            "vmw_vsock_virtio_transport", "virtio_balloon", "virtio_rng", "9p", "9pnet_virtio", "9pnet_fd"]
 AGENT_FILES = ["__init__.py", "channel.py", "core.py", "sandbox.py", "process.py",
                "handlers.py", "procio.py", "poller.py", "agent.py", "mounts.py", "share.py", "namespaces.py", "network.py", "dnsrelay.py",
-               "blkswap.py"]
+               "blkswap.py", "caps.py", "seccomp.py", "linuxspec.py", "cgroups.py", "hardening.py"]
 WIRE_FILES = ["__init__.py", "constants.py", "framing.py", "schema.py", "messages.py"]
 PACKAGES_IN_IMAGE = ("hanabi_guest/", "hanabi_wire/")
 # Imported lazily by the agent, or needed by the interpreter in the guest's C locale.
@@ -194,15 +196,28 @@ def _install_python(x: str, root: str) -> int:
         os.unlink(src)
     agent_py = [os.path.join(agent_dir, r) for r in sources() if r.startswith(PACKAGES_IN_IMAGE)]
     _python(os.path.join(x, PY), "-c", COMPILE_SCRIPT, "pycache", *agent_py)
-    _copy_libs(x, root, [os.path.join(root, PY), *sos])
+    _copy_libs(x, root, [os.path.join(root, PY), *sos, *_ctypes_libs(x, root)])
     return len(files)
+
+
+def _ctypes_libs(x: str, root: str) -> list[str]:
+    """Copy ``CTYPES_LIBS`` (found in LIB_DIRS of the unpacked packages); their paths in root."""
+    out = []
+    for soname in CTYPES_LIBS:
+        for d in LIB_DIRS:
+            if os.path.lexists(os.path.join(x, d, soname)):
+                out.append(_copy(x, os.path.join(d, soname), root))
+                break
+        else:
+            raise BuildError(f"shared library {soname} not found in the unpacked packages")
+    return out
 
 
 def _verify_python(root: str) -> None:
     """Run the trimmed interpreter from the tree: every guest import must resolve inside it."""
     check = ("import sys; sys.path.insert(0, sys.argv[1]); import hanabi_guest.agent, json, ctypes, resource; "
              "import hanabi_wire, hanabi_wire.messages; "
-             "ctypes.CDLL('libc.so.6').getpid(); import traceback\ntry: 1/0\nexcept Exception: traceback.format_exc()\n"
+             "ctypes.CDLL('libc.so.6').getpid(); ctypes.CDLL('libseccomp.so.2').seccomp_version; import traceback\ntry: 1/0\nexcept Exception: traceback.format_exc()\n"
              "bad = [m for m, v in sys.modules.items() if getattr(v, '__file__', None) and "
              "not v.__file__.startswith(sys.argv[2])]; assert not bad, bad; print(sys.version)")
     _python(os.path.join(root, PY), "-c", check, os.path.join(root, "usr/lib/hanabi"), root)

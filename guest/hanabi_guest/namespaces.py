@@ -10,7 +10,8 @@ No double fork: the agent itself switches the PID namespace its *next* child is 
 and switches back (``setns`` to its own namespace, opened once). So every container process
 stays a direct child of the agent: ``waitpid`` reports its own status, and the pid ``fork``
 returns is its guest-global pid, the one ``kill`` and ``ps`` use. The mount namespace is
-changed by the child itself, before it chroots (``Namespaces.enter_mounts``).
+changed by the child itself (``Namespaces.enter_mounts``); the init then enters its rootfs
+moved onto / (``Namespaces.enter_root``), an exec by joining that namespace.
 
 Kernel rules that follow (same as under runc): the container's PID 1 gets only the signals
 it has a handler for, except SIGKILL and SIGSTOP sent from outside (the agent); a
@@ -29,8 +30,13 @@ from .sandbox import libc, mount, umount
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWPID = 0x20000000
+# The other namespaces a config may list (linuxspec.MADE_IN_GUEST): made by the init's
+# child after it joined its cgroup (so a cgroup namespace is rooted there), joined by execs.
+OTHER_FLAGS = {"ipc": 0x08000000, "uts": 0x04000000, "cgroup": 0x02000000}
 MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
 MS_REC = 0x4000
+MS_MOVE = 0x2000
+MS_BIND = 0x1000
 MS_PRIVATE = 1 << 18
 MNT_DETACH = 2
 
@@ -121,6 +127,22 @@ def foreign_mounts(mountinfo: str, scope: str, keep: str) -> list[str]:
     return found
 
 
+def outside_mounts(mountinfo: str, root: str) -> list[str]:
+    """Mount points that are neither ``root``, nor under it, nor /: deepest first."""
+    root = root.rstrip("/")
+    found: list[str] = []
+    for line in mountinfo.splitlines():
+        fields = line.split(" ")
+        if len(fields) < 5:
+            continue
+        point = unescape_mount_path(fields[4])
+        if point == "/" or point == root or point.startswith(root + "/") or point in found:
+            continue
+        found.append(point)
+    found.sort(key=lambda p: p.count("/"), reverse=True)
+    return found
+
+
 def plan(enabled: bool, is_init: bool, init_pid: int | None) -> str:
     """Which namespaces a new container process gets: ``"new"`` (the init), ``"join"`` (an
     exec while the init, ``init_pid``, has not been reaped) or ``"none"`` (the guest's:
@@ -142,29 +164,34 @@ class Namespaces:
     ``<rootfs>/proc``. ``join(pid)``: the PID and mount namespaces of process ``pid``.
     """
 
-    __slots__ = ("pid_fd", "mnt_fd", "hide_scope")
+    __slots__ = ("pid_fd", "mnt_fd", "hide_scope", "others", "other_fds")
 
     def __init__(self, pid_fd: int | None = None, mnt_fd: int | None = None,
-                 hide_scope: str | None = None) -> None:
+                 hide_scope: str | None = None, others: tuple[str, ...] = ()) -> None:
         self.pid_fd = pid_fd
         self.mnt_fd = mnt_fd
         self.hide_scope = hide_scope
+        self.others = others  # new ones to make (init) or joined through other_fds (exec)
+        self.other_fds: list[tuple[int, int]] = []
 
     @classmethod
-    def new(cls, hide_scope: str | None = None) -> Namespaces:
-        return cls(hide_scope=hide_scope)
+    def new(cls, hide_scope: str | None = None, others: tuple[str, ...] = ()) -> Namespaces:
+        return cls(hide_scope=hide_scope, others=others)
 
     @classmethod
-    def join(cls, pid: int, proc: str = "/proc") -> Namespaces:
+    def join(cls, pid: int, proc: str = "/proc", others: tuple[str, ...] = ()) -> Namespaces:
         """The namespaces of ``pid``; OSError once it has exited (zombies have none)."""
         flags = os.O_RDONLY | os.O_CLOEXEC
         pid_fd = os.open(f"{proc}/{pid}/ns/pid", flags)
+        ns = cls(pid_fd, None, others=others)
         try:
-            mnt_fd = os.open(f"{proc}/{pid}/ns/mnt", flags)
+            ns.mnt_fd = os.open(f"{proc}/{pid}/ns/mnt", flags)
+            for kind in others:
+                ns.other_fds.append((os.open(f"{proc}/{pid}/ns/{kind}", flags), OTHER_FLAGS[kind]))
         except BaseException:
-            os.close(pid_fd)
+            ns.close()
             raise
-        return cls(pid_fd, mnt_fd)
+        return ns
 
     @property
     def joining(self) -> bool:
@@ -198,8 +225,44 @@ class Namespaces:
             os.makedirs(target, mode=0o555, exist_ok=True)
             mount("proc", target, "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
 
+    def enter_root(self, root: str) -> None:
+        """In the forked init, instead of a bare chroot: detach every mount outside ``root``
+        in this new mount namespace, move ``root`` onto / and chroot there (runc's
+        ``msMoveRoot``; pivot_root is impossible while the agent's root is the initramfs).
+        The container's root is then the top mount of the namespace: ``..`` never leads
+        out of it (a chroot alone can be left by a process with CAP_SYS_CHROOT), the kernel
+        does not count the process as chrooted (it may make user namespaces, as under
+        runc), and an exec that joins the namespace starts at this root (setns puts it there)."""
+        if not os.path.ismount(root):  # a plain directory (host-side tests): runc binds it too
+            mount(root, root, "", MS_BIND | MS_REC)
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            info = f.read()
+        for point in outside_mounts(info, root):
+            try:
+                umount(point, MNT_DETACH)
+            except OSError:
+                pass  # gone with a parent detached before it
+        os.chdir(root)
+        mount(".", "/", "", MS_MOVE)
+        os.chroot(".")
+        os.chdir("/")
+
+    def enter_others(self) -> None:
+        """In the forked child, after it joined its cgroup: make (init) or join (exec) the
+        ipc, uts and cgroup namespaces the config lists."""
+        if self.joining:
+            for fd, flag in self.other_fds:
+                setns(fd, flag)
+            return
+        flags = 0
+        for kind in self.others:
+            flags |= OTHER_FLAGS[kind]
+        if flags:
+            unshare(flags)
+
     def close(self) -> None:
-        for fd in (self.pid_fd, self.mnt_fd):
+        for fd in (self.pid_fd, self.mnt_fd, *(fd for fd, _ in self.other_fds)):
             if fd is not None:
                 os.close(fd)
         self.pid_fd = self.mnt_fd = None
+        self.other_fds = []

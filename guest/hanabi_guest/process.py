@@ -1,7 +1,8 @@
 """Start one OCI process (runtime-spec ``process`` object) with pipes or a pty for its stdio.
 
-``spawn()`` forks; the child becomes a session leader, joins the container's cgroup,
-chroots into the container rootfs (unless disabled for host-side tests), applies cwd,
+``spawn()`` forks; the child joins the container's cgroup, becomes a session leader, enters
+the container rootfs (moved onto / of its new mount namespace, the init's mount namespace
+for an exec, chroot without namespaces; nothing for host-side tests), applies cwd,
 rlimits, oomScoreAdj, umask, supplementary groups, gid and uid, then execs ``args`` with
 ``env`` (PATH looked up inside the rootfs). A failure before exec comes back through a
 close-on-exec error pipe and is raised as ``SpawnError`` in the parent, with runc-like
@@ -17,8 +18,14 @@ one where it is PID 1, or the container init's) and, first thing in the child, g
 mount namespace (a new one with a fresh /proc, or the init's); it is still a direct child
 of the caller, so ``waitpid`` gives its own status. See namespaces.py.
 
-Not applied (the VM is the isolation boundary): capabilities, noNewPrivileges, seccomp,
-apparmor/selinux labels.
+Security, in runc's order (caps.py, seccomp.py, hardening.py): the init's child applies the
+container's hostname, sysctls, readonlyPaths and maskedPaths (``Hardener``) in its new
+namespaces before it enters its rootfs; then every process sets no_new_privs when
+``noNewPrivileges``, loads the container's seccomp filter (here when it has no
+no_new_privs: that needs CAP_SYS_ADMIN), drops the bounding set, keeps its capabilities
+across the change of user, sets effective/permitted/inheritable and ambient, and (with
+no_new_privs) loads the seccomp filter as the very last step before exec. An AppArmor
+profile or SELinux label is refused by ``check_process`` (caps.check_labels).
 
 STDLIB ONLY: runs inside the guest.
 """
@@ -36,7 +43,10 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
+    from .caps import Applier
+    from .hardening import Hardener
     from .namespaces import Namespaces
+    from .seccomp import Filter
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 MAX_ARGS = 4096
@@ -108,6 +118,12 @@ def check_process(p: Any) -> None:
     if "oomScoreAdj" in p and p["oomScoreAdj"] is not None:
         if not (_is_int(p["oomScoreAdj"]) and -1000 <= p["oomScoreAdj"] <= 1000):
             raise ValueError("process.oomScoreAdj must be -1000..1000")
+    if p.get("noNewPrivileges") not in (None, False, True):
+        raise ValueError("process.noNewPrivileges must be a boolean")
+    from .caps import check_labels, parse
+
+    parse(p)
+    check_labels(p)
 
 
 def set_winsize(fd: int, height: int, width: int) -> None:
@@ -177,9 +193,23 @@ def _execvpe(args: list[str], env: dict[str, str]) -> None:
     raise saved or OSError(errno.ENOENT, "executable file not found")
 
 
+class Guard:
+    """What the child applies besides user and rlimits: capabilities (None: leave them, the
+    agent is not root), the seccomp filter, and the init's ``Hardener``."""
+
+    __slots__ = ("caps", "filter", "hardener", "nnp")
+
+    def __init__(self, caps: Applier | None = None, filter_: Filter | None = None,
+                 hardener: Hardener | None = None, nnp: bool = False) -> None:
+        self.caps = caps
+        self.filter = filter_
+        self.hardener = hardener
+        self.nnp = nnp
+
+
 def _child(p: dict[str, Any], root: str, chroot: bool, cgroup: str | None,
            fds: tuple[int, int, int], errw: int, rlimits: list[tuple[int, int, int]],
-           tty: bool = False, ns: Namespaces | None = None) -> None:
+           tty: bool = False, ns: Namespaces | None = None, guard: Guard | None = None) -> None:
     """Runs in the forked child; never returns.
 
     Nothing here may import a module that is not loaded yet: after chroot the guest's
@@ -187,15 +217,22 @@ def _child(p: dict[str, Any], root: str, chroot: bool, cgroup: str | None,
     """
     stage = "setup"
     try:
+        if cgroup:  # first: inside the init's mount namespace (its rootfs on /) it is out of reach
+            stage = "join cgroup"
+            with open(os.path.join(cgroup, "cgroup.procs"), "w", encoding="ascii") as f:
+                f.write("0")
         if ns is not None:
             stage = "enter mount namespace"
             ns.enter_mounts(root, chroot)
         stage = "setsid"
         os.setsid()
-        if cgroup:
-            stage = "join cgroup"
-            with open(os.path.join(cgroup, "cgroup.procs"), "w", encoding="ascii") as f:
-                f.write("0")
+        guard = guard or Guard()
+        if ns is not None:
+            stage = "enter namespaces"
+            ns.enter_others()
+        if guard.hardener is not None:
+            stage = "apply linux settings"
+            guard.hardener.run(root)
         for i, fd in enumerate(fds):
             os.dup2(fd, i)
         if tty:
@@ -220,9 +257,15 @@ def _child(p: dict[str, Any], root: str, chroot: bool, cgroup: str | None,
         uid, gid = int(user.get("uid", 0)), int(user.get("gid", 0))
         cwd = p.get("cwd") or "/"
         if chroot:
-            stage = "chroot"
-            os.chroot(root)
-            os.chdir("/")
+            if ns is not None and ns.joining:
+                os.chdir("/")  # setns into the init's mount namespace put us at its root
+            elif ns is not None:
+                stage = "enter the rootfs"
+                ns.enter_root(root)
+            else:
+                stage = "chroot"
+                os.chroot(root)
+                os.chdir("/")
             passwd = "/etc/passwd"
         else:
             passwd = os.path.join(root, "etc/passwd")
@@ -232,6 +275,19 @@ def _child(p: dict[str, Any], root: str, chroot: bool, cgroup: str | None,
         os.chdir(cwd)
         umask = user.get("umask")
         os.umask(umask if isinstance(umask, int) else 0o022)
+        if guard.nnp:
+            stage = "set no_new_privs"
+            if guard.caps is not None:
+                guard.caps.no_new_privs()
+            else:
+                _no_new_privs()
+        if guard.filter is not None and not guard.nnp:
+            stage = "load seccomp filter"
+            guard.filter.load()
+        if guard.caps is not None:
+            stage = "drop the bounding set"
+            guard.caps.drop_bounding()
+            guard.caps.keep_caps(True)
         stage = "set user"
         if os.geteuid() == 0:
             if tty:
@@ -241,8 +297,15 @@ def _child(p: dict[str, Any], root: str, chroot: bool, cgroup: str | None,
             os.setuid(uid)
         elif (uid, gid) != (os.getuid(), os.getgid()):
             raise OSError(errno.EPERM, "cannot change user when the agent is not root")
+        if guard.caps is not None:
+            stage = "apply capabilities"
+            guard.caps.keep_caps(False)
+            guard.caps.apply()
         os.closerange(3, errw)
         os.closerange(errw + 1, 1 << 16)
+        if guard.filter is not None and guard.nnp:
+            stage = "load seccomp filter"
+            guard.filter.load()
         stage = "exec"
         _execvpe(p["args"], env)
     except OSError as exc:
@@ -252,6 +315,26 @@ def _child(p: dict[str, Any], root: str, chroot: bool, cgroup: str | None,
         os.write(errw, f"{stage}\0{0}\0{exc!r}".encode("utf-8", "replace")[:4096])
     finally:
         os._exit(127)
+
+
+def _no_new_privs() -> None:
+    from .caps import PR_SET_NO_NEW_PRIVS
+    from .sandbox import libc
+
+    if libc().prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise OSError(errno.EPERM, "prctl(PR_SET_NO_NEW_PRIVS)")
+
+
+def make_guard(p: dict[str, Any], filter_: Filter | None = None, hardener: Hardener | None = None) -> Guard:
+    """The ``Guard`` of process ``p`` (validated): capabilities only when the agent is root."""
+    from .caps import Applier, last_cap, parse
+
+    caps = Applier(parse(p), last_cap()) if os.geteuid() == 0 else None
+    if filter_ is not None or p.get("noNewPrivileges"):
+        from .sandbox import libc
+
+        libc()
+    return Guard(caps, filter_, hardener, bool(p.get("noNewPrivileges")))
 
 
 def _spawn_error(data: bytes, args: list[str]) -> SpawnError:
@@ -272,7 +355,7 @@ def _spawn_error(data: bytes, args: list[str]) -> SpawnError:
 
 def spawn(p: dict[str, Any], root: str, *, chroot: bool = True,
           cgroup: str | None = None, tty: int | None = None,
-          ns: Namespaces | None = None) -> tuple[int, int, int, int]:
+          ns: Namespaces | None = None, guard: Guard | None = None) -> tuple[int, int, int, int]:
     """Start process ``p`` in rootfs ``root``.
 
     Returns ``(pid, stdin_w, stdout_r, stderr_r)``; the three pipe ends are non-blocking and
@@ -283,6 +366,8 @@ def spawn(p: dict[str, Any], root: str, *, chroot: bool = True,
     """
     check_process(p)
     rlimits = _rlimits(p)
+    if guard is None:
+        guard = make_guard(p)
     if tty is not None:
         ours: tuple[int, ...] = ()
         theirs: tuple[int, ...] = ()
@@ -301,7 +386,7 @@ def spawn(p: dict[str, Any], root: str, *, chroot: bool = True,
             os.close(fd)
         raise
     if pid == 0:
-        _child(p, root, chroot, cgroup, child_fds, ep_w, rlimits, tty is not None, ns)
+        _child(p, root, chroot, cgroup, child_fds, ep_w, rlimits, tty is not None, ns, guard)
     for fd in (*theirs, ep_w):
         os.close(fd)
     chunks = []

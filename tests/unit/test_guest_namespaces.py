@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import hanabi_wire as P
-from hanabi_guest.namespaces import foreign_mounts, plan, unescape_mount_path
+from hanabi_guest.namespaces import foreign_mounts, outside_mounts, plan, unescape_mount_path
 from hanabi_guest.sandbox import DirSandbox, GuestSandbox
 
 from tests.unit.test_guest_agent import AgentProc
@@ -168,11 +168,12 @@ def test_a_container_mount_namespace_drops_other_containers_mounts(tmp_path: Pat
             spec = {"args": ["sleep", "600"], "env": ["PATH=/bin"], "cwd": "/", "user": {"uid": 0, "gid": 0}}
             a.ok("create_container", container_id="c1", rootfs={"serial": "s"}, process=spec)
             pid = a.ok("start", container_id="c1")["pid"]
-            info = subprocess.run(["nsenter", "-t", str(pid), "-m", "cat", "/proc/self/mountinfo"],
-                                  capture_output=True, text=True, check=True).stdout
-            points = {line.split(" ")[4] for line in info.splitlines()}
-            assert str(root / "proc") in points and str(scope / "a" / "binds") in points  # its own
-            assert str(other) not in points  # the other container's
+            # Paths relative to the container's root: its rootfs was moved onto / and every
+            # mount outside it (the other container's, its own binds disk, the host's) detached.
+            info = Path(f"/proc/{pid}/mountinfo").read_text()
+            points = [line.split(" ")[4] for line in info.splitlines()]
+            assert "/proc" in points and points.count("/") >= 1, points
+            assert not [p for p in points if p not in ("/", "/proc")], points
             assert str(other) in Path("/proc/self/mountinfo").read_text()  # still mounted outside
             a.ok("destroy_container", container_id="c1")
         finally:
@@ -180,3 +181,11 @@ def test_a_container_mount_namespace_drops_other_containers_mounts(tmp_path: Pat
     finally:
         for target in reversed(mounted):
             subprocess.run(["umount", str(target)], check=False)
+
+
+def test_outside_mounts_are_everything_but_the_root_and_below() -> None:
+    info = "\n".join(f"{i} 1 0:1 / {p} rw - x x rw" for i, p in enumerate([
+        "/", "/proc", "/sys", "/sys/fs/cgroup", "/run/hanabi/c/a/rootfs", "/run/hanabi/c/a/rootfs/proc",
+        "/run/hanabi/c/a/binds", "/run/hanabi/c/a/rootfs2", "/proc"]))
+    assert outside_mounts(info, "/run/hanabi/c/a/rootfs/") == [
+        "/run/hanabi/c/a/binds", "/run/hanabi/c/a/rootfs2", "/sys/fs/cgroup", "/proc", "/sys"]

@@ -69,8 +69,8 @@ def test_requests_are_checked_strictly_with_defaults():
 
 def test_host_side_requests_name_a_field_the_definition_lacks():
     assert W.request(W.T_START, container_id="c1") == {"type": "start", "container_id": "c1"}
-    with pytest.raises(WireError, match="has no field linux"):
-        W.request(W.T_CREATE_CONTAINER, container_id="c1", rootfs={"serial": "s"}, process={}, linux={})
+    with pytest.raises(WireError, match="has no field selinux"):
+        W.request(W.T_CREATE_CONTAINER, container_id="c1", rootfs={"serial": "s"}, process={}, selinux={})
     with pytest.raises(WireError, match="height"):
         W.request(W.T_RESIZE, container_id="c1", height=0, width=80)
 

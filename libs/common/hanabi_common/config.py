@@ -65,6 +65,9 @@ class AgentConfig(_Section):
     ready_timeout_s: float = Field(60.0, gt=0)
     request_timeout_s: float = Field(30.0, gt=0)
     output_buffer_bytes: int = Field(4 << 20, ge=4096)
+    # The container's linux.seccomp is enforced in the guest (libseccomp). false turns it
+    # off explicitly: the profile is not sent and the runtime logs a warning per container.
+    seccomp: bool = True
 
 
 class BlockConfig(_Section):

@@ -104,6 +104,8 @@ _MESSAGES = (
         F("mounts_disk", OBJECT, "the disk holding copies of the bind sources", default=None, fields=DISK),
         F("share", STR, "the container's directory in the VM's file share (rootfs, m0..mN)", default=None,
           pattern=ID_REGEX),
+        F("linux", OBJECT, "the OCI `linux` subset the guest applies, plus `domainname` (see Linux settings; "
+          "checked by the agent)", default=None),
     ), "mount its disk and prepare the container; the process is not started", request=True, result=()),
     Message(C.T_START, HOST, (CID,), "start the container's init process", request=True, result=PID),
     Message(C.T_EXEC, HOST, (

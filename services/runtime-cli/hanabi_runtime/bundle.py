@@ -9,6 +9,12 @@ from pathlib import Path
 from hanabi_common.errors import InvalidArgument, NotFound
 
 SUPPORTED_MAJOR = "1."
+# What `runc spec` (1.1) writes: its capabilities (every set but inheritable), masked and
+# read-only paths.
+RUNC_SPEC_CAPS = ("CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE")
+RUNC_SPEC_MASKED = ("/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
+                    "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/sys/firmware", "/proc/scsi")
+RUNC_SPEC_READONLY = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
 
 
 @dataclass(frozen=True)
@@ -79,6 +85,9 @@ def load_bundle(bundle: str | Path) -> Bundle:
     if not process:
         raise InvalidArgument(f"{config_file}: process is required to create a container")
     check_process(process)
+    from hanabi_runtime.guest_linux import check_guest_settings
+
+    check_guest_settings(config)
     netns_path, new_netns = _network_namespace(config)
     return Bundle(path=path, config=config, rootfs=rootfs, readonly=bool(root.get("readonly")),
                   process=process, hostname=config.get("hostname"),
@@ -97,6 +106,7 @@ def default_spec(args: list[str] | None = None) -> dict:
             "cwd": "/",
             "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
             "noNewPrivileges": True,
+            "capabilities": {k: list(RUNC_SPEC_CAPS) for k in ("bounding", "effective", "permitted", "ambient")},
         },
         "root": {"path": "rootfs", "readonly": False},
         "hostname": "hanabi",
@@ -105,5 +115,6 @@ def default_spec(args: list[str] | None = None) -> dict:
             {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
         ],
         "linux": {"namespaces": [{"type": "pid"}, {"type": "network"}, {"type": "ipc"},
-                                 {"type": "uts"}, {"type": "mount"}]},
+                                 {"type": "uts"}, {"type": "mount"}],
+                  "maskedPaths": list(RUNC_SPEC_MASKED), "readonlyPaths": list(RUNC_SPEC_READONLY)},
     }

@@ -190,6 +190,7 @@ class Runtime:
         from hanabi_common.models.agentd import (ConfigureNetwork, CreateContainer, DiskSpec, GuestMount,
                                                  RootfsSpec)
         from hanabi_common.models.vmmd import VmNic
+        from hanabi_runtime.guest_linux import guest_linux
 
         d = self.daemons
         timings: dict[str, float] = {}
@@ -239,6 +240,10 @@ class Runtime:
             for disk in disks:
                 attached = d.vmmd.attach_disk(cid, disk.path, disk.serial, disk.format, False)
                 guest_serials[disk.serial] = attached.guest_serial or disk.serial  # Firecracker's differ
+        linux = guest_linux(bundle.config, seccomp=self.config.agent.seccomp)
+        if not self.config.agent.seccomp and (bundle.config.get("linux") or {}).get("seccomp"):
+            log.warning("guest seccomp is off ([agent] seccomp = false): the container runs without "
+                        "its seccomp profile", extra={"container": cid})
         if volume.layout == "share":
             rootfs = RootfsSpec(share=f"{volume.share}/rootfs", fstype="9p", readonly=bundle.readonly)
         else:
@@ -250,7 +255,7 @@ class Runtime:
                 process=bundle.process, hostname=bundle.hostname,
                 mounts=[GuestMount(**m) for m in plan.guest], share=volume.share,
                 mounts_disk=DiskSpec(serial=guest_serials[volume.binds.serial], fstype=volume.binds.fstype)
-                if volume.binds else None))
+                if volume.binds else None, linux=linux))
         return timings, cgroup_dirs
 
     def spawn_standin(self, cid: str, fifo: Path | None, detach: bool, exec_id: str = "init",

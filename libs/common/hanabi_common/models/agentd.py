@@ -83,6 +83,11 @@ class CreateContainer(Request):
     mounts_disk: DiskSpec | None = None
     # The container's directory in the VM's file share (binds' `source` entries live there).
     share: str | None = Field(None, pattern=ID_REGEX)
+    # The subset of the OCI `linux` object the guest applies (namespaces, maskedPaths,
+    # readonlyPaths, sysctl, seccomp, devices, resources, uid/gidMappings,
+    # rootfsPropagation, mountLabel) plus the config's top-level `domainname`; validated
+    # in the guest (docs/agent-protocol.md). None: the guest applies none of it.
+    linux: dict[str, Any] | None = None
 
 
 class ConfigureNetwork(Request):

@@ -1,0 +1,362 @@
+"""The container's linux settings applied in the guest, runc's way (see linuxspec.py).
+
+``Security`` is what a container keeps from create to destroy: its ``LinuxSpec`` and its
+seccomp ``Filter`` (built at create, so a bad profile fails there). ``prepare(root, sec,
+ncpus)`` runs once after the container's mounts are made: linux.devices are made in its
+/dev (mknod with type, major, minor, mode, uid, gid; an existing node is replaced, as
+runc's bind/mknod over the default ones) and linux.resources are written to its cgroup.
+When the device cgroup allows every device (Docker's --privileged) the container's /dev
+gets every device node of the VM instead (``vm_devices``: never a host device, the VM
+cannot reach them) and linux.devices, which names the host's nodes, is not made; its /sys
+is writable and its cgroup2 mount read-write.
+
+``Hardener`` runs in the forked child of the container's *init*, in its new mount and
+other namespaces, before chroot, in runc's order: a read-only cgroup2 on /sys/fs/cgroup
+(where nothing is mounted yet), hostname and domainname (a new UTS
+namespace), sysctls (written to /proc/sys of the container's namespaces), readonlyPaths
+(a recursive bind onto itself remounted read-only), maskedPaths (/dev/null bound over a
+file, a read-only tmpfs over a directory; a path that does not exist is skipped, as runc).
+Paths are resolved inside the rootfs (``secure_join``): a symlink in the image never leads
+out of it. Exec processes join the init's namespaces and so see all of it.
+
+STDLIB ONLY: runs inside the guest.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+    from .linuxspec import LinuxSpec
+    from .sandbox import Rootfs
+    from .seccomp import Filter
+
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
+MS_REMOUNT, MS_BIND, MS_REC = 32, 4096, 16384
+ST_NOSUID, ST_NODEV, ST_NOEXEC = 2, 4, 8
+MAX_SYMLINKS = 40
+DEVICE_KINDS = {"c": stat.S_IFCHR, "u": stat.S_IFCHR, "b": stat.S_IFBLK, "p": stat.S_IFIFO}
+
+
+class Background:
+    """``fn()`` run in a thread of its own (``_thread``: threading is not in the image);
+    ``join()`` waits and returns its result or raises its exception. ctypes calls release
+    the GIL, so libseccomp work runs while the agent's loop waits for requests. Anything
+    that forks must join first (a fork while the thread holds a libc lock could deadlock
+    the child)."""
+
+    __slots__ = ("_lock", "_result", "_error")
+
+    def __init__(self, fn: Any) -> None:
+        import _thread
+
+        self._result: Any = None
+        self._error: BaseException | None = None
+        self._lock = _thread.allocate_lock()
+        self._lock.acquire()
+        _thread.start_new_thread(self._run, (fn,))
+
+    def _run(self, fn: Any) -> None:
+        try:
+            self._result = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to join()
+            self._error = exc
+        finally:
+            self._lock.release()
+
+    def join(self) -> Any:
+        with self._lock:
+            pass
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+
+class Security:
+    """A container's validated linux settings and its seccomp filter (or None).
+
+    ``build`` validates everything at create (``plan`` checks the whole profile); once
+    create has replied, ``compile_soon`` compiles the libseccomp context in the background
+    (about 0.13 s for Docker's default profile under TCG) while the host goes on to start
+    the container. ``filter()`` waits for it: every spawn asks for it before forking, so
+    a profile libseccomp itself rejects fails the container's start (INVALID_ARGUMENT
+    naming linux.seccomp)."""
+
+    __slots__ = ("spec", "_filter", "_building", "_plan")
+
+    def __init__(self, spec: LinuxSpec | None, filter_: Filter | None = None) -> None:
+        self.spec = spec
+        self._filter = filter_
+        self._building: Background | None = None
+        self._plan: Any = None
+
+    @classmethod
+    def build(cls, linux: Any, hostname: str | None) -> Security:
+        """Validate the create_container ``linux`` field; ValueError naming the field."""
+        from .linuxspec import check_linux
+
+        ensure_warm()
+        spec = check_linux(linux, hostname)
+        sec = cls(spec)
+        if spec is not None and spec.seccomp is not None:
+            from .seccomp import Filter, plan
+
+            sec._plan = plan(spec.seccomp)
+        return sec
+
+    def compile_soon(self) -> None:
+        """Start compiling the filter in the background (once create has replied: the VM
+        may have a single vCPU, which the mounts of create need)."""
+        if self._plan is not None:
+            from .seccomp import Filter
+
+            p, self._plan = self._plan, None
+            self._building = Background(lambda: Filter(p))
+
+    def filter(self) -> Filter | None:
+        """The compiled seccomp filter (waiting for it), or None without a profile."""
+        self.compile_soon()
+        if self._building is not None:
+            building, self._building = self._building, None
+            self._filter = building.join()
+        return self._filter
+
+    def release(self) -> None:
+        try:
+            filt = self.filter()
+        except Exception:  # noqa: BLE001 - it failed: nothing to release
+            filt = None
+        if filt is not None:
+            filt.release()
+        self._filter = None
+
+
+_warm: Background | None = None
+WARM_PROFILE = {"defaultAction": "SCMP_ACT_ERRNO", "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86"],
+                "syscalls": [{"names": ["read", "write", "clone"], "action": "SCMP_ACT_ALLOW",
+                              "args": [{"index": 0, "value": 1, "op": "SCMP_CMP_MASKED_EQ"}]}]}
+
+
+def start_warm_up() -> None:
+    """Import and run once, in a thread while the agent still waits for its channel, what
+    create_container needs (these modules, libseccomp, a small filter, the validators):
+    under TCG the first run of any code is slow (translation): about 0.1 s less for
+    every container create. ``ensure_warm`` joins it (before any create, so before any fork)."""
+    global _warm
+    try:
+        _warm = Background(_warm_up)
+    except Exception:  # noqa: BLE001 - PID 1 must start regardless
+        _warm = None
+
+
+def ensure_warm() -> None:
+    """Wait until the warm-up thread has ended (at once when there is none)."""
+    global _warm
+    if _warm is not None:
+        warm, _warm = _warm, None
+        try:
+            warm.join()
+        except Exception:  # noqa: BLE001 - only a head start; create reports real errors
+            pass
+
+
+def _warm_up() -> None:
+    from .cgroups import plan_files
+    from .linuxspec import check_linux
+    from .process import check_process
+    from .seccomp import Filter, plan
+
+    check_process({"args": ["true"], "noNewPrivileges": True,
+                   "capabilities": {"bounding": ["CAP_KILL"], "effective": ["CAP_KILL"]}})
+    spec = check_linux({"namespaces": [{"type": "uts"}, {"type": "ipc"}], "maskedPaths": ["/proc/kcore"],
+                        "sysctl": {"kernel.shmmax": "1"}, "resources": {"memory": {"limit": 1 << 20}},
+                        "devices": [{"path": "/dev/x", "type": "c", "major": 1, "minor": 3}]}, "h")
+    assert spec is not None
+    plan_files(spec.resources, 1)
+    Filter(plan(WARM_PROFILE)).release()
+
+
+def secure_join(root: str, path: str) -> str:
+    """``root`` + ``path`` with every symlink resolved as if ``root`` were / (never out of it)."""
+    root = root.rstrip("/") or "/"
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    done: list[str] = []
+    links = 0
+    while parts:
+        part = parts.pop(0)
+        if part == "..":
+            if done:
+                done.pop()
+            continue
+        here = os.path.join(root, *done, part)
+        try:
+            target = os.readlink(here)
+        except OSError:
+            done.append(part)
+            continue
+        links += 1
+        if links > MAX_SYMLINKS:
+            raise OSError(40, f"too many levels of symbolic links in {path}")
+        if target.startswith("/"):
+            done = []
+        parts = [p for p in target.split("/") if p not in ("", ".")] + parts
+    return os.path.join(root, *done)
+
+
+def make_devices(dev_root: str, devices: list[dict[str, Any]], root: str) -> None:
+    """mknod each device (path inside ``root``), replacing what is there."""
+    for d in devices:
+        path = secure_join(root, d["path"])
+        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+        try:
+            if not os.path.isdir(path):
+                os.unlink(path)
+        except FileNotFoundError:
+            pass
+        kind = DEVICE_KINDS[d["type"]]
+        rdev = 0 if d["type"] == "p" else os.makedev(d["major"], d["minor"])
+        try:
+            os.mknod(path, kind | (d["mode"] & 0o7777), rdev)
+        except OSError as exc:
+            raise ValueError(f"linux.devices {d['path']!r}: mknod: {exc.strerror}") from None
+        os.chmod(path, d["mode"] & 0o7777)
+        os.chown(path, d["uid"], d["gid"])
+
+
+def vm_devices(dev: str = "/dev") -> list[dict[str, Any]]:
+    """Every character and block node of the VM's /dev (devtmpfs), as linux.devices entries;
+    not its pts, shm or mqueue, and not the agent's virtio-serial ports."""
+    out = []
+    for top, dirs, files in os.walk(dev):
+        rel = os.path.relpath(top, dev)
+        if rel.split("/")[0] in ("pts", "shm", "mqueue", "virtio-ports"):
+            dirs[:] = []
+            continue
+        for name in sorted(files):
+            path = os.path.join(top, name)
+            try:
+                st = os.lstat(path)
+            except OSError:
+                continue
+            if not (stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)) or name.startswith("vport"):
+                continue
+            out.append({"path": "/dev/" + os.path.normpath(os.path.join(rel, name)),
+                        "type": "b" if stat.S_ISBLK(st.st_mode) else "c",
+                        "major": os.major(st.st_rdev), "minor": os.minor(st.st_rdev),
+                        "mode": stat.S_IMODE(st.st_mode), "uid": st.st_uid, "gid": st.st_gid})
+    return out
+
+
+def prepare(root: Rootfs, sec: Security, ncpus: int | None = None) -> None:
+    """After the container's mounts: linux.devices and linux.resources (see module doc)."""
+    spec = sec.spec
+    if spec is None:
+        return
+    if spec.all_devices:
+        missing = [d for d in vm_devices() if not os.path.lexists(secure_join(root.path, d["path"]))]
+        make_devices(os.path.join(root.path, "dev"), missing, root.path)
+    elif spec.devices:
+        make_devices(os.path.join(root.path, "dev"), spec.devices, root.path)
+    if spec.resources and root.cgroup:
+        from .cgroups import apply, plan_files
+
+        apply(root.cgroup, plan_files(spec.resources, ncpus or os.cpu_count() or 1))
+
+
+class Hardener:
+    """The child-side part (see module doc); built in the agent, run after fork."""
+
+    def __init__(self, spec: LinuxSpec, hostname: str | None, cgroup: str | None = None) -> None:
+        from .sandbox import libc, mount
+
+        self.spec = spec
+        self.hostname = hostname
+        self.cgroup = cgroup
+        self._libc = libc()
+        self._mount = mount
+
+    def set_names(self) -> None:
+        """hostname and domainname in the container's new UTS namespace."""
+        for name, fn in ((self.hostname, "sethostname"), (self.spec.domainname, "setdomainname")):
+            if name and "uts" in self.spec.namespaces:
+                raw = name.encode()
+                if getattr(self._libc, fn)(raw, len(raw)) != 0:
+                    import ctypes
+
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"{fn}: {os.strerror(err)}")
+
+    def write_sysctls(self, proc: str = "/proc") -> None:
+        for key, value in self.spec.sysctl.items():
+            path = os.path.join(proc, "sys", key.replace(".", "/"))
+            try:
+                with open(path, "w", encoding="utf-8") as f:
+                    f.write(value)
+            except OSError as exc:
+                raise OSError(exc.errno, f"linux.sysctl.{key} = {value!r}: {exc.strerror}") from None
+
+    def readonly(self, root: str) -> None:
+        for p in self.spec.readonly:
+            target = secure_join(root, p)
+            if not os.path.lexists(target):
+                continue
+            self._mount(target, target, "", MS_BIND | MS_REC)
+            flags = MS_BIND | MS_REMOUNT | MS_RDONLY | MS_REC | self._statvfs_flags(target)
+            self._mount(target, target, "", flags)
+
+    def mask(self, root: str) -> None:
+        null = secure_join(root, "/dev/null")
+        if not os.path.exists(null):
+            null = "/dev/null"
+        for p in self.spec.masked:
+            target = secure_join(root, p)
+            if not os.path.lexists(target):
+                continue
+            if os.path.isdir(target):
+                self._mount("tmpfs", target, "tmpfs", MS_RDONLY)
+            else:
+                self._mount(null, target, "", MS_BIND)
+
+    @staticmethod
+    def _statvfs_flags(path: str) -> int:
+        f = os.statvfs(path).f_flag
+        return ((MS_NOSUID if f & ST_NOSUID else 0) | (MS_NODEV if f & ST_NODEV else 0)
+                | (MS_NOEXEC if f & ST_NOEXEC else 0))
+
+    def mount_cgroup(self, root: str) -> None:
+        """The container's cgroup on <rootfs>/sys/fs/cgroup (read-only; read-write with all
+        devices allowed) unless something is mounted there already: a cgroup2 mount with a
+        cgroup namespace (its root is the container's group), else a bind of the
+        container's group; either way its limits read as /sys/fs/cgroup/memory.max etc.,
+        as a container under runc reads its own group. (Docker's cgroup mount is not made
+        by mounts.py.)"""
+        target = os.path.join(root, "sys/fs/cgroup")
+        if not os.path.isdir(target) or os.path.ismount(target):
+            return
+        ro = 0 if self.spec.all_devices else MS_RDONLY
+        flags = MS_NOSUID | MS_NODEV | MS_NOEXEC
+        if "cgroup" in self.spec.namespaces:
+            self._mount("cgroup2", target, "cgroup2", ro | flags)
+        elif self.cgroup:
+            self._mount(self.cgroup, target, "", MS_BIND)
+            self._mount(target, target, "", MS_BIND | MS_REMOUNT | ro | flags)
+
+    def writable_sys(self, root: str) -> None:
+        """--privileged (all devices allowed): the container's /sys writable, as runc's."""
+        target = os.path.join(root, "sys")
+        if self.spec.all_devices and os.path.ismount(target) and os.statvfs(target).f_flag & MS_RDONLY:
+            self._mount(target, target, "", MS_BIND | MS_REMOUNT | self._statvfs_flags(target))
+
+    def run(self, root: str) -> str:
+        """All of it, in runc's order; returns the stage that is running (for errors)."""
+        self.writable_sys(root)
+        self.mount_cgroup(root)
+        self.set_names()
+        self.write_sysctls()
+        self.readonly(root)
+        self.mask(root)
+        return "done"
