@@ -21,11 +21,19 @@ from tests.helpers.hanabi import BIN, leftovers, mounts_under
 pytestmark = pytest.mark.integration
 
 
+# Docker's default capability set (runc spec's three would refuse chown, mknod and the like,
+# under runc as here).
+DOCKER_CAPS = ["CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD", "CAP_NET_RAW",
+               "CAP_SETGID", "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE",
+               "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE"]
+
+
 def with_mounts(path: str, mounts: list[dict], readonly: bool = False) -> str:
     config = Path(path) / "config.json"
     spec = json.loads(config.read_text())
     spec["mounts"] += mounts
     spec["root"]["readonly"] = readonly
+    spec["process"]["capabilities"] = {k: DOCKER_CAPS for k in ("bounding", "effective", "permitted")}
     config.write_text(json.dumps(spec))
     return path
 
@@ -100,6 +108,7 @@ def test_bind_writes_are_on_the_host_at_once_and_host_changes_are_seen(hanabi, b
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+            hanabi.runtime("delete", "--force", cid)  # what `run` would have removed
     assert (data / "seen").read_text() == "written on the host\n20\n"
     assert leftovers(hanabi, cid) == []
 
