@@ -60,3 +60,96 @@ def test_a_clone_runs_a_container_and_answers_the_agent(templated, tmp_path):
         assert leftovers(templated, cid) == []
     assert processes_mentioning("hanabi-template-") == []  # the template's QEMU ended after its save
     assert vmmd_fds(templated) == fds_before
+
+
+def tmpfs_bundle(path: Path, args: list[str]) -> Path:
+    """A busybox bundle with a tmpfs at /data (guest RAM: what clones must not share)."""
+    bundle = make_bundle(path, args)
+    config = json.loads((bundle / "config.json").read_text())
+    config["mounts"].append({"destination": "/data", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid"]})
+    config.pop("hostname", None)  # the VM's own hostname shows
+    (bundle / "config.json").write_text(json.dumps(config))
+    return bundle
+
+
+def exec_out(daemons, cid: str, script: str) -> str:
+    done = daemons.runtime("exec", cid, "sh", "-c", script)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.decode()
+
+
+def test_two_clones_at_once_are_independent_machines(templated, tmp_path):
+    bundle = tmpfs_bundle(tmp_path / "b", ["sleep", "120"])
+    ids = ["tpl-one", "tpl-two"]
+    try:
+        for cid in ids:
+            templated.runtime("create", "--bundle", str(bundle), cid, check=True)
+            templated.runtime("start", cid, check=True)
+        one, two = (record(templated, cid) for cid in ids)
+        assert one["template"] and one["template"] == two["template"] and one["pid"] != two["pid"]
+        built = json.loads((templated.config.run_dir / "templates" / one["template"] / "template.json").read_text())
+        assert time.time() - built["created_at"] > 3  # so a clock left as the template's would show
+        exec_out(templated, "tpl-one", "echo written-in-one > /data/marker; dd if=/dev/urandom of=/data/big bs=1M count=8 2>/dev/null")
+        assert exec_out(templated, "tpl-two", "ls -A /data; echo end") == "end\n"
+        assert exec_out(templated, "tpl-one", "cat /data/marker") == "written-in-one\n"
+        probe = "hostname; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; date +%s"
+        (h1, r1, t1), (h2, r2, t2) = (exec_out(templated, cid, probe).split() for cid in ids)
+        assert h1 != h2 and h1.startswith("vm-")                   # each its own hostname
+        assert r1 != r2                                             # reseeded RNGs
+        assert abs(int(t1) - time.time()) < 5 and abs(int(t2) - time.time()) < 5  # the host's clock
+    finally:
+        for cid in ids:
+            templated.runtime("delete", "--force", cid)
+    for cid in ids:
+        assert leftovers(templated, cid) == []
+
+
+def test_vmmd_sigkill_keeps_the_template_and_the_running_clone(templated, tmp_path):
+    bundle = tmpfs_bundle(tmp_path / "b", ["sleep", "120"])
+    try:
+        templated.runtime("create", "--bundle", str(bundle), "tpl-kept", check=True)
+        templated.runtime("start", "tpl-kept", check=True)
+        exec_out(templated, "tpl-kept", "echo before > /data/f")
+        before = record(templated, "tpl-kept")
+        kept = templates_on_disk(templated)
+        templated.stop("vmmd", sig=signal.SIGKILL)
+        templated.start("vmmd")
+        assert templates_on_disk(templated) == kept
+        assert VmmdClient(templated.config).get("tpl-kept").pid == before["pid"]
+        assert exec_out(templated, "tpl-kept", "cat /data/f") == "before\n"
+        templated.runtime("create", "--bundle", str(bundle), "tpl-after", check=True)
+        assert record(templated, "tpl-after")["template"] == before["template"]  # reused, not rebuilt
+    finally:
+        for cid in ("tpl-kept", "tpl-after"):
+            templated.runtime("delete", "--force", cid)
+    for cid in ("tpl-kept", "tpl-after"):
+        assert leftovers(templated, cid) == []
+    assert processes_mentioning("hanabi-template-") == []
+
+
+def test_a_stale_template_is_rebuilt_and_the_old_one_removed(templated, tmp_path):
+    """A new guest image (here: a copy elsewhere, then its initrd touched) gets a template
+    of its own; the old image's is removed. Runs last: it moves vmmd to the copy."""
+    image = tmp_path / "guest"
+    shutil.copytree(GUEST_DIR, image, symlinks=False)
+    config_text = templated.config_path.read_text()
+    bundle = make_bundle(tmp_path / "b", ["true"])
+    try:
+        templated.stop("vmmd")
+        templated.config_path.write_text(config_text.replace(f'guest_dir = "{GUEST_DIR}"', f'guest_dir = "{image}"'))
+        templated.start("vmmd")
+        old = templates_on_disk(templated)
+        templated.runtime("run", "--bundle", str(bundle), "tpl-copy", check=True)
+        first = templates_on_disk(templated)
+        assert len(first) == 1 and first != old
+        os.utime(image / "initrd.img")
+        templated.runtime("run", "--bundle", str(bundle), "tpl-touched", check=True)
+        second = templates_on_disk(templated)
+        assert len(second) == 1 and second != first
+    finally:
+        templated.stop("vmmd")
+        templated.config_path.write_text(config_text)
+        templated.start("vmmd")
+    for cid in ("tpl-copy", "tpl-touched"):
+        assert leftovers(templated, cid) == []
+    assert processes_mentioning("hanabi-template-") == []
