@@ -95,7 +95,9 @@ def test_two_clones_at_once_are_independent_machines(templated, tmp_path):
         probe = "hostname; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; date +%s"
         (h1, r1, t1), (h2, r2, t2) = (exec_out(templated, cid, probe).split() for cid in ids)
         assert h1 != h2 and h1.startswith("vm-")                   # each its own hostname
-        assert r1 != r2                                             # reseeded RNGs
+        # different RNG output (6.1's early-boot reseeds and interrupt timing diverge clones
+        # within seconds even without `restored`; tests/unit/test_vm_templates.py checks its ioctls)
+        assert r1 != r2
         assert abs(int(t1) - time.time()) < 5 and abs(int(t2) - time.time()) < 5  # the host's clock
     finally:
         for cid in ids:
@@ -123,6 +125,30 @@ def test_vmmd_sigkill_keeps_the_template_and_the_running_clone(templated, tmp_pa
         for cid in ("tpl-kept", "tpl-after"):
             templated.runtime("delete", "--force", cid)
     for cid in ("tpl-kept", "tpl-after"):
+        assert leftovers(templated, cid) == []
+    assert processes_mentioning("hanabi-template-") == []
+
+
+def test_a_clone_that_cannot_restore_boots_cold_and_the_template_is_rebuilt(templated, tmp_path):
+    bundle = make_bundle(tmp_path / "b", ["true"])
+    templated.runtime("run", "--bundle", str(bundle), "tpl-warmup", check=True)
+    [key] = templates_on_disk(templated)
+    state = templated.config.run_dir / "templates" / key / "state"
+    state.write_bytes(state.read_bytes()[:4096])  # a truncated device state
+    log = templated.root / "vmmd.log"
+    logged = log.read_text().count("clone did not start")
+    done = templated.runtime("run", "--bundle", str(bundle), "tpl-cold", check=True)
+    assert done.returncode == 0
+    lines = log.read_text().splitlines()
+    fallbacks = [line for line in lines if "clone did not start" in line]
+    assert len(fallbacks) == logged + 1 and "tpl-cold" in fallbacks[-1]
+    assert not any("vm start failed" in line and "tpl-cold" in line for line in lines)  # one line only
+    cold = [json.loads(line) for line in lines if '"vm created"' in line and '"tpl-cold"' in line]
+    assert len(cold) == 1 and cold[0]["template"] is None  # booted cold
+    assert templates_on_disk(templated) == []
+    templated.runtime("run", "--bundle", str(bundle), "tpl-rebuilt", check=True)
+    assert len(templates_on_disk(templated)) == 1
+    for cid in ("tpl-warmup", "tpl-cold", "tpl-rebuilt"):
         assert leftovers(templated, cid) == []
     assert processes_mentioning("hanabi-template-") == []
 

@@ -210,8 +210,9 @@ class VmService(DeviceOps, PoolOps, CloneOps):
                 try:
                     return self._boot(sid, self.store, backend, memory_mib, vcpus, nics, cgroups, template).info()
                 except HanabiError as exc:
-                    log.warning("clone did not start, booting cold", extra={
-                        "sandbox": sid, "template": template.key[:12], "error": exc.message})
+                    log.warning("clone did not start, booting cold (the template is rebuilt at its next use)",
+                                extra={"sandbox": sid, "template": template.key[:12], "error": exc.message})
+                    self.templates.discard(template.key)
             state = self._boot(sid, self.store, backend, memory_mib, vcpus, nics, cgroups)
         return state.info()
 
@@ -259,7 +260,7 @@ class VmService(DeviceOps, PoolOps, CloneOps):
             store.remove(sid, STATE_NAME)
             self._remove_vm_dir(vm_dir)
             remove_share_dir(share_dir)
-            if isinstance(exc, HanabiError):
+            if isinstance(exc, HanabiError) and template is None:  # a clone's caller logs it
                 log.warning("vm start failed", extra={"sandbox": sid, "error": exc.message})
             raise
         state.state = "running"
@@ -267,6 +268,7 @@ class VmService(DeviceOps, PoolOps, CloneOps):
         self._handles[sid] = handle
         self.reaper.watch(handle)
         log.info("vm created", extra={"sandbox": sid, "pid": handle.pid, "accel": spec.accel,
+                                      "template": template.key[:12] if template is not None else None,
                                       "ms": round((time.monotonic() - began) * 1000, 1)})
         return state
 

@@ -194,6 +194,11 @@ class TemplateStore:
             log.info("removed a stale vm template", extra={"template": entry.name})
         return removed
 
+    def discard(self, key: str) -> None:
+        """Remove one template (a clone of it did not start: the next use rebuilds it)."""
+        with self._lock(key):
+            shutil.rmtree(self.root / key, ignore_errors=True)
+
     def remove_all(self) -> None:
         """Remove every template (templates turned off)."""
         for template in self.list():
