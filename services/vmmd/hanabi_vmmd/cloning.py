@@ -74,6 +74,21 @@ class CloneOps:
             log.warning("no vm template, booting cold", extra={"error": exc.message})
             return None
 
+    def _clone_or_boot(self, sid: str, store, backend: Hypervisor, memory_mib: int, vcpus: int,
+                       nics: tuple[NicSpec, ...] = (), cgroups=()) -> HypervisorState:
+        """`_boot` as a clone of the fitting template where there is one; a clone that does
+        not start is logged once, its template discarded (rebuilt at the next use), and the
+        VM booted cold. Caller holds sid's lock."""
+        template = self._template_for(backend, memory_mib, vcpus, nics)
+        if template is not None:
+            try:
+                return self._boot(sid, store, backend, memory_mib, vcpus, nics, cgroups, template)
+            except HanabiError as exc:
+                log.warning("clone did not start, booting cold (the template is rebuilt at its next use)",
+                            extra={"sandbox": sid, "template": template.key[:12], "error": exc.message})
+                self.templates.discard(template.key)
+        return self._boot(sid, store, backend, memory_mib, vcpus, nics, cgroups)
+
     def _build_template(self, params: TemplateParams, build_dir: Path) -> float:
         """The store's builder: boot a VM with its RAM in build_dir/memory (shared), wait for
         its agent, save the device state to build_dir/state, end the VM; boot-to-ready s."""

@@ -205,15 +205,7 @@ class VmService(DeviceOps, PoolOps, CloneOps):
                 if state is not None:
                     cgroup.join(state.pid, cgroups)  # booted earlier: its memory stays charged to vmmd
                     return state.info()
-            template = self._template_for(backend, memory_mib, vcpus, nics)
-            if template is not None:
-                try:
-                    return self._boot(sid, self.store, backend, memory_mib, vcpus, nics, cgroups, template).info()
-                except HanabiError as exc:
-                    log.warning("clone did not start, booting cold (the template is rebuilt at its next use)",
-                                extra={"sandbox": sid, "template": template.key[:12], "error": exc.message})
-                    self.templates.discard(template.key)
-            state = self._boot(sid, self.store, backend, memory_mib, vcpus, nics, cgroups)
+            state = self._clone_or_boot(sid, self.store, backend, memory_mib, vcpus, nics, cgroups)
         return state.info()
 
     def _boot(self, sid: str, store: StateStore, backend: Hypervisor, memory_mib: int, vcpus: int,
