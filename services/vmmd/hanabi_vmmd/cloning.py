@@ -109,7 +109,7 @@ class CloneOps:
         try:
             wait_agent_ready(spec.agent_socket, vmm.boot_timeout_s)
             ready_s = time.monotonic() - began
-            backend.save_template(handle, build_dir / STATE_NAME)  # type: ignore[attr-defined]
+            backend.save_template(handle, build_dir / STATE_NAME, build_dir / MEMORY_NAME)  # type: ignore[attr-defined]
         finally:
             backend.stop(handle, vmm.stop_timeout_s)
         return ready_s

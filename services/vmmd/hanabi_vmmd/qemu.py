@@ -84,8 +84,9 @@ class QemuHypervisor:
 
     # -- VM templates (qemu_snapshot) --------------------------------------------------
 
-    def save_template(self, handle: VmHandle, state_file: Path) -> int:
-        """Stop a template VM (RAM in a shared file) and save its device state; bytes."""
+    def save_template(self, handle: VmHandle, state_file: Path, memory_file: Path) -> int:
+        """Stop a template VM and save its device state; bytes. Its RAM is `memory_file`
+        already (the spec's, mapped shared), so only the devices are written."""
         return qemu_snapshot.save_state(handle.control_socket, state_file, self.start_timeout)
 
     def restore(self, spec: VmSpec, state_file: Path,
