@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -37,6 +38,13 @@ def pss_kib(pid: int) -> int:
     raise RuntimeError(f"no Pss in /proc/{pid}/smaps_rollup")
 
 
+def quiet(argv: list[str]) -> None:
+    """Run a CLI call whose stdio a container's stand-in may keep (create): no pipes."""
+    done = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if done.returncode != 0:
+        raise RuntimeError(f"{argv} failed with status {done.returncode}")
+
+
 def runtime(daemons) -> list[str]:
     return [str(BIN / "hanabi-runtime"), "--config", str(daemons.config_path)]
 
@@ -51,14 +59,15 @@ def idle_pss(daemons, bundle: Path, label: str) -> list[int]:
     ids = [f"tb-idle-{label}-{i}" for i in range(IDLE)]
     try:
         for cid in ids:
-            time_command(runtime(daemons) + ["create", "--bundle", str(bundle), cid])
-            time_command(runtime(daemons) + ["start", cid])
+            quiet(runtime(daemons) + ["create", "--bundle", str(bundle), cid])
+            quiet(runtime(daemons) + ["start", cid])
         time.sleep(SETTLE_S)
         vmmd = VmmdClient(daemons.config)
         return [pss_kib(vmmd.get(cid).pid) for cid in ids]
     finally:
         for cid in ids:
-            time_command(runtime(daemons) + ["delete", "--force", cid])
+            subprocess.run(runtime(daemons) + ["delete", "--force", cid], stdin=subprocess.DEVNULL,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def clone_ready_ms(log: Path) -> list[float]:

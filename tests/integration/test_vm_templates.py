@@ -45,6 +45,8 @@ def test_a_clone_runs_a_container_and_answers_the_agent(templated, tmp_path):
     first = templated.runtime("run", "--bundle", str(bundle), "tpl-first", check=True)
     assert b"hello from" in first.stdout
     assert templates_on_disk(templated), "no template was built"
+    text = VmmdClient(templated.config).rpc.call("metrics", {})["text"]
+    assert 'hanabi_vm_templates{daemon="vmmd"} 1.0' in text
     fds_before = vmmd_fds(templated)
     began = time.monotonic()
     second = templated.runtime("create", "--bundle", str(bundle), "tpl-second", check=True)
@@ -60,6 +62,9 @@ def test_a_clone_runs_a_container_and_answers_the_agent(templated, tmp_path):
         assert leftovers(templated, cid) == []
     assert processes_mentioning("hanabi-template-") == []  # the template's QEMU ended after its save
     assert vmmd_fds(templated) == fds_before
+    run_dir = templated.config.run_dir
+    memory_files = [p.relative_to(run_dir).parts for p in run_dir.rglob("memory")]
+    assert memory_files and all(parts[0] == "templates" and len(parts) == 3 for parts in memory_files)
 
 
 def tmpfs_bundle(path: Path, args: list[str]) -> Path:
@@ -160,11 +165,13 @@ def test_a_stale_template_is_rebuilt_and_the_old_one_removed(templated, tmp_path
     shutil.copytree(GUEST_DIR, image, symlinks=False)
     config_text = templated.config_path.read_text()
     bundle = make_bundle(tmp_path / "b", ["true"])
+    old = templates_on_disk(templated)
+    assert old  # the earlier tests' template
     try:
         templated.stop("vmmd")
         templated.config_path.write_text(config_text.replace(f'guest_dir = "{GUEST_DIR}"', f'guest_dir = "{image}"'))
         templated.start("vmmd")
-        old = templates_on_disk(templated)
+        assert templates_on_disk(templated) == []  # another image now: removed at start
         templated.runtime("run", "--bundle", str(bundle), "tpl-copy", check=True)
         first = templates_on_disk(templated)
         assert len(first) == 1 and first != old

@@ -59,6 +59,23 @@ class CloneOps:
                               accel=self.accel.accel, cmdline=kernel_cmdline(vmm.kernel_cmdline_extra),
                               hotplug_slots=HOTPLUG_SLOTS, share=backend.share_kind is not None)
 
+    def _prune_templates(self) -> None:
+        """At start: remove the templates of images that are no longer the current one (all
+        of them when the guest image is gone), so templates go with their image."""
+        for name in TEMPLATE_BACKENDS:
+            backend = self.backends.get(name)
+            if backend is None:
+                continue
+            try:
+                params = self._template_params(backend, self.config.vmm.memory_mib, self.config.vmm.vcpus)
+            except HanabiError:  # no guest image (or no VMM binary): nothing can be cloned
+                for template in self.templates.list():
+                    if template.record.params.get("backend") == name:
+                        self.templates.discard(template.key)
+                continue
+            if params is not None:
+                self.templates.remove_stale(name, params.image_id, params.vmm_id)
+
     def _template_for(self, backend: Hypervisor, memory_mib: int, vcpus: int,
                       nics: tuple[NicSpec, ...]) -> Template | None:
         """The template to clone for this VM (built now if missing), or None: templates off,
@@ -107,7 +124,9 @@ class CloneOps:
         began = time.monotonic()
         handle = backend.start(spec)
         try:
-            wait_agent_ready(spec.agent_socket, vmm.boot_timeout_s)
+            # half the boot timeout: the build runs inside the vm.create that needed it, whose
+            # caller waits boot_timeout_s + 5 s for the build, the clone and its agent together
+            wait_agent_ready(spec.agent_socket, vmm.boot_timeout_s / 2)
             ready_s = time.monotonic() - began
             backend.save_template(handle, build_dir / STATE_NAME, build_dir / MEMORY_NAME)  # type: ignore[attr-defined]
         finally:

@@ -110,7 +110,9 @@ class VmService(DeviceOps, PoolOps, CloneOps):
             if (state := store.read(sid, STATE_NAME, HypervisorState)) is not None and state.share_dir})
         self.templates = TemplateStore(config.run_dir / "templates", self._build_template)
         clean_orphans(self.templates.root / BUILD_DIR, set())  # builds a crash interrupted
-        if not config.vmm.templates:
+        if config.vmm.templates:
+            self._prune_templates()
+        else:
             self.templates.remove_all()
         self.pool = WarmPool(config.vmm.pool_size, self._boot_pooled)
         self.pool.start(self._pooled_after_restart())
@@ -310,6 +312,7 @@ class VmService(DeviceOps, PoolOps, CloneOps):
             "hanabi_vms_memory_mib": ("Guest memory of the sandboxes' VMs (MiB)", sum(vm.memory_mib for vm in vms)),
             "hanabi_pool_free": ("Pooled VMs ready to be taken", len(self.pool.free())),
             "hanabi_pool_size": ("Configured size of the warm pool", self.pool.size),
+            "hanabi_vm_templates": ("VM templates on disk", len(self.templates.list())),
         }
 
     def _observed(self, state: HypervisorState) -> HypervisorState:
