@@ -16,7 +16,8 @@ from hanabi_common.errors import FailedPrecondition, Unavailable
 from hanabi_vmmd import qemu_cmdline as qc
 from hanabi_vmmd.cloning import clone_hostname, restore_fields
 from hanabi_vmmd.hypervisor import VmSpec
-from hanabi_vmmd.templates import TemplateParams, TemplateStore, image_id
+from hanabi_vmmd import templates as tpl
+from hanabi_vmmd.templates import TemplateParams, TemplateStore, TemplateUnsupported, image_id
 from hanabi_wire import T_RESTORED, messages
 from hanabi_wire.constants import HOSTNAME_REGEX, RESTORE_SEED_BYTES
 
@@ -66,12 +67,15 @@ class Builder:
     def __init__(self) -> None:
         self.built: list[str] = []
         self.fail = False
+        self.unsupported = False
 
     def __call__(self, p: TemplateParams, build_dir: Path) -> float:
         self.built.append(p.key())
         (build_dir / "agent.sock").write_text("")
         if self.fail:
             raise Unavailable("QEMU exited while starting")
+        if self.unsupported:
+            raise TemplateUnsupported("the agent refused restored")
         (build_dir / "memory").write_bytes(b"\0" * 4096)
         (build_dir / "state").write_bytes(b"QEVM" + b"\0" * 100)
         return 2.5
@@ -166,3 +170,29 @@ def test_the_guest_reseed_ioctls_are_accepted_by_a_6x_kernel():
 
     reseed_kernel_rng(os.urandom(RESTORE_SEED_BYTES))
 
+
+
+def test_after_the_backoff_a_failed_or_discarded_template_is_built_again(tmp_path, monkeypatch):
+    builder = Builder()
+    store = TemplateStore(tmp_path / "t", builder)
+    template = store.get(params())
+    store.discard(template.key)             # a clone of it did not start
+    assert not template.dir.exists()
+    with pytest.raises(FailedPrecondition, match="retried after"):
+        store.get(params())
+    monkeypatch.setattr(tpl, "RETRY_AFTER_FAILURE_S", 0.0)
+    assert store.get(params()).state_file.is_file() and len(builder.built) == 2
+
+
+def test_an_image_that_cannot_make_templates_is_never_retried(tmp_path, monkeypatch):
+    builder = Builder()
+    builder.unsupported = True
+    store = TemplateStore(tmp_path / "t", builder)
+    with pytest.raises(TemplateUnsupported):
+        store.get(params())
+    monkeypatch.setattr(tpl, "RETRY_AFTER_FAILURE_S", 0.0)
+    with pytest.raises(FailedPrecondition, match="refused restored"):
+        store.get(params())
+    assert len(builder.built) == 1
+    builder.unsupported = False
+    assert store.get(params(image_id="rebuilt-image")).key != params().key()  # a new image may

@@ -17,14 +17,15 @@ import os
 import time
 from pathlib import Path
 
-from hanabi_common.errors import HanabiError
+from hanabi_common.errors import FailedPrecondition, HanabiError
 from hanabi_wire import T_RESTORED
 from hanabi_wire.constants import RESTORE_SEED_BYTES
 from hanabi_vmmd.agent_probe import agent_request, wait_agent_ready
 from hanabi_vmmd.hypervisor import Hypervisor, NicSpec, VmHandle, VmSpec
 from hanabi_vmmd.qemu_cmdline import kernel_cmdline
 from hanabi_vmmd.state import HypervisorState
-from hanabi_vmmd.templates import MEMORY_NAME, STATE_NAME, Template, TemplateParams, image_id, vmm_id
+from hanabi_vmmd.templates import (MEMORY_NAME, STATE_NAME, Template, TemplateParams, TemplateUnsupported,
+                                   image_id, vmm_id)
 
 log = logging.getLogger("hanabi.vmmd")
 TEMPLATE_BACKENDS = ("qemu",)  # Firecracker's snapshots are not wired yet
@@ -128,6 +129,12 @@ class CloneOps:
             # caller waits boot_timeout_s + 5 s for the build, the clone and its agent together
             wait_agent_ready(spec.agent_socket, vmm.boot_timeout_s / 2)
             ready_s = time.monotonic() - began
+            try:  # an agent without `restored` could not make its clones their own machines
+                agent_request(spec.agent_socket, T_RESTORED, restore_fields(spec.sandbox_id),
+                              RESTORE_AGENT_TIMEOUT_S)
+            except FailedPrecondition as exc:
+                raise TemplateUnsupported(f"the guest image at {vmm.guest_dir} cannot make VM templates: "
+                                          f"{exc.message} (rebuild it with `hanabi-image build`)") from None
             backend.save_template(handle, build_dir / STATE_NAME, build_dir / MEMORY_NAME)  # type: ignore[attr-defined]
         finally:
             backend.stop(handle, vmm.stop_timeout_s)

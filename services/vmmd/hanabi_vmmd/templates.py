@@ -116,6 +116,10 @@ def vmm_id(binary: str) -> str:
     return f"{os.path.realpath(path)}:{st.st_size}:{st.st_mtime_ns}"
 
 
+class TemplateUnsupported(FailedPrecondition):
+    """The guest image cannot make templates (its agent lacks `restored`): not retried."""
+
+
 # (params, build_dir) -> (boot-to-ready seconds); writes build_dir/memory and build_dir/state
 Builder = Callable[[TemplateParams, Path], float]
 
@@ -129,6 +133,7 @@ class TemplateStore:
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
         self._failed: dict[str, float] = {}
+        self._unsupported: dict[str, str] = {}
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     def _lock(self, key: str) -> threading.Lock:
@@ -143,14 +148,19 @@ class TemplateStore:
             found = self.find(key)
             if found is not None:
                 return found
+            if key in self._unsupported:
+                raise FailedPrecondition(self._unsupported[key])
             failed_at = self._failed.get(key)
             if failed_at is not None and time.monotonic() - failed_at < RETRY_AFTER_FAILURE_S:
-                raise FailedPrecondition(f"building VM template {key[:12]} failed "
+                raise FailedPrecondition(f"VM template {key[:12]} failed "
                                          f"{time.monotonic() - failed_at:.0f}s ago; retried after "
                                          f"{RETRY_AFTER_FAILURE_S:.0f}s")
             self.remove_stale(params.backend, params.image_id, params.vmm_id)
             try:
                 template = self._build(key, params)
+            except TemplateUnsupported as exc:
+                self._unsupported[key] = exc.message  # the same image will not do better
+                raise
             except BaseException:
                 self._failed[key] = time.monotonic()
                 raise
@@ -195,9 +205,11 @@ class TemplateStore:
         return removed
 
     def discard(self, key: str) -> None:
-        """Remove one template (a clone of it did not start: the next use rebuilds it)."""
+        """Remove one template (a clone of it did not start): rebuilt at a use after
+        RETRY_AFTER_FAILURE_S, so a clone that keeps failing does not cost a boot each time."""
         with self._lock(key):
             shutil.rmtree(self.root / key, ignore_errors=True)
+            self._failed[key] = time.monotonic()
 
     def remove_all(self) -> None:
         """Remove every template (templates turned off)."""
