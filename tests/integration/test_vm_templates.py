@@ -143,6 +143,40 @@ def test_vmmd_sigkill_keeps_the_template_and_the_running_clone(templated, tmp_pa
     assert processes_mentioning("hanabi-template-") == []
 
 
+def test_a_vmmd_killed_during_a_template_build_leaves_nothing_after_its_restart(templated):
+    """A new size needs a new template; vmmd is SIGKILLed while that template boots: the next
+    vmmd kills the half-built template's QEMU and removes its directory."""
+    import threading
+
+    build_root = templated.config.run_dir / "templates" / "build"
+    errors: list[Exception] = []
+
+    def create() -> None:
+        try:
+            VmmdClient(templated.config).create("tpl-crash", memory_mib=160, timeout=15)
+        except Exception as exc:  # noqa: BLE001 - vmmd dies under it
+            errors.append(exc)
+
+    caller = threading.Thread(target=create)
+    caller.start()
+    deadline = time.monotonic() + 60
+    while not list(build_root.glob("*/qemu.pid")):
+        assert time.monotonic() < deadline, "no template build started"
+        time.sleep(0.05)
+    building = [str(p.parent) for p in build_root.glob("*/qemu.pid")]
+    templated.stop("vmmd", sig=signal.SIGKILL)
+    caller.join(120)
+    assert errors  # the caller saw vmmd go away
+    assert any(processes_mentioning(d + "/") for d in building)  # the template's QEMU outlived vmmd
+    templated.start("vmmd")
+    try:
+        assert not any(processes_mentioning(d + "/") for d in building)
+        assert not any(Path(d).exists() for d in building)
+    finally:
+        VmmdClient(templated.config).stop("tpl-crash")
+    assert leftovers(templated, "tpl-crash") == []
+
+
 def test_a_clone_that_cannot_restore_boots_cold_and_its_template_is_dropped(templated, tmp_path):
     bundle = make_bundle(tmp_path / "b", ["true"])
     templated.runtime("run", "--bundle", str(bundle), "tpl-warmup", check=True)
