@@ -53,6 +53,7 @@ bench: setup ## benchmarks (hanabi vs runc in the same run)
 	$(BIN)/python bench/blockd.py
 	$(BIN)/python bench/network.py
 	$(BIN)/python bench/pool.py
+	$(BIN)/python bench/templates.py
 	$(BIN)/python bench/storage.py
 	$(BIN)/python bench/firecracker.py
 

@@ -78,6 +78,7 @@ class Handlers:
             P.T_DESTROY_CONTAINER: self.h_destroy_container,
             P.T_SHUTDOWN: self.h_shutdown,
             P.T_CONFIGURE_NETWORK: self.h_configure_network,
+            P.T_RESTORED: self.h_restored,
         }
 
     def container(self, msg: dict[str, Any]) -> Container:
@@ -333,6 +334,14 @@ class Handlers:
         listeners = self.dns.listen(dns_relay, self.sandbox.dns_port) if dns_relay else []
         return {"interfaces": [iface["name"] for iface in interfaces], "dns_relay": listeners}
 
+    def h_restored(self, req_id: int, msg: dict[str, Any]) -> Result:
+        """A clone of a VM template, just resumed: everything the template fixed must differ."""
+        reseed_kernel_rng(msg["seed"])
+        time.clock_settime_ns(time.CLOCK_REALTIME, msg["time_ns"])
+        self.sandbox.set_hostname(msg["hostname"])
+        log(f"restored from a template as {msg['hostname']}")
+        return {}
+
     def h_shutdown(self, req_id: int, msg: dict[str, Any]) -> Result:
         self.send(P.reply_ok(req_id, {}))
         self.call_later(0.0, self._power_off)
@@ -342,6 +351,25 @@ class Handlers:
         self.flush_blocking(2.0)
         self.sandbox.poweroff()
         self.running = False
+
+
+RNDADDENTROPY = 0x40085203  # _IOW('R', 0x03, int[2]): add bytes, credit them
+RNDRESEEDCRNG = 0x5207      # _IO('R', 0x07): reseed the CRNG from the input pool now
+
+
+def reseed_kernel_rng(seed: bytes) -> None:
+    """Mix `seed` into the kernel's input pool (credited as entropy) and force the CRNG to
+    reseed from it, so getrandom() in a clone differs from the template's and its siblings'."""
+    import fcntl
+    import struct
+
+    info = struct.pack("ii", len(seed) * 8, len(seed)) + seed
+    fd = os.open("/dev/urandom", os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, RNDADDENTROPY, info)
+        fcntl.ioctl(fd, RNDRESEEDCRNG)
+    finally:
+        os.close(fd)
 
 
 def read_cmdline(pid: int) -> list[str]:

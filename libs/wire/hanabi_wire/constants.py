@@ -54,6 +54,8 @@ ID_RE = re.compile(ID_REGEX)  # use fullmatch ("$" alone would let a trailing ne
 INIT_EXEC_ID = "init"  # the exec id of a container's first process, reserved for `start`
 SERIAL_REGEX = r"^[A-Za-z0-9_.:-]{1,20}$"  # a virtio-blk serial (20 bytes at most)
 SHARE_ROOTFS_REGEX = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}/rootfs$"  # a container's root in the share
+# A clone of a VM template gets this many fresh random bytes for its RNG (`restored`).
+RESTORE_SEED_BYTES = 64
 HOSTNAME_REGEX = r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,62}[A-Za-z0-9])?$"
 
 # Sizes.
@@ -88,6 +90,7 @@ T_PS = "ps"
 T_DESTROY_CONTAINER = "destroy_container"
 T_SHUTDOWN = "shutdown"
 T_CONFIGURE_NETWORK = "configure_network"
+T_RESTORED = "restored"
 # Host -> guest events.
 T_STDIN = "stdin"
 T_DNS_ANSWER = "dns_answer"

@@ -139,6 +139,13 @@ _MESSAGES = (
         F("interfaces", LIST, "names of the configured NICs", items=F("name", STR, max_len=15)),
         F("dns_relay", LIST, '"addr:port" of each relay listener', items=F("listener", STR, max_len=64)),
     )),
+    Message(C.T_RESTORED, HOST, (
+        F("seed", B64, "fresh random bytes: mixed into the kernel's pool, which then reseeds",
+          min_len=C.RESTORE_SEED_BYTES, max_len=4096),
+        F("time_ns", INT, "the host's CLOCK_REALTIME (ns since the epoch) to set", lo=0, hi=1 << 63),
+        F("hostname", STR, "the VM's own hostname", pattern=HOSTNAME_REGEX),
+    ), "the VM is a clone of a template, just resumed: reseed the RNG, set the clock and the "
+       "hostname (the first request to a clone, before any container)", request=True, result=()),
     # --- host -> guest events
     Message(C.T_STDIN, HOST, (
         CID, EXEC,

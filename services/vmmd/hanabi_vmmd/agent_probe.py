@@ -14,9 +14,10 @@ import socket
 import time
 from pathlib import Path
 
-from hanabi_common.errors import DeadlineExceeded
+from hanabi_common.errors import DeadlineExceeded, FailedPrecondition
 from hanabi_wire import (PROTOCOL_VERSION, SYNC, T_PING, T_REPLY, UNVERSIONED, FrameDecoder, ProtocolError,
                          encode_frame, ping_fields, version_mismatch)
+from hanabi_wire.messages import request as wire_request
 
 log = logging.getLogger("hanabi.vmmd")
 PROBE_ID = 1
@@ -69,3 +70,48 @@ def wait_agent_ready(path: Path, timeout: float) -> float:
             return time.monotonic() - began
         time.sleep(0.05)
     raise DeadlineExceeded(f"the guest agent behind {path} did not answer within {timeout:.0f}s")
+
+
+def agent_request(path: Path, mtype: str, fields: dict, timeout: float) -> dict:
+    """One request to the agent behind `path` (SYNC, the request, its reply, close), retried
+    while the agent is not there yet; its result. FailedPrecondition if the agent refused it,
+    DeadlineExceeded after `timeout`."""
+    frame = SYNC + encode_frame({**wire_request(mtype, **fields), "id": PROBE_ID})
+    deadline = time.monotonic() + timeout
+    while True:
+        reply = _exchange(path, frame, deadline)
+        if reply is not None:
+            if not reply.get("ok"):
+                error = reply.get("error") or {}
+                raise FailedPrecondition(f"the guest agent refused {mtype}: {error.get('message', error)}")
+            result = reply.get("result")
+            return result if isinstance(result, dict) else {}
+        if time.monotonic() >= deadline:
+            raise DeadlineExceeded(f"the guest agent behind {path} did not answer {mtype} within {timeout:.1f}s")
+        time.sleep(0.005)
+
+
+def _exchange(path: Path, frame: bytes, deadline: float) -> dict | None:
+    """Send `frame` on a fresh connection and return the reply with PROBE_ID (None: no answer)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.settimeout(max(min(ATTEMPT_S, deadline - time.monotonic()), 0.01))
+        sock.connect(str(path))
+        sock.sendall(frame)
+        decoder = FrameDecoder(wait_sync=True)
+        until = min(deadline, time.monotonic() + ATTEMPT_S)
+        while time.monotonic() < until:
+            ready, _, _ = select.select([sock], [], [], max(until - time.monotonic(), 0))
+            if not ready:
+                break
+            data = sock.recv(65536)
+            if not data:
+                return None
+            for msg in decoder.feed(data):
+                if msg.get("type") == T_REPLY and msg.get("id") == PROBE_ID:
+                    return msg
+        return None
+    except (OSError, ProtocolError):
+        return None
+    finally:
+        sock.close()

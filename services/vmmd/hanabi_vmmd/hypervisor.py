@@ -41,6 +41,12 @@ class VmSpec:
     nics: tuple["NicSpec", ...] = ()
     # The export root of the VM's file share (None: no share device). See shares.py.
     share_dir: Path | None = None
+    # VM templates (templates.py): the guest RAM as a file (`memory_shared`: the template
+    # writes it, MAP_SHARED; a clone maps it private, copy-on-write), and `incoming`: QEMU
+    # waits for the device state (`-incoming defer`) instead of booting.
+    memory_file: Path | None = None
+    memory_shared: bool = False
+    incoming: bool = False
 
     @classmethod
     def in_dir(cls, sandbox_id: str, vm_dir: Path, **kwargs: object) -> "VmSpec":

@@ -25,8 +25,8 @@ class PoolOps:
         """The pool's boot: a VM of the default size, no NICs, recorded in the pool's store,
         ready once its guest agent answers (a VM that does not get there is removed)."""
         with self.locks.hold(pool_id):
-            state = self._boot(pool_id, self.pool_store, self._backend(POOLED_BACKEND),
-                               self.config.vmm.memory_mib, self.config.vmm.vcpus)
+            state = self._clone_or_boot(pool_id, self.pool_store, self._backend(POOLED_BACKEND),
+                                        self.config.vmm.memory_mib, self.config.vmm.vcpus)
         try:
             seconds = wait_agent_ready(Path(state.agent_socket), self.config.vmm.boot_timeout_s)
         except BaseException:

@@ -18,7 +18,7 @@ from typing import Callable, Collection
 
 from hanabi_common.errors import (DeadlineExceeded, FailedPrecondition, HanabiError,
                                   InvalidArgument, NotFound, Unavailable)
-from hanabi_vmmd import proc, vmm_process
+from hanabi_vmmd import proc, qemu_snapshot, vmm_process
 from hanabi_vmmd.vmm_process import stderr_tail
 from hanabi_vmmd.hypervisor import DiskSpec, NicSpec, StopResult, VmHandle, VmSpec
 from hanabi_vmmd.qemu_cmdline import build_argv, pick_slot
@@ -80,6 +80,29 @@ class QemuHypervisor:
             raise
         log.info("qemu running", extra={"sandbox": spec.sandbox_id, "pid": process.pid,
                                         "qmp_ready_ms": round((time.monotonic() - began) * 1000, 1)})
+        return handle
+
+    # -- VM templates (qemu_snapshot) --------------------------------------------------
+
+    def save_template(self, handle: VmHandle, state_file: Path, memory_file: Path) -> int:
+        """Stop a template VM and save its device state; bytes. Its RAM is `memory_file`
+        already (the spec's, mapped shared), so only the devices are written."""
+        return qemu_snapshot.save_state(handle.control_socket, state_file, self.start_timeout)
+
+    def restore(self, spec: VmSpec, state_file: Path,
+                on_spawned: Callable[[VmHandle], None] | None = None) -> VmHandle:
+        """Start a clone (`spec.incoming`, its RAM the template's file mapped private), load
+        the template's device state and let it run; on failure nothing is left running."""
+        if not spec.incoming or spec.memory_file is None or spec.nics:
+            raise InvalidArgument("a clone needs the template's memory file, -incoming and no boot NICs")
+        handle = self.start(spec, on_spawned)
+        try:
+            qemu_snapshot.load_state(handle.control_socket, state_file, self.start_timeout)
+        except BaseException as exc:
+            vmm_process.kill_and_reap(handle)
+            if isinstance(exc, HanabiError) and (tail := stderr_tail(spec.stderr_log)):
+                exc.message = f"{exc.message} (QEMU: {tail[-500:]})"
+            raise
         return handle
 
     def _wait_qmp(self, handle: VmHandle, stderr_log: Path, deadline: float) -> None:

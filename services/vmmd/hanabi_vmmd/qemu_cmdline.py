@@ -50,13 +50,15 @@ def _check_option_path(value: str, what: str) -> str:
     return value
 
 
-def machine_args(machine: str, accel: str) -> list[str]:
-    """-machine, -accel and -cpu for the machine type and accelerator."""
+def machine_args(machine: str, accel: str, memory_backend: str | None = None) -> list[str]:
+    """-machine, -accel and -cpu for the machine type and accelerator (`memory_backend`:
+    the id of the -object that holds the guest RAM)."""
     if machine not in ("q35", "pc"):
         raise ValueError(f"unknown machine type {machine!r}")
     if accel not in ("kvm", "tcg"):
         raise ValueError(f"unknown accelerator {accel!r}")
-    args = ["-machine", f"{machine},vmport=off,sata=off,smbus=off"]
+    backend = f",memory-backend={memory_backend}" if memory_backend else ""
+    args = ["-machine", f"{machine},vmport=off,sata=off,smbus=off{backend}"]
     if accel == "tcg":
         args += ["-accel", f"tcg,tb-size={TCG_TB_SIZE_MIB}", "-cpu", "max"]
     else:
@@ -101,6 +103,19 @@ def share_args(machine: str, share_dir) -> list[str]:
             "-device", f"virtio-9p-pci,fsdev=share0,mount_tag={SHARE_MOUNT_TAG},bus={bus},romfile="]
 
 
+MEMORY_BACKEND_ID = "m0"
+
+
+def memory_args(memory_mib: int, memory_file, shared: bool) -> list[str]:
+    """The guest RAM as a file (VM templates): the template maps it shared (its writes land
+    in the file), a clone private (copy-on-write over the template's pages)."""
+    if memory_file is None:
+        return []
+    path = _check_option_path(str(memory_file), "memory file")
+    return ["-object", f"memory-backend-file,id={MEMORY_BACKEND_ID},size={memory_mib}M,mem-path={path},"
+                       f"share={'on' if shared else 'off'}"]
+
+
 def build_argv(spec: VmSpec, *, binary: str = "qemu-system-x86_64", machine: str = "q35",
                sandbox: bool = True, nic_fds: Sequence[int] = ()) -> list[str]:
     """The full argv that boots `spec` (raises ValueError on values QEMU cannot take);
@@ -110,8 +125,9 @@ def build_argv(spec: VmSpec, *, binary: str = "qemu-system-x86_64", machine: str
     for path in (spec.vm_dir, spec.agent_socket, spec.control_socket, spec.console_log):
         _check_option_path(str(path), "path")
     argv = [binary, "-name", f"hanabi-{spec.sandbox_id}"]
-    argv += machine_args(machine, spec.accel)
+    argv += machine_args(machine, spec.accel, MEMORY_BACKEND_ID if spec.memory_file is not None else None)
     argv += ["-m", f"{spec.memory_mib}M", "-smp", str(spec.vcpus)]
+    argv += memory_args(spec.memory_mib, spec.memory_file, spec.memory_shared)
     argv += ["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]
     if sandbox:
         argv += ["-sandbox", SANDBOX_OPTS]
@@ -125,4 +141,6 @@ def build_argv(spec: VmSpec, *, binary: str = "qemu-system-x86_64", machine: str
     argv += ["-serial", f"file:{spec.console_log}"]
     argv += ["-qmp", f"unix:{spec.control_socket},server=on,wait=off"]
     argv += ["-pidfile", str(spec.pid_file), "-msg", "timestamp=on"]
+    if spec.incoming:
+        argv += ["-incoming", "defer"]
     return argv

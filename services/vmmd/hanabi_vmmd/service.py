@@ -29,6 +29,7 @@ from hanabi_vmmd import accel as accel_mod
 from hanabi_vmmd import cgroup
 from hanabi_vmmd import proc
 from hanabi_vmmd.hypervisor import Hypervisor, NicSpec, VmHandle, VmSpec
+from hanabi_vmmd.cloning import CloneOps
 from hanabi_vmmd.devices import DeviceOps, nic_spec
 from hanabi_vmmd.locks import KeyedLocks
 from hanabi_vmmd.pooling import POOLED_BACKEND, PoolOps
@@ -40,7 +41,8 @@ from hanabi_vmmd.reaper import Reaper
 from hanabi_vmmd.selection import Choice, decide_auto
 from hanabi_vmmd.share_server import stop_servers
 from hanabi_vmmd.shares import clean_orphan_shares, make_share_dir, remove_share_dir, share_dir_for
-from hanabi_vmmd.recovery import recover
+from hanabi_vmmd.recovery import clean_orphans, recover
+from hanabi_vmmd.templates import BUILD_DIR, Template, TemplateStore
 from hanabi_vmmd.state import (STATE_NAME, SUN_PATH_MAX, HypervisorState, NicRecord,
                                vm_dir_for)
 
@@ -81,8 +83,9 @@ def guest_files(guest_dir: Path) -> tuple[Path, Path]:
     return kernel, initrd
 
 
-class VmService(DeviceOps, PoolOps):
-    """Owns the VMs of this host (device hot-plug in `devices`, the warm pool in `pooling`)."""
+class VmService(DeviceOps, PoolOps, CloneOps):
+    """Owns the VMs of this host (device hot-plug in `devices`, the warm pool in `pooling`,
+    VM templates in `cloning`)."""
 
     def __init__(self, config: Config, *, backends: dict[str, Hypervisor] | None = None,
                  accel: accel_mod.AccelDecision | None = None) -> None:
@@ -108,6 +111,12 @@ class VmService(DeviceOps, PoolOps):
             Path(state.share_dir) for store in (self.store, self.pool_store)
             for sid in store.list_sandboxes(having=STATE_NAME)
             if (state := store.read(sid, STATE_NAME, HypervisorState)) is not None and state.share_dir})
+        self.templates = TemplateStore(config.run_dir / "templates", self._build_template)
+        clean_orphans(self.templates.root / BUILD_DIR, set())  # builds a crash interrupted
+        if config.vmm.templates:
+            self._prune_templates()
+        else:
+            self.templates.remove_all()
         self.pool = WarmPool(config.vmm.pool_size, self._boot_pooled)
         self.pool.start(self._pooled_after_restart())
 
@@ -201,12 +210,14 @@ class VmService(DeviceOps, PoolOps):
                 if state is not None:
                     cgroup.join(state.pid, cgroups)  # booted earlier: its memory stays charged to vmmd
                     return state.info()
-            state = self._boot(sid, self.store, backend, memory_mib, vcpus, nics, cgroups)
+            state = self._clone_or_boot(sid, self.store, backend, memory_mib, vcpus, nics, cgroups)
         return state.info()
 
     def _boot(self, sid: str, store: StateStore, backend: Hypervisor, memory_mib: int, vcpus: int,
-              nics: tuple[NicSpec, ...] = (), cgroups: list[Path] = ()) -> HypervisorState:
-        """Boot a VM recorded in `store` (the sandboxes' or the pool's); caller holds sid's lock."""
+              nics: tuple[NicSpec, ...] = (), cgroups: list[Path] = (),
+              template: Template | None = None) -> HypervisorState:
+        """Boot a VM recorded in `store` (the sandboxes' or the pool's), or start it as a
+        clone of `template` (its NICs hot-plugged after); caller holds sid's lock."""
         vmm = self.config.vmm
         kernel, initrd = guest_files(vmm.guest_dir)
         vm_dir = vm_dir_for(self.config.run_dir, sid)
@@ -220,29 +231,41 @@ class VmService(DeviceOps, PoolOps):
                              cmdline=kernel_cmdline(vmm.kernel_cmdline_extra),
                              accel=self.accel.accel, hotplug_slots=HOTPLUG_SLOTS, nics=nics,
                              share_dir=share_dir)
+        if template is not None:
+            spec = self._clone_spec(spec, template)
         record: dict = {}
 
         def on_spawned(handle: VmHandle) -> None:
             cgroup.join(handle.pid, list(cgroups))  # before the guest touches its memory
-            record["state"] = self._state_for(spec, handle, backend.name)
+            record["state"] = self._state_for(spec, handle, backend.name, template)
             self._write(record["state"], store)
 
         began = time.monotonic()
         try:
-            handle = backend.start(spec, on_spawned)
+            if template is None:
+                handle = backend.start(spec, on_spawned)
+            else:
+                handle = self._start_clone(backend, spec, template, on_spawned)
+            state = record.get("state") or self._state_for(spec, handle, backend.name, template)
+            if template is not None:
+                try:
+                    self._finish_clone(state, backend, handle, nics, began)
+                except BaseException:
+                    backend.stop(handle, self.config.vmm.stop_timeout_s)
+                    raise
         except BaseException as exc:
             store.remove(sid, STATE_NAME)
             self._remove_vm_dir(vm_dir)
             remove_share_dir(share_dir)
-            if isinstance(exc, HanabiError):
+            if isinstance(exc, HanabiError) and template is None:  # a clone's caller logs it
                 log.warning("vm start failed", extra={"sandbox": sid, "error": exc.message})
             raise
-        state = record.get("state") or self._state_for(spec, handle, backend.name)
         state.state = "running"
         self._write(state, store)
         self._handles[sid] = handle
         self.reaper.watch(handle)
         log.info("vm created", extra={"sandbox": sid, "pid": handle.pid, "accel": spec.accel,
+                                      "template": template.key[:12] if template is not None else None,
                                       "ms": round((time.monotonic() - began) * 1000, 1)})
         return state
 
@@ -252,7 +275,8 @@ class VmService(DeviceOps, PoolOps):
             self._auto = decide_auto(self.backends)
         return self._auto.backend
 
-    def _state_for(self, spec: VmSpec, handle: VmHandle, hypervisor: str) -> HypervisorState:
+    def _state_for(self, spec: VmSpec, handle: VmHandle, hypervisor: str,
+                   template: Template | None = None) -> HypervisorState:
         return HypervisorState(
             sandbox_id=spec.sandbox_id, hypervisor=hypervisor, accel=spec.accel,
             machine=handle.machine, hotplug_slots=handle.hotplug_slots, state="booting",
@@ -262,7 +286,8 @@ class VmService(DeviceOps, PoolOps):
             control_socket=str(handle.control_socket), console_log=str(spec.console_log),
             stderr_log=str(spec.stderr_log), created_at=time.time(),
             nics=[NicRecord.of(n) for n in spec.nics],
-            share_dir=str(spec.share_dir) if spec.share_dir else None)
+            share_dir=str(spec.share_dir) if spec.share_dir else None,
+            template=template.key if template is not None else None)
 
     def get(self, request: SandboxRef) -> VmInfo:
         """The VM of one sandbox."""
@@ -290,6 +315,7 @@ class VmService(DeviceOps, PoolOps):
             "hanabi_vms_memory_mib": ("Guest memory of the sandboxes' VMs (MiB)", sum(vm.memory_mib for vm in vms)),
             "hanabi_pool_free": ("Pooled VMs ready to be taken", len(self.pool.free())),
             "hanabi_pool_size": ("Configured size of the warm pool", self.pool.size),
+            "hanabi_vm_templates": ("VM templates on disk", len(self.templates.list())),
         }
 
     def _observed(self, state: HypervisorState) -> HypervisorState:

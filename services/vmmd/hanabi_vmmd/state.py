@@ -97,6 +97,7 @@ class HypervisorState(VersionedState):
     disks: list[DiskRecord] = []
     nics: list[NicRecord] = []
     share_dir: str | None = None
+    template: str | None = None  # the VM template it was cloned from (templates.py), None: booted
 
     def handle(self) -> VmHandle:
         """A backend handle for this VM (without a Popen: good for adopted VMs)."""

@@ -30,7 +30,7 @@ from hanabi_common.errors import (DeadlineExceeded, FailedPrecondition, HanabiEr
                                   InvalidArgument, Unavailable)
 from hanabi_vmmd import proc, vmm_process
 from hanabi_vmmd.vmm_process import stderr_tail
-from hanabi_vmmd.firecracker import boot
+from hanabi_vmmd.firecracker import boot, snapshot
 from hanabi_vmmd.firecracker.api import FirecrackerApi
 from hanabi_vmmd.share_server import ShareServer, diod_path, listen_path
 from hanabi_vmmd.firecracker.process import (AGENT_VSOCK_PORT, LOG_NAME, METRICS_NAME, JailerConfig,
@@ -102,12 +102,56 @@ class FirecrackerHypervisor:
         """Spawn Firecracker, wait for its API socket, configure the VM and start it."""
         exec_file = self._require_binary()
         check_kernel(spec.kernel)
-        netns = nics_netns([nic.netns_path for nic in spec.nics])
+        nics_netns([nic.netns_path for nic in spec.nics])  # one namespace for all taps
         if len(spec.nics) > 1:
             raise InvalidArgument("hanabi gives a Firecracker VM at most one boot NIC")
-        instance = jail_id(spec.vm_dir)
         layout = layout_for(spec.vm_dir, exec_file, self.jailer)
         steps = boot.boot_sequence(self._boot_spec(spec, layout))  # bad specs fail before spawning
+        return self._launch(spec, exec_file, layout, steps, on_spawned)
+
+    # -- VM templates (snapshot.py) ----------------------------------------------------
+
+    def save_template(self, handle: VmHandle, state_file: Path, memory_file: Path) -> int:
+        """Pause a template VM and write a full snapshot: its state and its memory; the
+        state's size in bytes."""
+        self._no_jailer_for_templates()
+        with self._api(handle, timeout=self.start_timeout) as api:
+            api.replay(snapshot.snapshot_sequence(str(state_file), str(memory_file)))
+        return state_file.stat().st_size
+
+    def restore(self, spec: VmSpec, state_file: Path,
+                on_spawned: Callable[[VmHandle], None] | None = None) -> VmHandle:
+        """Start a clone of a template: a fresh Firecracker loads the snapshot (memory
+        `spec.memory_file`, mapped private), gets its own vsock socket, tap and placeholder
+        files, then resumes. On failure nothing is left running."""
+        exec_file = self._require_binary()
+        self._no_jailer_for_templates()
+        if spec.memory_file is None:
+            raise InvalidArgument("a clone needs the template's memory file")
+        nics_netns([nic.netns_path for nic in spec.nics])
+        if len(spec.nics) > 1:
+            raise InvalidArgument("hanabi gives a Firecracker VM at most one boot NIC")
+        layout = layout_for(spec.vm_dir, exec_file, self.jailer)
+        steps = snapshot.restore_sequence(snapshot.FcRestoreSpec(
+            state_path=str(state_file), memory_path=str(spec.memory_file),
+            vsock_uds_path=layout.fc(layout.vsock_socket.name),
+            placeholders=tuple(layout.fc(f"{boot.placeholder_id(i)}.img") for i in range(self.placeholder_drives)),
+            tap_name=spec.nics[0].tap if spec.nics else None,
+            log_path=layout.fc(LOG_NAME), log_level=self.log_level,  # type: ignore[arg-type]
+            metrics_path=layout.fc(METRICS_NAME)))
+        return self._launch(spec, exec_file, layout, steps, on_spawned)
+
+    def _no_jailer_for_templates(self) -> None:
+        if self.jailer is not None:
+            raise FailedPrecondition("VM templates do not work under Firecracker's jailer yet "
+                                     "(the snapshot files would have to be inside every jail)")
+
+    def _launch(self, spec: VmSpec, exec_file: str, layout: Layout, steps: list,
+                on_spawned: Callable[[VmHandle], None] | None) -> VmHandle:
+        """Spawn Firecracker for `spec`, wait for its API socket, send `steps`; on failure
+        kill and reap it (nothing is left running)."""
+        netns = nics_netns([nic.netns_path for nic in spec.nics])
+        instance = jail_id(spec.vm_dir)
         if self.jailer is not None:
             argv = jailer_argv(self.jailer, exec_file, instance, netns)
             preexec = None

@@ -1,0 +1,118 @@
+"""VM templates against cold boots and runc (`make bench`), in one run: `hanabi-runtime run
+true` with `vmm.templates = false` (cold boot) and `true` (a clone; the first run, which
+builds the template, is not counted), `runc run`; vmmd's clone-to-agent-ready time (QEMU
+spawned to the agent's answer to `restored`, from its log); and the host PSS
+(/proc/PID/smaps_rollup) of the QEMU of an idle container, cold and cloned. Medians of
+HANABI_BENCH_RUNS (default 10). Writes bench/results/templates.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.run import median, publish, time_command  # noqa: E402
+from hanabi_runtime.demo_bundle import make_bundle  # noqa: E402
+from hanabi_vmmd.client import VmmdClient  # noqa: E402
+from tests.helpers.hanabi import BIN, integration_skip_reason, start_daemons  # noqa: E402
+
+RUNS = int(os.environ.get("HANABI_BENCH_RUNS", "10"))
+IDLE = int(os.environ.get("HANABI_BENCH_IDLE", "4"))  # idle containers measured per mode
+SETTLE_S = 3.0  # after start, before reading PSS: the guest goes idle
+
+
+def pss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no Pss in /proc/{pid}/smaps_rollup")
+
+
+def quiet(argv: list[str]) -> None:
+    """Run a CLI call whose stdio a container's stand-in may keep (create): no pipes."""
+    done = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if done.returncode != 0:
+        raise RuntimeError(f"{argv} failed with status {done.returncode}")
+
+
+def runtime(daemons) -> list[str]:
+    return [str(BIN / "hanabi-runtime"), "--config", str(daemons.config_path)]
+
+
+def run_true(daemons, bundle: Path, label: str) -> list[float]:
+    return [time_command(runtime(daemons) + ["run", "--bundle", str(bundle), f"tb-{label}-{i}"])
+            for i in range(RUNS)]
+
+
+def idle_pss(daemons, bundle: Path, label: str) -> list[int]:
+    """PSS (KiB) of the QEMU of each of IDLE idle containers running at once."""
+    ids = [f"tb-idle-{label}-{i}" for i in range(IDLE)]
+    try:
+        for cid in ids:
+            quiet(runtime(daemons) + ["create", "--bundle", str(bundle), cid])
+            quiet(runtime(daemons) + ["start", cid])
+        time.sleep(SETTLE_S)
+        vmmd = VmmdClient(daemons.config)
+        return [pss_kib(vmmd.get(cid).pid) for cid in ids]
+    finally:
+        for cid in ids:
+            subprocess.run(runtime(daemons) + ["delete", "--force", cid], stdin=subprocess.DEVNULL,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def clone_ready_ms(log: Path) -> list[float]:
+    out = []
+    for line in log.read_text().splitlines():
+        if '"vm cloned from a template"' in line:
+            out.append(json.loads(line)["agent_ready_ms"])
+    return out
+
+
+def main() -> None:
+    reason = integration_skip_reason()
+    if reason or not shutil.which("runc"):
+        sys.exit(f"cannot benchmark here: {reason or 'runc is not installed'}")
+    work = Path(tempfile.mkdtemp(prefix="hanabi-bench-templates-"))
+    bundle = make_bundle(work / "bundle", ["true"])
+    idle = make_bundle(work / "idle", ["sleep", "3600"])
+    walls = {"runc": [time_command(["runc", "run", "--bundle", str(bundle), f"tb-runc-{i}"]) for i in range(RUNS)]}
+    pss: dict[str, list[int]] = {}
+    ready: list[float] = []
+    for label, on in (("cold", "false"), ("clone", "true")):
+        daemons = start_daemons(work / label, vmm_toml=f"templates = {on}")
+        try:
+            if on == "true":  # builds the template: not counted
+                time_command(runtime(daemons) + ["run", "--bundle", str(bundle), "tb-warmup"])
+            walls[label] = run_true(daemons, bundle, label)
+            pss[label] = idle_pss(daemons, idle, label)
+            if on == "true":
+                ready = clone_ready_ms(daemons.root / "vmmd.log")[1:]  # [0]: the warm-up's
+        finally:
+            daemons.stop_all()
+    shutil.rmtree(work, ignore_errors=True)
+    runc, cold, clone = (median(walls[k]) for k in ("runc", "cold", "clone"))
+    publish({
+        "runs": RUNS, "idle_containers": IDLE,
+        "runc_run_true_s": runc, "cold_run_true_s": cold, "clone_run_true_s": clone,
+        "ratio_cold_vs_runc": round(cold / runc, 1), "ratio_clone_vs_runc": round(clone / runc, 1),
+        "clone_vs_cold": round(clone / cold, 2),
+        "clone_to_agent_ready_ms_median": round(statistics.median(ready), 1) if ready else None,
+        "idle_pss_mib_median": {k: round(statistics.median(v) / 1024, 1) for k, v in pss.items()},
+        "walls_s": {k: [round(v, 3) for v in vs] for k, vs in walls.items()},
+        "clone_to_agent_ready_ms": ready,
+        "idle_pss_kib": pss,
+    }, "templates.json")
+
+
+if __name__ == "__main__":
+    main()
