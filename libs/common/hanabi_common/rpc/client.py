@@ -6,8 +6,6 @@ Following the ZeroMQ guide's Lazy Pirate pattern, a call that times out closes i
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 from pathlib import Path
 from typing import TypeVar
@@ -15,8 +13,9 @@ from typing import TypeVar
 import zmq
 from pydantic import BaseModel, ValidationError
 
-from hanabi_common.errors import DeadlineExceeded, HanabiError, Internal, Unavailable, error_for_code
+from hanabi_common.errors import HanabiError, Internal
 from hanabi_common.rpc.envelope import decode_reply, encode_request
+from hanabi_common.rpc.wire import attempt_share, attempts_for, default_sender, no_answer, not_running, reply_error
 
 R = TypeVar("R", bound=BaseModel)
 
@@ -28,12 +27,11 @@ class RpcClient:
         self.name = name
         self.endpoint = endpoint
         self.timeout = timeout
-        self.sender = f"{os.path.basename(sys.argv[0]) if sys.argv else 'client'}:{os.getpid()}"
+        self.sender = default_sender()
 
     def _check_socket(self) -> None:
         if self.endpoint.startswith("ipc://") and not Path(self.endpoint[6:]).exists():
-            raise Unavailable(f"{self.name} is not running: no socket at {self.endpoint[6:]} "
-                              f"(start it with `make up` or `systemctl start hanabi-{self.name}`)")
+            raise not_running(self.name, self.endpoint[6:])
 
     def call(self, method: str, request: BaseModel | dict | None = None,
              reply: type[R] | None = None, *, timeout: float | None = None,
@@ -46,16 +44,16 @@ class RpcClient:
             body = dict(request or {})
         total = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + total
-        attempts = 3 if idempotent else 1
+        attempts = attempts_for(idempotent)
         for attempt in range(attempts):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            share = remaining if attempt == attempts - 1 else max(remaining / (attempts - attempt), 0.5)
+            share = attempt_share(remaining, attempt, attempts)
             result = self._attempt(method, body, share)
             if result is not None:
                 return self._parse(method, result, reply)
-        raise DeadlineExceeded(f"{self.name} did not answer {method} within {total:.1f}s")
+        raise no_answer(self.name, method, total)
 
     def _attempt(self, method: str, body: dict, timeout: float) -> dict | None:
         header, frames = encode_request(method, body, timeout, self.sender)
@@ -75,9 +73,7 @@ class RpcClient:
                 if reply_header.parent_id not in (header.msg_id, ""):
                     continue  # a late answer to an earlier attempt
                 if reply_header.status == "error":
-                    raise error_for_code(reply_body.get("code", "INTERNAL"),
-                                         f"{self.name}: {reply_body.get('message', 'unknown error')}",
-                                         reply_body.get("details") or {})
+                    raise reply_error(self.name, reply_body)
                 return reply_body
             return None
         finally:
