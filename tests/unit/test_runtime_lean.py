@@ -1,0 +1,164 @@
+"""The lean hot paths answer byte for byte as the typer CLI does, without its imports.
+
+No daemon runs here: the containers are state files written as `create` writes them, with
+real processes as stand-ins; a started container's agentd is absent (status falls back to
+the stand-in, teardown reports each daemon as not running). Each case runs the lean entry
+point and the full CLI in fresh interpreters and compares exit status, stdout and stderr,
+and asserts the lean run imported none of pydantic, typer, click, jsonschema or pyzmq.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+
+import pytest
+
+from hanabi_common.config import CONFIG_ENV, DEFAULT_CONFIG_PATH, Config
+from hanabi_common.state import VersionedState
+from hanabi_runtime import lifecycle
+from hanabi_runtime.execs import EXEC_PREFIX, ExecRecord
+from hanabi_runtime.lean import commands, records
+from hanabi_runtime.lean.argv import parse
+from hanabi_runtime.state import RuntimeState
+from hanabi_runtime.procs import process_start_time
+from tests.helpers.lean import heavy_imports, run_cli
+
+
+def test_mirrors_match_their_definitions():
+    from hanabi_agentd.client import SLACK_S
+
+    defaults = Config()
+    assert records.DEFAULT_CONFIG_PATH == str(DEFAULT_CONFIG_PATH) and records.CONFIG_ENV == CONFIG_ENV
+    assert set(records.CONFIG_KEYS) == set(Config.model_fields)
+    assert records.DEFAULTS == {"run_dir": str(defaults.run_dir),
+                                "rpc.default_timeout_s": defaults.rpc.default_timeout_s,
+                                "agent.request_timeout_s": defaults.agent.request_timeout_s,
+                                "vmm.stop_timeout_s": defaults.vmm.stop_timeout_s}
+    assert records.SCHEMA_VERSION == VersionedState.SCHEMA_VERSION
+    for fields, model in ((records.RUNTIME_STATE, RuntimeState), (records.EXEC_RECORD, ExecRecord)):
+        assert list(fields) == list(model.model_fields)
+        for name, info in model.model_fields.items():
+            default = fields[name][1]
+            assert (default is records.REQUIRED) == info.is_required(), name
+            if default is not records.REQUIRED:
+                assert default == info.default, name
+    assert records.EXEC_PREFIX == EXEC_PREFIX
+    assert commands.START_FIFO == lifecycle.START_FIFO and commands.AGENTD_SLACK_S == SLACK_S
+    assert set(lifecycle.LATER_PHASES) == {"poststart", "poststop"}  # the phases that fall back
+
+
+def test_argv_takes_runc_globals_and_leaves_the_rest_to_typer():
+    cmd = parse(["--root", "/r", "--log", "/l.json", "--log-format=json", "--systemd-cgroup", "state", "c1"])
+    assert (cmd.name, cmd.args, cmd.globals["log"], cmd.globals["log_format"]) == \
+        ("state", {"id": "c1"}, "/l.json", "json")
+    assert parse(["kill", "--all", "c1", "KILL"]).args == {"id": "c1", "signal": "KILL", "all": True}
+    assert parse(["ps", "c1", "-f", "json"]).args == {"id": "c1", "format": "json"}
+    for argv in (["state"], ["state", "a", "b"], ["--debug", "state", "c"], ["state", "--help", "c"],
+                 ["--version"], ["create", "c"], ["kill", "-s", "c"], ["--", "state", "c"], []):
+        assert parse(argv) is None, argv
+
+
+@pytest.fixture
+def world(tmp_path):
+    """A config, a run dir, a live stand-in (killed at the end) and a writer of state files."""
+    config = tmp_path / "hanabi.toml"
+    config.write_text(f'run_dir = "{tmp_path}/run"\n[agent]\nrequest_timeout_s = 2.0\n')
+    standin = subprocess.Popen(["sleep", "60"])
+    sbs = tmp_path / "run" / "sbs"
+
+    def record(cid, **fields):
+        fields = {"standin_pid": standin.pid, "standin_start_time": process_start_time(standin.pid), **fields}
+        state = RuntimeState(id=cid, bundle="/b", rootfs="/b/rootfs", created_at=time.time(),
+                             annotations={"a": "b"}, **fields)
+        (sbs / cid).mkdir(parents=True, exist_ok=True)
+        (sbs / cid / "state.json").write_text(state.model_dump_json(indent=1))
+        return sbs / cid
+
+    yield {"config": str(config), "record": record, "standin": standin, "sbs": sbs, "tmp": tmp_path}
+    standin.kill()
+    standin.wait()
+
+
+def _same(world, *args, imports=True):
+    argv = ["--config", world["config"], "--root", "/run/x", "--log", str(world["tmp"] / "log.json"),
+            "--log-format", "json", *args]
+    lean, modules = run_cli(argv)
+    full, _ = run_cli(argv, full=True)
+    got = (lean.returncode, lean.stdout, lean.stderr)
+    assert got == (full.returncode, full.stdout, full.stderr), args
+    if imports:
+        assert heavy_imports(modules) == [], args
+    return lean
+
+
+def test_reads_answer_as_the_full_cli(world):
+    world["record"]("c1")
+    world["record"]("dead", standin_pid=2 ** 22 - 1)
+    world["record"]("s1", started=True)  # agentd absent: the stand-in decides
+    for args in (["state", "c1"], ["state", "dead"], ["state", "s1"], ["state", "nope"], ["state", "bad/id"],
+                 ["ps", "--format", "json", "c1"], ["ps", "-f", "json", "dead"], ["ps", "s1"],
+                 ["events", "--stats", "s1"], ["kill", "c1", "BOGUS"], ["kill", "dead", "KILL"],
+                 ["start", "s1"], ["start", "dead"], ["pause", "c1"], ["resume", "s1"],
+                 ["delete", "nope"], ["delete", "-f", "nope"]):
+        _same(world, *args)
+    assert json.loads(_same(world, "state", "c1").stdout)["status"] == "created"
+    assert json.loads(_same(world, "state", "s1").stdout)["status"] == "running"
+
+
+def test_bad_state_files_answer_as_the_full_cli(world):
+    world["record"]("v2").joinpath("state.json").write_text('{"schema_version": 2, "id": "v2"}')
+    world["record"]("junk").joinpath("state.json").write_text("{not json")
+    for args in (["state", "v2"], ["state", "junk"], ["delete", "v2"]):
+        _same(world, *args)
+    odd = world["record"]("odd")  # a field the hand checks do not know: the full CLI answers
+    odd.joinpath("state.json").write_text(json.dumps(dict(json.loads(odd.joinpath("state.json").read_text()),
+                                                          extra=1)))
+    done, modules = run_cli(["--config", world["config"], "state", "odd"])
+    assert done.returncode == 1 and b"does not match its schema" in done.stderr and "pydantic" in modules
+
+
+def test_kill_of_a_created_container_signals_its_standin(world):
+    world["record"]("c2")
+    _, modules = run_cli(["--config", world["config"], "kill", "c2", "KILL"])
+    assert world["standin"].wait(10) == -9 and heavy_imports(modules) == []
+
+
+def test_delete_without_daemons_removes_the_state_and_names_each_daemon(world):
+    directory = world["record"]("gone", started=True)
+    (directory / f"{EXEC_PREFIX}e1.json").write_text(ExecRecord(exec_id="e1", args=["sh"],
+                                                                standin_pid=world["standin"].pid).model_dump_json())
+    done, modules = run_cli(["--config", world["config"], "delete", "--force", "gone"])
+    assert done.returncode == 1 and heavy_imports(modules) == []
+    message = done.stderr.decode()
+    assert message.startswith("hanabi-runtime: internal: container gone removed, but not cleanly: destroy the container: "
+                              "agentd is not running")
+    for daemon in ("vmmd", "blockd", "netd"):
+        assert f"{daemon} is not running" in message
+    assert not directory.exists() and world["standin"].wait(10) == -9
+    again = world["record"]("gone2", started=True)
+    full, _ = run_cli(["--config", world["config"], "delete", "--force", "gone2"], full=True)
+    assert full.stderr.decode() == message.replace("gone", "gone2") and not again.exists()
+
+
+def test_hooks_and_invalid_configs_fall_back_to_the_full_cli(world, tmp_path):
+    world["record"]("h1", hooks={"poststart": [{"path": "/bin/true"}]})
+    done, modules = run_cli(["--config", world["config"], "start", "h1"])
+    assert "pydantic" in modules  # the full CLI ran it (and refused: the container is created but no agentd)
+    bad = tmp_path / "bad.toml"
+    for text in ("run_dir = 5\n", "[vmm]\nmemory_mib = 'x'\nstop_timeout_s = -1\n", "nonsense = 1\n", "x = [\n"):
+        bad.write_text(text)
+        lean, _ = run_cli(["--config", str(bad), "state", "c1"])
+        full, _ = run_cli(["--config", str(bad), "state", "c1"], full=True)
+        assert (lean.returncode, lean.stderr) == (full.returncode, full.stderr) and lean.returncode == 1, text
+
+
+def test_no_config_file_uses_the_defaults(tmp_path, monkeypatch):
+    monkeypatch.setenv(records.CONFIG_ENV, str(tmp_path / "missing.toml"))
+    lean, modules = run_cli(["state", "c1"])
+    full, _ = run_cli(["state", "c1"], full=True)
+    assert (lean.returncode, lean.stderr) == (full.returncode, full.stderr) == (1, lean.stderr)
+    assert b"does not exist" in lean.stderr and heavy_imports(modules) == []
+    assert os.environ[records.CONFIG_ENV]
