@@ -98,12 +98,15 @@ def test_reads_answer_as_the_full_cli(world):
     world["record"]("c1")
     world["record"]("dead", standin_pid=2 ** 22 - 1)
     world["record"]("s1", started=True)  # agentd absent: the stand-in decides
-    for args in (["state", "c1"], ["state", "dead"], ["state", "s1"], ["state", "nope"], ["state", "bad/id"],
+    for args in (["state", "c1"], ["state", "dead"], ["state", "s1"], ["state", "nope"],
                  ["ps", "--format", "json", "c1"], ["ps", "-f", "json", "dead"], ["ps", "s1"],
                  ["events", "--stats", "s1"], ["kill", "c1", "BOGUS"], ["kill", "dead", "KILL"],
+                 ["kill", "s1"], ["kill", "--all", "s1", "KILL"],
                  ["start", "s1"], ["start", "dead"], ["pause", "c1"], ["resume", "s1"],
                  ["delete", "nope"], ["delete", "-f", "nope"]):
         _same(world, *args)
+    for args in (["state", "bad/id"], ["kill", "bad/id", "KILL"], ["delete", "-f", "-x"]):
+        _same(world, *args, imports=False)  # refused in the full CLI's words (hanabi_common.ids)
     assert json.loads(_same(world, "state", "c1").stdout)["status"] == "created"
     assert json.loads(_same(world, "state", "s1").stdout)["status"] == "running"
 

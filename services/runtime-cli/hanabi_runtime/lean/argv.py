@@ -9,8 +9,6 @@ typer then parses the command line and gives its own answer.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 GLOBAL_VALUES = ("--root", "--log", "--log-format", "--config", "--hypervisor")
 GLOBAL_FLAGS = ("--systemd-cgroup",)
 # command -> (positional names, minimum positionals, options taking a value, flags)
@@ -26,13 +24,13 @@ COMMANDS = {
 }
 
 
-@dataclass
 class Command:
-    """A parsed hot command."""
+    """A parsed hot command: its name, the global options and its own arguments."""
 
-    name: str
-    globals: dict = field(default_factory=dict)
-    args: dict = field(default_factory=dict)
+    def __init__(self, name: str, options: dict) -> None:
+        self.name = name
+        self.globals = options
+        self.args: dict = {}
 
 
 def _option(argv: list[str], i: int, names) -> tuple[str, str, int] | None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 from hanabi_common.errors import FailedPrecondition, Internal, InvalidArgument, NotFound
 
@@ -179,9 +178,9 @@ def write_state(config: LeanConfig, cid: str, state: dict) -> None:
     directory = os.path.dirname(target)
     os.makedirs(directory, mode=0o700, exist_ok=True)
     data = json.dumps(dict(state, schema_version=SCHEMA_VERSION), indent=1, ensure_ascii=False).encode()
-    fd, tmp = tempfile.mkstemp(prefix=".state.json.", dir=directory)
+    tmp = os.path.join(directory, f".state.json.{os.urandom(6).hex()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
-        os.fchmod(fd, 0o600)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()

@@ -2,16 +2,17 @@
 
 pyzmq and pydantic cost more to import than a whole `state` call may take, so this client
 speaks ZeroMQ's wire protocol (ZMTP 3.0, NULL mechanism, RFC 23) itself, as a DEALER, on
-the daemons' `ipc://` Unix sockets, one connection per try. The envelope (frames, header
-fields, errors, deadlines, the Lazy Pirate tries of idempotent calls) is
-`hanabi_common.rpc.wire`'s, the same the pyzmq client and the daemons use.
+the daemons' `ipc://` Unix sockets, one connection per try (through `_socket`: `socket.py`
+costs a few ms of enum building). The envelope (frames, header fields, errors, deadlines,
+the Lazy Pirate tries of idempotent calls) is `hanabi_common.rpc.wire`'s, the same the
+pyzmq client and the daemons use.
 """
 
 from __future__ import annotations
 
+import _socket
 import json
 import os
-import socket
 import struct
 import time
 
@@ -41,7 +42,7 @@ def _ready_command(socket_type: bytes) -> bytes:
     return _frame(COMMAND, body)
 
 
-def _read_exact(sock: socket.socket, size: int) -> bytes:
+def _read_exact(sock: _socket.socket, size: int) -> bytes:
     data = bytearray()
     while len(data) < size:
         chunk = sock.recv(size - len(data))
@@ -51,7 +52,7 @@ def _read_exact(sock: socket.socket, size: int) -> bytes:
     return bytes(data)
 
 
-def _read_frame(sock: socket.socket) -> tuple[int, bytes]:
+def _read_frame(sock: _socket.socket) -> tuple[int, bytes]:
     flags = _read_exact(sock, 1)[0]
     if flags & LONG:
         (size,) = struct.unpack(">Q", _read_exact(sock, 8))
@@ -60,7 +61,7 @@ def _read_frame(sock: socket.socket) -> tuple[int, bytes]:
     return flags, _read_exact(sock, size)
 
 
-def _read_message(sock: socket.socket) -> list[bytes]:
+def _read_message(sock: _socket.socket) -> list[bytes]:
     frames = []
     while True:
         flags, data = _read_frame(sock)
@@ -71,7 +72,7 @@ def _read_message(sock: socket.socket) -> list[bytes]:
             return frames
 
 
-def _handshake(sock: socket.socket) -> None:
+def _handshake(sock: _socket.socket) -> None:
     sock.sendall(GREETING + _ready_command(b"DEALER"))
     greeting = _read_exact(sock, GREETING_SIZE)
     if greeting[0] != 0xFF or greeting[9] != 0x7F or greeting[10] < 3:
@@ -107,9 +108,9 @@ class LeanClient:
                 return result
         raise no_answer(self.name, method, total)
 
-    def _connect(self, end: float) -> socket.socket | None:
+    def _connect(self, end: float) -> _socket.socket | None:
         while True:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
             try:
                 sock.settimeout(max(end - time.monotonic(), 0.001))
                 sock.connect(self.socket_path)
