@@ -68,10 +68,14 @@ def main() -> None:
         times.setdefault(command, {}).setdefault(entry, []).append(seconds)
 
     def create(cid: str) -> None:
-        subprocess.run(LEAN + cfg + ["create", "--bundle", str(bundle), cid], check=True,
-                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        with tempfile.TemporaryFile() as err:  # not a pipe: the stand-in keeps create's stdio
+            done = subprocess.run(LEAN + cfg + ["create", "--bundle", str(bundle), cid],
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+            err.seek(0)
+            if done.returncode != 0:
+                raise RuntimeError(f"create {cid} failed: {err.read().decode()[-800:]}")
 
-    runc_state = []
+    runc_state, floor = [], []
     try:
         subprocess.run(["runc", "create", "--bundle", str(bundle), "bench-cli-runc"], check=True,
                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -79,6 +83,7 @@ def main() -> None:
         subprocess.run(LEAN + cfg + ["start", "bench-cli"], check=True)
         for i in range(RUNS):
             runc_state.append(timed(["runc", "state", "bench-cli-runc"]))
+            floor.append(timed([sys.executable, "-c", "pass"]))
             for entry, argv in (("full", FULL + cfg), ("lean", LEAN + cfg)):
                 for command in (["state"], ["ps"], ["ps", "--format", "json"], ["events", "--stats"],
                                 ["kill"], ["pause"], ["resume"]):
@@ -96,7 +101,8 @@ def main() -> None:
         daemons.stop_all()
         shutil.rmtree(work, ignore_errors=True)
     runc_ms = ms(runc_state)
-    report = {"runs": RUNS, "runc_state_ms": runc_ms, "commands": {}}
+    report = {"runs": RUNS, "runc_state_ms": runc_ms, "python_startup_ms": ms(floor),
+              "load_average": os.getloadavg(), "commands": {}}
     for command, entries in times.items():
         full, lean = ms(entries["full"]), ms(entries["lean"])
         report["commands"][command] = {"full_ms": full, "lean_ms": lean, "full_over_lean": round(full / lean, 2),
@@ -108,7 +114,8 @@ def main() -> None:
     for command, row in report["commands"].items():
         print(f"{command:<18}{row['full_ms']:>9}{row['lean_ms']:>9}{row['full_over_lean']:>11}"
               f"{row['lean_over_runc_state']:>17}")
-    print(f"runc state: {runc_ms} ms")
+    print(f"runc state: {runc_ms} ms; `python -c pass`: {report['python_startup_ms']} ms; "
+          f"load average {report['load_average'][0]:.1f}")
 
 
 if __name__ == "__main__":

@@ -55,6 +55,13 @@ def test_argv_takes_runc_globals_and_leaves_the_rest_to_typer():
     assert (cmd.name, cmd.args, cmd.globals["log"], cmd.globals["log_format"]) == \
         ("state", {"id": "c1"}, "/l.json", "json")
     assert parse(["kill", "--all", "c1", "KILL"]).args == {"id": "c1", "signal": "KILL", "all": True}
+    # containerd's shim (go-runc), behind Docker's wrapper that puts --config first
+    shim = parse(["--config", "/etc/h.toml", "--root", "/run/containerd/runc/moby", "--log",
+                  "/run/containerd/x/log.json", "--log-format", "json", "--systemd-cgroup", "kill", "--all", "c1", "9"])
+    assert (shim.name, shim.args, shim.globals["config"]) == ("kill", {"id": "c1", "signal": "9", "all": True},
+                                                             "/etc/h.toml")
+    assert parse(["delete", "--force", "c1"]).args == {"id": "c1", "force": True}
+    assert parse(["events", "--stats", "--interval=2", "c1"]).args == {"id": "c1", "stats": True, "interval": "2"}
     assert parse(["ps", "c1", "-f", "json"]).args == {"id": "c1", "format": "json"}
     for argv in (["state"], ["state", "a", "b"], ["--debug", "state", "c"], ["state", "--help", "c"],
                  ["--version"], ["create", "c"], ["kill", "-s", "c"], ["--", "state", "c"], []):
@@ -77,6 +84,9 @@ def world(tmp_path):
         (sbs / cid / "state.json").write_text(state.model_dump_json(indent=1))
         return sbs / cid
 
+    sbs.mkdir(parents=True)
+    _, modules = run_cli(["--config", str(config), "state", "none"], full=True)  # validates it, once
+    assert json.loads((tmp_path / "run" / records.CONFIG_STAMP).read_text()) == {str(config): config.read_text()}
     yield {"config": str(config), "record": record, "standin": standin, "sbs": sbs, "tmp": tmp_path}
     standin.kill()
     standin.wait()
@@ -165,3 +175,18 @@ def test_no_config_file_uses_the_defaults(tmp_path, monkeypatch):
     assert (lean.returncode, lean.stderr) == (full.returncode, full.stderr) == (1, lean.stderr)
     assert b"does not exist" in lean.stderr and heavy_imports(modules) == []
     assert os.environ[records.CONFIG_ENV]
+
+
+def test_a_config_is_read_only_as_the_full_cli_validated_it(world):
+    config = world["tmp"] / "hanabi.toml"
+    argv = ["--config", str(config), "state", "none"]
+    assert heavy_imports(run_cli(argv)[1]) == []
+    config.write_text(config.read_text() + "# edited\n")
+    first, modules = run_cli(argv)
+    assert "pydantic" in modules and b"does not exist" in first.stderr  # the full CLI read it anew
+    assert heavy_imports(run_cli(argv)[1]) == []  # and vouched for it
+    config.write_text(config.read_text() + "[vmm]\nmemory_mib = 1\n")  # invalid, in a key `state` never reads
+    for _ in range(2):
+        refused, modules = run_cli(argv)
+        assert refused.returncode == 1 and b"config file" in refused.stderr and b"memory_mib" in refused.stderr
+        assert "pydantic" in modules

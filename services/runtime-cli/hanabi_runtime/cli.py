@@ -56,10 +56,24 @@ def _setup_logging(log: Optional[Path], log_format: str, debug: bool) -> None:
 
 
 def _runtime():
-    from hanabi_common.config import load_config
+    from hanabi_common.config import config_path, load_config
     from hanabi_runtime.lifecycle import Runtime
-    return Runtime(load_config(_globals.get("config")), root=_globals.get("root"),
-                   hypervisor=_globals.get("hypervisor"))
+
+    path = config_path(_globals.get("config"))
+    text = _config_text(path)
+    runtime = Runtime(load_config(_globals.get("config")), root=_globals.get("root"),
+                      hypervisor=_globals.get("hypervisor"))
+    if text is not None and text == _config_text(path):  # the text the models accepted
+        from hanabi_runtime.lean.records import stamp_config
+        stamp_config(runtime.config.run_dir, path, text)
+    return runtime
+
+
+def _config_text(path: Optional[Path]) -> Optional[str]:
+    try:
+        return path.read_bytes().decode() if path is not None else None
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def _fail(exc: HanabiError) -> None:

@@ -2,7 +2,10 @@
 
 The checks are done by hand, and only as far as they can be done exactly: whatever they
 cannot vouch for raises `Fallback`, and the full CLI (pydantic models) does the command
-instead, with its own messages. The field lists and defaults mirror `hanabi_common.config`,
+instead, with its own messages. The config file is the full CLI's to validate: each time
+its models accept one, it records the file's exact text in `<run_dir>/CONFIG_STAMP`; a hot
+path reads a config file only when its text is recorded there (else: Fallback, and the full
+CLI refuses it in its words or records it), so an invalid setting is never passed over. The field lists and defaults mirror `hanabi_common.config`,
 `hanabi_common.state`, `RuntimeState` and `ExecRecord`; tests/unit/test_runtime_lean.py
 pins them to those definitions.
 """
@@ -37,6 +40,7 @@ RUNTIME_STATE = {
 EXEC_RECORD = {"schema_version": ((int,), 1), "exec_id": ((str,), REQUIRED), "args": ((list,), REQUIRED),
                "standin_pid": ((int,), REQUIRED), "standin_start_time": ((int, type(None)), None)}
 EXEC_PREFIX = "exec-"  # hanabi_runtime.execs
+CONFIG_STAMP = "cli-config.json"  # {absolute config path: its text}, as last validated
 
 
 class Fallback(Exception):
@@ -87,9 +91,13 @@ def load_config(explicit: str | None) -> LeanConfig:
     import tomllib
 
     try:
-        data = tomllib.loads(raw.decode())
+        text = raw.decode()
+        data = tomllib.loads(text)
     except (tomllib.TOMLDecodeError, UnicodeDecodeError):
         raise Fallback() from None  # the full path words it
+    run_dir = data.get("run_dir", DEFAULTS["run_dir"])
+    if not isinstance(run_dir, str) or _stamped(run_dir).get(os.path.abspath(path)) != text:
+        raise Fallback()  # not validated as it is now
     if "source" in data or any(key not in CONFIG_KEYS for key in data):
         raise Fallback()
     if any(not isinstance(data.get(section, {}), dict) for section in CONFIG_SECTIONS):
@@ -107,6 +115,29 @@ def load_config(explicit: str | None) -> LeanConfig:
             raise Fallback()
         values[dotted] = value
     return LeanConfig(values)
+
+
+def _stamped(run_dir: str) -> dict:
+    try:
+        with open(os.path.join(run_dir, CONFIG_STAMP), "rb") as handle:
+            stamped = json.loads(handle.read())
+    except (OSError, ValueError):
+        return {}
+    return stamped if isinstance(stamped, dict) else {}
+
+
+def stamp_config(run_dir, path, text: str) -> None:
+    """Record that the full CLI's models accepted config file `path` as `text` (called by
+    `hanabi_runtime.cli` after `load_config`; best effort, only where the run dir exists)."""
+    run_dir, path = str(run_dir), os.path.abspath(str(path))
+    stamped = _stamped(run_dir)
+    if stamped.get(path) == text or not os.path.isdir(run_dir):
+        return
+    stamped[path] = text
+    try:
+        _atomic_write(os.path.join(run_dir, CONFIG_STAMP), json.dumps(stamped).encode())
+    except OSError:
+        pass
 
 
 def check_fields(data: object, fields: dict) -> dict | None:
@@ -178,7 +209,13 @@ def write_state(config: LeanConfig, cid: str, state: dict) -> None:
     directory = os.path.dirname(target)
     os.makedirs(directory, mode=0o700, exist_ok=True)
     data = json.dumps(dict(state, schema_version=SCHEMA_VERSION), indent=1, ensure_ascii=False).encode()
-    tmp = os.path.join(directory, f".state.json.{os.urandom(6).hex()}")
+    _atomic_write(target, data)
+
+
+def _atomic_write(target: str, data: bytes) -> None:
+    """hanabi_common.state.atomic_write_bytes, without pathlib and tempfile."""
+    directory = os.path.dirname(target)
+    tmp = os.path.join(directory, f".{os.path.basename(target)}.{os.urandom(6).hex()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         with os.fdopen(fd, "wb") as handle:
