@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -190,3 +191,30 @@ def test_a_config_is_read_only_as_the_full_cli_validated_it(world):
         refused, modules = run_cli(argv)
         assert refused.returncode == 1 and b"config file" in refused.stderr and b"memory_mib" in refused.stderr
         assert "pydantic" in modules
+
+
+SIMPLE_TOML = [
+    Path("deploy/hanabi.toml").read_text() if Path("deploy/hanabi.toml").exists() else "",
+    'run_dir = "/tmp/x/run"\nlog_level = "debug"\n[vmm]\nguest_dir = "/g"\npool_size = 2\n\n[block]\nvolume_dir = "/v"\n',
+    '  # c\n[ vmm . firecracker ]  # x\nbinary = "fc" # y\njailer = true\n[vmm]\nstop_timeout_s = 2.5\n',
+    'a = "x#y"  # z\n', 'a = +3\nb = -0.5\r\nc = false\n',
+]
+NOT_SIMPLE_TOML = ['a = [1]\n', "a = 'lit'\n", 'a = "x\\ty"\n', 'a.b = 1\n', 'a = 1e3\n', 'a = 1_000\n',
+                   '"q" = 1\n', 'a = """x"""\n', '[[t]]\n', 'a = {b=1}\n', 'a = 1979-05-27\n', 'a = inf\n',
+                   'vmm = 1\n[vmm.x]\n']
+
+
+def test_simple_toml_reads_as_tomllib_or_not_at_all():
+    import tomllib
+
+    from hanabi_runtime.lean.toml import simple_toml
+
+    for text in SIMPLE_TOML:
+        assert simple_toml(text) == tomllib.loads(text), text
+    for text in NOT_SIMPLE_TOML:
+        assert simple_toml(text) is None, text
+
+
+def test_a_plain_config_is_read_without_tomllib(world):
+    done, modules = run_cli(["--config", world["config"], "state", "none"])
+    assert done.returncode == 1 and "tomllib" not in modules and heavy_imports(modules) == []

@@ -88,13 +88,20 @@ def load_config(explicit: str | None) -> LeanConfig:
         raise InvalidArgument(f"config file {path} does not exist") from None
     except OSError:
         raise Fallback() from None
-    import tomllib
+    from hanabi_runtime.lean.toml import simple_toml
 
     try:
         text = raw.decode()
-        data = tomllib.loads(text)
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError):
+    except UnicodeDecodeError:
         raise Fallback() from None  # the full path words it
+    data = simple_toml(text)
+    if data is None:
+        import tomllib
+
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError:
+            raise Fallback() from None
     run_dir = data.get("run_dir", DEFAULTS["run_dir"])
     if not isinstance(run_dir, str) or _stamped(run_dir).get(os.path.abspath(path)) != text:
         raise Fallback()  # not validated as it is now
