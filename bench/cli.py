@@ -8,12 +8,25 @@ console script ran before), in the same run, against `runc state` on a runc cont
 same bundle. Reports medians in ms, full/lean ratios and lean/runc-state ratios; writes
 bench/results/cli.json. Not part of the test suite.
 
-Measured on this 2-core TCG machine, shared with three other QEMU users (load 4-5), medians of
-20 (`python bench/cli.py`, 2026-12-01 ~11:05 UTC); see the report in bench/results/cli.json
-for the latest run:
+Measured here (2-core TCG machine shared with three other QEMU users, load average 3.0),
+2026-12-01 10:47 UTC, medians of 20, a wheel install (`pip install .`, as deploy/install.sh
+does; an editable install adds ~13 ms of site-packages start-up to every call), guest
+image built from this branch:
 
-    command          full ms   lean ms   full/lean   lean/runc-state
-    (filled in by the run below; see the commit message and the helper's report)
+    command            full ms  lean ms  full/lean  lean/runc-state
+    state                342.5     37.8       9.06              4.9
+    ps                   348.1     34.4      10.12              4.5
+    ps --format json     262.4     28.3       9.27              3.7
+    events --stats       353.3     46.5       7.60              6.0
+    kill                 353.7     36.1       9.80              4.7
+    pause                402.0     49.3       8.15              6.4
+    resume               403.2     54.3       7.43              7.1
+    start                387.7    157.8       2.46             20.5
+    delete --force       655.7    464.8       1.41             60.4
+    runc state: 7.7 ms; `python -c pass`: 12.9 ms
+
+`start` and `delete` are the daemons' time now (agentd starting the process in the guest;
+the five teardown calls, `vm.stop` first among them: issue 14, item 3).
 """
 
 from __future__ import annotations
