@@ -51,44 +51,34 @@ def _global(version: bool = typer.Option(False, "--version", "-v", callback=_pri
 
 
 def _setup_logging(log: Optional[Path], log_format: str, debug: bool) -> None:
-    """Warnings go to the --log file only: during `create` our stderr is the container's."""
-    import logging
-
-    root = logging.getLogger("hanabi")  # with a handler here, Python's last resort stays silent
-    root.setLevel(logging.DEBUG if debug else logging.WARNING)
-    if log is not None:
-        handler: logging.Handler = logging.FileHandler(log)
-        if log_format == "json":
-            from hanabi_common.logs import JsonFormatter
-            handler.setFormatter(JsonFormatter())
-    elif debug:
-        handler = logging.StreamHandler(sys.stderr)
-    else:
-        handler = logging.NullHandler()
-    root.addHandler(handler)
+    from hanabi_runtime.clilog import setup_logging
+    setup_logging(log, log_format, debug)
 
 
 def _runtime():
-    from hanabi_common.config import load_config
+    from hanabi_common.config import config_path, load_config
     from hanabi_runtime.lifecycle import Runtime
-    return Runtime(load_config(_globals.get("config")), root=_globals.get("root"),
-                   hypervisor=_globals.get("hypervisor"))
+
+    path = config_path(_globals.get("config"))
+    text = _config_text(path)
+    runtime = Runtime(load_config(_globals.get("config")), root=_globals.get("root"),
+                      hypervisor=_globals.get("hypervisor"))
+    if text is not None and text == _config_text(path):  # the text the models accepted
+        from hanabi_runtime.lean.records import stamp_config
+        stamp_config(runtime.config.run_dir, path, text)
+    return runtime
+
+
+def _config_text(path: Optional[Path]) -> Optional[str]:
+    try:
+        return path.read_bytes().decode() if path is not None else None
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def _fail(exc: HanabiError) -> None:
-    message = exc.message
-    typer.echo(f"hanabi-runtime: {exc.code.value.lower()}: {message}", err=True)
-    log_file = _globals.get("log")
-    if log_file:
-        try:
-            with open(log_file, "a") as handle:
-                if _globals.get("log_format") == "json":
-                    handle.write(json.dumps({"level": "error", "msg": message,
-                                             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}) + "\n")
-                else:
-                    handle.write(f"level=error msg={message!r}\n")
-        except OSError:
-            pass
+    from hanabi_runtime.clilog import report_error
+    report_error(exc, _globals.get("log"), _globals.get("log_format"))
     raise typer.Exit(1)
 
 

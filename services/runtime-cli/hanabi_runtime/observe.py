@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 
-from hanabi_runtime.state import is_same_process_alive
+from hanabi_runtime.procs import is_same_process_alive
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -22,6 +21,11 @@ def host_pids(runtime, cid: str) -> list[int]:
     state = runtime.load(cid)
     pairs = [(state.standin_pid, state.standin_start_time)]
     pairs += [(r.standin_pid, r.standin_start_time) for r in runtime.exec_records(cid)]
+    return live_pids(pairs)
+
+
+def live_pids(pairs: list[tuple[int | None, int | None]]) -> list[int]:
+    """The pids of (pid, start time) pairs that still run as the recorded process."""
     return [pid for pid, start in pairs if pid and is_same_process_alive(pid, start)]
 
 
@@ -29,14 +33,20 @@ def guest_table(runtime, cid: str) -> str:
     """`ps` as the guest sees it: PID, EXEC and the command."""
     runtime.load(cid)
     processes = runtime.daemons.agentd.ps(cid, cid).processes
+    return process_table([(p.pid, p.exec_id, p.args) for p in processes])
+
+
+def process_table(processes: list[tuple[int, str | None, list[str]]]) -> str:
+    """The `ps` table of (pid, exec id, args) as the guest reports them."""
     lines = [f"{'PID':>7}  {'EXEC':<18} CMD"]
-    lines += [f"{p.pid:>7}  {p.exec_id or '-':<18} {' '.join(p.args)}" for p in processes]
+    lines += [f"{pid:>7}  {exec_id or '-':<18} {' '.join(args)}" for pid, exec_id, args in processes]
     return "\n".join(lines)
 
 
 def _proc_usage(pid: int) -> tuple[int, int]:
     """CPU time (ns) and resident memory (bytes) of a host process."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    with open(f"/proc/{pid}/stat") as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
     cpu_ns = (int(fields[11]) + int(fields[12])) * 1_000_000_000 // CLOCK_TICKS
     rss = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
     return cpu_ns, rss
@@ -47,22 +57,29 @@ def stats(runtime, cid: str) -> dict:
     state = runtime.load(cid)
     vm = runtime.daemons.vmmd.get(cid)
     try:
-        cpu_ns, rss = _proc_usage(vm.pid)
-    except (OSError, IndexError, ValueError):
-        cpu_ns, rss = 0, 0
-    try:
         pids = len(runtime.daemons.agentd.ps(cid, cid).processes)
     except Exception:
         pids = 0
-    limit = vm.memory_mib << 20
+    return stats_event(state.id, {"pid": vm.pid, "vcpus": vm.vcpus, "memory_mib": vm.memory_mib,
+                                  "state": vm.state}, pids)
+
+
+def stats_event(cid: str, vm: dict, pids: int) -> dict:
+    """The stats event of a VM (`vm`: its pid, vcpus, memory_mib and state) running `pids`
+    guest processes."""
+    try:
+        cpu_ns, rss = _proc_usage(vm["pid"])
+    except (OSError, IndexError, ValueError):
+        cpu_ns, rss = 0, 0
+    limit = vm["memory_mib"] << 20
     return {
         "type": "stats",
-        "id": state.id,
+        "id": cid,
         "data": {
             "cpu": {"usage": {"total": cpu_ns, "kernel": 0, "user": cpu_ns}},
             "memory": {"usage": {"usage": rss, "limit": limit, "max": rss}},
             "pids": {"current": pids, "limit": 0},
-            "vm": {"pid": vm.pid, "vcpus": vm.vcpus, "memory_mib": vm.memory_mib, "state": vm.state},
+            "vm": vm,
         },
         "time": time.time(),
     }

@@ -22,8 +22,9 @@ from typing import TypeVar
 import zmq
 from pydantic import BaseModel, ValidationError
 
-from hanabi_common.errors import DeadlineExceeded, HanabiError, Internal, Unavailable, error_for_code
+from hanabi_common.errors import HanabiError, Internal
 from hanabi_common.rpc.envelope import decode_reply, encode_request
+from hanabi_common.rpc.wire import attempt_share, attempts_for, default_sender, no_answer, not_running, reply_error
 
 R = TypeVar("R", bound=BaseModel)
 PROBE_INTERVAL_S = 0.5
@@ -55,7 +56,7 @@ class RpcClient:
         self.name = name
         self.endpoint = endpoint
         self.timeout = timeout
-        self.sender = f"{os.path.basename(sys.argv[0]) if sys.argv else 'client'}:{os.getpid()}"
+        self.sender = default_sender()
 
     def _check_socket(self, during: str = "") -> None:
         """Unavailable (naming the daemon) unless something listens at an ipc endpoint."""
@@ -64,8 +65,7 @@ class RpcClient:
         path = self.endpoint[len("ipc://"):]
         why = f"no socket at {path}" if not Path(path).exists() else ipc_down(path)
         if why is not None:
-            raise Unavailable(f"{self.name} is not running{during}: {why} "
-                              f"(start it with `make up` or `systemctl start hanabi-{self.name}`)")
+            raise not_running(self.name, why, during)
 
     def call(self, method: str, request: BaseModel | dict | None = None,
              reply: type[R] | None = None, *, timeout: float | None = None,
@@ -78,16 +78,16 @@ class RpcClient:
             body = dict(request or {})
         total = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + total
-        attempts = 3 if idempotent else 1
+        attempts = attempts_for(idempotent)
         for attempt in range(attempts):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            share = remaining if attempt == attempts - 1 else max(remaining / (attempts - attempt), 0.5)
+            share = attempt_share(remaining, attempt, attempts)
             result = self._attempt(method, body, share)
             if result is not None:
                 return self._parse(method, result, reply)
-        raise DeadlineExceeded(f"{self.name} did not answer {method} within {total:.1f}s")
+        raise no_answer(self.name, method, total)
 
     def _attempt(self, method: str, body: dict, timeout: float) -> dict | None:
         header, frames = encode_request(method, body, timeout, self.sender)
@@ -108,9 +108,7 @@ class RpcClient:
                 if reply_header.parent_id not in (header.msg_id, ""):
                     continue  # a late answer to an earlier attempt
                 if reply_header.status == "error":
-                    raise error_for_code(reply_body.get("code", "INTERNAL"),
-                                         f"{self.name}: {reply_body.get('message', 'unknown error')}",
-                                         reply_body.get("details") or {})
+                    raise reply_error(self.name, reply_body)
                 return reply_body
             return None
         finally:

@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from hanabi_common.errors import ErrorCode, HanabiError, InvalidArgument
-
-PROTOCOL = b"HANABI-RPC"
-VERSION = 1
-METHOD_PATTERN = r"^[a-z][a-z0-9_.]{0,63}$"
+from hanabi_common.rpc.wire import (METHOD_PATTERN, PROTOCOL, VERSION, json_object, new_msg_id,  # noqa: F401
+                                    request_frames, request_header, split_reply)
 
 
 class RequestHeader(BaseModel):
@@ -53,27 +50,10 @@ class ErrorBody(BaseModel):
     details: dict[str, Any] = {}
 
 
-def new_msg_id() -> str:
-    """A fresh message id."""
-    return uuid.uuid4().hex
-
-
 def encode_request(method: str, body: dict, timeout: float, sender: str = "") -> tuple[RequestHeader, list[bytes]]:
     """Build the frames of a request (without the DEALER's empty delimiter)."""
-    now = time.time()
-    header = RequestHeader(msg_id=new_msg_id(), method=method, deadline=now + timeout,
-                           sent_at=now, sender=sender)
-    return header, [PROTOCOL, header.model_dump_json().encode(), json.dumps(body).encode()]
-
-
-def _json_object(frame: bytes, what: str) -> dict:
-    try:
-        value = json.loads(frame)
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidArgument(f"{what} frame is not valid JSON") from None
-    if not isinstance(value, dict):
-        raise InvalidArgument(f"{what} frame must be a JSON object")
-    return value
+    header = RequestHeader(**request_header(method, timeout, sender))
+    return header, request_frames(header.model_dump_json().encode(), body)
 
 
 def decode_request(frames: list[bytes], max_bytes: int) -> tuple[RequestHeader, dict]:
@@ -86,14 +66,14 @@ def decode_request(frames: list[bytes], max_bytes: int) -> tuple[RequestHeader, 
     protocol, raw_header, raw_body = frames
     if protocol != PROTOCOL:
         raise InvalidArgument(f"unknown protocol frame {protocol[:32]!r}; expected {PROTOCOL!r}")
-    header_data = _json_object(raw_header, "header")
+    header_data = json_object(raw_header, "header")
     if header_data.get("version") != VERSION:
         raise InvalidArgument(f"unsupported protocol version {header_data.get('version')!r}; this daemon speaks {VERSION}")
     try:
         header = RequestHeader.model_validate(header_data)
     except ValidationError as exc:
         raise InvalidArgument(f"malformed request header: {exc.errors(include_url=False)}") from None
-    return header, _json_object(raw_body, "body")
+    return header, json_object(raw_body, "body")
 
 
 def encode_reply(parent_id: str, result: dict | None = None, error: HanabiError | None = None) -> list[bytes]:
@@ -109,10 +89,9 @@ def encode_reply(parent_id: str, result: dict | None = None, error: HanabiError 
 
 def decode_reply(frames: list[bytes]) -> tuple[ReplyHeader, dict]:
     """Parse a reply (without the delimiter); InvalidArgument if it is not one."""
-    if len(frames) != 3 or frames[0] != PROTOCOL:
-        raise InvalidArgument("malformed reply from daemon")
+    raw_header, body = split_reply(frames)
     try:
-        header = ReplyHeader.model_validate(_json_object(frames[1], "reply header"))
+        header = ReplyHeader.model_validate(raw_header)
     except ValidationError as exc:
         raise InvalidArgument(f"malformed reply header: {exc}") from None
-    return header, _json_object(frames[2], "reply body")
+    return header, body

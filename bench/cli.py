@@ -1,0 +1,135 @@
+"""The CLI's hot paths (issue 14, item 2): wall time of each call as a fresh process.
+
+Needs root, QEMU, the guest image and runc (as bench/run.py). Starts its own daemons, runs
+one `sleep` container and, for `start` and `delete`, a fresh one per call. Each command is
+timed RUNS times (default 20) with the lean entry point (`hanabi-runtime`, now
+`hanabi_runtime.lean:main`) and with the full typer CLI (`hanabi_runtime.cli:main`, what the
+console script ran before), in the same run, against `runc state` on a runc container of the
+same bundle. Reports medians in ms, full/lean ratios and lean/runc-state ratios; writes
+bench/results/cli.json. Not part of the test suite.
+
+Measured here (2-core TCG machine shared with three other QEMU users, load average 3.0),
+2026-12-01 10:47 UTC, medians of 20, a wheel install (`pip install .`, as deploy/install.sh
+does; an editable install adds ~13 ms of site-packages start-up to every call), guest
+image built from this branch:
+
+    command            full ms  lean ms  full/lean  lean/runc-state
+    state                342.5     37.8       9.06              4.9
+    ps                   348.1     34.4      10.12              4.5
+    ps --format json     262.4     28.3       9.27              3.7
+    events --stats       353.3     46.5       7.60              6.0
+    kill                 353.7     36.1       9.80              4.7
+    pause                402.0     49.3       8.15              6.4
+    resume               403.2     54.3       7.43              7.1
+    start                387.7    157.8       2.46             20.5
+    delete --force       655.7    464.8       1.41             60.4
+    runc state: 7.7 ms; `python -c pass`: 12.9 ms
+
+`start` and `delete` are the daemons' time now (agentd starting the process in the guest;
+the five teardown calls, `vm.stop` first among them: issue 14, item 3).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from hanabi_runtime.demo_bundle import make_bundle  # noqa: E402
+from tests.helpers.hanabi import BIN, integration_skip_reason, start_daemons  # noqa: E402
+
+RUNS = int(os.environ.get("HANABI_BENCH_RUNS", "20"))
+FULL = [sys.executable, "-c", "import sys; sys.argv[0] = 'hanabi-runtime'; "
+        "from hanabi_runtime.cli import main; main()"]
+LEAN = [str(BIN / "hanabi-runtime")]
+
+
+def timed(argv: list[str], ok: bool = True) -> float:
+    """Seconds one call took (stdio to /dev/null, as the shim's files)."""
+    started = time.perf_counter()
+    done = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    elapsed = time.perf_counter() - started
+    if ok and done.returncode != 0:
+        raise RuntimeError(f"{argv} failed: {done.stderr.decode()[-500:]}")
+    return elapsed
+
+
+def ms(values: list[float]) -> float:
+    return round(statistics.median(values) * 1000, 1)
+
+
+def main() -> None:
+    reason = integration_skip_reason()
+    if reason or not shutil.which("runc"):
+        sys.exit(f"cannot benchmark here: {reason or 'runc is not installed'}")
+    work = Path(tempfile.mkdtemp(prefix="hanabi-bench-cli-"))
+    bundle = make_bundle(work / "bundle", ["sleep", "600"])
+    daemons = start_daemons(work / "hanabi")
+    cfg = ["--config", str(daemons.config_path)]
+    times: dict[str, dict[str, list[float]]] = {}
+
+    def record(command: str, entry: str, seconds: float) -> None:
+        times.setdefault(command, {}).setdefault(entry, []).append(seconds)
+
+    def create(cid: str) -> None:
+        with tempfile.TemporaryFile() as err:  # not a pipe: the stand-in keeps create's stdio
+            done = subprocess.run(LEAN + cfg + ["create", "--bundle", str(bundle), cid],
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+            err.seek(0)
+            if done.returncode != 0:
+                raise RuntimeError(f"create {cid} failed: {err.read().decode()[-800:]}")
+
+    runc_state, floor = [], []
+    try:
+        subprocess.run(["runc", "create", "--bundle", str(bundle), "bench-cli-runc"], check=True,
+                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        create("bench-cli")
+        subprocess.run(LEAN + cfg + ["start", "bench-cli"], check=True)
+        for i in range(RUNS):
+            runc_state.append(timed(["runc", "state", "bench-cli-runc"]))
+            floor.append(timed([sys.executable, "-c", "pass"]))
+            for entry, argv in (("full", FULL + cfg), ("lean", LEAN + cfg)):
+                for command in (["state"], ["ps"], ["ps", "--format", "json"], ["events", "--stats"],
+                                ["kill"], ["pause"], ["resume"]):
+                    args = command + ["bench-cli"] + (["CONT"] if command == ["kill"] else [])
+                    record(" ".join(command), entry, timed(argv + args))
+        for i in range(RUNS):
+            for entry, argv in (("full", FULL + cfg), ("lean", LEAN + cfg)):
+                cid = f"bench-{entry}-{i}"
+                create(cid)
+                record("start", entry, timed(argv + ["start", cid]))
+                record("delete --force", entry, timed(argv + ["delete", "--force", cid]))
+    finally:
+        subprocess.run(["runc", "delete", "--force", "bench-cli-runc"], capture_output=True)
+        subprocess.run(LEAN + cfg + ["delete", "--force", "bench-cli"], capture_output=True)
+        daemons.stop_all()
+        shutil.rmtree(work, ignore_errors=True)
+    runc_ms = ms(runc_state)
+    report = {"runs": RUNS, "runc_state_ms": runc_ms, "python_startup_ms": ms(floor),
+              "load_average": os.getloadavg(), "commands": {}}
+    for command, entries in times.items():
+        full, lean = ms(entries["full"]), ms(entries["lean"])
+        report["commands"][command] = {"full_ms": full, "lean_ms": lean, "full_over_lean": round(full / lean, 2),
+                                       "lean_over_runc_state": round(lean / runc_ms, 1)}
+    out = ROOT / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "cli.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"{'command':<18}{'full ms':>9}{'lean ms':>9}{'full/lean':>11}{'lean/runc-state':>17}")
+    for command, row in report["commands"].items():
+        print(f"{command:<18}{row['full_ms']:>9}{row['lean_ms']:>9}{row['full_over_lean']:>11}"
+              f"{row['lean_over_runc_state']:>17}")
+    print(f"runc state: {runc_ms} ms; `python -c pass`: {report['python_startup_ms']} ms; "
+          f"load average {report['load_average'][0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()
