@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.hanabi import BIN, leftovers, mounts_under
+from tests.integration.test_runtime_mounts import with_mounts as mounted
 
 pytestmark = pytest.mark.integration
 
@@ -29,10 +30,10 @@ DOCKER_CAPS = ["CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP
 
 
 def with_mounts(path: str, mounts: list[dict], readonly: bool = False) -> str:
+    """The bundle with these mounts (and root read-only or not), and Docker's capabilities."""
+    mounted(path, mounts, readonly)
     config = Path(path) / "config.json"
     spec = json.loads(config.read_text())
-    spec["mounts"] += mounts
-    spec["root"]["readonly"] = readonly
     spec["process"]["capabilities"] = {k: DOCKER_CAPS for k in ("bounding", "effective", "permitted")}
     config.write_text(json.dumps(spec))
     return path

@@ -35,29 +35,9 @@ def _same_version(result: object) -> bool:
 
 
 def _attempt(path: Path, deadline: float) -> bool:
-    """One connect + SYNC + ping; True when the agent answered it."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        sock.settimeout(max(min(ATTEMPT_S, deadline - time.monotonic()), 0.01))
-        sock.connect(str(path))
-        sock.sendall(SYNC + encode_frame({"type": T_PING, "id": PROBE_ID, **ping_fields()}))
-        decoder = FrameDecoder(wait_sync=True)
-        until = min(deadline, time.monotonic() + ATTEMPT_S)
-        while time.monotonic() < until:
-            ready, _, _ = select.select([sock], [], [], max(until - time.monotonic(), 0))
-            if not ready:
-                break
-            data = sock.recv(65536)
-            if not data:
-                return False
-            for msg in decoder.feed(data):
-                if msg.get("type") == T_REPLY and msg.get("id") == PROBE_ID:
-                    return bool(msg.get("ok")) and _same_version(msg.get("result"))
-        return False
-    except (OSError, ProtocolError):
-        return False
-    finally:
-        sock.close()
+    """One connect + SYNC + ping; True when the agent answered it (same protocol version)."""
+    reply = _exchange(path, SYNC + encode_frame({"type": T_PING, "id": PROBE_ID, **ping_fields()}), deadline)
+    return reply is not None and bool(reply.get("ok")) and _same_version(reply.get("result"))
 
 
 def wait_agent_ready(path: Path, timeout: float) -> float:
