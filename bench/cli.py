@@ -26,7 +26,9 @@ image built from this branch:
     runc state: 7.7 ms; `python -c pass`: 12.9 ms
 
 `start` and `delete` are the daemons' time now (agentd starting the process in the guest;
-the five teardown calls, `vm.stop` first among them: issue 14, item 3).
+the five teardown calls, `vm.stop` first among them: issue 14, item 3). Since these figures,
+`delete` is the full CLI's again (one teardown, with the disowned records a daemon that is
+down finishes later, from the crash-recovery work); its "lean" row now times that path.
 """
 
 from __future__ import annotations
