@@ -20,6 +20,21 @@ from tests.helpers.netns import NetnsPair, ip, netns_pair
 
 pytestmark = pytest.mark.integration
 
+
+@pytest.fixture
+def bundle(bundle):
+    """The busybox bundle with CAP_NET_RAW too, as Docker's default set has it: busybox ping
+    opens a raw socket, which runc spec's three capabilities refuse (under runc as here)."""
+    def make(args, **kwargs):
+        path = bundle(args, **kwargs)
+        config = Path(path) / "config.json"
+        spec = json.loads(config.read_text())
+        for caps in spec["process"]["capabilities"].values():
+            caps.append("CAP_NET_RAW")
+        config.write_text(json.dumps(spec))
+        return path
+    return make
+
 ECHO_SERVER = r"""
 import socket, sys
 srv = socket.socket(socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET)
