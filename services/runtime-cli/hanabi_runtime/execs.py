@@ -48,7 +48,10 @@ def load_process(process_file: str | None, args: list[str], *, cwd: str | None, 
     else:
         if not args:
             raise InvalidArgument("exec needs a command (arguments after the id) or --process")
-        process = {key: base[key] for key in ("env", "cwd", "user", "rlimits") if key in base}
+        # As runc: the container's process is the template (its capabilities, no_new_privs,
+        # LSM labels and limits included), then the command line's overrides.
+        process = {key: base[key] for key in ("env", "cwd", "user", "rlimits", "capabilities", "noNewPrivileges",
+                                              "apparmorProfile", "selinuxLabel", "oomScoreAdj") if key in base}
         process["args"] = list(args)
         process["terminal"] = tty
         if cwd:
