@@ -31,11 +31,11 @@ from hanabi_runtime.daemons import Daemons
 from hanabi_runtime.mounts import plan_mounts
 from hanabi_runtime.resolv import relayed_nameservers
 from hanabi_runtime.sizing import vm_size
+from hanabi_runtime.procs import START_FIFO, release_standin
 from hanabi_runtime.state import (STATE_NAME, RuntimeState, is_same_process_alive,
                                   process_start_time, write_pid_file)
 
 log = logging.getLogger("hanabi.runtime")
-START_FIFO = "start.fifo"
 STANDIN_READY_TIMEOUT_S = 30.0
 LATER_PHASES = ("poststart", "poststop")  # run by start and delete, from the recorded state
 
@@ -296,15 +296,7 @@ class Runtime:
             raise FailedPrecondition(f"container {cid} is {status}, not created: cannot start it")
         self.daemons.agentd.start(cid, cid)
         self.store.write(cid, STATE_NAME, state.model_copy(update={"started": True}))
-        fifo = self.store.sandbox_dir(cid) / START_FIFO
-        try:
-            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-        except OSError as exc:
-            raise Internal(f"the stand-in of {cid} is gone ({exc}); its output is lost") from None
-        try:
-            os.write(fd, b"s")
-        finally:
-            os.close(fd)
+        release_standin(self.store.sandbox_dir(cid) / START_FIFO, cid)
         self._run_later_hooks(state, "poststart", "running")
 
     @staticmethod

@@ -1,10 +1,13 @@
-"""Pure helpers about a container's host processes and its OCI state (standard library only).
+"""Pure helpers about a container's host processes and its OCI state (standard library and
+hanabi_common.errors only).
 
 Shared by the full CLI (through `hanabi_runtime.state`) and the lean hot paths, which must
 not import pydantic.
 """
 
 from __future__ import annotations
+
+import os
 
 STATE_NAME = "state"
 OCI_VERSION = "1.0.2"
@@ -50,3 +53,22 @@ def oci_document(state: dict, status: str) -> dict:
         "annotations": state["annotations"],
         "owner": "",
     }
+
+
+# The fifo in the sandbox dir a created container's stand-in waits on; a byte written
+# there tells it the container started.
+START_FIFO = "start.fifo"
+
+
+def release_standin(fifo: str | os.PathLike, cid: str) -> None:
+    """Tell the stand-in of `cid` (waiting on its START_FIFO) that its process started."""
+    from hanabi_common.errors import Internal
+
+    try:
+        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        raise Internal(f"the stand-in of {cid} is gone ({exc}); its output is lost") from None
+    try:
+        os.write(fd, b"s")
+    finally:
+        os.close(fd)

@@ -13,13 +13,12 @@ import json
 import os
 import time
 
-from hanabi_common.errors import FailedPrecondition, HanabiError, Internal, NotFound, Unavailable
+from hanabi_common.errors import FailedPrecondition, HanabiError, NotFound, Unavailable
 from hanabi_runtime.lean.ids import checked_id
 from hanabi_runtime.lean.records import (Fallback, LeanConfig, exec_standins, load_state, write_state)
 from hanabi_runtime.lean.rpc import LeanClient
-from hanabi_runtime.procs import is_same_process_alive, oci_document
+from hanabi_runtime.procs import START_FIFO, is_same_process_alive, oci_document, release_standin
 
-START_FIFO = "start.fifo"  # hanabi_runtime.lifecycle.START_FIFO
 AGENTD_SLACK_S = 5.0  # hanabi_agentd.client.SLACK_S
 BLOCKD_MIN_TIMEOUT_S = 120.0  # hanabi_blockd.client.BlockdClient
 STATUSES = ("created", "running", "stopped")  # hanabi_common.models.agentd.ProcessStatus
@@ -106,15 +105,7 @@ def cmd_start(config: LeanConfig, args: dict) -> int:
         raise FailedPrecondition(f"container {cid} is {current}, not created: cannot start it")
     daemons.agentd.call("container.start", _ref(cid))
     write_state(config, cid, dict(state, started=True))
-    fifo = os.path.join(config.sandboxes_dir, cid, START_FIFO)
-    try:
-        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-    except OSError as exc:
-        raise Internal(f"the stand-in of {cid} is gone ({exc}); its output is lost") from None
-    try:
-        os.write(fd, b"s")
-    finally:
-        os.close(fd)
+    release_standin(os.path.join(config.sandboxes_dir, cid, START_FIFO), cid)
     return 0
 
 
