@@ -15,6 +15,14 @@ merged /usr) and the VM's export root at /export (an rbind, taken when the guest
 after blockd bound the container's paths in). Walking up from /export reaches that empty
 root, nothing of the host.
 
+A diod that dies while its VM runs (killed, crashed) takes the guest's 9P transport with
+it: every file operation on the share fails with EIO from then on (the kernel's `trans=fd`
+client never reconnects, and the container's root is on that mount). The server logs it and
+calls `on_failure`, the owning backend's policy (Firecracker: end the VM, so the sandbox
+reads as stopped, 137, as when QEMU and its 9P server die); it keeps listening, and a new
+connection gets a new diod. A diod that exits 0 saw its client hang up (the guest is
+shutting down): only logged.
+
 A diod runs in a session of its own, so it outlives a vmmd restart like the VMM does;
 `stop_servers` ends every diod of an export root (found by HANABI_SHARE_EXPORT in its
 environment), at VM stop and for orphans at vmmd start.
@@ -30,6 +38,7 @@ import socket
 import subprocess
 import threading
 from pathlib import Path
+from typing import Callable
 
 from hanabi_common.errors import FailedPrecondition
 from hanabi_vmmd import proc
@@ -74,12 +83,16 @@ def diod_argv(binary: str, export: Path, root: Path) -> list[str]:
 class ShareServer:
     """Accepts the VM's share connections on `path`; a diod per connection."""
 
-    def __init__(self, path: Path, export: Path, binary: str, log_file: Path) -> None:
+    def __init__(self, path: Path, export: Path, binary: str, log_file: Path,
+                 on_failure: Callable[[str], None] | None = None) -> None:
         self.path, self.export, self.binary, self.log_file = Path(path), Path(export), binary, Path(log_file)
+        # Called (from a watcher thread) with a reason when a diod dies while serving.
+        self.on_failure = on_failure
         self.roots = self.log_file.parent  # each diod's (empty, on the host) root dir lives here
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self.served: list[int] = []
+        self.ended: dict[int, int] = {}  # pid -> Popen return code, once its watcher is done
 
     def start(self) -> None:
         """Listen (before the VM boots, so the guest's first connect finds us)."""
@@ -123,12 +136,28 @@ class ShareServer:
         return child.pid
 
     def _watch(self, child: subprocess.Popen) -> None:
-        """Reap a diod; one that ends while its VM runs leaves the guest's share failing
-        with EIO (the 9P client's transport is gone): say so."""
+        """Reap a diod; one that dies while its VM runs leaves the guest's share failing
+        with EIO (the 9P client's transport is gone): say so and call `on_failure`."""
         status = child.wait()
-        if self._sock is not None:
-            log.error("the share's 9P server ended; the container's files now fail with EIO",
-                      extra={"export": str(self.export), "pid": child.pid, "status": status})
+        try:
+            self._ended(child, status)
+        finally:
+            self.ended[child.pid] = status
+
+    def _ended(self, child: subprocess.Popen, status: int) -> None:
+        if self._sock is None:
+            return  # closing: we ended it
+        extra = {"export": str(self.export), "pid": child.pid, "status": proc.exit_status(status)}
+        if status == 0:
+            log.info("the share's 9P client hung up", extra=extra)
+            return
+        log.error("the share's 9P server died; the container's files now fail with EIO", extra=extra)
+        if self.on_failure is not None:
+            try:
+                self.on_failure(f"the file share's 9P server (diod, pid {child.pid}) died with status "
+                                f"{proc.exit_status(status)}")
+            except Exception:  # noqa: BLE001 - a policy that fails must not kill the watcher silently
+                log.exception("the share failure policy failed", extra=extra)
 
     def close(self) -> None:
         """Stop listening and end the diods this server started."""
