@@ -23,7 +23,7 @@ from hanabi_vmmd.hypervisor import VmHandle
 from hanabi_vmmd.share_server import ShareServer, diod_path, listen_path, stop_servers
 from hanabi_wire.constants import SHARE_EXPORT_NAME
 from tests.helpers.hanabi import mounts_under
-from tests.helpers.ninep import NinePClient, NinePError
+from tests.helpers.ninep import LOCK_BLOCKED, LOCK_SUCCESS, LOCK_UNLCK, O_RDWR, NinePClient, NinePError
 
 pytestmark = pytest.mark.integration
 
@@ -137,11 +137,35 @@ def test_a_diod_that_dies_mid_session_fails_the_vm_and_never_hangs(server, tmp_p
         assert again.walk(1, 2, ["c1", "hello"]) == 2
         assert again.read_file(2) == b"hi from the host\n"
         assert len(server.served) == 2 and server.served[1] != diod
-        # A client that hangs up (a guest shutting down) is no failure.
+        # A client that hangs up (a guest shutting down) is no failure, whatever diod's status
+        # (Debian's 1.0.24 at times dies of SIGSEGV on that way out).
         again.sock.close()
         wait_until(lambda: server.served[1] in server.ended, "the second diod did not end")
-        assert server.ended[server.served[1]] == 0 and len(reasons) == 1
+        assert server.ended[server.served[1]] in (0, -signal.SIGSEGV) and len(reasons) == 1
     finally:
         if vmm.poll() is None:
             vmm.kill()
             vmm.wait()
+
+
+def test_a_lock_through_diod_is_a_host_flock(server):
+    """Unlike QEMU's 9P server, diod turns a client's Tlock into flock(2) on its own open
+    file (whole file, never blocking): a Firecracker guest's lock excludes host processes and
+    other VMs, and a host process's lock makes the guest's fail (README)."""
+    import fcntl
+
+    target = server.export / "c1" / "hello"
+    client = connect(server)
+    client.version()
+    client.attach(1, SHARE_EXPORT_NAME)
+    client.walk(1, 2, ["c1", "hello"])
+    client.lopen(2, O_RDWR)
+    assert client.lock(2) == LOCK_SUCCESS
+    with open(target) as host:
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(host, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert client.lock(2, LOCK_UNLCK) == LOCK_SUCCESS
+        fcntl.flock(host, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free now
+        client.walk(1, 3, ["c1", "hello"])
+        client.lopen(3, O_RDWR)
+        assert client.lock(3) == LOCK_BLOCKED  # the host holds it
