@@ -64,6 +64,8 @@ class Handlers:
         def flush_blocking(self, timeout: float) -> None: ...
         def drop_proc(self, proc: Proc) -> None: ...
         def stdin_progress(self, proc: Proc) -> None: ...
+        def watch_oom(self, c: Container) -> None: ...
+        def unwatch_oom(self, c: Container) -> None: ...
 
     def handlers(self) -> dict[str, Callable[[int, dict[str, Any]], Result]]:
         return {
@@ -146,6 +148,7 @@ class Handlers:
             self.send(error_reply(req_id, exc))
             return
         c.state = CREATED
+        self.watch_oom(c)
         self.send(P.reply_ok(req_id, {}))
         c.security.compile_soon()
 
@@ -317,6 +320,7 @@ class Handlers:
             self.drop_proc(proc)
         waiters, c.destroy_waiters = c.destroy_waiters, []
         self.containers.pop(c.cid, None)
+        self.unwatch_oom(c)
         c.security.release()
         try:
             if c.root is not None:
