@@ -158,9 +158,10 @@ class Handlers:
         init = c.procs.get(P.INIT_EXEC_ID)
         how = plan(self.sandbox.use_pid_namespace, exec_id == P.INIT_EXEC_ID,
                    init.pid if init is not None and init.alive else None)
-        others = tuple(c.security.spec.namespaces) if c.security.spec is not None else ()
+        spec = c.security.spec
+        others = tuple(spec.namespaces) if spec is not None else ()
         if how == "new":
-            return Namespaces.new(self.sandbox.ns_hide_scope, others)
+            return Namespaces.new(self.sandbox.ns_hide_scope, others, spec.time_offsets if spec else None)
         if how == "join":
             assert init is not None
             try:
