@@ -178,12 +178,13 @@ def raise_oom_v1(directory: Path, timeout: float = NOTIFY_TIMEOUT_S) -> float:
     return time.monotonic() - start
 
 
-def raise_oom(pid: int | str = "self", root: Path = CGROUP_ROOT) -> float:
-    """Make the memory cgroup of process `pid` (the stand-in) see an OOM; see the module
-    docstring. HostOomError when it cannot."""
+def raise_oom(allowed: list[str], pid: int | str = "self", root: Path = CGROUP_ROOT) -> float:
+    """Make the memory cgroup of process `pid` (the stand-in) see an OOM, if it is one of
+    `allowed` (the container's cgroups the runtime made: never a group of someone else);
+    see the module docstring. HostOomError when it cannot."""
     found = own_memory_cgroup(pid, root)
-    if found is None:
-        raise HostOomError("the stand-in is in no memory cgroup of its own (no container cgroup)")
+    if found is None or str(found[1]) not in {str(Path(a)) for a in allowed}:
+        raise HostOomError("the stand-in is not in a memory cgroup of the container (no linux.cgroupsPath)")
     version, directory = found
     if version != "v1":
         raise HostOomError(f"{directory}: a cgroup v2 host sees an OOM only from a kill in the "

@@ -94,10 +94,13 @@ class StandIn:
     def on_oom(self, oom_kills: int) -> None:
         """The guest's OOM killer ended a process of the container: make this process's
         host memory cgroup see an OOM (hostoom.py), before the exit that follows."""
+        from hanabi_common.state import StateStore
         from hanabi_runtime.hostoom import HostOomError, raise_oom
+        from hanabi_runtime.state import STATE_NAME, RuntimeState
 
         try:
-            raise_oom()
+            state = StateStore(self.config.sandboxes_dir).read(self.args.container, STATE_NAME, RuntimeState)
+            raise_oom(allowed=state.cgroups if state is not None else [])
         except (HostOomError, OSError) as exc:
             if not self.oom_warned:
                 self.oom_warned = True
