@@ -5,12 +5,20 @@ stand-in's host memory cgroup, which containerd's shim watches: hostoom.py)."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
 from tests.e2e.docker_env import _cmdline, hanabi_leftovers
 
-pytestmark = pytest.mark.e2e
+pytestmark = [
+    pytest.mark.e2e,
+    # The mechanism needs a cgroup v1 memory controller on the host (README, "OOM"): on a
+    # cgroup v2 host OOMKilled stays false under hanabi, a documented difference.
+    pytest.mark.skipif(not Path("/sys/fs/cgroup/memory/cgroup.event_control").exists(),
+                       reason="no cgroup v1 memory controller on this host: the guest's OOM cannot be "
+                              "raised as the shim's TaskOOM on cgroup v2 (documented in the README)"),
+]
 
 # tail keeps what it reads from /dev/zero, which has no newline, until memory runs out.
 HOG = ["tail", "/dev/zero"]
