@@ -103,7 +103,7 @@ class Security:
         spec = check_linux(linux, hostname)
         sec = cls(spec)
         if spec is not None and spec.seccomp is not None:
-            from .seccomp import Filter, plan
+            from .seccomp import plan
 
             sec._plan = plan(spec.seccomp)
         return sec

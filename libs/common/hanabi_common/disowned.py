@@ -19,7 +19,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 from hanabi_common.errors import HanabiError
 from hanabi_common.state import StateStore, VersionedState

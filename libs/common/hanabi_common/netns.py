@@ -16,7 +16,8 @@ import fcntl
 import os
 import threading
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TypeVar
+from collections.abc import Callable
 
 from hanabi_common.errors import InvalidArgument
 
@@ -164,7 +165,7 @@ class NetnsHolder:
         if self._error is None:
             self._release.wait()
 
-    def __enter__(self) -> "NetnsHolder":
+    def __enter__(self) -> NetnsHolder:
         check_netns(self.path)
         self._thread.start()
         self._entered.wait()

@@ -21,7 +21,8 @@ import os
 import socket
 import threading
 from pathlib import Path
-from typing import Annotated, Any, Callable, Literal, Union
+from typing import Annotated, Any, Literal
+from collections.abc import Callable
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
@@ -76,7 +77,7 @@ class Resize(_ClientMsg):
     width: TtyDim
 
 
-_CLIENT = TypeAdapter(Annotated[Union[Stdin, CloseStdin, Resize], Field(discriminator="type")])
+_CLIENT = TypeAdapter(Annotated[Stdin | CloseStdin | Resize, Field(discriminator="type")])
 
 
 def io_socket_path(run_dir: Path) -> Path:
@@ -223,7 +224,7 @@ class _IoClient:
         except InvalidArgument as exc:
             log.warning("io client sent an invalid message", extra={"reason": exc.message[:200]})
             self._error("INVALID_ARGUMENT", exc.message)
-        except (OSError, socket.timeout):
+        except (TimeoutError, OSError):
             pass
         finally:
             self.close()

@@ -101,7 +101,7 @@ class IoStream:
 
     @classmethod
     def attach(cls, run_dir: str | os.PathLike, sandbox_id: str, container_id: str,
-               exec_id: str = "init", timeout: float = 10.0) -> "IoStream":
+               exec_id: str = "init", timeout: float = 10.0) -> IoStream:
         """Connect to agentd's io socket (retrying while it is not there) and attach."""
         path = str(Path(run_dir) / IO_SOCKET_NAME)
         deadline = time.monotonic() + timeout
@@ -134,7 +134,7 @@ class IoStream:
                 _validate(first)  # raises IoError for {"type":"error"} and garbage alike
                 raise IoError("INVALID_ARGUMENT", "agentd did not confirm the attach")
             sock.settimeout(None)
-        except socket.timeout:
+        except TimeoutError:
             sock.close()
             raise IoError("DEADLINE_EXCEEDED", f"agentd did not answer the attach within {timeout}s") from None
         except ProtocolError as exc:
@@ -270,7 +270,7 @@ class IoStream:
                 if self.exited is not None or time.monotonic() > deadline:
                     raise
                 with self._attached:  # until relay() attached again (or a while passed)
-                    self._attached.wait_for(lambda: self._attachments != seen or self.exited is not None,
+                    self._attached.wait_for(lambda: self._attachments != seen or self.exited is not None,  # noqa: B023 - called in this iteration
                                             timeout=max(min(deadline - time.monotonic(), 5.0), 0))
 
     def close(self) -> None:
@@ -281,7 +281,7 @@ class IoStream:
             pass
         self._sock.close()
 
-    def __enter__(self) -> "IoStream":
+    def __enter__(self) -> IoStream:
         return self
 
     def __exit__(self, *_: object) -> None:

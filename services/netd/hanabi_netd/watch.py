@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import select
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 from hanabi_common.netns import call_in_netns
 

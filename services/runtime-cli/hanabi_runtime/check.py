@@ -110,7 +110,7 @@ def render(facts: HostFacts, reports: list[BackendReport]) -> str:
     lines = []
     for r in reports:
         lines.append(f"{r.name}: {'can run' if r.can_run else 'CANNOT run on this host'}")
-        for problem, fix in zip(r.problems, r.install):  # one fix per problem
+        for problem, fix in zip(r.problems, r.install, strict=False):  # one fix per problem
             lines += [f"  - {problem}", f"    to fix: {fix}"]
         lines += [f"  note: {n}" for n in r.notes]
     choice = auto_choice(reports)

@@ -14,7 +14,7 @@ import queue
 import selectors
 import threading
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
 from hanabi_vmmd import proc
 from hanabi_vmmd.hypervisor import VmHandle

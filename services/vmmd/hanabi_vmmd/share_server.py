@@ -23,7 +23,6 @@ environment), at VM stop and for orphans at vmmd start.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import signal
 import socket

@@ -29,7 +29,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 from hanabi_common.errors import FailedPrecondition, HanabiError
 from hanabi_common.state import VersionedState, atomic_write_bytes

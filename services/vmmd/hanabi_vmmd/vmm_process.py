@@ -14,7 +14,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 from hanabi_common.errors import HanabiError, Unavailable
 from hanabi_vmmd import proc
