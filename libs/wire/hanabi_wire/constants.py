@@ -104,4 +104,6 @@ T_DNS_QUERY = "dns_query"
 # What FrameDecoder yields where a SYNC marker was; never sent as a frame.
 T_SYNC = "sync"
 
-__all__ = [name for name in dir() if name.isupper() or name == "cmdline_word"]
+TYPE_CHECKING = False
+if not TYPE_CHECKING:  # computed at run time; mypy reads the names above through `import *`
+    __all__ = [name for name in dir() if (name.isupper() and name != "TYPE_CHECKING") or name == "cmdline_word"]

@@ -12,9 +12,7 @@ naming the daemon.
 
 from __future__ import annotations
 
-import os
 import socket
-import sys
 import time
 from pathlib import Path
 from typing import TypeVar
@@ -91,7 +89,7 @@ class RpcClient:
 
     def _attempt(self, method: str, body: dict, timeout: float) -> dict | None:
         header, frames = encode_request(method, body, timeout, self.sender)
-        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         try:
             sock.connect(self.endpoint)
