@@ -15,7 +15,7 @@ from __future__ import annotations
 import socket
 import time
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar, overload
 
 import zmq
 from pydantic import BaseModel, ValidationError
@@ -64,6 +64,13 @@ class RpcClient:
         why = f"no socket at {path}" if not Path(path).exists() else ipc_down(path)
         if why is not None:
             raise not_running(self.name, why, during)
+
+    @overload
+    def call(self, method: str, request: BaseModel | dict | None, reply: type[R], *,
+             timeout: float | None = None, idempotent: bool = False) -> R: ...
+    @overload
+    def call(self, method: str, request: BaseModel | dict | None = None, reply: None = None, *,
+             timeout: float | None = None, idempotent: bool = False) -> dict[str, Any]: ...
 
     def call(self, method: str, request: BaseModel | dict | None = None,
              reply: type[R] | None = None, *, timeout: float | None = None,
