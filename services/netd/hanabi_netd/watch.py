@@ -14,6 +14,7 @@ import logging
 import select
 import threading
 from collections.abc import Callable
+from typing import Any
 
 from hanabi_common.netns import call_in_netns
 
@@ -31,7 +32,7 @@ class NetnsWatcher:
         self.on_change = on_change
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._ipr = None
+        self._ipr: Any = None  # a pyroute2 IPRoute (untyped)
 
     def start(self) -> None:
         """Subscribe (in the namespace) and start the watching thread."""
