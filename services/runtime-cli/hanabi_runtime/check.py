@@ -117,8 +117,8 @@ def render(facts: HostFacts, reports: list[BackendReport]) -> str:
     lines.append(f"--hypervisor auto takes: {choice or 'nothing (no backend can run)'}")
     lines.append("block devices: " + ("device-mapper present (dm-thin volumes)" if facts.device_mapper
                                       else "no device-mapper: blockd uses its loop-file backend"))
-    for name, problem in sorted(facts.daemons.items()):
-        lines.append(f"daemon {name}: " + ("answers" if problem is None else f"not reachable ({problem})"))
+    for name, trouble in sorted(facts.daemons.items()):
+        lines.append(f"daemon {name}: " + ("answers" if trouble is None else f"not reachable ({trouble})"))
     return "\n".join(lines)
 
 
