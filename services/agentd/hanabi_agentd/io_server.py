@@ -77,7 +77,7 @@ class Resize(_ClientMsg):
     width: TtyDim
 
 
-_CLIENT = TypeAdapter(Annotated[Stdin | CloseStdin | Resize, Field(discriminator="type")])
+_CLIENT: TypeAdapter[Stdin | CloseStdin | Resize] = TypeAdapter(Annotated[Stdin | CloseStdin | Resize, Field(discriminator="type")])
 
 
 def io_socket_path(run_dir: Path) -> Path:
@@ -289,7 +289,7 @@ class _IoClient:
                     return
                 continue
             if isinstance(event, OutputEvent):
-                out = {"type": "output", "stream": event.stream, "data": b64e(event.data)}
+                out: dict[str, Any] = {"type": "output", "stream": event.stream, "data": b64e(event.data)}
                 if event.seq is not None:
                     out["seq"] = event.seq
                 if not self._send(out):
