@@ -91,7 +91,7 @@ class Reaper:
             except queue.Empty:
                 return
             if kind == "watch":
-                self._add(value)  # type: ignore[arg-type]
+                self._add(value)  # type: ignore[arg-type]  # a "watch" request carries a VmHandle
             elif kind == "unwatch":
                 self._remove(str(value))
 

@@ -20,6 +20,7 @@ memory file (the inode lives until the last clone ends).
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import json
 import logging
@@ -187,7 +188,7 @@ class TemplateStore:
                 found.append(template)
         return found
 
-    def remove_stale(self, backend: str, image: str, vmm: str) -> list[str]:
+    def remove_stale(self, backend: str, image: str, vmm: str) -> builtins.list[str]:
         """Remove the templates of `backend` built from another image or VMM binary, and
         incomplete directories; the keys removed."""
         removed = []
