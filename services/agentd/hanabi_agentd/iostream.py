@@ -71,7 +71,7 @@ def _validate(msg: dict) -> dict:
         if stream not in ("stdout", "stderr"):
             raise IoError("INVALID_ARGUMENT", f"bad output stream {stream!r}")
         try:
-            data = b64d(msg.get("data"))  # type: ignore[arg-type]
+            data = b64d(msg.get("data"))  # type: ignore[arg-type]  # a non-str raises ProtocolError, handled below
         except ProtocolError as exc:
             raise IoError("INVALID_ARGUMENT", str(exc)) from None
         seq = msg.get("seq")

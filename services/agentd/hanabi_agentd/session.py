@@ -163,7 +163,7 @@ class AgentSession:
                     if fut.exception() is not None:
                         if isinstance(fut.exception(), Unavailable):
                             return None  # the connection went away: retry
-                        raise fut.exception()  # type: ignore[misc]
+                        raise fut.exception()  # type: ignore[misc]  # not None: checked above
                     try:
                         return check_version(parse_result(PingResult, fut.result(), "ping"))
                     except GuestMisbehaved as exc:
