@@ -14,7 +14,7 @@ Replies and events produced meanwhile stay queued and go to the next host. A hos
 drops the unsent rest of a half-written one and writes SYNC before its next frame, so both
 directions restart at a frame boundary even if the agent never saw the disconnect. A
 corrupt frame makes it send a ``protocol_error`` event and ignore input until SYNC or EOF.
-Every ``output`` and ``exit`` event carries ``seq``, one counter for the agent's lifetime;
+Every ``output``, ``exit`` and ``oom`` event carries ``seq``, one counter for the agent's lifetime;
 the last REPLAY_BYTES of such frames already written (or cut off half-way) are kept, and a
 host's SYNC makes the agent write them again after its own SYNC: whatever a host that died
 (or a channel that dropped them unseen) lost is sent again, and the host side drops what
@@ -253,7 +253,7 @@ class Agent(Handlers, ProcIO):
             self.send(P.reply_ok(req_id, result))
 
     def send(self, msg: dict[str, Any]) -> None:
-        replayable = msg.get("type") in (P.T_OUTPUT, P.T_EXIT)
+        replayable = msg.get("type") in (P.T_OUTPUT, P.T_EXIT, P.T_OOM)
         if replayable:
             self.seq += 1
             msg = {**msg, "seq": self.seq}

@@ -196,6 +196,28 @@ def leftovers(daemons: Daemons, cid: str) -> list[str]:
     share_mounts = mounts_under(shares)
     if share_mounts:
         found.append(f"share mounts {share_mounts}")
+    servers = share_servers_under(shares)
+    if servers:
+        found.append(f"file servers {servers}")
+    return found
+
+
+def share_servers_under(shares_dir: Path) -> list[int]:
+    """Pids of 9P file servers (Firecracker's diods, hanabi_vmmd.share_server) serving an
+    export root under `shares_dir`, known by the HANABI_SHARE_EXPORT in their environment.
+    (QEMU's 9P server is QEMU itself: the process checks cover it.)"""
+    from hanabi_vmmd.share_server import EXPORT_ENV
+
+    want = f"{EXPORT_ENV}={str(shares_dir).rstrip('/')}/".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                environ = (entry / "environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if any(var.startswith(want) for var in environ):
+                found.append(int(entry.name))
     return found
 
 

@@ -363,6 +363,14 @@ def test_concurrent_provisionings_of_one_image_build_one_base(blockd, tmp_path):
         client(blockd).release(sid)
 
 
+def _holds_open(pid: int, path: str) -> bool:
+    """Whether process `pid` has `path` open (one of its /proc fds links to it)."""
+    try:
+        return any(os.readlink(fd) == path for fd in Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return False
+
+
 def test_a_passthrough_device_still_held_at_delete_is_not_mounted_back_yet(blockd, tmp_path):
     loop, rootfs = ext4_on_loop(tmp_path, "mine\n")
     holder = None
@@ -371,7 +379,10 @@ def test_a_passthrough_device_still_held_at_delete_is_not_mounted_back_yet(block
         assert client(blockd).provision(sandbox(blockd, "held"), str(rootfs)).layout == "passthrough"
         # Something (a VM that did not stop) still has the device open.
         holder = subprocess.Popen(["sh", "-c", f"exec 3<{loop}; exec sleep 60"])
-        time.sleep(0.3)
+        deadline = time.monotonic() + 10
+        while not _holds_open(holder.pid, loop):
+            assert time.monotonic() < deadline, f"pid {holder.pid} never opened {loop}"
+            time.sleep(0.01)
         with pytest.raises(FailedPrecondition, match=f"still held open by pid {holder.pid}"):
             client(blockd).release("held")
         assert not (rootfs / "f").exists() and client(blockd).list().volumes  # nothing half-done

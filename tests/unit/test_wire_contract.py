@@ -20,7 +20,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 WIRE_DIR = ROOT / "libs/wire/hanabi_wire"
 SIDES = [ROOT / "guest/hanabi_guest", ROOT / "services", ROOT / "libs/common/hanabi_common"]
 # agentd's io socket (agentd <-> stand-in) is another protocol that reuses some type names.
-OTHER_PROTOCOL = {"io_server.py", "iostream.py"}
+OTHER_PROTOCOL = {"io_server.py", "iostream.py", "observe.py"}  # agentd's io socket; runc's `events` records
 
 
 def _sources() -> list[pathlib.Path]:

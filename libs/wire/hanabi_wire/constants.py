@@ -101,6 +101,7 @@ T_OUTPUT = "output"
 T_EXIT = "exit"
 T_PROTOCOL_ERROR = "protocol_error"
 T_DNS_QUERY = "dns_query"
+T_OOM = "oom"
 # What FrameDecoder yields where a SYNC marker was; never sent as a frame.
 T_SYNC = "sync"
 

@@ -181,6 +181,12 @@ _MESSAGES = (
         F("signal", INT, "the signal that killed it (or null)", default=None, lo=1, hi=MAX_SIGNAL),
         SEQ,
     ), "a process ended, after all its output"),
+    Message(C.T_OOM, GUEST, (
+        CID,
+        F("oom_kills", INT, "the `oom_kill` count of the container's cgroup (memory.events): grows by "
+          "one per process the guest's OOM killer ended", lo=1, hi=(1 << 63) - 1),
+        SEQ,
+    ), "the guest's OOM killer ended a process of the container (sent before that process's `exit`)"),
     Message(C.T_DNS_QUERY, GUEST, (
         F("qid", INT, "query id for the answer", lo=0, hi=1 << 31),
         F("server", STR, "the relay address it was sent to", pattern=LOOPBACK_V4),

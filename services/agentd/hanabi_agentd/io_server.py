@@ -7,7 +7,9 @@ A client first sends `{"type":"attach","sandbox_id","container_id","exec_id"}` a
 `{"type":"resize","height":H,"width":W}` (strict integers 1..65535, passed on to the
 guest's `resize`); the server sends
 `{"type":"output","stream","data"[,"seq"]}` for every chunk (`seq`: the guest's counter,
-increasing; a client that attaches again drops what it had by it) and finally
+increasing; a client that attaches again drops what it had by it), to the init's client
+`{"type":"oom","oom_kills":N}` when the guest's OOM killer ended a process of the container
+(N: the container's count so far; before the exit of the process it killed), and finally
 `{"type":"exit","exit_code","signal"}`, after which it closes the connection.
 One client per process at a time; a client that comes back (say after an agentd restart)
 attaches again and gets whatever is buffered. Each client gets two threads: a reader
@@ -32,7 +34,7 @@ from hanabi_wire import (T_CLOSE_STDIN, T_RESIZE, T_STDIN, FrameDecoder, Protoco
 
 from hanabi_agentd.guest_messages import ID_REGEX, Data
 from hanabi_agentd.models import TtyDim
-from hanabi_agentd.process import ExitEvent, OutputEvent, ProcessRecord
+from hanabi_agentd.process import ExitEvent, OomEvent, OutputEvent, ProcessRecord
 
 log = logging.getLogger("hanabi.agentd.io")
 IO_SOCKET_NAME = "agentd-io.sock"
@@ -294,6 +296,10 @@ class _IoClient:
                     out["seq"] = event.seq
                 if not self._send(out):
                     record.unread(event)
+                    self.close()
+                    return
+            elif isinstance(event, OomEvent):
+                if not self._send({"type": "oom", "oom_kills": event.oom_kills}):
                     self.close()
                     return
             elif isinstance(event, ExitEvent):

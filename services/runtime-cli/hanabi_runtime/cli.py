@@ -262,16 +262,27 @@ def ps(container_id: str = typer.Argument(..., metavar="ID"),
 def events(container_id: str = typer.Argument(..., metavar="ID"),
            stats: bool = typer.Option(False, "--stats", help="print one stats event and exit"),
            interval: float = typer.Option(5.0, "--interval", help="seconds between stats events")) -> None:
-    """Print stats events of the container's VM (once with --stats, else until it stops)."""
+    """Print stats events of the container's VM (once with --stats, else until it stops,
+    with an `oom` event whenever its memory cgroup runs out of memory, as runc does)."""
     from hanabi_runtime import observe
 
     def stream():
         runtime = _runtime()
-        while True:
-            typer.echo(json.dumps(observe.stats(runtime, container_id)))
-            if stats or runtime.status(runtime.load(container_id)) == "stopped":
-                return
-            time.sleep(max(interval, 0.1))
+        notifier = None if stats else observe.oom_notifier(runtime, container_id)
+        try:
+            while True:
+                typer.echo(json.dumps(observe.stats(runtime, container_id)))
+                if stats or runtime.status(runtime.load(container_id)) == "stopped":
+                    return
+                deadline = time.monotonic() + max(interval, 0.1)
+                while (left := deadline - time.monotonic()) > 0:
+                    if notifier is None:
+                        time.sleep(left)  # the interval between stats events
+                    elif notifier.wait(left):
+                        typer.echo(json.dumps(observe.oom_event(container_id)))
+        finally:
+            if notifier is not None:
+                notifier.close()
     _guard(stream)
 
 

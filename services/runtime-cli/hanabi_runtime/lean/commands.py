@@ -193,10 +193,12 @@ def _guest_processes(daemons: Daemons, cid: str) -> list:
 
 
 def cmd_events(config: LeanConfig, args: dict) -> int:
-    """`events ID [--stats] [--interval S]`: observe.stats, once or until the container stops."""
+    """`events ID --stats`: one observe.stats event (the stream, with oom events: the full CLI)."""
     from hanabi_runtime import observe
 
     cid = args["id"]
+    if not args.get("stats"):
+        raise Fallback()  # the stream with its oom events: the full CLI
     try:
         interval = float(args.get("interval", 5.0))
     except ValueError:

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import stat
 import time
 from pathlib import Path
@@ -46,6 +47,16 @@ DIED_GRACE_S = 1.0  # how long a dropped API connection may take to show as an e
 ELF_MAGIC = b"\x7fELF"
 MACHINE = "firecracker"
 SLOTS_FILE = "placeholders.json"
+
+
+def fail_vm(handle: VmHandle, reason: str) -> None:
+    """End a VM that cannot go on (its file share's server died: every file operation of its
+    container fails with EIO). SIGKILL only; vmmd's reaper records the exit, so the sandbox
+    reads as stopped and its processes as killed (137), as when a QEMU dies with its 9P
+    server."""
+    log.error("failing the sandbox: ending its VM", extra={"sandbox": handle.sandbox_id, "pid": handle.pid,
+                                                         "reason": reason})
+    proc.kill_verified(handle.pid, handle.start_time or None, signal.SIGKILL)
 
 
 def check_kernel(path: Path) -> None:
@@ -176,6 +187,9 @@ class FirecrackerHypervisor:
                           control_socket=layout.api_socket, agent_socket=layout.vsock_socket,
                           vm_dir=spec.vm_dir, machine=MACHINE, hotplug_slots=self.placeholder_drives,
                           agent_transport="hybrid_vsock", agent_port=AGENT_VSOCK_PORT, process=process)
+        served = self._shares.get(str(spec.vm_dir))
+        if served is not None:
+            served.on_failure = lambda reason: fail_vm(handle, reason)
         try:
             spec.pid_file.write_text(f"{process.pid}\n")  # recovery's orphan sweep reads it
             if on_spawned is not None:
