@@ -164,10 +164,37 @@ def loop_devices_on(path: Path) -> list[str]:
     return [line for line in out.splitlines() if str(path) in line]
 
 
+DRAIN_METHODS = {"vmmd": "vm.drain", "netd": "net.drain", "blockd": "volume.drain"}
+DRAIN_TIMEOUT_S = 60.0
+
+
+def drain(daemons: Daemons, timeout: float = DRAIN_TIMEOUT_S) -> dict[str, list[str]]:
+    """Ask each running daemon that tears down in the background (hanabi_common.releasing)
+    to finish its released sandboxes; {daemon: sandboxes still pending} (empty lists: done).
+    A daemon that is down is skipped: its queue stays on disk for its next start."""
+    left: dict[str, list[str]] = {}
+    for name, method in DRAIN_METHODS.items():
+        proc = daemons.procs.get(name)
+        if proc is None or proc.poll() is not None:
+            continue
+        client = RpcClient(name, daemons.config.endpoint(name), timeout=timeout + 10)
+        left[name] = client.call(method, {"timeout_s": timeout})["pending"]
+    return left
+
+
 def leftovers(daemons: Daemons, cid: str) -> list[str]:
-    """Everything a deleted container might have left behind; empty when clean."""
+    """Everything a deleted container might have left behind; empty when clean. `delete`
+    returns before the daemons have removed what it held: this first drains them (`drain`:
+    each daemon answers once its release queue is empty), then looks."""
     config = daemons.config
     found = []
+    pending = {name: sids for name, sids in drain(daemons).items() if sids}
+    if pending:
+        found.append(f"releases not finished {pending}")
+    releasing = config.run_dir / "releasing"
+    records = sorted(str(p.relative_to(releasing)) for p in releasing.glob("*/*.json")) if releasing.exists() else []
+    if records:
+        found.append(f"release records {records}")
     pids = (processes_mentioning(f"hanabi-{cid} ") + processes_mentioning(f"--sandbox {cid} ")
             + processes_mentioning(f"[hanabi {cid[:12]}]"))
     if pids:

@@ -85,6 +85,7 @@ class AgentService:
             ("agent.list", NoArgs, self.list),
             ("agent.inspect", SandboxRef, self.inspect),
             ("agent.disconnect", SandboxRef, self.disconnect),
+            ("agent.release", SandboxRef, self.release),
             ("agent.configure_network", ConfigureNetwork, self.configure_network),
             ("container.create", CreateContainer, self.create),
             ("container.start", ContainerRef, self.start),
@@ -197,6 +198,21 @@ class AgentService:
             session.close()
             for record in session.all_processes():
                 record.mark_exited(None, LOST_SIGNAL)  # the VM goes down with them
+        return Removed(existed=self.registry.remove(request.sandbox_id))
+
+    def release(self, request: SandboxRef) -> Removed:
+        """A container's delete, whose VM vmmd kills next: no word to the guest. Its
+        processes still running count as SIGKILLed (their stand-ins exit 137, as runc's
+        `delete --force`), the connection is closed, the sandbox forgotten (idempotent)."""
+        with self.registry.lock:
+            sandbox = self.registry.sandboxes.get(request.sandbox_id)
+        if sandbox is not None:
+            for record in sandbox.session.all_processes():
+                if record.status == "running":
+                    record.mark_exited(None, int(signals.SIGKILL))
+            sandbox.session.close()
+            for record in sandbox.session.all_processes():
+                record.mark_exited(None, LOST_SIGNAL)  # created, never started: gone with the VM
         return Removed(existed=self.registry.remove(request.sandbox_id))
 
     def configure_network(self, request: ConfigureNetwork) -> dict:

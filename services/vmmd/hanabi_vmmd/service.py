@@ -22,13 +22,15 @@ from hanabi_common.errors import (AlreadyExists, FailedPrecondition, HanabiError
                                   NotFound)
 from hanabi_common.metrics import Gauges, LabelledGauge
 from hanabi_common import disowned
-from hanabi_common.models.base import NoArgs, Removed, SandboxRef
+from hanabi_common.models.base import Drain, Drained, NoArgs, Removed, SandboxRef
 from hanabi_common.models.vmmd import (AttachDisk, AttachNic, CreateVm, DetachDisk, DetachNic, StopVm, VmInfo, VmList)
+from hanabi_common.releasing import Releases
 from hanabi_common.rpc.server import RpcServer
 from hanabi_common.state import StateStore
 from hanabi_vmmd import accel as accel_mod
 from hanabi_vmmd import cgroup
 from hanabi_vmmd import proc
+from hanabi_vmmd import release as release_mod
 from hanabi_vmmd.hypervisor import Hypervisor, NicSpec, VmHandle, VmSpec
 from hanabi_vmmd.cloning import CloneOps
 from hanabi_vmmd.devices import DeviceOps, nic_spec
@@ -102,12 +104,15 @@ class VmService(DeviceOps, PoolOps, CloneOps):
         self._events = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vmmd-exit")
         self.reaper = Reaper(self._on_exit)
         self.pool_store = StateStore(config.run_dir / "pool")
+        # Released VMs a crash left unfinished: done before anything else looks at the VM dirs.
+        self.releases = Releases(config.run_dir, "vmmd", self._finish_release, log)
+        self.releases.finish_all()
         for handle in recover([self.store, self.pool_store], self.backends, self.vm_root, self.locks):
             self.reaper.watch(handle)
             if self._is_pooled(handle.sandbox_id):
                 self._handles[handle.sandbox_id] = handle
         # Containers deleted while vmmd was down: their VMs go now.
-        disowned.reconcile(self.store, STATE_NAME, lambda sid: self.stop(StopVm(sandbox_id=sid)), log)
+        disowned.reconcile(self.store, STATE_NAME, lambda sid: self.release(SandboxRef(sandbox_id=sid)), log)
         clean_orphan_shares(config.shares_dir, {
             Path(state.share_dir) for store in (self.store, self.pool_store)
             for sid in store.list_sandboxes(having=STATE_NAME)
@@ -120,6 +125,7 @@ class VmService(DeviceOps, PoolOps, CloneOps):
             self.templates.remove_all()
         self.pool = WarmPool(config.vmm.pool_size, self._boot_pooled)
         self.pool.start(self._pooled_after_restart())
+        self.releases.start()
 
     def register(self, server: RpcServer) -> None:
         """Serve the vm.* methods."""
@@ -128,6 +134,8 @@ class VmService(DeviceOps, PoolOps, CloneOps):
         server.register("vm.list", NoArgs, self.list)
         server.register("vm.pool", NoArgs, self.pooled)
         server.register("vm.stop", StopVm, self.stop)
+        server.register("vm.release", SandboxRef, self.release)
+        server.register("vm.drain", Drain, self.drain)
         server.register("vm.attach_disk", AttachDisk, self.attach_disk)
         server.register("vm.detach_disk", DetachDisk, self.detach_disk)
         server.register("vm.attach_nic", AttachNic, self.attach_nic)
@@ -138,6 +146,7 @@ class VmService(DeviceOps, PoolOps, CloneOps):
     def close(self) -> None:
         """Stop watching; the VMs keep running and are re-adopted by the next vmmd."""
         self.pool.close()
+        self.releases.close()
         self.reaper.close()
         self._events.shutdown(wait=True)
 
@@ -203,6 +212,7 @@ class VmService(DeviceOps, PoolOps, CloneOps):
         nics = tuple(nic_spec(f"nic{index}", nic) for index, nic in enumerate(request.nics))
         cgroups = cgroup.checked_dirs(request.cgroup_dirs)
         with self.locks.hold(sid):
+            self.releases.finish(sid)  # an earlier VM of this id: its dirs are named after the id
             if self.store.read(sid, STATE_NAME, HypervisorState) is not None:
                 raise AlreadyExists(f"sandbox {sid} already has a VM (vm.stop it first)")
             if (backend.name == POOLED_BACKEND and (memory_mib, vcpus) == (vmm.memory_mib, vmm.vcpus)
@@ -317,6 +327,7 @@ class VmService(DeviceOps, PoolOps, CloneOps):
             "hanabi_pool_free": ("Pooled VMs ready to be taken", len(self.pool.free())),
             "hanabi_pool_size": ("Configured size of the warm pool", self.pool.size),
             "hanabi_vm_templates": ("VM templates on disk", len(self.templates.list())),
+            "hanabi_vm_releases_pending": ("Released VMs whose cleanup is not finished", len(self.releases.pending())),
         }
 
     def _observed(self, state: HypervisorState) -> HypervisorState:
@@ -348,6 +359,31 @@ class VmService(DeviceOps, PoolOps, CloneOps):
         log.info("vm stopped", extra={"sandbox": sid, "pid": state.pid, "was_running": result.was_running,
                                       "killed": result.killed, "exit_status": result.exit_status})
         return Removed(existed=True)
+
+    def release(self, request: SandboxRef) -> Removed:
+        """A container's delete: record the VM as to be released, SIGKILL and reap its VMM,
+        return; its directories go in the background (`release.py`; idempotent)."""
+        sid = request.sandbox_id
+        with self.locks.hold(sid):
+            state = self.store.read(sid, STATE_NAME, HypervisorState)
+            if state is None:
+                return Removed(existed=self.releases.record_path(sid).exists())
+            self.reaper.unwatch(sid)
+            handle = self._handle(state)
+            self._handles.pop(sid, None)
+            self.releases.take(self.store.path(sid, STATE_NAME), sid)
+            self.store.remove_dir_if_empty(sid)
+            status = release_mod.kill_now(state, handle)
+        self.releases.wake()
+        log.info("vm released", extra={"sandbox": sid, "pid": state.pid, "exit_status": proc.exit_status(status)})
+        return Removed(existed=True)
+
+    def _finish_release(self, sid: str, record: Path) -> None:
+        release_mod.finish(record, self.backends, self._remove_vm_dirs)
+
+    def drain(self, request: Drain) -> Drained:
+        """Wait until the released VMs are all cleaned up (or the timeout passed)."""
+        return Drained(pending=self.releases.drain(request.timeout_s))
 
     def pause(self, request: SandboxRef) -> VmInfo:
         """Stop the VM's vCPUs (idempotent)."""

@@ -12,7 +12,6 @@ naming the daemon.
 
 from __future__ import annotations
 
-import socket
 import time
 from pathlib import Path
 from typing import Any, TypeVar, overload
@@ -22,29 +21,11 @@ from pydantic import BaseModel, ValidationError
 
 from hanabi_common.errors import HanabiError, Internal
 from hanabi_common.rpc.envelope import decode_reply, encode_request
-from hanabi_common.rpc.wire import attempt_share, attempts_for, default_sender, no_answer, not_running, reply_error
+from hanabi_common.rpc.wire import (attempt_share, attempts_for, default_sender, ipc_down, no_answer, not_running,
+                                   reply_error)
 
 R = TypeVar("R", bound=BaseModel)
 PROBE_INTERVAL_S = 0.5
-
-
-def ipc_down(path: str) -> str | None:
-    """Why nothing serves the Unix socket at `path` (no file, or nobody listening), or
-    None when a connect succeeds (or fails for another reason, e.g. a full backlog: the
-    daemon is busy, not gone)."""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    probe.settimeout(1.0)
-    try:
-        probe.connect(path)
-    except FileNotFoundError:
-        return f"no socket at {path}"
-    except ConnectionRefusedError:
-        return f"nothing listens on {path}"
-    except OSError:
-        return None
-    finally:
-        probe.close()
-    return None
 
 
 class RpcClient:

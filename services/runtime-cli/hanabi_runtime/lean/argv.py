@@ -20,6 +20,7 @@ COMMANDS = {
     "kill": (("id", "signal"), 1, {}, {"--all": "all", "-a": "all"}),
     "ps": (("id",), 1, {"--format": "format", "-f": "format"}, {}),
     "events": (("id",), 1, {"--interval": "interval"}, {"--stats": "stats"}),
+    "delete": (("id",), 1, {}, {"--force": "force", "-f": "force"}),
 }
 
 
