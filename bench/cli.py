@@ -109,7 +109,7 @@ def main() -> None:
                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         create("bench-cli")
         subprocess.run(LEAN + cfg + ["start", "bench-cli"], check=True)
-        for i in range(RUNS):
+        for _ in range(RUNS):
             runc_state.append(timed(["runc", "state", "bench-cli-runc"]))
             floor.append(timed([sys.executable, "-c", "pass"]))
             for entry, argv in (("full", FULL + cfg), ("lean", LEAN + cfg)):

@@ -38,10 +38,6 @@ import os
 import signal
 import sys
 import time
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from typing import Any, Callable
-
 import hanabi_wire as P
 
 from .channel import Channel, FdChannel, open_guest_channel
@@ -51,6 +47,11 @@ from .handlers import Handlers, error_reply
 from .poller import EVENT_READ as R, EVENT_WRITE as W, Poller
 from .procio import ProcIO
 from .sandbox import DirSandbox, GuestSandbox, Sandbox
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+    from collections.abc import Callable
 
 OUT_HIGH = 2 << 20
 REPLAY_BYTES = 256 << 10
@@ -302,7 +303,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: the guest (no arguments) or ``--fd N --rootfs-dir D [--chroot 1] [--pidns 1]``
     (host tests)."""
     args = sys.argv[1:] if argv is None else argv
-    opts = dict(zip(args[::2], args[1::2]))
+    opts = dict(zip(args[::2], args[1::2], strict=False))
     if "--fd" in opts:
         sandbox = DirSandbox(opts.get("--rootfs-dir", "/"))
         sandbox.use_chroot = opts.get("--chroot") == "1"

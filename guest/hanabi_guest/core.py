@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import os
 import sys
+
+from .sandbox import Rootfs
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
-
-
-from .sandbox import Rootfs
 
 AGENT_VERSION = "0.1.0"
 

@@ -35,7 +35,8 @@ DESTROY_WAIT_S = 5.0
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any, Callable
+    from typing import Any
+    from collections.abc import Callable
 
     Result = dict[str, Any] | Pending
 

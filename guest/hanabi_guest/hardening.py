@@ -110,7 +110,7 @@ class Security:
                                                   "boottime": time.clock_gettime(time.CLOCK_BOOTTIME)})
         sec = cls(spec)
         if spec is not None and spec.seccomp is not None:
-            from .seccomp import Filter, plan
+            from .seccomp import plan
 
             sec._plan = plan(spec.seccomp)
         return sec

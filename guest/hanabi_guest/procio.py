@@ -25,7 +25,8 @@ from .sandbox import Sandbox
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any, Callable
+    from typing import Any
+    from collections.abc import Callable
 
 
 class ProcIO:

@@ -186,7 +186,7 @@ def test_etc_hosts_follows_dockers_rewrite_on_network_connect_as_under_runc(dock
             hosts = Path(docker.inspect(name, "{{.HostsPath}}"))
             inode = hosts.stat().st_ino
             docker.check("network", "connect", second, name, timeout=60)
-            ip = docker.inspect(name, "{{(index .NetworkSettings.Networks \"%s\").IPAddress}}" % second)
+            ip = docker.inspect(name, "{{(index .NetworkSettings.Networks \"" + second + "\").IPAddress}}")
             assert ip and ip in hosts.read_text(), (runtime, hosts.read_text())
             assert hosts.stat().st_ino == inode, f"Docker replaced {hosts} instead of rewriting it"
             deadline = time.monotonic() + 30

@@ -13,7 +13,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 from hanabi_common.config import DAEMONS, load_config
 from hanabi_common.rpc.client import RpcClient

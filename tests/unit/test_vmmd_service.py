@@ -10,7 +10,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Collection
+from collections.abc import Callable, Collection
 
 import pytest
 

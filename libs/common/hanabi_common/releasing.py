@@ -27,7 +27,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 from hanabi_common.errors import HanabiError
 from hanabi_common.ids import is_valid_id

@@ -32,7 +32,7 @@ class AgentdClient:
         default config.agent.ready_timeout_s)."""
         wait = timeout_s or self.config.agent.ready_timeout_s
         return self.rpc.call("agent.connect", ConnectAgent(sandbox_id=sandbox_id, socket_path=socket_path,
-                                                           timeout_s=timeout_s, transport=transport,  # type: ignore[arg-type]
+                                                           timeout_s=timeout_s, transport=transport,
                                                            port=port),
                              AgentInfo, timeout=wait + SLACK_S)
 

@@ -23,7 +23,8 @@ import os
 import socket
 import threading
 from pathlib import Path
-from typing import Annotated, Any, Callable, Literal, Union
+from typing import Annotated, Any, Literal
+from collections.abc import Callable
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
@@ -78,7 +79,7 @@ class Resize(_ClientMsg):
     width: TtyDim
 
 
-_CLIENT = TypeAdapter(Annotated[Union[Stdin, CloseStdin, Resize], Field(discriminator="type")])
+_CLIENT: TypeAdapter[Stdin | CloseStdin | Resize] = TypeAdapter(Annotated[Stdin | CloseStdin | Resize, Field(discriminator="type")])
 
 
 def io_socket_path(run_dir: Path) -> Path:
@@ -225,7 +226,7 @@ class _IoClient:
         except InvalidArgument as exc:
             log.warning("io client sent an invalid message", extra={"reason": exc.message[:200]})
             self._error("INVALID_ARGUMENT", exc.message)
-        except (OSError, socket.timeout):
+        except (TimeoutError, OSError):
             pass
         finally:
             self.close()
@@ -290,7 +291,7 @@ class _IoClient:
                     return
                 continue
             if isinstance(event, OutputEvent):
-                out = {"type": "output", "stream": event.stream, "data": b64e(event.data)}
+                out: dict[str, Any] = {"type": "output", "stream": event.stream, "data": b64e(event.data)}
                 if event.seq is not None:
                     out["seq"] = event.seq
                 if not self._send(out):

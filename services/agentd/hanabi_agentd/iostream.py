@@ -25,7 +25,7 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 from hanabi_wire import (HEADER, MAX_DATA_CHUNK, MAX_FRAME, MAX_TTY_DIM, FrameDecoder, ProtocolError, b64d, b64e,
                          encode_frame)
@@ -74,7 +74,7 @@ def _validate(msg: dict) -> dict:
         if stream not in ("stdout", "stderr"):
             raise IoError("INVALID_ARGUMENT", f"bad output stream {stream!r}")
         try:
-            data = b64d(msg.get("data"))  # type: ignore[arg-type]
+            data = b64d(msg.get("data"))  # type: ignore[arg-type]  # a non-str raises ProtocolError, handled below
         except ProtocolError as exc:
             raise IoError("INVALID_ARGUMENT", str(exc)) from None
         seq = msg.get("seq")
@@ -113,7 +113,7 @@ class IoStream:
 
     @classmethod
     def attach(cls, run_dir: str | os.PathLike, sandbox_id: str, container_id: str,
-               exec_id: str = "init", timeout: float = 10.0) -> "IoStream":
+               exec_id: str = "init", timeout: float = 10.0) -> IoStream:
         """Connect to agentd's io socket (retrying while it is not there) and attach."""
         path = str(Path(run_dir) / IO_SOCKET_NAME)
         deadline = time.monotonic() + timeout
@@ -146,7 +146,7 @@ class IoStream:
                 _validate(first)  # raises IoError for {"type":"error"} and garbage alike
                 raise IoError("INVALID_ARGUMENT", "agentd did not confirm the attach")
             sock.settimeout(None)
-        except socket.timeout:
+        except TimeoutError:
             sock.close()
             raise IoError("DEADLINE_EXCEEDED", f"agentd did not answer the attach within {timeout}s") from None
         except ProtocolError as exc:
@@ -288,7 +288,7 @@ class IoStream:
                 if self.exited is not None or time.monotonic() > deadline:
                     raise
                 with self._attached:  # until relay() attached again (or a while passed)
-                    self._attached.wait_for(lambda: self._attachments != seen or self.exited is not None,
+                    self._attached.wait_for(lambda: self._attachments != seen or self.exited is not None,  # noqa: B023 - called in this iteration
                                             timeout=max(min(deadline - time.monotonic(), 5.0), 0))
 
     def close(self) -> None:
@@ -299,7 +299,7 @@ class IoStream:
             pass
         self._sock.close()
 
-    def __enter__(self) -> "IoStream":
+    def __enter__(self) -> IoStream:
         return self
 
     def __exit__(self, *_: object) -> None:

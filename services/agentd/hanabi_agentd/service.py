@@ -143,7 +143,7 @@ class AgentService:
             if sandbox is not None and (sandbox.busy or sandbox.session.connected):
                 raise AlreadyExists(f"sandbox {sid} is already connected to its agent")
             fresh = sandbox is None
-            if fresh:
+            if sandbox is None:
                 sandbox = self.registry.new(sid, address)
                 self.registry.sandboxes[sid] = sandbox
             else:

@@ -22,7 +22,8 @@ import time
 from concurrent.futures import FIRST_COMPLETED, Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures import wait
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from hanabi_common.config import Config
 from hanabi_common.errors import (DeadlineExceeded, Internal, InvalidArgument, NotFound,
@@ -162,7 +163,7 @@ class AgentSession:
                     if fut.exception() is not None:
                         if isinstance(fut.exception(), Unavailable):
                             return None  # the connection went away: retry
-                        raise fut.exception()  # type: ignore[misc]
+                        raise fut.exception()  # type: ignore[misc]  # not None: checked above
                     try:
                         return check_version(parse_result(PingResult, fut.result(), "ping"))
                     except GuestMisbehaved as exc:

@@ -15,7 +15,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 from hanabi_blockd.gc import BaseUsage
 from hanabi_common.state import VersionedState, atomic_write_bytes

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from hanabi_common.config import Config
 from hanabi_common.models.base import Removed, SandboxRef
 from hanabi_common.models.blockd import (BindSource, BlockListing, Collected, CollectBases, ProvisionVolume,
@@ -16,7 +18,7 @@ class BlockdClient:
         self.rpc = RpcClient("blockd", config.endpoint("blockd"), timeout=timeout or max(config.rpc.default_timeout_s, 120))
 
     def provision(self, sandbox_id: str, rootfs: str, readonly: bool = False,
-                  binds: list[tuple[str, str, bool]] = (), formats: list[str] | None = None,
+                  binds: Sequence[tuple[str, str, bool]] = (), formats: list[str] | None = None,
                   share_root: str | None = None, container_id: str | None = None) -> VolumeInfo:
         """Give the sandbox its root filesystem and binds (name, source, read-only): with
         `share_root` (the VM's export root) bind-mounted live into it, else as a root

@@ -15,7 +15,9 @@ import logging
 import os
 import threading
 from collections import Counter
+from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hanabi_blockd import passthrough, shares
 from hanabi_blockd.detect import choose_backend, probe_host
@@ -36,6 +38,9 @@ from hanabi_common.releasing import Releases
 from hanabi_common.rpc.server import RpcServer
 from hanabi_common.state import StateStore
 
+if TYPE_CHECKING:
+    from hanabi_blockd.devicemapper import DeviceMapperVolumes
+
 log = logging.getLogger("hanabi.blockd")
 SWEEP_INTERVAL_S = 1.0
 BINDS_SERIAL = "hanabi-binds"
@@ -51,7 +56,7 @@ class BlockService:
         self.backend_name, self.reason = choose_backend(config.block.backend, probe_host())
         self.files = LoopFileBackend(config.block.volume_dir, config.block.headroom_mib,
                                      config.block.max_volume_mib)
-        self.volumes = LoopFileVolumes(self.files)
+        self.volumes: LoopFileVolumes | DeviceMapperVolumes = LoopFileVolumes(self.files)
         if self.backend_name == "devicemapper":
             from hanabi_blockd.devicemapper import DeviceMapperVolumes
             try:
@@ -224,6 +229,7 @@ class BlockService:
         """Bind the rootfs directory (unless `root` passed its device through) and the binds
         into the VM's export root; recorded before the first mount."""
         cid = request.container_id or request.sandbox_id
+        assert request.share_root is not None  # provision() calls this only with a share root
         entries = [] if root is not None else [shares.ShareEntry(shares.ROOTFS_NAME, Path(request.rootfs))]
         entries += [shares.ShareEntry(b.name, Path(b.source), b.readonly) for b in request.binds]
         state.shares.append(ShareRecord(share_root=request.share_root, container_id=cid,
@@ -312,13 +318,13 @@ class BlockService:
     def _collect(self, budget_bytes: int) -> list[str]:
         with self._gc_lock:
             with self._guard:
-                kept = getattr(self.volumes, "held_bases", lambda: set())()
+                kept: set[str] = getattr(self.volumes, "held_bases", lambda: set())()
             in_use = set(self.holders()) | {k for k, n in self._pending.items() if n > 0} | kept
             removed = []
             for key in choose_evictions(self.volumes.base_usage(), in_use, budget_bytes):
                 # A provisioning may have picked the base since: it counts as pending before
                 # it takes the base's lock, and the veto is asked under that lock.
-                if self.volumes.remove_base(key, unless=lambda k=key: self._pending_for(k)):
+                if self.volumes.remove_base(key, unless=partial(self._pending_for, key)):
                     removed.append(key)
                     log.info("collected an unused base", extra={"key": key})
             return removed

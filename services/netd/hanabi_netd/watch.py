@@ -14,7 +14,8 @@ import logging
 import os
 import select
 import threading
-from typing import Callable
+from collections.abc import Callable
+from typing import Any
 
 from hanabi_common.netns import call_in_netns
 
@@ -32,7 +33,7 @@ class NetnsWatcher:
         self.on_change = on_change
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._ipr = None
+        self._ipr: Any = None  # a pyroute2 IPRoute (untyped)
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)  # stop() ends the select at once
 
     def start(self) -> None:

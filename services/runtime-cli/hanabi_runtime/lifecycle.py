@@ -9,6 +9,7 @@ Whatever fails on the way is undone: a failed create leaves nothing behind.
 
 from __future__ import annotations
 
+import builtins
 import logging
 import os
 import select
@@ -19,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator, Sequence
 
 from hanabi_common.config import Config
 from hanabi_common.errors import (AlreadyExists, FailedPrecondition, HanabiError, Internal,
@@ -232,6 +233,7 @@ class Runtime:
                         dns_relay=relay, dns_netns=network.netns_path if relay else None))
             finally:
                 volume = volume_future.result() if volume_future is not None else None
+        assert volume is not None  # provisioned above (a failure there raised)
         guest_serials: dict[str, str] = {}
         with _phase(timings, "disk_hotplug_s"):
             # Attached writable even for a read-only root: the image is this container's own
@@ -259,7 +261,7 @@ class Runtime:
         return timings, cgroup_dirs
 
     def spawn_standin(self, cid: str, fifo: Path | None, detach: bool, exec_id: str = "init",
-                      console: list[str] | None = None, args: list[str] = ()) -> "StandinProcess":
+                      console: list[str] | None = None, args: Sequence[str] = ()) -> StandinProcess:
         """Start a stand-in for one process of `cid` and wait until it is attached.
         `console`: its terminal arguments, from `console.standin_args`; `args`: the command
         it stands for (its process title, which host ps and `docker top` show)."""
@@ -386,6 +388,7 @@ class Runtime:
         status = self.status(state)
         if status == "created":
             # Nothing runs in the guest yet: the stand-in stands for the process.
+            assert state.standin_pid is not None  # "created" means its stand-in is alive
             os.kill(state.standin_pid, signum)
             return
         if status != "running":
@@ -420,7 +423,7 @@ class Runtime:
         return getattr(self.daemons, daemon).rpc.call(method, body, idempotent=True)
 
     def _teardown(self, cid: str, standin_pid: int | None, standin_start: int | None = None,
-                  cgroup_dirs: list[str] | None = None) -> None:
+                  cgroup_dirs: builtins.list[str] | None = None) -> None:
         """One release RPC per daemon, the stand-ins, the state (`hanabi_runtime.teardown`).
         A daemon that is down keeps its state file and the sandbox is marked disowned:
         that daemon finishes the job when it starts (`hanabi_common.disowned`)."""

@@ -22,6 +22,11 @@ import argparse
 import os
 import signal
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from hanabi_agentd.iostream import IoStream
+    from hanabi_runtime.console import ConsoleRelay
 
 SIGNAL_RETRY_S = 120.0
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
@@ -40,8 +45,8 @@ class StandIn:
         # Held open read-write from the start, so `start` can never find the fifo unopened
         # and a read never sees end-of-file.
         self.fifo_fd = os.open(args.start_fifo, os.O_RDWR | os.O_CLOEXEC) if args.start_fifo else None
-        self.stream = None
-        self.console = None
+        self.stream: IoStream | None = None
+        self.console: ConsoleRelay | None = None
         self.oom_warned = False
 
     def attach(self) -> None:
@@ -108,6 +113,7 @@ class StandIn:
 
     def wait_for_start(self) -> None:
         """Block until `start` writes to the fifo."""
+        assert self.fifo_fd is not None  # not started: it was given a start fifo
         while not os.read(self.fifo_fd, 1):
             pass
         os.close(self.fifo_fd)
@@ -115,6 +121,7 @@ class StandIn:
 
     def relay(self) -> int:
         """Relay stdio until the process exits; return its status."""
+        assert self.stream is not None  # attach() came first
         if self.console is not None:
             return self.console.relay(self.stream)
         return self.stream.relay(_stdin_fd(), 1, 2)

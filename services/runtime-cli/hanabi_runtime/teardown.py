@@ -16,7 +16,7 @@ import logging
 import os
 import shutil
 import signal
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 from hanabi_common.errors import HanabiError, Internal, NotFound, Unavailable
 from hanabi_common.marker import disown

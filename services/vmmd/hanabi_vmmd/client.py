@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from hanabi_common.config import Config
 from hanabi_common.models.base import Removed, SandboxRef
 from hanabi_common.models.vmmd import (AttachDisk, AttachNic, CreateVm, DetachDisk, DetachNic, DiskInfo,
@@ -18,11 +20,11 @@ class VmmdClient:
 
     def create(self, sandbox_id: str, memory_mib: int | None = None, vcpus: int | None = None,
                hypervisor: str | None = None, timeout: float | None = None,
-               nics: list[VmNic] = (), cgroup_dirs: list[str] = ()) -> VmInfo:
+               nics: Sequence[VmNic] = (), cgroup_dirs: Sequence[str] = ()) -> VmInfo:
         """Boot a VM for a sandbox (with NICs on netd's taps); returns once the VMM answers
         (not the guest agent)."""
         request = CreateVm(sandbox_id=sandbox_id, memory_mib=memory_mib, vcpus=vcpus,
-                           hypervisor=hypervisor, nics=list(nics),  # type: ignore[arg-type]
+                           hypervisor=hypervisor, nics=list(nics),
                            cgroup_dirs=list(cgroup_dirs))
         wait = timeout or max(self.rpc.timeout, self.config.vmm.boot_timeout_s + 5)
         return self.rpc.call("vm.create", request, VmInfo, timeout=wait)
@@ -57,7 +59,7 @@ class VmmdClient:
     def attach_disk(self, sandbox_id: str, path: str, serial: str, format: str = "raw",
                     readonly: bool = False) -> DiskInfo:
         """Hot-plug a disk image or block device."""
-        request = AttachDisk(sandbox_id=sandbox_id, path=path, serial=serial, format=format,  # type: ignore[arg-type]
+        request = AttachDisk(sandbox_id=sandbox_id, path=path, serial=serial, format=format,
                              readonly=readonly)
         return self.rpc.call("vm.attach_disk", request, DiskInfo)
 

@@ -16,6 +16,7 @@ from hanabi_common.errors import AlreadyExists, FailedPrecondition, InvalidArgum
 from hanabi_common.models.base import Removed
 from hanabi_common.models.vmmd import AttachDisk, AttachNic, DetachDisk, DetachNic, DiskInfo, VmInfo, VmNic
 from hanabi_vmmd.hypervisor import DiskSpec, Hypervisor, NicSpec, VmHandle
+from hanabi_vmmd.vm_host import VmHost
 from hanabi_vmmd.state import DiskRecord, HypervisorState, NicRecord
 
 log = logging.getLogger("hanabi.vmmd")
@@ -27,7 +28,7 @@ def nic_spec(device_id: str, nic: VmNic) -> NicSpec:
     return NicSpec(device_id=device_id, tap=nic.tap, mac=nic.mac.lower(), mtu=nic.mtu, netns_path=nic.netns_path)
 
 
-class DeviceOps:
+class DeviceOps(VmHost):
     """vm.attach_disk, vm.detach_disk, vm.attach_nic, vm.detach_nic."""
 
     def attach_disk(self, request: AttachDisk) -> DiskInfo:

@@ -15,7 +15,8 @@ from __future__ import annotations
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Collection, Literal, Protocol
+from typing import Any, Literal, Protocol
+from collections.abc import Callable, Collection
 
 Accel = Literal["kvm", "tcg"]
 
@@ -38,7 +39,7 @@ class VmSpec:
     pid_file: Path
     stderr_log: Path
     hotplug_slots: int = 4
-    nics: tuple["NicSpec", ...] = ()
+    nics: tuple[NicSpec, ...] = ()
     # The export root of the VM's file share (None: no share device). See shares.py.
     share_dir: Path | None = None
     # VM templates (templates.py): the guest RAM as a file (`memory_shared`: the template
@@ -49,12 +50,12 @@ class VmSpec:
     incoming: bool = False
 
     @classmethod
-    def in_dir(cls, sandbox_id: str, vm_dir: Path, **kwargs: object) -> "VmSpec":
+    def in_dir(cls, sandbox_id: str, vm_dir: Path, **kwargs: Any) -> VmSpec:
         """A spec whose sockets, console log, pid file and stderr log live in `vm_dir`."""
         return cls(sandbox_id=sandbox_id, vm_dir=vm_dir,
                    agent_socket=vm_dir / "agent.sock", control_socket=vm_dir / "qmp.sock",
                    console_log=vm_dir / "console.log", pid_file=vm_dir / "qemu.pid",
-                   stderr_log=vm_dir / "qemu.stderr", **kwargs)  # type: ignore[arg-type]
+                   stderr_log=vm_dir / "qemu.stderr", **kwargs)
 
 
 @dataclass

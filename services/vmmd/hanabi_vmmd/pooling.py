@@ -12,13 +12,14 @@ from hanabi_common.models.base import NoArgs
 from hanabi_common.models.vmmd import VmList
 from hanabi_vmmd.agent_probe import wait_agent_ready
 from hanabi_vmmd.hypervisor import NicSpec
+from hanabi_vmmd.vm_host import VmHost
 from hanabi_vmmd.state import STATE_NAME, HypervisorState
 
 log = logging.getLogger("hanabi.vmmd")
 POOLED_BACKEND = "qemu"  # the pool needs NIC hot-plug (Firecracker takes NICs at boot only)
 
 
-class PoolOps:
+class PoolOps(VmHost):
     """Pooled VMs: booted by the pool's thread, claimed by vm.create, listed by vm.pool."""
 
     def _boot_pooled(self, pool_id: str) -> None:

@@ -14,7 +14,7 @@ import os
 import stat
 import time
 from pathlib import Path
-from typing import Callable, Collection
+from collections.abc import Callable, Collection
 
 from hanabi_common.errors import (DeadlineExceeded, FailedPrecondition, HanabiError,
                                   InvalidArgument, NotFound, Unavailable)
@@ -32,7 +32,7 @@ class QemuHypervisor:
     """Boots and drives QEMU VMs."""
 
     name = "qemu"
-    share_kind = "virtio-9p"
+    share_kind: str | None = "virtio-9p"
 
     def __init__(self, *, binary: str = "qemu-system-x86_64", machine: str = "q35",
                  start_timeout: float = 60.0, qmp_timeout: float = 5.0,

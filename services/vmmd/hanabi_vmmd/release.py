@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 from hanabi_vmmd import vmm_process
 from hanabi_vmmd.hypervisor import Hypervisor, VmHandle

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Mapping
+from collections.abc import Mapping
 
 log = logging.getLogger("hanabi.vmmd")
 

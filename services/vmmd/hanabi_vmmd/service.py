@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -224,7 +225,7 @@ class VmService(DeviceOps, PoolOps, CloneOps):
         return state.info()
 
     def _boot(self, sid: str, store: StateStore, backend: Hypervisor, memory_mib: int, vcpus: int,
-              nics: tuple[NicSpec, ...] = (), cgroups: list[Path] = (),
+              nics: tuple[NicSpec, ...] = (), cgroups: Sequence[Path] = (),
               template: Template | None = None) -> HypervisorState:
         """Boot a VM recorded in `store` (the sandboxes' or the pool's), or start it as a
         clone of `template` (its NICs hot-plugged after); caller holds sid's lock."""
@@ -292,7 +293,7 @@ class VmService(DeviceOps, PoolOps, CloneOps):
             machine=handle.machine, hotplug_slots=handle.hotplug_slots, state="booting",
             pid=handle.pid, start_time=handle.start_time, memory_mib=spec.memory_mib,
             vcpus=spec.vcpus, vm_dir=str(spec.vm_dir), agent_socket=str(handle.agent_socket),
-            agent_transport=handle.agent_transport, agent_port=handle.agent_port,  # type: ignore[arg-type]
+            agent_transport=handle.agent_transport, agent_port=handle.agent_port,
             control_socket=str(handle.control_socket), console_log=str(spec.console_log),
             stderr_log=str(spec.stderr_log), created_at=time.time(),
             nics=[NicRecord.of(n) for n in spec.nics],

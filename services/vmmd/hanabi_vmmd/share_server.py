@@ -32,7 +32,6 @@ environment), at VM stop and for orphans at vmmd start.
 from __future__ import annotations
 
 import logging
-import os
 import select
 import shutil
 import signal
@@ -40,7 +39,7 @@ import socket
 import subprocess
 import threading
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 from hanabi_common.errors import FailedPrecondition
 from hanabi_vmmd import proc

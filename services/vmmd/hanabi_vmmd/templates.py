@@ -20,6 +20,7 @@ memory file (the inode lives until the last clone ends).
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import json
 import logging
@@ -29,7 +30,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 from hanabi_common.errors import FailedPrecondition, HanabiError
 from hanabi_common.state import VersionedState, atomic_write_bytes
@@ -187,7 +188,7 @@ class TemplateStore:
                 found.append(template)
         return found
 
-    def remove_stale(self, backend: str, image: str, vmm: str) -> list[str]:
+    def remove_stale(self, backend: str, image: str, vmm: str) -> builtins.list[str]:
         """Remove the templates of `backend` built from another image or VMM binary, and
         incomplete directories; the keys removed."""
         removed = []

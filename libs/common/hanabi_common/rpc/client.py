@@ -12,11 +12,9 @@ naming the daemon.
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar, overload
 
 import zmq
 from pydantic import BaseModel, ValidationError
@@ -48,6 +46,13 @@ class RpcClient:
         if why is not None:
             raise not_running(self.name, why, during)
 
+    @overload
+    def call(self, method: str, request: BaseModel | dict | None, reply: type[R], *,
+             timeout: float | None = None, idempotent: bool = False) -> R: ...
+    @overload
+    def call(self, method: str, request: BaseModel | dict | None = None, reply: None = None, *,
+             timeout: float | None = None, idempotent: bool = False) -> dict[str, Any]: ...
+
     def call(self, method: str, request: BaseModel | dict | None = None,
              reply: type[R] | None = None, *, timeout: float | None = None,
              idempotent: bool = False) -> R | dict:
@@ -72,7 +77,7 @@ class RpcClient:
 
     def _attempt(self, method: str, body: dict, timeout: float) -> dict | None:
         header, frames = encode_request(method, body, timeout, self.sender)
-        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         try:
             sock.connect(self.endpoint)

@@ -81,5 +81,5 @@ def parse(argv: list[str]) -> Command | None:
         i += 1
     if not minimum <= len(positionals) <= len(positional_names):
         return None
-    command.args.update(zip(positional_names, positionals))
+    command.args.update(zip(positional_names, positionals, strict=False))
     return command

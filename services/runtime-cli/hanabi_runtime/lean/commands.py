@@ -76,9 +76,10 @@ def status(daemons: Daemons, state: dict) -> str:
     except (Unavailable, NotFound):
         current = "running" if alive else "stopped"
     else:
-        current = reply.get("status")
-        if current not in STATUSES:
+        got = reply.get("status")
+        if not isinstance(got, str) or got not in STATUSES:
             raise Fallback()  # a malformed reply: the typed client names what is wrong
+        current = got
     return "paused" if current == "running" and state["paused"] else current
 
 

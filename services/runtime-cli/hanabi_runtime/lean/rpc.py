@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import _socket
 import json
-import os
 import struct
 import time
 

@@ -25,7 +25,7 @@ import signal
 import stat
 import time
 from pathlib import Path
-from typing import Callable, Collection
+from collections.abc import Callable, Collection
 
 from hanabi_common.errors import (DeadlineExceeded, FailedPrecondition, HanabiError,
                                   InvalidArgument, Unavailable)
@@ -33,6 +33,7 @@ from hanabi_vmmd import proc, vmm_process
 from hanabi_vmmd.vmm_process import stderr_tail
 from hanabi_vmmd.firecracker import boot, snapshot
 from hanabi_vmmd.firecracker.api import FirecrackerApi
+from hanabi_vmmd.firecracker.models import LogLevel
 from hanabi_vmmd.share_server import ShareServer, diod_path, listen_path
 from hanabi_vmmd.firecracker.process import (AGENT_VSOCK_PORT, LOG_NAME, METRICS_NAME, JailerConfig,
                                              Layout, firecracker_argv, jail_id, jailer_argv,
@@ -77,7 +78,7 @@ class FirecrackerHypervisor:
 
     def __init__(self, *, binary: str = "firecracker", jailer: JailerConfig | None = None,
                  start_timeout: float = 60.0, api_timeout: float = 5.0,
-                 placeholder_drives: int = 4, log_level: str = "Info",
+                 placeholder_drives: int = 4, log_level: LogLevel = "Info",
                  version: VersionCheck | None = None, diod: str = "diod") -> None:
         self.binary = binary
         # No shared-filesystem device: the share is 9P over vsock, served by diod (where it is
@@ -148,7 +149,7 @@ class FirecrackerHypervisor:
             vsock_uds_path=layout.fc(layout.vsock_socket.name),
             placeholders=tuple(layout.fc(f"{boot.placeholder_id(i)}.img") for i in range(self.placeholder_drives)),
             tap_name=spec.nics[0].tap if spec.nics else None,
-            log_path=layout.fc(LOG_NAME), log_level=self.log_level,  # type: ignore[arg-type]
+            log_path=layout.fc(LOG_NAME), log_level=self.log_level,
             metrics_path=layout.fc(METRICS_NAME)))
         return self._launch(spec, exec_file, layout, steps, on_spawned)
 
@@ -186,9 +187,9 @@ class FirecrackerHypervisor:
                           control_socket=layout.api_socket, agent_socket=layout.vsock_socket,
                           vm_dir=spec.vm_dir, machine=MACHINE, hotplug_slots=self.placeholder_drives,
                           agent_transport="hybrid_vsock", agent_port=AGENT_VSOCK_PORT, process=process)
-        share = self._shares.get(str(spec.vm_dir))
-        if share is not None:
-            share.on_failure = lambda reason: fail_vm(handle, reason)
+        served = self._shares.get(str(spec.vm_dir))
+        if served is not None:
+            served.on_failure = lambda reason: fail_vm(handle, reason)
         try:
             spec.pid_file.write_text(f"{process.pid}\n")  # recovery's orphan sweep reads it
             if on_spawned is not None:
@@ -233,7 +234,7 @@ class FirecrackerHypervisor:
             placeholder_drives=self.placeholder_drives, placeholder_dir=layout.inside,
             tap_name=nic.tap if nic else None, guest_mac=nic.mac if nic else None,
             mtu=nic.mtu if nic and nic.mtu != 1500 else None,
-            log_path=layout.fc(LOG_NAME), log_level=self.log_level,  # type: ignore[arg-type]
+            log_path=layout.fc(LOG_NAME), log_level=self.log_level,
             metrics_path=layout.fc(METRICS_NAME))
 
     def _stage(self, spec: VmSpec, layout: Layout) -> None:
