@@ -101,7 +101,7 @@ class Container:
     """A container: its spec, its mounted rootfs and its processes by exec id."""
 
     __slots__ = ("cid", "process", "hostname", "rootfs_spec", "root", "state", "procs",
-                 "destroy_waiters", "mounts", "mounts_disk", "share", "security")
+                 "destroy_waiters", "mounts", "mounts_disk", "share", "security", "join")
 
     def __init__(self, cid: str, process: dict[str, Any], hostname: str | None,
                  rootfs_spec: dict[str, Any]) -> None:
@@ -117,6 +117,7 @@ class Container:
         self.mounts_disk: dict[str, Any] | None = None
         self.share: str | None = None  # its directory in the VM's file share (binds live there)
         self.security: Any = None  # hardening.Security: linux settings and seccomp filter
+        self.join: dict[str, str] = {}  # namespace kind -> the container whose init's its init joins
 
 
 def check_rootfs(checked: dict[str, Any]) -> dict[str, Any]:

@@ -175,8 +175,13 @@ class Namespaces:
         self.other_fds: list[tuple[int, int]] = []
 
     @classmethod
-    def new(cls, hide_scope: str | None = None, others: tuple[str, ...] = ()) -> Namespaces:
-        return cls(hide_scope=hide_scope, others=others)
+    def new(cls, hide_scope: str | None = None, others: tuple[str, ...] = (),
+            joined: list[tuple[int, int]] | None = None) -> Namespaces:
+        """New namespaces; ``joined``: (fd, CLONE_ flag) of namespaces of other containers
+        the init enters instead (a pod's IPC and UTS), owned (closed) by this object."""
+        ns = cls(hide_scope=hide_scope, others=others)
+        ns.other_fds = list(joined or [])
+        return ns
 
     @classmethod
     def join(cls, pid: int, proc: str = "/proc", others: tuple[str, ...] = ()) -> Namespaces:
@@ -250,9 +255,9 @@ class Namespaces:
     def enter_others(self) -> None:
         """In the forked child, after it joined its cgroup: make (init) or join (exec) the
         ipc, uts and cgroup namespaces the config lists."""
+        for fd, flag in self.other_fds:  # an exec's, or those a new init shares (a pod's)
+            setns(fd, flag)
         if self.joining:
-            for fd, flag in self.other_fds:
-                setns(fd, flag)
             return
         flags = 0
         for kind in self.others:

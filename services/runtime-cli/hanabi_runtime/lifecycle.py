@@ -92,17 +92,21 @@ class Runtime:
         from hanabi_runtime.console import standin_args
 
         validate_id(cid)
-        bundle = load_bundle(bundle_path)
+        bundle = load_bundle(bundle_path, cid)
         console = standin_args(bool(bundle.process.get("terminal")), console_socket, detach_standin)
+        pod = self._pod_of(cid, bundle) if bundle.pod_sandbox else None
         self._reserve(cid, bundle)
         standin = None
         try:
-            timings, cgroup_dirs = self._provision(cid, bundle)
+            if pod is not None:
+                timings, cgroup_dirs = self._provision_in_pod(cid, bundle, pod)
+            else:
+                timings, cgroup_dirs = self._provision(cid, bundle)
             fifo = self.store.sandbox_dir(cid) / START_FIFO
             os.mkfifo(fifo, 0o600)
             mark = time.monotonic()
             standin = self.spawn_standin(cid, fifo, detach_standin, console=console,
-                                         args=bundle.process["args"])
+                                         args=bundle.process["args"], sandbox=bundle.pod_sandbox)
             timings["standin_s"] = round(time.monotonic() - mark, 4)
             from hanabi_runtime import cgroups
             cgroups.join(cgroup_dirs, standin.pid)  # the VM joined them when it was spawned
@@ -112,14 +116,15 @@ class Runtime:
                                  annotations=bundle.annotations, root=self.root, timings=timings,
                                  cgroups=cgroup_dirs, oci_version=bundle.oci_version,
                                  hooks={phase: hooks for phase, hooks in (bundle.config.get("hooks") or {}).items()
-                                        if phase in LATER_PHASES and hooks})
+                                        if phase in LATER_PHASES and hooks},
+                                 sandbox=bundle.pod_sandbox)
             self.store.write(cid, STATE_NAME, state)
             if pid_file:
                 write_pid_file(pid_file, standin.pid)
         except BaseException as exc:
             log.warning("create failed, undoing", extra={"container": cid, "error": str(exc)})
             self._teardown(cid, standin_pid=standin.pid if standin else None,
-                           cgroup_dirs=self._cgroup_dirs(bundle))
+                           cgroup_dirs=self._cgroup_dirs(bundle), sandbox=bundle.pod_sandbox)
             if standin is not None:
                 standin.wait()
             raise
@@ -135,7 +140,88 @@ class Runtime:
                                 f"`hanabi-runtime delete --force {cid}` removes it)") from None
         self.store.write(cid, STATE_NAME, RuntimeState(
             id=cid, bundle=str(bundle.path), rootfs=str(bundle.rootfs), created_at=time.time(),
-            annotations=bundle.annotations, root=self.root))
+            annotations=bundle.annotations, root=self.root, sandbox=bundle.pod_sandbox))
+
+    # -- pods (CRI) --------------------------------------------------------------------
+    def _pod_of(self, cid: str, bundle: Bundle) -> RuntimeState:
+        """The recorded state of the pod sandbox app container `cid` is to run in; a clear
+        error naming the container when there is no such pod or it does not run."""
+        sid = bundle.pod_sandbox
+        assert sid is not None
+        from hanabi_runtime.pod import SANDBOX_ID
+
+        pod = self.store.read(sid, STATE_NAME, RuntimeState)
+        if pod is None:
+            raise NotFound(f"container {cid}: its pod sandbox {sid} (annotation {SANDBOX_ID}) does not exist")
+        if pod.sandbox is not None:
+            raise InvalidArgument(f"container {cid}: {sid} (annotation {SANDBOX_ID}) is an app container "
+                                  f"of pod {pod.sandbox}, not a pod sandbox")
+        status = self.status(pod)
+        if status not in ("created", "running"):
+            raise FailedPrecondition(f"container {cid}: its pod sandbox {sid} is {status}: "
+                                     "the pod has no running VM to create the container in")
+        return pod
+
+    def _pod_vm(self, cid: str, pod: RuntimeState):
+        """The pod's VM, checked alive (its VMM and its agent)."""
+        d = self.daemons
+        try:
+            vm = d.vmmd.get(pod.id)
+            agent = d.agentd.get(pod.id)
+        except NotFound:
+            raise FailedPrecondition(f"container {cid}: the VM of its pod sandbox {pod.id} is gone") from None
+        if vm.state != "running" or not agent.connected:
+            raise FailedPrecondition(f"container {cid}: the VM of its pod sandbox {pod.id} is not running "
+                                     f"(VM {vm.state}, agent {'connected' if agent.connected else 'lost'})")
+        return vm
+
+    def _provision_in_pod(self, cid: str, bundle: Bundle, pod: RuntimeState):
+        """An app container of a pod, in the pod's VM: its own root filesystem and binds in
+        the VM's share, its own host cgroups (its stand-in's) and container in the guest, the
+        pod's network, IPC and UTS namespaces as its config names them."""
+        from hanabi_common.models.agentd import CreateContainer, GuestMount, RootfsSpec
+        from hanabi_runtime.guest_linux import guest_linux
+        from hanabi_runtime.pod import map_namespaces
+
+        d = self.daemons
+        timings: dict[str, float] = {}
+        linux_config = bundle.config.get("linux") or {}
+        shared = map_namespaces(cid, linux_config.get("namespaces"), pod.id, pod.standin_pid)
+        vm = self._pod_vm(cid, pod)
+        if vm.share_dir is None or self.config.block.rootfs != "share":
+            raise FailedPrecondition(
+                f"container {cid}: a container of a pod needs the VM's file share (its VM has "
+                f"{'none' if vm.share_dir is None else 'one'}; [block] rootfs = {self.config.block.rootfs!r}): "
+                "the block root layer is one container per VM")
+        plan = plan_mounts(bundle.config.get("mounts"))
+        cgroup_dirs = self._make_cgroups(bundle)
+        with _phase(timings, "volume_s"):
+            volume = d.blockd.provision(cid, str(bundle.rootfs), bundle.readonly, plan.binds, None,
+                                        vm.share_dir, cid)
+        linux = guest_linux(bundle.config, seccomp=self.config.agent.seccomp)
+        linux["namespaces"] = shared.namespaces
+        if shared.shares_uts:
+            linux.pop("domainname", None)
+        with _phase(timings, "container_create_s"):
+            d.agentd.create_container(CreateContainer(
+                sandbox_id=pod.id, container_id=cid,
+                rootfs=RootfsSpec(share=f"{volume.share}/rootfs", fstype="9p", readonly=bundle.readonly),
+                process=bundle.process, hostname=None if shared.shares_uts else bundle.hostname,
+                mounts=[GuestMount(**m) for m in plan.guest], share=volume.share, linux=linux,
+                join_namespaces=shared.join))
+        return timings, cgroup_dirs
+
+    def pod_members(self, sid: str) -> list[str]:
+        """The app containers recorded in pod sandbox `sid`."""
+        members = []
+        for cid in self.store.list_sandboxes(having=STATE_NAME):
+            try:
+                state = self.store.read(cid, STATE_NAME, RuntimeState)
+            except HanabiError:
+                continue
+            if state is not None and state.sandbox == sid:
+                members.append(cid)
+        return members
 
     @staticmethod
     def _cgroup_dirs(bundle: Bundle) -> list[str]:
@@ -259,12 +345,14 @@ class Runtime:
         return timings, cgroup_dirs
 
     def spawn_standin(self, cid: str, fifo: Path | None, detach: bool, exec_id: str = "init",
-                      console: list[str] | None = None, args: list[str] = ()) -> "StandinProcess":
+                      console: list[str] | None = None, args: list[str] = (),
+                      sandbox: str | None = None) -> "StandinProcess":
         """Start a stand-in for one process of `cid` and wait until it is attached.
         `console`: its terminal arguments, from `console.standin_args`; `args`: the command
-        it stands for (its process title, which host ps and `docker top` show)."""
+        it stands for (its process title, which host ps and `docker top` show); `sandbox`:
+        the pod sandbox whose VM runs it (default: its own)."""
         ready_r, ready_w = os.pipe()
-        argv = [sys.executable, "-m", "hanabi_runtime.standin", "--sandbox", cid,
+        argv = [sys.executable, "-m", "hanabi_runtime.standin", "--sandbox", sandbox or cid,
                 "--container", cid, "--exec-id", exec_id, "--ready-fd", str(ready_w),
                 "--title", " ".join(args)[:512]]
         if fifo is not None:
@@ -294,7 +382,7 @@ class Runtime:
         status = self.status(state)
         if status != "created":
             raise FailedPrecondition(f"container {cid} is {status}, not created: cannot start it")
-        self.daemons.agentd.start(cid, cid)
+        self.daemons.agentd.start(state.vm_id, cid)
         self.store.write(cid, STATE_NAME, state.model_copy(update={"started": True}))
         release_standin(self.store.sandbox_dir(cid) / START_FIFO, cid)
         self._run_later_hooks(state, "poststart", "running")
@@ -326,7 +414,7 @@ class Runtime:
         if not state.started:
             return "created" if standin_alive else "stopped"
         try:
-            status = self.daemons.agentd.state(state.id, state.id).status
+            status = self.daemons.agentd.state(state.vm_id, state.id).status
         except (Unavailable, NotFound) as exc:
             log.debug("agentd could not tell the status", extra={"error": str(exc)})
             status = "running" if standin_alive else "stopped"
@@ -367,6 +455,7 @@ class Runtime:
         status = self.status(state)
         if status != "running":
             raise FailedPrecondition(f"container {cid} is {status}, not running: cannot pause it")
+        self._refuse_pod_member(state, "pause")
         self.daemons.vmmd.pause(cid)
         self.store.write(cid, STATE_NAME, state.model_copy(update={"paused": True}))
 
@@ -376,8 +465,16 @@ class Runtime:
         status = self.status(state)
         if status != "paused":
             raise FailedPrecondition(f"container {cid} is {status}, not paused: cannot resume it")
+        self._refuse_pod_member(state, "resume")
         self.daemons.vmmd.resume(cid)
         self.store.write(cid, STATE_NAME, state.model_copy(update={"paused": False}))
+
+    @staticmethod
+    def _refuse_pod_member(state: RuntimeState, verb: str) -> None:
+        """pause/resume freeze the whole VM: not for one container of a pod."""
+        if state.sandbox is not None:
+            raise FailedPrecondition(f"cannot {verb} container {state.id} alone: it runs in the VM of pod "
+                                     f"sandbox {state.sandbox}, and {verb} acts on the whole VM")
 
     # -- kill --------------------------------------------------------------------------
     def kill(self, cid: str, signum: int, all_processes: bool = False) -> None:
@@ -390,7 +487,7 @@ class Runtime:
             return
         if status != "running":
             raise FailedPrecondition(f"container {cid} is {status}: cannot send it a signal")
-        self.daemons.agentd.signal(cid, cid, signum, all_processes=all_processes)
+        self.daemons.agentd.signal(state.vm_id, cid, signum, all_processes=all_processes)
 
     # -- delete ------------------------------------------------------------------------
     def delete(self, cid: str, force: bool = False) -> None:
@@ -411,27 +508,45 @@ class Runtime:
                 self.daemons.vmmd.resume(cid)
             except HanabiError:
                 pass
+        if state is None or state.sandbox is None:
+            # A pod's sandbox goes last: its app containers (containerd removes them first;
+            # whatever is left is removed here) before the VM they run in.
+            for member in self.pod_members(cid):
+                try:
+                    self.delete(member, force=True)
+                except HanabiError as exc:
+                    log.warning("app container of the pod not removed cleanly",
+                                extra={"container": member, "sandbox": cid, "error": exc.message})
         try:
             self._teardown(cid, standin_pid=state.standin_pid if state else None,
                            standin_start=state.standin_start_time if state else None,
-                           cgroup_dirs=state.cgroups if state else [])
+                           cgroup_dirs=state.cgroups if state else [],
+                           sandbox=state.sandbox if state else None)
         finally:
             if state is not None:
                 self._run_later_hooks(state, "poststop", "stopped")
 
     def _teardown(self, cid: str, standin_pid: int | None, standin_start: int | None = None,
-                  cgroup_dirs: list[str] | None = None) -> None:
+                  cgroup_dirs: list[str] | None = None, sandbox: str | None = None) -> None:
         """Have each daemon remove its part, end the stand-ins, remove the state. A daemon
         that is down (UNAVAILABLE) keeps its state file and the sandbox is marked disowned:
-        that daemon finishes the job when it starts (`hanabi_common.disowned`)."""
+        that daemon finishes the job when it starts (`hanabi_common.disowned`). An app
+        container of a pod (`sandbox`: the pod's) has only its container in the pod's VM
+        and its share entries: the VM and the network are the pod's."""
         d = self.daemons
-        steps = [
-            ("agentd", "destroy the container", lambda: d.agentd.destroy(cid, cid)),
-            ("agentd", "disconnect the agent", lambda: d.agentd.disconnect(cid)),
-            ("vmmd", "stop the VM", lambda: d.vmmd.stop(cid)),
-            ("blockd", "release the volume", lambda: d.blockd.release(cid)),
-            ("netd", "detach the network", lambda: d.netd.detach(cid)),
-        ]
+        if sandbox is not None:
+            steps = [
+                ("agentd", "destroy the container", lambda: d.agentd.destroy(sandbox, cid)),
+                ("blockd", "release the volume", lambda: d.blockd.release(cid)),
+            ]
+        else:
+            steps = [
+                ("agentd", "destroy the container", lambda: d.agentd.destroy(cid, cid)),
+                ("agentd", "disconnect the agent", lambda: d.agentd.disconnect(cid)),
+                ("vmmd", "stop the VM", lambda: d.vmmd.stop(cid)),
+                ("blockd", "release the volume", lambda: d.blockd.release(cid)),
+                ("netd", "detach the network", lambda: d.netd.detach(cid)),
+            ]
         failures, down = [], set()
         for daemon, what, step in steps:
             try:

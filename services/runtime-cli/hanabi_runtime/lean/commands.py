@@ -55,8 +55,9 @@ class Daemons:
         return self._client("blockd", max(self.config.default_timeout_s, BLOCKD_MIN_TIMEOUT_S))
 
 
-def _ref(cid: str) -> dict:
-    return {"sandbox_id": cid, "container_id": cid}
+def _ref(state: dict) -> dict:
+    """The container's reference for agentd: in its pod's VM (`sandbox`) or its own."""
+    return {"sandbox_id": state["sandbox"] or state["id"], "container_id": state["id"]}
 
 
 def _load(config: LeanConfig, cid: str) -> dict:
@@ -71,7 +72,7 @@ def status(daemons: Daemons, state: dict) -> str:
     if not state["started"]:
         return "created" if alive else "stopped"
     try:
-        reply = daemons.agentd.call("container.state", _ref(state["id"]), idempotent=True)
+        reply = daemons.agentd.call("container.state", _ref(state), idempotent=True)
     except (Unavailable, NotFound):
         current = "running" if alive else "stopped"
     else:
@@ -103,7 +104,7 @@ def cmd_start(config: LeanConfig, args: dict) -> int:
     current = status(daemons, state)
     if current != "created":
         raise FailedPrecondition(f"container {cid} is {current}, not created: cannot start it")
-    daemons.agentd.call("container.start", _ref(cid))
+    daemons.agentd.call("container.start", _ref(state))
     write_state(config, cid, dict(state, started=True))
     release_standin(os.path.join(config.sandboxes_dir, cid, START_FIFO), cid)
     return 0
@@ -117,7 +118,7 @@ def cmd_kill(config: LeanConfig, args: dict) -> int:
     signum = parse_signal(args.get("signal", "SIGTERM"))
     daemons = Daemons(config)
     state = _load(config, cid)
-    body = dict(_ref(cid), exec_id="init", signal=signum, all=bool(args.get("all")))
+    body = dict(_ref(state), exec_id="init", signal=signum, all=bool(args.get("all")))
     if state["started"] and not state["paused"] and not body["all"] and state["standin_pid"] is not None:
         # One RPC: agentd refuses to signal a stopped process itself; only then is the
         # status asked, for today's words (an agentd that is down: its own error).
@@ -148,6 +149,8 @@ def _pause_or_resume(config: LeanConfig, cid: str, want: str, method: str, pause
     current = status(daemons, state)
     if current != want:
         raise FailedPrecondition(f"container {cid} is {current}, not {want}: cannot {verb} it")
+    if state["sandbox"] is not None:
+        raise Fallback()  # Runtime.pause/resume word the refusal for a pod's container
     daemons.vmmd.call(method, {"sandbox_id": cid}, idempotent=True)
     write_state(config, cid, dict(state, paused=paused))
     return 0
@@ -173,12 +176,12 @@ def cmd_ps(config: LeanConfig, args: dict) -> int:
         pairs = [(state["standin_pid"], state["standin_start_time"])] + exec_standins(config, cid)
         print(json.dumps(observe.live_pids(pairs)))
         return 0
-    print(observe.process_table(_guest_processes(Daemons(config), cid)))
+    print(observe.process_table(_guest_processes(Daemons(config), state)))
     return 0
 
 
-def _guest_processes(daemons: Daemons, cid: str) -> list:
-    reply = daemons.agentd.call("container.ps", _ref(cid), idempotent=True)
+def _guest_processes(daemons: Daemons, state: dict) -> list:
+    reply = daemons.agentd.call("container.ps", _ref(state), idempotent=True)
     processes = reply.get("processes")
     if not isinstance(processes, list):
         raise Fallback()
@@ -203,13 +206,13 @@ def cmd_events(config: LeanConfig, args: dict) -> int:
     daemons = Daemons(config)
     while True:
         state = _load(config, cid)
-        vm = daemons.vmmd.call("vm.get", {"sandbox_id": cid}, idempotent=True)
+        vm = daemons.vmmd.call("vm.get", {"sandbox_id": state["sandbox"] or cid}, idempotent=True)
         fields = {k: vm.get(k) for k in ("pid", "vcpus", "memory_mib", "state")}
         if not all(isinstance(fields[k], int) for k in ("pid", "vcpus", "memory_mib")) \
                 or not isinstance(fields["state"], str):
             raise Fallback()
         try:
-            pids = len(_guest_processes(daemons, cid))
+            pids = len(_guest_processes(daemons, state))
         except Exception:
             pids = 0
         print(json.dumps(observe.stats_event(state["id"], fields, pids)), flush=True)
