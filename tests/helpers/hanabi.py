@@ -164,8 +164,12 @@ def loop_devices_on(path: Path) -> list[str]:
     return [line for line in out.splitlines() if str(path) in line]
 
 
-def leftovers(daemons: Daemons, cid: str) -> list[str]:
-    """Everything a deleted container might have left behind; empty when clean."""
+def leftovers(daemons: Daemons, cid: str, in_pod: bool = False) -> list[str]:
+    """Everything a deleted container might have left behind; empty when clean. `in_pod`:
+    an app container of a pod whose VM still runs (its VM dir and share root are the pod's:
+    only the container's own entries in the share are looked for)."""
+    if in_pod:
+        return _pod_member_leftovers(daemons, cid)
     config = daemons.config
     found = []
     pids = (processes_mentioning(f"hanabi-{cid} ") + processes_mentioning(f"--sandbox {cid} ")
@@ -196,6 +200,23 @@ def leftovers(daemons: Daemons, cid: str) -> list[str]:
     share_mounts = mounts_under(shares)
     if share_mounts:
         found.append(f"share mounts {share_mounts}")
+    return found
+
+
+def _pod_member_leftovers(daemons: Daemons, cid: str) -> list[str]:
+    config = daemons.config
+    found = []
+    pids = processes_mentioning(f"--container {cid} ") + processes_mentioning(f"[hanabi {cid[:12]}]")
+    if pids:
+        found.append(f"processes {pids}")
+    if (config.sandboxes_dir / cid).exists():
+        found.append(f"sandbox dir {config.sandboxes_dir / cid}: {os.listdir(config.sandboxes_dir / cid)}")
+    own = list(config.shares_dir.glob(f"*/{cid}")) if config.shares_dir.exists() else []
+    if own:
+        found.append(f"share entries {own}")
+    mounts = [m for m in mounts_under(config.shares_dir) if f"/{cid}/" in m or m.endswith(f"/{cid}")]
+    if mounts:
+        found.append(f"share mounts {mounts}")
     return found
 
 

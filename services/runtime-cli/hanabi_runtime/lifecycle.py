@@ -485,8 +485,11 @@ class Runtime:
             # Nothing runs in the guest yet: the stand-in stands for the process.
             os.kill(state.standin_pid, signum)
             return
+        if status == "stopped" and all_processes:
+            return  # as runc: none of its processes is left to signal
         if status != "running":
-            raise FailedPrecondition(f"container {cid} is {status}: cannot send it a signal")
+            # "container not running": runc's words, which containerd's shim reads as "gone"
+            raise FailedPrecondition(f"container {cid} is {status} (container not running): cannot send it a signal")
         self.daemons.agentd.signal(state.vm_id, cid, signum, all_processes=all_processes)
 
     # -- delete ------------------------------------------------------------------------

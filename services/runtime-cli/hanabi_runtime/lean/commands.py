@@ -132,13 +132,16 @@ def cmd_kill(config: LeanConfig, args: dict) -> int:
             if current == "created":
                 os.kill(state["standin_pid"], signum)
                 return 0
-            raise FailedPrecondition(f"container {cid} is {current}: cannot send it a signal") from None
+            raise FailedPrecondition(f"container {cid} is {current} (container not running): "
+                                     "cannot send it a signal") from None
     current = status(daemons, state)
     if current == "created":
         os.kill(state["standin_pid"], signum)
         return 0
+    if current == "stopped" and body["all"]:
+        return 0  # Runtime.kill: as runc, none of its processes is left to signal
     if current != "running":
-        raise FailedPrecondition(f"container {cid} is {current}: cannot send it a signal")
+        raise FailedPrecondition(f"container {cid} is {current} (container not running): cannot send it a signal")
     daemons.agentd.call("container.signal", body)
     return 0
 
