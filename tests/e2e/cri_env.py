@@ -187,6 +187,20 @@ state = "{self.base}/state"
         """Our containerd's shims (their command line names its socket)."""
         return set(processes_mentioning("containerd-shim")) & set(processes_mentioning(str(self.socket)))
 
+    def standins(self) -> set[int]:
+        """Our stand-ins (others' may run on this machine): in our pods' cgroups or children of our shims."""
+        shims = self.shims()
+        found = set()
+        for pid in processes_mentioning("[hanabi "):
+            try:
+                cgroups = Path(f"/proc/{pid}/cgroup").read_text()
+                ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if f"/{CGROUP_PARENT}/" in cgroups or ppid in shims:
+                found.add(pid)
+        return found
+
     def leftovers(self) -> dict[str, set[str]]:
         """What hanabi, containerd or CNI have now that a removed pod could leave behind."""
         config = self.hanabi.config
@@ -198,7 +212,7 @@ state = "{self.base}/state"
         return {
             "hanabi processes": {str(pid) for pid in ours - qemu},
             "qemu": {str(pid) for pid in qemu},
-            "stand-ins": {str(pid) for pid in set(processes_mentioning("[hanabi ")) - daemon_pids},
+            "stand-ins": {str(pid) for pid in self.standins()},
             "shims": {str(pid) for pid in self.shims()},
             "state dirs": set(os.listdir(sbs)) if sbs.exists() else set(),
             "volumes": {v for v in (os.listdir(volumes) if volumes.exists() else []) if v not in ("bases", "kept")},

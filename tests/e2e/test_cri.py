@@ -219,30 +219,64 @@ def test_an_app_container_of_no_pod_is_refused_naming_it(cri, tmp_path):
     assert not leftovers(daemons, "orphan1")
 
 
-def test_a_pod_whose_vm_died(cri, api, tmp_path):
-    """The pod's QEMU is killed: an app container created in it fails naming the container
-    (the runtime as containerd's shim calls it, then through CRI), and the dead pod is removed
-    with nothing left."""
+def test_a_pod_whose_vm_died_takes_no_container(cri, tmp_path):
+    """The runtime as containerd's shim calls it: a pod sandbox whose QEMU is killed, then an
+    app container for it: refused naming the container, nothing of it left; the dead pod is
+    deleted with nothing left."""
     daemons = cri.hanabi
-    config = api.pod_config("dead")
-    pod = api.run_pod(config)
+    pod = "deadpod1"
+    sandbox = _bundle(tmp_path, "pause", {"io.kubernetes.cri.container-type": "sandbox",
+                                          "io.kubernetes.cri.sandbox-id": pod}, ["sleep", "600"])
+    daemons.runtime("create", "--bundle", str(sandbox), pod, check=True)
+    daemons.runtime("start", pod, check=True)
     (qemu,) = our_qemus(cri)
     os.kill(qemu, signal.SIGKILL)
-    wait_for("the pod's VM to be seen dead", lambda: daemons.runtime("state", pod).returncode == 0
-             and json.loads(daemons.runtime("state", pod).stdout)["status"] == "stopped")
+    wait_for("the pod's VM to be seen dead", lambda: daemons.state(pod)["status"] == "stopped")
 
     bundle = _bundle(tmp_path, "late", {"io.kubernetes.cri.container-type": "container",
                                         "io.kubernetes.cri.sandbox-id": pod}, ["true"])
     done = daemons.runtime("create", "--bundle", str(bundle), "late1")
     assert done.returncode != 0
     error = done.stderr.decode()
-    assert "container late1" in error and f"pod sandbox {pod}" in error and "stopped" in error, error
-    assert not leftovers(daemons, "late1")
+    assert "container late1" in error and f"pod sandbox {pod} is stopped" in error, error
+    assert not leftovers(daemons, "late1", in_pod=True)
+    daemons.runtime("delete", "--force", pod, check=True)
+    assert not leftovers(daemons, pod)
 
+
+def test_a_cri_pod_whose_vm_died(cri, api):
+    """Through CRI: the pod's QEMU is killed (containerd sees its sandbox task exit and has
+    it deleted); a container started in the pod then fails naming the container, and the
+    pod is removed with nothing left."""
     import grpc
+
+    config = api.pod_config("dead")
+    pod = api.run_pod(config)
+    (qemu,) = our_qemus(cri)
+    os.kill(qemu, signal.SIGKILL)
+    wait_for("the pod's VM to be seen dead", lambda: cri.hanabi.runtime("state", pod).returncode != 0
+             or json.loads(cri.hanabi.runtime("state", pod).stdout)["status"] == "stopped")
+    cid = api.create(pod, config, "late", ["sleep", "60"])
     with pytest.raises(grpc.RpcError) as caught:
-        cid = api.create(pod, config, "late", ["sleep", "60"])
         api.start(cid)
-    assert caught.value.code() != grpc.StatusCode.OK
+    details = caught.value.details()
+    # containerd may fail it itself (the pod's shim exits with its sandbox task: "ttrpc:
+    # closed"); when the runtime is reached, its error names the container and the pod.
+    if "OCI runtime create failed" in details:
+        assert f"container {cid}" in details and f"pod sandbox {pod}" in details, details
+    api.remove_pod(pod)
+    assert_nothing_left(cri)
+
+
+def test_a_shared_pid_namespace_is_refused_naming_the_container(cri, api):
+    import grpc
+
+    config = api.pod_config("sharedpid")
+    pod = api.run_pod(config)
+    cid = api.create(pod, config, "c", ["sleep", "60"], pid_mode="POD")
+    with pytest.raises(grpc.RpcError) as caught:
+        api.start(cid)
+    details = caught.value.details()
+    assert f"container {cid}" in details and "shareProcessNamespace" in details, details
     api.remove_pod(pod)
     assert_nothing_left(cri)
