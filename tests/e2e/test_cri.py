@@ -220,18 +220,26 @@ def test_an_app_container_of_no_pod_is_refused_naming_it(cri, tmp_path):
 
 
 def test_a_pod_whose_vm_died_takes_no_container(cri, tmp_path):
-    """The runtime as containerd's shim calls it: a pod sandbox whose QEMU is killed, then an
-    app container for it: refused naming the container, nothing of it left; the dead pod is
-    deleted with nothing left."""
+    """The runtime as containerd's shim calls it: a pod sandbox whose QEMU is killed: its
+    running container reads as stopped and deletes cleanly; a new app container for it is
+    refused naming the container, nothing of it left; the dead pod is deleted with nothing left."""
     daemons = cri.hanabi
     pod = "deadpod1"
     sandbox = _bundle(tmp_path, "pause", {"io.kubernetes.cri.container-type": "sandbox",
                                           "io.kubernetes.cri.sandbox-id": pod}, ["sleep", "600"])
     daemons.runtime("create", "--bundle", str(sandbox), pod, check=True)
     daemons.runtime("start", pod, check=True)
+    early = _bundle(tmp_path, "early", {"io.kubernetes.cri.container-type": "container",
+                                        "io.kubernetes.cri.sandbox-id": pod}, ["sleep", "600"])
+    daemons.runtime("create", "--bundle", str(early), "early1", check=True)
+    daemons.runtime("start", "early1", check=True)
+    assert daemons.state("early1")["status"] == "running"
     (qemu,) = our_qemus(cri)
     os.kill(qemu, signal.SIGKILL)
     wait_for("the pod's VM to be seen dead", lambda: daemons.state(pod)["status"] == "stopped")
+    wait_for("its container to be seen stopped", lambda: daemons.state("early1")["status"] == "stopped")
+    daemons.runtime("delete", "early1", check=True)
+    assert not leftovers(daemons, "early1", in_pod=True)
 
     bundle = _bundle(tmp_path, "late", {"io.kubernetes.cri.container-type": "container",
                                         "io.kubernetes.cri.sandbox-id": pod}, ["true"])
