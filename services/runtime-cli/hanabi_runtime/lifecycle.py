@@ -26,6 +26,7 @@ from hanabi_common.errors import (AlreadyExists, FailedPrecondition, HanabiError
                                   InvalidArgument, NotFound, Unavailable)
 from hanabi_common.ids import validate_id
 from hanabi_common.state import StateStore
+from hanabi_runtime import pods
 from hanabi_runtime.bundle import Bundle, load_bundle
 from hanabi_runtime.daemons import Daemons
 from hanabi_runtime.mounts import plan_mounts
@@ -94,12 +95,12 @@ class Runtime:
         validate_id(cid)
         bundle = load_bundle(bundle_path, cid)
         console = standin_args(bool(bundle.process.get("terminal")), console_socket, detach_standin)
-        pod = self._pod_of(cid, bundle) if bundle.pod_sandbox else None
+        pod = pods.pod_of(self, cid, bundle) if bundle.pod_sandbox else None
         self._reserve(cid, bundle)
         standin = None
         try:
             if pod is not None:
-                timings, cgroup_dirs = self._provision_in_pod(cid, bundle, pod)
+                timings, cgroup_dirs = pods.provision(self, cid, bundle, pod)
             else:
                 timings, cgroup_dirs = self._provision(cid, bundle)
             fifo = self.store.sandbox_dir(cid) / START_FIFO
@@ -141,87 +142,6 @@ class Runtime:
         self.store.write(cid, STATE_NAME, RuntimeState(
             id=cid, bundle=str(bundle.path), rootfs=str(bundle.rootfs), created_at=time.time(),
             annotations=bundle.annotations, root=self.root, sandbox=bundle.pod_sandbox))
-
-    # -- pods (CRI) --------------------------------------------------------------------
-    def _pod_of(self, cid: str, bundle: Bundle) -> RuntimeState:
-        """The recorded state of the pod sandbox app container `cid` is to run in; a clear
-        error naming the container when there is no such pod or it does not run."""
-        sid = bundle.pod_sandbox
-        assert sid is not None
-        from hanabi_runtime.pod import SANDBOX_ID
-
-        pod = self.store.read(sid, STATE_NAME, RuntimeState)
-        if pod is None:
-            raise NotFound(f"container {cid}: its pod sandbox {sid} (annotation {SANDBOX_ID}) does not exist")
-        if pod.sandbox is not None:
-            raise InvalidArgument(f"container {cid}: {sid} (annotation {SANDBOX_ID}) is an app container "
-                                  f"of pod {pod.sandbox}, not a pod sandbox")
-        status = self.status(pod)
-        if status not in ("created", "running"):
-            raise FailedPrecondition(f"container {cid}: its pod sandbox {sid} is {status}: "
-                                     "the pod has no running VM to create the container in")
-        return pod
-
-    def _pod_vm(self, cid: str, pod: RuntimeState):
-        """The pod's VM, checked alive (its VMM and its agent)."""
-        d = self.daemons
-        try:
-            vm = d.vmmd.get(pod.id)
-            agent = d.agentd.get(pod.id)
-        except NotFound:
-            raise FailedPrecondition(f"container {cid}: the VM of its pod sandbox {pod.id} is gone") from None
-        if vm.state != "running" or not agent.connected:
-            raise FailedPrecondition(f"container {cid}: the VM of its pod sandbox {pod.id} is not running "
-                                     f"(VM {vm.state}, agent {'connected' if agent.connected else 'lost'})")
-        return vm
-
-    def _provision_in_pod(self, cid: str, bundle: Bundle, pod: RuntimeState):
-        """An app container of a pod, in the pod's VM: its own root filesystem and binds in
-        the VM's share, its own host cgroups (its stand-in's) and container in the guest, the
-        pod's network, IPC and UTS namespaces as its config names them."""
-        from hanabi_common.models.agentd import CreateContainer, GuestMount, RootfsSpec
-        from hanabi_runtime.guest_linux import guest_linux
-        from hanabi_runtime.pod import map_namespaces
-
-        d = self.daemons
-        timings: dict[str, float] = {}
-        linux_config = bundle.config.get("linux") or {}
-        shared = map_namespaces(cid, linux_config.get("namespaces"), pod.id, pod.standin_pid)
-        vm = self._pod_vm(cid, pod)
-        if vm.share_dir is None or self.config.block.rootfs != "share":
-            raise FailedPrecondition(
-                f"container {cid}: a container of a pod needs the VM's file share (its VM has "
-                f"{'none' if vm.share_dir is None else 'one'}; [block] rootfs = {self.config.block.rootfs!r}): "
-                "the block root layer is one container per VM")
-        plan = plan_mounts(bundle.config.get("mounts"))
-        cgroup_dirs = self._make_cgroups(bundle)
-        with _phase(timings, "volume_s"):
-            volume = d.blockd.provision(cid, str(bundle.rootfs), bundle.readonly, plan.binds, None,
-                                        vm.share_dir, cid)
-        linux = guest_linux(bundle.config, seccomp=self.config.agent.seccomp)
-        linux["namespaces"] = shared.namespaces
-        if shared.shares_uts:
-            linux.pop("domainname", None)
-        with _phase(timings, "container_create_s"):
-            d.agentd.create_container(CreateContainer(
-                sandbox_id=pod.id, container_id=cid,
-                rootfs=RootfsSpec(share=f"{volume.share}/rootfs", fstype="9p", readonly=bundle.readonly),
-                process=bundle.process, hostname=None if shared.shares_uts else bundle.hostname,
-                mounts=[GuestMount(**m) for m in plan.guest], share=volume.share, linux=linux,
-                join_namespaces=shared.join))
-        return timings, cgroup_dirs
-
-    def pod_members(self, sid: str) -> list[str]:
-        """The app containers recorded in pod sandbox `sid`."""
-        members = []
-        for cid in self.store.list_sandboxes(having=STATE_NAME):
-            try:
-                state = self.store.read(cid, STATE_NAME, RuntimeState)
-            except HanabiError:
-                continue
-            if state is not None and state.sandbox == sid:
-                members.append(cid)
-        return members
 
     @staticmethod
     def _cgroup_dirs(bundle: Bundle) -> list[str]:
@@ -514,7 +434,7 @@ class Runtime:
         if state is None or state.sandbox is None:
             # A pod's sandbox goes last: its app containers (containerd removes them first;
             # whatever is left is removed here) before the VM they run in.
-            for member in self.pod_members(cid):
+            for member in pods.members(self.store, cid):
                 try:
                     self.delete(member, force=True)
                 except HanabiError as exc:
