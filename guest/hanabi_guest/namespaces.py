@@ -49,6 +49,7 @@ CLONE_NEWNS = 0x00020000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWUSER = 0x10000000
 PR_SET_CHILD_SUBREAPER = 36
+PR_SET_DUMPABLE = 4
 PID_BYTES = 8  # stage 1 sends the init's pid as a signed 64-bit integer
 # The other namespaces a config may list (linuxspec.MADE_IN_GUEST): made by the init's
 # child after it joined its cgroup (so a cgroup namespace is rooted there), joined by execs.
@@ -182,6 +183,10 @@ class UserSync:
             raise OSError(32, "the agent did not write the user namespace's maps")
         os.setresgid(0, 0, 0)
         os.setresuid(0, 0, 0)
+        # The change of ids made the process non-dumpable: its /proc/self files would stay
+        # the guest root's, out of reach of the namespace's root (timens_offsets, ...). runc
+        # sets it too; exec sets it again from the process's own ids.
+        libc().prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)
         unshare(CLONE_NEWPID)
         pid = os.fork()
         if pid != 0:

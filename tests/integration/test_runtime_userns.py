@@ -19,7 +19,7 @@ import pytest
 
 from hanabi_runtime.demo_bundle import make_bundle
 from tests.helpers.hanabi import leftovers
-from tests.integration.test_runtime_security import runc_run
+from tests.integration.test_runtime_security import SYSFS, runc_run
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(shutil.which("runc") is None, reason="runc is not installed")]
@@ -163,4 +163,60 @@ def test_maps_without_a_user_namespace_are_refused(hanabi, cid, place):
     assert done.returncode == 1
     assert "linux.uidMappings: user namespace mappings specified, but the user namespace isn't enabled" \
         in done.stderr.decode()
+    assert leftovers(hanabi, cid) == []
+
+
+def test_linux_settings_inside_the_user_namespace_match_runc(hanabi, cid, place, tmp_path):
+    """hostname, namespaced sysctls (ipc inside the user namespace, net.* of the network
+    namespace), masked and read-only paths, and a cgroup namespace, all made with a user
+    namespace: what the container reads is runc's."""
+    script = (
+        "hostname; cat /proc/sys/kernel/shmmax /proc/sys/net/ipv4/ip_unprivileged_port_start;"
+        "wc -c < /proc/keys;"
+        # (not /proc/keys, /proc/timer_list: runc binds the host's /dev/null over them, a
+        # devtmpfs node with other flags; here the VM's in the container's /dev)
+        "awk '$5 ~ /^\\/(proc\\/(sys|bus|irq|fs|acpi)|sys\\/firmware)$/ {print $5, $6}' "
+        "/proc/self/mountinfo | sort;"
+        "echo 5 > /proc/sys/kernel/shmmni 2>/dev/null && echo sys-writable || echo sys-readonly;"
+        "umount /proc/keys 2>/dev/null && echo mask-removable || echo mask-stays;"
+        "grep -c . /proc/self/uid_map; cat /proc/self/cgroup")
+
+    def change(spec):
+        one_range(spec)
+        spec["hostname"] = "userns-host"
+        spec["linux"]["sysctl"] = {"kernel.shmmax": "123456789", "net.ipv4.ip_unprivileged_port_start": "100"}
+        spec["linux"]["namespaces"].append({"type": "cgroup"})
+        spec["process"]["capabilities"] = {k: ["CAP_SYS_ADMIN", "CAP_KILL"] for k in ("bounding", "effective", "permitted")}
+        for mount in spec["mounts"]:
+            if mount["destination"] == "/proc":  # as Docker's (the agent's /proc has these flags)
+                mount["options"] = ["nosuid", "noexec", "nodev"]
+        spec["mounts"].append(SYSFS)  # the agent always gives a /sys
+    path, _ = userns_bundle(place, ["sh", "-c", script], change, (HOST_ID, HOST_ID))
+    under_runc = runc_run(path, cid, tmp_path)
+    assert under_runc.returncode == 0, under_runc.stderr.decode()
+    under_hanabi = hanabi.runtime("run", "--bundle", path, cid)
+    assert under_hanabi.returncode == 0, under_hanabi.stderr.decode()
+    assert leftovers(hanabi, cid) == []
+    runc_lines, lines = under_runc.stdout.decode().splitlines(), under_hanabi.stdout.decode().splitlines()
+    assert lines[:3] == ["userns-host", "123456789", "100"]
+    # mask-removable: under runc the masks are made inside the user namespace, whose root may
+    # unmount them again; hanabi makes them there too.
+    # The host's cgroup v1 under runc, the guest's v2: either way the namespace's root.
+    cut = lines.index("1")
+    assert lines[:cut + 1] == runc_lines[:cut + 1], (lines, runc_lines)
+    assert "/proc/sys ro,nosuid,nodev,noexec,relatime" in lines and "sys-readonly" in lines
+    assert lines[cut + 1:] == ["0::/"] and all(line.endswith(":/") for line in runc_lines[cut + 1:])
+
+
+def test_a_time_namespace_inside_the_user_namespace(hanabi, cid, place):
+    """runc 1.1 knows no time namespace: the offsets are checked in the guest alone."""
+    def change(spec):
+        one_range(spec)
+        spec["linux"]["namespaces"].append({"type": "time"})
+        spec["linux"]["timeOffsets"] = {"boottime": {"secs": 86400}}
+    path, _ = userns_bundle(place, ["sh", "-c", "cat /proc/self/timens_offsets; cat /proc/self/uid_map"],
+                            change, (HOST_ID, HOST_ID))
+    done = hanabi.runtime("run", "--bundle", path, cid)
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stdout.decode().split() == ["monotonic", "0", "0", "boottime", "86400", "0", "0", str(HOST_ID), str(RANGE)]
     assert leftovers(hanabi, cid) == []
