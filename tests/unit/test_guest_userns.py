@@ -214,6 +214,12 @@ def test_the_init_runs_in_its_user_namespace_on_the_host(rootfs: Path) -> None:
         seen = a.output_of("e1", "stdout").decode().splitlines()
         assert seen[0].split() == ["0", str(HOST_ID), "65536"] and seen[2] == "allow"
         assert seen[3].startswith("uid=1000 gid=1000") and seen[-1] == "inside"
+        # On a pty: the agent owns it to the process's uid as the host has it.
+        a.ok("exec", container_id="c1", exec_id="pty", process={
+            **spec, "terminal": True, "user": {"uid": 1000, "gid": 1000},
+            "args": ["sh", "-c", "[ -t 0 ] && stat -L -c tty-%u /proc/self/fd/0"]})
+        assert a.exit_of("pty")["exit_code"] == 0
+        assert a.output_of("pty", "stdout") == b"tty-1000\r\n"
         a.ok("signal", container_id="c1", exec_id="init", signal=9)
         assert a.exit_of("init")["signal"] == 9
         a.ok("destroy_container", container_id="c1")
