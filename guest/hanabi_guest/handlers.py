@@ -189,8 +189,8 @@ class Handlers:
         filt = sec.filter()  # waits for its compilation; before any namespace fd or fork
         ns = self._namespaces(c, exec_id)
         if ns is None and sec.spec is not None and sec.spec.userns and self.sandbox.use_pid_namespace:
-            raise AgentError(P.E_FAILED_PRECONDITION, f"container {c.cid}: its init has ended, so its "
-                             "user namespace (linux.namespaces type user) cannot be joined")
+            raise AgentError(P.E_FAILED_PRECONDITION, f"container {c.cid} has no running init, whose user "
+                             "namespace (linux.namespaces type user) a process must join")
         hardener = None
         if ns is not None and not ns.joining and sec.spec is not None:
             hardener = Hardener(sec.spec, c.hostname, c.root.cgroup)
