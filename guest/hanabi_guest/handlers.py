@@ -114,6 +114,13 @@ class Handlers:
         c.share = msg["share"]
         c.security = Security.build(msg["linux"], msg["hostname"])
         c.join = self._check_join(cid, msg["join_namespaces"])
+        spec = c.security.spec
+        if spec is not None and spec.userns:
+            from .linuxspec import check_user_mapped
+            from .mounts import tmpfs_in_user_namespace
+
+            check_user_mapped(process, spec)
+            c.mounts = tmpfs_in_user_namespace(c.mounts, spec.uid_map, spec.gid_map)
         self.containers[cid] = c
         deadline = time.monotonic() + DISK_WAIT_S
         self._poll_disk(req_id, c, deadline)
@@ -196,13 +203,15 @@ class Handlers:
                    init.pid if init is not None and init.alive else None)
         spec = c.security.spec
         others = tuple(spec.namespaces) if spec is not None else ()
+        uid_map, gid_map = (spec.uid_map, spec.gid_map) if spec is not None else ([], [])
         if how == "new":
             return Namespaces.new(self.sandbox.ns_hide_scope, others, spec.time_offsets if spec else None,
-                                  joined=self._joined_fds(c))
+                                  uid_map, gid_map, joined=self._joined_fds(c))
         if how == "join":
             assert init is not None
             try:
-                return Namespaces.join(init.pid, others=others + tuple(sorted(c.join)))
+                return Namespaces.join(init.pid, others=others + tuple(sorted(c.join)),
+                                       uid_map=uid_map, gid_map=gid_map)
             except OSError:
                 return None  # the init just exited (a zombie has no namespaces)
         return None
@@ -216,6 +225,9 @@ class Handlers:
         sec = c.security
         filt = sec.filter()  # waits for its compilation; before any namespace fd or fork
         ns = self._namespaces(c, exec_id)
+        if ns is None and sec.spec is not None and sec.spec.userns and self.sandbox.use_pid_namespace:
+            raise AgentError(P.E_FAILED_PRECONDITION, f"container {c.cid} has no running init, whose user "
+                             "namespace (linux.namespaces type user) a process must join")
         hardener = None
         if ns is not None and not ns.joining and sec.spec is not None:
             hardener = Hardener(sec.spec, c.hostname, c.root.cgroup)
@@ -229,7 +241,7 @@ class Handlers:
             if ns.joining:
                 if exc.errno != errno.ENOMEM:  # ENOMEM: its PID 1 is exiting
                     raise
-            elif exc.errno in (errno.EINVAL, errno.ENOSYS):
+            elif exc.errno in (errno.EINVAL, errno.ENOSYS) and not ns.uid_map:
                 log(f"no PID namespaces ({exc}): container processes share the guest's")
                 self.sandbox.use_pid_namespace = False
             else:

@@ -267,11 +267,42 @@ def prepare(root: Rootfs, sec: Security, ncpus: int | None = None) -> None:
         missing = [d for d in vm_devices() if not os.path.lexists(secure_join(root.path, d["path"]))]
         make_devices(os.path.join(root.path, "dev"), missing, root.path)
     elif spec.devices:
-        make_devices(os.path.join(root.path, "dev"), spec.devices, root.path)
+        devices = spec.devices
+        if spec.userns:
+            devices = [outside_ids(d, spec) for d in devices]
+        make_devices(os.path.join(root.path, "dev"), devices, root.path)
+    if spec.userns:
+        own_by_container_root(root.path, spec)
     if spec.resources and root.cgroup:
         from .cgroups import apply, plan_files
 
         apply(root.cgroup, plan_files(spec.resources, ncpus or os.cpu_count() or 1))
+
+
+USERNS_OWNED = ("dev", "dev/shm")  # the tmpfs mounts of sandbox.setup
+
+
+def outside_ids(device: dict[str, Any], spec: LinuxSpec) -> dict[str, Any]:
+    """A linux.devices entry with its uid and gid (ids in the container) as the ids outside
+    the user namespace; an id it does not map stays as it is (it reads as the overflow id)."""
+    from .linuxspec import host_id
+
+    uid, gid = host_id(device["uid"], spec.uid_map), host_id(device["gid"], spec.gid_map)
+    return {**device, "uid": device["uid"] if uid is None else uid, "gid": device["gid"] if gid is None else gid}
+
+
+def own_by_container_root(root: str, spec: LinuxSpec) -> None:
+    """The container's /dev and /dev/shm tmpfs, owned by its root as runc's are (runc mounts
+    them as that root, inside the user namespace); the device nodes stay the VM root's, as
+    the host's nodes runc binds there stay the host root's. The rootfs itself is never
+    chowned: it is the user's (as under runc, whose caller chowns it)."""
+    from .linuxspec import host_id
+
+    uid, gid = host_id(0, spec.uid_map), host_id(0, spec.gid_map)
+    for rel in USERNS_OWNED:
+        path = os.path.join(root, rel)
+        if os.path.ismount(path):
+            os.chown(path, -1 if uid is None else uid, -1 if gid is None else gid)
 
 
 class Hardener:
@@ -297,8 +328,11 @@ class Hardener:
                     err = ctypes.get_errno()
                     raise OSError(err, f"{fn}: {os.strerror(err)}")
 
-    def write_sysctls(self, proc: str = "/proc") -> None:
+    def write_sysctls(self, proc: str = "/proc", net: bool | None = None) -> None:
+        """The sysctls (``net``: only the ``net.*`` ones, False: all others, None: all)."""
         for key, value in self.spec.sysctl.items():
+            if net is not None and key.startswith("net.") != net:
+                continue
             path = os.path.join(proc, "sys", key.replace(".", "/"))
             try:
                 with open(path, "w", encoding="utf-8") as f:
@@ -363,7 +397,9 @@ class Hardener:
         self.writable_sys(root)
         self.mount_cgroup(root)
         self.set_names()
-        self.write_sysctls()
+        # With a user namespace the net.* ones were written before it (process.py): the VM's
+        # network namespace belongs to the guest's user namespace.
+        self.write_sysctls(net=False if self.spec.userns else None)
         self.readonly(root)
         self.mask(root)
         return "done"

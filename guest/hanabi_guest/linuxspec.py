@@ -8,7 +8,11 @@ Namespaces: ``pid`` and ``mount`` are always made (namespaces.py); ``ipc``, ``ut
 NICs come from, with or without a path). A ``time`` namespace is made as runc 1.2 does,
 with ``linux.timeOffsets`` (monotonic, boottime) written before the init enters it. A
 ``path`` for another type names a namespace of the host, which a VM cannot enter: an
-error. A ``user`` namespace is refused (not made in the guest yet). Sysctls follow runc's validator: IPC keys need an ipc
+error (a VM cannot join a user namespace of the host either). A ``user`` namespace without a
+path is made as runc makes it, with ``linux.uidMappings``/``gidMappings`` (``check_id_mappings``:
+the kernel's rules, so a bad map fails create instead of start; runc 1.2's rules for maps
+without a user namespace and a user namespace without maps; container root must be mapped,
+as runc 1.1 requires); see namespaces.py for the order. Sysctls follow runc's validator: IPC keys need an ipc
 namespace, ``net.*`` a network one, ``kernel.domainname`` a uts one, ``kernel.hostname`` is
 refused (the hostname field sets it), anything else "is not in a separate kernel namespace".
 A device cgroup that allows every device (``--privileged``) means the VM's devices: see
@@ -37,6 +41,10 @@ MAX_PATHS = 256
 MAX_SYSCTLS = 256
 MAX_DEVICES = 1024
 MAX_PATH = 4096
+# The kernel's limit of lines in /proc/PID/uid_map and gid_map (UID_GID_MAP_MAX_EXTENTS).
+MAX_ID_MAP_LINES = 340
+ID_LIMIT = (1 << 32) - 1  # (uid_t)-1 is no id: every mapped id is below it
+ID_MAP_KEYS = ("containerID", "hostID", "size")
 DOMAIN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,63}$")
 KNOWN_KEYS = ("namespaces", "maskedPaths", "readonlyPaths", "sysctl", "seccomp", "devices",
               "resources", "uidMappings", "gidMappings", "rootfsPropagation", "mountLabel",
@@ -50,7 +58,7 @@ class LinuxSpec:
     seccomp object (turned into a filter by seccomp.py), the domainname."""
 
     __slots__ = ("namespaces", "masked", "readonly", "sysctl", "devices", "resources", "seccomp",
-                 "domainname", "propagation", "all_devices", "time_offsets")
+                 "domainname", "propagation", "all_devices", "time_offsets", "uid_map", "gid_map")
 
     def __init__(self) -> None:
         self.namespaces: list[str] = []
@@ -68,6 +76,15 @@ class LinuxSpec:
         # linux.timeOffsets of a time namespace: (clock, secs, nanosecs), written to
         # /proc/self/timens_offsets before the init enters it (namespaces.py).
         self.time_offsets: list[tuple[str, int, int]] = []
+        # A user namespace (linux.namespaces type user): its maps, (containerID, hostID,
+        # size) each; both empty without one.
+        self.uid_map: list[tuple[int, int, int]] = []
+        self.gid_map: list[tuple[int, int, int]] = []
+
+    @property
+    def userns(self) -> bool:
+        """Whether the container gets a user namespace of its own."""
+        return bool(self.uid_map)
 
 
 def _is_int(v: Any) -> bool:
@@ -113,11 +130,99 @@ def check_namespaces(v: Any) -> tuple[set[str], list[str]]:
         if path and kind != "network":
             raise ValueError(f"linux.namespaces: {kind} namespace {path[:64]!r} is a namespace of the host, "
                              "which a VM cannot join")
-        if kind == "user":
-            raise ValueError(f"linux.namespaces: a {kind} namespace is not supported in the VM")
         if kind in MADE_IN_GUEST:
             made.append(kind)
     return listed, made
+
+
+def check_id_mappings(v: Any, what: str) -> list[tuple[int, int, int]]:
+    """linux.uidMappings or gidMappings: at most MAX_ID_MAP_LINES ranges of containerID,
+    hostID and size (at least 1), each range below (uid_t)-1, the container ranges not
+    overlapping each other nor the host ranges each other (the kernel's rules for uid_map)."""
+    if v is None:
+        return []
+    if not isinstance(v, list):
+        raise ValueError(f"{what} must be a list")
+    if len(v) > MAX_ID_MAP_LINES:
+        raise ValueError(f"{what} has {len(v)} ranges; the kernel takes at most {MAX_ID_MAP_LINES}")
+    out: list[tuple[int, int, int]] = []
+    for i, m in enumerate(v):
+        w = f"{what}[{i}]"
+        if not isinstance(m, dict):
+            raise ValueError(f"{w} must be an object of containerID, hostID and size")
+        for key in m:
+            if key not in ID_MAP_KEYS:
+                raise ValueError(f"{w}.{str(key)[:32]}: not a field of an id mapping (containerID, hostID, size)")
+        nums: list[int] = []
+        for key in ID_MAP_KEYS:
+            n = m.get(key)
+            if not isinstance(n, int) or not _is_int(n) or not 0 <= n < ID_LIMIT:
+                raise ValueError(f"{w}.{key} must be an integer 0..{ID_LIMIT - 1}")
+            nums.append(n)
+        first, lower, size = nums
+        if size == 0:
+            raise ValueError(f"{w}.size must be at least 1")
+        for key, start in (("containerID", first), ("hostID", lower)):
+            if start + size > ID_LIMIT:
+                raise ValueError(f"{w}: {key} {start} + size {size} goes past the last id {ID_LIMIT - 1}")
+        out.append((first, lower, size))
+    for side, key in ((0, "containerID"), (1, "hostID")):
+        ranges = sorted((m[side], m[side] + m[2], i) for i, m in enumerate(out))
+        for (_, end, i), (start, _, j) in zip(ranges, ranges[1:], strict=False):
+            if start < end:
+                a, b = sorted((i, j))
+                raise ValueError(f"{what}[{b}] overlaps {what}[{a}]: their {key} ranges share ids")
+    return out
+
+
+def host_id(container_id: int, mappings: list[tuple[int, int, int]]) -> int | None:
+    """The id ``container_id`` of the user namespace has outside it; None: not mapped."""
+    for first, lower, size in mappings:
+        if first <= container_id < first + size:
+            return lower + container_id - first
+    return None
+
+
+def id_map_text(mappings: list[tuple[int, int, int]]) -> str:
+    """What /proc/PID/uid_map (gid_map) takes, in one write: ``<containerID> <hostID> <size>``
+    a line."""
+    return "".join(f"{first} {lower} {size}\n" for first, lower, size in mappings)
+
+
+def check_user_namespace(obj: dict[str, Any], listed: set[str]) -> tuple[list[tuple[int, int, int]],
+                                                                        list[tuple[int, int, int]]]:
+    """(uid map, gid map) of a user namespace; runc's rules: maps without the namespace are an
+    error (runc 1.2; 1.1 ignores them), the namespace needs both maps and a mapping of the
+    container's root (runc 1.1: "no user mapping found")."""
+    uids = check_id_mappings(obj.get("uidMappings"), "linux.uidMappings")
+    gids = check_id_mappings(obj.get("gidMappings"), "linux.gidMappings")
+    if "user" not in listed:
+        if uids or gids:
+            key = "uidMappings" if uids else "gidMappings"
+            raise ValueError(f"linux.{key}: user namespace mappings specified, but the user namespace "
+                             "isn't enabled in linux.namespaces")
+        return [], []
+    for key, maps, kind, who in (("uidMappings", uids, "uid", "user"), ("gidMappings", gids, "gid", "group")):
+        if not maps:
+            raise ValueError(f"linux.{key}: user namespaces enabled, but no {kind} mappings found")
+        if host_id(0, maps) is None:
+            raise ValueError(f"linux.{key}: user namespaces enabled, but no {who} mapping found for "
+                             f"the container's root ({kind} 0)")
+    return uids, gids
+
+
+def check_user_mapped(process: dict[str, Any], spec: LinuxSpec | None) -> None:
+    """In a user namespace, process.user's uid, gid and additionalGids must be mapped (else
+    setuid/setgid fail in the container, as under runc, only later)."""
+    if spec is None or not spec.userns:
+        return
+    user = process.get("user") or {}
+    uid, gid = user.get("uid", 0), user.get("gid", 0)
+    if host_id(uid, spec.uid_map) is None:
+        raise ValueError(f"process.user.uid {uid} is not mapped by linux.uidMappings")
+    for what, g in (("gid", gid), *(("additionalGids", g) for g in user.get("additionalGids") or [])):
+        if host_id(g, spec.gid_map) is None:
+            raise ValueError(f"process.user.{what} {g} is not mapped by linux.gidMappings")
 
 
 def check_time_offsets(v: Any, listed: set[str]) -> list[tuple[str, int, int]]:
@@ -266,9 +371,7 @@ def check_linux(obj: Any, hostname: str | None = None) -> LinuxSpec | None:
     if seccomp is not None and not isinstance(seccomp, dict):
         raise ValueError("linux.seccomp must be an object")
     spec.seccomp = seccomp
-    for key in ("uidMappings", "gidMappings"):
-        if obj.get(key):
-            raise ValueError(f"linux.{key}: user namespaces are not supported in the VM")
+    spec.uid_map, spec.gid_map = check_user_namespace(obj, listed)
     prop = obj.get("rootfsPropagation") or ""
     if prop not in PROPAGATIONS:
         raise ValueError(f"linux.rootfsPropagation {str(prop)[:32]!r} is not a propagation type")

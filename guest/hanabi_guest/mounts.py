@@ -69,6 +69,36 @@ def check_mounts(value: object) -> list[dict[str, Any]]:
     return checked
 
 
+def tmpfs_in_user_namespace(mounts: list[dict[str, Any]], uid_map: list[tuple[int, int, int]],
+                            gid_map: list[tuple[int, int, int]]) -> list[dict[str, Any]]:
+    """The tmpfs mounts of a container with a user namespace as runc makes them there: its
+    ``uid=``/``gid=`` options are ids of the namespace (the ids outside are written), and
+    without them the tmpfs belongs to the container's root (runc mounts it as that root)."""
+    from .linuxspec import host_id
+
+    out = []
+    for spec in mounts:
+        if spec["type"] != "tmpfs":
+            out.append(spec)
+            continue
+        options, seen = [], set()
+        for o in spec["options"]:
+            key, _, value = o.partition("=")
+            if key in ("uid", "gid") and value.isdigit():
+                outside = host_id(int(value), uid_map if key == "uid" else gid_map)
+                if outside is None:
+                    raise AgentError("INVALID_ARGUMENT", f"mount {spec['destination']!r}: option {o} names "
+                                     f"a {key} that linux.{key}Mappings does not map")
+                o = f"{key}={outside}"
+                seen.add(key)
+            options.append(o)
+        for key, maps in (("uid", uid_map), ("gid", gid_map)):
+            if key not in seen:
+                options.append(f"{key}={host_id(0, maps)}")
+        out.append({**spec, "options": options})
+    return out
+
+
 def _flags(options: list[str]) -> int:
     flags = 0
     for option in options:

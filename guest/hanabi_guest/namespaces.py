@@ -13,6 +13,23 @@ returns is its guest-global pid, the one ``kill`` and ``ps`` use. The mount name
 changed by the child itself (``Namespaces.enter_mounts``); the init then enters its rootfs
 moved onto / (``Namespaces.enter_root``), an exec by joining that namespace.
 
+A user namespace (linux.namespaces type user) is made in runc's order (nsexec.c): the
+agent forks a plain child (stage 1) which joins the cgroup, makes a first mount namespace
+in the guest's user namespace (other containers' mounts detached, the agent's /proc of the
+rootfs unmounted), writes the ``net.*`` sysctls (the VM's network namespace is owned by the
+guest's user namespace), then ``unshare(CLONE_NEWUSER)`` and tells the agent, which writes
+/proc/PID/uid_map and gid_map (setgroups left "allow": the writer is privileged, as root
+runc); the child becomes root in it (setresgid/setresuid 0), makes the PID namespace
+(owned by the user namespace, as runc's) and forks the init (stage 2), whose pid it sends
+to the agent before it exits. The init is PID 1 and, once stage 1 is gone, a child of the
+agent (PID 1 of the VM, or a child subreaper on the host) as every container process is.
+The init then makes its mount, ipc, uts, cgroup and time namespaces inside the user
+namespace, so they are owned by it as under runc: its mount namespace is a copy of a more
+privileged one, so every mount made before (rootfs, /dev, binds, /sys) is locked; the rootfs
+is bound onto itself (an unlocked top mount, which can be moved onto /) and a fresh /proc,
+the cgroup mount and masked/read-only paths are made there, as runc makes them. An exec
+joins the user namespace first, then the others.
+
 Kernel rules that follow (same as under runc): the container's PID 1 gets only the signals
 it has a handler for, except SIGKILL and SIGSTOP sent from outside (the agent); a
 ``kill -9 $$`` of the init's own shell is ignored. When PID 1 ends, the kernel SIGKILLs
@@ -30,6 +47,10 @@ from .sandbox import libc, mount, umount
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWPID = 0x20000000
+CLONE_NEWUSER = 0x10000000
+PR_SET_CHILD_SUBREAPER = 36
+PR_SET_DUMPABLE = 4
+PID_BYTES = 8  # stage 1 sends the init's pid as a signed 64-bit integer
 # The other namespaces a config may list (linuxspec.MADE_IN_GUEST): made by the init's
 # child after it joined its cgroup (so a cgroup namespace is rooted there), joined by execs.
 OTHER_FLAGS = {"ipc": 0x08000000, "uts": 0x04000000, "cgroup": 0x02000000, "time": 0x00000080}
@@ -91,6 +112,144 @@ def fork_in_pid_ns(target: int | None) -> int:
     if pid != 0:
         setns(own, CLONE_NEWPID)
     return pid
+
+
+IdMap = list[tuple[int, int, int]]
+
+
+def write_id_maps(pid: int, uid_map: IdMap, gid_map: IdMap, proc: str = "/proc") -> None:
+    """Write the maps of ``pid``'s new user namespace (each file in one write, as the kernel
+    requires); OSError naming the field."""
+    from .linuxspec import id_map_text
+
+    for name, field, maps in (("uid_map", "linux.uidMappings", uid_map), ("gid_map", "linux.gidMappings", gid_map)):
+        path = f"{proc}/{pid}/{name}"
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.write(fd, id_map_text(maps).encode())
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise OSError(exc.errno, f"{field}: writing {path}: {exc.strerror}") from None
+
+
+def _read_exact(fd: int, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        try:
+            chunk = os.read(fd, n - len(data))
+        except InterruptedError:
+            continue
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+class UserSync:
+    """The two pipes between the agent and stage 1 of a container init with a user
+    namespace (see the module docstring): ``up`` (stage 1 writes "U" once unshared, then the
+    init's pid), ``down`` (the agent writes "G" once the maps are written)."""
+
+    __slots__ = ("up_r", "up_w", "down_r", "down_w")
+
+    def __init__(self) -> None:
+        self.up_r, self.up_w = os.pipe2(os.O_CLOEXEC)
+        self.down_r, self.down_w = os.pipe2(os.O_CLOEXEC)
+
+    def close(self) -> None:
+        for name in self.__slots__:
+            fd = getattr(self, name)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)
+
+    def close_ends(self, *names: str) -> None:
+        for name in names:
+            fd = getattr(self, name)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)
+
+    def child(self) -> None:
+        """Stage 1, after the first mount namespace: the user namespace, its maps (written by
+        the agent), root in it, a PID namespace and the init forked into it. Returns in the
+        init only; stage 1 exits here."""
+        self.close_ends("up_r", "down_w")
+        unshare(CLONE_NEWUSER)
+        os.write(self.up_w, b"U")
+        if _read_exact(self.down_r, 1) != b"G":
+            raise OSError(32, "the agent did not write the user namespace's maps")
+        os.setresgid(0, 0, 0)
+        os.setresuid(0, 0, 0)
+        # The change of ids made the process non-dumpable: its /proc/self files would stay
+        # the guest root's, out of reach of the namespace's root (timens_offsets, ...). runc
+        # sets it too; exec sets it again from the process's own ids.
+        libc().prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)
+        unshare(CLONE_NEWPID)
+        pid = os.fork()
+        if pid != 0:
+            os.write(self.up_w, pid.to_bytes(PID_BYTES, "little", signed=True))
+            os._exit(0)
+        self.close()
+
+    def parent(self, pid: int, uid_map: IdMap, gid_map: IdMap) -> int:
+        """The agent's side: write the maps of stage 1 (``pid``) and return the init's pid,
+        stage 1 reaped. When stage 1 ended before (its error is in the spawn's error pipe),
+        ``pid`` itself. OSError naming the field when the kernel refuses a map (stage 1
+        killed and reaped then)."""
+        self.close_ends("up_w", "down_r")
+        _subreaper()
+        try:
+            if _read_exact(self.up_r, 1) != b"U":
+                return pid
+            try:
+                write_id_maps(pid, uid_map, gid_map)
+            except OSError:
+                _kill_and_reap(pid)
+                raise
+            os.write(self.down_w, b"G")
+            raw = _read_exact(self.up_r, PID_BYTES)
+            if len(raw) != PID_BYTES:
+                return pid
+            _reap(pid)
+            return int.from_bytes(raw, "little", signed=True)
+        finally:
+            self.close()
+
+
+_is_subreaper = False
+
+
+def _subreaper() -> None:
+    """Make the agent the reaper of the init once stage 1 exits (PID 1 of the VM is already;
+    host-side tests need it)."""
+    global _is_subreaper
+    if not _is_subreaper and os.getpid() != 1:
+        libc().prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    _is_subreaper = True
+
+
+def _reap(pid: int) -> None:
+    while True:
+        try:
+            os.waitpid(pid, 0)
+            return
+        except InterruptedError:
+            continue
+        except ChildProcessError:
+            return
+
+
+def _kill_and_reap(pid: int) -> None:
+    import signal
+
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    _reap(pid)
 
 
 def timens_offsets_text(offsets: list[tuple[str, int, int]]) -> str:
@@ -184,39 +343,54 @@ class Namespaces:
     ``new()``: a new PID namespace (the process is its PID 1) and a new mount namespace with
     propagation made private, other containers' mounts detached (those under ``hide_scope``
     but not under the container's own directory) and, with chroot, a fresh proc on
-    ``<rootfs>/proc``. ``join(pid)``: the PID and mount namespaces of process ``pid``.
+    ``<rootfs>/proc``; with ``uid_map`` and ``gid_map`` a user namespace first, which owns
+    the others. ``join(pid)``: the PID and mount namespaces of process ``pid`` (and its
+    user namespace first, with ``user``).
     """
 
-    __slots__ = ("pid_fd", "mnt_fd", "hide_scope", "others", "other_fds", "time_offsets")
+    __slots__ = ("pid_fd", "mnt_fd", "hide_scope", "others", "other_fds", "time_offsets",
+                 "uid_map", "gid_map", "user_fd", "sync")
 
     def __init__(self, pid_fd: int | None = None, mnt_fd: int | None = None,
                  hide_scope: str | None = None, others: tuple[str, ...] = (),
-                 time_offsets: list[tuple[str, int, int]] | None = None) -> None:
+                 time_offsets: list[tuple[str, int, int]] | None = None,
+                 uid_map: IdMap | None = None, gid_map: IdMap | None = None) -> None:
         self.pid_fd = pid_fd
         self.mnt_fd = mnt_fd
         self.hide_scope = hide_scope
         self.others = others  # new ones to make (init) or joined through other_fds (exec)
         self.other_fds: list[tuple[int, int]] = []
         self.time_offsets = time_offsets or []
+        # The container's user namespace maps (new and join: the agent chowns a pty by them).
+        self.uid_map: IdMap = uid_map or []
+        self.gid_map: IdMap = gid_map or []
+        self.user_fd: int | None = None
+        self.sync: UserSync | None = None
 
     @classmethod
     def new(cls, hide_scope: str | None = None, others: tuple[str, ...] = (),
             time_offsets: list[tuple[str, int, int]] | None = None,
+            uid_map: IdMap | None = None, gid_map: IdMap | None = None,
             joined: list[tuple[int, int]] | None = None) -> Namespaces:
-        """New namespaces; ``time_offsets`` for a new time namespace; ``joined``: (fd, CLONE_
-        flag) of namespaces of other containers the init enters instead (a pod's IPC and
-        UTS), owned (closed) by this object."""
-        ns = cls(hide_scope=hide_scope, others=others, time_offsets=time_offsets)
+        """New namespaces; ``time_offsets`` for a new time namespace; ``uid_map``/``gid_map``
+        for a new user namespace; ``joined``: (fd, CLONE_ flag) of namespaces of other
+        containers the init enters instead (a pod's IPC and UTS), owned (closed) by this object."""
+        ns = cls(hide_scope=hide_scope, others=others, time_offsets=time_offsets,
+                 uid_map=uid_map, gid_map=gid_map)
         ns.other_fds = list(joined or [])
         return ns
 
     @classmethod
-    def join(cls, pid: int, proc: str = "/proc", others: tuple[str, ...] = ()) -> Namespaces:
-        """The namespaces of ``pid``; OSError once it has exited (zombies have none)."""
+    def join(cls, pid: int, proc: str = "/proc", others: tuple[str, ...] = (),
+             uid_map: IdMap | None = None, gid_map: IdMap | None = None) -> Namespaces:
+        """The namespaces of ``pid`` (its user namespace too with maps); OSError once it has
+        exited (zombies have none)."""
         flags = os.O_RDONLY | os.O_CLOEXEC
         pid_fd = os.open(f"{proc}/{pid}/ns/pid", flags)
-        ns = cls(pid_fd, None, others=others)
+        ns = cls(pid_fd, None, others=others, uid_map=uid_map, gid_map=gid_map)
         try:
+            if ns.uid_map:
+                ns.user_fd = os.open(f"{proc}/{pid}/ns/user", flags)
             ns.mnt_fd = os.open(f"{proc}/{pid}/ns/mnt", flags)
             for kind in others:
                 ns.other_fds.append((os.open(f"{proc}/{pid}/ns/{kind}", flags), OTHER_FLAGS[kind]))
@@ -229,13 +403,38 @@ class Namespaces:
     def joining(self) -> bool:
         return self.pid_fd is not None
 
+    @property
+    def makes_user(self) -> bool:
+        """A new user namespace is made (the init of a container that has one)."""
+        return bool(self.uid_map) and not self.joining
+
     def fork(self) -> int:
-        """Fork the process in its PID namespace (see ``fork_in_pid_ns``)."""
-        return fork_in_pid_ns(self.pid_fd)
+        """Fork the process in its PID namespace (see ``fork_in_pid_ns``). With a new user
+        namespace a plain fork, whose stage 1 makes the PID namespace: the agent writes the
+        maps here and gets the init's pid (``UserSync.parent``); a map the kernel refuses
+        is a ValueError naming the field."""
+        if not self.makes_user:
+            return fork_in_pid_ns(self.pid_fd)
+        libc()
+        self.sync = UserSync()
+        try:
+            pid = os.fork()
+        except BaseException:
+            self.sync.close()
+            raise
+        if pid == 0:
+            return 0
+        try:
+            return self.sync.parent(pid, self.uid_map, self.gid_map)
+        except OSError as exc:
+            raise ValueError(str(exc)) from None
 
     def enter_mounts(self, root: str, chroot: bool) -> None:
-        """In the forked child, before chroot: join or make its mount namespace."""
+        """In the forked child, before chroot: join or make its mount namespace (with a new
+        user namespace: the first one, without the fresh proc, which ``enter_user`` mounts)."""
         if self.mnt_fd is not None:
+            if self.user_fd is not None:
+                setns(self.user_fd, CLONE_NEWUSER)
             setns(self.mnt_fd, CLONE_NEWNS)
             return
         unshare(CLONE_NEWNS)
@@ -255,7 +454,20 @@ class Namespaces:
             except OSError:
                 pass
             os.makedirs(target, mode=0o555, exist_ok=True)
-            mount("proc", target, "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+            if not self.makes_user:
+                mount("proc", target, "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+
+    def enter_user(self, root: str, chroot: bool) -> None:
+        """Stage 1 (see the module docstring): the user and PID namespaces; returns in the
+        init, which then gets its mount namespace inside the user namespace: the rootfs
+        bound onto itself (its mounts are locked there) and a fresh proc."""
+        assert self.sync is not None
+        self.sync.child()
+        unshare(CLONE_NEWNS)
+        mount("none", "/", "", MS_REC | MS_PRIVATE)
+        if chroot:
+            mount(root, root, "", MS_BIND | MS_REC)
+            mount("proc", os.path.join(root, "proc"), "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
 
     def enter_root(self, root: str) -> None:
         """In the forked init, instead of a bare chroot: detach every mount outside ``root``
@@ -264,16 +476,19 @@ class Namespaces:
         The container's root is then the top mount of the namespace: ``..`` never leads
         out of it (a chroot alone can be left by a process with CAP_SYS_CHROOT), the kernel
         does not count the process as chrooted (it may make user namespaces, as under
-        runc), and an exec that joins the namespace starts at this root (setns puts it there)."""
+        runc), and an exec that joins the namespace starts at this root (setns puts it there).
+        In a user namespace the mounts outside are locked (they stay, out of reach and out
+        of the container's mountinfo) and ``root`` is the unlocked bind ``enter_user`` made."""
         if not os.path.ismount(root):  # a plain directory (host-side tests): runc binds it too
             mount(root, root, "", MS_BIND | MS_REC)
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-            info = f.read()
-        for point in outside_mounts(info, root):
-            try:
-                umount(point, MNT_DETACH)
-            except OSError:
-                pass  # gone with a parent detached before it
+        if not self.uid_map:
+            with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+                info = f.read()
+            for point in outside_mounts(info, root):
+                try:
+                    umount(point, MNT_DETACH)
+                except OSError:
+                    pass  # gone with a parent detached before it
         os.chdir(root)
         mount(".", "/", "", MS_MOVE)
         os.chroot(".")
@@ -301,8 +516,11 @@ class Namespaces:
             enter_time_for_children()
 
     def close(self) -> None:
-        for fd in (self.pid_fd, self.mnt_fd, *(fd for fd, _ in self.other_fds)):
+        for fd in (self.pid_fd, self.mnt_fd, self.user_fd, *(fd for fd, _ in self.other_fds)):
             if fd is not None:
                 os.close(fd)
-        self.pid_fd = self.mnt_fd = None
+        self.pid_fd = self.mnt_fd = self.user_fd = None
         self.other_fds = []
+        if self.sync is not None:
+            self.sync.close()
+            self.sync = None

@@ -16,7 +16,9 @@ keeps the master. ``set_winsize`` applies ``process.consoleSize`` and later resi
 With ``ns`` (a ``namespaces.Namespaces``) the process is forked into a PID namespace (a new
 one where it is PID 1, or the container init's) and, first thing in the child, gets its
 mount namespace (a new one with a fresh /proc, or the init's); it is still a direct child
-of the caller, so ``waitpid`` gives its own status. See namespaces.py.
+of the caller, so ``waitpid`` gives its own status. With a user namespace the init is
+made in runc's order (namespaces.py): the ``net.*`` sysctls are written before it, the
+agent writes the maps, the other namespaces are made inside it. See namespaces.py.
 
 Security, in runc's order (caps.py, seccomp.py, hardening.py): the init's child applies the
 container's hostname, sysctls, readonlyPaths and maskedPaths (``Hardener``) in its new
@@ -54,6 +56,7 @@ MAX_STRING = 128 * 1024
 # ioctl numbers (asm-generic, as on x86_64 and arm64): no termios module in the guest.
 TIOCSCTTY = 0x540E
 TIOCSWINSZ = 0x5414
+TTY_GID = 5  # the group of a container's ptys (devpts gid=5, as runc and Docker mount it)
 
 
 class SpawnError(Exception):
@@ -216,6 +219,8 @@ def _child(p: dict[str, Any], root: str, chroot: bool, cgroup: str | None,
     stdlib is out of reach.
     """
     stage = "setup"
+    # Before any namespace: in a user namespace the agent's uid reads as another.
+    privileged = os.geteuid() == 0
     try:
         if cgroup:  # first: inside the init's mount namespace (its rootfs on /) it is out of reach
             stage = "join cgroup"
@@ -224,6 +229,12 @@ def _child(p: dict[str, Any], root: str, chroot: bool, cgroup: str | None,
         if ns is not None:
             stage = "enter mount namespace"
             ns.enter_mounts(root, chroot)
+            if ns.makes_user:
+                if guard is not None and guard.hardener is not None:
+                    stage = "apply linux settings"
+                    guard.hardener.write_sysctls(net=True)
+                stage = "enter user namespace"
+                ns.enter_user(root, chroot)  # from here on: the container's init (stage 2)
         stage = "setsid"
         os.setsid()
         guard = guard or Guard()
@@ -289,8 +300,8 @@ def _child(p: dict[str, Any], root: str, chroot: bool, cgroup: str | None,
             guard.caps.drop_bounding()
             guard.caps.keep_caps(True)
         stage = "set user"
-        if os.geteuid() == 0:
-            if tty:
+        if privileged:
+            if tty and not (ns is not None and ns.uid_map):  # in a user namespace: the agent did
                 os.fchown(0, uid, -1)
             os.setgroups(list(user.get("additionalGids") or []))
             os.setgid(gid)
@@ -337,6 +348,17 @@ def make_guard(p: dict[str, Any], filter_: Filter | None = None, hardener: Harde
     return Guard(caps, filter_, hardener, bool(p.get("noNewPrivileges")))
 
 
+def _chown_tty(tty: int, p: dict[str, Any], ns: Namespaces) -> None:
+    """The pty of a process in a user namespace, owned by its uid (and the tty group, 5) as
+    the ids they are outside it: the child cannot chown an inode whose owner (the agent's
+    root) is not mapped in its namespace."""
+    from .linuxspec import host_id
+
+    uid = int((p.get("user") or {}).get("uid", 0))
+    outside_uid, outside_gid = host_id(uid, ns.uid_map), host_id(TTY_GID, ns.gid_map)
+    os.fchown(tty, -1 if outside_uid is None else outside_uid, -1 if outside_gid is None else outside_gid)
+
+
 def _spawn_error(data: bytes, args: list[str]) -> SpawnError:
     stage, _, rest = data.decode("utf-8", "replace").partition("\0")
     num_s, _, text = rest.partition("\0")
@@ -379,6 +401,8 @@ def spawn(p: dict[str, Any], root: str, *, chroot: bool = True,
         ours, theirs = (in_w, out_r, err_r), (in_r, out_w, err_w)
         child_fds = (in_r, out_w, err_w)
     ep_r, ep_w = os.pipe2(os.O_CLOEXEC)
+    if tty is not None and ns is not None and ns.uid_map and os.geteuid() == 0:
+        _chown_tty(tty, p, ns)
     try:
         pid = os.fork() if ns is None else ns.fork()
     except BaseException:

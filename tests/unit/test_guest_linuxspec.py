@@ -33,7 +33,7 @@ def test_namespaces_made_in_the_guest():
 @pytest.mark.parametrize("linux, hostname, message", [
     ({"namespaces": [{"type": "foo"}]}, None, "linux.namespaces: namespace type 'foo' does not exist"),
     ({"namespaces": [{"type": "ipc", "path": "/proc/1/ns/ipc"}]}, None, "ipc namespace '/proc/1/ns/ipc' is a namespace of the host"),
-    ({"namespaces": [{"type": "user"}]}, None, "a user namespace is not supported"),
+    ({"namespaces": [{"type": "user"}]}, None, "linux.uidMappings: user namespaces enabled, but no uid mappings found"),
     ({"timeOffsets": {"monotonic": {"secs": 1}}}, None, "linux.timeOffsets: time offsets are specified, but no time namespace"),
     ({"namespaces": [{"type": "time"}], "timeOffsets": {"realtime": {"secs": 1}}}, None,
      "linux.timeOffsets: 'realtime' is not a clock"),
@@ -60,7 +60,8 @@ def test_namespaces_made_in_the_guest():
     ({"devices": [{"path": "/dev/x", "type": "q", "major": 1, "minor": 1}]}, None, r"linux.devices\[0\].type 'q'"),
     ({"devices": [{"path": "/dev/x", "type": "c", "major": -1, "minor": 1}]}, None, r"linux.devices\[0\].major"),
     ({"devices": [{"path": "/dev/x", "type": "c", "major": 1, "minor": 1, "fileMode": 0o170000}]}, None, "fileMode"),
-    ({"uidMappings": [{"containerID": 0, "hostID": 1000, "size": 1}]}, None, "linux.uidMappings: user namespaces"),
+    ({"uidMappings": [{"containerID": 0, "hostID": 1000, "size": 1}]}, None,
+     "linux.uidMappings: user namespace mappings specified, but the user namespace isn't enabled"),
     ({"mountLabel": "system_u:object_r:container_file_t:s0"}, None, "linux.mountLabel: selinux label"),
     ({"rootfsPropagation": "sideways"}, None, "linux.rootfsPropagation 'sideways'"),
     ({"resources": {"memory": {"limit": "1g"}}}, None, r"linux.resources.memory.limit must be an integer"),

@@ -30,13 +30,14 @@ def check_guest_settings(config: dict, seccomp: bool = True) -> None:
     process (capabilities, noNewPrivileges, LSM labels), the `linux` field and the seccomp
     profile; InvalidArgument naming the field, before anything is provisioned."""
     from hanabi_common.errors import InvalidArgument
-    from hanabi_guest.linuxspec import check_linux
+    from hanabi_guest.linuxspec import check_linux, check_user_mapped
     from hanabi_guest.process import check_process
     from hanabi_guest.seccomp import plan
 
     try:
         check_process(config.get("process"))
         spec = check_linux(guest_linux(config, seccomp), config.get("hostname"))
+        check_user_mapped(config.get("process") or {}, spec)
         if spec is not None and spec.seccomp is not None:
             plan(spec.seccomp)
     except ValueError as exc:
