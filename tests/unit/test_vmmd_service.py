@@ -22,7 +22,7 @@ from hanabi_common.models.vmmd import AttachDisk, CreateVm, DetachDisk, StopVm
 from hanabi_vmmd import proc
 from hanabi_vmmd.accel import AccelDecision
 from hanabi_vmmd.hypervisor import DiskSpec, StopResult, VmHandle, VmSpec
-from hanabi_vmmd.locks import KeyedLocks
+from hanabi_common.locks import KeyedLocks
 from hanabi_vmmd.qemu_cmdline import pick_slot
 from hanabi_vmmd.service import VmService
 from hanabi_vmmd.state import STATE_NAME, HypervisorState

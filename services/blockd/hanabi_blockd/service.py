@@ -16,6 +16,7 @@ from collections import Counter
 from pathlib import Path
 
 from hanabi_blockd import passthrough, shares
+from hanabi_blockd.contract import BLOCKD
 from hanabi_blockd.detect import choose_backend, probe_host
 from hanabi_blockd.gc import choose_evictions
 from hanabi_blockd.identity import identify
@@ -25,6 +26,7 @@ from hanabi_blockd.mountinfo import mount_at, read_mountinfo
 from hanabi_blockd.state import STATE_NAME, DevicesState, HostMount, ShareRecord
 from hanabi_common.config import Config
 from hanabi_common.errors import AlreadyExists, FailedPrecondition, HanabiError, InvalidArgument, NotFound
+from hanabi_common.locks import KeyedLocks
 from hanabi_common.metrics import Gauges, LabelledGauge
 from hanabi_common import disowned
 from hanabi_common.models.base import NoArgs, Removed, SandboxRef
@@ -61,7 +63,7 @@ class BlockService:
                 self.backend_name, self.reason = "loopfile", f"thin pool set-up failed: {exc.message}"
         self.backend = self.files  # what older callers and tests reach for
         log.info("block backend chosen", extra={"backend": self.backend_name, "reason": self.reason})
-        self._locks: dict[str, threading.Lock] = {}
+        self.locks = KeyedLocks(timeout=None)  # a provisioning waits as long as its caller does
         self._guard = threading.Lock()
         self._gc_lock = threading.Lock()
         self._pending: Counter[str] = Counter()  # base keys of provisionings in flight
@@ -80,10 +82,6 @@ class BlockService:
                 sweep()
             except Exception:  # noqa: BLE001 - the sweeper must go on
                 log.exception("sweep of kept layers failed")
-
-    def _lock(self, sandbox_id: str) -> threading.Lock:
-        with self._guard:
-            return self._locks.setdefault(sandbox_id, threading.Lock())
 
     def _states(self) -> dict[str, DevicesState]:
         states = {}
@@ -112,14 +110,8 @@ class BlockService:
             log.warning("removed a share mount no sandbox claims", extra={"path": point})
 
     def register(self, server: RpcServer) -> None:
-        """Serve volume.*, block.* and backend.info."""
-        server.register("volume.provision", ProvisionVolume, self.provision)
-        server.register("volume.release", SandboxRef, self.release)
-        server.register("volume.get", SandboxRef, self.get)
-        server.register("volume.list", NoArgs, self.list)
-        server.register("block.list", NoArgs, self.listing)
-        server.register("block.collect", CollectBases, self.collect)
-        server.register("backend.info", NoArgs, self.info)
+        """Serve volume.*, block.* and backend.info (the table in hanabi_blockd.contract)."""
+        BLOCKD.register(server, self)
 
     def close(self) -> None:
         """Stop the sweeper; the volumes stay with their sandboxes."""
@@ -136,7 +128,7 @@ class BlockService:
             raise InvalidArgument(f"rootfs {rootfs} does not exist")
         if not rootfs.is_dir():
             raise InvalidArgument(f"rootfs {rootfs} is not a directory")
-        with self._lock(sid):
+        with self.locks.hold(sid):
             if self.store.read(sid, STATE_NAME, DevicesState) is not None:
                 raise AlreadyExists(f"sandbox {sid} already has a volume")
             state = DevicesState(volumes=[])
@@ -249,14 +241,12 @@ class BlockService:
 
     def release(self, request: SandboxRef) -> Removed:
         """Remove the sandbox's volumes (idempotent); its base stays for reuse."""
-        with self._lock(request.sandbox_id):
+        with self.locks.hold(request.sandbox_id):
             state = self.store.read(request.sandbox_id, STATE_NAME, DevicesState)
             if state is None:
                 return Removed(existed=False)
             self._undo(state)
             self.store.remove(request.sandbox_id, STATE_NAME)
-        with self._guard:
-            self._locks.pop(request.sandbox_id, None)
         self._collect_quietly()
         log.info("released", extra={"sandbox": request.sandbox_id})
         return Removed(existed=True)

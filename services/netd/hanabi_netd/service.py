@@ -25,11 +25,12 @@ from hanabi_common.config import Config
 from hanabi_common.errors import AlreadyExists, FailedPrecondition, HanabiError, NotFound
 from hanabi_common.metrics import Gauges, LabelledGauge
 from hanabi_common import disowned
-from hanabi_common.models.base import NoArgs, Removed, SandboxRef
+from hanabi_common.models.base import Removed, SandboxRef
 from hanabi_common.models.netd import AttachNetwork, NetnsInfo, NetworkInfo, NetworkList
 from hanabi_common.netns import check_netns, create_netns, remove_netns
 from hanabi_common.rpc.server import RpcServer
 from hanabi_common.state import StateStore
+from hanabi_netd.contract import NETD
 from hanabi_netd.state import STATE_NAME, NetworkState
 from hanabi_netd.topology import plan_change
 from hanabi_netd.watch import NetnsWatcher
@@ -93,12 +94,8 @@ class NetworkService:
                 log.error("cannot remove an orphaned network namespace", extra={"path": path, "error": str(exc)})
 
     def register(self, server: RpcServer) -> None:
-        """Serve net.attach, net.detach, net.get and net.list."""
-        server.register("net.create_netns", SandboxRef, self.create_netns)
-        server.register("net.attach", AttachNetwork, self.attach)
-        server.register("net.detach", SandboxRef, self.detach)
-        server.register("net.get", SandboxRef, self.get)
-        server.register("net.list", NoArgs, self.list)
+        """Serve the net.* methods (the table in hanabi_netd.contract)."""
+        NETD.register(server, self)
 
     def close(self) -> None:
         """Stop watching namespaces; the taps stay with their sandboxes."""

@@ -20,7 +20,7 @@ from hanabi_common.errors import HanabiError
 from hanabi_common.state import StateStore
 from hanabi_vmmd import proc
 from hanabi_vmmd.hypervisor import Hypervisor, VmHandle
-from hanabi_vmmd.locks import KeyedLocks
+from hanabi_common.locks import KeyedLocks
 from hanabi_vmmd.state import STATE_NAME, HypervisorState, vm_dir_for
 
 log = logging.getLogger("hanabi.vmmd")

@@ -22,7 +22,7 @@ from hanabi_common.errors import (AlreadyExists, FailedPrecondition, HanabiError
 from hanabi_common.metrics import Gauges, LabelledGauge
 from hanabi_common import disowned
 from hanabi_common.models.base import NoArgs, Removed, SandboxRef
-from hanabi_common.models.vmmd import (AttachDisk, AttachNic, CreateVm, DetachDisk, DetachNic, StopVm, VmInfo, VmList)
+from hanabi_common.models.vmmd import (CreateVm, StopVm, VmInfo, VmList)
 from hanabi_common.rpc.server import RpcServer
 from hanabi_common.state import StateStore
 from hanabi_vmmd import accel as accel_mod
@@ -30,8 +30,9 @@ from hanabi_vmmd import cgroup
 from hanabi_vmmd import proc
 from hanabi_vmmd.hypervisor import Hypervisor, NicSpec, VmHandle, VmSpec
 from hanabi_vmmd.cloning import CloneOps
+from hanabi_vmmd.contract import VMMD
 from hanabi_vmmd.devices import DeviceOps, nic_spec
-from hanabi_vmmd.locks import KeyedLocks
+from hanabi_common.locks import KeyedLocks
 from hanabi_vmmd.pooling import POOLED_BACKEND, PoolOps
 from hanabi_vmmd.pool import WarmPool
 from hanabi_vmmd.qemu import QemuHypervisor
@@ -121,18 +122,8 @@ class VmService(DeviceOps, PoolOps, CloneOps):
         self.pool.start(self._pooled_after_restart())
 
     def register(self, server: RpcServer) -> None:
-        """Serve the vm.* methods."""
-        server.register("vm.create", CreateVm, self.create)
-        server.register("vm.get", SandboxRef, self.get)
-        server.register("vm.list", NoArgs, self.list)
-        server.register("vm.pool", NoArgs, self.pooled)
-        server.register("vm.stop", StopVm, self.stop)
-        server.register("vm.attach_disk", AttachDisk, self.attach_disk)
-        server.register("vm.detach_disk", DetachDisk, self.detach_disk)
-        server.register("vm.attach_nic", AttachNic, self.attach_nic)
-        server.register("vm.detach_nic", DetachNic, self.detach_nic)
-        server.register("vm.pause", SandboxRef, self.pause)
-        server.register("vm.resume", SandboxRef, self.resume)
+        """Serve the vm.* methods (the table in hanabi_vmmd.contract)."""
+        VMMD.register(server, self)
 
     def close(self) -> None:
         """Stop watching; the VMs keep running and are re-adopted by the next vmmd."""
