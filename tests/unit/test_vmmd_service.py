@@ -9,6 +9,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Collection
 
@@ -21,7 +22,8 @@ from hanabi_common.models.base import NoArgs, SandboxRef
 from hanabi_common.models.vmmd import AttachDisk, CreateVm, DetachDisk, StopVm
 from hanabi_vmmd import proc
 from hanabi_vmmd.accel import AccelDecision
-from hanabi_vmmd.hypervisor import DiskSpec, StopResult, VmHandle, VmSpec
+from hanabi_vmmd.hypervisor import Capabilities, DiskSpec, StopResult, VmHandle, VmSpec
+from hanabi_vmmd.qemu import QemuHypervisor
 from hanabi_common.locks import KeyedLocks
 from hanabi_vmmd.qemu_cmdline import pick_slot
 from hanabi_vmmd.service import VmService
@@ -32,7 +34,18 @@ class FakeHypervisor:
     """A 'VM' is a `sleep` in its own session; disks and pause are just recorded."""
 
     name = "qemu"
-    share_kind = None
+    binary = "sleep"
+    machine = "q35"
+    files = QemuHypervisor.files
+
+    def capabilities(self) -> Capabilities:
+        return replace(QemuHypervisor().capabilities(), share=None, templates=False)  # a sleep cannot be cloned
+
+    def problem(self) -> str | None:
+        return None
+
+    def guest_serial(self, handle: VmHandle, disk: DiskSpec) -> str:
+        return ""
 
     def __init__(self, fail_start: bool = False) -> None:
         self.fail_start = fail_start

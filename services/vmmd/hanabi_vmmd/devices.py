@@ -49,8 +49,9 @@ class DeviceOps:
             disk = DiskSpec(device_id=f"disk-{request.serial}", node_name=f"blk-{request.serial}",
                             path=path, serial=request.serial, format=request.format,
                             readonly=request.readonly)
-            serial_of = getattr(backend, "guest_serial", None)  # Firecracker derives it from the file
-            guest_serial = serial_of(handle, disk) if callable(serial_of) else ""
+            # Firecracker's guest reads a serial derived from the file, not the requested one.
+            guest_serial = (backend.guest_serial(handle, disk)
+                            if backend.capabilities().guest_serial_from_path else "")
             if guest_serial and any(d.guest_serial == guest_serial for d in state.disks):
                 raise AlreadyExists(f"VM of sandbox {sid} already has a disk the guest sees as {guest_serial}")
             bus = backend.attach_disk(handle, disk, state.busy_slots())

@@ -7,15 +7,22 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Mapping
 
+from hanabi_common.errors import FailedPrecondition
 from hanabi_common.models.base import NoArgs
 from hanabi_common.models.vmmd import VmList
 from hanabi_vmmd.agent_probe import wait_agent_ready
-from hanabi_vmmd.hypervisor import NicSpec
+from hanabi_vmmd.hypervisor import Hypervisor, NicSpec
 from hanabi_vmmd.state import STATE_NAME, HypervisorState
 
 log = logging.getLogger("hanabi.vmmd")
-POOLED_BACKEND = "qemu"  # the pool needs NIC hot-plug (Firecracker takes NICs at boot only)
+
+
+def pool_backend(backends: Mapping[str, Hypervisor]) -> Hypervisor | None:
+    """The backend the warm pool boots with: the first whose capabilities say it pools (a
+    pooled VM gets its NICs by hot-plug later; Firecracker takes NICs at boot only)."""
+    return next((b for b in backends.values() if b.capabilities().pooling), None)
 
 
 class PoolOps:
@@ -25,7 +32,10 @@ class PoolOps:
         """The pool's boot: a VM of the default size, no NICs, recorded in the pool's store,
         ready once its guest agent answers (a VM that does not get there is removed)."""
         with self.locks.hold(pool_id):
-            state = self._clone_or_boot(pool_id, self.pool_store, self._backend(POOLED_BACKEND),
+            backend = pool_backend(self.backends)
+            if backend is None:
+                raise FailedPrecondition("no backend of this vmmd can keep a warm pool")
+            state = self._clone_or_boot(pool_id, self.pool_store, backend,
                                         self.config.vmm.memory_mib, self.config.vmm.vcpus)
         try:
             seconds = wait_agent_ready(Path(state.agent_socket), self.config.vmm.boot_timeout_s)

@@ -67,8 +67,7 @@ def decide_auto(backends: Mapping[str, object]) -> Choice:
     from hanabi_vmmd import accel
 
     fc = backends.get("firecracker")
-    version_check = getattr(fc, "version_check", None)
-    fc_problem = version_check().problem if callable(version_check) else "this vmmd has no firecracker backend"
+    fc_problem = fc.problem() if fc is not None else "this vmmd has no firecracker backend"
     facts = HostFacts(firecracker_problem=fc_problem, kvm_problem=accel.kvm_problem(accel.probe_facts()))
     choice = choose("auto", facts, set(backends))
     log.info(f"hypervisor auto -> {choice.backend}: {choice.reason}",

@@ -33,7 +33,7 @@ from hanabi_vmmd.cloning import CloneOps
 from hanabi_vmmd.contract import VMMD
 from hanabi_vmmd.devices import DeviceOps, nic_spec
 from hanabi_common.locks import KeyedLocks
-from hanabi_vmmd.pooling import POOLED_BACKEND, PoolOps
+from hanabi_vmmd.pooling import PoolOps, pool_backend
 from hanabi_vmmd.pool import WarmPool
 from hanabi_vmmd.qemu import QemuHypervisor
 from hanabi_vmmd.vmm_process import stderr_tail
@@ -195,7 +195,7 @@ class VmService(DeviceOps, PoolOps, CloneOps):
         with self.locks.hold(sid):
             if self.store.read(sid, STATE_NAME, HypervisorState) is not None:
                 raise AlreadyExists(f"sandbox {sid} already has a VM (vm.stop it first)")
-            if (backend.name == POOLED_BACKEND and (memory_mib, vcpus) == (vmm.memory_mib, vmm.vcpus)
+            if (backend is pool_backend(self.backends) and (memory_mib, vcpus) == (vmm.memory_mib, vmm.vcpus)
                     and len(nics) + DISKS_PER_SANDBOX <= HOTPLUG_SLOTS):
                 state = self._claim_pooled(sid, nics)
                 if state is not None:
@@ -217,9 +217,9 @@ class VmService(DeviceOps, PoolOps, CloneOps):
                                      f"would exceed {SUN_PATH_MAX} bytes")
         self._remove_vm_dir(vm_dir)  # a leftover of a crash: no state file refers to it
         share_dir = (make_share_dir(share_dir_for(self.config.shares_dir, sid))
-                     if backend.share_kind is not None else None)
-        spec = VmSpec.in_dir(sid, vm_dir, memory_mib=memory_mib, vcpus=vcpus, kernel=kernel, initrd=initrd,
-                             cmdline=kernel_cmdline(vmm.kernel_cmdline_extra),
+                     if backend.capabilities().share is not None else None)
+        spec = VmSpec.in_dir(sid, vm_dir, backend.capabilities().files, memory_mib=memory_mib, vcpus=vcpus,
+                             kernel=kernel, initrd=initrd, cmdline=kernel_cmdline(vmm.kernel_cmdline_extra),
                              accel=self.accel.accel, hotplug_slots=HOTPLUG_SLOTS, nics=nics,
                              share_dir=share_dir)
         if template is not None:
