@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from hanabi_common.config import Config
 from hanabi_common.models.base import NoArgs, Removed, SandboxRef
-from hanabi_common.models.netd import AttachNetwork, NetnsInfo, NetworkInfo, NetworkList
+from hanabi_common.models.netd import AttachNetwork, ChangesAfter, LinkChanges, NetnsInfo, NetworkInfo, NetworkList
 from hanabi_common.rpc.client import RpcClient
 from hanabi_common.rpc.contract import ContractClient
 
@@ -34,6 +34,10 @@ class NetdClient(ContractClient):
     def get(self, sandbox_id: str) -> NetworkInfo:
         """The network of one sandbox (NotFound if none)."""
         return self.call(NETD.get, SandboxRef(sandbox_id=sandbox_id))
+
+    def changes(self, sandbox_id: str, after: int = 0) -> LinkChanges:
+        """Link changes of a running sandbox after number `after` (those up to it are done)."""
+        return self.call(NETD.changes, ChangesAfter(sandbox_id=sandbox_id, after=after))
 
     def list(self) -> NetworkList:
         """Every sandbox network."""

@@ -6,7 +6,7 @@ Drives `NetService.register` and `NetdClient` (hanabi_common.rpc.contract).
 from __future__ import annotations
 
 from hanabi_common.models.base import NoArgs, Removed, SandboxRef
-from hanabi_common.models.netd import AttachNetwork, NetnsInfo, NetworkInfo, NetworkList
+from hanabi_common.models.netd import AttachNetwork, ChangesAfter, LinkChanges, NetnsInfo, NetworkInfo, NetworkList
 from hanabi_common.rpc.contract import Contract, Rpc
 
 
@@ -19,3 +19,4 @@ class NETD(Contract):
     detach = Rpc("net.detach", SandboxRef, Removed, idempotent=True)
     get = Rpc("net.get", SandboxRef, NetworkInfo, idempotent=True)
     list = Rpc("net.list", NoArgs, NetworkList, idempotent=True)
+    changes = Rpc("net.changes", ChangesAfter, LinkChanges, idempotent=True)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from hanabi_common.config import Config
 from hanabi_common.models.base import NoArgs, Removed, SandboxRef
-from hanabi_common.models.vmmd import (AttachDisk, AttachNic, CreateVm, DetachDisk, DetachNic, DiskInfo,
-                                       StopVm, VmInfo, VmList, VmNic)
+from hanabi_common.models.vmmd import (AttachDisk, AttachNic, BackendChoice, ChooseBackend, CreateVm, DetachDisk,
+                                       DetachNic, DiskInfo, StopVm, VmInfo, VmList, VmNic)
 from hanabi_common.rpc.client import RpcClient
 from hanabi_common.rpc.contract import ContractClient
 
@@ -32,6 +32,11 @@ class VmmdClient(ContractClient):
                            cgroup_dirs=list(cgroup_dirs))
         wait = timeout or max(self.rpc.timeout, self.config.vmm.boot_timeout_s + 5)
         return self.call(VMMD.create, request, timeout=wait)
+
+    def backend(self, hypervisor: str | None = None) -> BackendChoice:
+        """The backend a VM asked for with `hypervisor` gets (vmmd resolves `auto`), its
+        disk formats and share device."""
+        return self.call(VMMD.backend, ChooseBackend(hypervisor=hypervisor))  # type: ignore[arg-type]  # a bad name is the daemon's INVALID_ARGUMENT
 
     def pool(self) -> VmList:
         """The warm pool's VMs ready to be taken."""

@@ -6,7 +6,7 @@ Drives `VmmService.register` and `VmmdClient` (hanabi_common.rpc.contract).
 from __future__ import annotations
 
 from hanabi_common.models.base import NoArgs, Removed, SandboxRef
-from hanabi_common.models.vmmd import (AttachDisk, AttachNic, CreateVm, DetachDisk, DetachNic, DiskInfo, StopVm,
+from hanabi_common.models.vmmd import (AttachDisk, AttachNic, BackendChoice, ChooseBackend, CreateVm, DetachDisk, DetachNic, DiskInfo, StopVm,
                                        VmInfo, VmList)
 from hanabi_common.rpc.contract import Contract, Rpc
 
@@ -26,3 +26,4 @@ class VMMD(Contract):
     detach_nic = Rpc("vm.detach_nic", DetachNic, Removed, idempotent=True)
     pause = Rpc("vm.pause", SandboxRef, VmInfo, idempotent=True)
     resume = Rpc("vm.resume", SandboxRef, VmInfo, idempotent=True)
+    backend = Rpc("vm.backend", ChooseBackend, BackendChoice, idempotent=True, handler="choose_backend")

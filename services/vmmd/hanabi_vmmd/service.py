@@ -22,7 +22,7 @@ from hanabi_common.errors import (AlreadyExists, FailedPrecondition, HanabiError
 from hanabi_common.metrics import Gauges, LabelledGauge
 from hanabi_common import disowned
 from hanabi_common.models.base import NoArgs, Removed, SandboxRef
-from hanabi_common.models.vmmd import (CreateVm, StopVm, VmInfo, VmList)
+from hanabi_common.models.vmmd import (BackendChoice, ChooseBackend, CreateVm, StopVm, VmInfo, VmList)
 from hanabi_common.rpc.server import RpcServer
 from hanabi_common.state import StateStore
 from hanabi_vmmd import accel as accel_mod
@@ -265,6 +265,16 @@ class VmService(DeviceOps, PoolOps, CloneOps):
         if self._auto is None:
             self._auto = decide_auto(self.backends)
         return self._auto.backend
+
+    def choose_backend(self, request: ChooseBackend) -> BackendChoice:
+        """The backend vm.create would use for `request.hypervisor` (auto decided here, the
+        one place that decides it), with its disk formats and share device."""
+        asked = request.hypervisor or self.config.vmm.hypervisor
+        name = self._auto_backend() if asked == "auto" else asked
+        backend = self._backend(name)
+        caps = backend.capabilities()
+        reason = self._auto.reason if asked == "auto" and self._auto is not None else f"{asked} asked for"
+        return BackendChoice(backend=name, reason=reason, disk_formats=list(caps.disk_formats), share=caps.share)
 
     def _state_for(self, spec: VmSpec, handle: VmHandle, hypervisor: str,
                    template: Template | None = None) -> HypervisorState:
