@@ -8,6 +8,7 @@ from __future__ import annotations
 import ast
 import inspect
 import re
+import textwrap
 import threading
 import time
 import typing
@@ -41,13 +42,29 @@ SIDES = [(VMMD, VmService, VmmdClient), (NETD, NetworkService, NetdClient),
 IDS = [t.daemon for t, _, _ in SIDES]
 
 
+def _part_type(service: type, part: str) -> type | None:
+    """The class of a part the service makes in __init__ (`self.devices = Devices(self)`)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(service.__init__)))
+    for node in ast.walk(tree):
+        for target in getattr(node, "targets", []):
+            if (isinstance(target, ast.Attribute) and target.attr == part and isinstance(node.value, ast.Call)
+                    and isinstance(node.value.func, ast.Name)):
+                return inspect.getmodule(service).__dict__.get(node.value.func.id)
+    return None
+
+
 @pytest.mark.parametrize("table,service,client", SIDES, ids=IDS)
 def test_every_method_has_a_handler_taking_its_request(table, service, client):
     names = [rpc.name for rpc in table.methods()]
     assert names and len(names) == len(set(names)) and all(n.split(".")[0] for n in names)
     for rpc in table.methods():
         assert issubclass(rpc.request, Request) and issubclass(rpc.reply, Reply), rpc.name
-        handler = getattr(service, rpc.handler, None)
+        handler = service
+        for part in rpc.handler.split("."):  # a part the service holds: its declared type's method
+            owner = handler
+            handler = getattr(owner, part, None)
+            if handler is None and isinstance(owner, type):
+                handler = _part_type(owner, part)
         assert callable(handler), f"{service.__name__} has no handler {rpc.handler} for {rpc.name}"
         hints = typing.get_type_hints(handler)
         params = [p for p in inspect.signature(handler).parameters if p != "self"]

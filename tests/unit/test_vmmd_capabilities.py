@@ -118,3 +118,23 @@ def test_vmmd_probes_no_backend_attribute_and_names_no_backend_outside_its_own_m
             if isinstance(node, ast.Constant) and node.value in ("qemu", "firecracker"):
                 found.append(f"{path.name}:{node.lineno}: {node.value!r}")
     assert not found, found
+
+
+def test_hot_plug_and_the_pool_are_parts_of_the_service_that_declare_what_they_use():
+    """Composition, not mixins: Devices and Pooling are given the service (typed by a
+    Protocol) and every `self.X` they read is set in their __init__ or is their own."""
+    from hanabi_vmmd import devices, pooling
+    from hanabi_vmmd.service import VmService
+
+    assert not issubclass(VmService, (devices.Devices, pooling.Pooling))
+    for cls in (devices.Devices, pooling.Pooling):
+        tree = ast.parse(inspect.getsource(cls))
+        init = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "__init__")
+        assigned = {t.attr for n in ast.walk(init) for t in getattr(n, "targets", [getattr(n, "target", None)])
+                    if isinstance(t, ast.Attribute)}
+        assigned |= {e.attr for n in ast.walk(init) if isinstance(n, ast.Assign)
+                     for t in n.targets if isinstance(t, ast.Tuple) for e in t.elts if isinstance(e, ast.Attribute)}
+        own = set(vars(cls)) | set(getattr(cls, "__annotations__", {}))
+        used = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)
+                and isinstance(n.value, ast.Name) and n.value.id == "self"}
+        assert used <= assigned | own, f"{cls.__name__} uses undeclared {sorted(used - assigned - own)}"

@@ -185,29 +185,29 @@ def test_disks(env):
     image = root / "disk.img"
     image.write_bytes(b"\0" * 4096)
     with pytest.raises(NotFound):
-        svc.attach_disk(AttachDisk(sandbox_id="sb1", path=str(image), serial="r0"))
+        svc.devices.attach_disk(AttachDisk(sandbox_id="sb1", path=str(image), serial="r0"))
     svc.create(CreateVm(sandbox_id="sb1"))
     for bad in ("relative.img", str(root / "nope.img"), str(root)):
         with pytest.raises(InvalidArgument):
-            svc.attach_disk(AttachDisk(sandbox_id="sb1", path=bad, serial="r0"))
-    disk = svc.attach_disk(AttachDisk(sandbox_id="sb1", path=str(image), serial="r0"))
+            svc.devices.attach_disk(AttachDisk(sandbox_id="sb1", path=bad, serial="r0"))
+    disk = svc.devices.attach_disk(AttachDisk(sandbox_id="sb1", path=str(image), serial="r0"))
     assert disk.device_id == "disk-r0" and backend.disks == {"disk-r0": "rp0"}
     with pytest.raises(AlreadyExists):
-        svc.attach_disk(AttachDisk(sandbox_id="sb1", path=str(image), serial="r0"))
-    svc.attach_disk(AttachDisk(sandbox_id="sb1", path=str(image), serial="r1", readonly=True))
+        svc.devices.attach_disk(AttachDisk(sandbox_id="sb1", path=str(image), serial="r0"))
+    svc.devices.attach_disk(AttachDisk(sandbox_id="sb1", path=str(image), serial="r1", readonly=True))
     assert backend.disks["disk-r1"] == "rp1"
     with pytest.raises(FailedPrecondition, match="slot"):
-        svc.attach_disk(AttachDisk(sandbox_id="sb1", path=str(image), serial="r2"))
+        svc.devices.attach_disk(AttachDisk(sandbox_id="sb1", path=str(image), serial="r2"))
     assert svc.get(SandboxRef(sandbox_id="sb1")).disks == ["disk-r0", "disk-r1"]
     svc.pause(SandboxRef(sandbox_id="sb1"))
     with pytest.raises(FailedPrecondition, match="paused"):
-        svc.attach_disk(AttachDisk(sandbox_id="sb1", path=str(image), serial="r3"))
+        svc.devices.attach_disk(AttachDisk(sandbox_id="sb1", path=str(image), serial="r3"))
     with pytest.raises(FailedPrecondition, match="paused"):
-        svc.detach_disk(DetachDisk(sandbox_id="sb1", device_id="disk-r0"))
+        svc.devices.detach_disk(DetachDisk(sandbox_id="sb1", device_id="disk-r0"))
     svc.resume(SandboxRef(sandbox_id="sb1"))
-    assert svc.detach_disk(DetachDisk(sandbox_id="sb1", device_id="disk-r0")).existed
-    assert not svc.detach_disk(DetachDisk(sandbox_id="sb1", device_id="disk-r0")).existed
-    assert svc.attach_disk(AttachDisk(sandbox_id="sb1", path=str(image), serial="r4")).device_id == "disk-r4"
+    assert svc.devices.detach_disk(DetachDisk(sandbox_id="sb1", device_id="disk-r0")).existed
+    assert not svc.devices.detach_disk(DetachDisk(sandbox_id="sb1", device_id="disk-r0")).existed
+    assert svc.devices.attach_disk(AttachDisk(sandbox_id="sb1", path=str(image), serial="r4")).device_id == "disk-r4"
     assert backend.disks["disk-r4"] == "rp0"
 
 

@@ -155,7 +155,7 @@ class CloneOps:
                       RESTORE_AGENT_TIMEOUT_S)
         ready_ms = round((time.monotonic() - began) * 1000, 1)
         for nic in nics:
-            self._plug_nic(state, backend, handle, nic)
+            self.devices.plug_nic(state, backend, handle, nic)
         log.info("vm cloned from a template", extra={"sandbox": state.sandbox_id, "template": state.template,
                                                      "pid": handle.pid, "agent_ready_ms": ready_ms,
                                                      "rss_kib": proc_rss_kib(handle.pid)})

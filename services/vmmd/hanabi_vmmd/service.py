@@ -31,9 +31,9 @@ from hanabi_vmmd import proc
 from hanabi_vmmd.hypervisor import Hypervisor, NicSpec, VmHandle, VmSpec
 from hanabi_vmmd.cloning import CloneOps
 from hanabi_vmmd.contract import VMMD
-from hanabi_vmmd.devices import DeviceOps, nic_spec
+from hanabi_vmmd.devices import Devices, nic_spec
 from hanabi_common.locks import KeyedLocks
-from hanabi_vmmd.pooling import PoolOps, pool_backend
+from hanabi_vmmd.pooling import Pooling, pool_backend
 from hanabi_vmmd.pool import WarmPool
 from hanabi_vmmd.qemu import QemuHypervisor
 from hanabi_vmmd.vmm_process import stderr_tail
@@ -84,7 +84,7 @@ def guest_files(guest_dir: Path) -> tuple[Path, Path]:
     return kernel, initrd
 
 
-class VmService(DeviceOps, PoolOps, CloneOps):
+class VmService(CloneOps):
     """Owns the VMs of this host (device hot-plug in `devices`, the warm pool in `pooling`,
     VM templates in `cloning`)."""
 
@@ -102,9 +102,11 @@ class VmService(DeviceOps, PoolOps, CloneOps):
         self._events = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vmmd-exit")
         self.reaper = Reaper(self._on_exit)
         self.pool_store = StateStore(config.run_dir / "pool")
+        self.devices = Devices(self)
+        self.pooling = Pooling(self)
         for handle in recover([self.store, self.pool_store], self.backends, self.vm_root, self.locks):
             self.reaper.watch(handle)
-            if self._is_pooled(handle.sandbox_id):
+            if self.pooling._is_pooled(handle.sandbox_id):
                 self._handles[handle.sandbox_id] = handle
         # Containers deleted while vmmd was down: their VMs go now.
         disowned.reconcile(self.store, STATE_NAME, lambda sid: self.stop(StopVm(sandbox_id=sid)), log)
@@ -118,8 +120,8 @@ class VmService(DeviceOps, PoolOps, CloneOps):
             self._prune_templates()
         else:
             self.templates.remove_all()
-        self.pool = WarmPool(config.vmm.pool_size, self._boot_pooled)
-        self.pool.start(self._pooled_after_restart())
+        self.pool = self.pooling.pool = WarmPool(config.vmm.pool_size, self.pooling._boot_pooled)
+        self.pool.start(self.pooling._pooled_after_restart())
 
     def register(self, server: RpcServer) -> None:
         """Serve the vm.* methods (the table in hanabi_vmmd.contract)."""
@@ -197,7 +199,7 @@ class VmService(DeviceOps, PoolOps, CloneOps):
                 raise AlreadyExists(f"sandbox {sid} already has a VM (vm.stop it first)")
             if (backend is pool_backend(self.backends) and (memory_mib, vcpus) == (vmm.memory_mib, vmm.vcpus)
                     and len(nics) + DISKS_PER_SANDBOX <= HOTPLUG_SLOTS):
-                state = self._claim_pooled(sid, nics)
+                state = self.pooling._claim_pooled(sid, nics)
                 if state is not None:
                     cgroup.join(state.pid, cgroups)  # booted earlier: its memory stays charged to vmmd
                     return state.info()
@@ -380,11 +382,11 @@ class VmService(DeviceOps, PoolOps, CloneOps):
 
     def _mark_exited(self, handle: VmHandle, status: int | None) -> None:
         sid = handle.sandbox_id
-        if self._is_pooled(sid):
+        if self.pooling._is_pooled(sid):
             with self.locks.hold(sid):
                 log.warning("pooled vm exited", extra={"pool_id": sid, "exit_status": status})
                 self.pool.forget(sid)
-                self._discard_pooled(sid, self.pool_store.read(sid, STATE_NAME, HypervisorState))
+                self.pooling._discard_pooled(sid, self.pool_store.read(sid, STATE_NAME, HypervisorState))
             return
         with self.locks.hold(sid):
             try:

@@ -36,7 +36,7 @@ class Rpc(Generic[Req, Rep]):
     request: type[Req]
     reply: type[Rep]
     idempotent: bool = False
-    handler: str = ""  # the service's method (default: the attribute's name)
+    handler: str = ""  # the service's method (default: the attribute's name; "part.method" for one of its parts)
     client: str = ""  # the typed client's method (default: the attribute's name)
     doc: str = ""
     attr: str = field(default="", init=False)
@@ -69,7 +69,9 @@ class Contract:
     def register(cls, server: RpcServer, service: object) -> None:
         """Serve every method of the table with `service`'s handler of the same name."""
         for rpc in cls.methods():
-            handler = getattr(service, rpc.handler)
+            handler = service
+            for part in rpc.handler.split("."):  # "devices.attach_disk": a part the service holds
+                handler = getattr(handler, part)
             server.register(rpc.name, rpc.request, handler, rpc.doc, reply=rpc.reply,
                             idempotent=rpc.idempotent)
 
