@@ -3,7 +3,8 @@ dockerd with a random hanabi daemon SIGKILLed and restarted every `--kill-every`
 
 Each cycle: `docker run -d` (create + start), `docker exec` (must print what it was told),
 `docker rm -f` (delete). A daemon is killed between cycles (seeded choice) and restarted the
-way the test harness does it (each daemon once per round of four kills, seeded order) (systemd would do the same with Restart=on-failure). At the end
+way the test harness does it (each daemon once per round of four kills, seeded order)
+(systemd would do the same with Restart=on-failure). At the end
 the leftovers are compared with what there was before: processes (VMs, stand-ins, shims),
 mounts, taps, network namespaces, loop devices, sockets, state files and volumes; the
 report has the failures per step, the seconds per cycle and the fd count and RSS of each

@@ -14,7 +14,7 @@ Replies and events produced meanwhile stay queued and go to the next host. A hos
 drops the unsent rest of a half-written one and writes SYNC before its next frame, so both
 directions restart at a frame boundary even if the agent never saw the disconnect. A
 corrupt frame makes it send a ``protocol_error`` event and ignore input until SYNC or EOF.
-Every ``output`` and ``exit`` event carries ``seq``, one counter for the agent's lifetime;
+Every ``output``, ``exit`` and ``oom`` event carries ``seq``, one counter for the agent's lifetime;
 the last REPLAY_BYTES of such frames already written (or cut off half-way) are kept, and a
 host's SYNC makes the agent write them again after its own SYNC: whatever a host that died
 (or a channel that dropped them unseen) lost is sent again, and the host side drops what
@@ -38,10 +38,6 @@ import os
 import signal
 import sys
 import time
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from typing import Any, Callable
-
 import hanabi_wire as P
 
 from .channel import Channel, FdChannel, open_guest_channel
@@ -51,6 +47,11 @@ from .handlers import Handlers, error_reply
 from .poller import EVENT_READ as R, EVENT_WRITE as W, Poller
 from .procio import ProcIO
 from .sandbox import DirSandbox, GuestSandbox, Sandbox
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+    from collections.abc import Callable
 
 OUT_HIGH = 2 << 20
 REPLAY_BYTES = 256 << 10
@@ -252,7 +253,7 @@ class Agent(Handlers, ProcIO):
             self.send(P.reply_ok(req_id, result))
 
     def send(self, msg: dict[str, Any]) -> None:
-        replayable = msg.get("type") in (P.T_OUTPUT, P.T_EXIT)
+        replayable = msg.get("type") in (P.T_OUTPUT, P.T_EXIT, P.T_OOM)
         if replayable:
             self.seq += 1
             msg = {**msg, "seq": self.seq}
@@ -302,7 +303,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: the guest (no arguments) or ``--fd N --rootfs-dir D [--chroot 1] [--pidns 1]``
     (host tests)."""
     args = sys.argv[1:] if argv is None else argv
-    opts = dict(zip(args[::2], args[1::2]))
+    opts = dict(zip(args[::2], args[1::2], strict=False))
     if "--fd" in opts:
         sandbox = DirSandbox(opts.get("--rootfs-dir", "/"))
         sandbox.use_chroot = opts.get("--chroot") == "1"

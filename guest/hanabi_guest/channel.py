@@ -127,7 +127,7 @@ class SerialChannel(FdChannel):
         self.retry_delay = 0.05
 
     @classmethod
-    def open(cls, name: str = SERIAL_PORT_NAME, timeout: float = 10.0) -> "SerialChannel":
+    def open(cls, name: str = SERIAL_PORT_NAME, timeout: float = 10.0) -> SerialChannel:
         """Find the port called ``name`` (waiting up to ``timeout`` s) and open it."""
         deadline = time.monotonic() + timeout
         while True:

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import os
 import sys
+
+from .sandbox import Rootfs
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
-
-
-from .sandbox import Rootfs
 
 AGENT_VERSION = "0.1.0"
 
@@ -101,7 +101,7 @@ class Container:
     """A container: its spec, its mounted rootfs and its processes by exec id."""
 
     __slots__ = ("cid", "process", "hostname", "rootfs_spec", "root", "state", "procs",
-                 "destroy_waiters", "mounts", "mounts_disk", "share", "security")
+                 "destroy_waiters", "mounts", "mounts_disk", "share", "security", "oom")
 
     def __init__(self, cid: str, process: dict[str, Any], hostname: str | None,
                  rootfs_spec: dict[str, Any]) -> None:
@@ -117,6 +117,7 @@ class Container:
         self.mounts_disk: dict[str, Any] | None = None
         self.share: str | None = None  # its directory in the VM's file share (binds live there)
         self.security: Any = None  # hardening.Security: linux settings and seccomp filter
+        self.oom: Any = None  # oom.OomWatch of its cgroup's memory.events (in the guest)
 
 
 def check_rootfs(checked: dict[str, Any]) -> dict[str, Any]:

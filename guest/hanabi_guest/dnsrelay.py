@@ -23,7 +23,8 @@ from .core import log
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any, Callable
+    from typing import Any
+    from collections.abc import Callable
 
     from .poller import Poller
 
@@ -99,8 +100,9 @@ class DnsRelay:
             conn.close()
             return
         conn.setblocking(False)
-        self.clients[conn.fileno()] = (conn, bytearray())
-        self.poller.register(conn.fileno(), EVENT_READ, lambda mask, fd=conn.fileno(), a=address: self._on_tcp(fd, a))
+        fd = conn.fileno()
+        self.clients[fd] = (conn, bytearray())
+        self.poller.register(fd, EVENT_READ, lambda mask, fd=fd, a=address: self._on_tcp(fd, a))
 
     def _close_client(self, fd: int) -> None:
         conn, _ = self.clients.pop(fd, (None, None))

@@ -35,7 +35,8 @@ DESTROY_WAIT_S = 5.0
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any, Callable
+    from typing import Any
+    from collections.abc import Callable
 
     Result = dict[str, Any] | Pending
 
@@ -64,6 +65,8 @@ class Handlers:
         def flush_blocking(self, timeout: float) -> None: ...
         def drop_proc(self, proc: Proc) -> None: ...
         def stdin_progress(self, proc: Proc) -> None: ...
+        def watch_oom(self, c: Container) -> None: ...
+        def unwatch_oom(self, c: Container) -> None: ...
 
     def handlers(self) -> dict[str, Callable[[int, dict[str, Any]], Result]]:
         return {
@@ -146,6 +149,7 @@ class Handlers:
             self.send(error_reply(req_id, exc))
             return
         c.state = CREATED
+        self.watch_oom(c)
         self.send(P.reply_ok(req_id, {}))
         c.security.compile_soon()
 
@@ -155,9 +159,10 @@ class Handlers:
         init = c.procs.get(P.INIT_EXEC_ID)
         how = plan(self.sandbox.use_pid_namespace, exec_id == P.INIT_EXEC_ID,
                    init.pid if init is not None and init.alive else None)
-        others = tuple(c.security.spec.namespaces) if c.security.spec is not None else ()
+        spec = c.security.spec
+        others = tuple(spec.namespaces) if spec is not None else ()
         if how == "new":
-            return Namespaces.new(self.sandbox.ns_hide_scope, others)
+            return Namespaces.new(self.sandbox.ns_hide_scope, others, spec.time_offsets if spec else None)
         if how == "join":
             assert init is not None
             try:
@@ -317,6 +322,7 @@ class Handlers:
             self.drop_proc(proc)
         waiters, c.destroy_waiters = c.destroy_waiters, []
         self.containers.pop(c.cid, None)
+        self.unwatch_oom(c)
         c.security.release()
         try:
             if c.root is not None:

@@ -101,9 +101,16 @@ class Security:
 
         ensure_warm()
         spec = check_linux(linux, hostname)
+        if spec is not None and spec.time_offsets:
+            import time
+
+            from .linuxspec import check_offsets_fit
+
+            check_offsets_fit(spec.time_offsets, {"monotonic": time.clock_gettime(time.CLOCK_MONOTONIC),
+                                                  "boottime": time.clock_gettime(time.CLOCK_BOOTTIME)})
         sec = cls(spec)
         if spec is not None and spec.seccomp is not None:
-            from .seccomp import Filter, plan
+            from .seccomp import plan
 
             sec._plan = plan(spec.seccomp)
         return sec

@@ -2,12 +2,13 @@
 applies, validated with runc's rules (pure functions, no I/O).
 
 ``check_linux(obj, hostname)`` returns a ``LinuxSpec`` or raises ValueError naming the field.
-Namespaces: ``pid`` and ``mount`` are always made (namespaces.py); ``ipc``, ``uts`` and
-``cgroup`` listed without a path are made for the container's init and joined by its execs;
+Namespaces: ``pid`` and ``mount`` are always made (namespaces.py); ``ipc``, ``uts``,
+``cgroup`` and ``time`` listed without a path are made for the container's init and joined by its execs;
 ``network`` is the VM's own network stack (the host joined or made the namespace the VM's
-NICs come from, with or without a path). A ``path`` for another type names a namespace of
-the host, which a VM cannot enter: an error. ``user`` and ``time`` namespaces are refused
-(not made in the guest yet). Sysctls follow runc's validator: IPC keys need an ipc
+NICs come from, with or without a path). A ``time`` namespace is made as runc 1.2 does,
+with ``linux.timeOffsets`` (monotonic, boottime) written before the init enters it. A
+``path`` for another type names a namespace of the host, which a VM cannot enter: an
+error. A ``user`` namespace is refused (not made in the guest yet). Sysctls follow runc's validator: IPC keys need an ipc
 namespace, ``net.*`` a network one, ``kernel.domainname`` a uts one, ``kernel.hostname`` is
 refused (the hostname field sets it), anything else "is not in a separate kernel namespace".
 A device cgroup that allows every device (``--privileged``) means the VM's devices: see
@@ -25,7 +26,9 @@ if TYPE_CHECKING:
     from typing import Any
 
 NAMESPACE_TYPES = ("pid", "network", "mount", "ipc", "uts", "user", "cgroup", "time")
-MADE_IN_GUEST = ("ipc", "uts", "cgroup")
+MADE_IN_GUEST = ("ipc", "uts", "cgroup", "time")
+TIME_CLOCKS = ("monotonic", "boottime")
+KTIME_SEC_MAX = ((1 << 63) - 1) // 1_000_000_000  # the kernel's bound of a time offset
 IPC_SYSCTLS = ("kernel.msgmax", "kernel.msgmnb", "kernel.msgmni", "kernel.sem", "kernel.shmall",
                "kernel.shmmax", "kernel.shmmni", "kernel.shm_rmid_forced")
 SYSCTL_KEY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-/]{0,254}$")
@@ -37,7 +40,7 @@ MAX_PATH = 4096
 DOMAIN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,63}$")
 KNOWN_KEYS = ("namespaces", "maskedPaths", "readonlyPaths", "sysctl", "seccomp", "devices",
               "resources", "uidMappings", "gidMappings", "rootfsPropagation", "mountLabel",
-              "domainname")
+              "domainname", "timeOffsets")
 PROPAGATIONS = ("", "private", "rprivate", "slave", "rslave", "shared", "rshared", "unbindable",
                 "runbindable")
 
@@ -47,7 +50,7 @@ class LinuxSpec:
     seccomp object (turned into a filter by seccomp.py), the domainname."""
 
     __slots__ = ("namespaces", "masked", "readonly", "sysctl", "devices", "resources", "seccomp",
-                 "domainname", "propagation", "all_devices")
+                 "domainname", "propagation", "all_devices", "time_offsets")
 
     def __init__(self) -> None:
         self.namespaces: list[str] = []
@@ -62,6 +65,9 @@ class LinuxSpec:
         # The device cgroup allows every device (Docker's --privileged): the container gets
         # every device node of the VM, and linux.devices (the host's nodes) is not made.
         self.all_devices = False
+        # linux.timeOffsets of a time namespace: (clock, secs, nanosecs), written to
+        # /proc/self/timens_offsets before the init enters it (namespaces.py).
+        self.time_offsets: list[tuple[str, int, int]] = []
 
 
 def _is_int(v: Any) -> bool:
@@ -107,11 +113,48 @@ def check_namespaces(v: Any) -> tuple[set[str], list[str]]:
         if path and kind != "network":
             raise ValueError(f"linux.namespaces: {kind} namespace {path[:64]!r} is a namespace of the host, "
                              "which a VM cannot join")
-        if kind in ("user", "time"):
+        if kind == "user":
             raise ValueError(f"linux.namespaces: a {kind} namespace is not supported in the VM")
         if kind in MADE_IN_GUEST:
             made.append(kind)
     return listed, made
+
+
+def check_time_offsets(v: Any, listed: set[str]) -> list[tuple[str, int, int]]:
+    """linux.timeOffsets (runc 1.2): {monotonic|boottime: {secs, nanosecs}}, only with a
+    time namespace; secs within the kernel's bound, nanosecs 0..999999999. Whether the
+    clock stays within range once offset is checked against the guest's clock at create."""
+    if v is None or v == {}:
+        return []
+    if not isinstance(v, dict):
+        raise ValueError("linux.timeOffsets must be an object")
+    if "time" not in listed:
+        raise ValueError("linux.timeOffsets: time offsets are specified, but no time namespace is")
+    out = []
+    for clock, off in v.items():
+        if clock not in TIME_CLOCKS:
+            raise ValueError(f"linux.timeOffsets: {str(clock)[:32]!r} is not a clock of a time namespace "
+                             "(monotonic, boottime)")
+        if not isinstance(off, dict) or set(off) - {"secs", "nanosecs"}:
+            raise ValueError(f"linux.timeOffsets.{clock} must be an object of secs and nanosecs")
+        secs, nsecs = off.get("secs", 0), off.get("nanosecs", 0)
+        if not _is_int(secs) or not -KTIME_SEC_MAX <= secs <= KTIME_SEC_MAX // 2:
+            raise ValueError(f"linux.timeOffsets.{clock}.secs must be an integer in "
+                             f"{-KTIME_SEC_MAX}..{KTIME_SEC_MAX // 2}")
+        if not _is_int(nsecs) or not 0 <= nsecs < 1_000_000_000:
+            raise ValueError(f"linux.timeOffsets.{clock}.nanosecs must be 0..999999999")
+        out.append((clock, secs, nsecs))
+    return out
+
+
+def check_offsets_fit(offsets: list[tuple[str, int, int]], now: dict[str, float]) -> None:
+    """The kernel's rule for each offset: the offset clock (``now[clock]`` + offset, in
+    seconds) stays within 0..KTIME_SEC_MAX/2."""
+    for clock, secs, nsecs in offsets:
+        shifted = now[clock] + secs + nsecs / 1e9
+        if not 0 <= shifted <= KTIME_SEC_MAX // 2:
+            raise ValueError(f"linux.timeOffsets.{clock}: the offset puts the {clock} clock out of range "
+                             f"({shifted:.0f} s; it must stay within 0..{KTIME_SEC_MAX // 2})")
 
 
 def check_sysctl(v: Any, listed: set[str]) -> dict[str, str]:
@@ -210,6 +253,7 @@ def check_linux(obj: Any, hostname: str | None = None) -> LinuxSpec | None:
         if "uts" not in listed:
             raise ValueError("domainname: unable to set domainname without a private UTS namespace")
         spec.domainname = domain
+    spec.time_offsets = check_time_offsets(obj.get("timeOffsets"), listed)
     spec.masked = _paths(obj.get("maskedPaths"), "linux.maskedPaths")
     spec.readonly = _paths(obj.get("readonlyPaths"), "linux.readonlyPaths")
     spec.sysctl = check_sysctl(obj.get("sysctl"), listed)

@@ -15,7 +15,8 @@ from .core import AgentError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any, Callable
+    from typing import Any
+    from collections.abc import Callable
 
     from .sandbox import Rootfs
 

@@ -32,7 +32,7 @@ CLONE_NEWNS = 0x00020000
 CLONE_NEWPID = 0x20000000
 # The other namespaces a config may list (linuxspec.MADE_IN_GUEST): made by the init's
 # child after it joined its cgroup (so a cgroup namespace is rooted there), joined by execs.
-OTHER_FLAGS = {"ipc": 0x08000000, "uts": 0x04000000, "cgroup": 0x02000000}
+OTHER_FLAGS = {"ipc": 0x08000000, "uts": 0x04000000, "cgroup": 0x02000000, "time": 0x00000080}
 MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
 MS_REC = 0x4000
 MS_MOVE = 0x2000
@@ -91,6 +91,29 @@ def fork_in_pid_ns(target: int | None) -> int:
     if pid != 0:
         setns(own, CLONE_NEWPID)
     return pid
+
+
+def timens_offsets_text(offsets: list[tuple[str, int, int]]) -> str:
+    """What /proc/self/timens_offsets takes: one ``<clock> <secs> <nanosecs>`` line each."""
+    return "".join(f"{clock} {secs} {nsecs}\n" for clock, secs, nsecs in offsets)
+
+
+def write_time_offsets(offsets: list[tuple[str, int, int]]) -> None:
+    """Set the offsets of the caller's new time namespace (before anything entered it)."""
+    fd = os.open("/proc/self/timens_offsets", os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, timens_offsets_text(offsets).encode())
+    finally:
+        os.close(fd)
+
+
+def enter_time_for_children() -> None:
+    """Move the (single-threaded) caller into the time namespace of its children."""
+    fd = os.open("/proc/self/ns/time_for_children", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        setns(fd, OTHER_FLAGS["time"])
+    finally:
+        os.close(fd)
 
 
 def unescape_mount_path(field: str) -> str:
@@ -164,19 +187,22 @@ class Namespaces:
     ``<rootfs>/proc``. ``join(pid)``: the PID and mount namespaces of process ``pid``.
     """
 
-    __slots__ = ("pid_fd", "mnt_fd", "hide_scope", "others", "other_fds")
+    __slots__ = ("pid_fd", "mnt_fd", "hide_scope", "others", "other_fds", "time_offsets")
 
     def __init__(self, pid_fd: int | None = None, mnt_fd: int | None = None,
-                 hide_scope: str | None = None, others: tuple[str, ...] = ()) -> None:
+                 hide_scope: str | None = None, others: tuple[str, ...] = (),
+                 time_offsets: list[tuple[str, int, int]] | None = None) -> None:
         self.pid_fd = pid_fd
         self.mnt_fd = mnt_fd
         self.hide_scope = hide_scope
         self.others = others  # new ones to make (init) or joined through other_fds (exec)
         self.other_fds: list[tuple[int, int]] = []
+        self.time_offsets = time_offsets or []
 
     @classmethod
-    def new(cls, hide_scope: str | None = None, others: tuple[str, ...] = ()) -> Namespaces:
-        return cls(hide_scope=hide_scope, others=others)
+    def new(cls, hide_scope: str | None = None, others: tuple[str, ...] = (),
+            time_offsets: list[tuple[str, int, int]] | None = None) -> Namespaces:
+        return cls(hide_scope=hide_scope, others=others, time_offsets=time_offsets)
 
     @classmethod
     def join(cls, pid: int, proc: str = "/proc", others: tuple[str, ...] = ()) -> Namespaces:
@@ -249,7 +275,10 @@ class Namespaces:
 
     def enter_others(self) -> None:
         """In the forked child, after it joined its cgroup: make (init) or join (exec) the
-        ipc, uts and cgroup namespaces the config lists."""
+        ipc, uts, cgroup and time namespaces the config lists. unshare makes a new time
+        namespace the one of the caller's children only: its offsets are written first,
+        before any process is in it (as runc 1.2 does), then the init enters it itself
+        (setns; not every kernel moves a process in at execve)."""
         if self.joining:
             for fd, flag in self.other_fds:
                 setns(fd, flag)
@@ -259,6 +288,10 @@ class Namespaces:
             flags |= OTHER_FLAGS[kind]
         if flags:
             unshare(flags)
+        if "time" in self.others:
+            if self.time_offsets:
+                write_time_offsets(self.time_offsets)
+            enter_time_for_children()
 
     def close(self) -> None:
         for fd in (self.pid_fd, self.mnt_fd, *(fd for fd, _ in self.other_fds)):

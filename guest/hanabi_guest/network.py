@@ -119,7 +119,7 @@ def plan_commands(interfaces: list[dict[str, Any]], routes: list[dict[str, Any]]
 def nics_by_mac(sysfs: str = "/sys") -> dict[str, str]:
     """MAC -> name of every ethernet NIC the guest kernel has (loopback excluded)."""
     base = os.path.join(sysfs, "class", "net")
-    found = {}
+    found: dict[str, str] = {}
     try:
         names = os.listdir(base)
     except OSError:

@@ -25,7 +25,8 @@ from .sandbox import Sandbox
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any, Callable
+    from typing import Any
+    from collections.abc import Callable
 
 
 class ProcIO:
@@ -156,10 +157,48 @@ class ProcIO:
         _close_tty(proc)
         del self.procs[proc.pid]
         c = self.containers.get(proc.cid)
+        if c is not None:
+            self.check_oom(c)  # an OOM kill is reported before the exit it caused
         if c is not None and c.procs.get(proc.exec_id) is proc:
             del c.procs[proc.exec_id]
         self.send({"type": P.T_EXIT, "container_id": proc.cid, "exec_id": proc.exec_id,
                    **proc.exit_fields()})
+
+    def watch_oom(self, c: Container) -> None:
+        """Watch the OOM kills of ``c``'s cgroup (see oom.py); without a cgroup, nothing."""
+        if c.root is None or not c.root.cgroup:
+            return
+        from .oom import OomWatch
+
+        try:
+            c.oom = OomWatch(c.root.cgroup)
+        except OSError as exc:
+            log(f"OOM kills of {c.cid} are not watched: {exc}")
+            return
+        self.sel.register(c.oom.fd, R, lambda mask: self._on_oom_fd(c))
+
+    def _on_oom_fd(self, c: Container) -> None:
+        if c.oom is not None:
+            c.oom.drain()
+            self.check_oom(c)
+
+    def check_oom(self, c: Container) -> None:
+        """Send ``oom`` if the OOM kill count of ``c``'s cgroup grew."""
+        if c.oom is None:
+            return
+        count = c.oom.grown()
+        if count is not None:
+            self.send({"type": P.T_OOM, "container_id": c.cid, "oom_kills": count})
+
+    def unwatch_oom(self, c: Container) -> None:
+        """Stop watching (the container is going away): report a last OOM kill first."""
+        if c.oom is None:
+            return
+        self.check_oom(c)
+        if c.oom.fd in self.sel.get_map():
+            self.sel.unregister(c.oom.fd)
+        c.oom.close()
+        c.oom = None
 
     def drop_proc(self, proc: Proc) -> None:
         """Forget a process that would not die or whose pipes stay open (destroy timeout)."""

@@ -25,7 +25,7 @@ import os
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any
+    from typing import Any, TypeGuard
 
 LIBRARY = "libseccomp.so.2"
 EPERM = 1
@@ -100,7 +100,7 @@ class Plan:
         self.attrs = attrs
 
 
-def _is_int(v: Any) -> bool:
+def _is_int(v: Any) -> TypeGuard[int]:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
@@ -272,7 +272,8 @@ class Filter:
                 if rule.name not in self.skipped:
                     self.skipped.append(rule.name)
                 continue
-            arr = (Cmp * len(rule.args))(*[Cmp(*a) for a in rule.args]) if rule.args else None
+            # Structure class * n is its array type; mypy does not resolve the metaclass's __mul__ here.
+            arr = (Cmp * len(rule.args))(*[Cmp(*a) for a in rule.args]) if rule.args else None  # type: ignore[operator]  # see above
             ret = lib.seccomp_rule_add_array(self.ctx, rule.action, num, len(rule.args), arr)
             if ret < 0:
                 raise SeccompError(f"linux.seccomp.syscalls: cannot add the rule for {rule.name!r} "

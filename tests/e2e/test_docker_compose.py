@@ -63,7 +63,7 @@ def compose(docker, tmp_path):
             return subprocess.run([binary, "--no-ansi", "-p", project, "-f", str(path), *args], capture_output=True,
                                   text=True, timeout=timeout, env=docker.env(), stdin=subprocess.DEVNULL)
         except subprocess.TimeoutExpired as exc:
-            raise AssertionError(f"`docker-compose {' '.join(args)}` did not finish in {timeout} s: {exc.stderr!r}")
+            raise AssertionError(f"`docker-compose {' '.join(args)}` did not finish in {timeout} s: {exc.stderr!r}") from exc
 
     def check(*args: str, timeout: float = 300) -> str:
         done = run(*args, timeout=timeout)

@@ -160,6 +160,18 @@ class Terminal:
         return f"terminal output {bytes(self.seen)!r}"
 
 
+def _size_becomes(term: Terminal, size: str, timeout: float) -> bool:
+    """Ask `stty size` until the guest answers `size` (docker forwards SIGWINCH asynchronously)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        term.type("stty size")
+        if not term.expect(r"^\d+ \d+\r?$", max(0.1, deadline - time.monotonic())):
+            return False
+        if term.seen[:term.mark].decode(errors="replace").rstrip().endswith(size):
+            return True
+    return False
+
+
 def _answer_and_resize(term: Terminal) -> None:
     """The shell answers a typed command, sees the window size, and follows a resize."""
     assert term.expect(PROMPT, 60), f"no shell prompt: {term!r}"
@@ -168,9 +180,7 @@ def _answer_and_resize(term: Terminal) -> None:
     term.type("stty size")
     assert term.expect(r"^40 120\r?$", 30), f"the initial window size did not reach the guest: {term!r}"
     term.resize(50, 132)
-    time.sleep(0.5)  # docker forwards SIGWINCH asynchronously
-    term.type("stty size")
-    assert term.expect(r"^50 132\r?$", 30), f"the resize did not reach the guest: {term!r}"
+    assert _size_becomes(term, "50 132", 30), f"the resize did not reach the guest: {term!r}"
     term.type("exit")
     status = term.wait(30)
     assert status == 0, f"docker ended with {status} after `exit` (None: still running): {term!r}"

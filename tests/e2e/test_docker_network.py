@@ -124,7 +124,7 @@ def test_network_connect_and_disconnect_a_running_container(docker, net, web):
     docker.check("network", "create", "--driver", "bridge", "--subnet", subnet, second)
     try:
         docker.check("network", "connect", second, web["name"], timeout=60)
-        ip = docker.inspect(web["name"], "{{(index .NetworkSettings.Networks \"%s\").IPAddress}}" % second)
+        ip = docker.inspect(web["name"], "{{(index .NetworkSettings.Networks \"" + second + "\").IPAddress}}")
         deadline = time.monotonic() + 30
         while f"{ip}/" not in docker.run("exec", web["name"], "ip", "-o", "addr").stdout:
             assert time.monotonic() < deadline, docker.run("exec", web["name"], "ip", "-o", "addr").stdout

@@ -63,7 +63,7 @@ def counter_problems(logs: str) -> list[str]:
     """Gaps and repeats in the counter's `n=K` lines (empty when every K appears once, in order)."""
     numbers = [int(line[2:]) for line in logs.splitlines() if line.startswith("n=") and line[2:].isdigit()]
     problems = []
-    for before, after in zip(numbers, numbers[1:]):
+    for before, after in zip(numbers, numbers[1:], strict=False):
         if after != before + 1:
             problems.append(f"{before} then {after}")
     return problems

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import socket
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 from hanabi_wire import SYNC, T_SYNC, FrameDecoder, ProtocolError, encode_frame
 

@@ -26,7 +26,7 @@ import os
 import random
 import struct
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st

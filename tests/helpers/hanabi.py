@@ -13,7 +13,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 from hanabi_common.config import DAEMONS, load_config
 from hanabi_common.rpc.client import RpcClient
@@ -164,10 +164,37 @@ def loop_devices_on(path: Path) -> list[str]:
     return [line for line in out.splitlines() if str(path) in line]
 
 
+DRAIN_METHODS = {"vmmd": "vm.drain", "netd": "net.drain", "blockd": "volume.drain"}
+DRAIN_TIMEOUT_S = 60.0
+
+
+def drain(daemons: Daemons, timeout: float = DRAIN_TIMEOUT_S) -> dict[str, list[str]]:
+    """Ask each running daemon that tears down in the background (hanabi_common.releasing)
+    to finish its released sandboxes; {daemon: sandboxes still pending} (empty lists: done).
+    A daemon that is down is skipped: its queue stays on disk for its next start."""
+    left: dict[str, list[str]] = {}
+    for name, method in DRAIN_METHODS.items():
+        proc = daemons.procs.get(name)
+        if proc is None or proc.poll() is not None:
+            continue
+        client = RpcClient(name, daemons.config.endpoint(name), timeout=timeout + 10)
+        left[name] = client.call(method, {"timeout_s": timeout})["pending"]
+    return left
+
+
 def leftovers(daemons: Daemons, cid: str) -> list[str]:
-    """Everything a deleted container might have left behind; empty when clean."""
+    """Everything a deleted container might have left behind; empty when clean. `delete`
+    returns before the daemons have removed what it held: this first drains them (`drain`:
+    each daemon answers once its release queue is empty), then looks."""
     config = daemons.config
     found = []
+    pending = {name: sids for name, sids in drain(daemons).items() if sids}
+    if pending:
+        found.append(f"releases not finished {pending}")
+    releasing = config.run_dir / "releasing"
+    records = sorted(str(p.relative_to(releasing)) for p in releasing.glob("*/*.json")) if releasing.exists() else []
+    if records:
+        found.append(f"release records {records}")
     pids = (processes_mentioning(f"hanabi-{cid} ") + processes_mentioning(f"--sandbox {cid} ")
             + processes_mentioning(f"[hanabi {cid[:12]}]"))
     if pids:
@@ -196,6 +223,28 @@ def leftovers(daemons: Daemons, cid: str) -> list[str]:
     share_mounts = mounts_under(shares)
     if share_mounts:
         found.append(f"share mounts {share_mounts}")
+    servers = share_servers_under(shares)
+    if servers:
+        found.append(f"file servers {servers}")
+    return found
+
+
+def share_servers_under(shares_dir: Path) -> list[int]:
+    """Pids of 9P file servers (Firecracker's diods, hanabi_vmmd.share_server) serving an
+    export root under `shares_dir`, known by the HANABI_SHARE_EXPORT in their environment.
+    (QEMU's 9P server is QEMU itself: the process checks cover it.)"""
+    from hanabi_vmmd.share_server import EXPORT_ENV
+
+    want = f"{EXPORT_ENV}={str(shares_dir).rstrip('/')}/".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                environ = (entry / "environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if any(var.startswith(want) for var in environ):
+                found.append(int(entry.name))
     return found
 
 

@@ -37,7 +37,7 @@ class NetnsPair:
     def inner_path(self) -> str:
         return f"/run/netns/{self.inner}"
 
-    def create(self) -> "NetnsPair":
+    def create(self) -> NetnsPair:
         ip("netns", "add", self.inner)
         ip("netns", "add", self.outer)
         tmp_a, tmp_b = f"hnt{os.getpid() % 10000}a{next(_counter)}", f"hnt{os.getpid() % 10000}b{next(_counter)}"

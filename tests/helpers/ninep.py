@@ -1,6 +1,6 @@
 """A minimal 9P2000.L client for tests: enough to speak to a 9P server (diod) over a
 stream socket the way the guest kernel's `trans=fd` client does (version, attach, walk,
-lopen, read, getattr), without a kernel that has 9P."""
+lopen, read, getattr, lock), without a kernel that has 9P."""
 
 from __future__ import annotations
 
@@ -10,6 +10,10 @@ import struct
 NOTAG, NOFID = 0xFFFF, 0xFFFFFFFF
 TLERROR_R = 7
 TLOPEN, RLOPEN = 12, 13
+TLOCK, RLOCK = 52, 53
+LOCK_RDLCK, LOCK_WRLCK, LOCK_UNLCK = 0, 1, 2
+LOCK_SUCCESS, LOCK_BLOCKED, LOCK_ERROR, LOCK_GRACE = 0, 1, 2, 3
+O_RDWR = 2
 TGETATTR, RGETATTR = 24, 25
 TVERSION, RVERSION = 100, 101
 TATTACH, RATTACH = 104, 105
@@ -78,3 +82,13 @@ class NinePClient:
         _, payload = self.call(TREAD, struct.pack("<IQI", fid, 0, count))
         (n,) = struct.unpack_from("<I", payload)
         return payload[4:4 + n]
+
+    def lopen(self, fid: int, flags: int = 0) -> None:
+        self.call(TLOPEN, struct.pack("<II", fid, flags))
+
+    def lock(self, fid: int, kind: int = LOCK_WRLCK, proc_id: int = 1, client_id: str = "guest") -> int:
+        """Tlock of the whole file (what the guest kernel sends for flock(2)), not blocking;
+        the server's status (LOCK_SUCCESS, LOCK_BLOCKED...)."""
+        body = struct.pack("<IBIQQI", fid, kind, 0, 0, 0, proc_id) + _s(client_id)
+        _, payload = self.call(TLOCK, body)
+        return payload[0]

@@ -10,6 +10,8 @@ import time
 
 import pytest
 
+from tests.helpers.hanabi import drain
+
 from tests.integration.test_blockd_volumes import blockd, client, make_image, sandbox  # noqa: F401
 
 pytestmark = pytest.mark.integration
@@ -25,6 +27,7 @@ def test_a_docker_layout_layer_is_kept_taken_back_and_swept(blockd, tmp_path):  
         layer.write(b"\0" * 4096)
     written = os.stat(first.path)
     assert c.release("ctr").existed                      # docker stop
+    assert drain(blockd)["blockd"] == []                 # the layer is kept in the background
     kept_dir = blockd.config.block.volume_dir / "kept"
     assert sorted(p.name for p in kept_dir.iterdir()) == ["ctr.json", f"ctr.{first.format}"]
     again = c.provision(sandbox(blockd, "ctr"), str(rootfs))  # docker start: the same layer
@@ -33,7 +36,8 @@ def test_a_docker_layout_layer_is_kept_taken_back_and_swept(blockd, tmp_path):  
     assert list(kept_dir.iterdir()) == []
     other = c.provision(sandbox(blockd, "other"), str(make_image(tmp_path / "plain", 1)))
     assert "kept" not in other.detail
-    assert c.release("other").existed and list(kept_dir.iterdir()) == []  # not Docker's layout: deleted
+    assert c.release("other").existed and drain(blockd)["blockd"] == []
+    assert list(kept_dir.iterdir()) == []  # not Docker's layout: deleted
     assert c.release("ctr").existed
     shutil.rmtree(layer_dir)                               # docker rm: the layer dir goes
     deadline = time.monotonic() + 10

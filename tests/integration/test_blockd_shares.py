@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from hanabi_common.errors import InvalidArgument
-from tests.helpers.hanabi import mounts_under
+from tests.helpers.hanabi import drain, mounts_under
 from tests.integration.test_blockd_volumes import blockd, client, sandbox  # noqa: F401
 
 pytestmark = pytest.mark.integration
@@ -37,6 +37,7 @@ def test_binds_and_rootfs_are_live_and_release_removes_them(blockd, tmp_path):  
         (cdir / "m1" / "new").write_text("x")
     assert sorted(mounts_under(share_root)) == [str(cdir / n) for n in ("m0", "m1", "rootfs")]
     assert client(blockd).release(sid).existed
+    assert drain(blockd)["blockd"] == []  # unmounted in the background
     assert mounts_under(share_root) == [] and not share_root.exists()
     assert (data / "f").read_text() == "host\n" and (rootfs / "written").exists()  # data untouched
 

@@ -31,13 +31,14 @@ def _create(hanabi, cid: str, bundle: Path, out: Path) -> None:
     assert done.returncode == 0, out.with_suffix(".err").read_text()
 
 
-def _start_and_wait(hanabi, cid: str, timeout: float = 120) -> None:
+def _start_and_wait(hanabi, cid: str, out: Path, timeout: float = 120) -> None:
+    """Start `cid`; return once it stopped and its stand-in (which writes `out`) has exited."""
+    standin = int(out.with_suffix(".pid").read_text())
     hanabi.runtime("start", cid, check=True)
     deadline = time.monotonic() + timeout
-    while hanabi.state(cid)["status"] != "stopped":
-        assert time.monotonic() < deadline, f"{cid} did not stop"
-        time.sleep(0.3)
-    time.sleep(0.5)  # the stand-in flushes the last output
+    while hanabi.state(cid)["status"] != "stopped" or Path(f"/proc/{standin}").exists():
+        assert time.monotonic() < deadline, f"{cid} did not stop (or its stand-in {standin} did not exit)"
+        time.sleep(0.1)
 
 
 def _bundle(path: Path, args: list[str], rootfs: Path | None = None) -> Path:
@@ -82,9 +83,9 @@ def test_two_containers_share_a_200mb_base_but_not_their_writes(block_hanabi, tm
             assert volume.format == "qcow2" and backing_file(Path(volume.path)) == v1.base_path
             assert os.stat(volume.path).st_blocks * 512 < MIB  # booted, mounted, still tiny
 
-        _start_and_wait(hanabi, c1)
+        _start_and_wait(hanabi, c1, tmp_path / "c1.out")
         assert (tmp_path / "c1.out").read_text() == "from-c1\n"
-        _start_and_wait(hanabi, c2)
+        _start_and_wait(hanabi, c2, tmp_path / "c2.out")
         assert (tmp_path / "c2.out").read_text().split() == ["unseen", tail, "-"]
     finally:
         for c in (c1, c2):

@@ -17,7 +17,7 @@ import pytest
 from hanabi_blockd.client import BlockdClient
 from hanabi_blockd.cow import backing_file
 from hanabi_common.errors import FailedPrecondition, InvalidArgument
-from tests.helpers.hanabi import Daemons
+from tests.helpers.hanabi import Daemons, drain
 
 pytestmark = pytest.mark.integration
 MIB = 1 << 20
@@ -127,6 +127,7 @@ def test_second_container_of_a_200mb_image_copies_nothing(blockd, tmp_path):
     assert first.base_key in ctl.stdout and "s1,s2" in ctl.stdout and "POOL" in ctl.stdout
 
     assert c.release("s1").existed and c.release("s2").existed
+    assert drain(blockd)["blockd"] == []  # the files go in the background
     volume_dir = blockd.config.block.volume_dir
     assert not Path(first.path).exists() and not Path(second.path).exists()
     assert [b.holders for b in c.listing().bases] == [[]]  # kept for the next container
@@ -145,6 +146,7 @@ def test_raw_copy_for_firecracker_is_a_sparse_copy_of_the_base(blockd, tmp_path)
     # Sparse: the copy occupies about what the base does, not its apparent size.
     assert allocated(raw.path) <= allocated(raw.base_path) + MIB < raw.size_bytes
     c.release("q"), c.release("r")
+    assert drain(blockd)["blockd"] == []
     assert not Path(raw.path).exists()
 
 
@@ -191,8 +193,10 @@ def test_collection_takes_least_recently_used_unheld_bases(blockd, tmp_path):
     images = [make_image(tmp_path / f"img{i}", 2, f"m{i}") for i in range(3)]
     volumes = [c.provision(sandbox(blockd, f"g{i}"), str(p)) for i, p in enumerate(images)]
     c.release("g0"), c.release("g2")
+    assert drain(blockd)["blockd"] == []  # a layer still being removed holds its base
     c.provision(sandbox(blockd, "g0b"), str(images[0]))  # g0's base: used again, now the newest
     c.release("g0b")
+    assert drain(blockd)["blockd"] == []
     keys = [v.base_key for v in volumes]
     assert len(set(keys)) == 3
     one_base = max(b.allocated_bytes for b in c.listing().bases)
@@ -246,18 +250,21 @@ def test_a_vanished_base_is_rebuilt(blockd, tmp_path):
     assert c.release("v1").existed and c.release("v2").existed
 
 
-def test_a_volume_still_attached_at_delete_is_refused_until_detached(blockd, tmp_path):
+def test_a_volume_still_attached_at_delete_is_kept_until_detached(blockd, tmp_path):
     c = client(blockd)
     volume = c.provision(sandbox(blockd, "busy"), str(make_image(tmp_path / "img", 1)), formats=["raw"])
     loop = subprocess.run(["losetup", "--find", "--show", "--read-only", volume.path],
                           capture_output=True, text=True, check=True).stdout.strip()
     try:
-        with pytest.raises(FailedPrecondition, match=f"still attached to {loop}"):
-            c.release("busy")
-        assert Path(volume.path).exists() and c.list().volumes  # nothing half-removed
+        assert c.release("busy").existed  # recorded as to be released: delete does not wait
+        assert drain(blockd, timeout=1.0)["blockd"] == ["busy"]  # retried, still attached
+        assert Path(volume.path).exists()  # nothing half-removed
+        log = (blockd.root / "blockd.log").read_text()
+        assert "release not finished yet" in log and f"still attached to {loop}" in log
     finally:
         subprocess.run(["losetup", "-d", loop], check=True)
-    assert c.release("busy").existed and not Path(volume.path).exists()
+    assert drain(blockd)["blockd"] == [] and not Path(volume.path).exists()
+    assert not c.release("busy").existed
 
 
 def test_a_full_disk_fails_cleanly(tmp_path):
@@ -273,7 +280,8 @@ def test_a_full_disk_fails_cleanly(tmp_path):
                 c.provision(sandbox(daemons, "full"), str(make_image(tmp_path / "img", 60)))
             assert c.list().volumes == [] and files_under(small) == []
             ok = c.provision(sandbox(daemons, "fits"), str(make_image(tmp_path / "img2", 2)))
-            assert c.release("fits").existed and not Path(ok.path).exists()
+            assert c.release("fits").existed
+            assert drain(daemons)["blockd"] == [] and not Path(ok.path).exists()
         finally:
             daemons.stop_all()
     finally:
@@ -363,6 +371,14 @@ def test_concurrent_provisionings_of_one_image_build_one_base(blockd, tmp_path):
         client(blockd).release(sid)
 
 
+def _holds_open(pid: int, path: str) -> bool:
+    """Whether process `pid` has `path` open (one of its /proc fds links to it)."""
+    try:
+        return any(os.readlink(fd) == path for fd in Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return False
+
+
 def test_a_passthrough_device_still_held_at_delete_is_not_mounted_back_yet(blockd, tmp_path):
     loop, rootfs = ext4_on_loop(tmp_path, "mine\n")
     holder = None
@@ -371,13 +387,17 @@ def test_a_passthrough_device_still_held_at_delete_is_not_mounted_back_yet(block
         assert client(blockd).provision(sandbox(blockd, "held"), str(rootfs)).layout == "passthrough"
         # Something (a VM that did not stop) still has the device open.
         holder = subprocess.Popen(["sh", "-c", f"exec 3<{loop}; exec sleep 60"])
-        time.sleep(0.3)
-        with pytest.raises(FailedPrecondition, match=f"still held open by pid {holder.pid}"):
-            client(blockd).release("held")
-        assert not (rootfs / "f").exists() and client(blockd).list().volumes  # nothing half-done
+        deadline = time.monotonic() + 10
+        while not _holds_open(holder.pid, loop):
+            assert time.monotonic() < deadline, f"pid {holder.pid} never opened {loop}"
+            time.sleep(0.01)
+        assert client(blockd).release("held").existed  # recorded: the worker retries
+        assert drain(blockd, timeout=1.0)["blockd"] == ["held"]
+        assert not (rootfs / "f").exists()  # nothing half-done
+        assert f"still held open by pid {holder.pid}" in (blockd.root / "blockd.log").read_text()
         holder.kill()
         holder.wait()
-        assert client(blockd).release("held").existed
+        assert drain(blockd)["blockd"] == []
         assert (rootfs / "f").read_text() == "mine\n"
     finally:
         if holder is not None and holder.poll() is None:

@@ -15,7 +15,8 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -107,7 +108,7 @@ class Agent:
             self.sock.settimeout(left)
             try:
                 data = self.sock.recv(1 << 20)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             if not data:
                 raise EOFError("QEMU closed the agent socket")

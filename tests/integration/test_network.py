@@ -15,7 +15,7 @@ import pytest
 
 from hanabi_common.errors import FailedPrecondition, InvalidArgument, NotFound
 from hanabi_netd.client import NetdClient
-from tests.helpers.hanabi import leftovers
+from tests.helpers.hanabi import drain, leftovers
 from tests.helpers.netns import NetnsPair, ip, netns_pair
 
 pytestmark = pytest.mark.integration
@@ -143,6 +143,7 @@ def test_netd_survives_a_restart_and_still_detaches(hanabi, pair: NetnsPair):
     client = NetdClient(hanabi.config)
     assert [n.sandbox_id for n in client.list().networks] == ["netd-restart"]
     assert client.detach("netd-restart").existed
+    assert drain(hanabi)["netd"] == []  # the taps go in the background: wait for netd's queue
     assert pair.leftovers() == []
     assert not client.detach("netd-restart").existed
 
@@ -277,6 +278,7 @@ def test_nic_hotplug_into_a_running_vm(hanabi, pair: NetnsPair):
         agentd.disconnect(sid)
         vmmd.stop(sid)
         netd.detach(sid)
+    assert drain(hanabi)["netd"] == []
     assert pair.leftovers() == []
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import time
 from pathlib import Path
@@ -180,3 +181,71 @@ def test_fsynced_data_survives_a_sigkill_of_the_vmm(hanabi, bundle, cid, tmp_pat
     assert deleted.returncode == 0, deleted.stderr.decode()
     assert leftovers(hanabi, cid) == []
     assert mounts_under(hanabi.config.shares_dir) == []
+
+
+@pytest.mark.parametrize("kind", ["fifo", "socket", "device"])
+def test_a_fifo_socket_or_device_as_bind_source_is_refused_clearly(hanabi, bundle, cid, tmp_path, kind):
+    """runc binds them (one kernel); a VM's file share cannot carry a host fifo, socket or
+    device node, so create fails with the source named (README) and nothing is left."""
+    source = tmp_path / kind
+    if kind == "fifo":
+        os.mkfifo(source)
+    elif kind == "socket":
+        import socket
+        listener = socket.socket(socket.AF_UNIX)
+        listener.bind(str(source))
+    else:
+        os.mknod(source, 0o666 | stat.S_IFCHR, os.makedev(1, 3))  # a /dev/null
+    path = with_mounts(bundle(["true"]), [bind(tmp_path / "ok", "/ok"), bind(source, "/x")])
+    (tmp_path / "ok").mkdir()
+    created = hanabi.runtime("create", "--bundle", path, cid, timeout=240)
+    assert created.returncode != 0
+    err = created.stderr.decode()
+    assert f"bind mount source {source} is not a file or a directory" in err, err
+    assert "sockets, devices and fifos cannot be shared" in err, err
+    hanabi.runtime("delete", "--force", cid)  # as runc's caller would after a failed create
+    assert leftovers(hanabi, cid) == []
+
+
+def test_what_a_flock_in_the_guest_excludes_as_the_readme_says(hanabi, bundle, cid, tmp_path):
+    """QEMU's 9P server answers every lock request "granted" without taking a host lock
+    (hw/9pfs v9fs_lock), so a guest flock(2) excludes only what the guest kernel itself sees:
+    the container's processes locking the same file by the same path. Pinned here so the
+    README's list of what it does not exclude (host processes, the same host file through a
+    second bind) stays true."""
+    import fcntl
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "host-held").write_text("")
+    script = (
+        "cd /data; flocker try /data/host-held > out; "
+        "{ flocker hold /data/lk held 60 & } ; while [ ! -f held ]; do sleep 0.05; done; "
+        "flocker try /data/lk >> out; flocker try /again/lk >> out; "
+        "echo ready > ready; while [ ! -f host-done ]; do sleep 0.05; done; kill $!; wait")
+    path = with_mounts(bundle(["sh", "-c", script]), [bind(data, "/data"), bind(data, "/again")])
+    install_flocker(Path(path) / "rootfs")
+    argv = [str(BIN / "hanabi-runtime"), "--config", str(hanabi.config_path), "run", "--bundle", path, cid]
+    with open(data / "host-held") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # a host process holds this one all along
+        with open(tmp_path / "log", "wb") as log:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_for(data / "ready", 180, proc)
+            with open(data / "lk") as lk:  # the container holds this one now
+                try:
+                    fcntl.flock(lk, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    host_view = "locked"
+                except BlockingIOError:
+                    host_view = "busy"
+            (data / "host-done").write_text("")
+            assert proc.wait(timeout=120) == 0, (tmp_path / "log").read_text()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+                hanabi.runtime("delete", "--force", cid)
+    guest_view = (data / "out").read_text().split()
+    assert guest_view == ["locked", "busy", "locked"], guest_view  # host lock / same path / 2nd bind
+    assert host_view == "locked"  # the guest's lock is not on the host
+    assert leftovers(hanabi, cid) == []

@@ -186,8 +186,8 @@ def test_each_daemon_comes_back_after_kill_9(installed):
         old_pid, restarts = int(p["MainPID"]), int(p["NRestarts"])
         assert old_pid > 0, (unit, p)
         box.run("kill", "-9", str(old_pid))
-        after = wait_for(box, unit, lambda q: q["ActiveState"] == "active" and int(q["MainPID"]) not in (0, old_pid)
-                         and int(q["NRestarts"]) == restarts + 1, "restarted")
+        after = wait_for(box, unit, lambda q, old_pid=old_pid, restarts=restarts: q["ActiveState"] == "active"
+                         and int(q["MainPID"]) not in (0, old_pid) and int(q["NRestarts"]) == restarts + 1, "restarted")
         assert after["StatusText"].startswith("serving on"), after
         daemon = unit.split("-")[1].split(".")[0]
         box.run(f"/opt/hanabi/.venv/bin/hanabi-{daemon}", "ctl", "--timeout", "5", "ping")

@@ -6,15 +6,13 @@ being answered meanwhile; an output flood stays within the buffer limit."""
 
 from __future__ import annotations
 
-import base64
 import os
 import shutil
-import socket
 import tempfile
 import threading
 import time
 from contextlib import contextmanager
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 

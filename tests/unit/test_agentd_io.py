@@ -232,3 +232,37 @@ def test_reattach_retries_while_agentd_is_unavailable_and_stops_at_not_found(tmp
         stream.reattach(timeout=10)
     assert caught.value.code == "NOT_FOUND" and time.monotonic() - started < 5
     listener.close()
+
+
+def test_oom_reaches_the_init_client_before_the_exit_once_per_growth(rig):
+    """The guest's `oom` (count so far) comes to the stand-in's `on_oom` before the exit of
+    the process it killed; a repeat (replay) or a count for another container does nothing."""
+    run_dir, session, agents = rig
+    record = session.process("c1", "init")
+    record.mark_running(42)
+    heard: list[tuple[int, bool]] = []
+    with IoStream.attach(run_dir, "sb1", "c1", timeout=2) as stream:
+        stream.on_oom = lambda count: heard.append((count, stream.exited is None))
+        where = {"container_id": "c1"}
+        agents[0].send({"type": "oom", **where, "oom_kills": 1, "seq": 1})
+        agents[0].send({"type": "oom", **where, "oom_kills": 1, "seq": 1})  # replayed
+        agents[0].send({"type": "oom", "container_id": "other", "oom_kills": 5})
+        agents[0].send({"type": "oom", **where, "oom_kills": 2, "seq": 2})
+        agents[0].send({"type": "exit", **where, "exec_id": "init", "exit_code": None, "signal": 9, "seq": 3})
+        events = collect(stream)
+    assert events == [{"type": "exit", "exit_code": None, "signal": 9}]
+    # One or two calls (2 may come coalesced with 1), the last with the count 2, all before the exit.
+    assert heard[-1] == (2, True) and all(before for _, before in heard) and len(heard) <= 2
+    assert record.oom_kills == 2
+
+
+@pytest.mark.parametrize("count", [0, -1, "1", True, 1 << 63])
+def test_a_bad_oom_count_from_the_guest_is_dropped(rig, count):
+    run_dir, session, agents = rig
+    record = session.process("c1", "init")
+    agents[0].send({"type": "oom", "container_id": "c1", "oom_kills": count})
+    agents[0].send({"type": "oom", "container_id": "c1", "oom_kills": 3})
+    deadline = time.monotonic() + 3
+    while record.oom_kills != 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert record.oom_kills == 3

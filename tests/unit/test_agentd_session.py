@@ -64,7 +64,7 @@ def make_session(tmp_path):
         changes: list[int] = []
         session = AgentSession("sb1", lambda: PairChannel(behave, agents, fake), make_config(tmp_path, **agent),
                                on_change=lambda: changes.append(1))
-        session.agents, session.changes = agents, changes  # type: ignore[attr-defined]
+        session.agents, session.changes = agents, changes  # type: ignore[attr-defined]  # test handles on the session
         sessions.append(session)
         if connect:
             session.connect()

@@ -152,7 +152,8 @@ def test_restart_removes_unclaimed_snapshots_and_leaves_other_devices(dm):
 
 def test_a_full_or_failed_pool_is_refused_before_anything_is_made(dm, monkeypatch):
     volumes, rootfs, tmp = dm
-    monkeypatch.setenv("FAKE_DM_STATUS", "0 2097152 thin-pool 1 10/4096 16384/16384 - out_of_data_space discard_passdown queue_if_no_space -")
+    monkeypatch.setenv("FAKE_DM_STATUS",
+                       "0 2097152 thin-pool 1 10/4096 16384/16384 - out_of_data_space discard_passdown queue_if_no_space -")
     with pytest.raises(FailedPrecondition, match="not usable: mode out_of_data_space"):
         volumes.root_volume("a", rootfs, IDENT, ["raw"], lambda: [])
     monkeypatch.setenv("FAKE_DM_STATUS", "0 2097152 thin-pool 1 10/4096 16380/16384 - rw discard_passdown queue_if_no_space -")

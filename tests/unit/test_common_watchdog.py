@@ -75,7 +75,7 @@ class NotifySocket:
             self.sock.settimeout(left)
             try:
                 got.append(self.sock.recv(4096).decode())
-            except socket.timeout:
+            except TimeoutError:
                 break
         return got
 

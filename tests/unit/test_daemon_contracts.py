@@ -126,6 +126,16 @@ def test_the_lean_runtime_calls_only_declared_methods_as_declared():
     assert seen >= 4
 
 
+def test_the_runtimes_teardown_steps_are_declared_idempotent_methods():
+    """delete's release RPCs (hanabi_runtime.teardown, shared with the lean CLI) are retried:
+    each is in its daemon's table, idempotent."""
+    from hanabi_runtime.teardown import STEPS
+
+    tables = {table.daemon: table for table, _, _ in SIDES}
+    for daemon, method, _ in STEPS:
+        assert tables[daemon].by_name(method).idempotent, method
+
+
 # --- the table drives a real server and client -------------------------------------------
 class Item(Reply):
     name: str

@@ -58,7 +58,7 @@ def spec_path_for(spec: dict, path: str) -> str:
         t_parts, p_parts = template.split("/"), path.split("/")
         if len(t_parts) == len(p_parts) and all(
                 t == p or (t.startswith("{") and t.endswith("}") and p)
-                for t, p in zip(t_parts, p_parts)):
+                for t, p in zip(t_parts, p_parts, strict=True)):
             return template
     raise AssertionError(f"{path} is not a path of the Firecracker API")
 
@@ -176,7 +176,7 @@ def test_every_client_call_is_a_spec_operation(spec):
     api = Recorder("/nonexistent.sock")
     api.describe_instance()
     api.get_machine_config()
-    for method, path, body in REQUEST_EXAMPLES:
+    for _method, path, body in REQUEST_EXAMPLES:
         if isinstance(body, m.InstanceActionInfo):
             api.action(body)
             continue
@@ -191,7 +191,11 @@ def test_every_client_call_is_a_spec_operation(spec):
             api.patch_drive(body)
         elif isinstance(body, m.NetworkInterface):
             api.put_network_interface(body)
-    api.instance_start(); api.send_ctrl_alt_del(); api.flush_metrics(); api.pause(); api.resume()
+    api.instance_start()
+    api.send_ctrl_alt_del()
+    api.flush_metrics()
+    api.pause()
+    api.resume()
 
     used = set()
     for method, path, body in calls:

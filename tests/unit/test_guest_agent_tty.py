@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 
-import hanabi_wire as P
 
 from tests.unit.test_guest_agent import AgentProc, proc_spec
 

@@ -30,7 +30,7 @@ def make_elf(sections: dict[str, bytes]) -> bytes:
     data = b""
     headers = [b"\0" * 64]
     name_off = 1
-    for name, blob in zip([*sections, ".shstrtab"], blobs):
+    for name, blob in zip([*sections, ".shstrtab"], blobs, strict=True):
         headers.append(struct.pack("<IIQQQQIIQQ", name_off, 1, 0, 0, off + len(data), len(blob), 0, 0, 1, 0))
         name_off += len(name) + 1
         data += blob

@@ -22,6 +22,10 @@ NS = [{"type": t} for t in ("pid", "network", "ipc", "uts", "mount", "cgroup")]
 def test_namespaces_made_in_the_guest():
     spec = check_linux({"namespaces": NS}, "h")
     assert spec.namespaces == ["ipc", "uts", "cgroup"]
+    spec = check_linux({"namespaces": [*NS, {"type": "time"}],
+                        "timeOffsets": {"boottime": {"secs": 86400, "nanosecs": 5}, "monotonic": {"secs": -1}}})
+    assert spec.namespaces == ["ipc", "uts", "cgroup", "time"]
+    assert spec.time_offsets == [("boottime", 86400, 5), ("monotonic", -1, 0)]
     assert check_linux({"namespaces": [{"type": "network", "path": "/var/run/netns/n"}]}).namespaces == []
     assert check_linux(None) is None
 
@@ -30,7 +34,18 @@ def test_namespaces_made_in_the_guest():
     ({"namespaces": [{"type": "foo"}]}, None, "linux.namespaces: namespace type 'foo' does not exist"),
     ({"namespaces": [{"type": "ipc", "path": "/proc/1/ns/ipc"}]}, None, "ipc namespace '/proc/1/ns/ipc' is a namespace of the host"),
     ({"namespaces": [{"type": "user"}]}, None, "a user namespace is not supported"),
-    ({"namespaces": [{"type": "time"}]}, None, "a time namespace is not supported"),
+    ({"timeOffsets": {"monotonic": {"secs": 1}}}, None, "linux.timeOffsets: time offsets are specified, but no time namespace"),
+    ({"namespaces": [{"type": "time"}], "timeOffsets": {"realtime": {"secs": 1}}}, None,
+     "linux.timeOffsets: 'realtime' is not a clock"),
+    ({"namespaces": [{"type": "time"}], "timeOffsets": {"boottime": {"secs": "1"}}}, None,
+     r"linux.timeOffsets.boottime.secs must be an integer"),
+    ({"namespaces": [{"type": "time"}], "timeOffsets": {"boottime": {"secs": 1 << 62}}}, None,
+     r"linux.timeOffsets.boottime.secs must be an integer"),
+    ({"namespaces": [{"type": "time"}], "timeOffsets": {"monotonic": {"nanosecs": 1_000_000_000}}}, None,
+     r"linux.timeOffsets.monotonic.nanosecs must be 0..999999999"),
+    ({"namespaces": [{"type": "time"}], "timeOffsets": {"monotonic": {"secs": 1, "sec": 2}}}, None,
+     r"linux.timeOffsets.monotonic must be an object of secs and nanosecs"),
+    ({"namespaces": [{"type": "time", "path": "/proc/1/ns/time"}]}, None, "time namespace '/proc/1/ns/time' is a namespace of the host"),
     ({"namespaces": [{"type": "uts"}, {"type": "uts"}]}, None, "duplicate namespace 'uts'"),
     ({"namespaces": [{"type": "pid"}]}, "web", "hostname: unable to set hostname without a private UTS namespace"),
     ({"namespaces": [{"type": "pid"}], "domainname": "example.org"}, None, "domainname: unable to set domainname"),
@@ -163,3 +178,19 @@ def test_the_vms_devices_are_listed_without_pts_or_virtio_ports(tmp_path):
     (tmp_path / "disk" / "by-x").symlink_to("../vda")
     got = {d["path"]: (d["type"], d["major"], d["minor"], d["mode"]) for d in vm_devices(str(tmp_path))}
     assert got == {"/dev/kmsg": ("c", 1, 11, 0o644), "/dev/vda": ("b", 254, 0, 0o660)}
+
+
+def test_time_offsets_must_keep_the_clock_in_range():
+    from hanabi_guest.linuxspec import check_offsets_fit
+    from hanabi_guest.namespaces import timens_offsets_text
+
+    offsets = [("boottime", 86400, 5), ("monotonic", -10, 0)]
+    check_offsets_fit(offsets, {"boottime": 100.0, "monotonic": 100.0})
+    with pytest.raises(ValueError, match="linux.timeOffsets.monotonic: the offset puts the monotonic clock out of range"):
+        check_offsets_fit(offsets, {"boottime": 100.0, "monotonic": 5.0})
+    assert timens_offsets_text(offsets) == "boottime 86400 5\nmonotonic -10 0\n"
+
+
+def test_the_runtime_sends_time_offsets_to_the_guest():
+    config = {"linux": {"namespaces": [{"type": "time"}], "timeOffsets": {"boottime": {"secs": 3}}}}
+    assert guest_linux(config)["timeOffsets"] == {"boottime": {"secs": 3}}

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-import hanabi_wire as P
 from hanabi_guest.namespaces import foreign_mounts, outside_mounts, plan, unescape_mount_path
 from hanabi_guest.sandbox import DirSandbox, GuestSandbox
 

@@ -34,7 +34,7 @@ def test_every_data_file_is_shipped():
     data = SETUPTOOLS.get("package-data", {})
     packages = _packages_on_disk()
     missing = []
-    for top, where in SETUPTOOLS["package-dir"].items():
+    for where in SETUPTOOLS["package-dir"].values():
         for path in (ROOT / where).rglob("*"):
             if not path.is_file() or path.suffix in (".py", ".pyc") or "__pycache__" in path.parts:
                 continue

@@ -61,7 +61,8 @@ def test_argv_takes_runc_globals_and_leaves_the_rest_to_typer():
                   "/run/containerd/x/log.json", "--log-format", "json", "--systemd-cgroup", "kill", "--all", "c1", "9"])
     assert (shim.name, shim.args, shim.globals["config"]) == ("kill", {"id": "c1", "signal": "9", "all": True},
                                                              "/etc/h.toml")
-    assert parse(["delete", "--force", "c1"]) is None  # the full CLI's: one teardown
+    assert parse(["delete", "--force", "c1"]).args == {"id": "c1", "force": True}
+    assert parse(["delete", "-f", "c1"]).args == {"id": "c1", "force": True}
     assert parse(["events", "--stats", "--interval=2", "c1"]).args == {"id": "c1", "stats": True, "interval": "2"}
     assert parse(["ps", "c1", "-f", "json"]).args == {"id": "c1", "format": "json"}
     for argv in (["state"], ["state", "a", "b"], ["--debug", "state", "c"], ["state", "--help", "c"],
@@ -200,3 +201,30 @@ def test_simple_toml_reads_as_tomllib_or_not_at_all():
 def test_a_plain_config_is_read_without_tomllib(world):
     done, modules = run_cli(["--config", world["config"], "state", "none"])
     assert done.returncode == 1 and "tomllib" not in modules and heavy_imports(modules) == []
+
+
+def test_delete_answers_as_the_full_cli_without_its_imports(world):
+    for args in (["delete", "nosuch"], ["delete", "--force", "nosuch"]):
+        _same(world, *args)
+    world["record"]("run1", started=True)  # agentd is down: the live stand-in says running
+    _same(world, "delete", "run1")
+    assert (world["sbs"] / "run1" / "state.json").exists()
+    results = []
+    for full in (False, True):
+        standin = subprocess.Popen(["sleep", "60"])
+        directory = world["record"]("gone", standin_pid=standin.pid,
+                                    standin_start_time=process_start_time(standin.pid))
+        (directory / "devices.json").write_text("{}")  # blockd's file: kept for it, as it is down
+        done, modules = run_cli(["--config", world["config"], "delete", "--force", "gone"], full=full)
+        assert standin.wait(10) == -9
+        assert sorted(os.listdir(directory)) == ["devices.json", "disowned.json"]
+        marker = json.loads((directory / "disowned.json").read_text())
+        from hanabi_common.disowned import Disowned
+        assert Disowned.model_validate(marker).pending == ["agentd", "blockd", "netd", "vmmd"]
+        results.append((done.returncode, done.stdout, done.stderr))
+        if not full:
+            assert heavy_imports(modules) == []
+        for name in os.listdir(directory):
+            (directory / name).unlink()
+        directory.rmdir()
+    assert results[0] == results[1] and results[0][0] == 0

@@ -11,14 +11,14 @@ import threading
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Collection
+from collections.abc import Callable, Collection
 
 import pytest
 
 from hanabi_common.config import Config, VmmConfig
 from hanabi_common.errors import (AlreadyExists, FailedPrecondition, InvalidArgument, NotFound,
                                   Unavailable)
-from hanabi_common.models.base import NoArgs, SandboxRef
+from hanabi_common.models.base import Drain, NoArgs, SandboxRef
 from hanabi_common.models.vmmd import AttachDisk, CreateVm, DetachDisk, StopVm
 from hanabi_vmmd import proc
 from hanabi_vmmd.accel import AccelDecision
@@ -305,3 +305,42 @@ def test_parallel_creates(env):
     for sid in ("sb0", "sb1", "sb2"):
         assert svc.stop(StopVm(sandbox_id=sid)).existed
     assert len(backend.spawned) == 3
+
+
+def test_release_kills_the_vm_at_once_and_its_directories_go_after(env):
+    config, backend, make, root = env
+    svc = make()
+    info = svc.create(CreateVm(sandbox_id="sb1"))
+    vm_dir = Path(info.agent_socket).parent
+    assert svc.release(SandboxRef(sandbox_id="sb1")).existed
+    assert not proc.is_alive(info.pid, None)  # killed and reaped before the reply
+    assert not (config.sandboxes_dir / "sb1").exists()  # the id is free for a new container
+    assert svc.drain(Drain(timeout_s=10)).pending == []
+    assert not vm_dir.exists() and list((root / "run" / "releasing" / "vmmd").iterdir()) == []
+    assert not svc.release(SandboxRef(sandbox_id="sb1")).existed  # idempotent
+
+
+def test_a_new_vm_of_a_released_id_waits_for_the_release(env):
+    config, backend, make, root = env
+    svc = make()
+    svc.releases.close()  # no worker: the create itself must finish the release
+    first = svc.create(CreateVm(sandbox_id="sb1"))
+    svc.release(SandboxRef(sandbox_id="sb1"))
+    assert svc.releases.pending() == ["sb1"]
+    second = svc.create(CreateVm(sandbox_id="sb1"))
+    assert svc.releases.pending() == [] and second.pid != first.pid and Path(second.agent_socket).exists()
+    svc.stop(StopVm(sandbox_id="sb1"))
+
+
+def test_a_vmmd_killed_between_the_record_and_the_kill_finishes_at_start(env):
+    config, backend, make, root = env
+    first = make()
+    info = first.create(CreateVm(sandbox_id="sb1"))
+    first.close()
+    # What vm.release has done when vmmd dies before the SIGKILL: the record is in the queue.
+    first.releases.take(first.store.path("sb1", STATE_NAME), "sb1")
+    assert proc.is_alive(info.pid, None)
+    second = make()  # finishes the queue before it serves
+    assert wait_for(lambda: not proc.is_alive(info.pid, None))
+    assert second.releases.pending() == [] and not Path(info.agent_socket).parent.exists()
+    assert second.list(NoArgs()).vms == []

@@ -20,7 +20,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 WIRE_DIR = ROOT / "libs/wire/hanabi_wire"
 SIDES = [ROOT / "guest/hanabi_guest", ROOT / "services", ROOT / "libs/common/hanabi_common"]
 # agentd's io socket (agentd <-> stand-in) is another protocol that reuses some type names.
-OTHER_PROTOCOL = {"io_server.py", "iostream.py"}
+OTHER_PROTOCOL = {"io_server.py", "iostream.py", "observe.py"}  # agentd's io socket; runc's `events` records
 
 
 def _sources() -> list[pathlib.Path]:
@@ -137,7 +137,7 @@ def test_no_source_spells_a_wire_constant_itself():
                 found += [f"{where}:{node.lineno}: {t.id} = {node.value.value!r}" for t in node.targets
                           if isinstance(t, ast.Name) and t.id in names]
             elif isinstance(node, ast.Dict) and path.name not in OTHER_PROTOCOL:
-                for key, value in zip(node.keys, node.values):
+                for key, value in zip(node.keys, node.values, strict=True):
                     if (isinstance(key, ast.Constant) and key.value == "type" and isinstance(value, ast.Constant)
                             and value.value in types):
                         found.append(f"{where}:{node.lineno}: {{'type': {value.value!r}}}")

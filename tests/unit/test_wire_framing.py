@@ -111,7 +111,7 @@ def test_non_object_is_rejected(body: bytes) -> None:
 
 def test_encode_rejects_non_objects_and_unencodable() -> None:
     with pytest.raises(P.ProtocolError):
-        P.encode_frame([1, 2])  # type: ignore[arg-type]
+        P.encode_frame([1, 2])  # type: ignore[arg-type]  # the wrong type on purpose
     with pytest.raises(P.ProtocolError):
         P.encode_frame({"x": float("nan")})
     with pytest.raises(P.ProtocolError):
@@ -128,7 +128,7 @@ def test_b64_strict() -> None:
         with pytest.raises(P.ProtocolError):
             P.b64d(bad)
     with pytest.raises(P.ProtocolError):
-        P.b64d(b"YWJj")  # type: ignore[arg-type]
+        P.b64d(b"YWJj")  # type: ignore[arg-type]  # the wrong type on purpose
     with pytest.raises(P.ProtocolError):
         P.b64d("é")
 

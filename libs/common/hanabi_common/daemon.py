@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 import signal
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
+from collections.abc import Callable
 
 from hanabi_common.config import DAEMONS, Config
 from hanabi_common.metrics import DaemonMetrics

@@ -9,12 +9,16 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
 
 import typer
 
 from hanabi_common.config import Config, load_config
 from hanabi_common.errors import HanabiError
+
+if TYPE_CHECKING:
+    from hanabi_common.daemon import Service
 
 ConfigOption = typer.Option(None, "--config", "-c", help="config file (default $HANABI_CONFIG or /etc/hanabi/hanabi.toml)")
 
@@ -32,16 +36,24 @@ def fail(exc: HanabiError) -> None:
     raise typer.Exit(1)
 
 
-def make_app(name: str, build: Callable[[Config], object]) -> tuple[typer.Typer, typer.Typer]:
+class DaemonApp(typer.Typer):
+    """The `hanabi-<name>` app: `state` holds the `ctl` options, `with_client(action)` runs
+    `action` on a client of the running daemon (typed errors exit 1)."""
+
+    state: dict[str, Any]
+    with_client: Callable[[Callable[[Any], object]], None]
+
+
+def make_app(name: str, build: Callable[[Config], Service]) -> tuple[DaemonApp, typer.Typer]:
     """Build the `hanabi-<name>` app and its `ctl` sub-app (add commands to the latter)."""
-    app = typer.Typer(help=f"hanabi {name} daemon", no_args_is_help=True, add_completion=False)
+    app = DaemonApp(help=f"hanabi {name} daemon", no_args_is_help=True, add_completion=False)
     ctl = typer.Typer(help=f"talk to a running {name}", no_args_is_help=True)
     app.add_typer(ctl, name="ctl")
     state: dict = {}
 
     @app.command()
-    def serve(config: Optional[Path] = ConfigOption,
-              pid_file: Optional[Path] = typer.Option(None, help="write the pid here once ready")) -> None:
+    def serve(config: Path | None = ConfigOption,
+              pid_file: Path | None = typer.Option(None, help="write the pid here once ready")) -> None:
         """Run the daemon in the foreground until SIGTERM."""
         from hanabi_common.daemon import serve as run
         try:
@@ -51,7 +63,7 @@ def make_app(name: str, build: Callable[[Config], object]) -> tuple[typer.Typer,
         raise typer.Exit(run(name, cfg, build, pid_file))
 
     @ctl.callback()
-    def _ctl(config: Optional[Path] = ConfigOption,
+    def _ctl(config: Path | None = ConfigOption,
              timeout: float = typer.Option(10.0, help="seconds to wait for the daemon")) -> None:
         state["config"], state["timeout"] = config, timeout
 
@@ -78,7 +90,7 @@ def make_app(name: str, build: Callable[[Config], object]) -> tuple[typer.Typer,
             payload = json.loads(raw)
         except ValueError as exc:
             typer.echo(f"error: body is not JSON: {exc}", err=True)
-            raise typer.Exit(2)
+            raise typer.Exit(2) from None
         with_client(lambda c: print_json(c.call(method, payload, timeout=state["timeout"])))
 
     def with_client(action: Callable) -> None:
@@ -89,6 +101,6 @@ def make_app(name: str, build: Callable[[Config], object]) -> tuple[typer.Typer,
         except HanabiError as exc:
             fail(exc)
 
-    app.state = state  # type: ignore[attr-defined]
-    app.with_client = with_client  # type: ignore[attr-defined]
+    app.state = state
+    app.with_client = with_client
     return app, ctl

@@ -9,24 +9,24 @@ same teardown as its RPC), removes its state file and logs it; the last one remo
 marker and the directory. A later `delete --force` of the same id does all of it at once.
 
 `plan` is the pure part (which sandboxes to tear down, which directories are finished);
-`reconcile` runs it against a `StateStore`.
+`reconcile` runs it against a `StateStore`. The runtime's half (`disown`, the marker) is in
+`hanabi_common.marker`, in the standard library only, for the lean CLI's `delete`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import shutil
-import time
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
+from hanabi_common import marker
 from hanabi_common.errors import HanabiError
+from hanabi_common.marker import DAEMON_STATE_NAMES, DISOWNED_NAME
 from hanabi_common.state import StateStore, VersionedState
 
-DISOWNED_NAME = "disowned"
-# Each daemon's state file in a sandbox directory (what `plan` looks for).
-DAEMON_STATE_NAMES = {"agentd": "agent", "vmmd": "hypervisor", "blockd": "devices", "netd": "network"}
+__all__ = ["DAEMON_STATE_NAMES", "DISOWNED_NAME", "Disowned", "Plan", "disown", "finish", "mark", "plan",
+           "reconcile"]
 
 
 class Disowned(VersionedState):
@@ -64,28 +64,12 @@ def plan(listing: Mapping[str, set[str]], state_name: str) -> Plan:
 
 def mark(store: StateStore, sandbox_id: str, pending: list[str]) -> None:
     """Write the marker for a sandbox whose daemons in `pending` could not be reached."""
-    store.write(sandbox_id, DISOWNED_NAME, Disowned(container_id=sandbox_id, deleted_at=time.time(),
-                                                     pending=sorted(pending)))
+    marker.mark(str(store.sandbox_dir(sandbox_id)), sandbox_id, pending)
 
 
 def disown(store: StateStore, sandbox_id: str, pending: list[str]) -> bool:
-    """The runtime's half: remove everything of the sandbox but the state files of the
-    daemons in `pending` (they are down), and mark it if any of those files is there.
-    True when the sandbox is left marked for them; False when nothing was left."""
-    keep = {f"{DAEMON_STATE_NAMES[name]}.json" for name in pending}
-    directory = store.sandbox_dir(sandbox_id)
-    for entry in list(directory.iterdir()) if directory.is_dir() else []:
-        if entry.name in keep:
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
-    if any((directory / name).exists() for name in keep):
-        mark(store, sandbox_id, pending)
-        return True
-    store.remove_dir_if_empty(sandbox_id)
-    return False
+    """The runtime's half (`hanabi_common.marker.disown`) on a `StateStore`."""
+    return marker.disown(str(store.root), store.sandbox_dir(sandbox_id).name, pending)
 
 
 def _listing(store: StateStore) -> dict[str, set[str]]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 from contextlib import contextmanager
-from typing import Iterator
+from collections.abc import Iterator
 
 from hanabi_common.errors import DeadlineExceeded, Unavailable
 from hanabi_common.rpc.context import current_call

@@ -15,7 +15,7 @@ class JsonFormatter(logging.Formatter):
     """Formats a record as one JSON line: ts, level, logger, msg, and any `extra` fields."""
 
     def format(self, record: logging.LogRecord) -> str:
-        entry = {
+        entry: dict[str, object] = {
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),

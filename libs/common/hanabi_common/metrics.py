@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping, Union
+from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 log = logging.getLogger("hanabi.metrics")
 RPC_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0)
@@ -32,11 +33,11 @@ class LabelledGauge:
     values: Mapping[str, float]
 
 
-Value = Union[float, LabelledGauge]
+Value = float | LabelledGauge
 Gauges = Mapping[str, tuple[str, Value]]
 
 
-class ServiceCollector:
+class ServiceCollector(Collector):
     """Turns a service's `metrics()` dict into gauges at scrape time."""
 
     def __init__(self, daemon: str, read: Callable[[], Gauges]) -> None:

@@ -16,7 +16,8 @@ import fcntl
 import os
 import threading
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Any, TypeVar
+from collections.abc import Callable
 
 from hanabi_common.errors import InvalidArgument
 
@@ -66,7 +67,7 @@ def enter_netns(path: str) -> None:
 def in_own_thread(func: Callable[[], T], name: str = "netns") -> T:
     """Run `func` in a fresh thread (whose namespace changes die with it); its result, or
     its exception raised here."""
-    outcome: dict[str, object] = {}
+    outcome: dict[str, Any] = {}
 
     def runner() -> None:
         try:
@@ -78,8 +79,8 @@ def in_own_thread(func: Callable[[], T], name: str = "netns") -> T:
     thread.start()
     thread.join()
     if "error" in outcome:
-        raise outcome["error"]  # type: ignore[misc]
-    return outcome["value"]  # type: ignore[return-value]
+        raise outcome["error"]
+    return outcome["value"]
 
 
 def call_in_netns(path: str | None, func: Callable[[], T]) -> T:
@@ -164,7 +165,7 @@ class NetnsHolder:
         if self._error is None:
             self._release.wait()
 
-    def __enter__(self) -> "NetnsHolder":
+    def __enter__(self) -> NetnsHolder:
         check_netns(self.path)
         self._thread.start()
         self._entered.wait()

@@ -7,7 +7,7 @@ The schemas are vendored from opencontainers/runtime-spec (schemas/oci/, Apache-
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 
 from hanabi_common.errors import InvalidArgument
@@ -16,7 +16,7 @@ BASE_URI = "https://hanabi.invalid/oci/"
 OCI_VERSION = "1.2.0"
 
 
-@lru_cache(maxsize=None)
+@cache
 def _validator(schema_name: str):
     from jsonschema import Draft4Validator
     from referencing import Registry, Resource

@@ -101,7 +101,10 @@ T_OUTPUT = "output"
 T_EXIT = "exit"
 T_PROTOCOL_ERROR = "protocol_error"
 T_DNS_QUERY = "dns_query"
+T_OOM = "oom"
 # What FrameDecoder yields where a SYNC marker was; never sent as a frame.
 T_SYNC = "sync"
 
-__all__ = [name for name in dir() if name.isupper() or name == "cmdline_word"]
+TYPE_CHECKING = False
+if not TYPE_CHECKING:  # computed at run time; mypy reads the names above through `import *`
+    __all__ = [name for name in dir() if (name.isupper() and name != "TYPE_CHECKING") or name == "cmdline_word"]

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 from .messages import GUEST, HOST, MESSAGES, Message
 from .schema import B64, BYTES, LIST, OBJECT, REQUIRED, F

@@ -42,7 +42,7 @@ SYNC = b"\xff" * 8
 _RUN = b"\xff\xff\xff"
 # Data frame tags: (message type, stream); stdin has no stream.
 DATA_TAGS = {1: (T_STDIN, None), 2: (T_OUTPUT, STREAM_STDOUT), 3: (T_OUTPUT, STREAM_STDERR)}
-_TAG_OF = {v: k for k, v in DATA_TAGS.items()}
+_TAG_OF: dict[tuple[str | None, str | None], int] = {v: k for k, v in DATA_TAGS.items()}
 
 
 class ProtocolError(Exception):

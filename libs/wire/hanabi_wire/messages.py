@@ -66,7 +66,7 @@ ROOTFS = (F("serial", STR, "virtio-blk serial of the root disk (or null: `share`
 # (docs/agent-protocol.md, "Replay"), and the host drops what it already had.
 SEQ = F("seq", INT, "the agent's event counter (see Replay)", default=None, lo=1, hi=(1 << 63) - 1)
 PID = (F("pid", INT, "guest pid (in the guest's PID namespace)", lo=1, hi=MAX_PID),)
-TTY_DIM = {"lo": 1, "hi": MAX_TTY_DIM}
+TTY_DIM: dict[str, Any] = {"lo": 1, "hi": MAX_TTY_DIM}
 INTERFACE = (F("name", STR, "link name to give the NIC", pattern=r"[A-Za-z0-9_.-]{1,15}"),
              F("mac", STR, "MAC the NIC is found by", pattern=r"([0-9A-Fa-f]{2}:){5}[0-9A-Fa-f]{2}"),
              F("mtu", INT, "MTU", default=1500, lo=68, hi=65535),
@@ -181,6 +181,12 @@ _MESSAGES = (
         F("signal", INT, "the signal that killed it (or null)", default=None, lo=1, hi=MAX_SIGNAL),
         SEQ,
     ), "a process ended, after all its output"),
+    Message(C.T_OOM, GUEST, (
+        CID,
+        F("oom_kills", INT, "the `oom_kill` count of the container's cgroup (memory.events): grows by "
+          "one per process the guest's OOM killer ended", lo=1, hi=(1 << 63) - 1),
+        SEQ,
+    ), "the guest's OOM killer ended a process of the container (sent before that process's `exit`)"),
     Message(C.T_DNS_QUERY, GUEST, (
         F("qid", INT, "query id for the answer", lo=0, hi=1 << 31),
         F("server", STR, "the relay address it was sent to", pattern=LOOPBACK_V4),

@@ -155,7 +155,7 @@ class HybridVsockChannel(Channel):
             while not line.endswith(b"\n"):
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise socket.timeout("hybrid vsock handshake timed out")
+                    raise TimeoutError("hybrid vsock handshake timed out")
                 sock.settimeout(left)
                 byte = sock.recv(1)
                 if not byte:

@@ -37,7 +37,7 @@ class AgentdClient(ContractClient):
         default config.agent.ready_timeout_s)."""
         wait = timeout_s or self.config.agent.ready_timeout_s
         return self.call(AGENTD.connect, ConnectAgent(sandbox_id=sandbox_id, socket_path=socket_path,
-                                                      timeout_s=timeout_s, transport=transport,  # type: ignore[arg-type]
+                                                      timeout_s=timeout_s, transport=transport,
                                                       port=port), timeout=wait + SLACK_S)
 
     def get(self, sandbox_id: str) -> AgentInfo:
@@ -55,6 +55,11 @@ class AgentdClient(ContractClient):
     def disconnect(self, sandbox_id: str) -> Removed:
         """Shut the guest down (best effort) and forget the agent (idempotent)."""
         return self.call(AGENTD.disconnect, SandboxRef(sandbox_id=sandbox_id))
+
+    def release(self, sandbox_id: str) -> Removed:
+        """A container's delete, whose VM vmmd kills next: forget the sandbox, no word to the
+        guest (idempotent)."""
+        return self.call(AGENTD.release, SandboxRef(sandbox_id=sandbox_id))
 
     def configure_network(self, request: ConfigureNetwork) -> None:
         """Configure the guest's loopback, NICs and routes."""

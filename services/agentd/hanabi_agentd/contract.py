@@ -25,6 +25,7 @@ class AGENTD(Contract):
     list = Rpc("agent.list", NoArgs, AgentList, idempotent=True)
     inspect = Rpc("agent.inspect", SandboxRef, AgentDetails, idempotent=True)
     disconnect = Rpc("agent.disconnect", SandboxRef, Removed, idempotent=True)
+    release = Rpc("agent.release", SandboxRef, Removed, idempotent=True)
     configure_network = Rpc("agent.configure_network", ConfigureNetwork, Done)
     create_container = Rpc("container.create", CreateContainer, Done, handler="create")
     start = Rpc("container.start", ContainerRef, StartedProcess)

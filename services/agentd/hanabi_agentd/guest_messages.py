@@ -123,6 +123,13 @@ class GuestExit(GuestMessage):
     __slots__ = ()
 
 
+class GuestOom(GuestMessage):
+    """The guest's OOM killer ended a process of a container (its cgroup's count so far)."""
+
+    TYPE = W.T_OOM
+    __slots__ = ()
+
+
 class GuestDnsQuery(GuestMessage):
     """A DNS query the guest relays to a loopback resolver of the container's namespace."""
 
@@ -138,7 +145,7 @@ class GuestProtocolError(GuestMessage):
 
 
 _CLASSES: dict[str, type[GuestMessage]] = {cls.TYPE: cls for cls in (
-    GuestReply, GuestReady, GuestOutput, GuestExit, GuestDnsQuery, GuestProtocolError)}
+    GuestReply, GuestReady, GuestOutput, GuestExit, GuestOom, GuestDnsQuery, GuestProtocolError)}
 assert set(_CLASSES) == W.GUEST_MESSAGES, "a guest message without its class"
 KNOWN_TYPES = tuple(_CLASSES)
 

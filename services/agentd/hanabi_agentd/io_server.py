@@ -7,7 +7,9 @@ A client first sends `{"type":"attach","sandbox_id","container_id","exec_id"}` a
 `{"type":"resize","height":H,"width":W}` (strict integers 1..65535, passed on to the
 guest's `resize`); the server sends
 `{"type":"output","stream","data"[,"seq"]}` for every chunk (`seq`: the guest's counter,
-increasing; a client that attaches again drops what it had by it) and finally
+increasing; a client that attaches again drops what it had by it), to the init's client
+`{"type":"oom","oom_kills":N}` when the guest's OOM killer ended a process of the container
+(N: the container's count so far; before the exit of the process it killed), and finally
 `{"type":"exit","exit_code","signal"}`, after which it closes the connection.
 One client per process at a time; a client that comes back (say after an agentd restart)
 attaches again and gets whatever is buffered. Each client gets two threads: a reader
@@ -21,7 +23,8 @@ import os
 import socket
 import threading
 from pathlib import Path
-from typing import Annotated, Any, Callable, Literal, Union
+from typing import Annotated, Any, Literal
+from collections.abc import Callable
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
@@ -31,7 +34,7 @@ from hanabi_wire import (T_CLOSE_STDIN, T_RESIZE, T_STDIN, FrameDecoder, Protoco
 
 from hanabi_agentd.guest_messages import ID_REGEX, Data
 from hanabi_agentd.models import TtyDim
-from hanabi_agentd.process import ExitEvent, OutputEvent, ProcessRecord
+from hanabi_agentd.process import ExitEvent, OomEvent, OutputEvent, ProcessRecord
 
 log = logging.getLogger("hanabi.agentd.io")
 IO_SOCKET_NAME = "agentd-io.sock"
@@ -76,7 +79,7 @@ class Resize(_ClientMsg):
     width: TtyDim
 
 
-_CLIENT = TypeAdapter(Annotated[Union[Stdin, CloseStdin, Resize], Field(discriminator="type")])
+_CLIENT: TypeAdapter[Stdin | CloseStdin | Resize] = TypeAdapter(Annotated[Stdin | CloseStdin | Resize, Field(discriminator="type")])
 
 
 def io_socket_path(run_dir: Path) -> Path:
@@ -223,7 +226,7 @@ class _IoClient:
         except InvalidArgument as exc:
             log.warning("io client sent an invalid message", extra={"reason": exc.message[:200]})
             self._error("INVALID_ARGUMENT", exc.message)
-        except (OSError, socket.timeout):
+        except (TimeoutError, OSError):
             pass
         finally:
             self.close()
@@ -288,11 +291,15 @@ class _IoClient:
                     return
                 continue
             if isinstance(event, OutputEvent):
-                out = {"type": "output", "stream": event.stream, "data": b64e(event.data)}
+                out: dict[str, Any] = {"type": "output", "stream": event.stream, "data": b64e(event.data)}
                 if event.seq is not None:
                     out["seq"] = event.seq
                 if not self._send(out):
                     record.unread(event)
+                    self.close()
+                    return
+            elif isinstance(event, OomEvent):
+                if not self._send({"type": "oom", "oom_kills": event.oom_kills}):
                     self.close()
                     return
             elif isinstance(event, ExitEvent):

@@ -13,6 +13,8 @@ Events are validated dicts: `{"type":"output","stream":"stdout"|"stderr","data":
 and `{"type":"exit","exit_code":int|None,"signal":int|None}`; after the exit the server
 closes the connection. `read_events()` raises EOFError when the connection ended without
 an exit (agentd went away: attach again, buffered output and the exit are kept for you).
+The container's OOM kills (`{"type":"oom","oom_kills":N}` from agentd, N growing) are not
+returned: `on_oom(N)` is called for each growth, in order with the other events.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import socket
 import threading
 import time
 from pathlib import Path
+from collections.abc import Callable
 
 from hanabi_wire import (HEADER, MAX_DATA_CHUNK, MAX_FRAME, MAX_TTY_DIM, FrameDecoder, ProtocolError, b64d, b64e,
                          encode_frame)
@@ -71,7 +74,7 @@ def _validate(msg: dict) -> dict:
         if stream not in ("stdout", "stderr"):
             raise IoError("INVALID_ARGUMENT", f"bad output stream {stream!r}")
         try:
-            data = b64d(msg.get("data"))  # type: ignore[arg-type]
+            data = b64d(msg.get("data"))  # type: ignore[arg-type]  # a non-str raises ProtocolError, handled below
         except ProtocolError as exc:
             raise IoError("INVALID_ARGUMENT", str(exc)) from None
         seq = msg.get("seq")
@@ -81,6 +84,11 @@ def _validate(msg: dict) -> dict:
     if kind == "exit":
         return {"type": "exit", "exit_code": _int_or_none(msg.get("exit_code"), 0, 255),
                 "signal": _int_or_none(msg.get("signal"), 1, 64)}
+    if kind == "oom":
+        count = msg.get("oom_kills")
+        if type(count) is not int or not 1 <= count < 1 << 63:
+            raise IoError("INVALID_ARGUMENT", f"bad oom count {count!r}")
+        return {"type": "oom", "oom_kills": count}
     if kind == "error":
         raise IoError(str(msg.get("code", "INTERNAL"))[:64], str(msg.get("message", ""))[:1000])
     raise IoError("INVALID_ARGUMENT", f"unexpected io message type {str(kind)[:32]!r}")
@@ -98,10 +106,14 @@ class IoStream:
         self.exited: dict | None = None
         self.last_seq = 0  # of the last output chunk handed out (kept across re-attaches)
         self._target: tuple[str, str, str, str] | None = None
+        self.oom_kills = 0  # the container's OOM kill count last handed out
+        # Called (in the reading thread, before any later event is handed out) when the
+        # container's OOM kill count grew: the stand-in makes the host see the OOM.
+        self.on_oom: Callable[[int], None] | None = None
 
     @classmethod
     def attach(cls, run_dir: str | os.PathLike, sandbox_id: str, container_id: str,
-               exec_id: str = "init", timeout: float = 10.0) -> "IoStream":
+               exec_id: str = "init", timeout: float = 10.0) -> IoStream:
         """Connect to agentd's io socket (retrying while it is not there) and attach."""
         path = str(Path(run_dir) / IO_SOCKET_NAME)
         deadline = time.monotonic() + timeout
@@ -134,7 +146,7 @@ class IoStream:
                 _validate(first)  # raises IoError for {"type":"error"} and garbage alike
                 raise IoError("INVALID_ARGUMENT", "agentd did not confirm the attach")
             sock.settimeout(None)
-        except socket.timeout:
+        except TimeoutError:
             sock.close()
             raise IoError("DEADLINE_EXCEEDED", f"agentd did not answer the attach within {timeout}s") from None
         except ProtocolError as exc:
@@ -185,6 +197,12 @@ class IoStream:
             raise IoError("INVALID_ARGUMENT", f"agentd broke the io protocol: {exc}") from None
         fresh = []
         for event in events:
+            if event["type"] == "oom":
+                if event["oom_kills"] > self.oom_kills:  # a repeat after a re-attach: had it
+                    self.oom_kills = event["oom_kills"]
+                    if self.on_oom is not None:
+                        self.on_oom(event["oom_kills"])
+                continue
             if event["type"] == "exit":
                 self.exited = event
             elif event["seq"] is not None:
@@ -270,7 +288,7 @@ class IoStream:
                 if self.exited is not None or time.monotonic() > deadline:
                     raise
                 with self._attached:  # until relay() attached again (or a while passed)
-                    self._attached.wait_for(lambda: self._attachments != seen or self.exited is not None,
+                    self._attached.wait_for(lambda: self._attachments != seen or self.exited is not None,  # noqa: B023 - called in this iteration
                                             timeout=max(min(deadline - time.monotonic(), 5.0), 0))
 
     def close(self) -> None:
@@ -281,7 +299,7 @@ class IoStream:
             pass
         self._sock.close()
 
-    def __enter__(self) -> "IoStream":
+    def __enter__(self) -> IoStream:
         return self
 
     def __exit__(self, *_: object) -> None:

@@ -35,6 +35,13 @@ class OutputEvent:
 
 
 @dataclass(frozen=True)
+class OomEvent:
+    """The guest's OOM killer ended a process of the container: its cgroup's count so far."""
+
+    oom_kills: int
+
+
+@dataclass(frozen=True)
 class ExitEvent:
     """The end of a process (both None when the status is unknown, e.g. the VM died)."""
 
@@ -62,6 +69,8 @@ class ProcessRecord:
         self._cond = threading.Condition()
         self._client: object | None = None
         self._exit_published = True
+        self.oom_kills = 0  # the container's OOM kill count (the init's record carries it)
+        self._oom_delivered = 0  # what the attached client was given
 
     # --- status -----------------------------------------------------------------------
     def mark_running(self, pid: int) -> None:
@@ -91,6 +100,16 @@ class ProcessRecord:
         with self._cond:
             self._exit_published = True
             self._cond.notify_all()
+
+    def push_oom(self, oom_kills: int) -> bool:
+        """Record the container's OOM kill count; False when it did not grow (a replay).
+        The io client hears of it before any later output and before the exit."""
+        with self._cond:
+            if oom_kills <= self.oom_kills:
+                return False
+            self.oom_kills = oom_kills
+            self._cond.notify_all()
+            return True
 
     def wait_started(self, timeout: float) -> bool:
         """Wait until it is running or stopped; True when it no longer is 'created'."""
@@ -141,6 +160,7 @@ class ProcessRecord:
             if self._client is not None:
                 return False
             self._client = client
+            self._oom_delivered = 0  # a new client hears the count again (it drops repeats)
             return True
 
     def detach(self, client: object) -> None:
@@ -155,14 +175,18 @@ class ProcessRecord:
         with self._cond:
             return self._client is client
 
-    def next_event(self, client: object, timeout: float) -> OutputEvent | ExitEvent | None:
-        """For `client`'s writer: the next output chunk, else the exit once all output is
-        out; None on timeout or when `client` is no longer attached."""
+    def next_event(self, client: object, timeout: float) -> OutputEvent | OomEvent | ExitEvent | None:
+        """For `client`'s writer: a grown OOM kill count, else the next output chunk, else
+        the exit once all output is out; None on timeout or when `client` is no longer
+        attached."""
         with self._cond:
             self._cond.wait_for(lambda: self._client is not client or bool(self._chunks)
-                                or self._exit_visible(), timeout)
+                                or self.oom_kills > self._oom_delivered or self._exit_visible(), timeout)
             if self._client is not client:
                 return None
+            if self.oom_kills > self._oom_delivered:
+                self._oom_delivered = self.oom_kills
+                return OomEvent(self.oom_kills)
             if self._chunks:
                 event = self._chunks.popleft()
                 self._size -= len(event.data)

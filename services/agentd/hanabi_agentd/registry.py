@@ -12,7 +12,9 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from hanabi_common.config import Config
 from hanabi_common.errors import HanabiError, NotFound, Unavailable
@@ -25,6 +27,9 @@ from hanabi_agentd.process import ContainerRecord, ProcessRecord
 from hanabi_agentd.dns import DnsTarget
 from hanabi_agentd.session import AgentSession
 from hanabi_agentd.state import STATE_NAME, AgentState, ContainerEntry, ProcessEntry
+
+if TYPE_CHECKING:
+    from hanabi_agentd.guest_messages import GuestDnsQuery
 
 log = logging.getLogger("hanabi.agentd")
 RECONNECT_TIMEOUT_S = 15.0
@@ -58,7 +63,7 @@ class Registry:
         self.lock = threading.Lock()
         self._write_lock = threading.Lock()
         self.sandboxes: dict[str, Sandbox] = {}
-        self.dns_handler = None  # given to every session: agentd's DnsRelay.submit
+        self.dns_handler: Callable[[AgentSession, GuestDnsQuery], bool] | None = None  # given to every session: agentd's DnsRelay.submit
 
     # --- building -----------------------------------------------------------------------
     def new(self, sandbox_id: str, address: str,

@@ -126,7 +126,7 @@ class AgentService:
             if sandbox is not None and (sandbox.busy or sandbox.session.connected):
                 raise AlreadyExists(f"sandbox {sid} is already connected to its agent")
             fresh = sandbox is None
-            if fresh:
+            if sandbox is None:
                 sandbox = self.registry.new(sid, address)
                 self.registry.sandboxes[sid] = sandbox
             else:
@@ -181,6 +181,21 @@ class AgentService:
             session.close()
             for record in session.all_processes():
                 record.mark_exited(None, LOST_SIGNAL)  # the VM goes down with them
+        return Removed(existed=self.registry.remove(request.sandbox_id))
+
+    def release(self, request: SandboxRef) -> Removed:
+        """A container's delete, whose VM vmmd kills next: no word to the guest. Its
+        processes still running count as SIGKILLed (their stand-ins exit 137, as runc's
+        `delete --force`), the connection is closed, the sandbox forgotten (idempotent)."""
+        with self.registry.lock:
+            sandbox = self.registry.sandboxes.get(request.sandbox_id)
+        if sandbox is not None:
+            for record in sandbox.session.all_processes():
+                if record.status == "running":
+                    record.mark_exited(None, int(signals.SIGKILL))
+            sandbox.session.close()
+            for record in sandbox.session.all_processes():
+                record.mark_exited(None, LOST_SIGNAL)  # created, never started: gone with the VM
         return Removed(existed=self.registry.remove(request.sandbox_id))
 
     def configure_network(self, request: ConfigureNetwork) -> dict:

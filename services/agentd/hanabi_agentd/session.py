@@ -22,7 +22,8 @@ import time
 from concurrent.futures import FIRST_COMPLETED, Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures import wait
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from hanabi_common.config import Config
 from hanabi_common.errors import (DeadlineExceeded, Internal, InvalidArgument, NotFound,
@@ -30,7 +31,7 @@ from hanabi_common.errors import (DeadlineExceeded, Internal, InvalidArgument, N
 from hanabi_wire import SYNC, T_PING, T_SYNC, FrameDecoder, ProtocolError, encode_frame, ping_fields
 
 from hanabi_agentd.channel import Channel
-from hanabi_agentd.guest_messages import (GuestDnsQuery, GuestExit, GuestMisbehaved, GuestOutput,
+from hanabi_agentd.guest_messages import (GuestDnsQuery, GuestExit, GuestMisbehaved, GuestOom, GuestOutput,
                                           GuestProtocolError, GuestReady, GuestReply,
                                           PingResult, check_version, parse_guest_message,
                                           parse_result, reply_id)
@@ -162,7 +163,7 @@ class AgentSession:
                     if fut.exception() is not None:
                         if isinstance(fut.exception(), Unavailable):
                             return None  # the connection went away: retry
-                        raise fut.exception()  # type: ignore[misc]
+                        raise fut.exception()  # type: ignore[misc]  # not None: checked above
                     try:
                         return check_version(parse_result(PingResult, fut.result(), "ping"))
                     except GuestMisbehaved as exc:
@@ -330,6 +331,8 @@ class AgentSession:
             record.push_output(msg.stream, msg.data, msg.seq)
         elif isinstance(msg, GuestExit):
             self._on_exit(msg)
+        elif isinstance(msg, GuestOom):
+            self._on_oom(msg)
         elif isinstance(msg, GuestReady):
             log.info("agent says ready", extra={"sandbox": self.sandbox_id,
                                                 "agent_version": msg.agent_version})
@@ -374,6 +377,18 @@ class AgentSession:
             self._notify_change()  # agent.json first: whoever hears the exit finds it there
         finally:
             record.publish_exit()
+
+    def _on_oom(self, msg: GuestOom) -> None:
+        """The container's OOM kill count grew: its init's io client (the stand-in the
+        shim watches) hears of it before the exit that follows."""
+        record = self.find_process(msg.container_id, "init")
+        if record is None:
+            self._complain("oom of an unknown container", logging.WARNING if msg.seq is None else logging.DEBUG,
+                           container=msg.container_id)
+            return
+        if record.push_oom(msg.oom_kills):
+            log.info("the guest's OOM killer ended a process", extra={
+                "sandbox": self.sandbox_id, "container": msg.container_id, "oom_kills": msg.oom_kills})
 
     def _notify_change(self) -> None:
         try:

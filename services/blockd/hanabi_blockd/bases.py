@@ -15,7 +15,8 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Callable, ContextManager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 from hanabi_blockd.gc import BaseUsage
 from hanabi_common.locks import KeyedLocks
@@ -61,7 +62,7 @@ class BaseStore:
     def _meta_path(self, key: str) -> Path:
         return self.dir / f"{key}.json"
 
-    def key_lock(self, key: str) -> ContextManager[None]:
+    def key_lock(self, key: str) -> AbstractContextManager[None]:
         """Hold the lock serialising the build and removal of one base."""
         return self._locks.hold(key)
 

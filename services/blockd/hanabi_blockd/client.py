@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from hanabi_common.config import Config
-from hanabi_common.models.base import NoArgs, Removed, SandboxRef
+from hanabi_common.models.base import Drain, Drained, NoArgs, Removed, SandboxRef
 from hanabi_common.models.blockd import (BackendInfo, BindSource, BlockListing, Collected, CollectBases, ProvisionVolume,
                                          VolumeInfo, VolumeList)
 from hanabi_common.rpc.client import RpcClient
@@ -21,7 +23,7 @@ class BlockdClient(ContractClient):
         self.rpc = RpcClient("blockd", config.endpoint("blockd"), timeout=timeout or max(config.rpc.default_timeout_s, 120))
 
     def provision(self, sandbox_id: str, rootfs: str, readonly: bool = False,
-                  binds: list[tuple[str, str, bool]] = (), formats: list[str] | None = None,
+                  binds: Sequence[tuple[str, str, bool]] = (), formats: list[str] | None = None,
                   share_root: str | None = None, container_id: str | None = None) -> VolumeInfo:
         """Give the sandbox its root filesystem and binds (name, source, read-only): with
         `share_root` (the VM's export root) bind-mounted live into it, else as a root
@@ -36,6 +38,10 @@ class BlockdClient(ContractClient):
     def release(self, sandbox_id: str) -> Removed:
         """Remove the sandbox's volumes (idempotent)."""
         return self.call(BLOCKD.release, SandboxRef(sandbox_id=sandbox_id))
+
+    def drain(self, timeout_s: float = 30.0) -> Drained:
+        """Wait until the released volumes are all removed; the ones still pending."""
+        return self.call(BLOCKD.drain, Drain(timeout_s=timeout_s), timeout=timeout_s + 5)
 
     def get(self, sandbox_id: str) -> VolumeInfo:
         """The volumes of one sandbox (NotFound if none)."""

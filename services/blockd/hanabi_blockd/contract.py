@@ -6,7 +6,7 @@ Drives `BlockService.register` and `BlockdClient` (hanabi_common.rpc.contract).
 
 from __future__ import annotations
 
-from hanabi_common.models.base import NoArgs, Removed, SandboxRef
+from hanabi_common.models.base import Drain, Drained, NoArgs, Removed, SandboxRef
 from hanabi_common.models.blockd import (BackendInfo, BlockListing, Collected, CollectBases, ProvisionVolume,
                                          VolumeInfo, VolumeList)
 from hanabi_common.rpc.contract import Contract, Rpc
@@ -18,6 +18,7 @@ class BLOCKD(Contract):
     daemon = "blockd"
     provision = Rpc("volume.provision", ProvisionVolume, VolumeInfo)
     release = Rpc("volume.release", SandboxRef, Removed, idempotent=True)
+    drain = Rpc("volume.drain", Drain, Drained, idempotent=True)
     get = Rpc("volume.get", SandboxRef, VolumeInfo, idempotent=True)
     list = Rpc("volume.list", NoArgs, VolumeList, idempotent=True)
     listing = Rpc("block.list", NoArgs, BlockListing, idempotent=True)

@@ -16,7 +16,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from hanabi_blockd import dmplan
 from hanabi_blockd.bases import BaseMeta

@@ -4,7 +4,7 @@ never one that a sandbox holds or a provisioning in flight is about to use."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Collection, Iterable
+from collections.abc import Collection, Iterable
 
 
 @dataclass(frozen=True)

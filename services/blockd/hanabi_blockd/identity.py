@@ -33,7 +33,7 @@ import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 from hanabi_blockd.mountinfo import MountEntry, mount_at
 
@@ -106,7 +106,7 @@ def content_key(records: Iterable[tuple]) -> str:
 def listing(root: Path, contents: bool = False) -> list[tuple]:
     """(path, mode, uid, gid, size, mtime_ns, ctime_ns, link) for every entry below `root`;
     with `contents`, timestamps are replaced by a digest of each regular file's data."""
-    records = []
+    records: list[tuple] = []
     for dirpath, dirnames, filenames in os.walk(root):
         for name in dirnames + filenames:
             full = os.path.join(dirpath, name)

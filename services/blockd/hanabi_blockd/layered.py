@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import shutil
 from pathlib import Path
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from hanabi_blockd.bases import BaseMeta, BaseStore, allocated_bytes
 from hanabi_blockd.cow import make_layer

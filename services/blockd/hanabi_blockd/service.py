@@ -5,6 +5,8 @@ else a layer over the shared base of the rootfs's image (identity.py, layered.py
 devicemapper backend). devices.json is the only record of what a sandbox holds: blockd keeps
 nothing in memory that a restart would need, and at start-up it removes what no record
 claims (a crash mid-provisioning) and gives back passthrough devices of unfinished records.
+`volume.release` only moves devices.json into blockd's release queue (hanabi_common.releasing):
+the unmounting and file removal happen in the background, or at blockd's next start.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import logging
 import os
 import threading
 from collections import Counter
+from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hanabi_blockd import passthrough, shares
 from hanabi_blockd.contract import BLOCKD
@@ -29,11 +33,15 @@ from hanabi_common.errors import AlreadyExists, FailedPrecondition, HanabiError,
 from hanabi_common.locks import KeyedLocks
 from hanabi_common.metrics import Gauges, LabelledGauge
 from hanabi_common import disowned
-from hanabi_common.models.base import NoArgs, Removed, SandboxRef
+from hanabi_common.models.base import Drain, Drained, NoArgs, Removed, SandboxRef
 from hanabi_common.models.blockd import (BackendInfo, BaseInfo, BlockListing, Collected, CollectBases,
                                          ProvisionVolume, VolumeInfo, VolumeList)
+from hanabi_common.releasing import Releases
 from hanabi_common.rpc.server import RpcServer
 from hanabi_common.state import StateStore
+
+if TYPE_CHECKING:
+    from hanabi_blockd.devicemapper import DeviceMapperVolumes
 
 log = logging.getLogger("hanabi.blockd")
 SWEEP_INTERVAL_S = 1.0
@@ -50,7 +58,7 @@ class BlockService:
         self.backend_name, self.reason = choose_backend(config.block.backend, probe_host())
         self.files = LoopFileBackend(config.block.volume_dir, config.block.headroom_mib,
                                      config.block.max_volume_mib)
-        self.volumes = LoopFileVolumes(self.files)
+        self.volumes: LoopFileVolumes | DeviceMapperVolumes = LoopFileVolumes(self.files)
         if self.backend_name == "devicemapper":
             from hanabi_blockd.devicemapper import DeviceMapperVolumes
             try:
@@ -67,12 +75,15 @@ class BlockService:
         self._guard = threading.Lock()
         self._gc_lock = threading.Lock()
         self._pending: Counter[str] = Counter()  # base keys of provisionings in flight
+        self.releases = Releases(config.run_dir, "blockd", self._finish_release, log)
+        self.releases.finish_all()  # what a crash left between a release and its cleanup
         self._recover()
         # Containers deleted while blockd was down: their volumes go now.
         disowned.reconcile(self.store, STATE_NAME, lambda sid: self.release(SandboxRef(sandbox_id=sid)), log)
         self._stop = threading.Event()
         self._sweeper = threading.Thread(target=self._sweep_loop, name="blockd-kept-sweeper", daemon=True)
         self._sweeper.start()
+        self.releases.start()
 
     def _sweep_loop(self) -> None:
         """Drop kept root layers soon after Docker removed their containers."""
@@ -91,6 +102,17 @@ class BlockService:
                 states[sid] = state
         return states
 
+    def _released(self) -> list[DevicesState]:
+        """The records of released sandboxes whose cleanup is still pending (they still
+        hold their files, mounts and bases until the worker is done)."""
+        states = []
+        for sid in self.releases.pending():
+            try:
+                states.append(DevicesState.model_validate_json(self.releases.record_path(sid).read_bytes()))
+            except (OSError, ValueError):
+                continue
+        return states
+
     def _recover(self) -> None:
         """Finish what a crash interrupted, then drop whatever no devices.json claims."""
         for sid, state in self._states().items():
@@ -101,11 +123,12 @@ class BlockService:
                     self.store.remove(sid, STATE_NAME)
                 except HanabiError as exc:
                     log.error("rollback failed", extra={"sandbox": sid, "error": exc.message})
-        claimed = {Path(v.path) for s in self._states().values() for v in s.volumes}
+        holding = list(self._states().values()) + self._released()
+        claimed = {Path(v.path) for s in holding for v in s.volumes}
         for leftover in self.volumes.recover(claimed):
             log.warning("removed a leftover volume file", extra={"path": str(leftover)})
         shared = {str(shares.container_dir(Path(r.share_root), r.container_id) / name)
-                  for s in self._states().values() for r in s.shares for name in r.names}
+                  for s in holding for r in s.shares for name in r.names}
         for point in shares.remove_unclaimed(self.shares_dir, shared):
             log.warning("removed a share mount no sandbox claims", extra={"path": point})
 
@@ -117,6 +140,7 @@ class BlockService:
         """Stop the sweeper; the volumes stay with their sandboxes."""
         self._stop.set()
         self._sweeper.join(timeout=5)
+        self.releases.close()
 
     # -- provisioning ----------------------------------------------------------------
 
@@ -129,6 +153,7 @@ class BlockService:
         if not rootfs.is_dir():
             raise InvalidArgument(f"rootfs {rootfs} is not a directory")
         with self.locks.hold(sid):
+            self.releases.finish(sid)  # an earlier sandbox of this id: its files bear the id
             if self.store.read(sid, STATE_NAME, DevicesState) is not None:
                 raise AlreadyExists(f"sandbox {sid} already has a volume")
             state = DevicesState(volumes=[])
@@ -195,6 +220,7 @@ class BlockService:
         """Bind the rootfs directory (unless `root` passed its device through) and the binds
         into the VM's export root; recorded before the first mount."""
         cid = request.container_id or request.sandbox_id
+        assert request.share_root is not None  # provision() calls this only with a share root
         entries = [] if root is not None else [shares.ShareEntry(shares.ROOTFS_NAME, Path(request.rootfs))]
         entries += [shares.ShareEntry(b.name, Path(b.source), b.readonly) for b in request.binds]
         state.shares.append(ShareRecord(share_root=request.share_root, container_id=cid,
@@ -240,16 +266,28 @@ class BlockService:
                 self.files.remove(Path(volume.path))
 
     def release(self, request: SandboxRef) -> Removed:
-        """Remove the sandbox's volumes (idempotent); its base stays for reuse."""
-        with self.locks.hold(request.sandbox_id):
-            state = self.store.read(request.sandbox_id, STATE_NAME, DevicesState)
-            if state is None:
-                return Removed(existed=False)
-            self._undo(state)
-            self.store.remove(request.sandbox_id, STATE_NAME)
-        self._collect_quietly()
-        log.info("released", extra={"sandbox": request.sandbox_id})
+        """Release the sandbox's volumes (idempotent): devices.json moves into the release
+        queue at once; unmounting and removing the files (`_finish_release`) follow in the
+        background. Its base stays for reuse."""
+        sid = request.sandbox_id
+        with self.locks.hold(sid):
+            record = self.releases.take(self.store.path(sid, STATE_NAME), sid)
+            self.store.remove_dir_if_empty(sid)
+        if record is None:
+            return Removed(existed=self.releases.record_path(sid).exists())
+        self.releases.wake()
         return Removed(existed=True)
+
+    def _finish_release(self, sid: str, record: Path) -> None:
+        """Unmount and remove what a released sandbox's record names (the queue's worker)."""
+        self._undo(DevicesState.model_validate_json(record.read_bytes()))
+        record.unlink()  # before collecting: its base is free now
+        self._collect_quietly()
+        log.info("released", extra={"sandbox": sid})
+
+    def drain(self, request: Drain) -> Drained:
+        """Wait until the released volumes are all removed (or the timeout passed)."""
+        return Drained(pending=self.releases.drain(request.timeout_s))
 
     # -- collection of bases ---------------------------------------------------------
 
@@ -260,18 +298,22 @@ class BlockService:
             for volume in state.volumes:
                 if volume.base_key:
                     held.setdefault(volume.base_key, []).append(sid)
+        for state in self._released():  # until the worker removed its layer
+            for volume in state.volumes:
+                if volume.base_key:
+                    held.setdefault(volume.base_key, []).append(volume.sandbox_id)
         return held
 
     def _collect(self, budget_bytes: int) -> list[str]:
         with self._gc_lock:
             with self._guard:
-                kept = getattr(self.volumes, "held_bases", lambda: set())()
+                kept: set[str] = getattr(self.volumes, "held_bases", lambda: set())()
             in_use = set(self.holders()) | {k for k, n in self._pending.items() if n > 0} | kept
             removed = []
             for key in choose_evictions(self.volumes.base_usage(), in_use, budget_bytes):
                 # A provisioning may have picked the base since: it counts as pending before
                 # it takes the base's lock, and the veto is asked under that lock.
-                if self.volumes.remove_base(key, unless=lambda k=key: self._pending_for(k)):
+                if self.volumes.remove_base(key, unless=partial(self._pending_for, key)):
                     removed.append(key)
                     log.info("collected an unused base", extra={"key": key})
             return removed

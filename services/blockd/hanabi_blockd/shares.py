@@ -101,7 +101,7 @@ def attach(share_root: Path, container_id: str, entries: list[ShareEntry]) -> No
     cdir.mkdir(mode=0o700, exist_ok=True)
     done: list[ShareEntry] = []
     try:
-        for entry, is_dir in zip(entries, kinds):
+        for entry, is_dir in zip(entries, kinds, strict=True):
             target = cdir / entry.name
             if is_dir:
                 target.mkdir(mode=0o755, exist_ok=True)

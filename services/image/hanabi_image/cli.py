@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Optional
 
 import typer
 
@@ -18,7 +17,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 
 @app.command()
 def build(
-    out: Optional[str] = typer.Option(None, "--out", help="Result directory (default: "
+    out: str | None = typer.Option(None, "--out", help="Result directory (default: "
                                       "/var/lib/hanabi/guest/<inputs-hash>, and `current` points at it)."),
     force: bool = typer.Option(False, "--force", help="Rebuild even if the inputs did not change."),
     cache: str = typer.Option("/var/cache/hanabi/debs", "--cache", help="Where downloaded .deb files are kept."),

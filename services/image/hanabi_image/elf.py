@@ -37,7 +37,7 @@ class Elf:
             "<HHIQQQIHHHHHH", data, 16)
 
     @classmethod
-    def load(cls, path: str) -> "Elf":
+    def load(cls, path: str) -> Elf:
         with open(path, "rb") as f:
             return cls(f.read())
 

@@ -54,7 +54,7 @@ MODULES = ["virtio_pci", "virtio_mmio", "virtio_blk", "virtio_console", "virtio_
            "vmw_vsock_virtio_transport", "virtio_balloon", "virtio_rng", "9p", "9pnet_virtio", "9pnet_fd"]
 AGENT_FILES = ["__init__.py", "channel.py", "core.py", "sandbox.py", "process.py",
                "handlers.py", "procio.py", "poller.py", "agent.py", "mounts.py", "share.py", "namespaces.py", "network.py", "dnsrelay.py",
-               "blkswap.py", "caps.py", "seccomp.py", "linuxspec.py", "cgroups.py", "hardening.py"]
+               "blkswap.py", "caps.py", "seccomp.py", "linuxspec.py", "cgroups.py", "hardening.py", "oom.py"]
 WIRE_FILES = ["__init__.py", "constants.py", "framing.py", "schema.py", "messages.py"]
 PACKAGES_IN_IMAGE = ("hanabi_guest/", "hanabi_wire/")
 # Imported lazily by the agent, or needed by the interpreter in the guest's C locale.
@@ -232,7 +232,8 @@ def _verify_python(root: str) -> None:
     """Run the trimmed interpreter from the tree: every guest import must resolve inside it."""
     check = ("import sys; sys.path.insert(0, sys.argv[1]); import hanabi_guest.agent, json, ctypes, resource; "
              "import hanabi_wire, hanabi_wire.messages; "
-             "ctypes.CDLL('libc.so.6').getpid(); ctypes.CDLL('libseccomp.so.2').seccomp_version; import traceback\ntry: 1/0\nexcept Exception: traceback.format_exc()\n"
+             "ctypes.CDLL('libc.so.6').getpid(); ctypes.CDLL('libseccomp.so.2').seccomp_version; "
+             "import traceback\ntry: 1/0\nexcept Exception: traceback.format_exc()\n"
              "bad = [m for m, v in sys.modules.items() if getattr(v, '__file__', None) and "
              "not v.__file__.startswith(sys.argv[2])]; assert not bad, bad; print(sys.version)")
     _python(os.path.join(root, PY), "-c", check, os.path.join(root, "usr/lib/hanabi"), root)
@@ -359,7 +360,7 @@ def build(out: str | None = None, force: bool = False, cache: str = D.DEFAULT_CA
             os.makedirs(tmp)
             try:
                 manifest = _build_into(tmp, debs, paths, digest)
-                manifest["built_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+                manifest["built_at"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
                 manifest["build_seconds"] = round(time.monotonic() - t0, 2)
                 with open(os.path.join(tmp, "manifest.json"), "w", encoding="utf-8") as f:
                     json.dump(manifest, f, indent=2, sort_keys=True)

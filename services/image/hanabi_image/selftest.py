@@ -52,7 +52,8 @@ def run(python: str, agent_path: str) -> None:
         proc = subprocess.Popen([python, "-I", "-S", "-B", "-c", code], pass_fds=[fd],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         theirs.close()
-        dec, inbox = P.FrameDecoder(), []  # type: ignore[var-annotated]
+        dec = P.FrameDecoder()
+        inbox: list = []
         try:
             def req(i: int, mtype: str, **fields: Any) -> dict[str, Any]:
                 return _exchange(ours, dec, inbox, {"type": mtype, "id": i, **fields}, "reply")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from hanabi_common.config import Config
-from hanabi_common.models.base import NoArgs, Removed, SandboxRef
+from hanabi_common.models.base import Drain, Drained, NoArgs, Removed, SandboxRef
 from hanabi_common.models.netd import AttachNetwork, ChangesAfter, LinkChanges, NetnsInfo, NetworkInfo, NetworkList
 from hanabi_common.rpc.client import RpcClient
 from hanabi_common.rpc.contract import ContractClient
@@ -30,6 +30,10 @@ class NetdClient(ContractClient):
     def detach(self, sandbox_id: str) -> Removed:
         """Tear a sandbox's network down (idempotent)."""
         return self.call(NETD.detach, SandboxRef(sandbox_id=sandbox_id))
+
+    def drain(self, timeout_s: float = 30.0) -> Drained:
+        """Wait until the released networks are all removed; the ones still pending."""
+        return self.call(NETD.drain, Drain(timeout_s=timeout_s), timeout=timeout_s + 5)
 
     def get(self, sandbox_id: str) -> NetworkInfo:
         """The network of one sandbox (NotFound if none)."""

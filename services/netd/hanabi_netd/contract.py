@@ -5,7 +5,7 @@ Drives `NetService.register` and `NetdClient` (hanabi_common.rpc.contract).
 
 from __future__ import annotations
 
-from hanabi_common.models.base import NoArgs, Removed, SandboxRef
+from hanabi_common.models.base import Drain, Drained, NoArgs, Removed, SandboxRef
 from hanabi_common.models.netd import AttachNetwork, ChangesAfter, LinkChanges, NetnsInfo, NetworkInfo, NetworkList
 from hanabi_common.rpc.contract import Contract, Rpc
 
@@ -17,6 +17,7 @@ class NETD(Contract):
     create_netns = Rpc("net.create_netns", SandboxRef, NetnsInfo)
     attach = Rpc("net.attach", AttachNetwork, NetworkInfo)
     detach = Rpc("net.detach", SandboxRef, Removed, idempotent=True)
+    drain = Rpc("net.drain", Drain, Drained, idempotent=True)
     get = Rpc("net.get", SandboxRef, NetworkInfo, idempotent=True)
     list = Rpc("net.list", NoArgs, NetworkList, idempotent=True)
     changes = Rpc("net.changes", ChangesAfter, LinkChanges, idempotent=True)

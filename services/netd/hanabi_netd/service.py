@@ -10,7 +10,9 @@ written to `network.json` before anything is made, so a netd killed half-way, or
 restarted while containers run, still knows what to remove; `detach` removes the taps
 and qdiscs and leaves the namespace's links as Docker made them. A namespace that is
 gone (Docker deletes it when the container stops) took its taps with it; one netd made
-is unpinned by `detach` (and dies with its last user, the VM's tap fds).
+is unpinned by `detach` (and dies with its last user, the VM's tap fds). `detach` itself
+only moves network.json into netd's release queue (hanabi_common.releasing): the taps,
+qdiscs and namespace go in the background, or at netd's next start.
 """
 
 from __future__ import annotations
@@ -20,14 +22,16 @@ import logging
 import os
 import threading
 import time
+from pathlib import Path
 
 from hanabi_common.config import Config
 from hanabi_common.errors import AlreadyExists, FailedPrecondition, HanabiError, NotFound
 from hanabi_common.metrics import Gauges, LabelledGauge
 from hanabi_common import disowned
-from hanabi_common.models.base import Removed, SandboxRef
+from hanabi_common.models.base import Drain, Drained, Removed, SandboxRef
 from hanabi_common.models.netd import AttachNetwork, ChangesAfter, LinkChanges, NetnsInfo, NetworkInfo, NetworkList
 from hanabi_common.netns import check_netns, create_netns, remove_netns
+from hanabi_common.releasing import Releases
 from hanabi_common.rpc.server import RpcServer
 from hanabi_common.state import StateStore
 from hanabi_netd.contract import NETD
@@ -64,6 +68,8 @@ class NetworkService:
         self._lock = threading.Lock()
         self._watch = watch
         self._watchers: dict[str, NetnsWatcher] = {}
+        self.releases = Releases(config.run_dir, "netd", self._finish_release, log)
+        self.releases.finish_all()  # what a crash left between a detach and its cleanup
         for sid in self.store.list_sandboxes(having=STATE_NAME):  # a restart watches again
             state = self.store.read(sid, STATE_NAME, NetworkState)
             if state is not None and state.network is not None and _same_netns(state.network):
@@ -71,6 +77,7 @@ class NetworkService:
         # Containers deleted while netd was down: their taps and namespaces go now.
         disowned.reconcile(self.store, STATE_NAME, lambda sid: self.detach(SandboxRef(sandbox_id=sid)), log)
         self._sweep_netns()
+        self.releases.start()
 
     def _sweep_netns(self) -> None:
         """Unpin the namespaces netd made that no network.json claims any more (a crash
@@ -85,6 +92,8 @@ class NetworkService:
                 return  # cannot tell what is claimed: touch nothing
             if state is not None:
                 claimed |= {p for p in (state.owned_netns, state.network.netns_path if state.network else None) if p}
+        for sid in self.releases.pending():  # the release worker removes those
+            claimed.add(self.netns_path_for(sid))
         entries = [str(self.netns_dir / name) for name in os.listdir(self.netns_dir)]
         for path in orphan_netns(entries, claimed):
             try:
@@ -102,6 +111,7 @@ class NetworkService:
         for watcher in list(self._watchers.values()):
             watcher.stop()
         self._watchers.clear()
+        self.releases.close()
 
     # -- watching (docker network connect / disconnect) ---------------------------------
 
@@ -113,6 +123,7 @@ class NetworkService:
             watcher.start()
         except Exception as exc:  # noqa: BLE001 - the container still works without it
             log.warning("cannot watch the namespace", extra={"sandbox": sid, "error": str(exc)})
+            watcher.stop()
             return
         self._watchers[sid] = watcher
 
@@ -186,6 +197,8 @@ class NetworkService:
             "hanabi_networks": ("Sandbox networks by mode", LabelledGauge("mode", modes)),
             "hanabi_network_taps": ("Taps wired to container links", sum(len(n.interfaces) for n in networks)),
             "hanabi_network_watched_namespaces": ("Namespaces watched for connect/disconnect", len(self._watchers)),
+            "hanabi_network_releases_pending": ("Released networks whose cleanup is not finished",
+                                                len(self.releases.pending())),
         }
 
     def netns_path_for(self, sandbox_id: str) -> str:
@@ -198,6 +211,7 @@ class NetworkService:
         (Docker's hooks then put its endpoint there, before `attach` reads it)."""
         sid = request.sandbox_id
         with self._lock:
+            self.releases.finish(sid)  # an earlier sandbox of this id: same namespace path
             state = self.store.read(sid, STATE_NAME, NetworkState)
             if state is not None:
                 raise AlreadyExists(f"sandbox {sid} already has a network namespace or network")
@@ -219,6 +233,7 @@ class NetworkService:
         sid, path = request.sandbox_id, request.netns_path
         began = time.monotonic()
         with self._lock:
+            self.releases.finish(sid)
             existing = self.store.read(sid, STATE_NAME, NetworkState)
             if existing is not None and existing.network is not None:
                 raise AlreadyExists(f"sandbox {sid} already has a network")
@@ -261,32 +276,42 @@ class NetworkService:
         return info
 
     def detach(self, request: SandboxRef) -> Removed:
-        """Remove the sandbox's taps and qdiscs, and the namespace if netd made it
-        (idempotent); the namespace's own links stay as they were."""
-        from hanabi_netd import tcfilter
-
+        """Release the sandbox's network (idempotent): network.json moves into the release
+        queue at once; the taps, qdiscs and the namespace netd made go in the background
+        (`_finish_release`). The namespace's own links stay as they were."""
         sid = request.sandbox_id
         self._stop_watching(sid)  # first: a change in progress finishes (it takes the lock)
         with self._lock:
-            state = self.store.read(sid, STATE_NAME, NetworkState)
-            if state is None:
-                return Removed(existed=False)
-            info = state.network
-            if info is not None and info.interfaces and _same_netns(info):
-                def unwire_all(ipr) -> None:
-                    for interface in info.interfaces:
-                        tcfilter.unwire(ipr, interface.link, interface.tap)
+            record = self.releases.take(self.store.path(sid, STATE_NAME), sid)
+            self.store.remove_dir_if_empty(sid)
+        if record is None:
+            return Removed(existed=self.releases.record_path(sid).exists())
+        self.releases.wake()
+        return Removed(existed=True)
 
-                tcfilter.with_ipr(info.netns_path, unwire_all)
-            if state.owned_netns is not None:
-                try:
-                    remove_netns(state.owned_netns)
-                except OSError as exc:
-                    raise FailedPrecondition(f"cannot remove network namespace {state.owned_netns}: {exc}") from None
-            self.store.remove(sid, STATE_NAME)
+    def _finish_release(self, sid: str, record: Path) -> None:
+        """Remove what a released sandbox's record names (the queue's worker; no lock of ours)."""
+        from hanabi_netd import tcfilter
+
+        state = NetworkState.model_validate_json(record.read_bytes())
+        info = state.network
+        if info is not None and info.interfaces and _same_netns(info):
+            def unwire_all(ipr) -> None:
+                for interface in info.interfaces:
+                    tcfilter.unwire(ipr, interface.link, interface.tap)
+
+            tcfilter.with_ipr(info.netns_path, unwire_all)
+        if state.owned_netns is not None:
+            try:
+                remove_netns(state.owned_netns)
+            except OSError as exc:
+                raise FailedPrecondition(f"cannot remove network namespace {state.owned_netns}: {exc}") from None
         log.info("detached", extra={"sandbox": sid, "taps": [i.tap for i in info.interfaces] if info else [],
                                     "netns_removed": state.owned_netns})
-        return Removed(existed=True)
+
+    def drain(self, request: Drain) -> Drained:
+        """Wait until the released networks are all removed (or the timeout passed)."""
+        return Drained(pending=self.releases.drain(request.timeout_s))
 
     def get(self, request: SandboxRef) -> NetworkInfo:
         """The network of one sandbox."""

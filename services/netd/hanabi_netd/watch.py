@@ -11,9 +11,11 @@ thread. The service decides what changed (`topology.plan_change`) and acts.
 from __future__ import annotations
 
 import logging
+import os
 import select
 import threading
-from typing import Callable
+from collections.abc import Callable
+from typing import Any
 
 from hanabi_common.netns import call_in_netns
 
@@ -31,7 +33,8 @@ class NetnsWatcher:
         self.on_change = on_change
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._ipr = None
+        self._ipr: Any = None  # a pyroute2 IPRoute (untyped)
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)  # stop() ends the select at once
 
     def start(self) -> None:
         """Subscribe (in the namespace) and start the watching thread."""
@@ -49,11 +52,21 @@ class NetnsWatcher:
     def stop(self) -> None:
         """Stop watching (waits for a change in progress to finish)."""
         self._stop.set()
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass  # stopped already
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=30)
         if self._ipr is not None:
             self._ipr.close()
             self._ipr = None
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._wake_r = self._wake_w = -1
 
     def _drain(self) -> bool:
         """Read what is queued; True when any of it was an event."""
@@ -66,8 +79,11 @@ class NetnsWatcher:
         pending = False
         while not self._stop.is_set():
             try:
-                ready, _, _ = select.select([self._ipr.fileno()], [], [], SETTLE_S if pending else POLL_S)
+                ready, _, _ = select.select([self._ipr.fileno(), self._wake_r], [], [],
+                                            SETTLE_S if pending else POLL_S)
             except (OSError, ValueError):
+                return
+            if self._stop.is_set():
                 return
             if ready:
                 pending = self._drain() or pending

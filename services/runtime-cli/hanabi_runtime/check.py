@@ -110,15 +110,15 @@ def render(facts: HostFacts, reports: list[BackendReport]) -> str:
     lines = []
     for r in reports:
         lines.append(f"{r.name}: {'can run' if r.can_run else 'CANNOT run on this host'}")
-        for problem, fix in zip(r.problems, r.install):  # one fix per problem
+        for problem, fix in zip(r.problems, r.install, strict=False):  # one fix per problem
             lines += [f"  - {problem}", f"    to fix: {fix}"]
         lines += [f"  note: {n}" for n in r.notes]
     choice = auto_choice(reports)
     lines.append(f"--hypervisor auto takes: {choice or 'nothing (no backend can run)'}")
     lines.append("block devices: " + ("device-mapper present (dm-thin volumes)" if facts.device_mapper
                                       else "no device-mapper: blockd uses its loop-file backend"))
-    for name, problem in sorted(facts.daemons.items()):
-        lines.append(f"daemon {name}: " + ("answers" if problem is None else f"not reachable ({problem})"))
+    for name, trouble in sorted(facts.daemons.items()):
+        lines.append(f"daemon {name}: " + ("answers" if trouble is None else f"not reachable ({trouble})"))
     return "\n".join(lines)
 
 

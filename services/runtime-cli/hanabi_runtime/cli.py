@@ -13,7 +13,6 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -39,18 +38,18 @@ def _print_version(value: bool) -> None:
 @app.callback()
 def _global(version: bool = typer.Option(False, "--version", "-v", callback=_print_version, is_eager=True,
                                          help="print the version (as `runc --version`; podman info asks for it)"),
-            root: Optional[str] = typer.Option(None, help="runc's state root (recorded; hanabi keeps state under run_dir)"),
-            log: Optional[Path] = typer.Option(None, help="also write errors to this file"),
+            root: str | None = typer.Option(None, help="runc's state root (recorded; hanabi keeps state under run_dir)"),
+            log: Path | None = typer.Option(None, help="also write errors to this file"),
             log_format: str = typer.Option("text", help="text or json, for --log"),
             debug: bool = typer.Option(False, help="verbose logging to stderr"),
             systemd_cgroup: bool = typer.Option(False, help="accepted for runc compatibility"),
-            config: Optional[Path] = typer.Option(None, help="hanabi config file (default $HANABI_CONFIG or /etc/hanabi/hanabi.toml)"),
-            hypervisor: Optional[str] = typer.Option(None, help="auto, qemu or firecracker (default: the config's vmm.hypervisor)")) -> None:
+            config: Path | None = typer.Option(None, help="hanabi config file (default $HANABI_CONFIG or /etc/hanabi/hanabi.toml)"),
+            hypervisor: str | None = typer.Option(None, help="auto, qemu or firecracker (default: the config's vmm.hypervisor)")) -> None:
     _globals.update(root=root, log=log, log_format=log_format, debug=debug, config=config, hypervisor=hypervisor)
     _setup_logging(log, log_format, debug)
 
 
-def _setup_logging(log: Optional[Path], log_format: str, debug: bool) -> None:
+def _setup_logging(log: Path | None, log_format: str, debug: bool) -> None:
     from hanabi_runtime.clilog import setup_logging
     setup_logging(log, log_format, debug)
 
@@ -69,7 +68,7 @@ def _runtime():
     return runtime
 
 
-def _config_text(path: Optional[Path]) -> Optional[str]:
+def _config_text(path: Path | None) -> str | None:
     try:
         return path.read_bytes().decode() if path is not None else None
     except (OSError, UnicodeDecodeError):
@@ -100,8 +99,8 @@ def _guard(action):
 @app.command()
 def create(container_id: str = typer.Argument(..., metavar="ID"),
            bundle: str = typer.Option(".", "--bundle", "-b", help="path to the OCI bundle"),
-           pid_file: Optional[str] = typer.Option(None, help="write the container's host pid here"),
-           console_socket: Optional[str] = typer.Option(None, help="unix socket that gets the pty master (process.terminal: true)"),
+           pid_file: str | None = typer.Option(None, help="write the container's host pid here"),
+           console_socket: str | None = typer.Option(None, help="unix socket that gets the pty master (process.terminal: true)"),
            no_pivot: bool = typer.Option(False, help="accepted for runc compatibility"),
            no_new_keyring: bool = typer.Option(False, help="accepted for runc compatibility"),
            preserve_fds: int = typer.Option(0, help="extra fds to pass (only 0: they cannot reach the VM)")) -> None:
@@ -147,9 +146,9 @@ def delete(container_id: str = typer.Argument(..., metavar="ID"),
 @app.command()
 def run(container_id: str = typer.Argument(..., metavar="ID"),
         bundle: str = typer.Option(".", "--bundle", "-b", help="path to the OCI bundle"),
-        pid_file: Optional[str] = typer.Option(None, help="write the container's host pid here"),
+        pid_file: str | None = typer.Option(None, help="write the container's host pid here"),
         detach: bool = typer.Option(False, "--detach", "-d", help="do not wait for the container"),
-        console_socket: Optional[str] = typer.Option(None, help="with --detach: unix socket that gets the pty master"),
+        console_socket: str | None = typer.Option(None, help="with --detach: unix socket that gets the pty master"),
         no_pivot: bool = typer.Option(False, help="accepted for runc compatibility"),
         no_new_keyring: bool = typer.Option(False, help="accepted for runc compatibility"),
         keep: bool = typer.Option(False, help="do not delete the container after it exits")) -> None:
@@ -221,15 +220,15 @@ def spec(bundle: str = typer.Option(".", "--bundle", "-b", help="where to write 
 
 @app.command("exec", context_settings={"allow_interspersed_args": False})
 def exec_(container_id: str = typer.Argument(..., metavar="ID"),
-          command: Optional[list[str]] = typer.Argument(None, metavar="[COMMAND]..."),
-          process: Optional[str] = typer.Option(None, "--process", "-p", help="OCI process JSON file"),
+          command: list[str] | None = typer.Argument(None, metavar="[COMMAND]..."),
+          process: str | None = typer.Option(None, "--process", "-p", help="OCI process JSON file"),
           detach: bool = typer.Option(False, "--detach", "-d", help="do not wait for the process"),
-          pid_file: Optional[str] = typer.Option(None, help="write the process's host pid here"),
-          console_socket: Optional[str] = typer.Option(None, help="unix socket for the pty master"),
+          pid_file: str | None = typer.Option(None, help="write the process's host pid here"),
+          console_socket: str | None = typer.Option(None, help="unix socket for the pty master"),
           tty: bool = typer.Option(False, "--tty", "-t", help="allocate a pty"),
-          cwd: Optional[str] = typer.Option(None, help="working directory in the container"),
+          cwd: str | None = typer.Option(None, help="working directory in the container"),
           env: list[str] = typer.Option([], "--env", "-e", help="extra KEY=VALUE"),
-          user: Optional[str] = typer.Option(None, "--user", "-u", help="uid[:gid]"),
+          user: str | None = typer.Option(None, "--user", "-u", help="uid[:gid]"),
           preserve_fds: int = typer.Option(0, help="extra fds to pass (only 0: they cannot reach the VM)")) -> None:
     """Run one more process in a running container."""
     _refuse_preserve_fds(container_id, preserve_fds)
@@ -263,16 +262,27 @@ def ps(container_id: str = typer.Argument(..., metavar="ID"),
 def events(container_id: str = typer.Argument(..., metavar="ID"),
            stats: bool = typer.Option(False, "--stats", help="print one stats event and exit"),
            interval: float = typer.Option(5.0, "--interval", help="seconds between stats events")) -> None:
-    """Print stats events of the container's VM (once with --stats, else until it stops)."""
+    """Print stats events of the container's VM (once with --stats, else until it stops,
+    with an `oom` event whenever its memory cgroup runs out of memory, as runc does)."""
     from hanabi_runtime import observe
 
     def stream():
         runtime = _runtime()
-        while True:
-            typer.echo(json.dumps(observe.stats(runtime, container_id)))
-            if stats or runtime.status(runtime.load(container_id)) == "stopped":
-                return
-            time.sleep(max(interval, 0.1))
+        notifier = None if stats else observe.oom_notifier(runtime, container_id)
+        try:
+            while True:
+                typer.echo(json.dumps(observe.stats(runtime, container_id)))
+                if stats or runtime.status(runtime.load(container_id)) == "stopped":
+                    return
+                deadline = time.monotonic() + max(interval, 0.1)
+                while (left := deadline - time.monotonic()) > 0:
+                    if notifier is None:
+                        time.sleep(left)  # the interval between stats events
+                    elif notifier.wait(left):
+                        typer.echo(json.dumps(observe.oom_event(container_id)))
+        finally:
+            if notifier is not None:
+                notifier.close()
     _guard(stream)
 
 
@@ -290,7 +300,7 @@ def resume(container_id: str = typer.Argument(..., metavar="ID")) -> None:
 
 @app.command()
 def update(container_id: str = typer.Argument(..., metavar="ID"),
-           resources: Optional[str] = typer.Option(None, "--resources", "-r", help="LinuxResources JSON file, or - for stdin")) -> None:
+           resources: str | None = typer.Option(None, "--resources", "-r", help="LinuxResources JSON file, or - for stdin")) -> None:
     """Change a container's resources (the VM's size is fixed at create for now)."""
     from hanabi_runtime.resources import apply_update
 
@@ -352,8 +362,8 @@ def check(json_output: bool = typer.Option(False, "--json", help="print the repo
 
 @app.command("install-docker")
 def install_docker(daemon_json: Path = typer.Option(Path("/etc/docker/daemon.json"), help="the daemon.json to edit (created if missing)"),
-                   runtime_path: Optional[str] = typer.Option(None, help="hanabi-runtime for dockerd to run (default: this one)"),
-                   config: Optional[Path] = typer.Option(None, "--config", help="hanabi config the runtimes get as --config")) -> None:
+                   runtime_path: str | None = typer.Option(None, help="hanabi-runtime for dockerd to run (default: this one)"),
+                   config: Path | None = typer.Option(None, "--config", help="hanabi config the runtimes get as --config")) -> None:
     """Add the hanabi, hanabi-qemu and hanabi-fc runtimes to Docker's daemon.json."""
     from hanabi_runtime import docker_install
     config = config or _globals.get("config")  # `hanabi-runtime --config X install-docker` works too

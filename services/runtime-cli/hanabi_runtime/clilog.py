@@ -30,7 +30,7 @@ def setup_logging(log, log_format: str, debug: bool) -> None:
     root.addHandler(handler)
 
 
-def report_error(exc, log, log_format: str) -> None:
+def report_error(exc, log, log_format: str | None) -> None:
     """Say a HanabiError on stderr, and in the --log file when there is one."""
     message = exc.message
     sys.stderr.write(f"{PROGRAM}: {exc.code.value.lower()}: {message}\n")

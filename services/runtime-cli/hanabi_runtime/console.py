@@ -36,7 +36,8 @@ import socket
 import struct
 import threading
 from contextlib import contextmanager
-from typing import Iterator, Protocol
+from typing import Protocol
+from collections.abc import Iterator
 
 from hanabi_wire import MAX_TTY_DIM
 
@@ -139,7 +140,7 @@ class ConsoleSocket:
         except FileNotFoundError:
             pass
 
-    def __enter__(self) -> "ConsoleSocket":
+    def __enter__(self) -> ConsoleSocket:
         return self
 
     def __exit__(self, *_: object) -> None:

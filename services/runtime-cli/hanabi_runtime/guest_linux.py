@@ -11,7 +11,7 @@ a filter; the caller logs it).
 from __future__ import annotations
 
 GUEST_KEYS = ("namespaces", "maskedPaths", "readonlyPaths", "sysctl", "seccomp", "devices",
-              "resources", "uidMappings", "gidMappings", "rootfsPropagation", "mountLabel")
+              "resources", "uidMappings", "gidMappings", "rootfsPropagation", "mountLabel", "timeOffsets")
 
 
 def guest_linux(config: dict, seccomp: bool = True) -> dict:

@@ -9,6 +9,7 @@ Whatever fails on the way is undone: a failed create leaves nothing behind.
 
 from __future__ import annotations
 
+import builtins
 import logging
 import os
 import select
@@ -19,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator, Sequence
 
 from hanabi_common.config import Config
 from hanabi_common.errors import (AlreadyExists, FailedPrecondition, HanabiError, Internal,
@@ -229,6 +230,7 @@ class Runtime:
                         dns_relay=relay, dns_netns=network.netns_path if relay else None))
             finally:
                 volume = volume_future.result() if volume_future is not None else None
+        assert volume is not None  # provisioned above (a failure there raised)
         guest_serials: dict[str, str] = {}
         with _phase(timings, "disk_hotplug_s"):
             # Attached writable even for a read-only root: the image is this container's own
@@ -256,7 +258,7 @@ class Runtime:
         return timings, cgroup_dirs
 
     def spawn_standin(self, cid: str, fifo: Path | None, detach: bool, exec_id: str = "init",
-                      console: list[str] | None = None, args: list[str] = ()) -> "StandinProcess":
+                      console: list[str] | None = None, args: Sequence[str] = ()) -> StandinProcess:
         """Start a stand-in for one process of `cid` and wait until it is attached.
         `console`: its terminal arguments, from `console.standin_args`; `args`: the command
         it stands for (its process title, which host ps and `docker top` show)."""
@@ -383,6 +385,7 @@ class Runtime:
         status = self.status(state)
         if status == "created":
             # Nothing runs in the guest yet: the stand-in stands for the process.
+            assert state.standin_pid is not None  # "created" means its stand-in is alive
             os.kill(state.standin_pid, signum)
             return
         if status != "running":
@@ -391,7 +394,9 @@ class Runtime:
 
     # -- delete ------------------------------------------------------------------------
     def delete(self, cid: str, force: bool = False) -> None:
-        """Remove everything the container had; a running one only with force."""
+        """Remove the container: a running one only with force. Returns once the container
+        cannot run and what it held is recorded in the daemons' release queues; they finish
+        the removal in the background (`hanabi_runtime.teardown`, which the lean CLI runs too)."""
         validate_id(cid)
         state = self.store.read(cid, STATE_NAME, RuntimeState)
         if state is None and not self.store.sandbox_dir(cid).exists():
@@ -403,11 +408,6 @@ class Runtime:
             if status in ("running", "creating"):
                 raise FailedPrecondition(f"cannot delete container {cid} that is {status}: "
                                          "stop it first or use --force")
-        if state is not None and state.paused:
-            try:  # a frozen guest cannot answer destroy: let it run for its last moments
-                self.daemons.vmmd.resume(cid)
-            except HanabiError:
-                pass
         try:
             self._teardown(cid, standin_pid=state.standin_pid if state else None,
                            standin_start=state.standin_start_time if state else None,
@@ -416,52 +416,20 @@ class Runtime:
             if state is not None:
                 self._run_later_hooks(state, "poststop", "stopped")
 
+    def _call(self, daemon: str, method: str, body: dict) -> object:
+        return getattr(self.daemons, daemon).rpc.call(method, body, idempotent=True)
+
     def _teardown(self, cid: str, standin_pid: int | None, standin_start: int | None = None,
-                  cgroup_dirs: list[str] | None = None) -> None:
-        """Have each daemon remove its part, end the stand-ins, remove the state. A daemon
-        that is down (UNAVAILABLE) keeps its state file and the sandbox is marked disowned:
+                  cgroup_dirs: builtins.list[str] | None = None) -> None:
+        """One release RPC per daemon, the stand-ins, the state (`hanabi_runtime.teardown`).
+        A daemon that is down keeps its state file and the sandbox is marked disowned:
         that daemon finishes the job when it starts (`hanabi_common.disowned`)."""
-        d = self.daemons
-        steps = [
-            ("agentd", "destroy the container", lambda: d.agentd.destroy(cid, cid)),
-            ("agentd", "disconnect the agent", lambda: d.agentd.disconnect(cid)),
-            ("vmmd", "stop the VM", lambda: d.vmmd.stop(cid)),
-            ("blockd", "release the volume", lambda: d.blockd.release(cid)),
-            ("netd", "detach the network", lambda: d.netd.detach(cid)),
-        ]
-        failures, down = [], set()
-        for daemon, what, step in steps:
-            try:
-                step()
-            except NotFound:
-                pass
-            except Unavailable as exc:
-                down.add(daemon)
-                log.warning(f"{what}: left to {daemon}, which is down", extra={"error": exc.message})
-            except HanabiError as exc:
-                failures.append(f"{what}: {exc.message}")
-        standins = [(standin_pid, standin_start)] + [
-            (record.standin_pid, record.standin_start_time) for record in self.exec_records(cid)]
-        for pid, start in standins:
-            if pid and is_same_process_alive(pid, start):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        if down:
-            from hanabi_common import disowned
-            if disowned.disown(self.store, cid, sorted(down)):
-                log.warning("container removed; the daemons that are down finish its cleanup "
-                            "when they start", extra={"container": cid, "daemons": sorted(down)})
-        else:
-            self.store.purge(cid)
-        if cgroup_dirs:
-            from hanabi_runtime.cgroups import remove
-            left = remove(cgroup_dirs)
-            if left:
-                failures.append(f"cgroups still in use: {', '.join(left)}")
-        if failures:
-            raise Internal(f"container {cid} removed, but not cleanly: " + "; ".join(failures))
+        from hanabi_runtime.teardown import teardown
+
+        def standins() -> list:
+            return [(standin_pid, standin_start)] + [
+                (record.standin_pid, record.standin_start_time) for record in self.exec_records(cid)]
+        teardown(cid, self._call, str(self.store.root), standins, cgroup_dirs)
 
 @contextmanager
 def _phase(timings: dict[str, float], name: str) -> Iterator[None]:

@@ -3,7 +3,9 @@
 `ps --format json` answers with host pids, as containerd's shim and `docker top` expect:
 the stand-ins, which stand for the container's processes on the host. `ps` (table) shows
 what the guest itself sees. Stats describe the VM as the host pays for it (the VMM's CPU
-time and resident memory), with the guest's process count.
+time and resident memory), with the guest's process count. `events` without --stats also
+prints `{"type":"oom","id":ID}` each time the memory cgroup the shim watches runs out of
+memory (the stand-in makes the guest's OOM kills that: hostoom.py).
 """
 
 from __future__ import annotations
@@ -83,6 +85,26 @@ def stats_event(cid: str, vm: dict, pids: int) -> dict:
         },
         "time": time.time(),
     }
+
+
+def oom_event(cid: str) -> dict:
+    """runc's `events` record of an OOM of the container's memory cgroup."""
+    return {"type": "oom", "id": cid}
+
+
+def oom_notifier(runtime, cid: str):
+    """An OOM notification of the memory cgroup the shim watches (the init's stand-in's,
+    see hostoom.py), or None where there is none (a cgroup v2 host, no stand-in)."""
+    from hanabi_runtime.hostoom import OomNotifier, own_memory_cgroup
+
+    state = runtime.load(cid)
+    if not live_pids([(state.standin_pid, state.standin_start_time)]):
+        return None
+    try:
+        found = own_memory_cgroup(state.standin_pid)
+        return OomNotifier(found[1]) if found is not None and found[0] == "v1" else None
+    except OSError:
+        return None
 
 
 def features() -> dict:

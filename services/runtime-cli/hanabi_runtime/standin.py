@@ -4,7 +4,9 @@ Docker's shim waits on the pid `create` wrote to the pid file. That pid is this 
 holds the stdio the shim gave `create`, relays it to and from the container's process through
 agentd's io stream, forwards the signals it receives, and exits with the container's status
 (the exit code, or 128+N when the process was killed by signal N; 255 when unknown).
-Kata 1.x called it kata-shim.
+Kata 1.x called it kata-shim. When the guest's OOM killer ends a process of the container,
+the init's stand-in makes its own host memory cgroup see an OOM (hostoom.py), which is how
+the shim, and so Docker's `OOMKilled` and `oom` event, learn of it.
 
 Run as `python -m hanabi_runtime.standin --sandbox S --container C --ready-fd N
 [--start-fifo F] [--exec-id E] [--config PATH] [--console-socket P | --tty]`. It writes
@@ -20,6 +22,11 @@ import argparse
 import os
 import signal
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from hanabi_agentd.iostream import IoStream
+    from hanabi_runtime.console import ConsoleRelay
 
 SIGNAL_RETRY_S = 120.0
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
@@ -38,8 +45,9 @@ class StandIn:
         # Held open read-write from the start, so `start` can never find the fifo unopened
         # and a read never sees end-of-file.
         self.fifo_fd = os.open(args.start_fifo, os.O_RDWR | os.O_CLOEXEC) if args.start_fifo else None
-        self.stream = None
-        self.console = None
+        self.stream: IoStream | None = None
+        self.console: ConsoleRelay | None = None
+        self.oom_warned = False
 
     def attach(self) -> None:
         """Attach to agentd's io stream for this process (before it starts: nothing is lost);
@@ -48,6 +56,8 @@ class StandIn:
 
         self.stream = IoStream.attach(self.config.run_dir, self.args.sandbox, self.args.container,
                                       self.args.exec_id, timeout=10.0)
+        if self.args.exec_id == "init":  # the pid the shim watches the cgroup of
+            self.stream.on_oom = self.on_oom
         if self.args.console_socket or self.args.tty:
             from hanabi_runtime.console import setup_console
 
@@ -86,8 +96,24 @@ class StandIn:
             time.sleep(delay)  # backoff while agentd is away
             delay = min(delay * 2, 2.0)
 
+    def on_oom(self, oom_kills: int) -> None:
+        """The guest's OOM killer ended a process of the container: make this process's
+        host memory cgroup see an OOM (hostoom.py), before the exit that follows."""
+        from hanabi_common.state import StateStore
+        from hanabi_runtime.hostoom import HostOomError, raise_oom
+        from hanabi_runtime.state import STATE_NAME, RuntimeState
+
+        try:
+            state = StateStore(self.config.sandboxes_dir).read(self.args.container, STATE_NAME, RuntimeState)
+            raise_oom(allowed=state.cgroups if state is not None else [])
+        except (HostOomError, OSError) as exc:
+            if not self.oom_warned:
+                self.oom_warned = True
+                _warn(f"the container ran out of memory, but the host cannot report it: {exc}")
+
     def wait_for_start(self) -> None:
         """Block until `start` writes to the fifo."""
+        assert self.fifo_fd is not None  # not started: it was given a start fifo
         while not os.read(self.fifo_fd, 1):
             pass
         os.close(self.fifo_fd)
@@ -107,6 +133,7 @@ class StandIn:
 
     def relay(self) -> int:
         """Relay stdio until the process exits; return its status."""
+        assert self.stream is not None  # attach() came first
         if self.console is not None:
             return self.console.relay(self.stream)
         return self.stream.relay(_stdin_fd(), 1, 2)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
 
 import typer
 
@@ -45,7 +44,7 @@ def inspect(sandbox_id: str) -> None:
 
 @ctl.command("stop")
 def stop(sandbox_id: str,
-         grace: Optional[float] = typer.Option(None, "--timeout", help="seconds before SIGKILL")) -> None:
+         grace: float | None = typer.Option(None, "--timeout", help="seconds before SIGKILL")) -> None:
     """Stop a sandbox's VM and forget it."""
     app.with_client(lambda rpc: print_json(_client(rpc).stop(sandbox_id, grace)))
 

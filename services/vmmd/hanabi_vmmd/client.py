@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from hanabi_common.config import Config
-from hanabi_common.models.base import NoArgs, Removed, SandboxRef
+from hanabi_common.models.base import Drain, Drained, NoArgs, Removed, SandboxRef
 from hanabi_common.models.vmmd import (AttachDisk, AttachNic, BackendChoice, ChooseBackend, CreateVm, DetachDisk,
                                        DetachNic, DiskInfo, StopVm, VmInfo, VmList, VmNic)
 from hanabi_common.rpc.client import RpcClient
@@ -24,11 +26,11 @@ class VmmdClient(ContractClient):
 
     def create(self, sandbox_id: str, memory_mib: int | None = None, vcpus: int | None = None,
                hypervisor: str | None = None, timeout: float | None = None,
-               nics: list[VmNic] = (), cgroup_dirs: list[str] = ()) -> VmInfo:
+               nics: Sequence[VmNic] = (), cgroup_dirs: Sequence[str] = ()) -> VmInfo:
         """Boot a VM for a sandbox (with NICs on netd's taps); returns once the VMM answers
         (not the guest agent)."""
         request = CreateVm(sandbox_id=sandbox_id, memory_mib=memory_mib, vcpus=vcpus,
-                           hypervisor=hypervisor, nics=list(nics),  # type: ignore[arg-type]
+                           hypervisor=hypervisor, nics=list(nics),
                            cgroup_dirs=list(cgroup_dirs))
         wait = timeout or max(self.rpc.timeout, self.config.vmm.boot_timeout_s + 5)
         return self.call(VMMD.create, request, timeout=wait)
@@ -36,7 +38,7 @@ class VmmdClient(ContractClient):
     def backend(self, hypervisor: str | None = None) -> BackendChoice:
         """The backend a VM asked for with `hypervisor` gets (vmmd resolves `auto`), its
         disk formats and share device."""
-        return self.call(VMMD.backend, ChooseBackend(hypervisor=hypervisor))  # type: ignore[arg-type]  # a bad name is the daemon's INVALID_ARGUMENT
+        return self.call(VMMD.backend, ChooseBackend(hypervisor=hypervisor))
 
     def pool(self) -> VmList:
         """The warm pool's VMs ready to be taken."""
@@ -64,10 +66,18 @@ class VmmdClient(ContractClient):
         return self.call(VMMD.stop, StopVm(sandbox_id=sandbox_id, timeout_s=timeout_s),
                          timeout=max(self.rpc.timeout, grace + 15))
 
+    def release(self, sandbox_id: str) -> Removed:
+        """A container's delete: SIGKILL the VMM now, its cleanup follows in the background."""
+        return self.call(VMMD.release, SandboxRef(sandbox_id=sandbox_id))
+
+    def drain(self, timeout_s: float = 30.0) -> Drained:
+        """Wait until the released VMs are all cleaned up; the ones still pending."""
+        return self.call(VMMD.drain, Drain(timeout_s=timeout_s), timeout=timeout_s + 5)
+
     def attach_disk(self, sandbox_id: str, path: str, serial: str, format: str = "raw",
                     readonly: bool = False) -> DiskInfo:
         """Hot-plug a disk image or block device."""
-        request = AttachDisk(sandbox_id=sandbox_id, path=path, serial=serial, format=format,  # type: ignore[arg-type]
+        request = AttachDisk(sandbox_id=sandbox_id, path=path, serial=serial, format=format,
                              readonly=readonly)
         return self.call(VMMD.attach_disk, request)
 

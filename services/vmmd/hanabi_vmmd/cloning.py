@@ -15,14 +15,17 @@ import hashlib
 import logging
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from hanabi_common.errors import FailedPrecondition, HanabiError
+from hanabi_common.state import StateStore
 from hanabi_wire import T_RESTORED
 from hanabi_wire.constants import RESTORE_SEED_BYTES
 from hanabi_vmmd.agent_probe import agent_request, wait_agent_ready
 from hanabi_vmmd.hypervisor import Hypervisor, NicSpec, VmHandle, VmSpec
 from hanabi_vmmd.qemu_cmdline import kernel_cmdline
+from hanabi_vmmd.vm_host import VmHost
 from hanabi_vmmd.state import HypervisorState
 from hanabi_vmmd.templates import (MEMORY_NAME, STATE_NAME, Template, TemplateParams, TemplateUnsupported,
                                    image_id, vmm_id)
@@ -42,7 +45,7 @@ def restore_fields(sid: str) -> dict:
             "time_ns": time.time_ns(), "hostname": clone_hostname(sid)}
 
 
-class CloneOps:
+class CloneOps(VmHost):
     """Templates: which one fits a VM, building one, cloning it."""
 
     def _template_params(self, backend: Hypervisor, memory_mib: int, vcpus: int) -> TemplateParams | None:
@@ -90,8 +93,8 @@ class CloneOps:
             log.warning("no vm template, booting cold", extra={"error": exc.message})
             return None
 
-    def _clone_or_boot(self, sid: str, store, backend: Hypervisor, memory_mib: int, vcpus: int,
-                       nics: tuple[NicSpec, ...] = (), cgroups=()) -> HypervisorState:
+    def _clone_or_boot(self, sid: str, store: StateStore, backend: Hypervisor, memory_mib: int, vcpus: int,
+                       nics: tuple[NicSpec, ...] = (), cgroups: Sequence[Path] = ()) -> HypervisorState:
         """`_boot` as a clone of the fitting template where there is one; a clone that does
         not start is logged once, its template discarded (rebuilt at the next use), and the
         VM booted cold. Caller holds sid's lock."""
@@ -134,7 +137,7 @@ class CloneOps:
             except FailedPrecondition as exc:
                 raise TemplateUnsupported(f"the guest image at {vmm.guest_dir} cannot make VM templates: "
                                           f"{exc.message} (rebuild it with `hanabi-image build`)") from None
-            backend.save_template(handle, build_dir / STATE_NAME, build_dir / MEMORY_NAME)  # type: ignore[attr-defined]
+            backend.save_template(handle, build_dir / STATE_NAME, build_dir / MEMORY_NAME)  # type: ignore[attr-defined]  # not in Hypervisor: template backends only
         finally:
             backend.stop(handle, vmm.stop_timeout_s)
         return ready_s
@@ -146,7 +149,7 @@ class CloneOps:
         return replace(spec, nics=(), memory_file=template.memory_file, memory_shared=False, incoming=True)
 
     def _start_clone(self, backend: Hypervisor, spec: VmSpec, template: Template, on_spawned) -> VmHandle:
-        return backend.restore(spec, template.state_file, on_spawned)  # type: ignore[attr-defined]
+        return backend.restore(spec, template.state_file, on_spawned)  # type: ignore[attr-defined]  # not in Hypervisor: template backends only
 
     def _finish_clone(self, state: HypervisorState, backend: Hypervisor, handle: VmHandle,
                       nics: tuple[NicSpec, ...], began: float) -> None:

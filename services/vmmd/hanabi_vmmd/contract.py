@@ -5,9 +5,9 @@ Drives `VmmService.register` and `VmmdClient` (hanabi_common.rpc.contract).
 
 from __future__ import annotations
 
-from hanabi_common.models.base import NoArgs, Removed, SandboxRef
-from hanabi_common.models.vmmd import (AttachDisk, AttachNic, BackendChoice, ChooseBackend, CreateVm, DetachDisk, DetachNic, DiskInfo, StopVm,
-                                       VmInfo, VmList)
+from hanabi_common.models.base import Drain, Drained, NoArgs, Removed, SandboxRef
+from hanabi_common.models.vmmd import (AttachDisk, AttachNic, BackendChoice, ChooseBackend, CreateVm, DetachDisk,
+                                       DetachNic, DiskInfo, StopVm, VmInfo, VmList)
 from hanabi_common.rpc.contract import Contract, Rpc
 
 
@@ -20,6 +20,8 @@ class VMMD(Contract):
     list = Rpc("vm.list", NoArgs, VmList, idempotent=True)
     pool = Rpc("vm.pool", NoArgs, VmList, idempotent=True, handler="pooling.pooled")
     stop = Rpc("vm.stop", StopVm, Removed, idempotent=True)
+    release = Rpc("vm.release", SandboxRef, Removed, idempotent=True)
+    drain = Rpc("vm.drain", Drain, Drained, idempotent=True)
     attach_disk = Rpc("vm.attach_disk", AttachDisk, DiskInfo, handler="devices.attach_disk")
     detach_disk = Rpc("vm.detach_disk", DetachDisk, Removed, idempotent=True, handler="devices.detach_disk")
     attach_nic = Rpc("vm.attach_nic", AttachNic, VmInfo, handler="devices.attach_nic")

@@ -13,7 +13,8 @@ import logging
 import os
 import stat
 from pathlib import Path
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 from hanabi_common.errors import AlreadyExists, FailedPrecondition, InvalidArgument
 from hanabi_common.locks import KeyedLocks

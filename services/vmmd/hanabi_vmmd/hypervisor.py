@@ -20,7 +20,8 @@ from __future__ import annotations
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Collection, Literal, Protocol
+from typing import Any, Literal, Protocol
+from collections.abc import Callable, Collection
 
 Accel = Literal["kvm", "tcg"]
 HotplugKind = Literal["disk", "nic"]
@@ -48,6 +49,7 @@ class Capabilities:
     pause: bool  # stops and restarts vCPUs
     snapshots: bool  # writes and restores full snapshots
     share: str | None  # the file-share device of a VM with a share_dir ("virtio-9p", "9p-vsock"), or none
+    share_servers: bool  # the share is served by host processes (diod) that end with the VM, not by the VMM
     disk_formats: tuple[Literal["raw", "qcow2"], ...]  # the disk image formats it opens, preferred first
     guest_serial_from_path: bool  # the guest sees a disk's serial derived from its file, not the requested one
     files: VmFiles
@@ -71,7 +73,7 @@ class VmSpec:
     pid_file: Path
     stderr_log: Path
     hotplug_slots: int = 4
-    nics: tuple["NicSpec", ...] = ()
+    nics: tuple[NicSpec, ...] = ()
     # The export root of the VM's file share (None: no share device). See shares.py.
     share_dir: Path | None = None
     # VM templates (templates.py): the guest RAM as a file (`memory_shared`: the template
@@ -82,13 +84,13 @@ class VmSpec:
     incoming: bool = False
 
     @classmethod
-    def in_dir(cls, sandbox_id: str, vm_dir: Path, files: VmFiles, **kwargs: object) -> "VmSpec":
+    def in_dir(cls, sandbox_id: str, vm_dir: Path, files: VmFiles, **kwargs: Any) -> VmSpec:
         """A spec whose sockets, console log, pid file and stderr log live in `vm_dir`,
         named as the backend names them (`Capabilities.files`)."""
         return cls(sandbox_id=sandbox_id, vm_dir=vm_dir,
                    agent_socket=vm_dir / files.agent_socket, control_socket=vm_dir / files.control_socket,
                    console_log=vm_dir / files.console_log, pid_file=vm_dir / files.pid_file,
-                   stderr_log=vm_dir / files.stderr_log, **kwargs)  # type: ignore[arg-type]
+                   stderr_log=vm_dir / files.stderr_log, **kwargs)
 
 
 @dataclass

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 from hanabi_common.errors import HanabiError
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Callable, Mapping, Protocol
+from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol
 
 from hanabi_common.errors import FailedPrecondition
 from hanabi_common.models.base import NoArgs
@@ -51,7 +52,7 @@ class PoolAccess(Protocol):
     def _remove_vm_dirs(self, state: HypervisorState) -> None: ...
 
     def _clone_or_boot(self, sid: str, store: StateStore, backend: Hypervisor, memory_mib: int, vcpus: int,
-                       nics: tuple[NicSpec, ...] = (), cgroups=()) -> HypervisorState: ...
+                       nics: tuple[NicSpec, ...] = (), cgroups: Sequence[Path] = ()) -> HypervisorState: ...
 
 
 class Pooling:

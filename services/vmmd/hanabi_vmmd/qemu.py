@@ -15,7 +15,7 @@ import shutil
 import stat
 import time
 from pathlib import Path
-from typing import Callable, Collection
+from collections.abc import Callable, Collection
 
 from hanabi_common.errors import (DeadlineExceeded, FailedPrecondition, HanabiError,
                                   InvalidArgument, NotFound, Unavailable)
@@ -49,7 +49,8 @@ class QemuHypervisor:
         """Disks and NICs hot-plug (PCIe root ports), so it pools and clones templates
         (shared file-backed RAM); the agent on virtio-serial; virtio-9p shares; qcow2 layers."""
         return Capabilities(hotplug=frozenset({"disk", "nic"}), pooling=True, templates=True, vsock=None,
-                            pause=True, snapshots=False, share="virtio-9p", disk_formats=("qcow2", "raw"),
+                            pause=True, snapshots=False, share="virtio-9p", share_servers=False,
+                            disk_formats=("qcow2", "raw"),
                             guest_serial_from_path=False, files=self.files)
 
     def problem(self) -> str | None:

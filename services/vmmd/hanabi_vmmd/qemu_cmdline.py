@@ -9,7 +9,7 @@ ACPI). Under TCG the translation buffer is capped (tb-size) to save about 35 MiB
 
 from __future__ import annotations
 
-from typing import Collection, Sequence
+from collections.abc import Collection, Sequence
 
 from hanabi_wire.constants import KERNEL_CMDLINE, SERIAL_PORT_NAME, SHARE_MOUNT_TAG
 
@@ -83,7 +83,7 @@ def nic_args(machine: str, nics: Sequence[NicSpec], fds: Sequence[int]) -> list[
         raise ValueError("one tap fd per NIC is needed")
     bus = "pci.0" if machine == "pc" else "pcie.0"
     args: list[str] = []
-    for nic, fd in zip(nics, fds):
+    for nic, fd in zip(nics, fds, strict=True):
         args += ["-netdev", f"tap,id={nic.device_id}-net,fd={fd},vhost=off",
                  "-device", f"virtio-net-pci,netdev={nic.device_id}-net,id={nic.device_id},"
                             f"mac={nic.mac},bus={bus},romfile="]

@@ -15,7 +15,8 @@ import json
 import socket
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from hanabi_common.errors import (DeadlineExceeded, FailedPrecondition, HanabiError, Internal,
                                   NotFound, Unavailable)
@@ -53,7 +54,7 @@ class QmpClient:
         self._sock: socket.socket | None = None
         self._buf = bytearray()
 
-    def __enter__(self) -> "QmpClient":
+    def __enter__(self) -> QmpClient:
         self.connect()
         return self
 

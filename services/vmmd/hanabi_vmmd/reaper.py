@@ -14,7 +14,7 @@ import queue
 import selectors
 import threading
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
 from hanabi_vmmd import proc
 from hanabi_vmmd.hypervisor import VmHandle
@@ -91,7 +91,7 @@ class Reaper:
             except queue.Empty:
                 return
             if kind == "watch":
-                self._add(value)  # type: ignore[arg-type]
+                self._add(value)  # type: ignore[arg-type]  # a "watch" request carries a VmHandle
             elif kind == "unwatch":
                 self._remove(str(value))
 

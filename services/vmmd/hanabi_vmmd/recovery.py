@@ -14,7 +14,7 @@ import logging
 import shutil
 import signal
 from pathlib import Path
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from hanabi_common.errors import HanabiError
 from hanabi_common.state import StateStore

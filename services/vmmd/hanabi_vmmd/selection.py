@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Mapping
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from hanabi_vmmd.hypervisor import Hypervisor
 
 log = logging.getLogger("hanabi.vmmd")
 
@@ -53,7 +57,7 @@ def choose(requested: str, facts: HostFacts, offered: frozenset[str] | set[str])
     return Choice("qemu", f"auto: QEMU, since {why}")
 
 
-def decide_auto(backends: Mapping[str, object]) -> Choice:
+def decide_auto(backends: Mapping[str, Hypervisor]) -> Choice:
     """Probe the host once and choose for `auto` among `backends`; log the choice and why."""
     from hanabi_vmmd import accel
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,13 +22,15 @@ from hanabi_common.errors import (AlreadyExists, FailedPrecondition, HanabiError
                                   NotFound)
 from hanabi_common.metrics import Gauges, LabelledGauge
 from hanabi_common import disowned
-from hanabi_common.models.base import NoArgs, Removed, SandboxRef
+from hanabi_common.models.base import Drain, Drained, NoArgs, Removed, SandboxRef
 from hanabi_common.models.vmmd import (BackendChoice, ChooseBackend, CreateVm, StopVm, VmInfo, VmList)
+from hanabi_common.releasing import Releases
 from hanabi_common.rpc.server import RpcServer
 from hanabi_common.state import StateStore
 from hanabi_vmmd import accel as accel_mod
 from hanabi_vmmd import cgroup
 from hanabi_vmmd import proc
+from hanabi_vmmd import release as release_mod
 from hanabi_vmmd.hypervisor import Hypervisor, NicSpec, VmHandle, VmSpec
 from hanabi_vmmd.cloning import CloneOps
 from hanabi_vmmd.contract import VMMD
@@ -102,6 +105,9 @@ class VmService(CloneOps):
         self._events = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vmmd-exit")
         self.reaper = Reaper(self._on_exit)
         self.pool_store = StateStore(config.run_dir / "pool")
+        # Released VMs a crash left unfinished: done before anything else looks at the VM dirs.
+        self.releases = Releases(config.run_dir, "vmmd", self._finish_release, log)
+        self.releases.finish_all()
         self.devices = Devices(self)
         self.pooling = Pooling(self)
         for handle in recover([self.store, self.pool_store], self.backends, self.vm_root, self.locks):
@@ -109,7 +115,7 @@ class VmService(CloneOps):
             if self.pooling._is_pooled(handle.sandbox_id):
                 self._handles[handle.sandbox_id] = handle
         # Containers deleted while vmmd was down: their VMs go now.
-        disowned.reconcile(self.store, STATE_NAME, lambda sid: self.stop(StopVm(sandbox_id=sid)), log)
+        disowned.reconcile(self.store, STATE_NAME, lambda sid: self.release(SandboxRef(sandbox_id=sid)), log)
         clean_orphan_shares(config.shares_dir, {
             Path(state.share_dir) for store in (self.store, self.pool_store)
             for sid in store.list_sandboxes(having=STATE_NAME)
@@ -122,6 +128,7 @@ class VmService(CloneOps):
             self.templates.remove_all()
         self.pool = self.pooling.pool = WarmPool(config.vmm.pool_size, self.pooling._boot_pooled)
         self.pool.start(self.pooling._pooled_after_restart())
+        self.releases.start()
 
     def register(self, server: RpcServer) -> None:
         """Serve the vm.* methods (the table in hanabi_vmmd.contract)."""
@@ -130,6 +137,7 @@ class VmService(CloneOps):
     def close(self) -> None:
         """Stop watching; the VMs keep running and are re-adopted by the next vmmd."""
         self.pool.close()
+        self.releases.close()
         self.reaper.close()
         self._events.shutdown(wait=True)
 
@@ -195,6 +203,7 @@ class VmService(CloneOps):
         nics = tuple(nic_spec(f"nic{index}", nic) for index, nic in enumerate(request.nics))
         cgroups = cgroup.checked_dirs(request.cgroup_dirs)
         with self.locks.hold(sid):
+            self.releases.finish(sid)  # an earlier VM of this id: its dirs are named after the id
             if self.store.read(sid, STATE_NAME, HypervisorState) is not None:
                 raise AlreadyExists(f"sandbox {sid} already has a VM (vm.stop it first)")
             if (backend is pool_backend(self.backends) and (memory_mib, vcpus) == (vmm.memory_mib, vmm.vcpus)
@@ -207,7 +216,7 @@ class VmService(CloneOps):
         return state.info()
 
     def _boot(self, sid: str, store: StateStore, backend: Hypervisor, memory_mib: int, vcpus: int,
-              nics: tuple[NicSpec, ...] = (), cgroups: list[Path] = (),
+              nics: tuple[NicSpec, ...] = (), cgroups: Sequence[Path] = (),
               template: Template | None = None) -> HypervisorState:
         """Boot a VM recorded in `store` (the sandboxes' or the pool's), or start it as a
         clone of `template` (its NICs hot-plugged after); caller holds sid's lock."""
@@ -285,7 +294,7 @@ class VmService(CloneOps):
             machine=handle.machine, hotplug_slots=handle.hotplug_slots, state="booting",
             pid=handle.pid, start_time=handle.start_time, memory_mib=spec.memory_mib,
             vcpus=spec.vcpus, vm_dir=str(spec.vm_dir), agent_socket=str(handle.agent_socket),
-            agent_transport=handle.agent_transport, agent_port=handle.agent_port,  # type: ignore[arg-type]
+            agent_transport=handle.agent_transport, agent_port=handle.agent_port,
             control_socket=str(handle.control_socket), console_log=str(spec.console_log),
             stderr_log=str(spec.stderr_log), created_at=time.time(),
             nics=[NicRecord.of(n) for n in spec.nics],
@@ -319,6 +328,7 @@ class VmService(CloneOps):
             "hanabi_pool_free": ("Pooled VMs ready to be taken", len(self.pool.free())),
             "hanabi_pool_size": ("Configured size of the warm pool", self.pool.size),
             "hanabi_vm_templates": ("VM templates on disk", len(self.templates.list())),
+            "hanabi_vm_releases_pending": ("Released VMs whose cleanup is not finished", len(self.releases.pending())),
         }
 
     def _observed(self, state: HypervisorState) -> HypervisorState:
@@ -350,6 +360,32 @@ class VmService(CloneOps):
         log.info("vm stopped", extra={"sandbox": sid, "pid": state.pid, "was_running": result.was_running,
                                       "killed": result.killed, "exit_status": result.exit_status})
         return Removed(existed=True)
+
+    def release(self, request: SandboxRef) -> Removed:
+        """A container's delete: record the VM as to be released, SIGKILL and reap its VMM,
+        return; its directories go in the background (`release.py`; idempotent)."""
+        sid = request.sandbox_id
+        with self.locks.hold(sid):
+            state = self.store.read(sid, STATE_NAME, HypervisorState)
+            if state is None:
+                return Removed(existed=self.releases.record_path(sid).exists())
+            self.reaper.unwatch(sid)
+            handle = self._handle(state)
+            self._handles.pop(sid, None)
+            self.releases.take(self.store.path(sid, STATE_NAME), sid)
+            self.store.remove_dir_if_empty(sid)
+            backend = self.backends.get(state.hypervisor)
+            status = release_mod.kill_now(state, handle, backend is None or backend.capabilities().share_servers)
+        self.releases.wake()
+        log.info("vm released", extra={"sandbox": sid, "pid": state.pid, "exit_status": proc.exit_status(status)})
+        return Removed(existed=True)
+
+    def _finish_release(self, sid: str, record: Path) -> None:
+        release_mod.finish(record, self.backends, self._remove_vm_dirs)
+
+    def drain(self, request: Drain) -> Drained:
+        """Wait until the released VMs are all cleaned up (or the timeout passed)."""
+        return Drained(pending=self.releases.drain(request.timeout_s))
 
     def pause(self, request: SandboxRef) -> VmInfo:
         """Stop the VM's vCPUs (idempotent)."""

@@ -66,7 +66,7 @@ class NicRecord(BaseModel):
                        netns_path=self.netns_path)
 
     @classmethod
-    def of(cls, spec: NicSpec, bus: str = "boot") -> "NicRecord":
+    def of(cls, spec: NicSpec, bus: str = "boot") -> NicRecord:
         """The record of a NIC plugged from `spec` into `bus`."""
         return cls(device_id=spec.device_id, tap=spec.tap, mac=spec.mac, mtu=spec.mtu,
                    netns_path=spec.netns_path, bus=bus)

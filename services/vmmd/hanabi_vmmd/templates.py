@@ -20,6 +20,7 @@ memory file (the inode lives until the last clone ends).
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import json
 import logging
@@ -28,7 +29,8 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, ContextManager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 from hanabi_common.errors import FailedPrecondition, HanabiError
 from hanabi_common.locks import KeyedLocks
@@ -135,7 +137,7 @@ class TemplateStore:
         self._unsupported: dict[str, str] = {}
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
 
-    def _lock(self, key: str) -> ContextManager[None]:
+    def _lock(self, key: str) -> AbstractContextManager[None]:
         return self._locks.hold(key)
 
     def get(self, params: TemplateParams) -> Template:
@@ -185,7 +187,7 @@ class TemplateStore:
                 found.append(template)
         return found
 
-    def remove_stale(self, backend: str, image: str, vmm: str) -> list[str]:
+    def remove_stale(self, backend: str, image: str, vmm: str) -> builtins.list[str]:
         """Remove the templates of `backend` built from another image or VMM binary, and
         incomplete directories; the keys removed."""
         removed = []

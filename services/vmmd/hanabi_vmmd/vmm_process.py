@@ -14,7 +14,8 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
+from typing import Any
 
 from hanabi_common.errors import HanabiError, Unavailable
 from hanabi_vmmd import proc
@@ -36,13 +37,13 @@ def stderr_tail(path: Path, limit: int = STDERR_TAIL_BYTES) -> str:
         return ""
 
 
-def spawn(argv: list[str], cwd: Path, stderr_log: Path, what: str, **popen: object) -> subprocess.Popen:
+def spawn(argv: list[str], cwd: Path, stderr_log: Path, what: str, **popen: Any) -> subprocess.Popen:
     """Start a VMM in a session of its own (it outlives a vmmd restart), stdin from
     /dev/null, stdout and stderr into `stderr_log`; Unavailable naming `what` if it cannot run."""
     with open(stderr_log, "wb") as errlog:
         try:
             return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=errlog, stderr=errlog, cwd=cwd,
-                                    start_new_session=True, close_fds=True, **popen)  # type: ignore[arg-type]
+                                    start_new_session=True, close_fds=True, **popen)
         except OSError as exc:
             raise Unavailable(f"cannot run {what} {argv[0]!r}: {exc.strerror or exc}") from None
 

@@ -44,7 +44,7 @@ class RootfsSpec(Request):
     share: str | None = Field(None, pattern=SHARE_ROOTFS_REGEX)
 
     @model_validator(mode="after")
-    def _one_source(self) -> "RootfsSpec":
+    def _one_source(self) -> RootfsSpec:
         if (self.serial is None) == (self.share is None):
             raise ValueError("a rootfs is either a disk (serial) or a share directory (share)")
         if (self.share is not None) != (self.fstype == "9p"):

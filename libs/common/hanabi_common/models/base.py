@@ -51,3 +51,15 @@ class Done(Reply):
 
 class NoArgs(Request):
     """A request without arguments."""
+
+
+class Drain(Request):
+    """Wait until the daemon's released sandboxes are all torn down (hanabi_common.releasing)."""
+
+    timeout_s: float = 30.0
+
+
+class Drained(Reply):
+    """Reply of a drain: the sandboxes whose teardown is still pending (empty: all done)."""
+
+    pending: list[str]

@@ -47,7 +47,7 @@ class VolumeInfo(Reply):
     size_bytes: int
     serial: str
     source: str
-    binds: "VolumeInfo | None" = None
+    binds: VolumeInfo | None = None
     # How the volume was made: "layer" (qcow2 over a shared base), "copy" (raw copy of a
     # base), "passthrough" (the rootfs's own block device), "image" (an image of its own),
     # "share" (no disk: the rootfs directory itself, in the VM's file share).

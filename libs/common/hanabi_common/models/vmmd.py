@@ -121,7 +121,8 @@ class DetachDisk(Request):
     device_id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,32}$")
 
 
-__all__ = ["VmNic", "AttachNic", "DetachNic", "CreateVm", "VmInfo", "VmList", "StopVm", "AttachDisk", "DiskInfo", "DetachDisk", "SandboxRef"]
+__all__ = ["VmNic", "AttachNic", "DetachNic", "CreateVm", "VmInfo", "VmList", "StopVm", "AttachDisk", "DiskInfo", "DetachDisk",
+           "SandboxRef"]
 
 
 class ChooseBackend(Request):

@@ -12,41 +12,20 @@ naming the daemon.
 
 from __future__ import annotations
 
-import os
-import socket
-import sys
 import time
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar, overload
 
 import zmq
 from pydantic import BaseModel, ValidationError
 
 from hanabi_common.errors import HanabiError, Internal
 from hanabi_common.rpc.envelope import decode_reply, encode_request
-from hanabi_common.rpc.wire import attempt_share, attempts_for, default_sender, no_answer, not_running, reply_error
+from hanabi_common.rpc.wire import (attempt_share, attempts_for, default_sender, ipc_down, no_answer, not_running,
+                                   reply_error)
 
 R = TypeVar("R", bound=BaseModel)
 PROBE_INTERVAL_S = 0.5
-
-
-def ipc_down(path: str) -> str | None:
-    """Why nothing serves the Unix socket at `path` (no file, or nobody listening), or
-    None when a connect succeeds (or fails for another reason, e.g. a full backlog: the
-    daemon is busy, not gone)."""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    probe.settimeout(1.0)
-    try:
-        probe.connect(path)
-    except FileNotFoundError:
-        return f"no socket at {path}"
-    except ConnectionRefusedError:
-        return f"nothing listens on {path}"
-    except OSError:
-        return None
-    finally:
-        probe.close()
-    return None
 
 
 class RpcClient:
@@ -66,6 +45,13 @@ class RpcClient:
         why = f"no socket at {path}" if not Path(path).exists() else ipc_down(path)
         if why is not None:
             raise not_running(self.name, why, during)
+
+    @overload
+    def call(self, method: str, request: BaseModel | dict | None, reply: type[R], *,
+             timeout: float | None = None, idempotent: bool = False) -> R: ...
+    @overload
+    def call(self, method: str, request: BaseModel | dict | None = None, reply: None = None, *,
+             timeout: float | None = None, idempotent: bool = False) -> dict[str, Any]: ...
 
     def call(self, method: str, request: BaseModel | dict | None = None,
              reply: type[R] | None = None, *, timeout: float | None = None,
@@ -91,7 +77,7 @@ class RpcClient:
 
     def _attempt(self, method: str, body: dict, timeout: float) -> dict | None:
         header, frames = encode_request(method, body, timeout, self.sender)
-        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         try:
             sock.connect(self.endpoint)

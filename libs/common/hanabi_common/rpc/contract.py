@@ -69,7 +69,7 @@ class Contract:
     def register(cls, server: RpcServer, service: object) -> None:
         """Serve every method of the table with `service`'s handler of the same name."""
         for rpc in cls.methods():
-            handler = service
+            handler: Any = service
             for part in rpc.handler.split("."):  # "devices.attach_disk": a part the service holds
                 handler = getattr(handler, part)
             server.register(rpc.name, rpc.request, handler, rpc.doc, reply=rpc.reply,

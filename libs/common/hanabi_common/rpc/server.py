@@ -21,7 +21,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import zmq
 from pydantic import BaseModel, ValidationError
@@ -96,7 +97,7 @@ class RpcServer:
 
     def serve_forever(self, ready: Callable[[], None] | None = None) -> None:
         """Bind, call `ready`, and serve until `stop` is called."""
-        ctx = zmq.Context.instance()
+        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         sock = ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 0)

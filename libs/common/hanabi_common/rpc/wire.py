@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import _socket
 import sys
 import time
 
@@ -72,6 +73,25 @@ def attempt_share(remaining: float, attempt: int, attempts: int) -> float:
     if attempt == attempts - 1:
         return remaining
     return max(remaining / (attempts - attempt), MIN_ATTEMPT_S)
+
+
+def ipc_down(path: str) -> str | None:
+    """Why nothing serves the Unix socket at `path` (no file, or nobody listening), or
+    None when a connect succeeds (or fails for another reason, e.g. a full backlog: the
+    daemon is busy, not gone)."""
+    probe = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)  # no `socket`: lean paths
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except FileNotFoundError:
+        return f"no socket at {path}"
+    except ConnectionRefusedError:
+        return f"nothing listens on {path}"
+    except OSError:
+        return None
+    finally:
+        probe.close()
+    return None
 
 
 def not_running(name: str, why: str, during: str = "") -> Unavailable:

@@ -1,8 +1,8 @@
 """The entry point of `hanabi-runtime`: the hot commands without pydantic, typer or pyzmq.
 
-containerd's shim runs `state`, `start`, `kill`, `ps`, `events`, `pause` and `resume` as
-fresh processes, over and over; each pays for every module it imports (`delete` stays
-the full CLI's: one teardown, with the records a daemon that is down finishes later). `main`
+containerd's shim runs `state`, `start`, `kill`, `ps`, `events`, `pause`, `resume` and
+`delete` as fresh processes, over and over; each pays for every module it imports (`delete`
+runs `hanabi_runtime.teardown`, the full CLI's teardown too). `main`
 parses those command lines by hand (`argv`), runs them over plain dicts (`records`) and a
 stdlib ZMTP client of the RPC envelope (`rpc`), and hands anything else (other commands,
 --help, --debug, what the hand checks cannot vouch for) to the typer CLI in

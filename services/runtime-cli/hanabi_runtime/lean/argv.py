@@ -20,6 +20,7 @@ COMMANDS = {
     "kill": (("id", "signal"), 1, {}, {"--all": "all", "-a": "all"}),
     "ps": (("id",), 1, {"--format": "format", "-f": "format"}, {}),
     "events": (("id",), 1, {"--interval": "interval"}, {"--stats": "stats"}),
+    "delete": (("id",), 1, {}, {"--force": "force", "-f": "force"}),
 }
 
 
@@ -80,5 +81,5 @@ def parse(argv: list[str]) -> Command | None:
         i += 1
     if not minimum <= len(positionals) <= len(positional_names):
         return None
-    command.args.update(zip(positional_names, positionals))
+    command.args.update(zip(positional_names, positionals, strict=False))
     return command

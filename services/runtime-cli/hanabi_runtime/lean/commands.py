@@ -15,7 +15,8 @@ import time
 
 from hanabi_common.errors import FailedPrecondition, HanabiError, NotFound, Unavailable
 from hanabi_runtime.lean.ids import checked_id
-from hanabi_runtime.lean.records import (Fallback, LeanConfig, exec_standins, load_state, write_state)
+from hanabi_runtime.lean.records import (Fallback, LeanConfig, exec_standins, load_state, read_state,
+                                         write_state)
 from hanabi_runtime.lean.rpc import LeanClient
 from hanabi_runtime.procs import START_FIFO, is_same_process_alive, oci_document, release_standin
 
@@ -75,9 +76,10 @@ def status(daemons: Daemons, state: dict) -> str:
     except (Unavailable, NotFound):
         current = "running" if alive else "stopped"
     else:
-        current = reply.get("status")
-        if current not in STATUSES:
+        got = reply.get("status")
+        if not isinstance(got, str) or got not in STATUSES:
             raise Fallback()  # a malformed reply: the typed client names what is wrong
+        current = got
     return "paused" if current == "running" and state["paused"] else current
 
 
@@ -192,10 +194,12 @@ def _guest_processes(daemons: Daemons, cid: str) -> list:
 
 
 def cmd_events(config: LeanConfig, args: dict) -> int:
-    """`events ID [--stats] [--interval S]`: observe.stats, once or until the container stops."""
+    """`events ID --stats`: one observe.stats event (the stream, with oom events: the full CLI)."""
     from hanabi_runtime import observe
 
     cid = args["id"]
+    if not args.get("stats"):
+        raise Fallback()  # the stream with its oom events: the full CLI
     try:
         interval = float(args.get("interval", 5.0))
     except ValueError:
@@ -218,11 +222,54 @@ def cmd_events(config: LeanConfig, args: dict) -> int:
         time.sleep(max(interval, 0.1))
 
 
+def cmd_delete(config: LeanConfig, args: dict) -> int:
+    """`delete [--force] ID`: Runtime.delete, over the same `hanabi_runtime.teardown`."""
+    from hanabi_runtime.teardown import teardown
+
+    cid = checked_id(args["id"])
+    force = bool(args.get("force"))
+    state = read_state(config, cid)
+    if state is None and not os.path.exists(os.path.join(config.sandboxes_dir, cid)):
+        if force:
+            return 0
+        raise NotFound(f"container {cid} does not exist")
+    daemons = Daemons(config)
+    if state is not None and not force:
+        current = status(daemons, state)
+        if current in ("running", "creating"):
+            raise FailedPrecondition(f"cannot delete container {cid} that is {current}: "
+                                     "stop it first or use --force")
+
+    def call(daemon: str, method: str, body: dict) -> object:
+        return getattr(daemons, daemon).call(method, body, idempotent=True)
+
+    def standins() -> list:
+        return ([(state["standin_pid"], state["standin_start_time"])] if state else []) + exec_standins(config, cid)
+    try:
+        teardown(cid, call, config.sandboxes_dir, standins, state["cgroups"] if state else [])
+    finally:
+        if state is not None and state["hooks"].get("poststop"):
+            _poststop(state)
+    return 0
+
+
+def _poststop(state: dict) -> None:
+    """Runtime._run_later_hooks for poststop: run, a failure logged, not raised."""
+    from hanabi_runtime.hooks import hook_state, run_phase
+
+    run_phase({"hooks": state["hooks"]}, "poststop",
+              hook_state(state["id"], state["bundle"], state["standin_pid"] or 0, "stopped",
+                         state["annotations"], state["oci_version"]), must_succeed=False)
+
+
 COMMANDS = {"state": cmd_state, "start": cmd_start, "kill": cmd_kill, "pause": cmd_pause,
-            "resume": cmd_resume, "ps": cmd_ps, "events": cmd_events}
+            "resume": cmd_resume, "ps": cmd_ps, "events": cmd_events, "delete": cmd_delete}
 
 
 def run(name: str, config: LeanConfig, args: dict, log: tuple) -> int:
-    """Run one hot command; its exit status. (`delete` is not one: its teardown, with the
-    disowned records of daemons that are down, is Runtime.delete's alone.)"""
+    """Run one hot command; its exit status. `log`: (file, format, debug) of the warnings
+    (delete's, when a daemon is down), set up as the full CLI does it."""
+    if name == "delete":
+        from hanabi_runtime.clilog import setup_logging
+        setup_logging(*log)
     return COMMANDS[name](config, args)

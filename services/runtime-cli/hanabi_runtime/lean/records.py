@@ -5,7 +5,8 @@ cannot vouch for raises `Fallback`, and the full CLI (pydantic models) does the 
 instead, with its own messages. The config file is the full CLI's to validate: each time
 its models accept one, it records the file's exact text in `<run_dir>/CONFIG_STAMP`; a hot
 path reads a config file only when its text is recorded there (else: Fallback, and the full
-CLI refuses it in its words or records it), so an invalid setting is never passed over. The field lists and defaults mirror `hanabi_common.config`,
+CLI refuses it in its words or records it), so an invalid setting is never passed over. The field lists
+and defaults mirror `hanabi_common.config`,
 `hanabi_common.state`, `RuntimeState` and `ExecRecord`; tests/unit/test_runtime_lean.py
 pins them to those definitions.
 """

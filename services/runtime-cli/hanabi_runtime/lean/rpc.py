@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import _socket
 import json
-import os
 import struct
 import time
 
-from hanabi_common.rpc.wire import (attempt_share, attempts_for, default_sender, no_answer, not_running,
+from hanabi_common.rpc.wire import (attempt_share, attempts_for, default_sender, ipc_down, no_answer, not_running,
                                     reply_error, request_frames, request_header, split_reply)
 
 # ZMTP 3.0 greeting: signature, version 3.0, mechanism NULL, as-server 0, filler.
@@ -94,8 +93,9 @@ class LeanClient:
     def call(self, method: str, body: dict | None = None, *, timeout: float | None = None,
              idempotent: bool = False) -> dict:
         """Call `method`; its reply body, or the typed error the daemon answered."""
-        if not os.path.exists(self.socket_path):
-            raise not_running(self.name, f"no socket at {self.socket_path}")
+        why = ipc_down(self.socket_path)  # as the typed client: a killed daemon's socket file stays
+        if why is not None:
+            raise not_running(self.name, why)
         total = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + total
         attempts = attempts_for(idempotent)

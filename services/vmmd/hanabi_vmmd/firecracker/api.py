@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import time
 import urllib.parse
-from typing import Any, Iterable
+from typing import Any
+from collections.abc import Iterable
 
 import requests
 import requests_unixsocket

@@ -21,10 +21,11 @@ import json
 import logging
 import os
 import shutil
+import signal
 import stat
 import time
 from pathlib import Path
-from typing import Callable, Collection
+from collections.abc import Callable, Collection
 
 from hanabi_common.errors import (DeadlineExceeded, FailedPrecondition, HanabiError,
                                   InvalidArgument, Unavailable)
@@ -32,6 +33,7 @@ from hanabi_vmmd import proc, vmm_process
 from hanabi_vmmd.vmm_process import stderr_tail
 from hanabi_vmmd.firecracker import boot, snapshot
 from hanabi_vmmd.firecracker.api import FirecrackerApi
+from hanabi_vmmd.firecracker.models import LogLevel
 from hanabi_vmmd.share_server import ShareServer, diod_path, listen_path
 from hanabi_vmmd.firecracker.process import (AGENT_VSOCK_PORT, API_SOCK_NAME, LOG_NAME, METRICS_NAME, JailerConfig,
                                              Layout, firecracker_argv, jail_id, jailer_argv,
@@ -45,6 +47,16 @@ DIED_GRACE_S = 1.0  # how long a dropped API connection may take to show as an e
 ELF_MAGIC = b"\x7fELF"
 MACHINE = "firecracker"
 SLOTS_FILE = "placeholders.json"
+
+
+def fail_vm(handle: VmHandle, reason: str) -> None:
+    """End a VM that cannot go on (its file share's server died: every file operation of its
+    container fails with EIO). SIGKILL only; vmmd's reaper records the exit, so the sandbox
+    reads as stopped and its processes as killed (137), as when a QEMU dies with its 9P
+    server."""
+    log.error("failing the sandbox: ending its VM", extra={"sandbox": handle.sandbox_id, "pid": handle.pid,
+                                                         "reason": reason})
+    proc.kill_verified(handle.pid, handle.start_time or None, signal.SIGKILL)
 
 
 def check_kernel(path: Path) -> None:
@@ -68,7 +80,7 @@ class FirecrackerHypervisor:
 
     def __init__(self, *, binary: str = "firecracker", jailer: JailerConfig | None = None,
                  start_timeout: float = 60.0, api_timeout: float = 5.0,
-                 placeholder_drives: int = 4, log_level: str = "Info",
+                 placeholder_drives: int = 4, log_level: LogLevel = "Info",
                  version: VersionCheck | None = None, diod: str = "diod") -> None:
         self.binary = binary
         # No shared-filesystem device: the share is 9P over vsock, served by diod (where it is
@@ -87,7 +99,7 @@ class FirecrackerHypervisor:
         drives; hybrid vsock; snapshots (not wired to templates yet); the share is 9P over
         vsock where diod is installed; raw disks only, whose guest serial comes from the file."""
         return Capabilities(hotplug=frozenset({"disk"}), pooling=False, templates=False, vsock="hybrid",
-                            pause=True, snapshots=True, share="9p-vsock" if self.diod else None,
+                            pause=True, snapshots=True, share="9p-vsock" if self.diod else None, share_servers=True,
                             disk_formats=("raw",), guest_serial_from_path=True, files=self.files)
 
     def problem(self) -> str | None:
@@ -150,7 +162,7 @@ class FirecrackerHypervisor:
             vsock_uds_path=layout.fc(layout.vsock_socket.name),
             placeholders=tuple(layout.fc(f"{boot.placeholder_id(i)}.img") for i in range(self.placeholder_drives)),
             tap_name=spec.nics[0].tap if spec.nics else None,
-            log_path=layout.fc(LOG_NAME), log_level=self.log_level,  # type: ignore[arg-type]
+            log_path=layout.fc(LOG_NAME), log_level=self.log_level,
             metrics_path=layout.fc(METRICS_NAME)))
         return self._launch(spec, exec_file, layout, steps, on_spawned)
 
@@ -188,6 +200,9 @@ class FirecrackerHypervisor:
                           control_socket=layout.api_socket, agent_socket=layout.vsock_socket,
                           vm_dir=spec.vm_dir, machine=MACHINE, hotplug_slots=self.placeholder_drives,
                           agent_transport="hybrid_vsock", agent_port=AGENT_VSOCK_PORT, process=process)
+        served = self._shares.get(str(spec.vm_dir))
+        if served is not None:
+            served.on_failure = lambda reason: fail_vm(handle, reason)
         try:
             spec.pid_file.write_text(f"{process.pid}\n")  # recovery's orphan sweep reads it
             if on_spawned is not None:
@@ -232,7 +247,7 @@ class FirecrackerHypervisor:
             placeholder_drives=self.placeholder_drives, placeholder_dir=layout.inside,
             tap_name=nic.tap if nic else None, guest_mac=nic.mac if nic else None,
             mtu=nic.mtu if nic and nic.mtu != 1500 else None,
-            log_path=layout.fc(LOG_NAME), log_level=self.log_level,  # type: ignore[arg-type]
+            log_path=layout.fc(LOG_NAME), log_level=self.log_level,
             metrics_path=layout.fc(METRICS_NAME))
 
     def _stage(self, spec: VmSpec, layout: Layout) -> None:

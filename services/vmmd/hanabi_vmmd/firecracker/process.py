@@ -14,7 +14,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
 from hanabi_common.errors import InvalidArgument
 from hanabi_wire.constants import (CHANNEL_VSOCK, CMDLINE_CHANNEL, CMDLINE_POWEROFF, POWEROFF_REBOOT,

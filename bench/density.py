@@ -1,0 +1,184 @@
+"""How many idle containers fit on this machine (`make bench`; issue 14, item 4).
+
+With VM templates on (the default), start idle containers (`create` + `start` of `sleep
+3600`, one after the other, as the shim does) until the host's memory is 80 % used
+(MemAvailable below 20 % of MemTotal), or one start takes more than 5 s, or HANABI_DENSITY_CAP
+(default 200) run. Reports how many fit and why it stopped, the last start's time, the host
+PSS (/proc/PID/smaps_rollup) per idle container (its VMM + its stand-in) with all of them
+running, and MemAvailable consumed per container. Then the same PSS for HANABI_DENSITY_COLD
+(default 4) idle containers with templates off (cold boots). Everything is deleted after
+(and the daemons drained: their release queues empty, nothing left). `runc` has no VM: its
+idle `sleep` is measured in the same run as the baseline. Writes bench/results/density.json.
+
+Measured here 2026-12-01 12:28 UTC (HANABI_DENSITY_CAP=20, HANABI_DENSITY_COLD=2; 24105 MiB,
+2 cores, other helpers' tests running: load average 7-8, so starts were CPU-bound): 7 clones
+ran when the 7th start took 5.48 s (median start 3.57 s; the first 2.57 s); memory was far from
+the limit: each clone took 33.7 MiB of MemAvailable, host PSS 84.2 MiB per container (QEMU
+64.8 + stand-in 19.4), against 237.4 MiB cold (QEMU 217.7; 229.5 MiB of MemAvailable each):
+clone/cold 0.35; runc's idle `sleep` 1.34 MiB. Deleting the 7 and draining every daemon's
+release queue: 1.01 s, nothing left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.run import publish  # noqa: E402
+from hanabi_runtime.demo_bundle import make_bundle  # noqa: E402
+from tests.helpers.hanabi import BIN, drain, integration_skip_reason, leftovers, start_daemons  # noqa: E402
+
+CAP = int(os.environ.get("HANABI_DENSITY_CAP", "200"))
+COLD = int(os.environ.get("HANABI_DENSITY_COLD", "4"))
+MAX_USED = 0.80
+MAX_START_S = 5.0
+SETTLE_S = 3.0  # after the last start, before reading PSS: the guests go idle
+
+
+def meminfo() -> dict[str, int]:
+    """/proc/meminfo in KiB."""
+    values = {}
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        values[key] = int(rest.split()[0])
+    return values
+
+
+def pss_kib(pid: int) -> int:
+    """A process's proportional set size (KiB), 0 when it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return 0
+    for line in text.splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1])
+    return 0
+
+
+def runtime(daemons, *args: str) -> int:
+    """A CLI call whose stdio a stand-in may keep (create): no pipes; its exit status."""
+    return subprocess.run([str(BIN / "hanabi-runtime"), "--config", str(daemons.config_path), *args],
+                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode
+
+
+def start_idle(daemons, bundle: Path, cid: str) -> float:
+    """create + start one idle container; seconds taken (RuntimeError if it failed)."""
+    began = time.monotonic()
+    if runtime(daemons, "create", "--bundle", str(bundle), cid) != 0 or runtime(daemons, "start", cid) != 0:
+        raise RuntimeError(f"starting {cid} failed")
+    return time.monotonic() - began
+
+
+def container_pss(daemons, cid: str) -> tuple[int, int]:
+    """(VMM PSS, stand-in PSS) in KiB of one container, from its state files."""
+    directory = daemons.config.sandboxes_dir / cid
+    vm = json.loads((directory / "hypervisor.json").read_text())
+    state = json.loads((directory / "state.json").read_text())
+    return pss_kib(vm["pid"]), pss_kib(state["standin_pid"])
+
+
+def fill(daemons, bundle: Path, label: str, cap: int, stop_early: bool) -> dict:
+    """Start idle containers until a stop condition (or `cap`); measure; delete them all."""
+    ids: list[str] = []
+    starts: list[float] = []
+    total = meminfo()["MemTotal"]
+    before = meminfo()["MemAvailable"]
+    why = f"cap of {cap} reached"
+    try:
+        while len(ids) < cap:
+            if stop_early and 1 - meminfo()["MemAvailable"] / total >= MAX_USED:
+                why = f"host memory {MAX_USED:.0%} used"
+                break
+            cid = f"dens-{label}-{len(ids)}"
+            ids.append(cid)
+            try:
+                starts.append(start_idle(daemons, bundle, cid))
+            except RuntimeError as exc:
+                why = str(exc)
+                break
+            if stop_early and starts[-1] > MAX_START_S:
+                why = f"a start took {starts[-1]:.2f} s (> {MAX_START_S} s)"
+                break
+            print(f"{label}: {len(ids)} running, last start {starts[-1]:.2f} s", file=sys.stderr, flush=True)
+        time.sleep(SETTLE_S)
+        running = [cid for cid in ids if (daemons.config.sandboxes_dir / cid / "hypervisor.json").exists()]
+        pss = [container_pss(daemons, cid) for cid in running]
+        after = meminfo()["MemAvailable"]
+    finally:
+        began = time.monotonic()
+        for cid in ids:
+            runtime(daemons, "delete", "--force", cid)
+        deleted_s = time.monotonic() - began
+        left = drain(daemons, timeout=300)
+        drained_s = time.monotonic() - began
+    per = [vmm + standin for vmm, standin in pss]
+    return {
+        "running": len(running), "stopped_because": why,
+        "last_start_s": round(starts[-1], 3) if starts else None,
+        "start_s_median": round(statistics.median(starts), 3) if starts else None,
+        "start_s": [round(s, 3) for s in (starts if len(starts) <= 20 else starts[:10] + starts[-10:])],
+        "pss_mib_per_container_median": round(statistics.median(per) / 1024, 1) if per else None,
+        "pss_mib_vmm_median": round(statistics.median(v for v, _ in pss) / 1024, 1) if pss else None,
+        "pss_mib_standin_median": round(statistics.median(s for _, s in pss) / 1024, 1) if pss else None,
+        "mem_available_used_mib_per_container": round((before - after) / 1024 / len(running), 1) if running else None,
+        "delete_all_s": round(deleted_s, 2), "delete_and_drain_s": round(drained_s, 2),
+        "left_pending_after_drain": {k: v for k, v in left.items() if v},
+        "leftovers": [item for cid in ids for item in leftovers(daemons, cid)],
+    }
+
+
+def runc_idle_pss(bundle: Path) -> int | None:
+    """PSS (KiB) of one idle `sleep` under runc, the baseline."""
+    if not shutil.which("runc"):
+        return None
+    cid = "dens-runc"
+    subprocess.run(["runc", "run", "-d", "--bundle", str(bundle), cid], stdin=subprocess.DEVNULL,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+    try:
+        state = json.loads(subprocess.run(["runc", "state", cid], capture_output=True, check=True).stdout)
+        return pss_kib(state["pid"])
+    finally:
+        subprocess.run(["runc", "delete", "--force", cid], capture_output=True)
+
+
+def main() -> None:
+    reason = integration_skip_reason()
+    if reason:
+        sys.exit(f"cannot benchmark here: {reason}")
+    work = Path(tempfile.mkdtemp(prefix="hanabi-bench-density-"))
+    idle = make_bundle(work / "idle", ["sleep", "3600"])
+    report: dict = {"cap": CAP, "host_mem_total_mib": meminfo()["MemTotal"] // 1024,
+                    "host_mem_available_mib_at_start": meminfo()["MemAvailable"] // 1024,
+                    "cpus": os.cpu_count()}
+    try:
+        for label, on, cap, stop_early in (("clone", "true", CAP, True), ("cold", "false", COLD, False)):
+            daemons = start_daemons(work / label, vmm_toml=f"templates = {on}")
+            try:
+                if on == "true":  # builds the template first: not counted
+                    runtime(daemons, "run", "--bundle", str(make_bundle(work / "warm", ["true"])), "dens-warm")
+                report[label] = fill(daemons, idle, label, cap, stop_early)
+            finally:
+                daemons.stop_all()
+        runc = runc_idle_pss(idle)
+        report["runc_idle_pss_mib"] = round(runc / 1024, 2) if runc is not None else None
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    clone, cold = report["clone"]["pss_mib_per_container_median"], report["cold"]["pss_mib_per_container_median"]
+    if clone and cold:
+        report["pss_clone_vs_cold"] = round(clone / cold, 2)
+    publish(report, "density.json")
+
+
+if __name__ == "__main__":
+    main()

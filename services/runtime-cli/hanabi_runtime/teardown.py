@@ -1,0 +1,82 @@
+"""The runtime's half of `delete` (and of a failed `create`'s undo), in the standard library
+only: the lean CLI runs it without pydantic, the full CLI with its own RPC client.
+
+One release RPC per daemon, each quick: agentd forgets the sandbox (no word to the guest),
+vmmd SIGKILLs the VMM and reaps it, blockd and netd record their part as to be released.
+When they have answered the container cannot run any more and whatever it held is recorded
+in the daemons' release queues (hanabi_common.releasing); the unmounting, unplugging and
+removal happen there, after `delete` returned. Then the stand-ins are SIGKILLed, the
+sandbox's directory removed (or, when a daemon is down, left with the disowned marker for
+it: hanabi_common.marker) and the container's host cgroups removed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+from collections.abc import Callable, Iterable
+
+from hanabi_common.errors import HanabiError, Internal, NotFound, Unavailable
+from hanabi_common.marker import disown
+from hanabi_runtime.procs import is_same_process_alive
+
+log = logging.getLogger("hanabi.runtime")
+# (daemon, method, what it does): in this order (agentd before the VM goes, so the processes
+# it still counts as running are recorded SIGKILLed, not lost).
+STEPS = (
+    ("agentd", "agent.release", "release the agent"),
+    ("vmmd", "vm.release", "kill the VM"),
+    ("blockd", "volume.release", "release the volume"),
+    ("netd", "net.detach", "detach the network"),
+)
+Call = Callable[[str, str, dict], object]  # (daemon, method, body) -> reply; raises HanabiError
+
+
+def release(cid: str, call: Call) -> tuple[list[str], list[str]]:
+    """Ask each daemon to release its part; (failures, daemons that are down)."""
+    failures: list[str] = []
+    down: list[str] = []
+    for daemon, method, what in STEPS:
+        try:
+            call(daemon, method, {"sandbox_id": cid})
+        except NotFound:
+            pass
+        except Unavailable as exc:
+            down.append(daemon)
+            log.warning(f"{what}: left to {daemon}, which is down", extra={"error": exc.message})
+        except HanabiError as exc:
+            failures.append(f"{what}: {exc.message}")
+    return failures, down
+
+
+def kill_standins(standins: Iterable[tuple[int | None, int | None]]) -> None:
+    """SIGKILL the stand-ins (pid, start time) that still run."""
+    for pid, start in standins:
+        if pid and is_same_process_alive(pid, start):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def teardown(cid: str, call: Call, sandboxes_dir: str, standins: Callable[[], list],
+             cgroup_dirs: list[str] | None) -> None:
+    """The whole runtime's half: release, stand-ins, the sandbox directory, the cgroups.
+    `standins()` lists them (read before the directory goes). Internal if not clean."""
+    failures, down = release(cid, call)
+    kill_standins(standins())
+    if down:
+        if disown(sandboxes_dir, cid, down):
+            log.warning("container removed; the daemons that are down finish its cleanup "
+                        "when they start", extra={"container": cid, "daemons": sorted(down)})
+    else:
+        shutil.rmtree(os.path.join(sandboxes_dir, cid), ignore_errors=True)
+    if cgroup_dirs:
+        from hanabi_runtime.cgroups import remove
+        left = remove(cgroup_dirs)
+        if left:
+            failures.append(f"cgroups still in use: {', '.join(left)}")
+    if failures:
+        raise Internal(f"container {cid} removed, but not cleanly: " + "; ".join(failures))
