@@ -113,6 +113,7 @@ class Handlers:
         c.mounts_disk = msg["mounts_disk"]
         c.share = msg["share"]
         c.security = Security.build(msg["linux"], msg["hostname"])
+        c.join = self._check_join(cid, msg["join_namespaces"])
         self.containers[cid] = c
         deadline = time.monotonic() + DISK_WAIT_S
         self._poll_disk(req_id, c, deadline)
@@ -153,20 +154,55 @@ class Handlers:
         self.send(P.reply_ok(req_id, {}))
         c.security.compile_soon()
 
+    def _check_join(self, cid: str, join: dict[str, Any] | None) -> dict[str, str]:
+        """``join_namespaces``: each names another container of this VM (a pod's sandbox)."""
+        out = {kind: other for kind, other in (join or {}).items() if other is not None}
+        for kind, other in out.items():
+            if other == cid or other not in self.containers:
+                raise AgentError(P.E_NOT_FOUND, f"container {cid}: join_namespaces.{kind}: container {other} "
+                                 "is not in this VM")
+            if c_spec := self.containers[other].security.spec:
+                if kind not in c_spec.namespaces:
+                    raise AgentError(P.E_FAILED_PRECONDITION, f"container {cid}: join_namespaces.{kind}: "
+                                     f"container {other} has no {kind} namespace of its own")
+        return out
+
+    def _joined_fds(self, c: Container) -> list[tuple[int, int]]:
+        """Open the namespaces ``c``'s init joins (``join_namespaces``), from the running
+        inits of the containers named; AgentError when one of them does not run."""
+        from .namespaces import OTHER_FLAGS
+
+        fds: list[tuple[int, int]] = []
+        try:
+            for kind, other in sorted(c.join.items()):
+                target = self.containers.get(other)
+                init = target.procs.get(P.INIT_EXEC_ID) if target is not None else None
+                if init is None or not init.alive:
+                    raise AgentError(P.E_FAILED_PRECONDITION, f"container {c.cid}: the {kind} namespace it "
+                                     f"shares is container {other}'s, whose process does not run")
+                fds.append((os.open(f"/proc/{init.pid}/ns/{kind}", os.O_RDONLY | os.O_CLOEXEC), OTHER_FLAGS[kind]))
+        except BaseException:
+            for fd, _ in fds:
+                os.close(fd)
+            raise
+        return fds
+
     def _namespaces(self, c: Container, exec_id: str) -> Namespaces | None:
-        """The namespaces of a new process of ``c``: new ones for its init, the init's for an
-        exec while the init runs; None (the guest's) without a running init or namespaces."""
+        """The namespaces of a new process of ``c``: new ones for its init (but those it
+        joins, ``c.join``), the init's for an exec while the init runs; None (the guest's)
+        without a running init or namespaces."""
         init = c.procs.get(P.INIT_EXEC_ID)
         how = plan(self.sandbox.use_pid_namespace, exec_id == P.INIT_EXEC_ID,
                    init.pid if init is not None and init.alive else None)
         spec = c.security.spec
         others = tuple(spec.namespaces) if spec is not None else ()
         if how == "new":
-            return Namespaces.new(self.sandbox.ns_hide_scope, others, spec.time_offsets if spec else None)
+            return Namespaces.new(self.sandbox.ns_hide_scope, others, spec.time_offsets if spec else None,
+                                  joined=self._joined_fds(c))
         if how == "join":
             assert init is not None
             try:
-                return Namespaces.join(init.pid, others=others)
+                return Namespaces.join(init.pid, others=others + tuple(sorted(c.join)))
             except OSError:
                 return None  # the init just exited (a zombie has no namespaces)
         return None

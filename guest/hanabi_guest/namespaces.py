@@ -201,8 +201,14 @@ class Namespaces:
 
     @classmethod
     def new(cls, hide_scope: str | None = None, others: tuple[str, ...] = (),
-            time_offsets: list[tuple[str, int, int]] | None = None) -> Namespaces:
-        return cls(hide_scope=hide_scope, others=others, time_offsets=time_offsets)
+            time_offsets: list[tuple[str, int, int]] | None = None,
+            joined: list[tuple[int, int]] | None = None) -> Namespaces:
+        """New namespaces; ``time_offsets`` for a new time namespace; ``joined``: (fd, CLONE_
+        flag) of namespaces of other containers the init enters instead (a pod's IPC and
+        UTS), owned (closed) by this object."""
+        ns = cls(hide_scope=hide_scope, others=others, time_offsets=time_offsets)
+        ns.other_fds = list(joined or [])
+        return ns
 
     @classmethod
     def join(cls, pid: int, proc: str = "/proc", others: tuple[str, ...] = ()) -> Namespaces:
@@ -275,13 +281,14 @@ class Namespaces:
 
     def enter_others(self) -> None:
         """In the forked child, after it joined its cgroup: make (init) or join (exec) the
-        ipc, uts, cgroup and time namespaces the config lists. unshare makes a new time
-        namespace the one of the caller's children only: its offsets are written first,
-        before any process is in it (as runc 1.2 does), then the init enters it itself
-        (setns; not every kernel moves a process in at execve)."""
+        ipc, uts, cgroup and time namespaces the config lists, after entering those it shares
+        with other containers (an exec's, or a pod's IPC and UTS for a new init). unshare
+        makes a new time namespace the one of the caller's children only: its offsets are
+        written first, before any process is in it (as runc 1.2 does), then the init enters
+        it itself (setns; not every kernel moves a process in at execve)."""
+        for fd, flag in self.other_fds:
+            setns(fd, flag)
         if self.joining:
-            for fd, flag in self.other_fds:
-                setns(fd, flag)
             return
         flags = 0
         for kind in self.others:

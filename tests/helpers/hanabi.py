@@ -182,15 +182,19 @@ def drain(daemons: Daemons, timeout: float = DRAIN_TIMEOUT_S) -> dict[str, list[
     return left
 
 
-def leftovers(daemons: Daemons, cid: str) -> list[str]:
+def leftovers(daemons: Daemons, cid: str, in_pod: bool = False) -> list[str]:
     """Everything a deleted container might have left behind; empty when clean. `delete`
     returns before the daemons have removed what it held: this first drains them (`drain`:
-    each daemon answers once its release queue is empty), then looks."""
+    each daemon answers once its release queue is empty), then looks. `in_pod`: an app
+    container of a pod whose VM still runs (its VM dir and share root are the pod's: only
+    the container's own entries in the share are looked for)."""
     config = daemons.config
     found = []
     pending = {name: sids for name, sids in drain(daemons).items() if sids}
     if pending:
         found.append(f"releases not finished {pending}")
+    if in_pod:
+        return found + _pod_member_leftovers(daemons, cid)
     releasing = config.run_dir / "releasing"
     records = sorted(str(p.relative_to(releasing)) for p in releasing.glob("*/*.json")) if releasing.exists() else []
     if records:
@@ -245,6 +249,23 @@ def share_servers_under(shares_dir: Path) -> list[int]:
                 continue
             if any(var.startswith(want) for var in environ):
                 found.append(int(entry.name))
+    return found
+
+
+def _pod_member_leftovers(daemons: Daemons, cid: str) -> list[str]:
+    config = daemons.config
+    found = []
+    pids = processes_mentioning(f"--container {cid} ") + processes_mentioning(f"[hanabi {cid[:12]}]")
+    if pids:
+        found.append(f"processes {pids}")
+    if (config.sandboxes_dir / cid).exists():
+        found.append(f"sandbox dir {config.sandboxes_dir / cid}: {os.listdir(config.sandboxes_dir / cid)}")
+    own = list(config.shares_dir.glob(f"*/{cid}")) if config.shares_dir.exists() else []
+    if own:
+        found.append(f"share entries {own}")
+    mounts = [m for m in mounts_under(config.shares_dir) if f"/{cid}/" in m or m.endswith(f"/{cid}")]
+    if mounts:
+        found.append(f"share mounts {mounts}")
     return found
 
 

@@ -45,7 +45,7 @@ def test_every_hot_command_on_a_real_container_stays_lean(hanabi, bundle, cid, t
         assert json.loads(lean("state", cid))["status"] == "stopped"
         again, modules = run_cli([*globals_, "kill", cid, "TERM"])  # agentd refuses, then asked why
         assert (again.returncode, again.stderr.decode()) == \
-            (1, f"hanabi-runtime: failed_precondition: container {cid} is stopped: cannot send it a signal\n")
+            (1, f"hanabi-runtime: failed_precondition: container {cid} is stopped (container not running): cannot send it a signal\n")
         assert heavy_imports(modules) == []
         lean("delete", cid)
         assert leftovers(hanabi, cid) == []  # drains the daemons' release queues first

@@ -188,3 +188,49 @@ def test_outside_mounts_are_everything_but_the_root_and_below() -> None:
         "/run/hanabi/c/a/binds", "/run/hanabi/c/a/rootfs2", "/proc"]))
     assert outside_mounts(info, "/run/hanabi/c/a/rootfs/") == [
         "/run/hanabi/c/a/binds", "/run/hanabi/c/a/rootfs2", "/sys/fs/cgroup", "/proc", "/sys"]
+
+
+def _ns(pid: int, kind: str) -> str:
+    return os.readlink(f"/proc/{pid}/ns/{kind}")
+
+
+@pytest.mark.skipif(not _can_unshare(), reason="needs root, /bin/busybox and PID namespaces")
+def test_a_pods_container_joins_the_sandbox_containers_ipc_and_uts(tmp_path: Path) -> None:
+    """join_namespaces (a Kubernetes pod): the app container's init enters the IPC and UTS
+    namespaces of the sandbox container's init, keeps a PID and mount namespace of its own,
+    and its execs follow its init; a container not in the VM, or one whose init does not
+    run, is refused naming the container."""
+    tmp_path.chmod(0o755)
+    (tmp_path / "bin").mkdir()
+    shutil.copy2("/bin/busybox", tmp_path / "bin/busybox")
+    for applet in ("sh", "sleep", "hostname"):
+        (tmp_path / "bin" / applet).symlink_to("busybox")
+    (tmp_path / "proc").mkdir()
+    a = AgentProc(tmp_path, extra=("--chroot", "1", "--pidns", "1"))
+    spec = {"args": ["sleep", "600"], "env": ["PATH=/bin"], "cwd": "/", "user": {"uid": 0, "gid": 0}}
+    own = {"namespaces": [{"type": "pid"}, {"type": "mount"}, {"type": "ipc"}, {"type": "uts"}]}
+    try:
+        a.ok("create_container", container_id="pod", rootfs={"serial": "s"}, process=spec, linux=own,
+             hostname="podhost")
+        err = a.err("create_container", container_id="app", rootfs={"serial": "s"}, process=spec,
+                    linux={"namespaces": [{"type": "pid"}, {"type": "mount"}]},
+                    join_namespaces={"ipc": "nosuch"})
+        assert "container app" in err["message"] and "nosuch" in err["message"], err
+        a.ok("create_container", container_id="app", rootfs={"serial": "s"}, process=spec,
+             linux={"namespaces": [{"type": "pid"}, {"type": "mount"}]}, join_namespaces={"ipc": "pod", "uts": "pod"})
+        err = a.err("start", container_id="app")  # the sandbox's init does not run yet
+        assert "container app" in err["message"] and "container pod" in err["message"], err
+        pod = a.ok("start", container_id="pod")["pid"]
+        app = a.ok("start", container_id="app")["pid"]
+        for kind in ("ipc", "uts"):
+            assert _ns(app, kind) == _ns(pod, kind) != _ns(os.getpid(), kind)
+        for kind in ("pid", "mnt"):
+            assert _ns(app, kind) != _ns(pod, kind)
+        a.ok("exec", container_id="app", exec_id="h", process={**spec, "args": ["hostname"]})
+        assert a.exit_of("h", cid="app")["exit_code"] == 0
+        assert a.output_of("h", "stdout", cid="app") == b"podhost\n"  # the pod's UTS namespace
+        a.ok("destroy_container", container_id="app")
+        a.ok("destroy_container", container_id="pod")
+    finally:
+        rc = a.close()
+    assert rc == 0, a.stderr()

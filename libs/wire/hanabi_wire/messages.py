@@ -62,6 +62,9 @@ ROOTFS = (F("serial", STR, "virtio-blk serial of the root disk (or null: `share`
           F("readonly", BOOL, "mount it read-only", default=False, null=True),
           F("share", STR, "the root's directory in the VM's file share, `<dir>/rootfs` (or null: `serial`)",
             default=None, pattern=SHARE_ROOTFS_REGEX))
+JOIN = (F("ipc", STR, "the container whose init's IPC namespace it joins", default=None, pattern=ID_REGEX),
+        F("uts", STR, "the container whose init's UTS namespace (and hostname) it joins", default=None,
+          pattern=ID_REGEX))
 # One counter of the agent's output and exit events; a replay after a reconnect repeats it
 # (docs/agent-protocol.md, "Replay"), and the host drops what it already had.
 SEQ = F("seq", INT, "the agent's event counter (see Replay)", default=None, lo=1, hi=(1 << 63) - 1)
@@ -106,6 +109,9 @@ _MESSAGES = (
           pattern=ID_REGEX),
         F("linux", OBJECT, "the OCI `linux` subset the guest applies, plus `domainname` (see Linux settings; "
           "checked by the agent)", default=None),
+        F("join_namespaces", OBJECT, "namespaces its init joins instead of making them: those of another "
+          "container of this VM that runs (a Kubernetes pod's sandbox); `linux.namespaces` does not list them",
+          default=None, fields=JOIN),
     ), "mount its disk and prepare the container; the process is not started", request=True, result=()),
     Message(C.T_START, HOST, (CID,), "start the container's init process", request=True, result=PID),
     Message(C.T_EXEC, HOST, (

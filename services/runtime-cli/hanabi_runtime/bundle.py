@@ -30,6 +30,7 @@ class Bundle:
     annotations: dict[str, str]
     netns_path: str | None
     new_netns: bool = False
+    pod_sandbox: str | None = None  # a CRI app container: its pod's sandbox container (pod.py)
 
     @property
     def oci_version(self) -> str:
@@ -56,8 +57,9 @@ def check_process(process: dict) -> None:
         raise InvalidArgument(f"config.json: process.cwd {cwd!r} must be an absolute path")
 
 
-def load_bundle(bundle: str | Path) -> Bundle:
-    """Read `<bundle>/config.json`, validate it against the OCI schema, resolve the rootfs."""
+def load_bundle(bundle: str | Path, cid: str | None = None) -> Bundle:
+    """Read `<bundle>/config.json`, validate it against the OCI schema, resolve the rootfs
+    (`cid`: the container's id, for the messages)."""
     from hanabi_common.oci import validate_config
 
     path = Path(bundle).resolve()
@@ -86,12 +88,17 @@ def load_bundle(bundle: str | Path) -> Bundle:
         raise InvalidArgument(f"{config_file}: process is required to create a container")
     check_process(process)
     from hanabi_runtime.guest_linux import check_guest_settings
+    from hanabi_runtime.pod import own_settings, pod_sandbox_of
 
-    check_guest_settings(config)
-    netns_path, new_netns = _network_namespace(config)
+    annotations = dict(config.get("annotations") or {})
+    pod_sandbox = pod_sandbox_of(cid or str(path), annotations)
+    # An app container's namespace paths name its pod's (checked by the runtime, which
+    # knows the pod): the guest checks the rest.
+    check_guest_settings(own_settings(config) if pod_sandbox else config)
+    netns_path, new_netns = (None, False) if pod_sandbox else _network_namespace(config)
     return Bundle(path=path, config=config, rootfs=rootfs, readonly=bool(root.get("readonly")),
-                  process=process, hostname=config.get("hostname"),
-                  annotations=dict(config.get("annotations") or {}), netns_path=netns_path, new_netns=new_netns)
+                  process=process, hostname=config.get("hostname"), annotations=annotations,
+                  netns_path=netns_path, new_netns=new_netns, pod_sandbox=pod_sandbox)
 
 
 def default_spec(args: list[str] | None = None) -> dict:

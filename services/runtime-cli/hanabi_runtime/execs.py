@@ -92,9 +92,9 @@ def run_exec(runtime, cid: str, process: dict, pid_file: str | None, detach: boo
         raise FailedPrecondition(f"cannot exec in container {cid}: it is {status}, not running")
     exec_id = new_exec_id()
     terminal = console.save_terminal(0)
-    runtime.daemons.agentd.exec(cid, cid, exec_id, process)
+    runtime.daemons.agentd.exec(state.vm_id, cid, exec_id, process)
     standin = runtime.spawn_standin(cid, None, detach, exec_id=exec_id, console=console_args,
-                                    args=process["args"])
+                                    args=process["args"], sandbox=state.sandbox)
     if state.cgroups:
         from hanabi_runtime.cgroups import join
         join(state.cgroups, standin.pid)

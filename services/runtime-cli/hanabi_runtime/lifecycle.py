@@ -27,6 +27,7 @@ from hanabi_common.errors import (AlreadyExists, FailedPrecondition, HanabiError
                                   InvalidArgument, NotFound, Unavailable)
 from hanabi_common.ids import validate_id
 from hanabi_common.state import StateStore
+from hanabi_runtime import pods
 from hanabi_runtime.bundle import Bundle, load_bundle
 from hanabi_runtime.daemons import Daemons
 from hanabi_runtime.mounts import plan_mounts
@@ -93,17 +94,21 @@ class Runtime:
         from hanabi_runtime.console import standin_args
 
         validate_id(cid)
-        bundle = load_bundle(bundle_path)
+        bundle = load_bundle(bundle_path, cid)
         console = standin_args(bool(bundle.process.get("terminal")), console_socket, detach_standin)
+        pod = pods.pod_of(self, cid, bundle) if bundle.pod_sandbox else None
         self._reserve(cid, bundle)
         standin = None
         try:
-            timings, cgroup_dirs = self._provision(cid, bundle)
+            if pod is not None:
+                timings, cgroup_dirs = pods.provision(self, cid, bundle, pod)
+            else:
+                timings, cgroup_dirs = self._provision(cid, bundle)
             fifo = self.store.sandbox_dir(cid) / START_FIFO
             os.mkfifo(fifo, 0o600)
             mark = time.monotonic()
             standin = self.spawn_standin(cid, fifo, detach_standin, console=console,
-                                         args=bundle.process["args"])
+                                         args=bundle.process["args"], sandbox=bundle.pod_sandbox)
             timings["standin_s"] = round(time.monotonic() - mark, 4)
             from hanabi_runtime import cgroups
             cgroups.join(cgroup_dirs, standin.pid)  # the VM joined them when it was spawned
@@ -113,14 +118,15 @@ class Runtime:
                                  annotations=bundle.annotations, root=self.root, timings=timings,
                                  cgroups=cgroup_dirs, oci_version=bundle.oci_version,
                                  hooks={phase: hooks for phase, hooks in (bundle.config.get("hooks") or {}).items()
-                                        if phase in LATER_PHASES and hooks})
+                                        if phase in LATER_PHASES and hooks},
+                                 sandbox=bundle.pod_sandbox)
             self.store.write(cid, STATE_NAME, state)
             if pid_file:
                 write_pid_file(pid_file, standin.pid)
         except BaseException as exc:
             log.warning("create failed, undoing", extra={"container": cid, "error": str(exc)})
             self._teardown(cid, standin_pid=standin.pid if standin else None,
-                           cgroup_dirs=self._cgroup_dirs(bundle))
+                           cgroup_dirs=self._cgroup_dirs(bundle), sandbox=bundle.pod_sandbox)
             if standin is not None:
                 standin.wait()
             raise
@@ -136,7 +142,7 @@ class Runtime:
                                 f"`hanabi-runtime delete --force {cid}` removes it)") from None
         self.store.write(cid, STATE_NAME, RuntimeState(
             id=cid, bundle=str(bundle.path), rootfs=str(bundle.rootfs), created_at=time.time(),
-            annotations=bundle.annotations, root=self.root))
+            annotations=bundle.annotations, root=self.root, sandbox=bundle.pod_sandbox))
 
     @staticmethod
     def _cgroup_dirs(bundle: Bundle) -> list[str]:
@@ -258,12 +264,14 @@ class Runtime:
         return timings, cgroup_dirs
 
     def spawn_standin(self, cid: str, fifo: Path | None, detach: bool, exec_id: str = "init",
-                      console: list[str] | None = None, args: Sequence[str] = ()) -> StandinProcess:
+                      console: list[str] | None = None, args: Sequence[str] = (),
+                      sandbox: str | None = None) -> StandinProcess:
         """Start a stand-in for one process of `cid` and wait until it is attached.
         `console`: its terminal arguments, from `console.standin_args`; `args`: the command
-        it stands for (its process title, which host ps and `docker top` show)."""
+        it stands for (its process title, which host ps and `docker top` show); `sandbox`:
+        the pod sandbox whose VM runs it (default: its own)."""
         ready_r, ready_w = os.pipe()
-        argv = [sys.executable, "-m", "hanabi_runtime.standin", "--sandbox", cid,
+        argv = [sys.executable, "-m", "hanabi_runtime.standin", "--sandbox", sandbox or cid,
                 "--container", cid, "--exec-id", exec_id, "--ready-fd", str(ready_w),
                 "--title", " ".join(args)[:512]]
         if fifo is not None:
@@ -293,7 +301,7 @@ class Runtime:
         status = self.status(state)
         if status != "created":
             raise FailedPrecondition(f"container {cid} is {status}, not created: cannot start it")
-        self.daemons.agentd.start(cid, cid)
+        self.daemons.agentd.start(state.vm_id, cid)
         self.store.write(cid, STATE_NAME, state.model_copy(update={"started": True}))
         release_standin(self.store.sandbox_dir(cid) / START_FIFO, cid)
         self._run_later_hooks(state, "poststart", "running")
@@ -325,7 +333,7 @@ class Runtime:
         if not state.started:
             return "created" if standin_alive else "stopped"
         try:
-            status = self.daemons.agentd.state(state.id, state.id).status
+            status = self.daemons.agentd.state(state.vm_id, state.id).status
         except (Unavailable, NotFound) as exc:
             log.debug("agentd could not tell the status", extra={"error": str(exc)})
             status = "running" if standin_alive else "stopped"
@@ -366,6 +374,7 @@ class Runtime:
         status = self.status(state)
         if status != "running":
             raise FailedPrecondition(f"container {cid} is {status}, not running: cannot pause it")
+        self._refuse_pod_member(state, "pause")
         self.daemons.vmmd.pause(cid)
         self.store.write(cid, STATE_NAME, state.model_copy(update={"paused": True}))
 
@@ -375,8 +384,16 @@ class Runtime:
         status = self.status(state)
         if status != "paused":
             raise FailedPrecondition(f"container {cid} is {status}, not paused: cannot resume it")
+        self._refuse_pod_member(state, "resume")
         self.daemons.vmmd.resume(cid)
         self.store.write(cid, STATE_NAME, state.model_copy(update={"paused": False}))
+
+    @staticmethod
+    def _refuse_pod_member(state: RuntimeState, verb: str) -> None:
+        """pause/resume freeze the whole VM: not for one container of a pod."""
+        if state.sandbox is not None:
+            raise FailedPrecondition(f"cannot {verb} container {state.id} alone: it runs in the VM of pod "
+                                     f"sandbox {state.sandbox}, and {verb} acts on the whole VM")
 
     # -- kill --------------------------------------------------------------------------
     def kill(self, cid: str, signum: int, all_processes: bool = False) -> None:
@@ -388,9 +405,12 @@ class Runtime:
             assert state.standin_pid is not None  # "created" means its stand-in is alive
             os.kill(state.standin_pid, signum)
             return
+        if status == "stopped" and all_processes:
+            return  # as runc: none of its processes is left to signal
         if status != "running":
-            raise FailedPrecondition(f"container {cid} is {status}: cannot send it a signal")
-        self.daemons.agentd.signal(cid, cid, signum, all_processes=all_processes)
+            # "container not running": runc's words, which containerd's shim reads as "gone"
+            raise FailedPrecondition(f"container {cid} is {status} (container not running): cannot send it a signal")
+        self.daemons.agentd.signal(state.vm_id, cid, signum, all_processes=all_processes)
 
     # -- delete ------------------------------------------------------------------------
     def delete(self, cid: str, force: bool = False) -> None:
@@ -408,10 +428,20 @@ class Runtime:
             if status in ("running", "creating"):
                 raise FailedPrecondition(f"cannot delete container {cid} that is {status}: "
                                          "stop it first or use --force")
+        if state is None or state.sandbox is None:
+            # A pod's sandbox goes last: its app containers (containerd removes them first;
+            # whatever is left is removed here) before the VM they run in.
+            for member in pods.members(self.store, cid):
+                try:
+                    self.delete(member, force=True)
+                except HanabiError as exc:
+                    log.warning("app container of the pod not removed cleanly",
+                                extra={"container": member, "sandbox": cid, "error": exc.message})
         try:
             self._teardown(cid, standin_pid=state.standin_pid if state else None,
                            standin_start=state.standin_start_time if state else None,
-                           cgroup_dirs=state.cgroups if state else [])
+                           cgroup_dirs=state.cgroups if state else [],
+                           sandbox=state.sandbox if state else None)
         finally:
             if state is not None:
                 self._run_later_hooks(state, "poststop", "stopped")
@@ -420,16 +450,18 @@ class Runtime:
         return getattr(self.daemons, daemon).rpc.call(method, body, idempotent=True)
 
     def _teardown(self, cid: str, standin_pid: int | None, standin_start: int | None = None,
-                  cgroup_dirs: builtins.list[str] | None = None) -> None:
+                  cgroup_dirs: builtins.list[str] | None = None, sandbox: str | None = None) -> None:
         """One release RPC per daemon, the stand-ins, the state (`hanabi_runtime.teardown`).
         A daemon that is down keeps its state file and the sandbox is marked disowned:
-        that daemon finishes the job when it starts (`hanabi_common.disowned`)."""
+        that daemon finishes the job when it starts (`hanabi_common.disowned`). An app
+        container of a pod (`sandbox`: the pod's) has only its container in the pod's VM
+        and its share entries: the VM and the network are the pod's."""
         from hanabi_runtime.teardown import teardown
 
         def standins() -> list:
             return [(standin_pid, standin_start)] + [
                 (record.standin_pid, record.standin_start_time) for record in self.exec_records(cid)]
-        teardown(cid, self._call, str(self.store.root), standins, cgroup_dirs)
+        teardown(cid, self._call, str(self.store.root), standins, cgroup_dirs, sandbox=sandbox)
 
 @contextmanager
 def _phase(timings: dict[str, float], name: str) -> Iterator[None]:

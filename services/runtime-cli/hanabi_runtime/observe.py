@@ -33,8 +33,8 @@ def live_pids(pairs: list[tuple[int | None, int | None]]) -> list[int]:
 
 def guest_table(runtime, cid: str) -> str:
     """`ps` as the guest sees it: PID, EXEC and the command."""
-    runtime.load(cid)
-    processes = runtime.daemons.agentd.ps(cid, cid).processes
+    state = runtime.load(cid)
+    processes = runtime.daemons.agentd.ps(state.vm_id, cid).processes
     return process_table([(p.pid, p.exec_id, p.args) for p in processes])
 
 
@@ -57,9 +57,9 @@ def _proc_usage(pid: int) -> tuple[int, int]:
 def stats(runtime, cid: str) -> dict:
     """One runc-style stats event for the container's VM."""
     state = runtime.load(cid)
-    vm = runtime.daemons.vmmd.get(cid)
+    vm = runtime.daemons.vmmd.get(state.vm_id)  # a pod's containers: the pod's VM
     try:
-        pids = len(runtime.daemons.agentd.ps(cid, cid).processes)
+        pids = len(runtime.daemons.agentd.ps(state.vm_id, cid).processes)
     except Exception:
         pids = 0
     return stats_event(state.id, {"pid": vm.pid, "vcpus": vm.vcpus, "memory_mib": vm.memory_mib,

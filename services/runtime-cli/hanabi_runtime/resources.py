@@ -31,7 +31,10 @@ def parse_resources(raw: str) -> dict:
 def apply_update(runtime, cid: str, raw: str) -> None:
     """Accept an update that keeps the VM's size; refuse one that would change it."""
     resources = parse_resources(raw)
-    runtime.load(cid)
+    state = runtime.load(cid)
+    if state.sandbox is not None:
+        raise FailedPrecondition(f"container {cid} of pod sandbox {state.sandbox}: its limits are set in the "
+                                 "pod's VM at create and cannot be updated yet (recreate the container)")
     wanted = vm_size(resources)
     vm = runtime.daemons.vmmd.get(cid)
     changes = []

@@ -27,6 +27,14 @@ class RuntimeState(VersionedState):
     cgroups: list[str] = []
     oci_version: str = "1.0.2"
     hooks: dict[str, list[dict]] = {}  # poststart and poststop, for start and delete
+    # A CRI app container: the id of its pod's sandbox container, whose VM it runs in
+    # (hanabi_runtime.pod); None for a container with a VM of its own (a pod sandbox too).
+    sandbox: str | None = None
+
+    @property
+    def vm_id(self) -> str:
+        """The sandbox id the daemons know the container's VM by (its pod's, or its own)."""
+        return self.sandbox or self.id
 
 
 def oci_state(state: RuntimeState, status: str) -> dict:

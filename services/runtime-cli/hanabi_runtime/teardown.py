@@ -31,16 +31,26 @@ STEPS = (
     ("blockd", "volume.release", "release the volume"),
     ("netd", "net.detach", "detach the network"),
 )
+# An app container of a Kubernetes pod: only its container in the pod's VM (which the guest
+# ends and unmounts) and its share entries; the VM, network and agent session are the pod's.
+POD_MEMBER_STEPS = (
+    ("agentd", "container.destroy", "destroy the container"),
+    ("blockd", "volume.release", "release the volume"),
+)
 Call = Callable[[str, str, dict], object]  # (daemon, method, body) -> reply; raises HanabiError
 
 
-def release(cid: str, call: Call) -> tuple[list[str], list[str]]:
-    """Ask each daemon to release its part; (failures, daemons that are down)."""
+def release(cid: str, call: Call, sandbox: str | None = None) -> tuple[list[str], list[str]]:
+    """Ask each daemon to release its part (`sandbox`: the pod whose VM runs app container
+    `cid`); (failures, daemons that are down)."""
     failures: list[str] = []
     down: list[str] = []
-    for daemon, method, what in STEPS:
+    for daemon, method, what in (STEPS if sandbox is None else POD_MEMBER_STEPS):
+        body = {"sandbox_id": cid}
+        if sandbox is not None and daemon == "agentd":
+            body = {"sandbox_id": sandbox, "container_id": cid}
         try:
-            call(daemon, method, {"sandbox_id": cid})
+            call(daemon, method, body)
         except NotFound:
             pass
         except Unavailable as exc:
@@ -62,10 +72,11 @@ def kill_standins(standins: Iterable[tuple[int | None, int | None]]) -> None:
 
 
 def teardown(cid: str, call: Call, sandboxes_dir: str, standins: Callable[[], list],
-             cgroup_dirs: list[str] | None) -> None:
+             cgroup_dirs: list[str] | None, sandbox: str | None = None) -> None:
     """The whole runtime's half: release, stand-ins, the sandbox directory, the cgroups.
-    `standins()` lists them (read before the directory goes). Internal if not clean."""
-    failures, down = release(cid, call)
+    `standins()` lists them (read before the directory goes); `sandbox`: the pod of an app
+    container. Internal if not clean."""
+    failures, down = release(cid, call, sandbox)
     kill_standins(standins())
     if down:
         if disown(sandboxes_dir, cid, down):

@@ -88,6 +88,9 @@ class CreateContainer(Request):
     # rootfsPropagation, mountLabel) plus the config's top-level `domainname`; validated
     # in the guest (docs/agent-protocol.md). None: the guest applies none of it.
     linux: dict[str, Any] | None = None
+    # A container of a Kubernetes pod: `ipc`/`uts` -> the container of the same VM (the
+    # pod's sandbox) whose init's namespace its init joins (hanabi_runtime.pod).
+    join_namespaces: dict[Literal["ipc", "uts"], ContainerId] | None = None
 
 
 class ConfigureNetwork(Request):

@@ -56,8 +56,9 @@ class Daemons:
         return self._client("blockd", max(self.config.default_timeout_s, BLOCKD_MIN_TIMEOUT_S))
 
 
-def _ref(cid: str) -> dict:
-    return {"sandbox_id": cid, "container_id": cid}
+def _ref(state: dict) -> dict:
+    """The container's reference for agentd: in its pod's VM (`sandbox`) or its own."""
+    return {"sandbox_id": state["sandbox"] or state["id"], "container_id": state["id"]}
 
 
 def _load(config: LeanConfig, cid: str) -> dict:
@@ -72,7 +73,7 @@ def status(daemons: Daemons, state: dict) -> str:
     if not state["started"]:
         return "created" if alive else "stopped"
     try:
-        reply = daemons.agentd.call("container.state", _ref(state["id"]), idempotent=True)
+        reply = daemons.agentd.call("container.state", _ref(state), idempotent=True)
     except (Unavailable, NotFound):
         current = "running" if alive else "stopped"
     else:
@@ -105,7 +106,7 @@ def cmd_start(config: LeanConfig, args: dict) -> int:
     current = status(daemons, state)
     if current != "created":
         raise FailedPrecondition(f"container {cid} is {current}, not created: cannot start it")
-    daemons.agentd.call("container.start", _ref(cid))
+    daemons.agentd.call("container.start", _ref(state))
     write_state(config, cid, dict(state, started=True))
     release_standin(os.path.join(config.sandboxes_dir, cid, START_FIFO), cid)
     return 0
@@ -119,7 +120,7 @@ def cmd_kill(config: LeanConfig, args: dict) -> int:
     signum = parse_signal(args.get("signal", "SIGTERM"))
     daemons = Daemons(config)
     state = _load(config, cid)
-    body = dict(_ref(cid), exec_id="init", signal=signum, all=bool(args.get("all")))
+    body = dict(_ref(state), exec_id="init", signal=signum, all=bool(args.get("all")))
     if state["started"] and not state["paused"] and not body["all"] and state["standin_pid"] is not None:
         # One RPC: agentd refuses to signal a stopped process itself; only then is the
         # status asked, for today's words (an agentd that is down: its own error).
@@ -133,13 +134,16 @@ def cmd_kill(config: LeanConfig, args: dict) -> int:
             if current == "created":
                 os.kill(state["standin_pid"], signum)
                 return 0
-            raise FailedPrecondition(f"container {cid} is {current}: cannot send it a signal") from None
+            raise FailedPrecondition(f"container {cid} is {current} (container not running): "
+                                     "cannot send it a signal") from None
     current = status(daemons, state)
     if current == "created":
         os.kill(state["standin_pid"], signum)
         return 0
+    if current == "stopped" and body["all"]:
+        return 0  # Runtime.kill: as runc, none of its processes is left to signal
     if current != "running":
-        raise FailedPrecondition(f"container {cid} is {current}: cannot send it a signal")
+        raise FailedPrecondition(f"container {cid} is {current} (container not running): cannot send it a signal")
     daemons.agentd.call("container.signal", body)
     return 0
 
@@ -150,6 +154,8 @@ def _pause_or_resume(config: LeanConfig, cid: str, want: str, method: str, pause
     current = status(daemons, state)
     if current != want:
         raise FailedPrecondition(f"container {cid} is {current}, not {want}: cannot {verb} it")
+    if state["sandbox"] is not None:
+        raise Fallback()  # Runtime.pause/resume word the refusal for a pod's container
     daemons.vmmd.call(method, {"sandbox_id": cid}, idempotent=True)
     write_state(config, cid, dict(state, paused=paused))
     return 0
@@ -175,12 +181,12 @@ def cmd_ps(config: LeanConfig, args: dict) -> int:
         pairs = [(state["standin_pid"], state["standin_start_time"])] + exec_standins(config, cid)
         print(json.dumps(observe.live_pids(pairs)))
         return 0
-    print(observe.process_table(_guest_processes(Daemons(config), cid)))
+    print(observe.process_table(_guest_processes(Daemons(config), state)))
     return 0
 
 
-def _guest_processes(daemons: Daemons, cid: str) -> list:
-    reply = daemons.agentd.call("container.ps", _ref(cid), idempotent=True)
+def _guest_processes(daemons: Daemons, state: dict) -> list:
+    reply = daemons.agentd.call("container.ps", _ref(state), idempotent=True)
     processes = reply.get("processes")
     if not isinstance(processes, list):
         raise Fallback()
@@ -207,13 +213,13 @@ def cmd_events(config: LeanConfig, args: dict) -> int:
     daemons = Daemons(config)
     while True:
         state = _load(config, cid)
-        vm = daemons.vmmd.call("vm.get", {"sandbox_id": cid}, idempotent=True)
+        vm = daemons.vmmd.call("vm.get", {"sandbox_id": state["sandbox"] or cid}, idempotent=True)
         fields = {k: vm.get(k) for k in ("pid", "vcpus", "memory_mib", "state")}
         if not all(isinstance(fields[k], int) for k in ("pid", "vcpus", "memory_mib")) \
                 or not isinstance(fields["state"], str):
             raise Fallback()
         try:
-            pids = len(_guest_processes(daemons, cid))
+            pids = len(_guest_processes(daemons, state))
         except Exception:
             pids = 0
         print(json.dumps(observe.stats_event(state["id"], fields, pids)), flush=True)
@@ -224,6 +230,7 @@ def cmd_events(config: LeanConfig, args: dict) -> int:
 
 def cmd_delete(config: LeanConfig, args: dict) -> int:
     """`delete [--force] ID`: Runtime.delete, over the same `hanabi_runtime.teardown`."""
+    from hanabi_runtime.pod import CONTAINER_TYPE as POD_CONTAINER_TYPE
     from hanabi_runtime.teardown import teardown
 
     cid = checked_id(args["id"])
@@ -233,6 +240,8 @@ def cmd_delete(config: LeanConfig, args: dict) -> int:
         if force:
             return 0
         raise NotFound(f"container {cid} does not exist")
+    if state is not None and state["annotations"].get(POD_CONTAINER_TYPE) == "sandbox":
+        raise Fallback()  # a pod's sandbox: Runtime.delete removes its app containers first
     daemons = Daemons(config)
     if state is not None and not force:
         current = status(daemons, state)
@@ -246,7 +255,8 @@ def cmd_delete(config: LeanConfig, args: dict) -> int:
     def standins() -> list:
         return ([(state["standin_pid"], state["standin_start_time"])] if state else []) + exec_standins(config, cid)
     try:
-        teardown(cid, call, config.sandboxes_dir, standins, state["cgroups"] if state else [])
+        teardown(cid, call, config.sandboxes_dir, standins, state["cgroups"] if state else [],
+                 sandbox=state["sandbox"] if state else None)
     finally:
         if state is not None and state["hooks"].get("poststop"):
             _poststop(state)

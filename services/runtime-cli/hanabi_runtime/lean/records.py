@@ -36,7 +36,7 @@ RUNTIME_STATE = {
     "standin_pid": ((int, type(None)), None), "standin_start_time": ((int, type(None)), None),
     "started": ((bool,), False), "paused": ((bool,), False), "annotations": ((dict,), {}),
     "root": ((str, type(None)), None), "timings": ((dict,), {}), "cgroups": ((list,), []),
-    "oci_version": ((str,), "1.0.2"), "hooks": ((dict,), {}),
+    "oci_version": ((str,), "1.0.2"), "hooks": ((dict,), {}), "sandbox": ((str, type(None)), None),
 }
 EXEC_RECORD = {"schema_version": ((int,), 1), "exec_id": ((str,), REQUIRED), "args": ((list,), REQUIRED),
                "standin_pid": ((int,), REQUIRED), "standin_start_time": ((int, type(None)), None)}
@@ -199,6 +199,10 @@ def read_state(config: LeanConfig, cid: str) -> dict | None:
     state = check_fields(data, RUNTIME_STATE)
     if state is None or not _valid_runtime_state(state):
         raise Fallback()  # pydantic's own words for what is wrong
+    if state["sandbox"] is not None:
+        from hanabi_runtime.lean.ids import checked_id
+
+        checked_id(state["sandbox"])  # else Fallback: the full CLI names what is wrong
     state["created_at"] = float(state["created_at"])  # as RuntimeState holds it
     return state
 
