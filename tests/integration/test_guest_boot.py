@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 import hanabi_wire as P
-from hanabi_guest.elf import Elf
+from hanabi_image.elf import Elf
 from hanabi_wire import KERNEL_CMDLINE
 
 

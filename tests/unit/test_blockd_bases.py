@@ -52,7 +52,7 @@ def test_removal_can_be_vetoed_under_the_keys_lock(tmp_path):
     store.obtain("k", "content", "d", "/src", _writer([]))
     assert store.remove("k", unless=lambda: True) is False and store.get("k") is not None
     seen = []
-    assert store.remove("k", unless=lambda: seen.append(store.key_lock("k").locked()) or False) is True
+    assert store.remove("k", unless=lambda: seen.append(store._locks.locked("k")) or False) is True
     assert seen == [True] and store.get("k") is None
 
 

@@ -44,7 +44,7 @@ def make_spec(env, **kwargs) -> VmSpec:
     args = dict(memory_mib=128, vcpus=2, kernel=env["kernel"], initrd=env["initrd"],
                 cmdline="console=ttyS0 quiet", accel="kvm")
     args.update(kwargs)
-    return VmSpec.in_dir("sb1", vm_dir, **args)
+    return VmSpec.in_dir("sb1", vm_dir, FirecrackerHypervisor.files, **args)
 
 
 def backend(env, **kwargs) -> FirecrackerHypervisor:

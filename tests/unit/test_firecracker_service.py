@@ -63,18 +63,18 @@ def test_create_reports_the_hybrid_vsock_agent_and_survives_a_vmmd_restart(env):
 
     vol = root / "vol.img"
     vol.write_bytes(bytes(8192))
-    disk = svc.attach_disk(AttachDisk(sandbox_id="sb1", path=str(vol), serial="rootfs"))
+    disk = svc.devices.attach_disk(AttachDisk(sandbox_id="sb1", path=str(vol), serial="rootfs"))
     st = os.stat(vol)
     assert disk.serial == "rootfs" and disk.guest_serial == f"{st.st_dev}{st.st_rdev}{st.st_ino}"[:20]
     with pytest.raises(AlreadyExists):  # the guest could not tell the two apart
-        svc.attach_disk(AttachDisk(sandbox_id="sb1", path=str(vol), serial="again"))
+        svc.devices.attach_disk(AttachDisk(sandbox_id="sb1", path=str(vol), serial="again"))
 
     svc.pause(SandboxRef(sandbox_id="sb1"))
     svc.close()
     again = make()  # a restarted vmmd re-adopts the VM and asks Firecracker its state
     assert again.get(SandboxRef(sandbox_id="sb1")).state == "paused"
     again.resume(SandboxRef(sandbox_id="sb1"))
-    again.detach_disk(DetachDisk(sandbox_id="sb1", device_id=disk.device_id))
+    again.devices.detach_disk(DetachDisk(sandbox_id="sb1", device_id=disk.device_id))
     pid = state.pid
     assert again.stop(StopVm(sandbox_id="sb1")).existed
     assert not proc.is_alive(pid, state.start_time)

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from hanabi_guest import debs, image, kernel
-from hanabi_guest.cpio import CpioWriter
-from hanabi_guest.elf import Elf, ElfError, modinfo
+from hanabi_image import debs, image, kernel
+from hanabi_image.cpio import CpioWriter
+from hanabi_image.elf import Elf, ElfError, modinfo
 
 GUEST = Path("/var/lib/hanabi/guest/current")
 

@@ -16,6 +16,7 @@ from hanabi_common.errors import FailedPrecondition, Unavailable
 from hanabi_vmmd import qemu_cmdline as qc
 from hanabi_vmmd.cloning import clone_hostname, restore_fields
 from hanabi_vmmd.hypervisor import VmSpec
+from hanabi_vmmd.qemu import QemuHypervisor
 from hanabi_vmmd import templates as tpl
 from hanabi_vmmd.templates import TemplateParams, TemplateStore, TemplateUnsupported, image_id
 from hanabi_wire import T_RESTORED, messages
@@ -26,7 +27,7 @@ def spec(**kw) -> VmSpec:
     args = dict(memory_mib=256, vcpus=1, kernel=Path("/g/vmlinux"), initrd=Path("/g/initrd.img"),
                 cmdline="console=ttyS0", accel="tcg", hotplug_slots=4, share_dir=Path("/run/s/1"))
     args.update(kw)
-    return VmSpec.in_dir("sb-1", Path("/run/hanabi/vm/0123456789abcdef"), **args)
+    return VmSpec.in_dir("sb-1", Path("/run/hanabi/vm/0123456789abcdef"), QemuHypervisor.files, **args)
 
 
 def option(argv: list[str], flag: str) -> list[str]:

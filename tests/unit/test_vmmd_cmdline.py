@@ -8,13 +8,14 @@ import pytest
 
 from hanabi_vmmd import qemu_cmdline as qc
 from hanabi_vmmd.hypervisor import VmSpec
+from hanabi_vmmd.qemu import QemuHypervisor
 
 
 def spec(accel: str = "tcg", **kw) -> VmSpec:
     args = dict(memory_mib=256, vcpus=2, kernel=Path("/g/vmlinux"), initrd=Path("/g/initrd.img"),
                 cmdline="console=ttyS0 rdinit=/init", accel=accel, hotplug_slots=3)
     args.update(kw)
-    return VmSpec.in_dir("sb-1", Path("/run/hanabi/vm/0123456789abcdef"), **args)
+    return VmSpec.in_dir("sb-1", Path("/run/hanabi/vm/0123456789abcdef"), QemuHypervisor.files, **args)
 
 
 def option(argv: list[str], flag: str) -> list[str]:
@@ -85,7 +86,7 @@ def test_unknown_machine_is_refused():
 
 
 def test_comma_in_a_socket_path_is_refused():
-    bad = VmSpec.in_dir("x", Path("/run/a,b/vm/1"), memory_mib=128, vcpus=1, kernel=Path("/k"),
+    bad = VmSpec.in_dir("x", Path("/run/a,b/vm/1"), QemuHypervisor.files, memory_mib=128, vcpus=1, kernel=Path("/k"),
                         initrd=Path("/i"), cmdline="", accel="tcg")
     with pytest.raises(ValueError, match="comma"):
         qc.build_argv(bad)

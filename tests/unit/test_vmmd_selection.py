@@ -27,14 +27,3 @@ def test_explicit_choices_are_kept():
 def test_firecracker_unusable_prefers_the_binary_problem():
     assert firecracker_unusable(HostFacts("too old", PVM)) == "too old"
     assert firecracker_unusable(HostFacts(None, None)) is None
-
-
-def test_resolve_keeps_explicit_choices_and_probes_auto(monkeypatch):
-    from hanabi_vmmd import selection
-
-    assert selection.resolve("qemu").backend == "qemu"
-    assert selection.resolve("firecracker").backend == "firecracker"
-    monkeypatch.setattr(selection, "probe", lambda binary: HostFacts(f"{binary} not on PATH", None))
-    assert selection.resolve("auto", "fc-x") == Choice("qemu", "auto: QEMU, since fc-x not on PATH")
-    monkeypatch.setattr(selection, "probe", lambda binary: HostFacts(None, None))
-    assert selection.resolve("auto").backend == "firecracker"

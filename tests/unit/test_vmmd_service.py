@@ -9,6 +9,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from collections.abc import Callable, Collection
 
@@ -21,8 +22,9 @@ from hanabi_common.models.base import Drain, NoArgs, SandboxRef
 from hanabi_common.models.vmmd import AttachDisk, CreateVm, DetachDisk, StopVm
 from hanabi_vmmd import proc
 from hanabi_vmmd.accel import AccelDecision
-from hanabi_vmmd.hypervisor import DiskSpec, StopResult, VmHandle, VmSpec
-from hanabi_vmmd.locks import KeyedLocks
+from hanabi_vmmd.hypervisor import Capabilities, DiskSpec, StopResult, VmHandle, VmSpec
+from hanabi_vmmd.qemu import QemuHypervisor
+from hanabi_common.locks import KeyedLocks
 from hanabi_vmmd.qemu_cmdline import pick_slot
 from hanabi_vmmd.service import VmService
 from hanabi_vmmd.state import STATE_NAME, HypervisorState
@@ -32,7 +34,18 @@ class FakeHypervisor:
     """A 'VM' is a `sleep` in its own session; disks and pause are just recorded."""
 
     name = "qemu"
-    share_kind = None
+    binary = "sleep"
+    machine = "q35"
+    files = QemuHypervisor.files
+
+    def capabilities(self) -> Capabilities:
+        return replace(QemuHypervisor().capabilities(), share=None, templates=False)  # a sleep cannot be cloned
+
+    def problem(self) -> str | None:
+        return None
+
+    def guest_serial(self, handle: VmHandle, disk: DiskSpec) -> str:
+        return ""
 
     def __init__(self, fail_start: bool = False) -> None:
         self.fail_start = fail_start
@@ -172,29 +185,29 @@ def test_disks(env):
     image = root / "disk.img"
     image.write_bytes(b"\0" * 4096)
     with pytest.raises(NotFound):
-        svc.attach_disk(AttachDisk(sandbox_id="sb1", path=str(image), serial="r0"))
+        svc.devices.attach_disk(AttachDisk(sandbox_id="sb1", path=str(image), serial="r0"))
     svc.create(CreateVm(sandbox_id="sb1"))
     for bad in ("relative.img", str(root / "nope.img"), str(root)):
         with pytest.raises(InvalidArgument):
-            svc.attach_disk(AttachDisk(sandbox_id="sb1", path=bad, serial="r0"))
-    disk = svc.attach_disk(AttachDisk(sandbox_id="sb1", path=str(image), serial="r0"))
+            svc.devices.attach_disk(AttachDisk(sandbox_id="sb1", path=bad, serial="r0"))
+    disk = svc.devices.attach_disk(AttachDisk(sandbox_id="sb1", path=str(image), serial="r0"))
     assert disk.device_id == "disk-r0" and backend.disks == {"disk-r0": "rp0"}
     with pytest.raises(AlreadyExists):
-        svc.attach_disk(AttachDisk(sandbox_id="sb1", path=str(image), serial="r0"))
-    svc.attach_disk(AttachDisk(sandbox_id="sb1", path=str(image), serial="r1", readonly=True))
+        svc.devices.attach_disk(AttachDisk(sandbox_id="sb1", path=str(image), serial="r0"))
+    svc.devices.attach_disk(AttachDisk(sandbox_id="sb1", path=str(image), serial="r1", readonly=True))
     assert backend.disks["disk-r1"] == "rp1"
     with pytest.raises(FailedPrecondition, match="slot"):
-        svc.attach_disk(AttachDisk(sandbox_id="sb1", path=str(image), serial="r2"))
+        svc.devices.attach_disk(AttachDisk(sandbox_id="sb1", path=str(image), serial="r2"))
     assert svc.get(SandboxRef(sandbox_id="sb1")).disks == ["disk-r0", "disk-r1"]
     svc.pause(SandboxRef(sandbox_id="sb1"))
     with pytest.raises(FailedPrecondition, match="paused"):
-        svc.attach_disk(AttachDisk(sandbox_id="sb1", path=str(image), serial="r3"))
+        svc.devices.attach_disk(AttachDisk(sandbox_id="sb1", path=str(image), serial="r3"))
     with pytest.raises(FailedPrecondition, match="paused"):
-        svc.detach_disk(DetachDisk(sandbox_id="sb1", device_id="disk-r0"))
+        svc.devices.detach_disk(DetachDisk(sandbox_id="sb1", device_id="disk-r0"))
     svc.resume(SandboxRef(sandbox_id="sb1"))
-    assert svc.detach_disk(DetachDisk(sandbox_id="sb1", device_id="disk-r0")).existed
-    assert not svc.detach_disk(DetachDisk(sandbox_id="sb1", device_id="disk-r0")).existed
-    assert svc.attach_disk(AttachDisk(sandbox_id="sb1", path=str(image), serial="r4")).device_id == "disk-r4"
+    assert svc.devices.detach_disk(DetachDisk(sandbox_id="sb1", device_id="disk-r0")).existed
+    assert not svc.devices.detach_disk(DetachDisk(sandbox_id="sb1", device_id="disk-r0")).existed
+    assert svc.devices.attach_disk(AttachDisk(sandbox_id="sb1", path=str(image), serial="r4")).device_id == "disk-r4"
     assert backend.disks["disk-r4"] == "rp0"
 
 

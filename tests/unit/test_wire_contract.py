@@ -106,7 +106,8 @@ def test_both_sides_use_the_wire_constants_not_copies():
             if const in vars(module):
                 assert vars(module)[const] is getattr(constants, const), f"{name}.{const} is a copy"
     from hanabi_common import ids
-    from hanabi_guest import channel, image
+    from hanabi_guest import channel
+    from hanabi_image import image
     from hanabi_vmmd import qemu_cmdline
     from hanabi_vmmd.firecracker import process as fc
     assert ids.ID_PATTERN is W.ID_RE and channel.VSOCK_PORT is W.VSOCK_PORT
@@ -168,7 +169,7 @@ def test_message_fields_are_defined_only_in_the_wire_table():
 
 # --- the guest image carries it -----------------------------------------------------------
 def test_the_image_carries_every_wire_module_and_they_import_only_the_stdlib():
-    from hanabi_guest import image
+    from hanabi_image import image
     modules = sorted(p.name for p in WIRE_DIR.glob("*.py") if p.name != "doc.py")
     assert sorted(image.WIRE_FILES) == modules
     assert "hanabi_wire/doc.py" not in image.sources()

@@ -8,16 +8,21 @@ from hanabi_common.config import Config
 from hanabi_common.models.agentd import (AgentInfo, ConfigureNetwork, ConnectAgent, ContainerRef, ContainerState,
                                          CreateContainer, ExecProcess, ProcessList, RootfsSpec,
                                          SignalProcess, StartedProcess)
-from hanabi_common.models.base import Removed, SandboxRef
+from hanabi_common.models.base import NoArgs, Removed, SandboxRef
 from hanabi_common.rpc.client import RpcClient
+from hanabi_common.rpc.contract import ContractClient
 
+from hanabi_agentd.contract import AGENTD
 from hanabi_agentd.models import AgentDetails, AgentList, ProcessRef, ResizeProcess
 
 SLACK_S = 5.0
 
 
-class AgentdClient:
-    """Calls agentd. Deadlines leave agentd time to report its own DEADLINE_EXCEEDED."""
+class AgentdClient(ContractClient):
+    """Calls agentd (one method per entry of its table, hanabi_agentd.contract). Deadlines
+    leave agentd time to report its own DEADLINE_EXCEEDED."""
+
+    contract = AGENTD
 
     def __init__(self, config: Config, timeout: float | None = None) -> None:
         self.config = config
@@ -31,35 +36,39 @@ class AgentdClient:
         agent_transport and agent_port say) and wait until it answers (at most `timeout_s`,
         default config.agent.ready_timeout_s)."""
         wait = timeout_s or self.config.agent.ready_timeout_s
-        return self.rpc.call("agent.connect", ConnectAgent(sandbox_id=sandbox_id, socket_path=socket_path,
-                                                           timeout_s=timeout_s, transport=transport,
-                                                           port=port),
-                             AgentInfo, timeout=wait + SLACK_S)
+        return self.call(AGENTD.connect, ConnectAgent(sandbox_id=sandbox_id, socket_path=socket_path,
+                                                      timeout_s=timeout_s, transport=transport,
+                                                      port=port), timeout=wait + SLACK_S)
 
     def get(self, sandbox_id: str) -> AgentInfo:
         """The agent of one sandbox."""
-        return self.rpc.call("agent.get", SandboxRef(sandbox_id=sandbox_id), AgentInfo, idempotent=True)
+        return self.call(AGENTD.get, SandboxRef(sandbox_id=sandbox_id))
 
     def list(self) -> AgentList:
         """Every agent agentd knows."""
-        return self.rpc.call("agent.list", {}, AgentList, idempotent=True)
+        return self.call(AGENTD.list, NoArgs())
 
     def inspect(self, sandbox_id: str) -> AgentDetails:
         """The agent plus all containers and processes."""
-        return self.rpc.call("agent.inspect", SandboxRef(sandbox_id=sandbox_id), AgentDetails, idempotent=True)
+        return self.call(AGENTD.inspect, SandboxRef(sandbox_id=sandbox_id))
 
     def disconnect(self, sandbox_id: str) -> Removed:
         """Shut the guest down (best effort) and forget the agent (idempotent)."""
-        return self.rpc.call("agent.disconnect", SandboxRef(sandbox_id=sandbox_id), Removed, idempotent=True)
+        return self.call(AGENTD.disconnect, SandboxRef(sandbox_id=sandbox_id))
+
+    def release(self, sandbox_id: str) -> Removed:
+        """A container's delete, whose VM vmmd kills next: forget the sandbox, no word to the
+        guest (idempotent)."""
+        return self.call(AGENTD.release, SandboxRef(sandbox_id=sandbox_id))
 
     def configure_network(self, request: ConfigureNetwork) -> None:
         """Configure the guest's loopback, NICs and routes."""
-        self.rpc.call("agent.configure_network", request)
+        self.call(AGENTD.configure_network, request)
 
     # --- containers -----------------------------------------------------------------------
     def create_container(self, request: CreateContainer) -> None:
         """Create a container in the guest (mounts its disk); its process is not started yet."""
-        self.rpc.call("container.create", request)
+        self.call(AGENTD.create_container, request)
 
     def create(self, sandbox_id: str, container_id: str, rootfs: RootfsSpec, process: dict[str, Any],
                hostname: str | None = None) -> None:
@@ -69,43 +78,38 @@ class AgentdClient:
 
     def start(self, sandbox_id: str, container_id: str) -> StartedProcess:
         """Start the container's init process."""
-        return self.rpc.call("container.start", ContainerRef(sandbox_id=sandbox_id, container_id=container_id),
-                             StartedProcess)
+        return self.call(AGENTD.start, ContainerRef(sandbox_id=sandbox_id, container_id=container_id))
 
     def exec(self, sandbox_id: str, container_id: str, exec_id: str, process: dict[str, Any]) -> StartedProcess:
         """Start one more process in a running container."""
-        return self.rpc.call("container.exec", ExecProcess(sandbox_id=sandbox_id, container_id=container_id,
-                                                           exec_id=exec_id, process=process), StartedProcess)
+        return self.call(AGENTD.exec, ExecProcess(sandbox_id=sandbox_id, container_id=container_id,
+                                                  exec_id=exec_id, process=process))
 
     def signal(self, sandbox_id: str, container_id: str, signal: int, exec_id: str = "init",
                all_processes: bool = False) -> None:
         """Send `signal` to a process (or to every process of the container)."""
-        self.rpc.call("container.signal", SignalProcess(sandbox_id=sandbox_id, container_id=container_id,
-                                                        exec_id=exec_id, signal=signal, all=all_processes))
+        self.call(AGENTD.signal, SignalProcess(sandbox_id=sandbox_id, container_id=container_id,
+                                               exec_id=exec_id, signal=signal, all=all_processes))
 
     def close_stdin(self, sandbox_id: str, container_id: str, exec_id: str = "init") -> None:
         """Close a process's stdin."""
-        self.rpc.call("container.close_stdin", ProcessRef(sandbox_id=sandbox_id, container_id=container_id,
-                                                          exec_id=exec_id))
+        self.call(AGENTD.close_stdin, ProcessRef(sandbox_id=sandbox_id, container_id=container_id,
+                                                 exec_id=exec_id))
 
     def resize(self, sandbox_id: str, container_id: str, height: int, width: int,
                exec_id: str = "init") -> None:
         """Set the window size (rows, columns) of a process's terminal."""
-        self.rpc.call("container.resize", ResizeProcess(sandbox_id=sandbox_id, container_id=container_id,
-                                                        exec_id=exec_id, height=height, width=width),
-                      idempotent=True)
+        self.call(AGENTD.resize, ResizeProcess(sandbox_id=sandbox_id, container_id=container_id,
+                                               exec_id=exec_id, height=height, width=width))
 
     def state(self, sandbox_id: str, container_id: str) -> ContainerState:
         """Status of the container and its processes (also after they exited)."""
-        return self.rpc.call("container.state", ContainerRef(sandbox_id=sandbox_id, container_id=container_id),
-                             ContainerState, idempotent=True)
+        return self.call(AGENTD.state, ContainerRef(sandbox_id=sandbox_id, container_id=container_id))
 
     def ps(self, sandbox_id: str, container_id: str) -> ProcessList:
         """The container's processes as the guest sees them."""
-        return self.rpc.call("container.ps", ContainerRef(sandbox_id=sandbox_id, container_id=container_id),
-                             ProcessList, idempotent=True)
+        return self.call(AGENTD.ps, ContainerRef(sandbox_id=sandbox_id, container_id=container_id))
 
     def destroy(self, sandbox_id: str, container_id: str) -> Removed:
         """Kill, unmount and forget a container (idempotent)."""
-        return self.rpc.call("container.destroy", ContainerRef(sandbox_id=sandbox_id, container_id=container_id),
-                             Removed, idempotent=True)
+        return self.call(AGENTD.destroy, ContainerRef(sandbox_id=sandbox_id, container_id=container_id))

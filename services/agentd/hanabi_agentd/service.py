@@ -29,6 +29,7 @@ from hanabi_wire import (INIT_EXEC_ID, T_CLOSE_STDIN, T_CONFIGURE_NETWORK, T_CRE
 from hanabi_wire import request as wire_request
 
 from hanabi_agentd.channel import address_for
+from hanabi_agentd.contract import AGENTD
 from hanabi_agentd.dns import DnsRelay, DnsTarget
 from hanabi_agentd.guest_messages import GuestMisbehaved, PidResult, PsResult, parse_result
 from hanabi_agentd.io_server import IoServer, io_socket_path
@@ -78,26 +79,8 @@ class AgentService:
         self.io.start()
 
     def register(self, server: RpcServer) -> None:
-        """Serve the agent.* and container.* methods."""
-        for name, model, handler in (
-            ("agent.connect", ConnectAgent, self.connect),
-            ("agent.get", SandboxRef, self.get),
-            ("agent.list", NoArgs, self.list),
-            ("agent.inspect", SandboxRef, self.inspect),
-            ("agent.disconnect", SandboxRef, self.disconnect),
-            ("agent.release", SandboxRef, self.release),
-            ("agent.configure_network", ConfigureNetwork, self.configure_network),
-            ("container.create", CreateContainer, self.create),
-            ("container.start", ContainerRef, self.start),
-            ("container.exec", ExecProcess, self.exec),
-            ("container.signal", SignalProcess, self.signal),
-            ("container.close_stdin", ProcessRef, self.close_stdin),
-            ("container.resize", ResizeProcess, self.resize),
-            ("container.state", ContainerRef, self.state),
-            ("container.ps", ContainerRef, self.ps),
-            ("container.destroy", ContainerRef, self.destroy),
-        ):
-            server.register(name, model, handler)
+        """Serve the agent.* and container.* methods (the table in hanabi_agentd.contract)."""
+        AGENTD.register(server, self)
 
     def metrics(self) -> Gauges:
         """Gauges for Prometheus: agents by connection, processes by status, DNS relay totals."""

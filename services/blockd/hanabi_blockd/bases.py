@@ -16,8 +16,10 @@ import threading
 import time
 from pathlib import Path
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 from hanabi_blockd.gc import BaseUsage
+from hanabi_common.locks import KeyedLocks
 from hanabi_common.state import VersionedState, atomic_write_bytes
 
 log = logging.getLogger("hanabi.blockd.bases")
@@ -51,7 +53,7 @@ class BaseStore:
         self.dir = Path(directory)
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # there from the start, like the volumes
         self._guard = threading.Lock()
-        self._locks: dict[str, threading.Lock] = {}
+        self._locks = KeyedLocks(timeout=None, what="base")
 
     def path(self, key: str) -> Path:
         """The image file of `key`."""
@@ -60,10 +62,9 @@ class BaseStore:
     def _meta_path(self, key: str) -> Path:
         return self.dir / f"{key}.json"
 
-    def key_lock(self, key: str) -> threading.Lock:
-        """The lock serialising the build and removal of one base."""
-        with self._guard:
-            return self._locks.setdefault(key, threading.Lock())
+    def key_lock(self, key: str) -> AbstractContextManager[None]:
+        """Hold the lock serialising the build and removal of one base."""
+        return self._locks.hold(key)
 
     def get(self, key: str) -> BaseMeta | None:
         """The base of `key` if it is complete and its image is present."""

@@ -5,14 +5,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from hanabi_common.config import Config
-from hanabi_common.models.base import Removed, SandboxRef
-from hanabi_common.models.blockd import (BindSource, BlockListing, Collected, CollectBases, ProvisionVolume,
+from hanabi_common.models.base import Drain, Drained, NoArgs, Removed, SandboxRef
+from hanabi_common.models.blockd import (BackendInfo, BindSource, BlockListing, Collected, CollectBases, ProvisionVolume,
                                          VolumeInfo, VolumeList)
 from hanabi_common.rpc.client import RpcClient
+from hanabi_common.rpc.contract import ContractClient
+
+from hanabi_blockd.contract import BLOCKD
 
 
-class BlockdClient:
-    """Calls blockd."""
+class BlockdClient(ContractClient):
+    """Calls blockd (one method per entry of its table, hanabi_blockd.contract)."""
+
+    contract = BLOCKD
 
     def __init__(self, config: Config, timeout: float | None = None) -> None:
         self.rpc = RpcClient("blockd", config.endpoint("blockd"), timeout=timeout or max(config.rpc.default_timeout_s, 120))
@@ -28,20 +33,32 @@ class BlockdClient:
                                   binds=[BindSource(name=n, source=s, readonly=ro) for n, s, ro in binds],
                                   share_root=share_root, container_id=container_id,
                                   **({"formats": formats} if formats else {}))
-        return self.rpc.call("volume.provision", request, VolumeInfo)
+        return self.call(BLOCKD.provision, request)
 
     def release(self, sandbox_id: str) -> Removed:
         """Remove the sandbox's volumes (idempotent)."""
-        return self.rpc.call("volume.release", SandboxRef(sandbox_id=sandbox_id), Removed, idempotent=True)
+        return self.call(BLOCKD.release, SandboxRef(sandbox_id=sandbox_id))
+
+    def drain(self, timeout_s: float = 30.0) -> Drained:
+        """Wait until the released volumes are all removed; the ones still pending."""
+        return self.call(BLOCKD.drain, Drain(timeout_s=timeout_s), timeout=timeout_s + 5)
+
+    def get(self, sandbox_id: str) -> VolumeInfo:
+        """The volumes of one sandbox (NotFound if none)."""
+        return self.call(BLOCKD.get, SandboxRef(sandbox_id=sandbox_id))
 
     def list(self) -> VolumeList:
         """Every volume."""
-        return self.rpc.call("volume.list", {}, VolumeList, idempotent=True)
+        return self.call(BLOCKD.list, NoArgs())
 
     def listing(self) -> BlockListing:
         """Pools, bases with their holders, volumes."""
-        return self.rpc.call("block.list", {}, BlockListing, idempotent=True)
+        return self.call(BLOCKD.listing, NoArgs())
+
+    def info(self) -> BackendInfo:
+        """Which backend blockd uses, and why."""
+        return self.call(BLOCKD.info, NoArgs())
 
     def collect(self, budget_mib: int | None = None) -> Collected:
         """Collect unused bases beyond the budget (or `budget_mib`)."""
-        return self.rpc.call("block.collect", CollectBases(budget_mib=budget_mib), Collected)
+        return self.call(BLOCKD.collect, CollectBases(budget_mib=budget_mib))

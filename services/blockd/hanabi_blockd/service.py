@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hanabi_blockd import passthrough, shares
+from hanabi_blockd.contract import BLOCKD
 from hanabi_blockd.detect import choose_backend, probe_host
 from hanabi_blockd.gc import choose_evictions
 from hanabi_blockd.identity import identify
@@ -29,6 +30,7 @@ from hanabi_blockd.mountinfo import mount_at, read_mountinfo
 from hanabi_blockd.state import STATE_NAME, DevicesState, HostMount, ShareRecord
 from hanabi_common.config import Config
 from hanabi_common.errors import AlreadyExists, FailedPrecondition, HanabiError, InvalidArgument, NotFound
+from hanabi_common.locks import KeyedLocks
 from hanabi_common.metrics import Gauges, LabelledGauge
 from hanabi_common import disowned
 from hanabi_common.models.base import Drain, Drained, NoArgs, Removed, SandboxRef
@@ -69,7 +71,7 @@ class BlockService:
                 self.backend_name, self.reason = "loopfile", f"thin pool set-up failed: {exc.message}"
         self.backend = self.files  # what older callers and tests reach for
         log.info("block backend chosen", extra={"backend": self.backend_name, "reason": self.reason})
-        self._locks: dict[str, threading.Lock] = {}
+        self.locks = KeyedLocks(timeout=None)  # a provisioning waits as long as its caller does
         self._guard = threading.Lock()
         self._gc_lock = threading.Lock()
         self._pending: Counter[str] = Counter()  # base keys of provisionings in flight
@@ -91,10 +93,6 @@ class BlockService:
                 sweep()
             except Exception:  # noqa: BLE001 - the sweeper must go on
                 log.exception("sweep of kept layers failed")
-
-    def _lock(self, sandbox_id: str) -> threading.Lock:
-        with self._guard:
-            return self._locks.setdefault(sandbox_id, threading.Lock())
 
     def _states(self) -> dict[str, DevicesState]:
         states = {}
@@ -135,15 +133,8 @@ class BlockService:
             log.warning("removed a share mount no sandbox claims", extra={"path": point})
 
     def register(self, server: RpcServer) -> None:
-        """Serve volume.*, block.* and backend.info."""
-        server.register("volume.provision", ProvisionVolume, self.provision)
-        server.register("volume.release", SandboxRef, self.release)
-        server.register("volume.drain", Drain, self.drain)
-        server.register("volume.get", SandboxRef, self.get)
-        server.register("volume.list", NoArgs, self.list)
-        server.register("block.list", NoArgs, self.listing)
-        server.register("block.collect", CollectBases, self.collect)
-        server.register("backend.info", NoArgs, self.info)
+        """Serve volume.*, block.* and backend.info (the table in hanabi_blockd.contract)."""
+        BLOCKD.register(server, self)
 
     def close(self) -> None:
         """Stop the sweeper; the volumes stay with their sandboxes."""
@@ -161,7 +152,7 @@ class BlockService:
             raise InvalidArgument(f"rootfs {rootfs} does not exist")
         if not rootfs.is_dir():
             raise InvalidArgument(f"rootfs {rootfs} is not a directory")
-        with self._lock(sid):
+        with self.locks.hold(sid):
             self.releases.finish(sid)  # an earlier sandbox of this id: its files bear the id
             if self.store.read(sid, STATE_NAME, DevicesState) is not None:
                 raise AlreadyExists(f"sandbox {sid} already has a volume")
@@ -279,11 +270,9 @@ class BlockService:
         queue at once; unmounting and removing the files (`_finish_release`) follow in the
         background. Its base stays for reuse."""
         sid = request.sandbox_id
-        with self._lock(sid):
+        with self.locks.hold(sid):
             record = self.releases.take(self.store.path(sid, STATE_NAME), sid)
             self.store.remove_dir_if_empty(sid)
-        with self._guard:
-            self._locks.pop(sid, None)
         if record is None:
             return Removed(existed=self.releases.record_path(sid).exists())
         self.releases.wake()

@@ -28,12 +28,13 @@ from hanabi_common.config import Config
 from hanabi_common.errors import AlreadyExists, FailedPrecondition, HanabiError, NotFound
 from hanabi_common.metrics import Gauges, LabelledGauge
 from hanabi_common import disowned
-from hanabi_common.models.base import Drain, Drained, NoArgs, Removed, SandboxRef
-from hanabi_common.models.netd import AttachNetwork, NetnsInfo, NetworkInfo, NetworkList
+from hanabi_common.models.base import Drain, Drained, Removed, SandboxRef
+from hanabi_common.models.netd import AttachNetwork, ChangesAfter, LinkChanges, NetnsInfo, NetworkInfo, NetworkList
 from hanabi_common.netns import check_netns, create_netns, remove_netns
 from hanabi_common.releasing import Releases
 from hanabi_common.rpc.server import RpcServer
 from hanabi_common.state import StateStore
+from hanabi_netd.contract import NETD
 from hanabi_netd.state import STATE_NAME, NetworkState
 from hanabi_netd.topology import plan_change
 from hanabi_netd.watch import NetnsWatcher
@@ -102,13 +103,8 @@ class NetworkService:
                 log.error("cannot remove an orphaned network namespace", extra={"path": path, "error": str(exc)})
 
     def register(self, server: RpcServer) -> None:
-        """Serve net.attach, net.detach, net.get and net.list."""
-        server.register("net.create_netns", SandboxRef, self.create_netns)
-        server.register("net.attach", AttachNetwork, self.attach)
-        server.register("net.detach", SandboxRef, self.detach)
-        server.register("net.drain", Drain, self.drain)
-        server.register("net.get", SandboxRef, self.get)
-        server.register("net.list", NoArgs, self.list)
+        """Serve the net.* methods (the table in hanabi_netd.contract)."""
+        NETD.register(server, self)
 
     def close(self) -> None:
         """Stop watching namespaces; the taps stay with their sandboxes."""
@@ -137,49 +133,58 @@ class NetworkService:
             watcher.stop()
 
     def reconcile(self, sid: str) -> None:
-        """Bring the VM in line with its namespace: wire links that appeared (a NIC is
-        hot-plugged and configured in the guest), let go of the ones that vanished (the
-        NIC is unplugged). Only once the VM runs: during create the runtime does this."""
-        from hanabi_agentd.client import AgentdClient
-        from hanabi_common.models.agentd import ConfigureNetwork
-        from hanabi_common.models.vmmd import VmNic
+        """Bring the wiring in line with the namespace: wire links that appeared, unwire the
+        ones that vanished, and record each as a LinkChange for the orchestrator (the
+        runtime's stand-in, hanabi_runtime.netfollow), which plugs or unplugs the VM's NIC
+        and configures the guest: netd calls no other daemon."""
+        from hanabi_common.models.netd import LinkChange
         from hanabi_netd import tcfilter
-        from hanabi_vmmd.client import VmmdClient
 
         state = self.store.read(sid, STATE_NAME, NetworkState)
         if state is None or state.network is None or not _same_netns(state.network):
             return
         info = state.network
-        vmmd, agentd = VmmdClient(self.config), AgentdClient(self.config)
-        try:
-            if vmmd.get(sid).state != "running":
-                return
-        except HanabiError:
-            return  # no VM yet (create in progress) or any more
         change = tcfilter.with_ipr(info.netns_path, lambda ipr: plan_change(*tcfilter.snapshot(ipr), info.interfaces))
         for interface in change.removed:
             tcfilter.with_ipr(info.netns_path, lambda ipr, i=interface: tcfilter.unwire(ipr, i.link, i.tap))
-            vmmd.detach_nic(sid, interface.tap, info.netns_path)
             info.interfaces = [i for i in info.interfaces if i.tap != interface.tap]
             info.routes = [r for r in info.routes if r.dev != interface.name]
+            state.change_seq += 1
+            state.changes.append(LinkChange(seq=state.change_seq, kind="removed", interface=interface))
             self._save(sid, state)
             log.info("interface gone", extra={"sandbox": sid, "link": interface.link, "tap": interface.tap})
         for wiring in change.added:
             tcfilter.with_ipr(info.netns_path,
                               lambda ipr, w=wiring: tcfilter.wire(ipr, w.link.name, w.tap, w.link.mtu))
-            info.interfaces.append(wiring.interface)
-            self._save(sid, state)  # recorded before the VM takes it: detach finds it either way
-            vmmd.attach_nic(sid, VmNic(tap=wiring.tap, mac=wiring.interface.mac, mtu=wiring.interface.mtu,
-                                       netns_path=info.netns_path))
             routes = [r for r in change.routes if r.dev == wiring.interface.name]
-            agentd.configure_network(ConfigureNetwork(sandbox_id=sid, interfaces=[wiring.interface], routes=routes))
+            info.interfaces.append(wiring.interface)
             info.routes.extend(routes)
+            state.change_seq += 1
+            state.changes.append(LinkChange(seq=state.change_seq, kind="added", interface=wiring.interface,
+                                            routes=routes))
             self._save(sid, state)
             log.info("interface added", extra={"sandbox": sid, "link": wiring.link.name, "tap": wiring.tap})
 
+    def changes(self, request: ChangesAfter) -> LinkChanges:
+        """The link changes after `request.after`; the ones up to it are applied, forgotten."""
+        with self._lock:
+            state = self.store.read(request.sandbox_id, STATE_NAME, NetworkState)
+            if state is None:
+                raise NotFound(f"sandbox {request.sandbox_id} has no network")
+            state.changes_done = max(state.changes_done, request.after)
+            pending = [c for c in state.changes if c.seq > state.changes_done]
+            if len(pending) != len(state.changes):
+                state.changes = pending
+                self.store.write(request.sandbox_id, STATE_NAME, state)
+        return LinkChanges(netns_path=state.network.netns_path if state.network else None, changes=pending)
+
     def _save(self, sid: str, state: NetworkState) -> None:
         with self._lock:
-            if self.store.read(sid, STATE_NAME, NetworkState) is not None:  # not detached meanwhile
+            current = self.store.read(sid, STATE_NAME, NetworkState)
+            if current is not None:  # not detached meanwhile
+                # net.changes may have marked some done since `state` was read.
+                state.changes_done = max(state.changes_done, current.changes_done)
+                state.changes = [c for c in state.changes if c.seq > state.changes_done]
                 self.store.write(sid, STATE_NAME, state)
 
     def metrics(self) -> Gauges:

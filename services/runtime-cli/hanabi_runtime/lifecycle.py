@@ -183,13 +183,10 @@ class Runtime:
                     run_phase(bundle.config, phase, state, must_succeed=True)
         return netd.attach(cid, netns_path)
 
-    def _resolved_hypervisor(self) -> str:
-        """qemu or firecracker: the flag, else the config; `auto` takes Firecracker where its
-        binary (>= 1.8) and KVM work here (hanabi_vmmd.selection, as vmmd decides it)."""
-        from hanabi_vmmd.selection import resolve
-
-        return resolve(self.hypervisor or self.config.vmm.hypervisor,
-                       self.config.vmm.firecracker.binary).backend
+    def _resolved_hypervisor(self):
+        """vmmd's choice for the flag, else the config: the backend (`auto` is decided by
+        vmmd, the one place that decides it) and its disk formats."""
+        return self.daemons.vmmd.backend(self.hypervisor or self.config.vmm.hypervisor)
 
     def _provision(self, cid: str, bundle: Bundle):
         """Ask the daemons for network, VM, volume, agent and container; return phase timings
@@ -210,8 +207,8 @@ class Runtime:
         with ThreadPoolExecutor(max_workers=1) as pool:
             # Firecracker opens raw disks only; QEMU takes a qcow2 layer over a shared base.
             # `auto` is resolved here, so the disk format and the VM's backend agree.
-            hypervisor = self._resolved_hypervisor()
-            formats = ["raw"] if hypervisor == "firecracker" else None
+            choice = self._resolved_hypervisor()
+            hypervisor, formats = choice.backend, list(choice.disk_formats)
 
             def provision(share_root: str | None = None):
                 return pool.submit(_timed, timings, "volume_s", d.blockd.provision,

@@ -119,6 +119,18 @@ class StandIn:
         os.close(self.fifo_fd)
         self.started = True
 
+    def follow_network(self) -> None:
+        """The init process of a sandbox's own container follows the links of its namespace
+        (netfollow: a NIC plugged or unplugged when `docker network connect` changes it)."""
+        if self.args.exec_id != "init" or self.args.sandbox != self.args.container:
+            return
+        import threading
+
+        from hanabi_runtime.netfollow import follow
+
+        threading.Thread(target=follow, args=(self.config, self.args.sandbox, threading.Event(), _warn),
+                         daemon=True, name="netfollow").start()
+
     def relay(self) -> int:
         """Relay stdio until the process exits; return its status."""
         assert self.stream is not None  # attach() came first
@@ -180,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     os.close(args.ready_fd)
     if not standin.started:
         standin.wait_for_start()
+    standin.follow_network()
     return standin.relay()
 
 

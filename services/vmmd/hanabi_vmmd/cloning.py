@@ -31,7 +31,6 @@ from hanabi_vmmd.templates import (MEMORY_NAME, STATE_NAME, Template, TemplatePa
                                    image_id, vmm_id)
 
 log = logging.getLogger("hanabi.vmmd")
-TEMPLATE_BACKENDS = ("qemu",)  # Firecracker's snapshots are not wired yet
 RESTORE_AGENT_TIMEOUT_S = 10.0
 
 
@@ -51,24 +50,23 @@ class CloneOps(VmHost):
 
     def _template_params(self, backend: Hypervisor, memory_mib: int, vcpus: int) -> TemplateParams | None:
         """The template a VM of this size would be cloned from; None when it cannot be one."""
-        if not self.config.vmm.templates or backend.name not in TEMPLATE_BACKENDS:
+        if not self.config.vmm.templates or not backend.capabilities().templates:
             return None
         from hanabi_vmmd.service import HOTPLUG_SLOTS, guest_files
 
         vmm = self.config.vmm
         kernel, initrd = guest_files(vmm.guest_dir)
         return TemplateParams(backend=backend.name, image_id=image_id(vmm.guest_dir, kernel, initrd),
-                              vmm_id=vmm_id(getattr(backend, "binary", backend.name)),
-                              memory_mib=memory_mib, vcpus=vcpus, machine=getattr(backend, "machine", ""),
+                              vmm_id=vmm_id(backend.binary),
+                              memory_mib=memory_mib, vcpus=vcpus, machine=backend.machine,
                               accel=self.accel.accel, cmdline=kernel_cmdline(vmm.kernel_cmdline_extra),
-                              hotplug_slots=HOTPLUG_SLOTS, share=backend.share_kind is not None)
+                              hotplug_slots=HOTPLUG_SLOTS, share=backend.capabilities().share is not None)
 
     def _prune_templates(self) -> None:
         """At start: remove the templates of images that are no longer the current one (all
         of them when the guest image is gone), so templates go with their image."""
-        for name in TEMPLATE_BACKENDS:
-            backend = self.backends.get(name)
-            if backend is None:
+        for name, backend in self.backends.items():
+            if not backend.capabilities().templates:
                 continue
             try:
                 params = self._template_params(backend, self.config.vmm.memory_mib, self.config.vmm.vcpus)
@@ -121,7 +119,8 @@ class CloneOps(VmHost):
         share_dir = build_dir / "share" if params.share else None
         if share_dir is not None:
             share_dir.mkdir(mode=0o700)
-        spec = VmSpec.in_dir(f"template-{params.key()[:12]}", build_dir, memory_mib=params.memory_mib,
+        spec = VmSpec.in_dir(f"template-{params.key()[:12]}", build_dir, backend.capabilities().files,
+                             memory_mib=params.memory_mib,
                              vcpus=params.vcpus, kernel=kernel, initrd=initrd, cmdline=params.cmdline,
                              accel=params.accel, hotplug_slots=params.hotplug_slots, share_dir=share_dir,
                              memory_file=build_dir / MEMORY_NAME, memory_shared=True)
@@ -159,7 +158,7 @@ class CloneOps(VmHost):
                       RESTORE_AGENT_TIMEOUT_S)
         ready_ms = round((time.monotonic() - began) * 1000, 1)
         for nic in nics:
-            self._plug_nic(state, backend, handle, nic)
+            self.devices.plug_nic(state, backend, handle, nic)
         log.info("vm cloned from a template", extra={"sandbox": state.sandbox_id, "template": state.template,
                                                      "pid": handle.pid, "agent_ready_ms": ready_ms,
                                                      "rss_kib": proc_rss_kib(handle.pid)})

@@ -1,8 +1,10 @@
-"""vmmd's hot-plug operations: disks and NICs into a running VM (a mixin of VmService).
+"""vmmd's hot-plug operations: disks and NICs into a running VM (`VmService.devices`).
 
 Each holds the sandbox's lock, asks the backend for a free slot (a PCIe root port on
 QEMU, a placeholder drive on Firecracker), and records what is attached in
-`hypervisor.json`, so a restarted vmmd can still detach it.
+`hypervisor.json`, so a restarted vmmd can still detach it. `Devices` is given what it
+uses of the service (`VmAccess`: the sandbox locks, reading and writing the state, the
+backend and handle of a VM), nothing else.
 """
 
 from __future__ import annotations
@@ -11,12 +13,15 @@ import logging
 import os
 import stat
 from pathlib import Path
+from collections.abc import Callable
+from typing import Protocol
 
 from hanabi_common.errors import AlreadyExists, FailedPrecondition, InvalidArgument
+from hanabi_common.locks import KeyedLocks
 from hanabi_common.models.base import Removed
 from hanabi_common.models.vmmd import AttachDisk, AttachNic, DetachDisk, DetachNic, DiskInfo, VmInfo, VmNic
 from hanabi_vmmd.hypervisor import DiskSpec, Hypervisor, NicSpec, VmHandle
-from hanabi_vmmd.vm_host import VmHost
+from hanabi_common.state import StateStore
 from hanabi_vmmd.state import DiskRecord, HypervisorState, NicRecord
 
 log = logging.getLogger("hanabi.vmmd")
@@ -28,8 +33,32 @@ def nic_spec(device_id: str, nic: VmNic) -> NicSpec:
     return NicSpec(device_id=device_id, tap=nic.tap, mac=nic.mac.lower(), mtu=nic.mtu, netns_path=nic.netns_path)
 
 
-class DeviceOps(VmHost):
+class VmAccess(Protocol):
+    """What the hot-plug operations use of vmmd's service."""
+
+    locks: KeyedLocks
+
+    def _read(self, sandbox_id: str) -> HypervisorState: ...
+
+    def _write(self, state: HypervisorState, store: StateStore | None = None) -> None: ...
+
+    def _handle(self, state: HypervisorState) -> VmHandle: ...
+
+    def _backend(self, name: str) -> Hypervisor: ...
+
+    def _running(self, sandbox_id: str, *allowed: str) -> tuple[HypervisorState, Hypervisor, VmHandle]: ...
+
+
+class Devices:
     """vm.attach_disk, vm.detach_disk, vm.attach_nic, vm.detach_nic."""
+
+    def __init__(self, vms: VmAccess) -> None:
+        self.locks = vms.locks
+        self._read: Callable[[str], HypervisorState] = vms._read
+        self._write: Callable[..., None] = vms._write
+        self._handle: Callable[[HypervisorState], VmHandle] = vms._handle
+        self._backend: Callable[[str], Hypervisor] = vms._backend
+        self._running: Callable[..., tuple[HypervisorState, Hypervisor, VmHandle]] = vms._running
 
     def attach_disk(self, request: AttachDisk) -> DiskInfo:
         """Hot-plug a raw/qcow2 image or a block device; the guest sees it by serial."""
@@ -50,8 +79,9 @@ class DeviceOps(VmHost):
             disk = DiskSpec(device_id=f"disk-{request.serial}", node_name=f"blk-{request.serial}",
                             path=path, serial=request.serial, format=request.format,
                             readonly=request.readonly)
-            serial_of = getattr(backend, "guest_serial", None)  # Firecracker derives it from the file
-            guest_serial = serial_of(handle, disk) if callable(serial_of) else ""
+            # Firecracker's guest reads a serial derived from the file, not the requested one.
+            guest_serial = (backend.guest_serial(handle, disk)
+                            if backend.capabilities().guest_serial_from_path else "")
             if guest_serial and any(d.guest_serial == guest_serial for d in state.disks):
                 raise AlreadyExists(f"VM of sandbox {sid} already has a disk the guest sees as {guest_serial}")
             bus = backend.attach_disk(handle, disk, state.busy_slots())
@@ -93,11 +123,11 @@ class DeviceOps(VmHost):
                 raise AlreadyExists(f"VM of sandbox {sid} already has a NIC on tap {nic.tap}")
             used = {n.device_id for n in state.nics}
             device_id = next(f"nic{i}" for i in range(len(used) + 1) if f"nic{i}" not in used)
-            bus = self._plug_nic(state, backend, handle, nic_spec(device_id, nic))
+            bus = self.plug_nic(state, backend, handle, nic_spec(device_id, nic))
         log.info("nic attached", extra={"sandbox": sid, "device": device_id, "bus": bus, "tap": nic.tap})
         return state.info()
 
-    def _plug_nic(self, state: HypervisorState, backend: Hypervisor, handle: VmHandle, spec: NicSpec) -> str:
+    def plug_nic(self, state: HypervisorState, backend: Hypervisor, handle: VmHandle, spec: NicSpec) -> str:
         """Hot-plug `spec` on a free slot and record it in hypervisor.json; the slot."""
         bus = backend.attach_nic(handle, spec, state.busy_slots())
         state.nics.append(NicRecord.of(spec, bus))

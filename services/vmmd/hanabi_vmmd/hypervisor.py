@@ -8,6 +8,11 @@ files (`hanabi_vmmd.state`) and keeps using the same backend methods. Only the
 
 Hot-plug slots are backend-specific strings (a PCIe root port for QEMU q35, a placeholder
 drive for Firecracker); the service records which ones are in use and passes them back.
+
+What a backend can do is data, `capabilities()`: the service asks it instead of probing
+attributes or naming backends (which one serves the warm pool, which one has templates, a
+file share, NIC hot-plug, which disk formats it opens, what its files in the VM's directory
+are called).
 """
 
 from __future__ import annotations
@@ -19,6 +24,35 @@ from typing import Any, Literal, Protocol
 from collections.abc import Callable, Collection
 
 Accel = Literal["kvm", "tcg"]
+HotplugKind = Literal["disk", "nic"]
+
+
+@dataclass(frozen=True)
+class VmFiles:
+    """The names of a backend's files in a VM's directory."""
+
+    control_socket: str
+    pid_file: str
+    stderr_log: str
+    agent_socket: str = "agent.sock"
+    console_log: str = "console.log"
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can do (pure data, the same for every VM of the backend)."""
+
+    hotplug: frozenset[HotplugKind]  # device kinds it adds to a running VM
+    pooling: bool  # can boot VMs ahead and hand them out (needs NIC hot-plug: a pooled VM gets its NICs later)
+    templates: bool  # clones VMs from templates (templates.py)
+    vsock: Literal["hybrid", "vhost"] | None  # the agent channel's vsock kind; None: virtio-serial
+    pause: bool  # stops and restarts vCPUs
+    snapshots: bool  # writes and restores full snapshots
+    share: str | None  # the file-share device of a VM with a share_dir ("virtio-9p", "9p-vsock"), or none
+    share_servers: bool  # the share is served by host processes (diod) that end with the VM, not by the VMM
+    disk_formats: tuple[Literal["raw", "qcow2"], ...]  # the disk image formats it opens, preferred first
+    guest_serial_from_path: bool  # the guest sees a disk's serial derived from its file, not the requested one
+    files: VmFiles
 
 
 @dataclass(frozen=True)
@@ -50,12 +84,13 @@ class VmSpec:
     incoming: bool = False
 
     @classmethod
-    def in_dir(cls, sandbox_id: str, vm_dir: Path, **kwargs: Any) -> VmSpec:
-        """A spec whose sockets, console log, pid file and stderr log live in `vm_dir`."""
+    def in_dir(cls, sandbox_id: str, vm_dir: Path, files: VmFiles, **kwargs: Any) -> VmSpec:
+        """A spec whose sockets, console log, pid file and stderr log live in `vm_dir`,
+        named as the backend names them (`Capabilities.files`)."""
         return cls(sandbox_id=sandbox_id, vm_dir=vm_dir,
-                   agent_socket=vm_dir / "agent.sock", control_socket=vm_dir / "qmp.sock",
-                   console_log=vm_dir / "console.log", pid_file=vm_dir / "qemu.pid",
-                   stderr_log=vm_dir / "qemu.stderr", **kwargs)
+                   agent_socket=vm_dir / files.agent_socket, control_socket=vm_dir / files.control_socket,
+                   console_log=vm_dir / files.console_log, pid_file=vm_dir / files.pid_file,
+                   stderr_log=vm_dir / files.stderr_log, **kwargs)
 
 
 @dataclass
@@ -120,9 +155,19 @@ class Hypervisor(Protocol):
     """What vmmd's service needs from a VMM backend. Every method raises HanabiError."""
 
     name: str
-    # The file-share device the backend gives a VM whose spec has a share_dir:
-    # "virtio-9p" (QEMU), or None where it has none (the VM then gets no share_dir).
-    share_kind: str | None
+    binary: str  # the VMM executable (a template is valid for one VMM build)
+    machine: str  # the machine model ("" where there is one)
+
+    def capabilities(self) -> Capabilities:
+        """What this backend can do (hot-plug kinds, pooling, templates, share, ...)."""
+
+    def problem(self) -> str | None:
+        """Why this backend cannot run VMs on this host (a missing or too old binary), or
+        None when it can. Probed once; `auto` chooses with it."""
+
+    def guest_serial(self, handle: VmHandle, disk: DiskSpec) -> str:
+        """The serial the guest will read for `disk` when it differs from `disk.serial`
+        (`capabilities().guest_serial_from_path`), else ""."""
 
     def start(self, spec: VmSpec, on_spawned: Callable[[VmHandle], None] | None = None) -> VmHandle:
         """Boot a VM; return once its control channel answers (not the guest agent).

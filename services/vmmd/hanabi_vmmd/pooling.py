@@ -1,5 +1,6 @@
-"""vmmd's side of the warm pool (a mixin of VmService): boot pooled VMs, hand one to a
+"""vmmd's side of the warm pool (`VmService.pooling`): boot pooled VMs, hand one to a
 sandbox, drop the dead ones. The bookkeeping of which are free is `pool.WarmPool`'s.
+`Pooling` is given what it uses of the service (`PoolAccess`), nothing else.
 """
 
 from __future__ import annotations
@@ -7,26 +8,75 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol
 
+from hanabi_common.errors import FailedPrecondition
 from hanabi_common.models.base import NoArgs
 from hanabi_common.models.vmmd import VmList
+from hanabi_common.config import Config
+from hanabi_common.locks import KeyedLocks
+from hanabi_common.state import StateStore
 from hanabi_vmmd.agent_probe import wait_agent_ready
-from hanabi_vmmd.hypervisor import NicSpec
-from hanabi_vmmd.vm_host import VmHost
+from hanabi_vmmd.devices import Devices
+from hanabi_vmmd.hypervisor import Hypervisor, NicSpec, VmHandle
+from hanabi_vmmd.pool import WarmPool
+from hanabi_vmmd.reaper import Reaper
 from hanabi_vmmd.state import STATE_NAME, HypervisorState
 
 log = logging.getLogger("hanabi.vmmd")
-POOLED_BACKEND = "qemu"  # the pool needs NIC hot-plug (Firecracker takes NICs at boot only)
 
 
-class PoolOps(VmHost):
+def pool_backend(backends: Mapping[str, Hypervisor]) -> Hypervisor | None:
+    """The backend the warm pool boots with: the first whose capabilities say it pools (a
+    pooled VM gets its NICs by hot-plug later; Firecracker takes NICs at boot only)."""
+    return next((b for b in backends.values() if b.capabilities().pooling), None)
+
+
+class PoolAccess(Protocol):
+    """What the warm pool uses of vmmd's service."""
+
+    config: Config
+    store: StateStore
+    pool_store: StateStore
+    locks: KeyedLocks
+    backends: dict[str, Hypervisor]
+    reaper: Reaper
+    devices: Devices
+    _handles: dict[str, VmHandle]
+
+    def _backend(self, name: str) -> Hypervisor: ...
+
+    def _write(self, state: HypervisorState, store: StateStore | None = None) -> None: ...
+
+    def _remove_vm_dirs(self, state: HypervisorState) -> None: ...
+
+    def _clone_or_boot(self, sid: str, store: StateStore, backend: Hypervisor, memory_mib: int, vcpus: int,
+                       nics: tuple[NicSpec, ...] = (), cgroups: Sequence[Path] = ()) -> HypervisorState: ...
+
+
+class Pooling:
     """Pooled VMs: booted by the pool's thread, claimed by vm.create, listed by vm.pool."""
+
+    pool: WarmPool  # set by the service once the pool exists (it calls _boot_pooled)
+
+    def __init__(self, vms: PoolAccess) -> None:
+        self.config, self.store, self.pool_store, self.locks = vms.config, vms.store, vms.pool_store, vms.locks
+        self.backends, self.reaper, self._handles = vms.backends, vms.reaper, vms._handles
+        self._backend: Callable[[str], Hypervisor] = vms._backend
+        self._write: Callable[..., None] = vms._write
+        self._remove_vm_dirs: Callable[[HypervisorState], None] = vms._remove_vm_dirs
+        self._clone_or_boot: Callable[..., HypervisorState] = vms._clone_or_boot
+        self._plug_nic = vms.devices.plug_nic
 
     def _boot_pooled(self, pool_id: str) -> None:
         """The pool's boot: a VM of the default size, no NICs, recorded in the pool's store,
         ready once its guest agent answers (a VM that does not get there is removed)."""
         with self.locks.hold(pool_id):
-            state = self._clone_or_boot(pool_id, self.pool_store, self._backend(POOLED_BACKEND),
+            backend = pool_backend(self.backends)
+            if backend is None:
+                raise FailedPrecondition("no backend of this vmmd can keep a warm pool")
+            state = self._clone_or_boot(pool_id, self.pool_store, backend,
                                         self.config.vmm.memory_mib, self.config.vmm.vcpus)
         try:
             seconds = wait_agent_ready(Path(state.agent_socket), self.config.vmm.boot_timeout_s)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import stat
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ from hanabi_common.errors import (DeadlineExceeded, FailedPrecondition, HanabiEr
                                   InvalidArgument, NotFound, Unavailable)
 from hanabi_vmmd import proc, qemu_snapshot, vmm_process
 from hanabi_vmmd.vmm_process import stderr_tail
-from hanabi_vmmd.hypervisor import DiskSpec, NicSpec, StopResult, VmHandle, VmSpec
+from hanabi_vmmd.hypervisor import Capabilities, DiskSpec, NicSpec, StopResult, VmFiles, VmHandle, VmSpec
 from hanabi_vmmd.qemu_cmdline import build_argv, pick_slot
 from hanabi_vmmd.qmp import QmpClient
 from hanabi_vmmd.tap import open_tap
@@ -32,7 +33,7 @@ class QemuHypervisor:
     """Boots and drives QEMU VMs."""
 
     name = "qemu"
-    share_kind: str | None = "virtio-9p"
+    files = VmFiles(control_socket="qmp.sock", pid_file="qemu.pid", stderr_log="qemu.stderr")
 
     def __init__(self, *, binary: str = "qemu-system-x86_64", machine: str = "q35",
                  start_timeout: float = 60.0, qmp_timeout: float = 5.0,
@@ -43,6 +44,22 @@ class QemuHypervisor:
         self.qmp_timeout = qmp_timeout
         self.hotplug_slots = hotplug_slots
         self.sandbox = sandbox
+
+    def capabilities(self) -> Capabilities:
+        """Disks and NICs hot-plug (PCIe root ports), so it pools and clones templates
+        (shared file-backed RAM); the agent on virtio-serial; virtio-9p shares; qcow2 layers."""
+        return Capabilities(hotplug=frozenset({"disk", "nic"}), pooling=True, templates=True, vsock=None,
+                            pause=True, snapshots=False, share="virtio-9p", share_servers=False,
+                            disk_formats=("qcow2", "raw"),
+                            guest_serial_from_path=False, files=self.files)
+
+    def problem(self) -> str | None:
+        """None when the QEMU binary is there (KVM or not: TCG is the fallback, accel.py)."""
+        return None if shutil.which(self.binary) else f"no {self.binary} on PATH"
+
+    def guest_serial(self, handle: VmHandle, disk: DiskSpec) -> str:
+        """The guest reads the serial it was given (virtio-blk serial=)."""
+        return ""
 
     # -- lifecycle ---------------------------------------------------------------------
 

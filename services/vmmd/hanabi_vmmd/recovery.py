@@ -20,7 +20,7 @@ from hanabi_common.errors import HanabiError
 from hanabi_common.state import StateStore
 from hanabi_vmmd import proc
 from hanabi_vmmd.hypervisor import Hypervisor, VmHandle
-from hanabi_vmmd.locks import KeyedLocks
+from hanabi_common.locks import KeyedLocks
 from hanabi_vmmd.state import STATE_NAME, HypervisorState, vm_dir_for
 
 log = logging.getLogger("hanabi.vmmd")
@@ -94,7 +94,7 @@ def clean_orphans(vm_root: Path, referenced: set[Path]) -> None:
     for entry in vm_root.iterdir():
         if entry in referenced or not entry.is_dir():
             continue
-        pid = _pid_from(entry / "qemu.pid")
+        pid = next((p for p in map(_pid_from, sorted(entry.glob("*.pid"))) if p is not None), None)
         if pid is not None and any(str(entry) in arg for arg in proc.cmdline(pid)):
             started = proc.start_time(pid)
             if proc.kill_verified(pid, started, signal.SIGKILL):

@@ -21,18 +21,18 @@ from hanabi_vmmd.share_server import stop_servers
 from hanabi_vmmd.state import HypervisorState
 
 log = logging.getLogger("hanabi.vmmd")
-SHARE_SERVERS_BACKEND = "firecracker"  # serves its share with diod processes (QEMU: in itself)
 
 
-def kill_now(state: HypervisorState, handle: VmHandle) -> int | None:
+def kill_now(state: HypervisorState, handle: VmHandle, share_servers: bool) -> int | None:
     """SIGKILL the VMM (if it still is the same process) and reap it; its exit status when
-    this vmmd is its parent. A Firecracker VM's share servers are ended too."""
+    this vmmd is its parent. With `share_servers` (the backend's capability: a Firecracker
+    VM's share is served by diod processes, QEMU serves it itself) those are ended too."""
     status = None
     if vmm_process.is_alive(handle):
         status = vmm_process.kill_and_reap(handle)
     elif handle.process is not None:
         status = handle.process.wait()
-    if state.share_dir and state.hypervisor == SHARE_SERVERS_BACKEND:
+    if state.share_dir and share_servers:
         stop_servers(Path(state.share_dir))
     return status
 

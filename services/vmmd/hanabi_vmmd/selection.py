@@ -3,8 +3,9 @@
 `auto` takes Firecracker where its binary (at least the supported floor) and a working KVM
 exist, and QEMU otherwise (QEMU also runs under TCG emulation). An explicit `qemu` or
 `firecracker` is taken as asked; the backend then says plainly why it cannot start.
-`choose()` is a pure function of the request and the facts; `probe()` gathers the facts
-(`firecracker --version`, /dev/kvm) and is what vmmd calls once, logging the outcome.
+`choose()` is a pure function of the request and the facts; `decide_auto()` gathers them
+(the Firecracker backend's `problem()`, /dev/kvm) and is what vmmd calls once, logging the
+outcome. This is the one place `auto` is decided: the runtime asks vmmd (`vm.backend`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from hanabi_vmmd.hypervisor import Hypervisor
 
 log = logging.getLogger("hanabi.vmmd")
 
@@ -52,33 +57,14 @@ def choose(requested: str, facts: HostFacts, offered: frozenset[str] | set[str])
     return Choice("qemu", f"auto: QEMU, since {why}")
 
 
-def probe(firecracker_binary: str) -> HostFacts:
-    """Probe the host: `firecracker --version` against the floor, and KVM (accel.py)."""
-    from hanabi_vmmd import accel
-    from hanabi_vmmd.firecracker.version import probe_version
-
-    version = probe_version(firecracker_binary)
-    return HostFacts(firecracker_problem=version.problem,
-                     kvm_problem=accel.kvm_problem(accel.probe_facts()))
-
-
-def decide_auto(backends: Mapping[str, object]) -> Choice:
+def decide_auto(backends: Mapping[str, Hypervisor]) -> Choice:
     """Probe the host once and choose for `auto` among `backends`; log the choice and why."""
     from hanabi_vmmd import accel
 
     fc = backends.get("firecracker")
-    version_check = getattr(fc, "version_check", None)
-    fc_problem = version_check().problem if callable(version_check) else "this vmmd has no firecracker backend"
+    fc_problem = fc.problem() if fc is not None else "this vmmd has no firecracker backend"
     facts = HostFacts(firecracker_problem=fc_problem, kvm_problem=accel.kvm_problem(accel.probe_facts()))
     choice = choose("auto", facts, set(backends))
     log.info(f"hypervisor auto -> {choice.backend}: {choice.reason}",
              extra={"hypervisor": choice.backend, "reason": choice.reason})
     return choice
-
-
-def resolve(requested: str, firecracker_binary: str = "firecracker") -> Choice:
-    """`requested` as a concrete backend, probing the host for `auto` (for callers outside
-    vmmd, e.g. the runtime, which must know the backend before it asks for a disk format)."""
-    if requested != "auto":
-        return choose(requested, HostFacts(None, None), {"qemu", "firecracker"})
-    return choose("auto", probe(firecracker_binary), {"qemu", "firecracker"})

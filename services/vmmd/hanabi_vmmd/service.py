@@ -23,7 +23,7 @@ from hanabi_common.errors import (AlreadyExists, FailedPrecondition, HanabiError
 from hanabi_common.metrics import Gauges, LabelledGauge
 from hanabi_common import disowned
 from hanabi_common.models.base import Drain, Drained, NoArgs, Removed, SandboxRef
-from hanabi_common.models.vmmd import (AttachDisk, AttachNic, CreateVm, DetachDisk, DetachNic, StopVm, VmInfo, VmList)
+from hanabi_common.models.vmmd import (BackendChoice, ChooseBackend, CreateVm, StopVm, VmInfo, VmList)
 from hanabi_common.releasing import Releases
 from hanabi_common.rpc.server import RpcServer
 from hanabi_common.state import StateStore
@@ -33,9 +33,10 @@ from hanabi_vmmd import proc
 from hanabi_vmmd import release as release_mod
 from hanabi_vmmd.hypervisor import Hypervisor, NicSpec, VmHandle, VmSpec
 from hanabi_vmmd.cloning import CloneOps
-from hanabi_vmmd.devices import DeviceOps, nic_spec
-from hanabi_vmmd.locks import KeyedLocks
-from hanabi_vmmd.pooling import POOLED_BACKEND, PoolOps
+from hanabi_vmmd.contract import VMMD
+from hanabi_vmmd.devices import Devices, nic_spec
+from hanabi_common.locks import KeyedLocks
+from hanabi_vmmd.pooling import Pooling, pool_backend
 from hanabi_vmmd.pool import WarmPool
 from hanabi_vmmd.qemu import QemuHypervisor
 from hanabi_vmmd.vmm_process import stderr_tail
@@ -86,7 +87,7 @@ def guest_files(guest_dir: Path) -> tuple[Path, Path]:
     return kernel, initrd
 
 
-class VmService(DeviceOps, PoolOps, CloneOps):
+class VmService(CloneOps):
     """Owns the VMs of this host (device hot-plug in `devices`, the warm pool in `pooling`,
     VM templates in `cloning`)."""
 
@@ -107,9 +108,11 @@ class VmService(DeviceOps, PoolOps, CloneOps):
         # Released VMs a crash left unfinished: done before anything else looks at the VM dirs.
         self.releases = Releases(config.run_dir, "vmmd", self._finish_release, log)
         self.releases.finish_all()
+        self.devices = Devices(self)
+        self.pooling = Pooling(self)
         for handle in recover([self.store, self.pool_store], self.backends, self.vm_root, self.locks):
             self.reaper.watch(handle)
-            if self._is_pooled(handle.sandbox_id):
+            if self.pooling._is_pooled(handle.sandbox_id):
                 self._handles[handle.sandbox_id] = handle
         # Containers deleted while vmmd was down: their VMs go now.
         disowned.reconcile(self.store, STATE_NAME, lambda sid: self.release(SandboxRef(sandbox_id=sid)), log)
@@ -123,25 +126,13 @@ class VmService(DeviceOps, PoolOps, CloneOps):
             self._prune_templates()
         else:
             self.templates.remove_all()
-        self.pool = WarmPool(config.vmm.pool_size, self._boot_pooled)
-        self.pool.start(self._pooled_after_restart())
+        self.pool = self.pooling.pool = WarmPool(config.vmm.pool_size, self.pooling._boot_pooled)
+        self.pool.start(self.pooling._pooled_after_restart())
         self.releases.start()
 
     def register(self, server: RpcServer) -> None:
-        """Serve the vm.* methods."""
-        server.register("vm.create", CreateVm, self.create)
-        server.register("vm.get", SandboxRef, self.get)
-        server.register("vm.list", NoArgs, self.list)
-        server.register("vm.pool", NoArgs, self.pooled)
-        server.register("vm.stop", StopVm, self.stop)
-        server.register("vm.release", SandboxRef, self.release)
-        server.register("vm.drain", Drain, self.drain)
-        server.register("vm.attach_disk", AttachDisk, self.attach_disk)
-        server.register("vm.detach_disk", DetachDisk, self.detach_disk)
-        server.register("vm.attach_nic", AttachNic, self.attach_nic)
-        server.register("vm.detach_nic", DetachNic, self.detach_nic)
-        server.register("vm.pause", SandboxRef, self.pause)
-        server.register("vm.resume", SandboxRef, self.resume)
+        """Serve the vm.* methods (the table in hanabi_vmmd.contract)."""
+        VMMD.register(server, self)
 
     def close(self) -> None:
         """Stop watching; the VMs keep running and are re-adopted by the next vmmd."""
@@ -215,9 +206,9 @@ class VmService(DeviceOps, PoolOps, CloneOps):
             self.releases.finish(sid)  # an earlier VM of this id: its dirs are named after the id
             if self.store.read(sid, STATE_NAME, HypervisorState) is not None:
                 raise AlreadyExists(f"sandbox {sid} already has a VM (vm.stop it first)")
-            if (backend.name == POOLED_BACKEND and (memory_mib, vcpus) == (vmm.memory_mib, vmm.vcpus)
+            if (backend is pool_backend(self.backends) and (memory_mib, vcpus) == (vmm.memory_mib, vmm.vcpus)
                     and len(nics) + DISKS_PER_SANDBOX <= HOTPLUG_SLOTS):
-                state = self._claim_pooled(sid, nics)
+                state = self.pooling._claim_pooled(sid, nics)
                 if state is not None:
                     cgroup.join(state.pid, cgroups)  # booted earlier: its memory stays charged to vmmd
                     return state.info()
@@ -237,9 +228,9 @@ class VmService(DeviceOps, PoolOps, CloneOps):
                                      f"would exceed {SUN_PATH_MAX} bytes")
         self._remove_vm_dir(vm_dir)  # a leftover of a crash: no state file refers to it
         share_dir = (make_share_dir(share_dir_for(self.config.shares_dir, sid))
-                     if backend.share_kind is not None else None)
-        spec = VmSpec.in_dir(sid, vm_dir, memory_mib=memory_mib, vcpus=vcpus, kernel=kernel, initrd=initrd,
-                             cmdline=kernel_cmdline(vmm.kernel_cmdline_extra),
+                     if backend.capabilities().share is not None else None)
+        spec = VmSpec.in_dir(sid, vm_dir, backend.capabilities().files, memory_mib=memory_mib, vcpus=vcpus,
+                             kernel=kernel, initrd=initrd, cmdline=kernel_cmdline(vmm.kernel_cmdline_extra),
                              accel=self.accel.accel, hotplug_slots=HOTPLUG_SLOTS, nics=nics,
                              share_dir=share_dir)
         if template is not None:
@@ -285,6 +276,16 @@ class VmService(DeviceOps, PoolOps, CloneOps):
         if self._auto is None:
             self._auto = decide_auto(self.backends)
         return self._auto.backend
+
+    def choose_backend(self, request: ChooseBackend) -> BackendChoice:
+        """The backend vm.create would use for `request.hypervisor` (auto decided here, the
+        one place that decides it), with its disk formats and share device."""
+        asked = request.hypervisor or self.config.vmm.hypervisor
+        name = self._auto_backend() if asked == "auto" else asked
+        backend = self._backend(name)
+        caps = backend.capabilities()
+        reason = self._auto.reason if asked == "auto" and self._auto is not None else f"{asked} asked for"
+        return BackendChoice(backend=name, reason=reason, disk_formats=list(caps.disk_formats), share=caps.share)
 
     def _state_for(self, spec: VmSpec, handle: VmHandle, hypervisor: str,
                    template: Template | None = None) -> HypervisorState:
@@ -373,7 +374,8 @@ class VmService(DeviceOps, PoolOps, CloneOps):
             self._handles.pop(sid, None)
             self.releases.take(self.store.path(sid, STATE_NAME), sid)
             self.store.remove_dir_if_empty(sid)
-            status = release_mod.kill_now(state, handle)
+            backend = self.backends.get(state.hypervisor)
+            status = release_mod.kill_now(state, handle, backend is None or backend.capabilities().share_servers)
         self.releases.wake()
         log.info("vm released", extra={"sandbox": sid, "pid": state.pid, "exit_status": proc.exit_status(status)})
         return Removed(existed=True)
@@ -416,11 +418,11 @@ class VmService(DeviceOps, PoolOps, CloneOps):
 
     def _mark_exited(self, handle: VmHandle, status: int | None) -> None:
         sid = handle.sandbox_id
-        if self._is_pooled(sid):
+        if self.pooling._is_pooled(sid):
             with self.locks.hold(sid):
                 log.warning("pooled vm exited", extra={"pool_id": sid, "exit_status": status})
                 self.pool.forget(sid)
-                self._discard_pooled(sid, self.pool_store.read(sid, STATE_NAME, HypervisorState))
+                self.pooling._discard_pooled(sid, self.pool_store.read(sid, STATE_NAME, HypervisorState))
             return
         with self.locks.hold(sid):
             try:

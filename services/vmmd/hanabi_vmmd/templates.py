@@ -26,13 +26,14 @@ import json
 import logging
 import os
 import shutil
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 from hanabi_common.errors import FailedPrecondition, HanabiError
+from hanabi_common.locks import KeyedLocks
 from hanabi_common.state import VersionedState, atomic_write_bytes
 
 log = logging.getLogger("hanabi.vmmd.templates")
@@ -131,15 +132,13 @@ class TemplateStore:
     def __init__(self, root: Path, builder: Builder) -> None:
         self.root = Path(root)
         self.builder = builder
-        self._locks: dict[str, threading.Lock] = {}
-        self._guard = threading.Lock()
+        self._locks = KeyedLocks(timeout=None, what="template")
         self._failed: dict[str, float] = {}
         self._unsupported: dict[str, str] = {}
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
 
-    def _lock(self, key: str) -> threading.Lock:
-        with self._guard:
-            return self._locks.setdefault(key, threading.Lock())
+    def _lock(self, key: str) -> AbstractContextManager[None]:
+        return self._locks.hold(key)
 
     def get(self, params: TemplateParams) -> Template:
         """The template for `params`, built now if there is none (stale ones of the same

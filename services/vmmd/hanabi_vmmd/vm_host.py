@@ -1,8 +1,9 @@
-"""What the VM service's parts (`DeviceOps`, `PoolOps`, `CloneOps`) use of the service,
-declared once for the type checker.
+"""What the VM templates' part (`CloneOps`, still a mixin) uses of the service, declared
+once for the type checker. (Hot-plug and the warm pool are parts the service holds,
+`devices.Devices` and `pooling.Pooling`, each typed by a Protocol of what it uses.)
 
-`VmService` (service.py) mixes the three in and defines all of this; each part inherits
-`VmHost`, so mypy checks both their use and `VmService`'s definitions against these
+`VmService` (service.py) mixes CloneOps in and defines all of this; CloneOps inherits
+`VmHost`, so mypy checks both its use and `VmService`'s definitions against these
 declarations. Nothing here runs: the attributes are annotations only and the methods exist
 only while type checking.
 """
@@ -19,7 +20,8 @@ if TYPE_CHECKING:
     from hanabi_common.state import StateStore
     from hanabi_vmmd.accel import AccelDecision
     from hanabi_vmmd.hypervisor import Hypervisor, NicSpec, VmHandle
-    from hanabi_vmmd.locks import KeyedLocks
+    from hanabi_common.locks import KeyedLocks
+    from hanabi_vmmd.devices import Devices
     from hanabi_vmmd.pool import WarmPool
     from hanabi_vmmd.reaper import Reaper
     from hanabi_vmmd.state import HypervisorState
@@ -38,6 +40,7 @@ class VmHost:
     reaper: Reaper
     templates: TemplateStore
     pool: WarmPool
+    devices: Devices
     _handles: dict[str, VmHandle]
 
     if TYPE_CHECKING:
@@ -66,7 +69,4 @@ class VmHost:
 
         def _clone_or_boot(self, sid: str, store: StateStore, backend: Hypervisor, memory_mib: int, vcpus: int,
                            nics: tuple[NicSpec, ...] = (), cgroups: Sequence[Path] = ()) -> HypervisorState:
-            raise NotImplementedError
-
-        def _plug_nic(self, state: HypervisorState, backend: Hypervisor, handle: VmHandle, spec: NicSpec) -> str:
             raise NotImplementedError

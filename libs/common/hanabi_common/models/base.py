@@ -45,6 +45,10 @@ class Removed(Reply):
     existed: bool
 
 
+class Done(Reply):
+    """Reply of a call that has nothing to report beyond its success."""
+
+
 class NoArgs(Request):
     """A request without arguments."""
 

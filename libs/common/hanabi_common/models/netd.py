@@ -63,3 +63,29 @@ class NetworkList(Reply):
     """Every sandbox network netd holds."""
 
     networks: list[NetworkInfo]
+
+
+class LinkChange(Reply):
+    """A link that came (`docker network connect`: netd wired it to `interface.tap`) or went
+    (netd unwired it) while the sandbox ran: the orchestrator plugs or unplugs the VM's NIC
+    and configures the guest. `seq` counts the sandbox's changes from 1."""
+
+    seq: int
+    kind: Literal["added", "removed"]
+    interface: Interface
+    routes: list[Route] = []
+
+
+class ChangesAfter(Request):
+    """`net.changes`: the sandbox's link changes after `after` (those up to it are done and
+    are forgotten)."""
+
+    sandbox_id: SandboxId
+    after: int = Field(0, ge=0)
+
+
+class LinkChanges(Reply):
+    """The link changes still to apply, oldest first, and the namespace they are in."""
+
+    netns_path: str | None = None
+    changes: list[LinkChange] = []

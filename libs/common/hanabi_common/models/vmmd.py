@@ -123,3 +123,20 @@ class DetachDisk(Request):
 
 __all__ = ["VmNic", "AttachNic", "DetachNic", "CreateVm", "VmInfo", "VmList", "StopVm", "AttachDisk", "DiskInfo", "DetachDisk",
            "SandboxRef"]
+
+
+class ChooseBackend(Request):
+    """`vm.backend`: which backend a VM asked for with `hypervisor` would get (None: the
+    configured one; "auto" resolved by vmmd, the one place that decides it)."""
+
+    hypervisor: Literal["auto", "qemu", "firecracker"] | None = None
+
+
+class BackendChoice(Reply):
+    """The backend and why, and what callers must know before the VM exists: the disk
+    formats it opens (preferred first) and its file-share device (None: no share)."""
+
+    backend: str
+    reason: str
+    disk_formats: list[Literal["qcow2", "raw"]]
+    share: str | None = None

@@ -6,6 +6,9 @@ a queue and wake the loop with a pipe. Anything a peer sends that is not a valid
 gets an error reply; the server never dies of it. Every call a worker runs is recorded in
 `progress` (with the caller's deadline), and the loop keeps a no-op canary queued for the
 pool: the daemon's watchdog is fed from that (`progress.Watchdog`), not from the loop turning.
+A handler sees the call it serves (the caller's deadline included) through `current_call()`.
+Methods are registered from the daemon's declared table (`rpc.contract`), which also names
+each one's reply model: a handler's result is checked against it before it is sent.
 """
 
 from __future__ import annotations
@@ -26,12 +29,14 @@ from pydantic import BaseModel, ValidationError
 
 from hanabi_common.errors import (DeadlineExceeded, HanabiError, Internal, InvalidArgument,
                                   NotFound)
+from hanabi_common.rpc.context import CallContext, current_call, serving, within_deadline
 from hanabi_common.rpc.envelope import RequestHeader, decode_request, encode_reply
 from hanabi_common.rpc.progress import Progress
 
 log = logging.getLogger("hanabi.rpc")
 
 Handler = Callable[[Any], Any]
+__all__ = ["CallContext", "Method", "RpcServer", "current_call", "within_deadline"]
 
 
 @dataclass(frozen=True)
@@ -42,18 +47,8 @@ class Method:
     request: type[BaseModel]
     handler: Handler
     doc: str
-
-
-@dataclass
-class CallContext:
-    """What a handler may want to know about the call it serves."""
-
-    header: RequestHeader
-
-    @property
-    def remaining(self) -> float:
-        """Seconds left before the caller's deadline."""
-        return self.header.deadline - time.time()
+    reply: type[BaseModel] | None = None
+    idempotent: bool = False
 
 
 class RpcServer:
@@ -79,9 +74,12 @@ class RpcServer:
         self.register("ping", _Empty, self._ping, "Liveness: the daemon's name, pid and uptime.")
         self.register("describe", _Empty, self._describe, "The methods this daemon serves.")
 
-    def register(self, name: str, request: type[BaseModel], handler: Handler, doc: str = "") -> None:
-        """Serve `name`: the body is validated as `request` and passed to `handler`."""
-        self._methods[name] = Method(name, request, handler, doc or (handler.__doc__ or "").strip())
+    def register(self, name: str, request: type[BaseModel], handler: Handler, doc: str = "", *,
+                 reply: type[BaseModel] | None = None, idempotent: bool = False) -> None:
+        """Serve `name`: the body is validated as `request` and passed to `handler`; its
+        result must fit `reply` when one is given (`Contract.register` gives it)."""
+        self._methods[name] = Method(name, request, handler, doc or (handler.__doc__ or "").strip(),
+                                     reply, idempotent)
 
     def _ping(self, _: BaseModel) -> dict:
         return {"daemon": self.name, "pid": os.getpid(), "uptime_s": round(time.time() - self.started_at, 3)}
@@ -176,7 +174,8 @@ class RpcServer:
         started = time.monotonic()
         token = self.progress.begin(header.method, header.deadline - time.time())
         try:
-            result = self._call(header, body)
+            with serving(header):
+                result = self._call(header, body)
             frames = encode_reply(header.msg_id, result=result)
             outcome = "ok"
         except HanabiError as exc:
@@ -208,6 +207,8 @@ class RpcServer:
             raise InvalidArgument(f"invalid arguments for {header.method}: "
                                   f"{_summarize(exc)}") from None
         result = method.handler(request)
+        if method.reply is not None and not isinstance(result, method.reply):
+            result = method.reply.model_validate({} if result is None else result)
         if result is None:
             return {}
         if isinstance(result, BaseModel):

@@ -35,12 +35,12 @@ from hanabi_vmmd.firecracker import boot, snapshot
 from hanabi_vmmd.firecracker.api import FirecrackerApi
 from hanabi_vmmd.firecracker.models import LogLevel
 from hanabi_vmmd.share_server import ShareServer, diod_path, listen_path
-from hanabi_vmmd.firecracker.process import (AGENT_VSOCK_PORT, LOG_NAME, METRICS_NAME, JailerConfig,
+from hanabi_vmmd.firecracker.process import (AGENT_VSOCK_PORT, API_SOCK_NAME, LOG_NAME, METRICS_NAME, JailerConfig,
                                              Layout, firecracker_argv, jail_id, jailer_argv,
                                              kernel_args, layout_for, nics_netns)
 from hanabi_vmmd.firecracker.serial import guest_serial
 from hanabi_vmmd.firecracker.version import VersionCheck, probe_version
-from hanabi_vmmd.hypervisor import DiskSpec, NicSpec, StopResult, VmHandle, VmSpec
+from hanabi_vmmd.hypervisor import Capabilities, DiskSpec, NicSpec, StopResult, VmFiles, VmHandle, VmSpec
 
 log = logging.getLogger("hanabi.vmmd.firecracker")
 DIED_GRACE_S = 1.0  # how long a dropped API connection may take to show as an exit
@@ -75,6 +75,8 @@ class FirecrackerHypervisor:
     """Boots and drives Firecracker VMs."""
 
     name = "firecracker"
+    machine = ""  # one machine model
+    files = VmFiles(control_socket=API_SOCK_NAME, pid_file="firecracker.pid", stderr_log="firecracker.stderr")
 
     def __init__(self, *, binary: str = "firecracker", jailer: JailerConfig | None = None,
                  start_timeout: float = 60.0, api_timeout: float = 5.0,
@@ -84,7 +86,6 @@ class FirecrackerHypervisor:
         # No shared-filesystem device: the share is 9P over vsock, served by diod (where it is
         # installed; without it a VM gets no share and its binds travel as copies).
         self.diod = diod_path(diod)
-        self.share_kind = "9p-vsock" if self.diod else None
         self._shares: dict[str, ShareServer] = {}
         self.jailer = jailer
         self.start_timeout = start_timeout
@@ -92,6 +93,18 @@ class FirecrackerHypervisor:
         self.placeholder_drives = placeholder_drives
         self.log_level = log_level
         self._version = version
+
+    def capabilities(self) -> Capabilities:
+        """No NIC hot-plug (NICs at boot only), so no warm pool; disks swap into placeholder
+        drives; hybrid vsock; snapshots (not wired to templates yet); the share is 9P over
+        vsock where diod is installed; raw disks only, whose guest serial comes from the file."""
+        return Capabilities(hotplug=frozenset({"disk"}), pooling=False, templates=False, vsock="hybrid",
+                            pause=True, snapshots=True, share="9p-vsock" if self.diod else None, share_servers=True,
+                            disk_formats=("raw",), guest_serial_from_path=True, files=self.files)
+
+    def problem(self) -> str | None:
+        """Why Firecracker cannot run here (no binary, or older than the floor), or None."""
+        return self.version_check().problem
 
     # -- availability ------------------------------------------------------------------
 

@@ -16,15 +16,16 @@ listen on AF_VSOCK port 1024 instead of the virtio-serial port ``agent.0``); tho
 
 from __future__ import annotations
 
+import ast
 import datetime
 import fcntl
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
 import subprocess
 import time
-from importlib import resources
 from typing import Any
 
 from hanabi_wire.constants import (CHANNEL_VSOCK, CMDLINE_CHANNEL, KERNEL_CMDLINE, PROTOCOL_VERSION,
@@ -69,7 +70,21 @@ class BuildError(RuntimeError):
 
 
 def _pkg_file(name: str, package: str = "hanabi_guest") -> bytes:
-    return resources.files(package).joinpath(name).read_bytes()
+    """A file of `package`, read as data: the agent is found, never imported on the host."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise BuildError(f"package {package} not found (is hanabi installed?)")
+    with open(os.path.join(list(spec.submodule_search_locations)[0], name), "rb") as f:
+        return f.read()
+
+
+def agent_version() -> str:
+    """The agent's ``AGENT_VERSION``, read from its core.py (the agent is not imported here)."""
+    for node in ast.parse(_pkg_file("core.py")).body:
+        if (isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["AGENT_VERSION"]
+                and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)):
+            return node.value.value
+    raise BuildError("hanabi_guest/core.py defines no AGENT_VERSION string")
 
 
 def sources() -> dict[str, bytes]:
@@ -295,8 +310,6 @@ def _build_into(tmp: str, debs: dict[str, D.Deb], paths: dict[str, str], digest:
         f.write(extract_vmlinux(bz))
     details = _assemble(x, root, release)
     raw_size = _write_initrd(root, os.path.join(tmp, "initrd.img"))
-    from .core import AGENT_VERSION
-
     shutil.rmtree(x)
     shutil.rmtree(root)
     return {
@@ -306,7 +319,7 @@ def _build_into(tmp: str, debs: dict[str, D.Deb], paths: dict[str, str], digest:
         "packages": {d.name: d.version for d in sorted(debs.values(), key=lambda d: d.name)},
         "inputs_hash": digest,
         "builder_version": BUILDER_VERSION,
-        "agent_version": AGENT_VERSION,
+        "agent_version": agent_version(),
         "kernel_cmdline": KERNEL_CMDLINE,
         "protocol_version": PROTOCOL_VERSION,
         "agent_channel": {"default": "virtio-serial", "virtio_serial_name": SERIAL_PORT_NAME,
