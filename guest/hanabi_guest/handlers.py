@@ -80,6 +80,7 @@ class Handlers:
             P.T_PS: self.h_ps,
             P.T_DESTROY_CONTAINER: self.h_destroy_container,
             P.T_SHUTDOWN: self.h_shutdown,
+            P.T_SYNC: self.h_sync,
             P.T_CONFIGURE_NETWORK: self.h_configure_network,
             P.T_RESTORED: self.h_restored,
         }
@@ -394,6 +395,11 @@ class Handlers:
         time.clock_settime_ns(time.CLOCK_REALTIME, msg["time_ns"])
         self.sandbox.set_hostname(msg["hostname"])
         log(f"restored from a template as {msg['hostname']}")
+        return {}
+
+    def h_sync(self, req_id: int, msg: dict[str, Any]) -> Result:
+        """sync(2): the host's delete kills the VM next, with no shutdown."""
+        os.sync()
         return {}
 
     def h_shutdown(self, req_id: int, msg: dict[str, Any]) -> Result:

@@ -161,6 +161,10 @@ class ProcIO:
             self.check_oom(c)  # an OOM kill is reported before the exit it caused
         if c is not None and c.procs.get(proc.exec_id) is proc:
             del c.procs[proc.exec_id]
+        # What the process wrote to a block device (a passthrough rootfs, the block root
+        # layer) is on the host before its exit is: under runc it is in the host's page
+        # cache when the process is gone, and `delete` SIGKILLs the VM without a shutdown.
+        os.sync()
         self.send({"type": P.T_EXIT, "container_id": proc.cid, "exec_id": proc.exec_id,
                    **proc.exit_fields()})
 

@@ -17,7 +17,7 @@ import pytest
 from hanabi_blockd.client import BlockdClient
 from hanabi_blockd.cow import backing_file
 from hanabi_runtime.demo_bundle import make_bundle, make_rootfs
-from tests.helpers.hanabi import BIN, daemons_for_test, leftovers
+from tests.helpers.hanabi import BIN, daemons_for_test, drain, leftovers
 
 pytestmark = pytest.mark.integration
 MIB = 1 << 20
@@ -104,7 +104,12 @@ def _mounted(path: Path) -> str | None:
     return done.stdout.strip() or None
 
 
-def test_a_loop_device_mounted_at_the_rootfs_passes_through(hanabi, tmp_path, cid):
+@pytest.mark.parametrize("how", ["exits", "delete-force"])
+def test_a_loop_device_mounted_at_the_rootfs_passes_through(hanabi, tmp_path, cid, how):
+    """The device is the VM's root disk and given back with the guest's writes on it: of a
+    process that exited (the guest flushes before it reports the exit), and of one still
+    running at `delete --force` (agentd has the guest flush before vmmd kills the VM), as
+    under runc, where both writes are in the host's page cache."""
     tree = tmp_path / "tree"
     make_rootfs(tree)
     (tree / "hello-from-loop").write_text("loop says hi\n")
@@ -114,14 +119,32 @@ def test_a_loop_device_mounted_at_the_rootfs_passes_through(hanabi, tmp_path, ci
     subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-d", str(tree), str(image)], check=True)
     loop = subprocess.run(["losetup", "--find", "--show", str(image)], capture_output=True, text=True,
                           check=True).stdout.strip()
-    bundle = make_bundle(tmp_path / "bundle", ["sh", "-c", "cat /hello-from-loop; echo from-guest > /written"])
+    script = "cat /hello-from-loop; echo from-guest > /written"
+    # The running one says it wrote through a bind mount (a live share): no exec, whose
+    # exit would make the guest flush.
+    bundle = make_bundle(tmp_path / "bundle", ["sh", "-c", script if how == "exits" else script + "; touch /m/wrote; exec sleep 600"])
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    config = json.loads((bundle / "config.json").read_text())
+    config["mounts"].append({"destination": "/m", "type": "bind", "source": str(marks), "options": ["rbind"]})
+    (bundle / "config.json").write_text(json.dumps(config))
     rootfs = bundle / "rootfs"
     try:
         subprocess.run(["mount", str(loop), str(rootfs)], check=True)
-        done = hanabi.runtime("run", "--bundle", str(bundle), cid)
-        assert done.returncode == 0, done.stderr.decode()
-        assert done.stdout == b"loop says hi\n"
-        # Given back: mounted again where it was, with the guest's write on it.
+        if how == "exits":
+            done = hanabi.runtime("run", "--bundle", str(bundle), cid)
+            assert done.returncode == 0, done.stderr.decode()
+            assert done.stdout == b"loop says hi\n"
+        else:
+            hanabi.runtime("run", "-d", "--bundle", str(bundle), cid, check=True)
+            deadline = time.monotonic() + 60
+            while not (marks / "wrote").exists():
+                assert time.monotonic() < deadline, "the container never wrote /written"
+                time.sleep(0.05)
+            hanabi.runtime("delete", "--force", cid, check=True)
+        # Given back (by blockd's release, after `delete` returned: drained here): mounted
+        # again where it was, with the guest's write on it.
+        assert drain(hanabi)["blockd"] == []
         assert _mounted(rootfs) == loop
         assert (rootfs / "written").read_text() == "from-guest\n"
         assert leftovers(hanabi, cid) == []

@@ -24,7 +24,7 @@ from hanabi_common.metrics import Gauges, LabelledGauge
 from hanabi_common.models.base import NoArgs, Removed, SandboxRef
 from hanabi_common.rpc.server import RpcServer
 from hanabi_wire import (INIT_EXEC_ID, T_CLOSE_STDIN, T_CONFIGURE_NETWORK, T_CREATE_CONTAINER,
-                         T_DESTROY_CONTAINER, T_EXEC, T_PS, T_RESIZE, T_SHUTDOWN, T_SIGNAL, T_START,
+                         T_DESTROY_CONTAINER, T_EXEC, T_PS, T_RESIZE, T_SHUTDOWN, T_SIGNAL, T_START, T_SYNC,
                          WireError)
 from hanabi_wire import request as wire_request
 
@@ -40,6 +40,8 @@ from hanabi_agentd.session import LOST_SIGNAL, AgentSession
 
 log = logging.getLogger("hanabi.agentd")
 SHUTDOWN_TIMEOUT_S = 5.0
+# How long `release` waits for the guest to flush what still-running processes wrote.
+SYNC_TIMEOUT_S = 5.0
 
 
 def guest_request(kind: str, **fields) -> dict:
@@ -184,14 +186,23 @@ class AgentService:
         return Removed(existed=self.registry.remove(request.sandbox_id))
 
     def release(self, request: SandboxRef) -> Removed:
-        """A container's delete, whose VM vmmd kills next: no word to the guest. Its
-        processes still running count as SIGKILLed (their stand-ins exit 137, as runc's
+        """A container's delete, whose VM vmmd kills next: no word to the guest but, while
+        processes still run, a sync (bounded by SYNC_TIMEOUT_S). Its processes still running
+        count as SIGKILLed (their stand-ins exit 137, as runc's
         `delete --force`), the connection is closed, the sandbox forgotten (idempotent)."""
         with self.registry.lock:
             sandbox = self.registry.sandboxes.get(request.sandbox_id)
         if sandbox is not None:
-            for record in sandbox.session.all_processes():
-                if record.status == "running":
+            running = [r for r in sandbox.session.all_processes() if r.status == "running"]
+            if running and sandbox.session.connected:
+                # As under runc, what a killed process wrote is kept: the guest flushes it
+                # (processes that exited were flushed by the guest before their exit).
+                try:
+                    sandbox.session.request(T_SYNC, guest_request(T_SYNC), timeout=SYNC_TIMEOUT_S)
+                except HanabiError as exc:
+                    log.warning("the guest did not flush its filesystems before its VM is killed", extra={
+                        "sandbox": request.sandbox_id, "error": exc.message})
+            for record in running:
                     record.mark_exited(None, int(signals.SIGKILL))
             sandbox.session.close()
             for record in sandbox.session.all_processes():
