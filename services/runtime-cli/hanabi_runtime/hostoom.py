@@ -156,6 +156,8 @@ def raise_oom_v1(directory: Path, timeout: float = NOTIFY_TIMEOUT_S) -> float:
         raise
     notified = 0
     try:
+        # In the group itself (a child of the stand-in is already; a caller elsewhere, not).
+        (directory / "cgroup.procs").write_text(str(child.pid))
         (directory / "memory.oom_control").write_text("1")
         _lower_limit(directory)
         assert child.stdin is not None
