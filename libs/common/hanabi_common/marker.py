@@ -13,40 +13,19 @@ import os
 import shutil
 import time
 
+from hanabi_common.atomic import write_atomic
+
 DISOWNED_NAME = "disowned"
 MARKER_SCHEMA_VERSION = 1  # hanabi_common.disowned.Disowned (a VersionedState)
 # Each daemon's state file in a sandbox directory.
 DAEMON_STATE_NAMES = {"agentd": "agent", "vmmd": "hypervisor", "blockd": "devices", "netd": "network"}
 
 
-def _write_atomic(target: str, data: bytes) -> None:
-    directory = os.path.dirname(target)
-    tmp = os.path.join(directory, f".{os.path.basename(target)}.{os.urandom(6).hex()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def mark(directory: str, sandbox_id: str, pending: list[str]) -> None:
     """Write the marker of a sandbox whose daemons in `pending` could not be reached."""
     body = {"schema_version": MARKER_SCHEMA_VERSION, "container_id": sandbox_id,
             "deleted_at": time.time(), "pending": sorted(pending)}
-    _write_atomic(os.path.join(directory, f"{DISOWNED_NAME}.json"), json.dumps(body, indent=1).encode())
+    write_atomic(os.path.join(directory, f"{DISOWNED_NAME}.json"), json.dumps(body, indent=1).encode())
 
 
 def disown(sandboxes_dir: str, sandbox_id: str, pending: list[str]) -> bool:

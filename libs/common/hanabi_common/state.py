@@ -9,14 +9,13 @@ and the directory is fsynced, so a crash leaves either the old or the new file.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import ClassVar, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from hanabi_common.atomic import write_atomic
 from hanabi_common.errors import FailedPrecondition, Internal
 from hanabi_common.ids import is_valid_id, validate_id
 
@@ -33,24 +32,9 @@ S = TypeVar("S", bound=VersionedState)
 
 
 def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write `data` to `path` atomically (temp file, fsync, rename, fsync of the dir)."""
+    """Write `data` to `path` atomically, making its directory (hanabi_common.atomic)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_atomic(path, data, mode)
 
 
 class StateStore:

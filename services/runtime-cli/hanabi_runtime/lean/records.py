@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 
+from hanabi_common.atomic import write_atomic
 from hanabi_common.errors import FailedPrecondition, Internal, InvalidArgument, NotFound
 
 # hanabi_common.config
@@ -143,7 +144,7 @@ def stamp_config(run_dir, path, text: str) -> None:
         return
     stamped[path] = text
     try:
-        _atomic_write(os.path.join(run_dir, CONFIG_STAMP), json.dumps(stamped).encode())
+        write_atomic(os.path.join(run_dir, CONFIG_STAMP), json.dumps(stamped).encode())
     except OSError:
         pass
 
@@ -221,31 +222,7 @@ def write_state(config: LeanConfig, cid: str, state: dict) -> None:
     directory = os.path.dirname(target)
     os.makedirs(directory, mode=0o700, exist_ok=True)
     data = json.dumps(dict(state, schema_version=SCHEMA_VERSION), indent=1, ensure_ascii=False).encode()
-    _atomic_write(target, data)
-
-
-def _atomic_write(target: str, data: bytes) -> None:
-    """hanabi_common.state.atomic_write_bytes, without pathlib and tempfile."""
-    directory = os.path.dirname(target)
-    tmp = os.path.join(directory, f".{os.path.basename(target)}.{os.urandom(6).hex()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_atomic(target, data)
 
 
 def exec_standins(config: LeanConfig, cid: str) -> list[tuple[int, int | None]]:
