@@ -55,6 +55,7 @@ bench: setup ## benchmarks (hanabi vs runc in the same run)
 	$(BIN)/python bench/pool.py
 	$(BIN)/python bench/templates.py
 	$(BIN)/python bench/storage.py
+	$(BIN)/python bench/security.py
 	$(BIN)/python bench/firecracker.py
 
 install: ## systemd hosts: /opt/hanabi (own venv), the units + hanabi.target, /etc/hanabi/hanabi.toml, the Docker runtimes

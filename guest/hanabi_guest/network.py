@@ -91,6 +91,8 @@ def plan_commands(interfaces: list[dict[str, Any]], routes: list[dict[str, Any]]
     """The ``ip`` argv lists (without the busybox prefix) that configure the NICs.
 
     ``current`` maps each interface's MAC to the name the guest kernel gave that NIC.
+    Addresses and routes are replaced, not added: configuring a NIC again (a retry after a
+    half-done attempt) does the same and succeeds.
     """
     cmds: list[list[str]] = [["ip", "link", "set", "dev", "lo", "up"]]
     renames = [(current[iface["mac"]], iface["name"]) for iface in interfaces
@@ -105,9 +107,9 @@ def plan_commands(interfaces: list[dict[str, Any]], routes: list[dict[str, Any]]
         cmds.append(["ip", "link", "set", "dev", name, "mtu", str(iface["mtu"]), "up"])
         for cidr in iface["addresses"]:
             family = "-6" if ":" in cidr else "-4"
-            cmds.append(["ip", family, "addr", "add", cidr, "dev", name])
+            cmds.append(["ip", family, "addr", "replace", cidr, "dev", name])
     for route in routes:
-        cmd = ["ip", "-6" if route["family"] == 6 else "-4", "route", "add", route["dest"]]
+        cmd = ["ip", "-6" if route["family"] == 6 else "-4", "route", "replace", route["dest"]]
         if route["gateway"]:
             cmd += ["via", route["gateway"]]
         if route["dev"]:

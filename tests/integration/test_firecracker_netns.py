@@ -36,7 +36,7 @@ def test_firecracker_is_spawned_in_the_taps_namespace(netns, monkeypatch):
         (root / "vmlinux").write_bytes(b"\x7fELF" + bytes(60))
         (root / "initrd.img").write_bytes(b"i")
         monkeypatch.setenv("FAKE_FC_RECORD", str(root / "rec"))
-        spec = VmSpec.in_dir("sb", root / "vm" / "0123456789abcdef", memory_mib=128, vcpus=1,
+        spec = VmSpec.in_dir("sb", root / "vm" / "0123456789abcdef", FirecrackerHypervisor.files, memory_mib=128, vcpus=1,
                              kernel=root / "vmlinux", initrd=root / "initrd.img", cmdline="quiet", accel="kvm",
                              nics=(NicSpec("nic0", "tap0", "02:00:00:00:00:01", netns_path=netns),))
         fc = FirecrackerHypervisor(binary=str(fake), start_timeout=10)

@@ -26,11 +26,11 @@ def test_a_docker_endpoint_becomes_ip_commands():
     assert cmds == [
         ["ip", "link", "set", "dev", "lo", "up"],
         ["ip", "link", "set", "dev", "eth0", "mtu", "1450", "up"],
-        ["ip", "-4", "addr", "add", "172.18.0.2/16", "dev", "eth0"],
-        ["ip", "-6", "addr", "add", "fd00:db8::2/64", "dev", "eth0"],
-        ["ip", "-4", "route", "add", "default", "via", "172.18.0.1", "dev", "eth0"],
-        ["ip", "-6", "route", "add", "default", "via", "fd00:db8::1", "dev", "eth0"],
-        ["ip", "-4", "route", "add", "10.1.0.0/16", "dev", "eth0"]]
+        ["ip", "-4", "addr", "replace", "172.18.0.2/16", "dev", "eth0"],
+        ["ip", "-6", "addr", "replace", "fd00:db8::2/64", "dev", "eth0"],
+        ["ip", "-4", "route", "replace", "default", "via", "172.18.0.1", "dev", "eth0"],
+        ["ip", "-6", "route", "replace", "default", "via", "fd00:db8::1", "dev", "eth0"],
+        ["ip", "-4", "route", "replace", "10.1.0.0/16", "dev", "eth0"]]
 
 
 def test_nics_are_renamed_through_temporary_names():

@@ -31,13 +31,24 @@ def apply_change(vmmd, agentd, sandbox_id: str, netns_path: str | None, change: 
 
     iface = change.interface
     if change.kind == "removed":
-        vmmd.detach_nic(sandbox_id, iface.tap, netns_path)
+        try:
+            vmmd.detach_nic(sandbox_id, iface.tap, netns_path)
+        except NotFound:
+            pass  # never plugged (its add was superseded): nothing to unplug
         return
     try:
         vmmd.attach_nic(sandbox_id, VmNic(tap=iface.tap, mac=iface.mac, mtu=iface.mtu, netns_path=netns_path))
     except AlreadyExists:
         pass  # plugged before a restart of this follower: configure it all the same
     agentd.configure_network(ConfigureNetwork(sandbox_id=sandbox_id, interfaces=[iface], routes=change.routes))
+
+
+def superseded(change: LinkChange, later: list[LinkChange]) -> bool:
+    """Whether a later change removes the link `change` adds (a link connected and gone
+    again before it was plugged, or whose plugging keeps failing): then only the removal
+    is applied, and a failed add does not hold the removal back."""
+    return change.kind != "removed" and any(
+        c.kind == "removed" and c.interface.tap == change.interface.tap for c in later)
 
 
 def follow(config: Config, sandbox_id: str, stop: threading.Event,
@@ -64,8 +75,9 @@ def follow(config: Config, sandbox_id: str, stop: threading.Event,
             continue
         try:
             pending = netd.changes(sandbox_id, after=done)
-            for change in pending.changes:
-                apply_change(vmmd, agentd, sandbox_id, pending.netns_path, change)
+            for position, change in enumerate(pending.changes):
+                if not superseded(change, pending.changes[position + 1:]):
+                    apply_change(vmmd, agentd, sandbox_id, pending.netns_path, change)
                 done = change.seq
             if pending.changes:
                 netd.changes(sandbox_id, after=done)  # mark them done

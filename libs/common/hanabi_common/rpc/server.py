@@ -173,6 +173,7 @@ class RpcServer:
     def _dispatch(self, routing: list[bytes], header: RequestHeader, body: dict) -> None:
         started = time.monotonic()
         token = self.progress.begin(header.method, header.deadline - time.time())
+        error = ""
         try:
             with serving(header):
                 result = self._call(header, body)
@@ -180,7 +181,7 @@ class RpcServer:
             outcome = "ok"
         except HanabiError as exc:
             frames = encode_reply(header.msg_id, error=exc)
-            outcome = exc.code.value
+            outcome, error = exc.code.value, exc.message[:300]
         except Exception as exc:  # a bug: report it, keep serving
             log.exception("handler failed", extra={"method": header.method})
             frames = encode_reply(header.msg_id, error=Internal(f"{type(exc).__name__}: {exc}"))
@@ -188,7 +189,8 @@ class RpcServer:
         finally:
             self.progress.end(token)
         elapsed = time.monotonic() - started
-        log.debug("call", extra={"method": header.method, "outcome": outcome, "ms": round(elapsed * 1000, 1)})
+        fields = {"method": header.method, "outcome": outcome, "ms": round(elapsed * 1000, 1)}
+        log.debug("call", extra={**fields, "error": error} if error else fields)
         if self._on_call is not None:
             self._on_call(header.method if header.method in self._methods else "(unknown)", outcome, elapsed)
         self._replies.put(routing + frames)
