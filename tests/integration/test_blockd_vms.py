@@ -104,12 +104,13 @@ def _mounted(path: Path) -> str | None:
     return done.stdout.strip() or None
 
 
-@pytest.mark.parametrize("how", ["exits", "delete-force"])
+@pytest.mark.parametrize("how", ["exits", "delete-force", "paused-delete-force"])
 def test_a_loop_device_mounted_at_the_rootfs_passes_through(hanabi, tmp_path, cid, how):
     """The device is the VM's root disk and given back with the guest's writes on it: of a
     process that exited (the guest flushes before it reports the exit), and of one still
-    running at `delete --force` (agentd has the guest flush before vmmd kills the VM), as
-    under runc, where both writes are in the host's page cache."""
+    running at `delete --force` (agentd has the guest flush before vmmd kills the VM; a
+    paused VM is thawed for it first), as under runc, where the writes are in the host's
+    page cache."""
     tree = tmp_path / "tree"
     make_rootfs(tree)
     (tree / "hello-from-loop").write_text("loop says hi\n")
@@ -141,6 +142,8 @@ def test_a_loop_device_mounted_at_the_rootfs_passes_through(hanabi, tmp_path, ci
             while not (marks / "wrote").exists():
                 assert time.monotonic() < deadline, "the container never wrote /written"
                 time.sleep(0.05)
+            if how == "paused-delete-force":  # docker rm -f of a paused container
+                hanabi.runtime("pause", cid, check=True)
             hanabi.runtime("delete", "--force", cid, check=True)
         # Given back (by blockd's release, after `delete` returned: drained here): mounted
         # again where it was, with the guest's write on it.

@@ -441,7 +441,7 @@ class Runtime:
             self._teardown(cid, standin_pid=state.standin_pid if state else None,
                            standin_start=state.standin_start_time if state else None,
                            cgroup_dirs=state.cgroups if state else [],
-                           sandbox=state.sandbox if state else None)
+                           sandbox=state.sandbox if state else None, paused=bool(state and state.paused))
         finally:
             if state is not None:
                 self._run_later_hooks(state, "poststop", "stopped")
@@ -450,7 +450,8 @@ class Runtime:
         return getattr(self.daemons, daemon).rpc.call(method, body, idempotent=True)
 
     def _teardown(self, cid: str, standin_pid: int | None, standin_start: int | None = None,
-                  cgroup_dirs: builtins.list[str] | None = None, sandbox: str | None = None) -> None:
+                  cgroup_dirs: builtins.list[str] | None = None, sandbox: str | None = None,
+                  paused: bool = False) -> None:
         """One release RPC per daemon, the stand-ins, the state (`hanabi_runtime.teardown`).
         A daemon that is down keeps its state file and the sandbox is marked disowned:
         that daemon finishes the job when it starts (`hanabi_common.disowned`). An app
@@ -461,7 +462,7 @@ class Runtime:
         def standins() -> list:
             return [(standin_pid, standin_start)] + [
                 (record.standin_pid, record.standin_start_time) for record in self.exec_records(cid)]
-        teardown(cid, self._call, str(self.store.root), standins, cgroup_dirs, sandbox=sandbox)
+        teardown(cid, self._call, str(self.store.root), standins, cgroup_dirs, sandbox=sandbox, paused=paused)
 
 @contextmanager
 def _phase(timings: dict[str, float], name: str) -> Iterator[None]:

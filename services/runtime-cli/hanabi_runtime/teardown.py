@@ -72,10 +72,18 @@ def kill_standins(standins: Iterable[tuple[int | None, int | None]]) -> None:
 
 
 def teardown(cid: str, call: Call, sandboxes_dir: str, standins: Callable[[], list],
-             cgroup_dirs: list[str] | None, sandbox: str | None = None) -> None:
+             cgroup_dirs: list[str] | None, sandbox: str | None = None, paused: bool = False) -> None:
     """The whole runtime's half: release, stand-ins, the sandbox directory, the cgroups.
     `standins()` lists them (read before the directory goes); `sandbox`: the pod of an app
-    container. Internal if not clean."""
+    container; `paused`: its VM is frozen, and is thawed first so that its guest can flush
+    what its processes wrote (agentd's release asks it to) before the VM is killed.
+    Internal if not clean."""
+    if paused:
+        try:
+            call("vmmd", "vm.resume", {"sandbox_id": cid})
+        except HanabiError as exc:
+            log.warning("a paused VM not thawed before its release: its guest cannot flush",
+                        extra={"container": cid, "error": exc.message})
     failures, down = release(cid, call, sandbox)
     kill_standins(standins())
     if down:

@@ -256,7 +256,7 @@ def cmd_delete(config: LeanConfig, args: dict) -> int:
         return ([(state["standin_pid"], state["standin_start_time"])] if state else []) + exec_standins(config, cid)
     try:
         teardown(cid, call, config.sandboxes_dir, standins, state["cgroups"] if state else [],
-                 sandbox=state["sandbox"] if state else None)
+                 sandbox=state["sandbox"] if state else None, paused=bool(state and state.get("paused")))
     finally:
         if state is not None and state["hooks"].get("poststop"):
             _poststop(state)
