@@ -42,6 +42,7 @@ STDLIB ONLY: runs inside the guest (ctypes for unshare/setns/mount).
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Iterator
 
 from .sandbox import libc, mount, umount
 
@@ -295,32 +296,28 @@ def foreign_mounts(mountinfo: str, scope: str, keep: str) -> list[str]:
     deepest first, each once: what a new container mount namespace detaches so that it
     does not pin other containers' filesystems."""
     scope, keep = scope.rstrip("/") + "/", keep.rstrip("/")
-    found: list[str] = []
-    for line in mountinfo.splitlines():
-        fields = line.split(" ")
-        if len(fields) < 5:
-            continue
-        point = unescape_mount_path(fields[4])
-        if not point.startswith(scope) or point == keep or point.startswith(keep + "/"):
-            continue
-        if point not in found:
-            found.append(point)
-    found.sort(key=lambda p: p.count("/"), reverse=True)
-    return found
+    return _deepest_first(p for p in mount_points(mountinfo)
+                          if p.startswith(scope) and p != keep and not p.startswith(keep + "/"))
 
 
 def outside_mounts(mountinfo: str, root: str) -> list[str]:
     """Mount points that are neither ``root``, nor under it, nor /: deepest first."""
     root = root.rstrip("/")
-    found: list[str] = []
+    return _deepest_first(p for p in mount_points(mountinfo)
+                          if p != "/" and p != root and not p.startswith(root + "/"))
+
+
+def mount_points(mountinfo: str) -> Iterator[str]:
+    """The mount point of each well-formed line of a mountinfo text, unescaped."""
     for line in mountinfo.splitlines():
         fields = line.split(" ")
-        if len(fields) < 5:
-            continue
-        point = unescape_mount_path(fields[4])
-        if point == "/" or point == root or point.startswith(root + "/") or point in found:
-            continue
-        found.append(point)
+        if len(fields) >= 5:
+            yield unescape_mount_path(fields[4])
+
+
+def _deepest_first(points: Iterable[str]) -> list[str]:
+    """Each point once, in first-seen order among equals, the deepest first."""
+    found = list(dict.fromkeys(points))
     found.sort(key=lambda p: p.count("/"), reverse=True)
     return found
 

@@ -63,6 +63,18 @@ def placeholder_path(spec: FcBootSpec, index: int) -> str:
     return os.path.join(spec.placeholder_dir, f"{placeholder_id(index)}.img")
 
 
+def observability_steps(log_path: str | None, log_level: m.LogLevel, metrics_path: str | None) -> list[Step]:
+    """The logger and metrics calls a Firecracker takes before anything else (booted or
+    restored), for those of the two that are wanted."""
+    steps: list[Step] = []
+    if log_path:
+        steps.append(("PUT", "/logger", m.Logger(log_path=log_path, level=log_level,
+                                                 show_level=True, show_log_origin=False)))
+    if metrics_path:
+        steps.append(("PUT", "/metrics", m.Metrics(metrics_path=metrics_path)))
+    return steps
+
+
 def boot_sequence(spec: FcBootSpec) -> list[Step]:
     """(method, path, body) in the order Firecracker needs them, ending with InstanceStart."""
     if spec.vcpus < 1 or spec.vcpus > 32:
@@ -80,13 +92,8 @@ def boot_sequence(spec: FcBootSpec) -> list[Step]:
     if sum(d.is_root_device for d in spec.drives) > 1:
         raise InvalidArgument("at most one root drive")
 
-    steps: list[Step] = []
     # logger and metrics first, so the rest of the configuration is logged
-    if spec.log_path:
-        steps.append(("PUT", "/logger", m.Logger(log_path=spec.log_path, level=spec.log_level,
-                                                 show_level=True, show_log_origin=False)))
-    if spec.metrics_path:
-        steps.append(("PUT", "/metrics", m.Metrics(metrics_path=spec.metrics_path)))
+    steps = observability_steps(spec.log_path, spec.log_level, spec.metrics_path)
     steps.append(("PUT", "/boot-source", m.BootSource(
         kernel_image_path=spec.kernel_image_path, initrd_path=spec.initrd_path,
         boot_args=spec.boot_args)))

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from hanabi_common.errors import InvalidArgument
 from hanabi_vmmd.firecracker import models as m
-from hanabi_vmmd.firecracker.boot import Step, swap_placeholder
+from hanabi_vmmd.firecracker.boot import Step, observability_steps, swap_placeholder
 
 
 def snapshot_sequence(state_path: str, memory_path: str) -> list[Step]:
@@ -49,12 +49,7 @@ def restore_sequence(spec: FcRestoreSpec) -> list[Step]:
     """(method, path, body) that turn an unconfigured Firecracker into a running clone."""
     if not spec.state_path or not spec.memory_path:
         raise InvalidArgument("a clone needs the template's state and memory files")
-    steps: list[Step] = []
-    if spec.log_path:
-        steps.append(("PUT", "/logger", m.Logger(log_path=spec.log_path, level=spec.log_level,
-                                                 show_level=True, show_log_origin=False)))
-    if spec.metrics_path:
-        steps.append(("PUT", "/metrics", m.Metrics(metrics_path=spec.metrics_path)))
+    steps = observability_steps(spec.log_path, spec.log_level, spec.metrics_path)
     overrides = ([m.NetworkOverride(iface_id=spec.iface_id, host_dev_name=spec.tap_name)]
                  if spec.tap_name else None)
     steps.append(("PUT", "/snapshot/load", m.SnapshotLoadParams(
