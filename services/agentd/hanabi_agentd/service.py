@@ -188,8 +188,8 @@ class AgentService:
     def release(self, request: SandboxRef) -> Removed:
         """A container's delete, whose VM vmmd kills next: no word to the guest but, while
         processes still run, a sync (bounded by SYNC_TIMEOUT_S). Its processes still running
-        count as SIGKILLed (their stand-ins exit 137, as runc's
-        `delete --force`), the connection is closed, the sandbox forgotten (idempotent)."""
+        count as SIGKILLed (their stand-ins exit 137, as runc's `delete --force`), the
+        connection is closed, the sandbox forgotten (idempotent)."""
         with self.registry.lock:
             sandbox = self.registry.sandboxes.get(request.sandbox_id)
         if sandbox is not None:
@@ -203,7 +203,7 @@ class AgentService:
                     log.warning("the guest did not flush its filesystems before its VM is killed", extra={
                         "sandbox": request.sandbox_id, "error": exc.message})
             for record in running:
-                    record.mark_exited(None, int(signals.SIGKILL))
+                record.mark_exited(None, int(signals.SIGKILL))
             sandbox.session.close()
             for record in sandbox.session.all_processes():
                 record.mark_exited(None, LOST_SIGNAL)  # created, never started: gone with the VM
