@@ -9,7 +9,8 @@ import threading
 
 import pytest
 
-from hanabi_agentd.channel import (HandshakeError, HybridVsockChannel, UnixChannel,
+from hanabi_common.hybrid_vsock import HandshakeError
+from hanabi_agentd.channel import (HybridVsockChannel, UnixChannel,
                                    VsockChannel, make_channel)
 from hanabi_common.errors import InvalidArgument
 

@@ -7,7 +7,7 @@ Three transports exist:
   client. This is the one used on this host.
 - `HybridVsockChannel`: Firecracker's vsock, exposed on the host as a Unix socket. After
   connecting, the host writes `CONNECT <port>\\n` and Firecracker answers `OK <hostport>\\n`
-  before the stream belongs to the guest's listener on that port.
+  before the stream belongs to the guest's listener on that port (`hanabi_common.hybrid_vsock`).
 - `VsockChannel`: AF_VSOCK to `(cid, port)` through vhost-vsock.
 
 `make_channel(address)` picks one from an address string: a plain absolute path (or
@@ -20,25 +20,19 @@ import errno
 import re
 import socket
 import threading
-import time
 from pathlib import Path
 from typing import Literal
 
 from hanabi_common.errors import InvalidArgument
+from hanabi_common.hybrid_vsock import connect_hybrid
 
 ChannelKind = Literal["unix", "hybrid-vsock", "vsock"]
 RECV_CHUNK = 64 * 1024
-HANDSHAKE_MAX = 64
 _HVSOCK = re.compile(r"^hvsock://(/[^\x00]+):([0-9]{1,10})$")
 _VSOCK = re.compile(r"^vsock://([0-9]{1,10}):([0-9]{1,10})$")
-_OK_LINE = re.compile(rb"^OK ([0-9]{1,10})\n$")
 # Errors that mean "the peer is not there yet": retry until the deadline.
 RETRYABLE = (FileNotFoundError, ConnectionRefusedError, ConnectionResetError,
              BrokenPipeError, socket.timeout)
-
-
-class HandshakeError(ConnectionError):
-    """The hybrid vsock handshake failed (the port has no listener, or a garbled answer)."""
 
 
 class Channel:
@@ -144,33 +138,7 @@ class HybridVsockChannel(Channel):
         return f"hvsock://{self.path}:{self.port}"
 
     def _open(self, timeout: float) -> socket.socket:
-        deadline = time.monotonic() + timeout
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            sock.settimeout(timeout)
-            sock.connect(self.path)
-            sock.sendall(f"CONNECT {self.port}\n".encode())
-            line = bytearray()
-            # Byte by byte: whatever follows the newline already belongs to the guest.
-            while not line.endswith(b"\n"):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError("hybrid vsock handshake timed out")
-                sock.settimeout(left)
-                byte = sock.recv(1)
-                if not byte:
-                    raise HandshakeError(f"no listener on vsock port {self.port} "
-                                         "(connection closed during the handshake)")
-                line += byte
-                if len(line) > HANDSHAKE_MAX:
-                    raise HandshakeError("hybrid vsock handshake answer too long")
-            match = _OK_LINE.match(bytes(line))
-            if match is None:
-                raise HandshakeError(f"unexpected hybrid vsock answer {bytes(line)[:HANDSHAKE_MAX]!r}")
-            self.host_port = int(match.group(1))
-        except BaseException:
-            sock.close()
-            raise
+        sock, self.host_port = connect_hybrid(self.path, self.port, timeout)
         return sock
 
 
