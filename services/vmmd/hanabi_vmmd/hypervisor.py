@@ -53,6 +53,7 @@ class Capabilities:
     disk_formats: tuple[Literal["raw", "qcow2"], ...]  # the disk image formats it opens, preferred first
     guest_serial_from_path: bool  # the guest sees a disk's serial derived from its file, not the requested one
     files: VmFiles
+    hotplug_slots: int = 0  # slots a VM gets for hot-plugged devices (QEMU root ports, Firecracker placeholder drives)
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,9 @@ class VmSpec:
     memory_file: Path | None = None
     memory_shared: bool = False
     incoming: bool = False
+    # Where the VM's empty placeholder drives live when not in vm_dir (Firecracker): a
+    # template's are at a path that outlives its build, since its snapshot names them.
+    drive_dir: Path | None = None
 
     @classmethod
     def in_dir(cls, sandbox_id: str, vm_dir: Path, files: VmFiles, **kwargs: Any) -> VmSpec:
@@ -175,6 +179,18 @@ class Hypervisor(Protocol):
         `on_spawned` is called as soon as the process exists (to record it before the
         slow part). On failure nothing is left running and the error says why.
         """
+
+    def save_template(self, handle: VmHandle, state_file: Path, memory_file: Path) -> int:
+        """Save a template VM at agent-ready (backends whose `capabilities().templates`; the
+        others raise FailedPrecondition): stop its vCPUs, write its state to `state_file` and
+        its RAM to `memory_file` (QEMU: that is the spec's memory file already, mapped
+        shared); the state's size in bytes. The VM stays stopped until `stop` ends it."""
+
+    def restore(self, spec: VmSpec, state_file: Path,
+                on_spawned: Callable[[VmHandle], None] | None = None) -> VmHandle:
+        """Start a clone of a template (`capabilities().templates`): `spec.memory_file` is the
+        template's RAM, mapped private, `state_file` its saved state; the clone runs once this
+        returns. `on_spawned` as for `start`; on failure nothing is left running."""
 
     def attach_disk(self, handle: VmHandle, disk: DiskSpec, busy_slots: Collection[str]) -> str:
         """Hot-plug `disk`; return the slot it took (one not in `busy_slots`)."""

@@ -32,7 +32,7 @@ from hanabi_vmmd import cgroup
 from hanabi_vmmd import proc
 from hanabi_vmmd import release as release_mod
 from hanabi_vmmd.hypervisor import Hypervisor, NicSpec, VmHandle, VmSpec
-from hanabi_vmmd.cloning import CloneOps
+from hanabi_vmmd.cloning import Cloner
 from hanabi_vmmd.contract import VMMD
 from hanabi_vmmd.devices import Devices, nic_spec
 from hanabi_common.locks import KeyedLocks
@@ -45,8 +45,8 @@ from hanabi_vmmd.reaper import Reaper
 from hanabi_vmmd.selection import Choice, decide_auto
 from hanabi_vmmd.share_server import stop_servers
 from hanabi_vmmd.shares import clean_orphan_shares, make_share_dir, remove_share_dir, share_dir_for
-from hanabi_vmmd.recovery import clean_orphans, recover
-from hanabi_vmmd.templates import BUILD_DIR, Template, TemplateStore
+from hanabi_vmmd.recovery import recover
+from hanabi_vmmd.templates import Template
 from hanabi_vmmd.state import (STATE_NAME, SUN_PATH_MAX, HypervisorState, NicRecord,
                                vm_dir_for)
 
@@ -87,9 +87,9 @@ def guest_files(guest_dir: Path) -> tuple[Path, Path]:
     return kernel, initrd
 
 
-class VmService(CloneOps):
+class VmService:
     """Owns the VMs of this host (device hot-plug in `devices`, the warm pool in `pooling`,
-    VM templates in `cloning`)."""
+    VM templates in `cloner`)."""
 
     def __init__(self, config: Config, *, backends: dict[str, Hypervisor] | None = None,
                  accel: accel_mod.AccelDecision | None = None) -> None:
@@ -120,12 +120,10 @@ class VmService(CloneOps):
             Path(state.share_dir) for store in (self.store, self.pool_store)
             for sid in store.list_sandboxes(having=STATE_NAME)
             if (state := store.read(sid, STATE_NAME, HypervisorState)) is not None and state.share_dir})
-        self.templates = TemplateStore(config.run_dir / "templates", self._build_template)
-        clean_orphans(self.templates.root / BUILD_DIR, set())  # builds a crash interrupted
-        if config.vmm.templates:
-            self._prune_templates()
-        else:
-            self.templates.remove_all()
+        self.cloner = Cloner(config, self.accel.accel, self.backends, self.devices.plug_nic,
+                             disks_per_sandbox=DISKS_PER_SANDBOX)
+        self.templates = self.cloner.templates
+        self.cloner.prune()
         self.pool = self.pooling.pool = WarmPool(config.vmm.pool_size, self.pooling._boot_pooled)
         self.pool.start(self.pooling._pooled_after_restart())
         self.releases.start()
@@ -234,7 +232,7 @@ class VmService(CloneOps):
                              accel=self.accel.accel, hotplug_slots=HOTPLUG_SLOTS, nics=nics,
                              share_dir=share_dir)
         if template is not None:
-            spec = self._clone_spec(spec, template)
+            spec = self.cloner.clone_spec(spec, template)
         record: dict = {}
 
         def on_spawned(handle: VmHandle) -> None:
@@ -247,11 +245,11 @@ class VmService(CloneOps):
             if template is None:
                 handle = backend.start(spec, on_spawned)
             else:
-                handle = self._start_clone(backend, spec, template, on_spawned)
+                handle = self.cloner.start_clone(backend, spec, template, on_spawned)
             state = record.get("state") or self._state_for(spec, handle, backend.name, template)
             if template is not None:
                 try:
-                    self._finish_clone(state, backend, handle, nics, began)
+                    self.cloner.finish_clone(state, backend, handle, nics, began)
                 except BaseException:
                     backend.stop(handle, self.config.vmm.stop_timeout_s)
                     raise
@@ -270,6 +268,14 @@ class VmService(CloneOps):
                                       "template": template.key[:12] if template is not None else None,
                                       "ms": round((time.monotonic() - began) * 1000, 1)})
         return state
+
+    def _clone_or_boot(self, sid: str, store: StateStore, backend: Hypervisor, memory_mib: int, vcpus: int,
+                       nics: tuple[NicSpec, ...] = (), cgroups: Sequence[Path] = ()) -> HypervisorState:
+        """`_boot`, as a clone of the fitting template where there is one (`Cloner.clone_or_boot`:
+        a clone that does not start is logged and the VM booted cold). Caller holds sid's lock."""
+        return self.cloner.clone_or_boot(
+            sid, backend, memory_mib, vcpus, nics,
+            lambda template: self._boot(sid, store, backend, memory_mib, vcpus, nics, cgroups, template))
 
     def _auto_backend(self) -> str:
         """`auto`: Firecracker where its binary and KVM work, else QEMU (decided once, logged)."""

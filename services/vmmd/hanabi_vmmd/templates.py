@@ -11,6 +11,11 @@ On disk, under `<run_dir>/templates/` (tmpfs on a normal host: /run):
   `<key>/state`          the device state
   `build/<key16>/`       a template being built (its VM's sockets and logs too); renamed to
                          `<key>` once complete, so a `<key>` directory is always whole.
+  `drives/ph<N>.img`     Firecracker templates' empty placeholder drives: a snapshot names its
+                         drives' paths and a clone reopens them at load (before pointing each at
+                         its own), so they live where every template build puts them, shared
+                         (no guest writes to a placeholder). Not tied to an image: sparse files
+                         of no blocks, removed when templates are turned off.
 The key is a hash of everything that must match between template and clone (`TemplateParams`).
 A template is stale when the guest image or the VMM binary it was built from is no longer the
 current one: it is removed when a template of the current image is looked up (or at start),
@@ -41,6 +46,7 @@ RECORD_NAME = "template.json"
 MEMORY_NAME = "memory"
 STATE_NAME = "state"
 BUILD_DIR = "build"
+DRIVES_DIR = "drives"
 RETRY_AFTER_FAILURE_S = 60.0
 MANIFEST_NAME = "manifest.json"
 
@@ -183,7 +189,7 @@ class TemplateStore:
         """Every complete template."""
         found = []
         for entry in sorted(self.root.iterdir()) if self.root.is_dir() else []:
-            if entry.name != BUILD_DIR and (template := self.find(entry.name)) is not None:
+            if entry.name not in (BUILD_DIR, DRIVES_DIR) and (template := self.find(entry.name)) is not None:
                 found.append(template)
         return found
 
@@ -192,7 +198,7 @@ class TemplateStore:
         incomplete directories; the keys removed."""
         removed = []
         for entry in sorted(self.root.iterdir()):
-            if entry.name == BUILD_DIR or not entry.is_dir():
+            if entry.name in (BUILD_DIR, DRIVES_DIR) or not entry.is_dir():
                 continue
             template = self.find(entry.name)
             if template is not None:
@@ -212,9 +218,10 @@ class TemplateStore:
             self._failed[key] = time.monotonic()
 
     def remove_all(self) -> None:
-        """Remove every template (templates turned off)."""
+        """Remove every template (templates turned off), and the placeholders they named."""
         for template in self.list():
             shutil.rmtree(template.dir, ignore_errors=True)
+        shutil.rmtree(self.root / DRIVES_DIR, ignore_errors=True)
 
     def build_dir(self, key: str) -> Path:
         """Where the template `key` is built (short: its VM's sockets live there)."""

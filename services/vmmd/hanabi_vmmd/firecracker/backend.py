@@ -96,11 +96,13 @@ class FirecrackerHypervisor:
 
     def capabilities(self) -> Capabilities:
         """No NIC hot-plug (NICs at boot only), so no warm pool; disks swap into placeholder
-        drives; hybrid vsock; snapshots (not wired to templates yet); the share is 9P over
-        vsock where diod is installed; raw disks only, whose guest serial comes from the file."""
-        return Capabilities(hotplug=frozenset({"disk"}), pooling=False, templates=False, vsock="hybrid",
-                            pause=True, snapshots=True, share="9p-vsock" if self.diod else None, share_servers=True,
-                            disk_formats=("raw",), guest_serial_from_path=True, files=self.files)
+        drives; hybrid vsock; snapshots, and templates from them (not under the jailer); the
+        share is 9P over vsock where diod is installed; raw disks only, whose guest serial
+        comes from the file."""
+        return Capabilities(hotplug=frozenset({"disk"}), pooling=False, templates=self.jailer is None,
+                            vsock="hybrid", pause=True, snapshots=True, share="9p-vsock" if self.diod else None,
+                            share_servers=True, disk_formats=("raw",), guest_serial_from_path=True,
+                            files=self.files, hotplug_slots=self.placeholder_drives)
 
     def problem(self) -> str | None:
         """Why Firecracker cannot run here (no binary, or older than the floor), or None."""
@@ -147,21 +149,20 @@ class FirecrackerHypervisor:
     def restore(self, spec: VmSpec, state_file: Path,
                 on_spawned: Callable[[VmHandle], None] | None = None) -> VmHandle:
         """Start a clone of a template: a fresh Firecracker loads the snapshot (memory
-        `spec.memory_file`, mapped private), gets its own vsock socket, tap and placeholder
-        files, then resumes. On failure nothing is left running."""
+        `spec.memory_file`, mapped private), gets its own vsock socket and placeholder files,
+        then resumes. No NICs (see snapshot.py: the snapshot fixes the guest's MAC). On
+        failure nothing is left running."""
         exec_file = self._require_binary()
         self._no_jailer_for_templates()
         if spec.memory_file is None:
             raise InvalidArgument("a clone needs the template's memory file")
-        nics_netns([nic.netns_path for nic in spec.nics])
-        if len(spec.nics) > 1:
-            raise InvalidArgument("hanabi gives a Firecracker VM at most one boot NIC")
+        if spec.nics:
+            raise FailedPrecondition(snapshot.NO_NIC_CLONES)
         layout = layout_for(spec.vm_dir, exec_file, self.jailer)
         steps = snapshot.restore_sequence(snapshot.FcRestoreSpec(
             state_path=str(state_file), memory_path=str(spec.memory_file),
             vsock_uds_path=layout.fc(layout.vsock_socket.name),
             placeholders=tuple(layout.fc(f"{boot.placeholder_id(i)}.img") for i in range(self.placeholder_drives)),
-            tap_name=spec.nics[0].tap if spec.nics else None,
             log_path=layout.fc(LOG_NAME), log_level=self.log_level,
             metrics_path=layout.fc(METRICS_NAME)))
         return self._launch(spec, exec_file, layout, steps, on_spawned)
@@ -244,7 +245,7 @@ class FirecrackerHypervisor:
             boot_args=kernel_args(spec.cmdline, share=spec.share_dir is not None and self.diod is not None),
             vcpus=spec.vcpus, memory_mib=spec.memory_mib,
             vsock_uds_path=layout.fc(layout.vsock_socket.name),
-            placeholder_drives=self.placeholder_drives, placeholder_dir=layout.inside,
+            placeholder_drives=self.placeholder_drives, placeholder_dir=self._drive_dir(spec, layout)[1],
             tap_name=nic.tap if nic else None, guest_mac=nic.mac if nic else None,
             mtu=nic.mtu if nic and nic.mtu != 1500 else None,
             log_path=layout.fc(LOG_NAME), log_level=self.log_level,
@@ -259,13 +260,23 @@ class FirecrackerHypervisor:
             _link_or_copy(spec.initrd, root / "initrd.img")
         made = boot.make_placeholder_files(boot.FcBootSpec(
             kernel_image_path="", initrd_path=None, boot_args="", vcpus=1, memory_mib=64,
-            vsock_uds_path="", placeholder_drives=self.placeholder_drives, placeholder_dir=str(root)))
+            vsock_uds_path="", placeholder_drives=self.placeholder_drives,
+            placeholder_dir=str(self._drive_dir(spec, layout)[0])))
         for name in (LOG_NAME, METRICS_NAME):
             (root / name).touch()
             made.append(root / name)
         if self.jailer is not None:
             for path in made:
                 os.chown(path, self.jailer.uid, self.jailer.gid)
+
+    def _drive_dir(self, spec: VmSpec, layout: Layout) -> tuple[Path, str]:
+        """Where the VM's placeholder files are, on the host and as Firecracker names it: the
+        spec's drive_dir (a template's, outside its build directory) or Firecracker's root."""
+        if spec.drive_dir is None:
+            return layout.root, layout.inside
+        if self.jailer is not None:
+            raise InvalidArgument("under the jailer the placeholder drives live in the jail")
+        return spec.drive_dir, str(spec.drive_dir)
 
     def _wait_socket(self, handle: VmHandle, stderr_log: Path, deadline: float) -> None:
         """Until the API answers GET /; Unavailable if the process dies, DeadlineExceeded
@@ -303,12 +314,17 @@ class FirecrackerHypervisor:
         return vmm_process.is_alive(handle)
 
     def stop(self, handle: VmHandle, timeout: float) -> StopResult:
-        """SendCtrlAltDel, wait up to `timeout`, then SIGKILL; always reap our own child."""
+        """SendCtrlAltDel, wait up to `timeout`, then SIGKILL; always reap our own child. A
+        paused VM (a saved template, a paused sandbox) is killed at once: its guest cannot
+        act on Ctrl+Alt+Del."""
         def ctrl_alt_del(seconds: float) -> None:
             with self._api(handle, seconds) as api:
                 api.send_ctrl_alt_del()
 
         try:
+            if self.is_alive(handle) and self.query_paused(handle):
+                status = vmm_process.kill_and_reap(handle)
+                return StopResult(was_running=True, exit_status=proc.exit_status(status), killed=True)
             return vmm_process.stop(handle, timeout, ctrl_alt_del, "firecracker")
         finally:
             self._close_share(handle.vm_dir)

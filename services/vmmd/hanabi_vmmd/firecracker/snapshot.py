@@ -5,12 +5,19 @@ snapshot (`PUT /snapshot/create`: the microVM state and the guest memory, two fi
 
 Clone: a fresh Firecracker process, unconfigured; logger and metrics first (pre-boot
 requests), then `PUT /snapshot/load` with the memory as a File backend (Firecracker maps it
-MAP_PRIVATE: clones share the template's pages through the page cache), the clone's own vsock
-socket (`vsock_override`: its agent and 9P share), its own tap (`network_overrides`, when the
-template had a NIC), not resumed yet. Before the vCPUs run, every placeholder drive is pointed
-at the clone's own empty placeholder file (the snapshot names the template's, which would
-otherwise be shared by every clone), then `PATCH /vm` Resumed. The template's placeholder files
-must still exist at load (Firecracker reopens the snapshot's drives before the swap).
+MAP_PRIVATE: clones share the template's pages through the page cache) and the clone's own
+vsock socket (`vsock_override`: its agent and 9P share), not resumed yet. Before the vCPUs
+run, every placeholder drive is pointed at the clone's own empty placeholder file (`PATCH
+/drives/phN`, allowed once the VM is loaded; the snapshot names the template's, which would
+otherwise be shared by every clone), then `PATCH /vm` Resumed. The template's placeholder
+files must still exist at load (Firecracker reopens the snapshot's drives before the swap), so
+a template's live at a path that outlives its build (`VmSpec.drive_dir`).
+
+No NICs: v1.16.1's `network_overrides` replace only an interface's tap (`host_dev_name`), and
+`PATCH /network-interfaces` only its rate limiters, so a clone's NIC would keep the template's
+guest MAC. hanabi's guest finds its NICs by MAC, the MAC of the container's own interface
+(netd mirrors that interface to the tap), which no template can know: a Firecracker VM with
+NICs boots cold, and one without gets none later (Firecracker has no NIC hot-plug).
 """
 
 from __future__ import annotations
@@ -20,6 +27,9 @@ from dataclasses import dataclass
 from hanabi_common.errors import InvalidArgument
 from hanabi_vmmd.firecracker import models as m
 from hanabi_vmmd.firecracker.boot import Step, observability_steps, swap_placeholder
+
+NO_NIC_CLONES = ("a Firecracker clone cannot take a NIC: its snapshot fixes the guest MAC "
+                 "(snapshot/load's network_overrides replace only the tap); VMs with NICs boot cold")
 
 
 def snapshot_sequence(state_path: str, memory_path: str) -> list[Step]:
@@ -38,8 +48,6 @@ class FcRestoreSpec:
     memory_path: str
     vsock_uds_path: str
     placeholders: tuple[str, ...]        # the clone's own ph0.img.. in placeholder order
-    tap_name: str | None = None          # the clone's tap for the template's NIC
-    iface_id: str = "eth0"
     log_path: str | None = None
     log_level: m.LogLevel = "Info"
     metrics_path: str | None = None
@@ -50,12 +58,10 @@ def restore_sequence(spec: FcRestoreSpec) -> list[Step]:
     if not spec.state_path or not spec.memory_path:
         raise InvalidArgument("a clone needs the template's state and memory files")
     steps = observability_steps(spec.log_path, spec.log_level, spec.metrics_path)
-    overrides = ([m.NetworkOverride(iface_id=spec.iface_id, host_dev_name=spec.tap_name)]
-                 if spec.tap_name else None)
     steps.append(("PUT", "/snapshot/load", m.SnapshotLoadParams(
         snapshot_path=spec.state_path,
         mem_backend=m.MemoryBackend(backend_type="File", backend_path=spec.memory_path),
-        resume_vm=False, network_overrides=overrides,
+        resume_vm=False,
         vsock_override=m.VsockOverride(uds_path=spec.vsock_uds_path))))
     steps += [swap_placeholder(index, path) for index, path in enumerate(spec.placeholders)]
     steps.append(("PATCH", "/vm", m.Vm(state="Resumed")))
