@@ -17,7 +17,7 @@ behaviour comes from the environment it inherits:
 It refuses what Firecracker v1.16.1 refuses, as the vendored spec states it: a method or path
 the spec lacks, a body the spec's schema rejects (an unknown field included: Firecracker's
 structs deny them), a "Pre-boot only." operation once the VM started (InstanceStart or a
-snapshot load), a "Post-boot only." one before, `PUT /snapshot/load` after any resource other
+snapshot load), a "Post-boot only." one (or PATCH /vm) before, `PUT /snapshot/load` after any resource other
 than the logger and metrics, `PUT /snapshot/create` unless Paused, a drive or memory file that
 does not exist, a vsock socket path already in use. GET / reports the state ("Not started",
 "Running" after InstanceStart, "Paused"/"Running" after PATCH /vm or a load); SendCtrlAltDel
@@ -156,7 +156,9 @@ def check(method, path, body):
     summary = op.get("summary", "")
     if "Pre-boot only." in summary and started:
         raise Refused("The requested operation is not supported after starting the microVM.")
-    if "Post-boot only." in summary and not started:
+    # PATCH /vm has no "Post-boot only." in its summary, but Firecracker's pre-boot controller
+    # refuses pause and resume (OperationNotSupportedPreBoot), as it refuses every post-boot call
+    if ("Post-boot only." in summary or (method, template) == ("PATCH", "/vm")) and not started:
         raise Refused("The requested operation is not supported before starting the microVM.")
     return template
 
