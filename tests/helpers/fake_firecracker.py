@@ -8,7 +8,9 @@ behaviour comes from the environment it inherits:
   `die_on_start` (serve, but exit 3 when InstanceStart arrives), `ignore_cad` (serve, and
   ignore SendCtrlAltDel);
 - FAKE_FC_RECORD: a file where each request is appended as one JSON line
-  ({"method", "path", "body"}); the argv goes there first as {"argv": [...]};
+  ({"method", "path", "body", "pid"}); the argv goes there first as {"argv": [...]}, a
+  refusal after its request as {"refused", "fault_message"}, each request the guest agent
+  answered as {"agent": type, "pid"};
 - FAKE_FC_FAIL: "METHOD PATH" answered 400 with a fault_message;
 - FAKE_FC_AGENT: `serve` (default: a stand-in guest agent answers on vsock port 1024 once
   the guest runs), `none` (nothing listens in the guest), `old` (an agent that refuses
@@ -61,7 +63,7 @@ def note(entry):
             f.write(json.dumps(entry) + "\n")
 
 
-note({"argv": sys.argv, "cwd": os.getcwd(), "netns": os.readlink("/proc/self/ns/net")})
+note({"argv": sys.argv, "cwd": os.getcwd(), "netns": os.readlink("/proc/self/ns/net"), "pid": os.getpid()})
 sock = argv[argv.index("--api-sock") + 1]
 print("fake firecracker starting", flush=True)
 if mode == "exit":
@@ -96,6 +98,7 @@ class Refused(Exception):
 
 def agent_behaviour(agent, msg):
     running.wait()
+    note({"agent": msg.get("type"), "pid": os.getpid()})
     if msg.get("type") == T_PING:
         agent.reply(msg, {"protocol": PROTOCOL_VERSION})
     elif msg.get("type") == T_RESTORED and agent_mode != "old":
@@ -268,7 +271,7 @@ class Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
         body = json.loads(raw) if raw else None
-        note({"method": self.command, "path": self.path, "body": body})
+        note({"method": self.command, "path": self.path, "body": body, "pid": os.getpid()})
         if fail and fail == f"{self.command} {self.path}":
             return self._reply(400, {"fault_message": f"fake refuses {self.command} {self.path}"})
         if self.command == "GET" and self.path == "/":
@@ -279,7 +282,7 @@ class Handler(BaseHTTPRequestHandler):
                 template = check(self.command, self.path, body)
                 apply(self.command, self.path, template, body)
         except Refused as exc:
-            note({"refused": f"{self.command} {self.path}", "fault_message": str(exc)})
+            note({"refused": f"{self.command} {self.path}", "fault_message": str(exc), "pid": os.getpid()})
             return self._reply(400, {"fault_message": str(exc)})
         return self._reply(204)
 
