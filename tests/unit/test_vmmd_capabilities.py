@@ -46,8 +46,8 @@ def test_qemu_hot_plugs_disks_and_nics_pools_clones_and_shares_with_virtio_9p(tm
 
 def test_firecracker_takes_nics_at_boot_only_so_it_does_not_pool(tmp_path):
     caps = _fc().capabilities()
-    assert caps.hotplug == {"disk"} and not caps.pooling and not caps.templates
-    assert caps.vsock == "hybrid" and caps.pause and caps.snapshots
+    assert caps.hotplug == {"disk"} and not caps.pooling and caps.templates  # clones without NICs
+    assert caps.vsock == "hybrid" and caps.pause and caps.snapshots and caps.hotplug_slots == 4
     assert caps.disk_formats == ("raw",) and caps.guest_serial_from_path
     image = tmp_path / "root.raw"
     image.write_bytes(b"\0" * 512)
