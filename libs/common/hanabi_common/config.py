@@ -56,8 +56,9 @@ class VmmConfig(_Section):
     stop_timeout_s: float = Field(5.0, gt=0)
     # Warm pool: VMs of the default size kept booted ahead of demand (QEMU; 0 turns it off).
     pool_size: int = Field(0, ge=0, le=64)
-    # VM templates (QEMU): a VM is a clone of a VM booted once per guest image and size,
-    # restored in about 0.1 s instead of booted (clones share the template's memory pages)
+    # VM templates (QEMU; Firecracker without the jailer, VMs without NICs): a VM is a clone of
+    # a VM booted once per guest image and size, restored instead of booted (clones share the
+    # template's memory pages)
     templates: bool = True
     firecracker: FirecrackerConfig = FirecrackerConfig()
 
