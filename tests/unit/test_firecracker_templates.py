@@ -14,18 +14,21 @@ from pathlib import Path
 
 import pytest
 
-from hanabi_common.errors import FailedPrecondition, InvalidArgument
+from hanabi_common.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
 from hanabi_vmmd import proc
 from hanabi_vmmd.agent_probe import agent_request, wait_agent_ready
-from hanabi_vmmd.cloning import restore_fields
+from hanabi_vmmd.cloning import restore_fields, why_not_cloned
 from hanabi_vmmd.firecracker import boot, models as m, snapshot
 from hanabi_vmmd.firecracker.api import FirecrackerApi
 from hanabi_vmmd.firecracker.backend import FirecrackerHypervisor
 from hanabi_vmmd.firecracker.process import JailerConfig
 from hanabi_vmmd.firecracker.spec import load_spec
 from hanabi_vmmd.hypervisor import NicSpec, VmSpec
-from hanabi_wire import T_RESTORED
+from hanabi_vmmd.qemu import QemuHypervisor
+from hanabi_wire import PROTOCOL_VERSION, T_RESTORED
 from tests.helpers import fake_firecracker
+from tests.helpers.fake_agent import FakeAgent, ListeningFakeAgent
+from tests.helpers.hybrid_vsock import HybridVsockRelay
 from tests.unit.test_firecracker_backend import backend, env, make_spec, requests_of  # noqa: F401
 from tests.unit.test_firecracker_contract import spec_path_for, validate
 
@@ -236,3 +239,37 @@ def test_the_sequences_refuse_missing_files():
         snapshot.restore_sequence(snapshot.FcRestoreSpec(state_path="", memory_path="/m", vsock_uds_path="/v",
                                                          placeholders=()))
     assert [s[:2] for s in snapshot.snapshot_sequence("/s", "/m")] == [("PATCH", "/vm"), ("PUT", "/snapshot/create")]
+
+
+def test_the_agent_probe_speaks_the_hybrid_vsock_handshake(tmp_path):
+    """vmmd's probe through a Firecracker vsock socket: `CONNECT 1024`, then the agent
+    protocol; a port nobody listens on is closed by Firecracker, so the probe times out."""
+    inner, outer = tmp_path / "agent", tmp_path / "v.sock"
+
+    def behave(agent: FakeAgent, msg: dict) -> None:
+        agent.reply(msg, {"protocol": PROTOCOL_VERSION} if msg["type"] == "ping" else {})
+
+    listener = ListeningFakeAgent(str(inner), lambda s: FakeAgent(s, behave))
+    relay = HybridVsockRelay(str(outer), {1024: str(inner)})
+    try:
+        assert wait_agent_ready(outer, 5.0, port=1024) < 5.0
+        assert agent_request(outer, T_RESTORED, restore_fields("sb"), 5.0, port=1024) == {}
+        assert relay.requests[:2] == [b"CONNECT 1024\n", b"CONNECT 1024\n"]
+        with pytest.raises(DeadlineExceeded):
+            wait_agent_ready(outer, 0.3, port=1025)
+        with pytest.raises(DeadlineExceeded):  # the socket itself is no agent: no reply
+            wait_agent_ready(outer, 0.3)
+    finally:
+        relay.close()
+        listener.close()
+
+
+def test_which_vms_can_be_clones():
+    qemu, fc = QemuHypervisor(), FirecrackerHypervisor(binary="/nonexistent/firecracker")
+    nic = NicSpec("nic0", "tap0", "02:00:00:00:00:01")
+    assert why_not_cloned(qemu, (nic, nic), 2) is None
+    assert "hot-plug slots" in why_not_cloned(qemu, (nic, nic, nic), 2)
+    assert why_not_cloned(fc, (), 2) is None
+    assert "cannot hot-plug the NICs" in why_not_cloned(fc, (nic,), 2)
+    jailed = FirecrackerHypervisor(jailer=JailerConfig(binary="/nonexistent/jailer"))
+    assert "makes no VM templates" in why_not_cloned(jailed, (), 2)
