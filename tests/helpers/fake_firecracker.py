@@ -80,7 +80,7 @@ from hanabi_vmmd.firecracker.spec import load_spec  # noqa: E402
 from hanabi_wire import PROTOCOL_VERSION, T_PING, T_RESTORED  # noqa: E402
 from tests.helpers.fake_agent import FakeAgent, ListeningFakeAgent  # noqa: E402
 from tests.helpers.hybrid_vsock import HybridVsockRelay  # noqa: E402
-from tests.unit.test_firecracker_contract import body_schema, spec_path_for  # noqa: E402
+from tests.helpers.firecracker_spec import body_schema, spec_path_for  # noqa: E402
 
 SPEC = load_spec()
 SNAPSHOT_FORMAT = "fake-firecracker-snapshot/1"

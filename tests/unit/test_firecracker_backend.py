@@ -260,7 +260,7 @@ def test_every_request_the_backend_sent_matches_the_spec(env):
     """What the backend really sent (boot with a NIC, a swap, pause, stop) against the
     vendored v1.16.1 spec, strictly (no unknown fields)."""
     from hanabi_vmmd.firecracker.spec import load_spec
-    from tests.unit.test_firecracker_contract import spec_path_for, validate
+    from tests.helpers.firecracker_spec import spec_path_for, validate
 
     fc = backend(env)
     handle = fc.start(make_spec(env, nics=(NicSpec("nic0", "tap7", "02:aa:bb:cc:dd:ee"),)))

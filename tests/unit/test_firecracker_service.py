@@ -32,7 +32,7 @@ from hanabi_vmmd.state import STATE_NAME, HypervisorState
 
 from tests.helpers import fake_firecracker
 from tests.helpers.hanabi import processes_mentioning
-from tests.unit.test_firecracker_contract import spec_path_for, validate
+from tests.helpers.firecracker_spec import spec_path_for, validate
 
 
 @pytest.fixture

@@ -30,7 +30,7 @@ from tests.helpers import fake_firecracker
 from tests.helpers.fake_agent import FakeAgent, ListeningFakeAgent
 from tests.helpers.hybrid_vsock import HybridVsockRelay
 from tests.unit.test_firecracker_backend import backend, env, make_spec, requests_of  # noqa: F401
-from tests.unit.test_firecracker_contract import spec_path_for, validate
+from tests.helpers.firecracker_spec import spec_path_for, validate
 
 
 @pytest.fixture(scope="module")
