@@ -74,7 +74,7 @@ def tmpfs_in_user_namespace(mounts: list[dict[str, Any]], uid_map: list[tuple[in
     """The tmpfs mounts of a container with a user namespace as runc makes them there: its
     ``uid=``/``gid=`` options are ids of the namespace (the ids outside are written), and
     without them the tmpfs belongs to the container's root (runc mounts it as that root)."""
-    from .linuxspec import host_id
+    from hanabi_wire.ocispec.linux import host_id
 
     out = []
     for spec in mounts:
