@@ -221,7 +221,7 @@ class Agent(Handlers, ProcIO):
 
     def _on_message(self, msg: dict[str, Any]) -> None:
         mtype = msg.get("type")
-        if mtype == P.T_SYNC:
+        if mtype == P.T_SYNC_MARKER:
             self._on_sync()
             return
         if mtype in P.HOST_EVENTS:

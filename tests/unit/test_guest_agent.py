@@ -268,7 +268,7 @@ def test_garbage_frame_poisons_until_sync(agent: AgentProc) -> None:
     with pytest.raises(TimeoutError):
         agent.wait_for(lambda m: m.get("id") == 99, timeout=0.3)
     agent.sock.sendall(P.SYNC)  # what a reconnecting host sends first
-    agent.wait_for(lambda m: m["type"] == "sync")  # the agent's SYNC marker, then clean frames
+    agent.wait_for(lambda m: m["type"] == P.T_SYNC_MARKER)  # the agent's SYNC marker, then clean frames
     assert agent.ok("ping")["kernel"]
     assert agent.close() == 0  # EOF of the fd channel stops the agent cleanly
     assert "Traceback" not in agent.stderr()
@@ -304,7 +304,7 @@ def test_sync_mid_frame_drops_the_half_written_frame_and_replays_the_recent_ones
         agent.dec = P.FrameDecoder(wait_sync=True)  # "reconnect": skip everything up to the agent's SYNC
         agent.inbox.clear()
         agent.sock.sendall(P.SYNC)
-        agent.wait_for(lambda m: m["type"] == "sync", timeout=30)
+        agent.wait_for(lambda m: m["type"] == P.T_SYNC_MARKER, timeout=30)
         ex = agent.exit_of("big", timeout=30)  # every frame after the marker decodes cleanly
         assert ex["exit_code"] == 0
         # What the "old host" read raw, and what sat unread in the socket, was written again
@@ -344,6 +344,12 @@ def test_a_reconnecting_host_gets_recent_output_and_exits_again_with_their_seq(a
     assert again == first
     assert [m for m in agent.inbox if m.get("type") == "output" and m.get("exec_id") == "e1"] == out
     assert agent.ok("ping")["kernel"]
+
+
+def test_the_sync_request_flushes_and_replies_without_resynchronising(agent: AgentProc) -> None:
+    assert agent.ok(P.T_SYNC) == {}
+    assert agent.ok("ping")["kernel"]
+    assert not [m for m in agent.seen if m["type"] == P.T_SYNC_MARKER]  # no SYNC marker written back
 
 
 def test_shutdown_replies_then_stops(agent: AgentProc) -> None:
@@ -453,9 +459,9 @@ def test_listener_channel_serves_one_connection_after_another(tmp_path: Path) ->
             if round_ == 0:
                 # `ready` goes out as soon as a host connects: before our SYNC was read (then the
                 # decoder rightly drops it) or after it; the protocol tells hosts not to rely on it.
-                assert kinds in (["sync", "ready", "reply"], ["sync", "reply"])
+                assert kinds in ([P.T_SYNC_MARKER, "ready", "reply"], [P.T_SYNC_MARKER, "reply"])
             else:
-                assert kinds == ["sync", "reply"]
+                assert kinds == [P.T_SYNC_MARKER, "reply"]
             s.close()
     finally:
         proc.kill()

@@ -93,6 +93,18 @@ def _modules() -> list[str]:
     return names
 
 
+def test_the_wire_defines_each_constant_once():
+    tree = ast.parse((WIRE_DIR / "constants.py").read_text(encoding="utf-8"))
+    names = [t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets if isinstance(t, ast.Name)]
+    twice = sorted({n for n in names if names.count(n) > 1} - {"TYPE_CHECKING"})
+    assert not twice, f"constants.py assigns {twice} more than once"
+    values: dict[object, list[str]] = {}
+    for name in constants.__all__:
+        if name.startswith("T_"):
+            values.setdefault(getattr(constants, name), []).append(name)
+    assert not [v for v in values.values() if len(v) > 1], "two message types share a name"
+
+
 def test_both_sides_use_the_wire_constants_not_copies():
     """Importing both sides: every module attribute named like a wire constant is the wire's
     own object (imported), and the few renamed ones are too."""
@@ -123,7 +135,7 @@ def test_no_source_spells_a_wire_constant_itself():
     literal = {constants.SERIAL_PORT_NAME, constants.ID_REGEX, constants.SERIAL_REGEX, constants.HOSTNAME_REGEX,
                constants.KERNEL_CMDLINE, constants.CMDLINE_CHANNEL, constants.CMDLINE_POWEROFF}
     pieces = ("[A-Za-z0-9_.-]{0,127}", "rdinit=", f"{constants.CMDLINE_CHANNEL}=", f"{constants.CMDLINE_POWEROFF}=")
-    types = set(messages.MESSAGES) | {constants.T_SYNC}
+    types = set(messages.MESSAGES) | {constants.T_SYNC_MARKER}
     names = set(constants.__all__)
     found = []
     for path in _sources():

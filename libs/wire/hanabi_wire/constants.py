@@ -103,8 +103,9 @@ T_EXIT = "exit"
 T_PROTOCOL_ERROR = "protocol_error"
 T_DNS_QUERY = "dns_query"
 T_OOM = "oom"
-# What FrameDecoder yields where a SYNC marker was; never sent as a frame.
-T_SYNC = "sync"
+# What FrameDecoder yields where a SYNC marker was: not a message type (a frame claiming it is
+# refused as corrupt), so it is never taken for the `sync` request (flush the filesystems).
+T_SYNC_MARKER = "sync_marker"
 
 TYPE_CHECKING = False
 if not TYPE_CHECKING:  # computed at run time; mypy reads the names above through `import *`

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from hanabi_common.config import Config
 from hanabi_common.errors import (DeadlineExceeded, Internal, InvalidArgument, NotFound,
                                   Unavailable, error_for_code)
-from hanabi_wire import SYNC, T_PING, T_SYNC, FrameDecoder, ProtocolError, encode_frame, ping_fields
+from hanabi_wire import SYNC, T_PING, T_SYNC_MARKER, FrameDecoder, ProtocolError, encode_frame, ping_fields
 
 from hanabi_agentd.channel import Channel
 from hanabi_agentd.guest_messages import (GuestDnsQuery, GuestExit, GuestMisbehaved, GuestOom, GuestOutput,
@@ -302,7 +302,7 @@ class AgentSession:
                            "count": self._complaints, **extra})
 
     def _dispatch(self, raw: dict[str, Any]) -> None:
-        if raw.get("type") == T_SYNC:
+        if raw.get("type") == T_SYNC_MARKER:
             return  # the decoder's mark of where the agent's SYNC stood
         try:
             msg = parse_guest_message(raw)
