@@ -41,6 +41,7 @@ import os
 import signal
 import struct
 
+from hanabi_wire.constants import E_FAILED_PRECONDITION, E_INVALID_ARGUMENT
 from hanabi_wire.ocispec.process import check_process
 
 TYPE_CHECKING = False
@@ -89,7 +90,7 @@ def _rlimits(p: dict[str, Any]) -> list[tuple[int, int, int]]:
     for r in rl:
         res = getattr(resource, r["type"], None)
         if not isinstance(res, int):
-            raise SpawnError("INVALID_ARGUMENT", f"unknown rlimit {r['type']}")
+            raise SpawnError(E_INVALID_ARGUMENT, f"unknown rlimit {r['type']}")
         inf = resource.RLIM_INFINITY
         soft, hard = r["soft"], r["hard"]
         out.append((res, inf if soft < 0 or soft >= 2**63 else soft, inf if hard < 0 or hard >= 2**63 else hard))
@@ -306,13 +307,13 @@ def _spawn_error(data: bytes, args: list[str]) -> SpawnError:
     if stage == "exec":
         if num == errno.ENOENT:
             if "/" in args[0]:
-                return SpawnError("FAILED_PRECONDITION", f'exec: "{args[0]}": stat {args[0]}: no such file or directory')
-            return SpawnError("FAILED_PRECONDITION", f'exec: "{args[0]}": executable file not found in $PATH')
+                return SpawnError(E_FAILED_PRECONDITION, f'exec: "{args[0]}": stat {args[0]}: no such file or directory')
+            return SpawnError(E_FAILED_PRECONDITION, f'exec: "{args[0]}": executable file not found in $PATH')
         if num in (errno.EACCES, errno.EPERM):
-            return SpawnError("FAILED_PRECONDITION", f'exec: "{args[0]}": permission denied')
+            return SpawnError(E_FAILED_PRECONDITION, f'exec: "{args[0]}": permission denied')
     if stage == "chdir to cwd" and num == errno.ENOENT:
-        return SpawnError("FAILED_PRECONDITION", f"chdir to cwd: no such file or directory: {text}")
-    return SpawnError("FAILED_PRECONDITION", f"{stage}: {text} (errno {num})")
+        return SpawnError(E_FAILED_PRECONDITION, f"chdir to cwd: no such file or directory: {text}")
+    return SpawnError(E_FAILED_PRECONDITION, f"{stage}: {text} (errno {num})")
 
 
 def spawn(p: dict[str, Any], root: str, *, chroot: bool = True,

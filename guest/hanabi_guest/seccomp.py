@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import os
 
+from hanabi_wire.constants import E_FAILED_PRECONDITION, E_INVALID_ARGUMENT
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
@@ -37,7 +39,7 @@ def library() -> Any:
             lib = ctypes.CDLL(LIBRARY, use_errno=True)
         except OSError as exc:
             err = SeccompError(f"linux.seccomp: cannot be enforced, {LIBRARY} is missing in the guest ({exc})")
-            err.code = "FAILED_PRECONDITION"
+            err.code = E_FAILED_PRECONDITION
             raise err from None
         lib.seccomp_init.restype = ctypes.c_void_p
         lib.seccomp_init.argtypes = [ctypes.c_uint32]
@@ -57,7 +59,7 @@ def library() -> Any:
 class SeccompError(Exception):
     """libseccomp refused the profile; ``code`` is a protocol error code."""
 
-    code = "INVALID_ARGUMENT"
+    code = E_INVALID_ARGUMENT
 
 
 class Filter:

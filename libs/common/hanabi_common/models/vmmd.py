@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 from pydantic import Field
 
 from hanabi_common.models.base import Reply, Request, SandboxId, SandboxRef
+from hanabi_wire.constants import LINK_NAME_REGEX, MAC_REGEX, MAX_MTU, MIN_MTU, SERIAL_REGEX
 
 VmState = Literal["booting", "running", "paused", "stopped"]
 # How agentd reaches the guest agent: a Unix stream socket (QEMU virtio-serial), Firecracker's
@@ -17,9 +18,9 @@ AgentTransport = Literal["unix", "hybrid_vsock", "vsock"]
 class VmNic(Request):
     """A guest NIC backed by a tap device that netd made in a network namespace."""
 
-    tap: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,15}$")
-    mac: str = Field(pattern=r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$")
-    mtu: int = Field(1500, ge=68, le=65535)
+    tap: str = Field(pattern=LINK_NAME_REGEX)
+    mac: str = Field(pattern=MAC_REGEX)
+    mtu: int = Field(1500, ge=MIN_MTU, le=MAX_MTU)
     netns_path: str | None = Field(None, min_length=1, max_length=4096)
 
 
@@ -52,7 +53,7 @@ class DetachNic(Request):
     """Hot-unplug the NIC backed by `tap` (in `netns_path`)."""
 
     sandbox_id: SandboxId
-    tap: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,15}$")
+    tap: str = Field(pattern=LINK_NAME_REGEX)
     netns_path: str | None = Field(None, min_length=1, max_length=4096)
 
 
@@ -98,7 +99,7 @@ class AttachDisk(Request):
 
     sandbox_id: SandboxId
     path: str = Field(min_length=1, max_length=4096)
-    serial: str = Field(pattern=r"^[A-Za-z0-9_-]{1,20}$")
+    serial: str = Field(pattern=SERIAL_REGEX)
     format: Literal["raw", "qcow2"] = "raw"
     readonly: bool = False
 

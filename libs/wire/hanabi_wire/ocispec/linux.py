@@ -314,7 +314,7 @@ def check_devices(v: Any) -> list[dict[str, Any]]:
         for key in ("uid", "gid"):
             n = d.get(key, 0)
             n = 0 if n is None else n
-            if not is_int(n) or not 0 <= n < 2**32 - 1:
+            if not is_int(n) or not 0 <= n < ID_LIMIT:
                 raise ValueError(f"{w}.{key} must be a 32-bit id")
             ids[key] = n
         out.append({"path": path, "type": kind, "major": major, "minor": minor, "mode": mode, **ids})

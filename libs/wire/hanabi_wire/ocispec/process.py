@@ -13,6 +13,7 @@ from __future__ import annotations
 from ..constants import MAX_TTY_DIM
 from ..schema import is_int
 from .caps import check_labels, parse
+from .linux import ID_LIMIT
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -55,10 +56,10 @@ def check_process(p: Any) -> None:
     if not isinstance(user, dict):
         raise ValueError("process.user must be an object")
     for key in ("uid", "gid"):
-        if key in user and not (is_int(user[key]) and 0 <= user[key] < 2**32 - 1):
+        if key in user and not (is_int(user[key]) and 0 <= user[key] < ID_LIMIT):
             raise ValueError(f"process.user.{key} must be a 32-bit id")
     gids = user.get("additionalGids") or []
-    if not isinstance(gids, list) or not all(is_int(g) and 0 <= g < 2**32 - 1 for g in gids):
+    if not isinstance(gids, list) or not all(is_int(g) and 0 <= g < ID_LIMIT for g in gids):
         raise ValueError("process.user.additionalGids must be a list of ids")
     if "umask" in user and user["umask"] is not None and not (is_int(user["umask"]) and 0 <= user["umask"] <= 0o777):
         raise ValueError("process.user.umask must be 0..0777")
