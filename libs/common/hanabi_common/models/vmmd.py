@@ -9,6 +9,12 @@ from pydantic import Field
 from hanabi_common.models.base import Reply, Request, SandboxId, SandboxRef
 from hanabi_wire.constants import LINK_NAME_REGEX, MAC_REGEX, MAX_MTU, MIN_MTU, SERIAL_REGEX
 
+# What a VM may be given (CreateVm, the [vmm] defaults, each backend's own check, the
+# runtime's sizing): the guest image boots in 64 MiB; 1 TiB and 64 vCPUs at most.
+MIN_VM_MEMORY_MIB = 64
+MAX_VM_MEMORY_MIB = 1 << 20
+MAX_VCPUS = 64
+
 VmState = Literal["booting", "running", "paused", "stopped"]
 # How agentd reaches the guest agent: a Unix stream socket (QEMU virtio-serial), Firecracker's
 # hybrid vsock (the Unix socket plus `CONNECT <agent_port>`), or AF_VSOCK (vhost-vsock).
@@ -32,8 +38,8 @@ class CreateVm(Request):
     """
 
     sandbox_id: SandboxId
-    memory_mib: int | None = Field(None, ge=64, le=1 << 20)
-    vcpus: int | None = Field(None, ge=1, le=64)
+    memory_mib: int | None = Field(None, ge=MIN_VM_MEMORY_MIB, le=MAX_VM_MEMORY_MIB)
+    vcpus: int | None = Field(None, ge=1, le=MAX_VCPUS)
     hypervisor: Literal["auto", "qemu", "firecracker"] | None = None
     nics: list[VmNic] = Field(default_factory=list, max_length=8)
     # The container's host cgroups (made by the runtime): the VMM joins them as soon as it
