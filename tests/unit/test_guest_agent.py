@@ -293,7 +293,8 @@ def test_sync_mid_frame_drops_the_half_written_frame_and_replays_the_recent_ones
     agent = AgentProc(tmp_path, sndbuf=16 << 10)
     try:
         frame = P.MAX_DATA_CHUNK + 4096  # one output frame at most (a data frame and its header)
-        assert 3 * agent.channel_bytes <= REPLAY_BYTES - frame, "the channel outgrew the replay window"
+        channelful = agent.channel_bytes * 3 // 2  # SO_SNDBUF, and a last skb of up to half of it
+        assert 3 * channelful <= REPLAY_BYTES - frame, "the channel outgrew the replay window"
         agent.ok("create_container", container_id="c1", rootfs={"serial": "s"}, process=proc_spec("true"))
         agent.ok("exec", container_id="c1", exec_id="big", process=proc_spec("head", "-c", "20000000", "/dev/zero"))
         assert agent.sock.recv(100_000)  # read part of the stream, leaving the agent mid-frame
