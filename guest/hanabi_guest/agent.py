@@ -80,7 +80,7 @@ class Agent(Handlers, ProcIO):
         self.procs: dict[int, Proc] = {}
         self.out_fds: dict[int, Proc] = {}
         self.timers: list[tuple[float, int, Callable[[], None]]] = []
-        self.seq = 0
+        self.timer_order = 0  # ties of equal deadlines run in the order they were set
         self.chan_reg: tuple[int, int] | None = None  # (fd, events) registered now
         self.chan_backoff = False
         self.running = True
@@ -89,8 +89,8 @@ class Agent(Handlers, ProcIO):
 
     # ---------------------------------------------------------------- loop primitives
     def call_later(self, delay: float, fn: Callable[[], None]) -> None:
-        self.seq += 1
-        heapq.heappush(self.timers, (time.monotonic() + delay, self.seq, fn))
+        self.timer_order += 1
+        heapq.heappush(self.timers, (time.monotonic() + delay, self.timer_order, fn))
 
     def _run_timers(self) -> None:
         now = time.monotonic()
@@ -221,7 +221,7 @@ class Agent(Handlers, ProcIO):
 
     def _on_message(self, msg: dict[str, Any]) -> None:
         mtype = msg.get("type")
-        if mtype == P.T_SYNC:
+        if mtype == P.T_SYNC_MARKER:
             self._on_sync()
             return
         if mtype in P.HOST_EVENTS:

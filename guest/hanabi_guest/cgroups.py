@@ -1,7 +1,7 @@
 """linux.resources applied to the container's cgroup v2 group in the guest (as runc's fs2).
 
-``check_resources`` validates the object; ``plan_files`` turns it into ``(file, value)``
-writes (pure), with runc's conversions: memory.limit -> memory.max, reservation ->
+``plan_files`` turns the object (validated by hanabi_wire.ocispec.resources) into
+``(file, value)`` writes (pure), with runc's conversions: memory.limit -> memory.max, reservation ->
 memory.low, swap (memory+swap, as in v1) -> memory.swap.max = swap - limit; cpu quota and
 period -> cpu.max; shares -> cpu.weight (1 + (shares - 2) * 9999 / 262142); pids.limit ->
 pids.max (0 or less: max); blockIO.weight -> io.weight (``default 1 + (w - 10) * 9999 / 990``, when the guest
@@ -17,59 +17,17 @@ STDLIB ONLY: runs inside the guest.
 from __future__ import annotations
 
 import os
-import re
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
 CONTROLLERS = ("cpu", "cpuset", "memory", "pids", "io")
-CPUSET_RE = re.compile(r"^[0-9,\- ]{0,256}$")
-MAX_I64 = (1 << 63) - 1
 # Which field of linux.resources each written file came from (for error messages).
 FIELD_OF = {"memory.max": "memory.limit", "memory.low": "memory.reservation",
             "memory.swap.max": "memory.swap", "cpu.max": "cpu.quota", "cpu.weight": "cpu.shares",
             "cpuset.cpus": "cpu.cpus", "cpuset.mems": "cpu.mems", "pids.max": "pids.limit",
             "io.weight": "blockIO.weight"}
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _int(obj: dict[str, Any], key: str, what: str, low: int, high: int = MAX_I64) -> int | None:
-    v = obj.get(key)
-    if v is None:
-        return None
-    if not _is_int(v) or not low <= v <= high:
-        raise ValueError(f"linux.resources.{what}.{key} must be an integer in {low}..{high}")
-    return v
-
-
-def check_resources(v: Any) -> dict[str, Any]:
-    """Validate ``linux.resources`` (the parts the guest applies); returns it."""
-    if v is None:
-        return {}
-    if not isinstance(v, dict):
-        raise ValueError("linux.resources must be an object")
-    for part in ("memory", "cpu", "pids", "blockIO"):
-        if v.get(part) is not None and not isinstance(v[part], dict):
-            raise ValueError(f"linux.resources.{part} must be an object")
-    mem = v.get("memory") or {}
-    for key in ("limit", "reservation", "swap"):
-        _int(mem, key, "memory", -1)
-    cpu = v.get("cpu") or {}
-    _int(cpu, "shares", "cpu", 0, 262144)
-    _int(cpu, "quota", "cpu", -1)
-    _int(cpu, "period", "cpu", 0, 1_000_000)
-    for key in ("cpus", "mems"):
-        if cpu.get(key) is not None and not (isinstance(cpu[key], str) and CPUSET_RE.fullmatch(cpu[key])):
-            raise ValueError(f"linux.resources.cpu.{key} must be a CPU list like 0-3,5")
-    _int(v.get("pids") or {}, "limit", "pids", -1)
-    weight = _int(v.get("blockIO") or {}, "weight", "blockIO", 0, 1000)
-    if weight is not None and 0 < weight < 10:
-        raise ValueError("linux.resources.blockIO.weight must be 10..1000 (0: not set)")
-    return v
 
 
 def shares_to_weight(shares: int) -> int:

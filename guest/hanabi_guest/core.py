@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import sys
 
+from hanabi_wire.constants import E_INVALID_ARGUMENT
+
 from .sandbox import Rootfs
 
 TYPE_CHECKING = False
@@ -126,7 +128,7 @@ def check_rootfs(checked: dict[str, Any]) -> dict[str, Any]:
     checked against ``ROOTFS``): a disk by virtio ``serial`` (fstype ext4), or a ``share``
     directory ``<container>/rootfs`` (fstype 9p), never both."""
     if (checked["share"] is None) == (checked["serial"] is None):
-        raise AgentError("INVALID_ARGUMENT", "field 'rootfs' needs exactly one of 'serial' and 'share'")
+        raise AgentError(E_INVALID_ARGUMENT, "field 'rootfs' needs exactly one of 'serial' and 'share'")
     if (checked["share"] is not None) != (checked["fstype"] == "9p"):
-        raise AgentError("INVALID_ARGUMENT", "field 'rootfs': a share has fstype '9p', a disk 'ext4'")
+        raise AgentError(E_INVALID_ARGUMENT, "field 'rootfs': a share has fstype '9p', a disk 'ext4'")
     return checked

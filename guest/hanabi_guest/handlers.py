@@ -19,6 +19,7 @@ import signal
 import time
 
 import hanabi_wire as P
+from hanabi_wire.ocispec.process import check_process
 
 from .core import (AGENT_VERSION, CREATED, CREATING, DESTROYING, PENDING, RUNNING, AgentError,
                    Container, Pending, Proc, check_rootfs, log)
@@ -27,7 +28,7 @@ from .dnsrelay import DnsRelay
 from .network import check_network
 from .namespaces import Namespaces, plan
 from .hardening import Hardener, Security, ensure_warm, prepare
-from .process import check_process, initial_size, make_guard, set_winsize, spawn
+from .process import initial_size, make_guard, set_winsize, spawn
 from .sandbox import Sandbox
 
 DISK_WAIT_S = 10.0
@@ -117,7 +118,8 @@ class Handlers:
         c.join = self._check_join(cid, msg["join_namespaces"])
         spec = c.security.spec
         if spec is not None and spec.userns:
-            from .linuxspec import check_user_mapped
+            from hanabi_wire.ocispec.linux import check_user_mapped
+
             from .mounts import tmpfs_in_user_namespace
 
             check_user_mapped(process, spec)

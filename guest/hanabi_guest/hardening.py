@@ -1,4 +1,5 @@
-"""The container's linux settings applied in the guest, runc's way (see linuxspec.py).
+"""The container's linux settings applied in the guest, runc's way (validated by
+hanabi_wire.ocispec.linux).
 
 ``Security`` is what a container keeps from create to destroy: its ``LinuxSpec`` and its
 seccomp ``Filter`` (built at create, so a bad profile fails there). ``prepare(root, sec,
@@ -31,7 +32,8 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-    from .linuxspec import LinuxSpec
+    from hanabi_wire.ocispec.linux import LinuxSpec
+
     from .sandbox import Rootfs
     from .seccomp import Filter
 
@@ -97,20 +99,20 @@ class Security:
     @classmethod
     def build(cls, linux: Any, hostname: str | None) -> Security:
         """Validate the create_container ``linux`` field; ValueError naming the field."""
-        from .linuxspec import check_linux
+        from hanabi_wire.ocispec.linux import check_linux
 
         ensure_warm()
         spec = check_linux(linux, hostname)
         if spec is not None and spec.time_offsets:
             import time
 
-            from .linuxspec import check_offsets_fit
+            from hanabi_wire.ocispec.linux import check_offsets_fit
 
             check_offsets_fit(spec.time_offsets, {"monotonic": time.clock_gettime(time.CLOCK_MONOTONIC),
                                                   "boottime": time.clock_gettime(time.CLOCK_BOOTTIME)})
         sec = cls(spec)
         if spec is not None and spec.seccomp is not None:
-            from .seccomp import plan
+            from hanabi_wire.ocispec.seccomp import plan
 
             sec._plan = plan(spec.seccomp)
         return sec
@@ -172,10 +174,12 @@ def ensure_warm() -> None:
 
 
 def _warm_up() -> None:
+    from hanabi_wire.ocispec.linux import check_linux
+    from hanabi_wire.ocispec.process import check_process
+    from hanabi_wire.ocispec.seccomp import plan
+
     from .cgroups import plan_files
-    from .linuxspec import check_linux
-    from .process import check_process
-    from .seccomp import Filter, plan
+    from .seccomp import Filter
 
     check_process({"args": ["true"], "noNewPrivileges": True,
                    "capabilities": {"bounding": ["CAP_KILL"], "effective": ["CAP_KILL"]}})
@@ -285,7 +289,7 @@ USERNS_OWNED = ("dev", "dev/shm")  # the tmpfs mounts of sandbox.setup
 def outside_ids(device: dict[str, Any], spec: LinuxSpec) -> dict[str, Any]:
     """A linux.devices entry with its uid and gid (ids in the container) as the ids outside
     the user namespace; an id it does not map stays as it is (it reads as the overflow id)."""
-    from .linuxspec import host_id
+    from hanabi_wire.ocispec.linux import host_id
 
     uid, gid = host_id(device["uid"], spec.uid_map), host_id(device["gid"], spec.gid_map)
     return {**device, "uid": device["uid"] if uid is None else uid, "gid": device["gid"] if gid is None else gid}
@@ -296,7 +300,7 @@ def own_by_container_root(root: str, spec: LinuxSpec) -> None:
     them as that root, inside the user namespace); the device nodes stay the VM root's, as
     the host's nodes runc binds there stay the host root's. The rootfs itself is never
     chowned: it is the user's (as under runc, whose caller chowns it)."""
-    from .linuxspec import host_id
+    from hanabi_wire.ocispec.linux import host_id
 
     uid, gid = host_id(0, spec.uid_map), host_id(0, spec.gid_map)
     for rel in USERNS_OWNED:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import re
 
+from hanabi_wire.constants import E_INVALID_ARGUMENT
+
 from .core import AgentError
 
 TYPE_CHECKING = False
@@ -31,10 +33,10 @@ MAX_MOUNTS = 256
 
 def _destination(value: object) -> str:
     if not isinstance(value, str) or not value.startswith("/") or len(value) > 4096 or "\0" in value:
-        raise AgentError("INVALID_ARGUMENT", "mount destination must be an absolute path")
+        raise AgentError(E_INVALID_ARGUMENT, "mount destination must be an absolute path")
     parts = value.split("/")
     if ".." in parts:
-        raise AgentError("INVALID_ARGUMENT", f"mount destination {value!r} must not contain '..'")
+        raise AgentError(E_INVALID_ARGUMENT, f"mount destination {value!r} must not contain '..'")
     return os.path.normpath(value)
 
 
@@ -43,27 +45,27 @@ def check_mounts(value: object) -> list[dict[str, Any]]:
     if value is None:
         return []
     if not isinstance(value, list) or len(value) > MAX_MOUNTS:
-        raise AgentError("INVALID_ARGUMENT", f"'mounts' must be a list of at most {MAX_MOUNTS}")
+        raise AgentError(E_INVALID_ARGUMENT, f"'mounts' must be a list of at most {MAX_MOUNTS}")
     checked = []
     for item in value:
         if not isinstance(item, dict):
-            raise AgentError("INVALID_ARGUMENT", "each mount must be an object")
+            raise AgentError(E_INVALID_ARGUMENT, "each mount must be an object")
         kind = item.get("type")
         options = item.get("options") or []
         if not isinstance(options, list) or not all(isinstance(o, str) for o in options):
-            raise AgentError("INVALID_ARGUMENT", "mount options must be a list of strings")
+            raise AgentError(E_INVALID_ARGUMENT, "mount options must be a list of strings")
         if kind == "bind":
             source = item.get("source")
             if not isinstance(source, str) or not SOURCE_RE.fullmatch(source):
-                raise AgentError("INVALID_ARGUMENT", "bind mount source must name an entry like m0")
+                raise AgentError(E_INVALID_ARGUMENT, "bind mount source must name an entry like m0")
             bad = [o for o in options if o not in FLAG_OPTIONS]
         elif kind == "tmpfs":
             source = None
             bad = [o for o in options if o not in FLAG_OPTIONS and not TMPFS_DATA.fullmatch(o)]
         else:
-            raise AgentError("INVALID_ARGUMENT", f"mount type {kind!r} is not bind or tmpfs")
+            raise AgentError(E_INVALID_ARGUMENT, f"mount type {kind!r} is not bind or tmpfs")
         if bad:
-            raise AgentError("INVALID_ARGUMENT", f"unsupported mount options {bad}")
+            raise AgentError(E_INVALID_ARGUMENT, f"unsupported mount options {bad}")
         checked.append({"destination": _destination(item.get("destination")), "type": kind,
                         "source": source, "options": options})
     return checked
@@ -74,7 +76,7 @@ def tmpfs_in_user_namespace(mounts: list[dict[str, Any]], uid_map: list[tuple[in
     """The tmpfs mounts of a container with a user namespace as runc makes them there: its
     ``uid=``/``gid=`` options are ids of the namespace (the ids outside are written), and
     without them the tmpfs belongs to the container's root (runc mounts it as that root)."""
-    from .linuxspec import host_id
+    from hanabi_wire.ocispec.linux import host_id
 
     out = []
     for spec in mounts:
@@ -87,7 +89,7 @@ def tmpfs_in_user_namespace(mounts: list[dict[str, Any]], uid_map: list[tuple[in
             if key in ("uid", "gid") and value.isdigit():
                 outside = host_id(int(value), uid_map if key == "uid" else gid_map)
                 if outside is None:
-                    raise AgentError("INVALID_ARGUMENT", f"mount {spec['destination']!r}: option {o} names "
+                    raise AgentError(E_INVALID_ARGUMENT, f"mount {spec['destination']!r}: option {o} names "
                                      f"a {key} that linux.{key}Mappings does not map")
                 o = f"{key}={outside}"
                 seen.add(key)
@@ -114,7 +116,7 @@ def make_mounts(root: Rootfs, binds_dir: str | None, mounts: list[dict[str, Any]
         flags = _flags(spec["options"])
         if spec["type"] == "bind":
             if binds_dir is None:
-                raise AgentError("INVALID_ARGUMENT", "bind mounts need a mounts_disk")
+                raise AgentError(E_INVALID_ARGUMENT, "bind mounts need a mounts_disk")
             source = os.path.join(binds_dir, spec["source"])
             _mountpoint(target, directory=os.path.isdir(source))
             mount(source, target, "", MS_BIND | (flags & MS_REC))

@@ -52,7 +52,7 @@ CLONE_NEWUSER = 0x10000000
 PR_SET_CHILD_SUBREAPER = 36
 PR_SET_DUMPABLE = 4
 PID_BYTES = 8  # stage 1 sends the init's pid as a signed 64-bit integer
-# The other namespaces a config may list (linuxspec.MADE_IN_GUEST): made by the init's
+# The other namespaces a config may list (hanabi_wire.ocispec.linux.MADE_IN_GUEST): made by the init's
 # child after it joined its cgroup (so a cgroup namespace is rooted there), joined by execs.
 OTHER_FLAGS = {"ipc": 0x08000000, "uts": 0x04000000, "cgroup": 0x02000000, "time": 0x00000080}
 MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
@@ -118,11 +118,15 @@ def fork_in_pid_ns(target: int | None) -> int:
 IdMap = list[tuple[int, int, int]]
 
 
+def id_map_text(mappings: IdMap) -> str:
+    """What /proc/PID/uid_map (gid_map) takes, in one write: ``<containerID> <hostID> <size>``
+    a line."""
+    return "".join(f"{first} {lower} {size}\n" for first, lower, size in mappings)
+
+
 def write_id_maps(pid: int, uid_map: IdMap, gid_map: IdMap, proc: str = "/proc") -> None:
     """Write the maps of ``pid``'s new user namespace (each file in one write, as the kernel
     requires); OSError naming the field."""
-    from .linuxspec import id_map_text
-
     for name, field, maps in (("uid_map", "linux.uidMappings", uid_map), ("gid_map", "linux.gidMappings", gid_map)):
         path = f"{proc}/{pid}/{name}"
         try:

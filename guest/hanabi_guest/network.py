@@ -18,7 +18,7 @@ import os
 import re
 import time
 
-from hanabi_wire.constants import T_CONFIGURE_NETWORK
+from hanabi_wire.constants import E_FAILED_PRECONDITION, E_INVALID_ARGUMENT, E_NOT_FOUND, T_CONFIGURE_NETWORK
 from hanabi_wire.messages import MESSAGES
 from hanabi_wire.schema import WireError, check
 
@@ -31,13 +31,12 @@ if TYPE_CHECKING:
 MAC_RE = re.compile(r"([0-9a-f]{2}:){5}[0-9a-f]{2}")
 BUSYBOX = "/bin/busybox"
 NIC_WAIT_S = 5.0
-E_INVALID = "INVALID_ARGUMENT"
 _FIELDS = MESSAGES[T_CONFIGURE_NETWORK].fields
 
 
 def _need(cond: bool, message: str) -> None:
     if not cond:
-        raise AgentError(E_INVALID, message)
+        raise AgentError(E_INVALID_ARGUMENT, message)
 
 
 def check_network(msg: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str]]:
@@ -48,7 +47,7 @@ def check_network(msg: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[
     try:
         fields = check(_FIELDS, msg)
     except WireError as exc:
-        raise AgentError(E_INVALID, str(exc)) from None
+        raise AgentError(E_INVALID_ARGUMENT, str(exc)) from None
     clean_ifaces, names, macs = [], set(), set()
     for iface in fields["interfaces"]:
         name, mac, mtu = iface["name"], iface["mac"].lower(), iface["mtu"]
@@ -59,7 +58,7 @@ def check_network(msg: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[
             try:
                 clean_addrs.append(str(ipaddress.ip_interface(cidr)))
             except (ValueError, TypeError):
-                raise AgentError(E_INVALID, f"interface {name}: {cidr!r} is not an address/prefix") from None
+                raise AgentError(E_INVALID_ARGUMENT, f"interface {name}: {cidr!r} is not an address/prefix") from None
         names.add(name)
         macs.add(mac)
         clean_ifaces.append({"name": name, "mac": mac, "mtu": mtu, "addresses": clean_addrs})
@@ -73,14 +72,14 @@ def check_network(msg: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[
             if gateway is not None:
                 gateway = str(ipaddress.ip_address(gateway))
         except (ValueError, TypeError):
-            raise AgentError(E_INVALID, f"route {dest!r} via {gateway!r} is not valid") from None
+            raise AgentError(E_INVALID_ARGUMENT, f"route {dest!r} via {gateway!r} is not valid") from None
         clean_routes.append({"dest": dest, "gateway": gateway, "dev": dev, "family": family})
     clean_relay = []
     for address in fields["dns_relay"]:
         try:
             ip = ipaddress.IPv4Address(address)
         except (ValueError, TypeError):
-            raise AgentError(E_INVALID, f"dns_relay address {address!r} is not an IPv4 address") from None
+            raise AgentError(E_INVALID_ARGUMENT, f"dns_relay address {address!r} is not an IPv4 address") from None
         _need(ip.is_loopback, f"dns_relay address {address} is not a loopback address")
         clean_relay.append(str(ip))
     return clean_ifaces, clean_routes, clean_relay
@@ -146,7 +145,7 @@ def wait_for_nics(macs: list[str], timeout: float, sysfs: str = "/sys") -> dict[
         if not missing:
             return found
         if time.monotonic() >= deadline:
-            raise AgentError("NOT_FOUND", f"no NIC with MAC {', '.join(missing)} appeared "
+            raise AgentError(E_NOT_FOUND, f"no NIC with MAC {', '.join(missing)} appeared "
                                           f"within {timeout:.0f}s (present: {sorted(found) or 'none'})")
         time.sleep(0.02)
 
@@ -179,7 +178,7 @@ def run(argv: list[str]) -> None:
     _, status = os.waitpid(pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
         text = output.decode(errors="replace").strip()[:500]
-        raise AgentError("FAILED_PRECONDITION", f"{' '.join(argv)} failed: {text or 'no output'}")
+        raise AgentError(E_FAILED_PRECONDITION, f"{' '.join(argv)} failed: {text or 'no output'}")
 
 
 def apply(interfaces: list[dict[str, Any]], routes: list[dict[str, Any]], sysfs: str = "/sys") -> None:

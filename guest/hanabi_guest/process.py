@@ -27,7 +27,8 @@ namespaces before it enters its rootfs; then every process sets no_new_privs whe
 no_new_privs: that needs CAP_SYS_ADMIN), drops the bounding set, keeps its capabilities
 across the change of user, sets effective/permitted/inheritable and ambient, and (with
 no_new_privs) loads the seccomp filter as the very last step before exec. An AppArmor
-profile or SELinux label is refused by ``check_process`` (caps.check_labels).
+profile or SELinux label is refused by ``check_process`` (hanabi_wire.ocispec: the
+process object is validated there, shared with the runtime's pre-check).
 
 STDLIB ONLY: runs inside the guest.
 """
@@ -40,7 +41,9 @@ import os
 import signal
 import struct
 
-from hanabi_wire.constants import MAX_TTY_DIM
+from hanabi_wire.constants import E_FAILED_PRECONDITION, E_INVALID_ARGUMENT
+from hanabi_wire.ocispec.process import check_process
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
@@ -51,8 +54,6 @@ if TYPE_CHECKING:
     from .seccomp import Filter
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-MAX_ARGS = 4096
-MAX_STRING = 128 * 1024
 # ioctl numbers (asm-generic, as on x86_64 and arm64): no termios module in the guest.
 TIOCSCTTY = 0x540E
 TIOCSWINSZ = 0x5414
@@ -65,68 +66,6 @@ class SpawnError(Exception):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _str_list(v: Any, what: str, *, nonempty: bool = False) -> list[str]:
-    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
-        raise ValueError(f"{what} must be a list of strings")
-    if nonempty and not v:
-        raise ValueError(f"{what} must not be empty")
-    if len(v) > MAX_ARGS or any(len(x) > MAX_STRING or "\0" in x for x in v):
-        raise ValueError(f"{what} has too many or too long entries, or NUL bytes")
-    return v
-
-
-def check_process(p: Any) -> None:
-    """Validate an OCI process object; raise ValueError (→ INVALID_ARGUMENT)."""
-    if not isinstance(p, dict):
-        raise ValueError("process must be an object")
-    _str_list(p.get("args"), "process.args", nonempty=True)
-    if "env" in p and p["env"] is not None:
-        for e in _str_list(p["env"], "process.env"):
-            if "=" not in e:
-                raise ValueError(f"process.env entry {e[:64]!r} has no '='")
-    cwd = p.get("cwd", "/")
-    if not isinstance(cwd, str) or not cwd.startswith("/") or "\0" in cwd:
-        raise ValueError("process.cwd must be an absolute path")
-    if p.get("terminal") not in (None, False, True):
-        raise ValueError("process.terminal must be a boolean")
-    size = p.get("consoleSize")
-    if size is not None:
-        if not isinstance(size, dict) or not all(
-                _is_int(size.get(k, 0)) and 0 <= size.get(k, 0) <= MAX_TTY_DIM for k in ("height", "width")):
-            raise ValueError(f"process.consoleSize must be {{height, width}} in 0..{MAX_TTY_DIM}")
-    user = p.get("user", {})
-    if not isinstance(user, dict):
-        raise ValueError("process.user must be an object")
-    for key in ("uid", "gid"):
-        if key in user and not (_is_int(user[key]) and 0 <= user[key] < 2**32 - 1):
-            raise ValueError(f"process.user.{key} must be a 32-bit id")
-    gids = user.get("additionalGids") or []
-    if not isinstance(gids, list) or not all(_is_int(g) and 0 <= g < 2**32 - 1 for g in gids):
-        raise ValueError("process.user.additionalGids must be a list of ids")
-    if "umask" in user and user["umask"] is not None and not (_is_int(user["umask"]) and 0 <= user["umask"] <= 0o777):
-        raise ValueError("process.user.umask must be 0..0777")
-    rlimits = p.get("rlimits") or []
-    if not isinstance(rlimits, list):
-        raise ValueError("process.rlimits must be a list")
-    for r in rlimits:
-        if not (isinstance(r, dict) and isinstance(r.get("type"), str) and r["type"].startswith("RLIMIT_")
-                and _is_int(r.get("soft")) and _is_int(r.get("hard"))):
-            raise ValueError("process.rlimits entries need type RLIMIT_*, soft and hard")
-    if "oomScoreAdj" in p and p["oomScoreAdj"] is not None:
-        if not (_is_int(p["oomScoreAdj"]) and -1000 <= p["oomScoreAdj"] <= 1000):
-            raise ValueError("process.oomScoreAdj must be -1000..1000")
-    if p.get("noNewPrivileges") not in (None, False, True):
-        raise ValueError("process.noNewPrivileges must be a boolean")
-    from .caps import check_labels, parse
-
-    parse(p)
-    check_labels(p)
 
 
 def set_winsize(fd: int, height: int, width: int) -> None:
@@ -151,7 +90,7 @@ def _rlimits(p: dict[str, Any]) -> list[tuple[int, int, int]]:
     for r in rl:
         res = getattr(resource, r["type"], None)
         if not isinstance(res, int):
-            raise SpawnError("INVALID_ARGUMENT", f"unknown rlimit {r['type']}")
+            raise SpawnError(E_INVALID_ARGUMENT, f"unknown rlimit {r['type']}")
         inf = resource.RLIM_INFINITY
         soft, hard = r["soft"], r["hard"]
         out.append((res, inf if soft < 0 or soft >= 2**63 else soft, inf if hard < 0 or hard >= 2**63 else hard))
@@ -338,7 +277,9 @@ def _no_new_privs() -> None:
 
 def make_guard(p: dict[str, Any], filter_: Filter | None = None, hardener: Hardener | None = None) -> Guard:
     """The ``Guard`` of process ``p`` (validated): capabilities only when the agent is root."""
-    from .caps import Applier, last_cap, parse
+    from hanabi_wire.ocispec.caps import parse
+
+    from .caps import Applier, last_cap
 
     caps = Applier(parse(p), last_cap()) if os.geteuid() == 0 else None
     if filter_ is not None or p.get("noNewPrivileges"):
@@ -352,7 +293,7 @@ def _chown_tty(tty: int, p: dict[str, Any], ns: Namespaces) -> None:
     """The pty of a process in a user namespace, owned by its uid (and the tty group, 5) as
     the ids they are outside it: the child cannot chown an inode whose owner (the agent's
     root) is not mapped in its namespace."""
-    from .linuxspec import host_id
+    from hanabi_wire.ocispec.linux import host_id
 
     uid = int((p.get("user") or {}).get("uid", 0))
     outside_uid, outside_gid = host_id(uid, ns.uid_map), host_id(TTY_GID, ns.gid_map)
@@ -366,13 +307,13 @@ def _spawn_error(data: bytes, args: list[str]) -> SpawnError:
     if stage == "exec":
         if num == errno.ENOENT:
             if "/" in args[0]:
-                return SpawnError("FAILED_PRECONDITION", f'exec: "{args[0]}": stat {args[0]}: no such file or directory')
-            return SpawnError("FAILED_PRECONDITION", f'exec: "{args[0]}": executable file not found in $PATH')
+                return SpawnError(E_FAILED_PRECONDITION, f'exec: "{args[0]}": stat {args[0]}: no such file or directory')
+            return SpawnError(E_FAILED_PRECONDITION, f'exec: "{args[0]}": executable file not found in $PATH')
         if num in (errno.EACCES, errno.EPERM):
-            return SpawnError("FAILED_PRECONDITION", f'exec: "{args[0]}": permission denied')
+            return SpawnError(E_FAILED_PRECONDITION, f'exec: "{args[0]}": permission denied')
     if stage == "chdir to cwd" and num == errno.ENOENT:
-        return SpawnError("FAILED_PRECONDITION", f"chdir to cwd: no such file or directory: {text}")
-    return SpawnError("FAILED_PRECONDITION", f"{stage}: {text} (errno {num})")
+        return SpawnError(E_FAILED_PRECONDITION, f"chdir to cwd: no such file or directory: {text}")
+    return SpawnError(E_FAILED_PRECONDITION, f"{stage}: {text} (errno {num})")
 
 
 def spawn(p: dict[str, Any], root: str, *, chroot: bool = True,

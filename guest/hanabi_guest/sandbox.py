@@ -25,7 +25,8 @@ import errno
 import os
 import stat
 
-from hanabi_wire.constants import CMDLINE_POWEROFF, POWEROFF_REBOOT, SHARE_MOUNT_TAG, cmdline_word
+from hanabi_wire.constants import (CMDLINE_POWEROFF, E_ALREADY_EXISTS, E_FAILED_PRECONDITION, E_INTERNAL,
+                                   E_INVALID_ARGUMENT, E_NOT_FOUND, POWEROFF_REBOOT, SHARE_MOUNT_TAG, cmdline_word)
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -223,7 +224,7 @@ class Sandbox:
     def share_path(self, rel: str) -> str | None:
         """The path of ``rel`` (checked by the caller) in the VM's file share, mounting the
         share on first use; None while it has not appeared."""
-        raise SandboxError("FAILED_PRECONDITION", "this sandbox has no file share")
+        raise SandboxError(E_FAILED_PRECONDITION, "this sandbox has no file share")
 
     def setup(self, cid: str, source: str, rootfs: dict[str, Any]) -> Rootfs:
         raise NotImplementedError
@@ -236,7 +237,7 @@ class Sandbox:
         """Make the container's bind and tmpfs mounts: binds come from the container's share
         directory (``shared``: ``binds_source`` is that directory) or the binds disk."""
         if mounts:
-            raise SandboxError("INVALID_ARGUMENT", "this sandbox cannot make mounts")
+            raise SandboxError(E_INVALID_ARGUMENT, "this sandbox cannot make mounts")
 
     def set_hostname(self, name: str) -> None:
         raise NotImplementedError
@@ -494,9 +495,9 @@ class DirSandbox(Sandbox):
 def errno_code(exc: OSError) -> str:
     """Map an OSError to a protocol error code."""
     if exc.errno in (errno.ENOENT, errno.ENXIO, errno.ESRCH):
-        return "NOT_FOUND"
+        return E_NOT_FOUND
     if exc.errno in (errno.EINVAL, errno.ENAMETOOLONG):
-        return "INVALID_ARGUMENT"
+        return E_INVALID_ARGUMENT
     if exc.errno == errno.EEXIST:
-        return "ALREADY_EXISTS"
-    return "INTERNAL"
+        return E_ALREADY_EXISTS
+    return E_INTERNAL

@@ -11,35 +11,20 @@ from __future__ import annotations
 
 import itertools
 import re
-import time
 
 import pytest
 
-from tests.e2e.docker_env import PrivateDocker, e2e_skip_reason, make_base_dir
-from tests.helpers.hanabi import start_daemons
+from tests.e2e.docker_env import PrivateDocker, e2e_skip_reason
+from tests.e2e.engines import engine_fixture
 
 _counter = itertools.count()
 
 
-@pytest.fixture(scope="session")
-def docker(tmp_path_factory):
-    """A private dockerd with the hanabi runtimes, and the test image imported."""
-    reason = e2e_skip_reason()
-    if reason:
-        pytest.skip(reason)
-    logs = tmp_path_factory.mktemp("e2e")
-    started = time.monotonic()
-    daemons = start_daemons(logs / "hanabi")
-    env = PrivateDocker(base=make_base_dir(), logs=logs, hanabi=daemons)
-    try:
-        env.start()
-        env.import_busybox()
-    except BaseException:
-        env.close()
-        raise
-    env.setup_seconds = round(time.monotonic() - started, 1)
-    yield env
-    env.close()
+# A private dockerd with the hanabi runtimes, and the test image imported (dockerd.log goes
+# next to the hanabi daemons' dir).
+docker = engine_fixture("docker", lambda base, hanabi: PrivateDocker(base=base, logs=hanabi.root.parent, hanabi=hanabi),
+                        prefix="hbe", skip_reason=e2e_skip_reason, start=PrivateDocker.start,
+                        images=PrivateDocker.import_busybox, scope="session")
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.e2e.docker_env import mounts_under, tap_devices
-from tests.e2e.podman_env import CNI_PLUGIN_DIR, Network, free_subnets
+from tests.e2e.podman_env import CNI_PLUGIN_DIR, Network, cni_plugins_missing, free_subnets
 from tests.helpers.hanabi import BIN, Daemons, integration_skip_reason, loop_devices_on, processes_mentioning
 
 IMAGE = "localhost/hanabi-busybox:test"
@@ -45,10 +45,7 @@ def cri_skip_reason() -> str | None:
                             ("ctr", "containerd")):
         if not shutil.which(binary):
             return f"{binary} is not installed (apt-get install {package})"
-    for plugin in ("bridge", "host-local", "loopback"):
-        if not (CNI_PLUGIN_DIR / plugin).exists():
-            return f"the CNI {plugin} plugin is missing from {CNI_PLUGIN_DIR} (apt-get install containernetworking-plugins)"
-    return integration_skip_reason()
+    return cni_plugins_missing() or integration_skip_reason()
 
 
 def _layer_tar(rootfs: Path) -> bytes:
@@ -89,6 +86,7 @@ class PrivateContainerd:
     network: Network | None = None
     proc: subprocess.Popen | None = None
     cgroups_before: set[str] = field(default_factory=set)
+    setup_seconds: float = 0.0  # hanabi daemons + containerd + image import
 
     @property
     def socket(self) -> Path:

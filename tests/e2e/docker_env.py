@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.e2e.engines import import_busybox
 from tests.helpers.hanabi import BIN, Daemons, integration_skip_reason, loop_devices_on, processes_mentioning
 
 IMAGE = "hanabi-busybox:test"
@@ -295,19 +296,7 @@ class PrivateDocker:
 
     def import_busybox(self) -> None:
         """Build the test image locally: a busybox rootfs through `docker import`."""
-        from hanabi_runtime.demo_bundle import make_rootfs
-        rootfs = Path(tempfile.mkdtemp(prefix="rootfs-", dir=self.logs))
-        make_rootfs(rootfs)
-        tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
-        try:
-            done = subprocess.run([self.docker, "import", "--change", 'CMD ["sh"]', "-", IMAGE],
-                                  stdin=tar.stdout, capture_output=True, text=True, timeout=120, env=self.env())
-        finally:
-            tar.stdout.close()
-            tar.wait(60)
-        shutil.rmtree(rootfs, ignore_errors=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"docker import failed: {done.stderr.strip()}")
+        import_busybox([self.docker], IMAGE, self.logs, self.env(), "docker")
 
     def wait_for_log(self, name: str, text: str, timeout: float = 30) -> str:
         """Poll `docker logs NAME` until it contains `text`; returns the logs."""
@@ -331,7 +320,8 @@ class PrivateDocker:
 
 
 def make_base_dir() -> Path:
-    """A short temp dir for dockerd (containerd's sockets live under the exec root)."""
+    """A short temp dir for dockerd (containerd's sockets live under the exec root); the
+    tests' fixture makes the same (tests/e2e/engines.py), bench/ calls this."""
     return Path(tempfile.mkdtemp(prefix="hbe-", dir="/tmp"))
 
 

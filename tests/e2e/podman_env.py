@@ -21,12 +21,11 @@ import os
 import random
 import shutil
 import subprocess
-import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.e2e.docker_env import mounts_under, tap_devices
+from tests.e2e.engines import import_busybox, wait_for
 from tests.helpers.hanabi import BIN, Daemons, integration_skip_reason, loop_devices_on, processes_mentioning
 
 IMAGE = "localhost/hanabi-busybox:test"
@@ -50,10 +49,15 @@ def podman_skip_reason() -> str | None:
     for binary, package in (("podman", "podman"), ("conmon", "conmon")):
         if not shutil.which(binary):
             return f"{binary} is not installed (apt-get install {package})"
+    return cni_plugins_missing() or integration_skip_reason()
+
+
+def cni_plugins_missing() -> str | None:
+    """Which CNI plugin the bridge networks need is not installed, or None."""
     for plugin in ("bridge", "host-local", "loopback"):
         if not (CNI_PLUGIN_DIR / plugin).exists():
             return f"the CNI {plugin} plugin is missing from {CNI_PLUGIN_DIR} (apt-get install containernetworking-plugins)"
-    return integration_skip_reason()
+    return None
 
 
 def free_subnets(count: int) -> list[str]:
@@ -105,6 +109,7 @@ class PrivatePodman:
     hanabi: Daemons
     networks: list[Network] = field(default_factory=list)
     cgroups_before: set[str] = field(default_factory=set)
+    setup_seconds: float = 0.0  # hanabi daemons + podman setup + image import
 
     @property
     def runtime(self) -> Path:
@@ -161,30 +166,12 @@ class PrivatePodman:
         return done.stdout
 
     def import_busybox(self) -> None:
-        from hanabi_runtime.demo_bundle import make_rootfs
-        rootfs = Path(tempfile.mkdtemp(prefix="rootfs-", dir=self.base))
-        make_rootfs(rootfs)
-        tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
-        try:
-            done = subprocess.run(self.argv("import", "--change", 'CMD ["sh"]', "-", IMAGE), stdin=tar.stdout,
-                                  capture_output=True, text=True, timeout=120, env=self.env())
-        finally:
-            tar.stdout.close()
-            tar.wait(60)
-        shutil.rmtree(rootfs, ignore_errors=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"podman import failed: {done.stderr.strip()}")
+        """The test image: a busybox rootfs through `podman import`."""
+        import_busybox(self.argv(), IMAGE, self.base, self.env(), "podman")
 
     def wait_for(self, what: str, probe, timeout: float = 30.0):
         """Poll probe() until it returns something true; fail with its last value."""
-        deadline = time.monotonic() + timeout
-        while True:
-            value = probe()
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{what} not within {timeout:.0f} s (last: {value!r})")
-            time.sleep(0.3)
+        return wait_for(what, probe, timeout)
 
     def cni_results(self) -> set[str]:
         """libcni's cached results that belong to our networks."""

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -24,28 +23,15 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.cri_env import CGROUP_PARENT, HANDLER, IMAGE, PrivateContainerd, cri_skip_reason
-from tests.helpers.hanabi import leftovers, processes_mentioning, start_daemons
+from tests.e2e.engines import engine_fixture, wait_for
+from tests.helpers.hanabi import leftovers, processes_mentioning
 
 pytestmark = pytest.mark.e2e
 RPC_TIMEOUT_S = 180.0
 
 
-@pytest.fixture(scope="module")
-def cri(tmp_path_factory):
-    reason = cri_skip_reason()
-    if reason:
-        pytest.skip(reason)
-    daemons = start_daemons(tmp_path_factory.mktemp("cri") / "hanabi")
-    env = PrivateContainerd(base=Path(tempfile.mkdtemp(prefix="hbc-", dir="/tmp")), hanabi=daemons)
-    try:
-        env.setup()
-        env.import_images()
-        yield env
-    finally:
-        try:
-            env.close()
-        finally:
-            daemons.stop_all()
+cri = engine_fixture("cri", PrivateContainerd, prefix="hbc", skip_reason=cri_skip_reason,
+                     start=PrivateContainerd.setup, images=PrivateContainerd.import_images)
 
 
 @pytest.fixture(scope="module")
@@ -117,18 +103,6 @@ class Cri:
     def remove_pod(self, pod_id: str) -> None:
         self.rt.StopPodSandbox(self.pb.StopPodSandboxRequest(pod_sandbox_id=pod_id), timeout=RPC_TIMEOUT_S)
         self.rt.RemovePodSandbox(self.pb.RemovePodSandboxRequest(pod_sandbox_id=pod_id), timeout=RPC_TIMEOUT_S)
-
-
-def wait_for(what: str, probe, timeout: float = 60.0):
-    """Poll probe() until it returns something true; fail with its last value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not within {timeout:.0f} s (last: {value!r})")
-        time.sleep(0.3)
 
 
 def our_qemus(cri: PrivateContainerd) -> set[int]:

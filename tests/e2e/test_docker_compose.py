@@ -19,6 +19,7 @@ import time
 import pytest
 
 from tests.e2e.docker_env import IMAGE, RUNTIME, hanabi_leftovers
+from tests.e2e.engines import wait_for
 from tests.e2e.podman_env import container_volumes, free_subnets
 
 pytestmark = pytest.mark.e2e
@@ -79,17 +80,6 @@ def containers(docker, project: str, service: str) -> list[dict]:
     ids = docker.check("ps", "-q", "--filter", f"label=com.docker.compose.project={project}",
                        "--filter", f"label=com.docker.compose.service={service}").split()
     return json.loads(docker.check("inspect", *ids)) if ids else []
-
-
-def wait_for(what: str, probe, timeout: float = 60.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not within {timeout:.0f} s (last: {value!r})")
-        time.sleep(0.5)
 
 
 def test_compose_up_logs_scale_down(docker, compose):

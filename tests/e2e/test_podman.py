@@ -17,37 +17,21 @@ import re
 import select
 import struct
 import subprocess
-import tempfile
 import termios
 import time
-from pathlib import Path
 
 import pytest
 
 from tests.e2e.podman_env import IMAGE, PrivatePodman, podman_skip_reason
-from tests.helpers.hanabi import start_daemons
+from tests.e2e.engines import engine_fixture
 
 pytestmark = pytest.mark.e2e
 _counter = itertools.count()
 TRAP = 'echo hello; trap "echo bye; exit 3" TERM; while true; do sleep 0.2; done'
 
 
-@pytest.fixture(scope="module")
-def podman(tmp_path_factory):
-    reason = podman_skip_reason()
-    if reason:
-        pytest.skip(reason)
-    daemons = start_daemons(tmp_path_factory.mktemp("podman") / "hanabi")
-    env = PrivatePodman(base=Path(tempfile.mkdtemp(prefix="hbp-", dir="/tmp")), hanabi=daemons)
-    try:
-        env.setup()
-        env.import_busybox()
-        yield env
-    finally:
-        try:
-            env.close()
-        finally:
-            daemons.stop_all()
+podman = engine_fixture("podman", PrivatePodman, prefix="hbp", skip_reason=podman_skip_reason,
+                        start=PrivatePodman.setup, images=PrivatePodman.import_busybox)
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ import socket
 import threading
 from collections.abc import Callable
 
-from hanabi_wire import SYNC, T_SYNC, FrameDecoder, ProtocolError, encode_frame
+from hanabi_wire import SYNC, T_SYNC_MARKER, FrameDecoder, ProtocolError, encode_frame
 
 HEAD_KEPT = 64
 Behave = Callable[["FakeAgent", dict], None]
@@ -55,7 +55,7 @@ class FakeAgent:
                 except ProtocolError as exc:  # the agent then ignores input until SYNC
                     msgs = exc.messages
                 for msg in msgs:
-                    if msg.get("type") == T_SYNC:
+                    if msg.get("type") == T_SYNC_MARKER:
                         self.syncs += 1
                         if self.answer_sync:
                             self.send_raw(SYNC)

@@ -41,7 +41,7 @@ ENV = ["PATH=/usr/local/bin:/usr/bin:/bin", "HOME=/"]
 # no host is connected wait for the next one.
 CHARDEV = textwrap.dedent("""
     import os, select, socket, subprocess, sys
-    from hanabi_wire import SYNC, T_SYNC, FrameDecoder, encode_frame
+    from hanabi_wire import SYNC, T_SYNC_MARKER, FrameDecoder, encode_frame
     path, rootfs = sys.argv[1], sys.argv[2]
     ours, theirs = socket.socketpair()
     agent = subprocess.Popen([sys.executable, "-m", "hanabi_guest.agent", "--fd", str(theirs.fileno()),
@@ -70,7 +70,7 @@ CHARDEV = textwrap.dedent("""
             while backlog:
                 try:
                     msg = backlog[0]
-                    conn.sendall(SYNC if msg.get("type") == T_SYNC else encode_frame(msg))
+                    conn.sendall(SYNC if msg.get("type") == T_SYNC_MARKER else encode_frame(msg))
                 except OSError:
                     alive = False
                     break

@@ -43,6 +43,9 @@ def test_delete_returns_before_the_cleanup_and_a_crash_in_between_leaves_nothing
         assert not is_same_process_alive(vm["pid"], vm["start_time"])  # killed before delete returned
         assert not (sbs / cid).exists()
         assert record.exists()  # accounted for, not yet removed
+        # Its process still ran: agentd had the guest flush first, and the guest answered
+        # (the sync request, not taken for a SYNC marker).
+        assert "did not flush" not in (daemons.root / "agentd.log").read_text()
         for name in ("vmmd", "netd", "blockd"):
             daemons.stop(name, sig=signal.SIGKILL)
     finally:

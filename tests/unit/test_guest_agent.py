@@ -28,8 +28,12 @@ Msg = dict[str, Any]
 class AgentProc:
     """A test client driving one agent subprocess over a socketpair."""
 
-    def __init__(self, rootfs: Path, script: str | None = None, extra: tuple[str, ...] = ()) -> None:
+    def __init__(self, rootfs: Path, script: str | None = None, extra: tuple[str, ...] = (),
+                 sndbuf: int | None = None) -> None:
         self.sock, theirs = socket.socketpair()
+        if sndbuf is not None:  # bound what the channel holds from the agent to us
+            theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+        self.channel_bytes = theirs.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
         fd = theirs.fileno()
         if script is None:
             cmd = [sys.executable, "-m", "hanabi_guest.agent", "--fd", str(fd), "--rootfs-dir", str(rootfs), *extra]
@@ -39,6 +43,7 @@ class AgentProc:
         theirs.close()
         self.dec = P.FrameDecoder()
         self.inbox: list[Msg] = []
+        self.seen: list[Msg] = []  # every message received, in order (the inbox loses what was waited for)
         self.next_id = 0
 
     def send(self, msg: Msg) -> None:
@@ -51,7 +56,9 @@ class AgentProc:
         data = self.sock.recv(1 << 20)
         if not data:
             raise EOFError("agent closed the channel")
-        self.inbox += self.dec.feed(data)
+        msgs = self.dec.feed(data)
+        self.inbox += msgs
+        self.seen += msgs
         return True
 
     def wait_for(self, pred: Callable[[Msg], bool], timeout: float = 10.0) -> Msg:
@@ -261,27 +268,69 @@ def test_garbage_frame_poisons_until_sync(agent: AgentProc) -> None:
     with pytest.raises(TimeoutError):
         agent.wait_for(lambda m: m.get("id") == 99, timeout=0.3)
     agent.sock.sendall(P.SYNC)  # what a reconnecting host sends first
-    agent.wait_for(lambda m: m["type"] == "sync")  # the agent's SYNC marker, then clean frames
+    agent.wait_for(lambda m: m["type"] == P.T_SYNC_MARKER)  # the agent's SYNC marker, then clean frames
     assert agent.ok("ping")["kernel"]
     assert agent.close() == 0  # EOF of the fd channel stops the agent cleanly
     assert "Traceback" not in agent.stderr()
 
 
-def test_sync_mid_frame_drops_the_half_written_frame_and_replays_the_recent_ones(agent: AgentProc) -> None:
-    agent.ok("create_container", container_id="c1", rootfs={"serial": "s"}, process=proc_spec("true"))
-    agent.ok("exec", container_id="c1", exec_id="big", process=proc_spec("head", "-c", "20000000", "/dev/zero"))
-    agent.sock.recv(100_000)  # read part of the stream, leaving the agent mid-frame
-    agent.dec = P.FrameDecoder(wait_sync=True)  # "reconnect": skip everything up to the agent's SYNC
-    agent.inbox.clear()
-    agent.sock.sendall(P.SYNC)
-    agent.wait_for(lambda m: m["type"] == "sync", timeout=30)
-    ex = agent.exit_of("big", timeout=30)  # every frame after the marker decodes cleanly
-    assert ex["exit_code"] == 0
-    # What the "old host" read raw, and what sat unread in the socket, was written again
-    # after the marker (the last REPLAY_BYTES of output): nothing is missing, nothing twice.
-    seqs = [m["seq"] for m in agent.inbox if m.get("type") == "output" and m.get("exec_id") == "big"]
-    assert seqs == sorted(set(seqs)) and ex["seq"] > seqs[-1]
-    assert len(agent.output_of("big", "stdout")) == 20_000_000
+def _queued(sock: socket.socket) -> int:
+    """Bytes waiting to be read on ``sock`` (FIONREAD)."""
+    import fcntl
+    import termios
+
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))[0]
+
+
+def test_sync_mid_frame_drops_the_half_written_frame_and_replays_the_recent_ones(tmp_path: Path) -> None:
+    # What a reconnecting host gets again is the last REPLAY_BYTES of frames written (less up
+    # to one frame, as whole frames are kept). This host loses what it read before the SYNC
+    # (the exec reply's read and the raw read: at most one channelful each) and what sits in
+    # the channel when the agent reads the SYNC (one more): a channel of the default size
+    # (~212 KiB) could hold more than the replay, and did when the test was off the CPU.
+    from hanabi_guest.agent import REPLAY_BYTES
+
+    agent = AgentProc(tmp_path, sndbuf=16 << 10)
+    try:
+        frame = P.MAX_DATA_CHUNK + 4096  # one output frame at most (a data frame and its header)
+        channelful = agent.channel_bytes * 3 // 2  # SO_SNDBUF, and a last skb of up to half of it
+        assert 3 * channelful <= REPLAY_BYTES - frame, "the channel outgrew the replay window"
+        agent.ok("create_container", container_id="c1", rootfs={"serial": "s"}, process=proc_spec("true"))
+        agent.ok("exec", container_id="c1", exec_id="big", process=proc_spec("head", "-c", "20000000", "/dev/zero"))
+        assert agent.sock.recv(100_000)  # read part of the stream, leaving the agent mid-frame
+        deadline = time.monotonic() + 10  # ...and let it write more, which sits unread at the SYNC
+        while not _queued(agent.sock):
+            assert time.monotonic() < deadline, "the agent wrote nothing more"
+            select.select([agent.sock], [], [], deadline - time.monotonic())
+        agent.dec = P.FrameDecoder(wait_sync=True)  # "reconnect": skip everything up to the agent's SYNC
+        agent.inbox.clear()
+        agent.sock.sendall(P.SYNC)
+        agent.wait_for(lambda m: m["type"] == P.T_SYNC_MARKER, timeout=30)
+        ex = agent.exit_of("big", timeout=30)  # every frame after the marker decodes cleanly
+        assert ex["exit_code"] == 0
+        # What the "old host" read raw, and what sat unread in the socket, was written again
+        # after the marker (the last REPLAY_BYTES of output): nothing is missing, nothing twice.
+        seqs = [m["seq"] for m in agent.inbox if m.get("type") == "output" and m.get("exec_id") == "big"]
+        assert seqs == sorted(set(seqs)) and ex["seq"] > seqs[-1]
+        assert len(agent.output_of("big", "stdout")) == 20_000_000
+        assert agent.close() == 0
+    finally:
+        agent.close()
+
+
+def test_event_seq_grows_by_one_per_event_whatever_the_timers(agent: AgentProc) -> None:
+    # destroy_container polls with timers while its processes die: they take no seq.
+    for cid in ("c1", "c2"):
+        agent.ok("create_container", container_id=cid, rootfs={"serial": "s"}, process=proc_spec("true"))
+    agent.ok("exec", container_id="c1", exec_id="e1", process=proc_spec("echo", "one"))
+    agent.exit_of("e1")
+    agent.ok("exec", container_id="c2", exec_id="long", process=proc_spec("sleep", "100"))
+    agent.ok("destroy_container", container_id="c2")
+    agent.exit_of("long", cid="c2")
+    agent.ok("exec", container_id="c1", exec_id="e2", process=proc_spec("echo", "two"))
+    agent.exit_of("e2")
+    seqs = [m["seq"] for m in agent.seen if m.get("type") in (P.T_OUTPUT, P.T_EXIT)]
+    assert seqs == list(range(1, len(seqs) + 1)) and len(seqs) >= 5, seqs
 
 
 def test_a_reconnecting_host_gets_recent_output_and_exits_again_with_their_seq(agent: AgentProc) -> None:
@@ -296,6 +345,12 @@ def test_a_reconnecting_host_gets_recent_output_and_exits_again_with_their_seq(a
     assert again == first
     assert [m for m in agent.inbox if m.get("type") == "output" and m.get("exec_id") == "e1"] == out
     assert agent.ok("ping")["kernel"]
+
+
+def test_the_sync_request_flushes_and_replies_without_resynchronising(agent: AgentProc) -> None:
+    assert agent.ok(P.T_SYNC) == {}
+    assert agent.ok("ping")["kernel"]
+    assert not [m for m in agent.seen if m["type"] == P.T_SYNC_MARKER]  # no SYNC marker written back
 
 
 def test_shutdown_replies_then_stops(agent: AgentProc) -> None:
@@ -405,9 +460,9 @@ def test_listener_channel_serves_one_connection_after_another(tmp_path: Path) ->
             if round_ == 0:
                 # `ready` goes out as soon as a host connects: before our SYNC was read (then the
                 # decoder rightly drops it) or after it; the protocol tells hosts not to rely on it.
-                assert kinds in (["sync", "ready", "reply"], ["sync", "reply"])
+                assert kinds in ([P.T_SYNC_MARKER, "ready", "reply"], [P.T_SYNC_MARKER, "reply"])
             else:
-                assert kinds == ["sync", "reply"]
+                assert kinds == [P.T_SYNC_MARKER, "reply"]
             s.close()
     finally:
         proc.kill()

@@ -1,6 +1,7 @@
-"""The create_container `linux` field (guest linuxspec.py, cgroups.py, hardening.py) and what
-the runtime sends in it (hanabi_runtime.guest_linux): validation and plans as pure
-functions; secure_join, devices and masked paths against real directories."""
+"""The create_container `linux` field (hanabi_wire.ocispec linux.py and resources.py; the
+guest's cgroups.py, hardening.py) and what the runtime sends in it
+(hanabi_runtime.guest_linux): validation and plans as pure functions; secure_join, devices
+and masked paths against real directories."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ import stat
 import pytest
 
 from hanabi_common.errors import InvalidArgument
-from hanabi_guest.cgroups import check_resources, plan_files, shares_to_weight
+from hanabi_wire.ocispec.linux import check_linux
+from hanabi_wire.ocispec.resources import check_resources
+from hanabi_guest.cgroups import plan_files, shares_to_weight
 from hanabi_guest.hardening import make_devices, secure_join
-from hanabi_guest.linuxspec import check_linux
 from hanabi_runtime.bundle import default_spec
 from hanabi_runtime.guest_linux import check_guest_settings, guest_linux
 
@@ -154,7 +156,7 @@ def test_runtime_refuses_what_the_guest_would_before_any_vm():
 
 
 def test_privileged_is_a_device_cgroup_allowing_everything():
-    from hanabi_guest.linuxspec import allows_all_devices
+    from hanabi_wire.ocispec.linux import allows_all_devices
 
     assert allows_all_devices({"devices": [{"allow": False, "access": "rwm"}, {"allow": True, "access": "rwm"}]})
     assert not allows_all_devices({"devices": [{"allow": False, "access": "rwm"},
@@ -182,7 +184,7 @@ def test_the_vms_devices_are_listed_without_pts_or_virtio_ports(tmp_path):
 
 
 def test_time_offsets_must_keep_the_clock_in_range():
-    from hanabi_guest.linuxspec import check_offsets_fit
+    from hanabi_wire.ocispec.linux import check_offsets_fit
     from hanabi_guest.namespaces import timens_offsets_text
 
     offsets = [("boottime", 86400, 5), ("monotonic", -10, 0)]

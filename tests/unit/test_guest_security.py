@@ -1,6 +1,7 @@
-"""Capabilities, no_new_privs, LSM labels and seccomp of container processes (guest caps.py,
-seccomp.py, process.py): validation as pure functions, then the real thing on the host
-(libseccomp and prctl/capset in a forked child; the host runs the tests as root)."""
+"""Capabilities, no_new_privs, LSM labels and seccomp of container processes (validated by
+hanabi_wire.ocispec; applied by the guest's caps.py, seccomp.py, process.py): validation as
+pure functions, then the real thing on the host (libseccomp and prctl/capset in a forked
+child; the host runs the tests as root)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,12 @@ import shutil
 
 import pytest
 
+from hanabi_wire.ocispec import caps as wcaps
+from hanabi_wire.ocispec import seccomp as wseccomp
+from hanabi_wire.ocispec.process import check_process
+
 from hanabi_guest import caps, seccomp
-from hanabi_guest.process import check_process, spawn
+from hanabi_guest.process import spawn
 
 BUSYBOX = shutil.which("busybox")
 
@@ -22,17 +27,17 @@ def proc(**kw):
 # ---- capabilities ---------------------------------------------------------------------------
 
 def test_no_capabilities_object_means_none_at_all_as_runc():
-    assert caps.parse(proc()) == caps.CapSets()
+    assert wcaps.parse(proc()) == wcaps.CapSets()
 
 
 def test_sets_become_masks():
-    sets = caps.parse(proc(capabilities={
+    sets = wcaps.parse(proc(capabilities={
         "bounding": ["CAP_CHOWN", "CAP_KILL", "CAP_CHECKPOINT_RESTORE"], "effective": ["CAP_KILL"],
         "permitted": ["CAP_KILL", "CAP_NET_RAW"], "inheritable": ["CAP_KILL"], "ambient": ["CAP_KILL"]}))
     assert sets.bounding == 1 << 0 | 1 << 5 | 1 << 40
     assert sets.effective == 1 << 5 and sets.permitted == 1 << 5 | 1 << 13
     assert sets.inheritable == sets.ambient == 1 << 5
-    assert caps.names_of(sets.permitted) == ["CAP_KILL", "CAP_NET_RAW"]
+    assert wcaps.names_of(sets.permitted) == ["CAP_KILL", "CAP_NET_RAW"]
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -48,9 +53,9 @@ def test_bad_capabilities_name_the_field(bad, message):
 
 def test_ambient_only_where_permitted_and_inheritable_as_runc():
     # `runc spec` lists ambient capabilities without inheritable ones: runc raises none of them.
-    sets = caps.parse(proc(capabilities={"permitted": ["CAP_KILL", "CAP_CHOWN"], "inheritable": ["CAP_KILL"],
+    sets = wcaps.parse(proc(capabilities={"permitted": ["CAP_KILL", "CAP_CHOWN"], "inheritable": ["CAP_KILL"],
                                          "ambient": ["CAP_KILL", "CAP_CHOWN", "CAP_NET_RAW"]}))
-    assert caps.names_of(caps.raisable_ambient(sets)) == ["CAP_KILL"]
+    assert wcaps.names_of(caps.raisable_ambient(sets)) == ["CAP_KILL"]
 
 
 def test_lsm_labels_the_guest_cannot_apply_are_refused():
@@ -67,7 +72,7 @@ def test_lsm_labels_the_guest_cannot_apply_are_refused():
 # ---- seccomp plan (pure) --------------------------------------------------------------------
 
 def test_plan_follows_runcs_rules():
-    p = seccomp.plan({
+    p = wseccomp.plan({
         "defaultAction": "SCMP_ACT_ERRNO", "defaultErrnoRet": 1,
         "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
         "flags": ["SECCOMP_FILTER_FLAG_SPEC_ALLOW"],
@@ -82,16 +87,16 @@ def test_plan_follows_runcs_rules():
              "args": [{"index": 0, "value": 2114060288, "op": "SCMP_CMP_MASKED_EQ"},
                       {"index": 1, "value": 5, "valueTwo": 0, "op": "SCMP_CMP_NE"}]},
         ]})
-    assert p.default == seccomp.ACT_ERRNO | 1
+    assert p.default == wseccomp.ACT_ERRNO | 1
     assert p.arches == ["x86_64", "x86", "x32"]
-    assert (seccomp.ATTR_CTL_NNP, 0) in p.attrs and (seccomp.ATTR_CTL_SSB, 1) in p.attrs
+    assert (wseccomp.ATTR_CTL_NNP, 0) in p.attrs and (wseccomp.ATTR_CTL_SSB, 1) in p.attrs
     got = [(r.name, r.action, r.args) for r in p.rules]
     assert got == [
-        ("read", seccomp.ACT_ALLOW, []), ("write", seccomp.ACT_ALLOW, []),
-        ("clone3", seccomp.ACT_ERRNO | 38, []),
+        ("read", wseccomp.ACT_ALLOW, []), ("write", wseccomp.ACT_ALLOW, []),
+        ("clone3", wseccomp.ACT_ERRNO | 38, []),
         # Two comparisons of one argument: one rule each (ORed), as runc does.
-        ("personality", seccomp.ACT_ALLOW, [(0, 4, 0, 0)]), ("personality", seccomp.ACT_ALLOW, [(0, 4, 8, 0)]),
-        ("clone", seccomp.ACT_ALLOW, [(0, 7, 2114060288, 0), (1, 1, 5, 0)]),
+        ("personality", wseccomp.ACT_ALLOW, [(0, 4, 0, 0)]), ("personality", wseccomp.ACT_ALLOW, [(0, 4, 8, 0)]),
+        ("clone", wseccomp.ACT_ALLOW, [(0, 7, 2114060288, 0), (1, 1, 5, 0)]),
     ]
 
 
@@ -118,7 +123,7 @@ def test_plan_follows_runcs_rules():
 ])
 def test_malformed_profiles_name_the_field(profile, message):
     with pytest.raises(ValueError, match=message):
-        seccomp.plan(profile)
+        wseccomp.plan(profile)
 
 
 # ---- the real thing on the host --------------------------------------------------------------
@@ -184,7 +189,7 @@ def test_seccomp_filter_is_loaded_with_and_without_no_new_privs(nnp, tmp_path):
     profile = {"defaultAction": "SCMP_ACT_ALLOW", "architectures": ["SCMP_ARCH_X86_64"],
                "syscalls": [{"names": ["mkdir", "mkdirat", "no_such_syscall"], "action": "SCMP_ACT_ERRNO",
                              "errnoRet": 13}]}
-    filt = seccomp.Filter(seccomp.plan(profile))
+    filt = seccomp.Filter(wseccomp.plan(profile))
     try:
         assert filt.skipped == ["no_such_syscall"]
         p = proc(args=[BUSYBOX, "sh", "-c", f"grep -E 'Seccomp|NoNew' /proc/self/status; mkdir {tmp_path}/d"],

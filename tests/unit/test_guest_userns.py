@@ -1,5 +1,5 @@
 """User namespaces (linux.namespaces type user, linux.uidMappings/gidMappings) in the guest:
-validation and map text as pure functions (linuxspec.py, mounts.py), and the agent on the
+validation and map text as pure functions (hanabi_wire.ocispec.linux, namespaces.py, mounts.py), and the agent on the
 host as root with namespaces and chroot on (as in the guest), where the init reads its maps,
 its ids and capabilities, and a file it makes shows the mapped owner outside."""
 
@@ -16,9 +16,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from hanabi_guest.linuxspec import (MAX_ID_MAP_LINES, check_id_mappings, check_linux, check_user_mapped,
-                                    host_id, id_map_text)
+from hanabi_wire.ocispec.linux import MAX_ID_MAP_LINES, check_id_mappings, check_linux, check_user_mapped, host_id
+
 from hanabi_guest.mounts import tmpfs_in_user_namespace
+from hanabi_guest.namespaces import id_map_text
 from hanabi_common.errors import InvalidArgument
 from hanabi_guest.core import AgentError
 from hanabi_runtime.bundle import default_spec

@@ -21,6 +21,8 @@ WIRE_DIR = ROOT / "libs/wire/hanabi_wire"
 SIDES = [ROOT / "guest/hanabi_guest", ROOT / "services", ROOT / "libs/common/hanabi_common"]
 # agentd's io socket (agentd <-> stand-in) is another protocol that reuses some type names.
 OTHER_PROTOCOL = {"io_server.py", "iostream.py", "observe.py"}  # agentd's io socket; runc's `events` records
+# A wire value that also means something else in a file: there the initramfs's /init.
+OTHER_MEANING = {constants.INIT_EXEC_ID: {"services/image/hanabi_image/image.py"}}
 
 
 def _sources() -> list[pathlib.Path]:
@@ -93,6 +95,18 @@ def _modules() -> list[str]:
     return names
 
 
+def test_the_wire_defines_each_constant_once():
+    tree = ast.parse((WIRE_DIR / "constants.py").read_text(encoding="utf-8"))
+    names = [t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets if isinstance(t, ast.Name)]
+    twice = sorted({n for n in names if names.count(n) > 1} - {"TYPE_CHECKING"})
+    assert not twice, f"constants.py assigns {twice} more than once"
+    values: dict[object, list[str]] = {}
+    for name in constants.__all__:
+        if name.startswith("T_"):
+            values.setdefault(getattr(constants, name), []).append(name)
+    assert not [v for v in values.values() if len(v) > 1], "two message types share a name"
+
+
 def test_both_sides_use_the_wire_constants_not_copies():
     """Importing both sides: every module attribute named like a wire constant is the wire's
     own object (imported), and the few renamed ones are too."""
@@ -121,9 +135,11 @@ def test_no_source_spells_a_wire_constant_itself():
     id or serial patterns, kernel command line or its words; no `NAME = literal` for a wire
     constant's name; no message built as a dict with a literal message type."""
     literal = {constants.SERIAL_PORT_NAME, constants.ID_REGEX, constants.SERIAL_REGEX, constants.HOSTNAME_REGEX,
-               constants.KERNEL_CMDLINE, constants.CMDLINE_CHANNEL, constants.CMDLINE_POWEROFF}
+               constants.KERNEL_CMDLINE, constants.CMDLINE_CHANNEL, constants.CMDLINE_POWEROFF,
+               constants.LINK_NAME_REGEX, constants.MAC_REGEX, *OTHER_MEANING}
+    guest_literal = set(constants.ERROR_CODES)  # the host's own error codes are hanabi_common.errors
     pieces = ("[A-Za-z0-9_.-]{0,127}", "rdinit=", f"{constants.CMDLINE_CHANNEL}=", f"{constants.CMDLINE_POWEROFF}=")
-    types = set(messages.MESSAGES) | {constants.T_SYNC}
+    types = set(messages.MESSAGES) | {constants.T_SYNC_MARKER}
     names = set(constants.__all__)
     found = []
     for path in _sources():
@@ -131,7 +147,10 @@ def test_no_source_spells_a_wire_constant_itself():
         where = path.relative_to(ROOT)
         for node in _code_nodes(tree):
             if isinstance(node, ast.Constant) and isinstance(node.value, str):
-                if node.value in literal or any(p in node.value for p in pieces):
+                if str(where) in OTHER_MEANING.get(node.value, ()):
+                    continue
+                if (node.value in literal or any(p in node.value for p in pieces)
+                        or (node.value in guest_literal and where.parts[0] == "guest")):
                     found.append(f"{where}:{node.lineno}: {node.value[:50]!r}")
             elif isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant):
                 found += [f"{where}:{node.lineno}: {t.id} = {node.value.value!r}" for t in node.targets
@@ -146,6 +165,34 @@ def test_no_source_spells_a_wire_constant_itself():
                   and isinstance(node.args[0], ast.Constant) and node.args[0].value in types):
                 found.append(f"{where}:{node.lineno}: {node.func.attr}({node.args[0].value!r})")
     assert not found, "use hanabi_wire's constants:\n" + "\n".join(found)
+
+
+def test_the_host_models_take_their_rules_from_the_wire():
+    """What the host's RPC models check of a value that travels to the guest (disk serials,
+    NIC names, MACs and MTUs, the init's exec id) is the wire's rule, not a copy; the guest's
+    error codes are codes of the host's errors."""
+    from hanabi_agentd import models as agentd_models
+    from hanabi_common.errors import ErrorCode, error_for_code
+    from hanabi_common.models import agentd, vmmd
+
+    def rules(model, name):
+        out = {}
+        for meta in model.model_fields[name].metadata:
+            out.update({k: getattr(meta, k) for k in ("pattern", "ge", "le") if getattr(meta, k, None) is not None})
+        return out
+
+    disk = {f.name: f for f in messages.DISK}
+    iface = {f.name: f for f in messages.INTERFACE}
+    for model in (agentd.RootfsSpec, agentd.DiskSpec, vmmd.AttachDisk):
+        assert rules(model, "serial") == {"pattern": disk["serial"].pattern.pattern} == {"pattern": W.SERIAL_REGEX}
+    for model in (vmmd.VmNic, vmmd.DetachNic):
+        assert rules(model, "tap") == {"pattern": iface["name"].pattern.pattern}
+    assert rules(vmmd.VmNic, "mac") == {"pattern": iface["mac"].pattern.pattern}
+    assert rules(vmmd.VmNic, "mtu") == {"ge": iface["mtu"].lo, "le": iface["mtu"].hi}
+    for model in (agentd_models.ProcessRef, agentd_models.ResizeProcess):
+        assert model.model_fields["exec_id"].default == W.INIT_EXEC_ID
+    for code in W.ERROR_CODES:
+        assert error_for_code(code, "m").code == ErrorCode(code)
 
 
 def test_message_fields_are_defined_only_in_the_wire_table():
@@ -170,7 +217,8 @@ def test_message_fields_are_defined_only_in_the_wire_table():
 # --- the guest image carries it -----------------------------------------------------------
 def test_the_image_carries_every_wire_module_and_they_import_only_the_stdlib():
     from hanabi_image import image
-    modules = sorted(p.name for p in WIRE_DIR.glob("*.py") if p.name != "doc.py")
+    modules = sorted(str(p.relative_to(WIRE_DIR)) for p in WIRE_DIR.rglob("*.py") if p.name != "doc.py")
+    assert "ocispec/linux.py" in modules
     assert sorted(image.WIRE_FILES) == modules
     assert "hanabi_wire/doc.py" not in image.sources()
     for name in modules:

@@ -48,7 +48,7 @@ def test_bad_lengths_are_rejected_from_the_header_alone(length: int) -> None:
         dec.feed(struct.pack(">I", length))
     assert dec.corrupt
     assert dec.feed(P.encode_frame({"type": "ping"})) == []  # discarded until SYNC
-    assert dec.feed(P.SYNC + P.encode_frame({"type": "ping"})) == [{"type": "sync"}, {"type": "ping"}]
+    assert dec.feed(P.SYNC + P.encode_frame({"type": "ping"})) == [{"type": P.T_SYNC_MARKER}, {"type": "ping"}]
     assert not dec.corrupt
     with pytest.raises(P.ProtocolError):
         dec.feed(b"\x00\x00\x00\x00")
@@ -72,17 +72,17 @@ def test_sync_marker_cuts_a_half_received_frame() -> None:
     got = []
     for i in range(len(stream)):  # byte by byte: the marker is split across feeds too
         got += dec.feed(stream[i:i + 1])
-    assert got == [{"type": "sync"}, {"type": "b"}]
+    assert got == [{"type": P.T_SYNC_MARKER}, {"type": "b"}]
 
 
 def test_sync_after_a_cut_header_and_wait_sync() -> None:
     dec = P.FrameDecoder()
     assert dec.feed(b"\x00\x00") == []
-    assert dec.feed(P.SYNC + P.encode_frame({"type": "b"})) == [{"type": "sync"}, {"type": "b"}]
+    assert dec.feed(P.SYNC + P.encode_frame({"type": "b"})) == [{"type": P.T_SYNC_MARKER}, {"type": "b"}]
     host = P.FrameDecoder(wait_sync=True)  # a host that just connected skips stale bytes
     stale = P.encode_frame({"type": "old"})[3:] + P.encode_frame({"type": "old2"})
     assert host.feed(stale + P.SYNC[:5]) == []
-    assert host.feed(P.SYNC[5:] + P.encode_frame({"type": "new"})) == [{"type": "sync"}, {"type": "new"}]
+    assert host.feed(P.SYNC[5:] + P.encode_frame({"type": "new"})) == [{"type": P.T_SYNC_MARKER}, {"type": "new"}]
     # A stream can hold two 0xFF bytes in a row (in a header), never three.
     body = b'{"p":"' + b"y" * (0xFFFF - 8) + b'"}'
     assert len(body) == 0xFFFF
@@ -141,12 +141,22 @@ def test_reply_helpers() -> None:
     assert P.MAX_DATA_CHUNK == 64 * 1024 and P.MAX_FRAME == 1 << 20
 
 
+def test_the_marker_is_no_message_type_and_no_frame_may_claim_it() -> None:
+    # The `sync` request (flush the guest's filesystems) once shared the marker's name: the
+    # agent took it for a SYNC and never replied.
+    assert P.T_SYNC_MARKER not in P.MESSAGES and P.T_SYNC in P.REQUESTS
+    dec = P.FrameDecoder()
+    assert dec.feed(P.encode_frame({"type": P.T_SYNC, "id": 1})) == [{"type": P.T_SYNC, "id": 1}]
+    with pytest.raises(P.ProtocolError, match="only stands for a SYNC marker"):
+        dec.feed(P.encode_frame({"type": P.T_SYNC_MARKER}))
+
+
 def test_sync_is_reported_as_soon_as_the_marker_is_complete() -> None:
     dec = P.FrameDecoder()
-    assert dec.feed(P.SYNC) == [{"type": "sync"}]  # no need to wait for the next frame
+    assert dec.feed(P.SYNC) == [{"type": P.T_SYNC_MARKER}]  # no need to wait for the next frame
     assert dec.feed(b"\xff\xff") == []  # a longer run's tail is no second marker
     assert dec.feed(P.encode_frame({"type": "x"})) == [{"type": "x"}]
-    assert dec.feed(P.SYNC + P.SYNC) == [{"type": "sync"}]
+    assert dec.feed(P.SYNC + P.SYNC) == [{"type": P.T_SYNC_MARKER}]
 
 
 def test_plain_decoder_has_no_sync_markers():
@@ -199,9 +209,9 @@ def test_sync_cuts_a_data_frame_full_of_0xff() -> None:
     got = []
     for i in range(len(stream)):
         got += dec.feed(stream[i:i + 1])
-    assert got == [{"type": "sync"}, _out(b"\xff\xfe after")]
+    assert got == [{"type": P.T_SYNC_MARKER}, _out(b"\xff\xfe after")]
     host = P.FrameDecoder(wait_sync=True)  # stale data frames before the marker are skipped
-    assert host.feed(old + old[:100] + P.SYNC + P.encode_frame(_out(b"new"))) == [{"type": "sync"}, _out(b"new")]
+    assert host.feed(old + old[:100] + P.SYNC + P.encode_frame(_out(b"new"))) == [{"type": P.T_SYNC_MARKER}, _out(b"new")]
 
 
 @pytest.mark.parametrize("body", [

@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from hanabi_common.errors import InvalidArgument
+from hanabi_common.models.vmmd import MAX_VCPUS, MAX_VM_MEMORY_MIB, MIN_VM_MEMORY_MIB
 
 DEFAULT_CONFIG_PATH = Path("/etc/hanabi/hanabi.toml")
 CONFIG_ENV = "HANABI_CONFIG"
@@ -48,8 +49,8 @@ class VmmConfig(_Section):
     accel: Literal["auto", "kvm", "tcg"] = "auto"
     qemu_binary: str = "qemu-system-x86_64"
     machine: Literal["q35", "pc"] = "q35"
-    memory_mib: int = Field(256, ge=64, le=1 << 20)
-    vcpus: int = Field(1, ge=1, le=64)
+    memory_mib: int = Field(256, ge=MIN_VM_MEMORY_MIB, le=MAX_VM_MEMORY_MIB)
+    vcpus: int = Field(1, ge=1, le=MAX_VCPUS)
     guest_dir: Path = Path("/var/lib/hanabi/guest/current")
     kernel_cmdline_extra: str = ""
     boot_timeout_s: float = Field(60.0, gt=0)

@@ -52,11 +52,19 @@ ID_MAX_LEN = 128
 ID_REGEX = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 ID_RE = re.compile(ID_REGEX)  # use fullmatch ("$" alone would let a trailing newline in)
 INIT_EXEC_ID = "init"  # the exec id of a container's first process, reserved for `start`
-SERIAL_REGEX = r"^[A-Za-z0-9_.:-]{1,20}$"  # a virtio-blk serial (20 bytes at most)
+SERIAL_REGEX = r"^[A-Za-z0-9_-]{1,20}$"  # a virtio-blk serial (VIRTIO_BLK_ID_BYTES: 20 at most)
 SHARE_ROOTFS_REGEX = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}/rootfs$"  # a container's root in the share
 # A clone of a VM template gets this many fresh random bytes for its RNG (`restored`).
 RESTORE_SEED_BYTES = 64
 HOSTNAME_REGEX = r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,62}[A-Za-z0-9])?$"
+
+# Links, by the kernel's rules: a name fits IFNAMSIZ (15 characters and the NUL), a MAC is
+# six hex octets, an MTU is at least IPv4's minimum. Shared by the NIC the host plugs
+# (vmmd) and the link the guest configures (configure_network).
+LINK_NAME_REGEX = r"^[A-Za-z0-9_.-]{1,15}$"
+MAC_REGEX = r"^([0-9A-Fa-f]{2}:){5}[0-9A-Fa-f]{2}$"
+MIN_MTU = 68
+MAX_MTU = 65535
 
 # Sizes.
 MAX_FRAME = 1 << 20  # bytes of one frame's body
@@ -103,8 +111,9 @@ T_EXIT = "exit"
 T_PROTOCOL_ERROR = "protocol_error"
 T_DNS_QUERY = "dns_query"
 T_OOM = "oom"
-# What FrameDecoder yields where a SYNC marker was; never sent as a frame.
-T_SYNC = "sync"
+# What FrameDecoder yields where a SYNC marker was: not a message type (a frame claiming it is
+# refused as corrupt), so it is never taken for the `sync` request (flush the filesystems).
+T_SYNC_MARKER = "sync_marker"
 
 TYPE_CHECKING = False
 if not TYPE_CHECKING:  # computed at run time; mypy reads the names above through `import *`

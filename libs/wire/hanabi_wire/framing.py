@@ -27,7 +27,7 @@ import json
 import struct
 
 from .constants import (ID_MAX_LEN, MAX_FRAME, STREAM_STDERR, STREAM_STDOUT, T_OUTPUT,
-                        T_STDIN, T_SYNC)
+                        T_STDIN, T_SYNC_MARKER)
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -157,6 +157,8 @@ def decode_body(body: bytes, kind: int = KIND_JSON) -> dict[str, Any]:
         raise ProtocolError(f"frame is not JSON: {exc}") from exc
     if not isinstance(value, dict):
         raise ProtocolError(f"frame is a JSON {type(value).__name__}, not an object")
+    if value.get("type") == T_SYNC_MARKER:
+        raise ProtocolError(f"frame has the type {T_SYNC_MARKER!r}, which only stands for a SYNC marker")
     return value
 
 
@@ -175,8 +177,8 @@ class FrameDecoder:
     """Incremental frame decoder: feed it bytes as they arrive, get whole messages back.
 
     SYNC markers (runs of 0xFF, see ``SYNC``) resynchronise the stream: everything not yet
-    decoded before a marker is discarded, and ``feed`` yields ``{"type": "sync"}`` at the
-    marker's place among the messages. With ``wait_sync=True`` (a host that just connected)
+    decoded before a marker is discarded, and ``feed`` yields ``{"type": T_SYNC_MARKER}`` at
+    the marker's place among the messages (a JSON frame of that type is corrupt). With ``wait_sync=True`` (a host that just connected)
     every byte before the first marker is discarded.
 
     A corrupt frame raises ProtocolError (``exc.messages`` holds the messages decoded before
@@ -235,7 +237,7 @@ class FrameDecoder:
                     self._waiting = False
                     self._skip_ff = j == len(buf)  # a longer run's tail must not start a new marker
                     self._error = None
-                    out.append({"type": T_SYNC})
+                    out.append({"type": T_SYNC_MARKER})
                     continue
                 if self._skip_ff:
                     while pos < len(buf) and buf[pos] == 0xFF:

@@ -19,10 +19,10 @@ STDLIB ONLY: runs inside the guest.
 from __future__ import annotations
 
 from . import constants as C
-from .constants import (ERROR_CODES, HOSTNAME_REGEX, ID_REGEX, INIT_EXEC_ID, MAX_DATA_CHUNK, MAX_PID,
-                        MAX_SIGNAL, MAX_TEXT, MAX_TTY_DIM, PROTOCOL_VERSION, SERIAL_REGEX,
-                        SHARE_ROOTFS_REGEX, STREAM_STDERR,
-                        STREAM_STDOUT, UNVERSIONED)
+from .constants import (ERROR_CODES, HOSTNAME_REGEX, ID_REGEX, INIT_EXEC_ID, LINK_NAME_REGEX, MAC_REGEX,
+                        MAX_DATA_CHUNK, MAX_MTU, MAX_PID, MAX_SIGNAL, MAX_TEXT, MAX_TTY_DIM, MIN_MTU,
+                        PROTOCOL_VERSION, SERIAL_REGEX, SHARE_ROOTFS_REGEX, STREAM_STDERR, STREAM_STDOUT,
+                        UNVERSIONED)
 from .schema import B64, BOOL, BYTES, FLOAT, INT, LIST, OBJECT, STR, F, WireError, check
 
 TYPE_CHECKING = False
@@ -70,9 +70,9 @@ JOIN = (F("ipc", STR, "the container whose init's IPC namespace it joins", defau
 SEQ = F("seq", INT, "the agent's event counter (see Replay)", default=None, lo=1, hi=(1 << 63) - 1)
 PID = (F("pid", INT, "guest pid (in the guest's PID namespace)", lo=1, hi=MAX_PID),)
 TTY_DIM: dict[str, Any] = {"lo": 1, "hi": MAX_TTY_DIM}
-INTERFACE = (F("name", STR, "link name to give the NIC", pattern=r"[A-Za-z0-9_.-]{1,15}"),
-             F("mac", STR, "MAC the NIC is found by", pattern=r"([0-9A-Fa-f]{2}:){5}[0-9A-Fa-f]{2}"),
-             F("mtu", INT, "MTU", default=1500, lo=68, hi=65535),
+INTERFACE = (F("name", STR, "link name to give the NIC", pattern=LINK_NAME_REGEX),
+             F("mac", STR, "MAC the NIC is found by", pattern=MAC_REGEX),
+             F("mtu", INT, "MTU", default=1500, lo=MIN_MTU, hi=MAX_MTU),
              F("addresses", LIST, "addresses with prefix (CIDR)", default=[], max_len=32,
                items=F("address", STR, max_len=64)))
 ROUTE = (F("dest", STR, '"default" or a CIDR', max_len=64),

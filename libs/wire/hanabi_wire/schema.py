@@ -20,7 +20,7 @@ from .framing import ProtocolError, b64d
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any
+    from typing import Any, TypeGuard
 
 STR, INT, FLOAT, BOOL, BYTES, B64, OBJECT, LIST = (
     "str", "int", "float", "bool", "bytes", "base64", "object", "list")
@@ -67,7 +67,8 @@ def _fail(where: str, reason: str) -> WireError:
     return WireError(f"field {where!r} {reason}")
 
 
-def _is_int(v: object) -> bool:
+def is_int(v: object) -> TypeGuard[int]:
+    """Whether ``v`` is a JSON integer (an int, never a bool)."""
     return isinstance(v, int) and not isinstance(v, bool)
 
 
@@ -94,7 +95,7 @@ def check_value(f: F, v: Any, where: str) -> Any:
         if f.pattern is not None and not f.pattern.fullmatch(v):
             raise _fail(where, f"{v[:64]!r} does not match {f.pattern.pattern}")
     elif kind == INT or kind == FLOAT:
-        if not (_is_int(v) or (kind == FLOAT and isinstance(v, float))):
+        if not (is_int(v) or (kind == FLOAT and isinstance(v, float))):
             raise _fail(where, f"must be {'an integer' if kind == INT else 'a number'}, not {type(v).__name__}")
         if (f.lo is not None and v < f.lo) or (f.hi is not None and v > f.hi):
             raise _fail(where, f"must be in {f.lo}..{f.hi}, not {v}")

@@ -11,6 +11,7 @@ from hanabi_common.models.agentd import (AgentInfo, ConfigureNetwork, ConnectAge
 from hanabi_common.models.base import NoArgs, Removed, SandboxRef
 from hanabi_common.rpc.client import RpcClient
 from hanabi_common.rpc.contract import ContractClient
+from hanabi_wire.constants import INIT_EXEC_ID
 
 from hanabi_agentd.contract import AGENTD
 from hanabi_agentd.models import AgentDetails, AgentList, ProcessRef, ResizeProcess
@@ -85,19 +86,19 @@ class AgentdClient(ContractClient):
         return self.call(AGENTD.exec, ExecProcess(sandbox_id=sandbox_id, container_id=container_id,
                                                   exec_id=exec_id, process=process))
 
-    def signal(self, sandbox_id: str, container_id: str, signal: int, exec_id: str = "init",
+    def signal(self, sandbox_id: str, container_id: str, signal: int, exec_id: str = INIT_EXEC_ID,
                all_processes: bool = False) -> None:
         """Send `signal` to a process (or to every process of the container)."""
         self.call(AGENTD.signal, SignalProcess(sandbox_id=sandbox_id, container_id=container_id,
                                                exec_id=exec_id, signal=signal, all=all_processes))
 
-    def close_stdin(self, sandbox_id: str, container_id: str, exec_id: str = "init") -> None:
+    def close_stdin(self, sandbox_id: str, container_id: str, exec_id: str = INIT_EXEC_ID) -> None:
         """Close a process's stdin."""
         self.call(AGENTD.close_stdin, ProcessRef(sandbox_id=sandbox_id, container_id=container_id,
                                                  exec_id=exec_id))
 
     def resize(self, sandbox_id: str, container_id: str, height: int, width: int,
-               exec_id: str = "init") -> None:
+               exec_id: str = INIT_EXEC_ID) -> None:
         """Set the window size (rows, columns) of a process's terminal."""
         self.call(AGENTD.resize, ResizeProcess(sandbox_id=sandbox_id, container_id=container_id,
                                                exec_id=exec_id, height=height, width=width))

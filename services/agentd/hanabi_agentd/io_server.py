@@ -29,7 +29,7 @@ from collections.abc import Callable
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from hanabi_common.errors import HanabiError, InvalidArgument
-from hanabi_wire import (T_CLOSE_STDIN, T_RESIZE, T_STDIN, FrameDecoder, ProtocolError, b64e,
+from hanabi_wire import (INIT_EXEC_ID, T_CLOSE_STDIN, T_RESIZE, T_STDIN, FrameDecoder, ProtocolError, b64e,
                          encode_frame)
 
 from hanabi_agentd.guest_messages import ID_REGEX, Data
@@ -55,7 +55,7 @@ class Attach(_ClientMsg):
     type: Literal["attach"]
     sandbox_id: Annotated[str, Field(pattern=ID_REGEX)]
     container_id: Annotated[str, Field(pattern=ID_REGEX)]
-    exec_id: Annotated[str, Field(pattern=ID_REGEX)] = "init"
+    exec_id: Annotated[str, Field(pattern=ID_REGEX)] = INIT_EXEC_ID
 
 
 class Stdin(_ClientMsg):

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from collections.abc import Callable
 
-from hanabi_wire import (HEADER, MAX_DATA_CHUNK, MAX_FRAME, MAX_TTY_DIM, FrameDecoder, ProtocolError, b64d, b64e,
+from hanabi_wire import (HEADER, INIT_EXEC_ID, MAX_DATA_CHUNK, MAX_FRAME, MAX_SIGNAL, MAX_TTY_DIM, FrameDecoder, ProtocolError, b64d, b64e,
                          encode_frame)
 
 IO_SOCKET_NAME = "agentd-io.sock"
@@ -83,7 +83,7 @@ def _validate(msg: dict) -> dict:
         return {"type": "output", "stream": stream, "data": data, "seq": seq}
     if kind == "exit":
         return {"type": "exit", "exit_code": _int_or_none(msg.get("exit_code"), 0, 255),
-                "signal": _int_or_none(msg.get("signal"), 1, 64)}
+                "signal": _int_or_none(msg.get("signal"), 1, MAX_SIGNAL)}
     if kind == "oom":
         count = msg.get("oom_kills")
         if type(count) is not int or not 1 <= count < 1 << 63:
@@ -113,7 +113,7 @@ class IoStream:
 
     @classmethod
     def attach(cls, run_dir: str | os.PathLike, sandbox_id: str, container_id: str,
-               exec_id: str = "init", timeout: float = 10.0) -> IoStream:
+               exec_id: str = INIT_EXEC_ID, timeout: float = 10.0) -> IoStream:
         """Connect to agentd's io socket (retrying while it is not there) and attach."""
         path = str(Path(run_dir) / IO_SOCKET_NAME)
         deadline = time.monotonic() + timeout

@@ -8,7 +8,7 @@ from pydantic import Field
 
 from hanabi_common.models.agentd import AgentInfo
 from hanabi_common.models.base import ContainerId, ExecId, Reply, Request, SandboxId
-from hanabi_wire import MAX_TTY_DIM
+from hanabi_wire import INIT_EXEC_ID, MAX_TTY_DIM
 
 
 class ProcessRef(Request):
@@ -16,7 +16,7 @@ class ProcessRef(Request):
 
     sandbox_id: SandboxId
     container_id: ContainerId
-    exec_id: ExecId = "init"
+    exec_id: ExecId = INIT_EXEC_ID
 
 
 # Rows or columns of a terminal: a strict integer in 1..65535 (struct winsize holds u16).
@@ -28,7 +28,7 @@ class ResizeProcess(Request):
 
     sandbox_id: SandboxId
     container_id: ContainerId
-    exec_id: ExecId = "init"
+    exec_id: ExecId = INIT_EXEC_ID
     height: TtyDim
     width: TtyDim
 

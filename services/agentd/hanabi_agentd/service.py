@@ -260,7 +260,7 @@ class AgentService:
         session = self.registry.live(request.sandbox_id)
         cid, eid = request.container_id, request.exec_id
         if eid == INIT_EXEC_ID:
-            raise InvalidArgument("exec id 'init' is reserved for the container's first process")
+            raise InvalidArgument(f"exec id {INIT_EXEC_ID!r} is reserved for the container's first process")
         container = session.container(cid)
         if container.init.status != "running":
             raise FailedPrecondition(f"container {cid} is {container.init.status}, not running")

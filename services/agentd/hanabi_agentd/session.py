@@ -28,7 +28,7 @@ from collections.abc import Callable
 from hanabi_common.config import Config
 from hanabi_common.errors import (DeadlineExceeded, Internal, InvalidArgument, NotFound,
                                   Unavailable, error_for_code)
-from hanabi_wire import SYNC, T_PING, T_SYNC, FrameDecoder, ProtocolError, encode_frame, ping_fields
+from hanabi_wire import INIT_EXEC_ID, SYNC, T_PING, T_SYNC_MARKER, FrameDecoder, ProtocolError, encode_frame, ping_fields
 
 from hanabi_agentd.channel import Channel
 from hanabi_agentd.guest_messages import (GuestDnsQuery, GuestExit, GuestMisbehaved, GuestOom, GuestOutput,
@@ -302,7 +302,7 @@ class AgentSession:
                            "count": self._complaints, **extra})
 
     def _dispatch(self, raw: dict[str, Any]) -> None:
-        if raw.get("type") == T_SYNC:
+        if raw.get("type") == T_SYNC_MARKER:
             return  # the decoder's mark of where the agent's SYNC stood
         try:
             msg = parse_guest_message(raw)
@@ -381,7 +381,7 @@ class AgentSession:
     def _on_oom(self, msg: GuestOom) -> None:
         """The container's OOM kill count grew: its init's io client (the stand-in the
         shim watches) hears of it before the exit that follows."""
-        record = self.find_process(msg.container_id, "init")
+        record = self.find_process(msg.container_id, INIT_EXEC_ID)
         if record is None:
             self._complain("oom of an unknown container", logging.WARNING if msg.seq is None else logging.DEBUG,
                            container=msg.container_id)

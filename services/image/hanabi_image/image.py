@@ -54,8 +54,9 @@ MODULES = ["virtio_pci", "virtio_mmio", "virtio_blk", "virtio_console", "virtio_
            "vmw_vsock_virtio_transport", "virtio_balloon", "virtio_rng", "9p", "9pnet_virtio", "9pnet_fd"]
 AGENT_FILES = ["__init__.py", "channel.py", "core.py", "sandbox.py", "process.py",
                "handlers.py", "procio.py", "poller.py", "agent.py", "mounts.py", "share.py", "namespaces.py", "network.py", "dnsrelay.py",
-               "blkswap.py", "caps.py", "seccomp.py", "linuxspec.py", "cgroups.py", "hardening.py", "oom.py"]
-WIRE_FILES = ["__init__.py", "constants.py", "framing.py", "schema.py", "messages.py"]
+               "blkswap.py", "caps.py", "seccomp.py", "cgroups.py", "hardening.py", "oom.py"]
+WIRE_FILES = ["__init__.py", "constants.py", "framing.py", "schema.py", "messages.py", "ocispec/__init__.py",
+              "ocispec/caps.py", "ocispec/linux.py", "ocispec/process.py", "ocispec/resources.py", "ocispec/seccomp.py"]
 PACKAGES_IN_IMAGE = ("hanabi_guest/", "hanabi_wire/")
 # Imported lazily by the agent, or needed by the interpreter in the guest's C locale.
 EXTRA_IMPORTS = ["ctypes", "resource", "traceback", "socket", "encodings.ascii", "encodings.latin_1"]
@@ -231,7 +232,7 @@ def _ctypes_libs(x: str, root: str) -> list[str]:
 def _verify_python(root: str) -> None:
     """Run the trimmed interpreter from the tree: every guest import must resolve inside it."""
     check = ("import sys; sys.path.insert(0, sys.argv[1]); import hanabi_guest.agent, json, ctypes, resource; "
-             "import hanabi_wire, hanabi_wire.messages; "
+             "import hanabi_wire, hanabi_wire.messages, hanabi_wire.ocispec.linux, hanabi_wire.ocispec.process; "
              "ctypes.CDLL('libc.so.6').getpid(); ctypes.CDLL('libseccomp.so.2').seccomp_version; "
              "import traceback\ntry: 1/0\nexcept Exception: traceback.format_exc()\n"
              "bad = [m for m, v in sys.modules.items() if getattr(v, '__file__', None) and "

@@ -1,7 +1,7 @@
 """The `linux` field of the guest's create_container: what of config.json the guest applies.
 
 Pure. The subset of the OCI `linux` object the agent enforces inside the VM (see
-guest/hanabi_guest/linuxspec.py and docs/agent-protocol.md), plus the top-level
+hanabi_wire.ocispec.linux and docs/agent-protocol.md), plus the top-level
 `domainname`. `cgroupsPath` stays on the host (runtime cgroups.py); `linux.resources`
 travels too: the VM is sized from it and the guest writes it to the container's cgroup.
 With `[agent] seccomp = false` the seccomp profile is left out (the container runs without
@@ -10,8 +10,11 @@ a filter; the caller logs it).
 
 from __future__ import annotations
 
-GUEST_KEYS = ("namespaces", "maskedPaths", "readonlyPaths", "sysctl", "seccomp", "devices",
-              "resources", "uidMappings", "gidMappings", "rootfsPropagation", "mountLabel", "timeOffsets")
+from hanabi_wire.ocispec.linux import KNOWN_KEYS
+
+# The keys of config.json's `linux` the guest applies: every key of the guest's `linux` field
+# but domainname, which config.json has at the top level.
+GUEST_KEYS = tuple(key for key in KNOWN_KEYS if key != "domainname")
 
 
 def guest_linux(config: dict, seccomp: bool = True) -> dict:
@@ -26,13 +29,14 @@ def guest_linux(config: dict, seccomp: bool = True) -> dict:
 
 
 def check_guest_settings(config: dict, seccomp: bool = True) -> None:
-    """Validate what the guest will apply with the guest's own rules (no VM needed): the
-    process (capabilities, noNewPrivileges, LSM labels), the `linux` field and the seccomp
-    profile; InvalidArgument naming the field, before anything is provisioned."""
+    """Validate what the guest will apply with the guest's own rules (hanabi_wire.ocispec, no
+    VM needed): the process (capabilities, noNewPrivileges, LSM labels), the `linux` field
+    and the seccomp profile; InvalidArgument naming the field, before anything is
+    provisioned."""
     from hanabi_common.errors import InvalidArgument
-    from hanabi_guest.linuxspec import check_linux, check_user_mapped
-    from hanabi_guest.process import check_process
-    from hanabi_guest.seccomp import plan
+    from hanabi_wire.ocispec.linux import check_linux, check_user_mapped
+    from hanabi_wire.ocispec.process import check_process
+    from hanabi_wire.ocispec.seccomp import plan
 
     try:
         check_process(config.get("process"))

@@ -36,6 +36,7 @@ from hanabi_runtime.sizing import vm_size
 from hanabi_runtime.procs import START_FIFO, release_standin
 from hanabi_runtime.state import (STATE_NAME, RuntimeState, is_same_process_alive,
                                   process_start_time, write_pid_file)
+from hanabi_wire.constants import INIT_EXEC_ID
 
 log = logging.getLogger("hanabi.runtime")
 STANDIN_READY_TIMEOUT_S = 30.0
@@ -263,7 +264,7 @@ class Runtime:
                 if volume.binds else None, linux=linux))
         return timings, cgroup_dirs
 
-    def spawn_standin(self, cid: str, fifo: Path | None, detach: bool, exec_id: str = "init",
+    def spawn_standin(self, cid: str, fifo: Path | None, detach: bool, exec_id: str = INIT_EXEC_ID,
                       console: list[str] | None = None, args: Sequence[str] = (),
                       sandbox: str | None = None) -> StandinProcess:
         """Start a stand-in for one process of `cid` and wait until it is attached.

@@ -11,10 +11,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from hanabi_common.models.vmmd import MAX_VCPUS
+
 MIB = 1 << 20
 GUEST_OVERHEAD_MIB = 64
 MIN_GUEST_MIB = 128
-MAX_VCPUS = 64
 
 
 @dataclass(frozen=True)

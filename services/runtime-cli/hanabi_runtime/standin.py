@@ -24,6 +24,8 @@ import signal
 import sys
 from typing import TYPE_CHECKING
 
+from hanabi_wire.constants import INIT_EXEC_ID
+
 if TYPE_CHECKING:
     from hanabi_agentd.iostream import IoStream
     from hanabi_runtime.console import ConsoleRelay
@@ -56,7 +58,7 @@ class StandIn:
 
         self.stream = IoStream.attach(self.config.run_dir, self.args.sandbox, self.args.container,
                                       self.args.exec_id, timeout=10.0)
-        if self.args.exec_id == "init":  # the pid the shim watches the cgroup of
+        if self.args.exec_id == INIT_EXEC_ID:  # the pid the shim watches the cgroup of
             self.stream.on_oom = self.on_oom
         if self.args.console_socket or self.args.tty:
             from hanabi_runtime.console import setup_console
@@ -122,7 +124,7 @@ class StandIn:
     def follow_network(self) -> None:
         """The init process of a sandbox's own container follows the links of its namespace
         (netfollow: a NIC plugged or unplugged when `docker network connect` changes it)."""
-        if self.args.exec_id != "init" or self.args.sandbox != self.args.container:
+        if self.args.exec_id != INIT_EXEC_ID or self.args.sandbox != self.args.container:
             return
         import threading
 
@@ -159,7 +161,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="hanabi-standin")
     parser.add_argument("--sandbox", required=True)
     parser.add_argument("--container", required=True)
-    parser.add_argument("--exec-id", default="init")
+    parser.add_argument("--exec-id", default=INIT_EXEC_ID)
     parser.add_argument("--ready-fd", type=int, required=True)
     parser.add_argument("--start-fifo")
     parser.add_argument("--config")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 
+from hanabi_common.models.vmmd import MIN_VM_MEMORY_MIB
 from hanabi_wire.constants import KERNEL_CMDLINE, SERIAL_PORT_NAME, SHARE_MOUNT_TAG
 
 from hanabi_vmmd.hypervisor import NicSpec, VmSpec
@@ -120,8 +121,8 @@ def build_argv(spec: VmSpec, *, binary: str = "qemu-system-x86_64", machine: str
                sandbox: bool = True, nic_fds: Sequence[int] = ()) -> list[str]:
     """The full argv that boots `spec` (raises ValueError on values QEMU cannot take);
     `nic_fds`: the tap fds QEMU inherits, one per `spec.nics` entry."""
-    if spec.memory_mib < 64 or spec.vcpus < 1:
-        raise ValueError("a VM needs at least 64 MiB and 1 vCPU")
+    if spec.memory_mib < MIN_VM_MEMORY_MIB or spec.vcpus < 1:
+        raise ValueError(f"a VM needs at least {MIN_VM_MEMORY_MIB} MiB and 1 vCPU")
     for path in (spec.vm_dir, spec.agent_socket, spec.control_socket, spec.console_log):
         _check_option_path(str(path), "path")
     argv = [binary, "-name", f"hanabi-{spec.sandbox_id}"]

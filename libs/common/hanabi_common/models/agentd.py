@@ -8,7 +8,7 @@ from pydantic import Field, model_validator
 
 from hanabi_common.models.base import ContainerId, ExecId, Reply, Request, SandboxId
 from hanabi_common.models.netd import Interface, Route
-from hanabi_wire import ID_REGEX, INIT_EXEC_ID, MAX_SIGNAL, SHARE_ROOTFS_REGEX
+from hanabi_wire import ID_REGEX, INIT_EXEC_ID, MAX_SIGNAL, SERIAL_REGEX, SHARE_ROOTFS_REGEX
 
 
 class ConnectAgent(Request):
@@ -38,7 +38,7 @@ class RootfsSpec(Request):
     """What the guest mounts as the container's root: the disk with virtio serial `serial`,
     or (`share`, with fstype "9p") a directory of the VM's file share, relative to it."""
 
-    serial: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]{1,20}$")
+    serial: str | None = Field(None, pattern=SERIAL_REGEX)
     fstype: Literal["ext4", "9p"] = "ext4"
     readonly: bool = False
     share: str | None = Field(None, pattern=SHARE_ROOTFS_REGEX)
@@ -55,7 +55,7 @@ class RootfsSpec(Request):
 class DiskSpec(Request):
     """A disk the guest mounts by its virtio serial (the mounts disk)."""
 
-    serial: str = Field(pattern=r"^[A-Za-z0-9_-]{1,20}$")
+    serial: str = Field(pattern=SERIAL_REGEX)
     fstype: Literal["ext4"] = "ext4"
     readonly: bool = False
 

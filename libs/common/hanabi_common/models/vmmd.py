@@ -7,6 +7,13 @@ from typing import Annotated, Literal
 from pydantic import Field
 
 from hanabi_common.models.base import Reply, Request, SandboxId, SandboxRef
+from hanabi_wire.constants import LINK_NAME_REGEX, MAC_REGEX, MAX_MTU, MIN_MTU, SERIAL_REGEX
+
+# What a VM may be given (CreateVm, the [vmm] defaults, each backend's own check, the
+# runtime's sizing): the guest image boots in 64 MiB; 1 TiB and 64 vCPUs at most.
+MIN_VM_MEMORY_MIB = 64
+MAX_VM_MEMORY_MIB = 1 << 20
+MAX_VCPUS = 64
 
 VmState = Literal["booting", "running", "paused", "stopped"]
 # How agentd reaches the guest agent: a Unix stream socket (QEMU virtio-serial), Firecracker's
@@ -17,9 +24,9 @@ AgentTransport = Literal["unix", "hybrid_vsock", "vsock"]
 class VmNic(Request):
     """A guest NIC backed by a tap device that netd made in a network namespace."""
 
-    tap: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,15}$")
-    mac: str = Field(pattern=r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$")
-    mtu: int = Field(1500, ge=68, le=65535)
+    tap: str = Field(pattern=LINK_NAME_REGEX)
+    mac: str = Field(pattern=MAC_REGEX)
+    mtu: int = Field(1500, ge=MIN_MTU, le=MAX_MTU)
     netns_path: str | None = Field(None, min_length=1, max_length=4096)
 
 
@@ -31,8 +38,8 @@ class CreateVm(Request):
     """
 
     sandbox_id: SandboxId
-    memory_mib: int | None = Field(None, ge=64, le=1 << 20)
-    vcpus: int | None = Field(None, ge=1, le=64)
+    memory_mib: int | None = Field(None, ge=MIN_VM_MEMORY_MIB, le=MAX_VM_MEMORY_MIB)
+    vcpus: int | None = Field(None, ge=1, le=MAX_VCPUS)
     hypervisor: Literal["auto", "qemu", "firecracker"] | None = None
     nics: list[VmNic] = Field(default_factory=list, max_length=8)
     # The container's host cgroups (made by the runtime): the VMM joins them as soon as it
@@ -52,7 +59,7 @@ class DetachNic(Request):
     """Hot-unplug the NIC backed by `tap` (in `netns_path`)."""
 
     sandbox_id: SandboxId
-    tap: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,15}$")
+    tap: str = Field(pattern=LINK_NAME_REGEX)
     netns_path: str | None = Field(None, min_length=1, max_length=4096)
 
 
@@ -98,7 +105,7 @@ class AttachDisk(Request):
 
     sandbox_id: SandboxId
     path: str = Field(min_length=1, max_length=4096)
-    serial: str = Field(pattern=r"^[A-Za-z0-9_-]{1,20}$")
+    serial: str = Field(pattern=SERIAL_REGEX)
     format: Literal["raw", "qcow2"] = "raw"
     readonly: bool = False
 

@@ -14,7 +14,7 @@ import os
 import time
 
 from hanabi_common.errors import FailedPrecondition, HanabiError, NotFound, Unavailable
-from hanabi_runtime.lean.ids import checked_id
+from hanabi_runtime.lean.ids import checked_id, wire_constants
 from hanabi_runtime.lean.records import (Fallback, LeanConfig, exec_standins, load_state, read_state,
                                          write_state)
 from hanabi_runtime.lean.rpc import LeanClient
@@ -120,7 +120,7 @@ def cmd_kill(config: LeanConfig, args: dict) -> int:
     signum = parse_signal(args.get("signal", "SIGTERM"))
     daemons = Daemons(config)
     state = _load(config, cid)
-    body = dict(_ref(state), exec_id="init", signal=signum, all=bool(args.get("all")))
+    body = dict(_ref(state), exec_id=wire_constants().INIT_EXEC_ID, signal=signum, all=bool(args.get("all")))
     if state["started"] and not state["paused"] and not body["all"] and state["standin_pid"] is not None:
         # One RPC: agentd refuses to signal a stopped process itself; only then is the
         # status asked, for today's words (an agentd that is down: its own error).

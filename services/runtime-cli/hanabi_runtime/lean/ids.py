@@ -1,10 +1,12 @@
-"""Container ids on the lean paths: hanabi_wire's ID_RE, without importing hanabi_wire.
+"""Container ids on the lean paths: hanabi_wire's ID_RE (and its other constants), without
+importing hanabi_wire.
 
 `hanabi_common.ids` imports `hanabi_wire.constants`, and importing a submodule runs the
 package's `__init__`, which loads the whole guest protocol (framing, schema, messages).
-The hot paths need one regex: they execute `hanabi_wire/constants.py` (stdlib `re` only)
-as a private module, so the rule stays defined once. An id it refuses goes to the full
-CLI, which words the refusal (`hanabi_common.ids.validate_id`).
+The hot paths need one regex and the init's exec id: they execute
+`hanabi_wire/constants.py` (stdlib `re` only) as a private module (`wire_constants`), so
+each rule stays defined once. An id it refuses goes to the full CLI, which words the
+refusal (`hanabi_common.ids.validate_id`).
 """
 
 from __future__ import annotations
@@ -13,12 +15,14 @@ import os
 
 from hanabi_runtime.lean.records import Fallback
 
-_ID_RE = None
+_CONSTANTS = None
 
 
-def _id_re():
-    global _ID_RE
-    if _ID_RE is None:
+def wire_constants():
+    """`hanabi_wire/constants.py`, executed once as a private module (hanabi_wire is found,
+    not imported)."""
+    global _CONSTANTS
+    if _CONSTANTS is None:
         import importlib.util
 
         package = importlib.util.find_spec("hanabi_wire")  # found, not imported
@@ -26,12 +30,12 @@ def _id_re():
         spec = importlib.util.spec_from_file_location("_hanabi_wire_constants", path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        _ID_RE = module.ID_RE
-    return _ID_RE
+        _CONSTANTS = module
+    return _CONSTANTS
 
 
 def checked_id(value: str) -> str:
     """`value` if it is a valid container id; else Fallback (before anything was done)."""
-    if not _id_re().fullmatch(value):
+    if not wire_constants().ID_RE.fullmatch(value):
         raise Fallback()
     return value

@@ -15,6 +15,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from hanabi_common.errors import InvalidArgument
+from hanabi_common.models.vmmd import MIN_VM_MEMORY_MIB
 
 from . import models as m
 
@@ -79,8 +80,8 @@ def boot_sequence(spec: FcBootSpec) -> list[Step]:
     """(method, path, body) in the order Firecracker needs them, ending with InstanceStart."""
     if spec.vcpus < 1 or spec.vcpus > 32:
         raise InvalidArgument(f"firecracker supports 1..32 vCPUs, not {spec.vcpus}")
-    if spec.memory_mib < 64:
-        raise InvalidArgument(f"VM memory {spec.memory_mib} MiB is below the 64 MiB minimum")
+    if spec.memory_mib < MIN_VM_MEMORY_MIB:
+        raise InvalidArgument(f"VM memory {spec.memory_mib} MiB is below the {MIN_VM_MEMORY_MIB} MiB minimum")
     if spec.placeholder_drives and not spec.placeholder_dir:
         raise InvalidArgument("placeholder drives need a placeholder_dir")
     if (spec.guest_mac is not None) and not spec.tap_name:

@@ -2,7 +2,9 @@
 applies, validated with runc's rules (pure functions, no I/O).
 
 ``check_linux(obj, hostname)`` returns a ``LinuxSpec`` or raises ValueError naming the field.
-Namespaces: ``pid`` and ``mount`` are always made (namespaces.py); ``ipc``, ``uts``,
+The agent runs it on create_container, and the runtime on config.json before anything is
+provisioned; the agent applies the result (hanabi_guest namespaces.py, hardening.py).
+Namespaces: ``pid`` and ``mount`` are always made; ``ipc``, ``uts``,
 ``cgroup`` and ``time`` listed without a path are made for the container's init and joined by its execs;
 ``network`` is the VM's own network stack (the host joined or made the namespace the VM's
 NICs come from, with or without a path). A ``time`` namespace is made as runc 1.2 does,
@@ -12,11 +14,11 @@ error (a VM cannot join a user namespace of the host either). A ``user`` namespa
 path is made as runc makes it, with ``linux.uidMappings``/``gidMappings`` (``check_id_mappings``:
 the kernel's rules, so a bad map fails create instead of start; runc 1.2's rules for maps
 without a user namespace and a user namespace without maps; container root must be mapped,
-as runc 1.1 requires); see namespaces.py for the order. Sysctls follow runc's validator: IPC keys need an ipc
+as runc 1.1 requires). Sysctls follow runc's validator: IPC keys need an ipc
 namespace, ``net.*`` a network one, ``kernel.domainname`` a uts one, ``kernel.hostname`` is
 refused (the hostname field sets it), anything else "is not in a separate kernel namespace".
 A device cgroup that allows every device (``--privileged``) means the VM's devices: see
-``allows_all_devices`` and hardening.py.
+``allows_all_devices`` and the agent's hardening.py.
 
 STDLIB ONLY: runs inside the guest.
 """
@@ -24,6 +26,9 @@ STDLIB ONLY: runs inside the guest.
 from __future__ import annotations
 
 import re
+
+from ..schema import is_int
+from .resources import check_resources
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -55,7 +60,7 @@ PROPAGATIONS = ("", "private", "rprivate", "slave", "rslave", "shared", "rshared
 
 class LinuxSpec:
     """What the guest applies: namespaces to make, paths, sysctls, devices, resources and the
-    seccomp object (turned into a filter by seccomp.py), the domainname."""
+    seccomp object (turned into a filter by the agent's seccomp.py), the domainname."""
 
     __slots__ = ("namespaces", "masked", "readonly", "sysctl", "devices", "resources", "seccomp",
                  "domainname", "propagation", "all_devices", "time_offsets", "uid_map", "gid_map")
@@ -85,10 +90,6 @@ class LinuxSpec:
     def userns(self) -> bool:
         """Whether the container gets a user namespace of its own."""
         return bool(self.uid_map)
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def check_path(v: Any, what: str) -> str:
@@ -156,7 +157,7 @@ def check_id_mappings(v: Any, what: str) -> list[tuple[int, int, int]]:
         nums: list[int] = []
         for key in ID_MAP_KEYS:
             n = m.get(key)
-            if not isinstance(n, int) or not _is_int(n) or not 0 <= n < ID_LIMIT:
+            if not is_int(n) or not 0 <= n < ID_LIMIT:
                 raise ValueError(f"{w}.{key} must be an integer 0..{ID_LIMIT - 1}")
             nums.append(n)
         first, lower, size = nums
@@ -181,12 +182,6 @@ def host_id(container_id: int, mappings: list[tuple[int, int, int]]) -> int | No
         if first <= container_id < first + size:
             return lower + container_id - first
     return None
-
-
-def id_map_text(mappings: list[tuple[int, int, int]]) -> str:
-    """What /proc/PID/uid_map (gid_map) takes, in one write: ``<containerID> <hostID> <size>``
-    a line."""
-    return "".join(f"{first} {lower} {size}\n" for first, lower, size in mappings)
 
 
 def check_user_namespace(obj: dict[str, Any], listed: set[str]) -> tuple[list[tuple[int, int, int]],
@@ -243,10 +238,10 @@ def check_time_offsets(v: Any, listed: set[str]) -> list[tuple[str, int, int]]:
         if not isinstance(off, dict) or set(off) - {"secs", "nanosecs"}:
             raise ValueError(f"linux.timeOffsets.{clock} must be an object of secs and nanosecs")
         secs, nsecs = off.get("secs", 0), off.get("nanosecs", 0)
-        if not _is_int(secs) or not -KTIME_SEC_MAX <= secs <= KTIME_SEC_MAX // 2:
+        if not is_int(secs) or not -KTIME_SEC_MAX <= secs <= KTIME_SEC_MAX // 2:
             raise ValueError(f"linux.timeOffsets.{clock}.secs must be an integer in "
                              f"{-KTIME_SEC_MAX}..{KTIME_SEC_MAX // 2}")
-        if not _is_int(nsecs) or not 0 <= nsecs < 1_000_000_000:
+        if not is_int(nsecs) or not 0 <= nsecs < 1_000_000_000:
             raise ValueError(f"linux.timeOffsets.{clock}.nanosecs must be 0..999999999")
         out.append((clock, secs, nsecs))
     return out
@@ -308,18 +303,18 @@ def check_devices(v: Any) -> list[dict[str, Any]]:
         major, minor = d.get("major", 0), d.get("minor", 0)
         if kind != "p":
             for key, n in (("major", major), ("minor", minor)):
-                if not _is_int(n) or not 0 <= n < 1 << 20:
+                if not is_int(n) or not 0 <= n < 1 << 20:
                     raise ValueError(f"{w}.{key} must be 0..{(1 << 20) - 1}")
         mode = d.get("fileMode", 0o666)
         if mode is None:
             mode = 0o666
-        if not _is_int(mode) or not 0 <= mode <= 0o7777:
+        if not is_int(mode) or not 0 <= mode <= 0o7777:
             raise ValueError(f"{w}.fileMode must be 0..07777")
         ids = {}
         for key in ("uid", "gid"):
             n = d.get(key, 0)
             n = 0 if n is None else n
-            if not _is_int(n) or not 0 <= n < 2**32 - 1:
+            if not is_int(n) or not 0 <= n < ID_LIMIT:
                 raise ValueError(f"{w}.{key} must be a 32-bit id")
             ids[key] = n
         out.append({"path": path, "type": kind, "major": major, "minor": minor, "mode": mode, **ids})
@@ -363,8 +358,6 @@ def check_linux(obj: Any, hostname: str | None = None) -> LinuxSpec | None:
     spec.readonly = _paths(obj.get("readonlyPaths"), "linux.readonlyPaths")
     spec.sysctl = check_sysctl(obj.get("sysctl"), listed)
     spec.devices = check_devices(obj.get("devices"))
-    from .cgroups import check_resources
-
     spec.resources = check_resources(obj.get("resources"))
     spec.all_devices = allows_all_devices(spec.resources)
     seccomp = obj.get("seccomp")
