@@ -59,6 +59,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.run import load_average, prepare  # noqa: E402
 from hanabi_runtime.demo_bundle import make_bundle  # noqa: E402
 from tests.helpers.hanabi import BIN, integration_skip_reason, start_daemons  # noqa: E402
 
@@ -86,6 +87,8 @@ def main() -> None:
     reason = integration_skip_reason()
     if reason or not shutil.which("runc"):
         sys.exit(f"cannot benchmark here: {reason or 'runc is not installed'}")
+    prepare()
+    load_at_start = load_average()
     work = Path(tempfile.mkdtemp(prefix="hanabi-bench-cli-"))
     bundle = make_bundle(work / "bundle", ["sleep", "600"])
     daemons = start_daemons(work / "hanabi")
@@ -130,7 +133,8 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     runc_ms = ms(runc_state)
     report = {"runs": RUNS, "runc_state_ms": runc_ms, "python_startup_ms": ms(floor),
-              "load_average": os.getloadavg(), "commands": {}}
+              "load_average": os.getloadavg(), "load_average_at_start": load_at_start,
+              "commands": {}}
     for command, entries in times.items():
         full, lean = ms(entries["full"]), ms(entries["lean"])
         report["commands"][command] = {"full_ms": full, "lean_ms": lean, "full_over_lean": round(full / lean, 2),
