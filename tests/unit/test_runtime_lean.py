@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -228,3 +229,14 @@ def test_delete_answers_as_the_full_cli_without_its_imports(world):
             (directory / name).unlink()
         directory.rmdir()
     assert results[0] == results[1] and results[0][0] == 0
+
+
+@pytest.mark.parametrize("code, status, err", [(None, 0, ""), (0, 0, ""), (3, 3, ""), (300, 44, ""),
+                                               ("no such container", 1, "no such container\n")])
+def test_exit_now_ends_as_sys_exit_would(code, status, err):
+    """The CLI's and the stand-in's end: the status sys.exit gives, stdout flushed, atexit run."""
+    script = ("import atexit, sys; from hanabi_runtime.lean import exit_now; "
+              "atexit.register(lambda: print('atexit ran')); sys.stdout.write('unflushed '); "
+              f"exit_now({code!r})")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
+    assert (done.returncode, done.stdout, done.stderr) == (status, "unflushed atexit ran\n", err)

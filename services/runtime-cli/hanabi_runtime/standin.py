@@ -214,4 +214,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from hanabi_runtime.lean import exit_now
+
+    exit_now(main())  # no interpreter teardown: the container's exit reaches the shim sooner
