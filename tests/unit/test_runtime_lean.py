@@ -66,8 +66,10 @@ def test_argv_takes_runc_globals_and_leaves_the_rest_to_typer():
     assert parse(["delete", "-f", "c1"]).args == {"id": "c1", "force": True}
     assert parse(["events", "--stats", "--interval=2", "c1"]).args == {"id": "c1", "stats": True, "interval": "2"}
     assert parse(["ps", "c1", "-f", "json"]).args == {"id": "c1", "format": "json"}
+    assert parse(["create", "--bundle", "/b", "--pid-file=/p", "--no-pivot", "c1"]).args == {
+        "id": "c1", "bundle": "/b", "pid_file": "/p", "no_pivot": True}
     for argv in (["state"], ["state", "a", "b"], ["--debug", "state", "c"], ["state", "--help", "c"],
-                 ["--version"], ["create", "c"], ["kill", "-s", "c"], ["--", "state", "c"], []):
+                 ["--version"], ["create", "-bx", "c"], ["kill", "-s", "c"], ["--", "state", "c"], []):
         assert parse(argv) is None, argv
 
 
@@ -240,3 +242,19 @@ def test_exit_now_ends_as_sys_exit_would(code, status, err):
               f"exit_now({code!r})")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
     assert (done.returncode, done.stdout, done.stderr) == (status, "unflushed atexit ran\n", err)
+
+
+def test_create_fails_as_the_full_cli_without_typer(world, tmp_path):
+    """`create` runs without typer and click (lean._create) and refuses what the full CLI
+    refuses in the same words; what only typer can say (a --preserve-fds that is no number)
+    goes to typer."""
+    (tmp_path / "nobundle").mkdir()
+    for args in (["create", "--bundle", str(tmp_path / "nobundle"), "c1"],
+                 ["create", "--preserve-fds", "2", "--bundle", str(tmp_path / "nobundle"), "c2"],
+                 ["create", "-b", str(tmp_path / "missing"), "bad/id"],
+                 ["create", "--preserve-fds", "x", "c3"]):
+        lean = _same(world, *args, imports=False)
+        assert lean.returncode != 0, args
+    _, modules = run_cli(["--config", world["config"], "create", "--bundle", str(tmp_path / "nobundle"), "c1"])
+    assert not {"typer", "click"} & modules
+    assert not (world["sbs"] / "c1").exists()

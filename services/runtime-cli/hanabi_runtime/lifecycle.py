@@ -517,6 +517,34 @@ class Runtime:
                 (record.standin_pid, record.standin_start_time) for record in self.exec_records(cid)]
         teardown(cid, self._call, str(self.store.root), standins, cgroup_dirs, sandbox=sandbox, paused=paused)
 
+def open_runtime(config: str | os.PathLike | None, root: str | None, hypervisor: str | None) -> Runtime:
+    """The Runtime of a CLI call (`--config`, `--root`, `--hypervisor`); the config file's
+    text is stamped as validated for the lean paths (`lean.records`) when it was read whole."""
+    from hanabi_common.config import config_path, load_config
+
+    path = config_path(Path(config) if config is not None else None)
+    text = _config_text(path)
+    runtime = Runtime(load_config(Path(config) if config is not None else None), root=root, hypervisor=hypervisor)
+    if text is not None and text == _config_text(path):  # the text the models accepted
+        from hanabi_runtime.lean.records import stamp_config
+        stamp_config(runtime.config.run_dir, path, text)
+    return runtime
+
+
+def _config_text(path: Path | None) -> str | None:
+    try:
+        return path.read_bytes().decode() if path is not None else None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def refuse_preserve_fds(container_id: str, count: int) -> None:
+    """Extra file descriptors cannot cross into the VM: refuse them instead of dropping them."""
+    if count:
+        raise InvalidArgument(f"container {container_id}: --preserve-fds {count} is not supported: "
+                              "file descriptors of the host cannot be passed into the container's VM")
+
+
 @contextmanager
 def _phase(timings: dict[str, float], name: str) -> Iterator[None]:
     """Record how long the block took, in seconds, under `name`."""
