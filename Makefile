@@ -54,6 +54,7 @@ bench: setup ## benchmarks (hanabi vs runc in the same run)
 	$(BIN)/python bench/network.py
 	$(BIN)/python bench/pool.py
 	$(BIN)/python bench/templates.py
+	$(BIN)/python bench/cli.py
 	$(BIN)/python bench/storage.py
 	$(BIN)/python bench/security.py
 	$(BIN)/python bench/firecracker.py

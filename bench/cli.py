@@ -42,6 +42,29 @@ average 7.8: `python -c pass` 142.8 ms, `runc state` 10.2 ms):
 `delete --force` of a running container now costs 1.38 `state` calls (was 12.3 in the 10:47
 run): about 108 ms above the interpreter's start-up here against 38 ms for `state`, the VMM's
 SIGKILL and reaping (vm.release, 9-26 ms on a quieter host) the largest part.
+
+2026-12-01 15:38 UTC, medians of 10, editable install with the sources byte-compiled first
+(`bench.run.prepare`: the runs above had no .pyc files where PYTHONDONTWRITEBYTECODE=1 was
+set, so each call compiled its modules, 70+ ms), guest image of the `fastpath` branch, load
+average 3.6 (5.8 at the start):
+
+    command            full ms  lean ms  full/lean  lean/runc-state
+    state                353.8     38.4       9.21              5.5
+    ps                   364.7     44.2       8.25              6.3
+    ps --format json     251.2     40.4       6.22              5.8
+    events --stats       378.8     42.3       8.96              6.0
+    kill                 352.0     42.5       8.28              6.1
+    pause                386.0     44.8       8.62              6.4
+    resume               422.9     46.7       9.06              6.7
+    start                596.8    320.1       1.86             45.7
+    delete --force       445.2    143.8        3.1             20.5
+    runc state: 7.0 ms; `python -c pass`: 29.2 ms
+
+`delete --force` of a running container had taken 5.19 s lean (the same morning's code,
+load 1.9): agentd's flush request was named `sync`, the name of the SYNC marker's
+pseudo-message, so the guest took it for a marker and never answered, and agentd waited
+its 5 s bound every time. `start` is the guest's work (agentd's container.start: 170-240 ms
+of forking and setting up the process under TCG).
 """
 
 from __future__ import annotations
@@ -59,6 +82,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.run import load_average, prepare  # noqa: E402
 from hanabi_runtime.demo_bundle import make_bundle  # noqa: E402
 from tests.helpers.hanabi import BIN, integration_skip_reason, start_daemons  # noqa: E402
 
@@ -86,6 +110,8 @@ def main() -> None:
     reason = integration_skip_reason()
     if reason or not shutil.which("runc"):
         sys.exit(f"cannot benchmark here: {reason or 'runc is not installed'}")
+    prepare()
+    load_at_start = load_average()
     work = Path(tempfile.mkdtemp(prefix="hanabi-bench-cli-"))
     bundle = make_bundle(work / "bundle", ["sleep", "600"])
     daemons = start_daemons(work / "hanabi")
@@ -130,7 +156,8 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     runc_ms = ms(runc_state)
     report = {"runs": RUNS, "runc_state_ms": runc_ms, "python_startup_ms": ms(floor),
-              "load_average": os.getloadavg(), "commands": {}}
+              "load_average": os.getloadavg(), "load_average_at_start": load_at_start,
+              "commands": {}}
     for command, entries in times.items():
         full, lean = ms(entries["full"]), ms(entries["lean"])
         report["commands"][command] = {"full_ms": full, "lean_ms": lean, "full_over_lean": round(full / lean, 2),

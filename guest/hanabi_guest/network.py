@@ -3,8 +3,10 @@
 ``check_network`` validates a ``configure_network`` request (the host may be buggy; its
 fields are defined in ``hanabi_wire.messages``);
 ``plan_commands`` turns it into busybox ``ip`` command lines (pure, unit-tested);
-``apply`` finds each NIC by its MAC in sysfs (the VMM gave the guest NIC the link's MAC),
-renames it to the link's name, and runs the commands. IPv6 duplicate address detection
+``apply`` brings loopback up (``link_up``: an ioctl, not a process: under TCG an exec of
+busybox costs tens of milliseconds, and every container start pays this one), finds each
+NIC by its MAC in sysfs (the VMM gave the guest NIC the link's MAC), renames it to the
+link's name, and runs the commands. IPv6 duplicate address detection
 and router advertisements are turned off on configured NICs: the addresses are already
 the container's, and the routes are the ones Docker set.
 
@@ -93,7 +95,7 @@ def plan_commands(interfaces: list[dict[str, Any]], routes: list[dict[str, Any]]
     Addresses and routes are replaced, not added: configuring a NIC again (a retry after a
     half-done attempt) does the same and succeeds.
     """
-    cmds: list[list[str]] = [["ip", "link", "set", "dev", "lo", "up"]]
+    cmds: list[list[str]] = []
     renames = [(current[iface["mac"]], iface["name"]) for iface in interfaces
                if current[iface["mac"]] != iface["name"]]
     # Through temporary names: the kernel's eth0 may be the NIC that must become eth1.
@@ -150,6 +152,27 @@ def wait_for_nics(macs: list[str], timeout: float, sysfs: str = "/sys") -> dict[
         time.sleep(0.02)
 
 
+SIOCGIFFLAGS = 0x8913
+SIOCSIFFLAGS = 0x8914
+IFF_UP = 0x1
+IFREQ = "16sh22x"  # struct ifreq: the name, ifr_flags, the rest of the union (40 bytes)
+
+
+def link_up(name: str) -> None:
+    """``ip link set dev NAME up``, done in this process (SIOCGIFFLAGS/SIOCSIFFLAGS)."""
+    import fcntl
+    import socket
+    import struct
+
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            flags = struct.unpack(IFREQ, fcntl.ioctl(sock, SIOCGIFFLAGS, struct.pack(IFREQ, name.encode(), 0)))[1]
+            if not flags & IFF_UP:
+                fcntl.ioctl(sock, SIOCSIFFLAGS, struct.pack(IFREQ, name.encode(), flags | IFF_UP))
+    except OSError as exc:
+        raise AgentError("FAILED_PRECONDITION", f"ip link set dev {name} up failed: {exc}") from None
+
+
 def _sysctl(path: str, value: str) -> None:
     try:
         with open(path, "w", encoding="ascii") as f:
@@ -183,6 +206,7 @@ def run(argv: list[str]) -> None:
 
 def apply(interfaces: list[dict[str, Any]], routes: list[dict[str, Any]], sysfs: str = "/sys") -> None:
     """Configure the guest's NICs and routes (the real guest only)."""
+    link_up("lo")
     current = wait_for_nics([iface["mac"] for iface in interfaces], NIC_WAIT_S, sysfs)
     for iface in interfaces:
         for old_or_new in {current[iface["mac"]], iface["name"]}:

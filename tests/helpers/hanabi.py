@@ -158,6 +158,17 @@ def processes_mentioning(text: str) -> list[int]:
     return found
 
 
+def _cmdlines(pids: list[int]) -> list[str]:
+    """What each leftover process is (for the failure message)."""
+    out = []
+    for pid in pids:
+        try:
+            out.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:200])
+        except OSError:
+            out.append("(gone)")
+    return out
+
+
 def loop_devices_on(path: Path) -> list[str]:
     """Loop devices whose backing file lies under `path`."""
     out = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
@@ -202,7 +213,7 @@ def leftovers(daemons: Daemons, cid: str, in_pod: bool = False) -> list[str]:
     pids = (processes_mentioning(f"hanabi-{cid} ") + processes_mentioning(f"--sandbox {cid} ")
             + processes_mentioning(f"[hanabi {cid[:12]}]"))
     if pids:
-        found.append(f"processes {pids}")
+        found.append(f"processes {pids} {_cmdlines(pids)}")
     if (config.sandboxes_dir / cid).exists():
         found.append(f"sandbox dir {config.sandboxes_dir / cid}: {os.listdir(config.sandboxes_dir / cid)}")
     volumes = list(config.block.volume_dir.glob(f"{cid}*")) if config.block.volume_dir.exists() else []
@@ -257,7 +268,7 @@ def _pod_member_leftovers(daemons: Daemons, cid: str) -> list[str]:
     found = []
     pids = processes_mentioning(f"--container {cid} ") + processes_mentioning(f"[hanabi {cid[:12]}]")
     if pids:
-        found.append(f"processes {pids}")
+        found.append(f"processes {pids} {_cmdlines(pids)}")
     if (config.sandboxes_dir / cid).exists():
         found.append(f"sandbox dir {config.sandboxes_dir / cid}: {os.listdir(config.sandboxes_dir / cid)}")
     own = list(config.shares_dir.glob(f"*/{cid}")) if config.shares_dir.exists() else []

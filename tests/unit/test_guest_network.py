@@ -4,6 +4,10 @@ the protocol (DirSandbox: the host's own network is never touched)."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,7 +28,6 @@ def test_a_docker_endpoint_becomes_ip_commands():
     assert interfaces[0]["mac"] == "02:42:ac:12:00:02"
     cmds = plan_commands(interfaces, routes, {"02:42:ac:12:00:02": "eth0"})
     assert cmds == [
-        ["ip", "link", "set", "dev", "lo", "up"],
         ["ip", "link", "set", "dev", "eth0", "mtu", "1450", "up"],
         ["ip", "-4", "addr", "replace", "172.18.0.2/16", "dev", "eth0"],
         ["ip", "-6", "addr", "replace", "fd00:db8::2/64", "dev", "eth0"],
@@ -38,14 +41,28 @@ def test_nics_are_renamed_through_temporary_names():
     interfaces, routes, _ = check_network({"interfaces": [ETH, second]})
     # The kernel named them the other way round.
     cmds = plan_commands(interfaces, routes, {"02:42:ac:12:00:02": "eth1", "02:00:00:00:00:01": "eth0"})
-    assert cmds[1:5] == [["ip", "link", "set", "dev", "eth1", "name", "hanabitmp0"],
+    assert cmds[0:4] == [["ip", "link", "set", "dev", "eth1", "name", "hanabitmp0"],
                          ["ip", "link", "set", "dev", "eth0", "name", "hanabitmp1"],
                          ["ip", "link", "set", "dev", "hanabitmp0", "name", "eth0"],
                          ["ip", "link", "set", "dev", "hanabitmp1", "name", "eth1"]]
 
 
 def test_loopback_only():
-    assert plan_commands(*check_network({})[:2], {}) == [["ip", "link", "set", "dev", "lo", "up"]]
+    assert plan_commands(*check_network({})[:2], {}) == []  # loopback: link_up, no process
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and unshare(1)")
+def test_link_up_brings_loopback_up_without_a_process():
+    """`apply` brings loopback up with link_up (ioctls), as `ip link set dev lo up` did:
+    in a fresh network namespace, lo is down before and up after."""
+    script = ("import subprocess; from hanabi_guest.network import link_up; "
+              "show = lambda: subprocess.run(['ip', '-o', 'link', 'show', 'lo'], capture_output=True, text=True).stdout; "
+              "before = show(); link_up('lo'); link_up('lo'); print(before.split('<')[1].split('>')[0]); "
+              "print(show().split('<')[1].split('>')[0])")
+    done = subprocess.run(["unshare", "--net", sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=30, check=True)
+    before, after = done.stdout.split()
+    assert "UP" not in before.split(",") and "UP" in after.split(","), done.stdout
 
 
 @pytest.mark.parametrize("msg, message", [

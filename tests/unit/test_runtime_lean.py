@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -65,8 +66,10 @@ def test_argv_takes_runc_globals_and_leaves_the_rest_to_typer():
     assert parse(["delete", "-f", "c1"]).args == {"id": "c1", "force": True}
     assert parse(["events", "--stats", "--interval=2", "c1"]).args == {"id": "c1", "stats": True, "interval": "2"}
     assert parse(["ps", "c1", "-f", "json"]).args == {"id": "c1", "format": "json"}
+    assert parse(["create", "--bundle", "/b", "--pid-file=/p", "--no-pivot", "c1"]).args == {
+        "id": "c1", "bundle": "/b", "pid_file": "/p", "no_pivot": True}
     for argv in (["state"], ["state", "a", "b"], ["--debug", "state", "c"], ["state", "--help", "c"],
-                 ["--version"], ["create", "c"], ["kill", "-s", "c"], ["--", "state", "c"], []):
+                 ["--version"], ["create", "-bx", "c"], ["kill", "-s", "c"], ["--", "state", "c"], []):
         assert parse(argv) is None, argv
 
 
@@ -228,3 +231,30 @@ def test_delete_answers_as_the_full_cli_without_its_imports(world):
             (directory / name).unlink()
         directory.rmdir()
     assert results[0] == results[1] and results[0][0] == 0
+
+
+@pytest.mark.parametrize("code, status, err", [(None, 0, ""), (0, 0, ""), (3, 3, ""), (300, 44, ""),
+                                               ("no such container", 1, "no such container\n")])
+def test_exit_now_ends_as_sys_exit_would(code, status, err):
+    """The CLI's and the stand-in's end: the status sys.exit gives, stdout flushed, atexit run."""
+    script = ("import atexit, sys; from hanabi_runtime.lean import exit_now; "
+              "atexit.register(lambda: print('atexit ran')); sys.stdout.write('unflushed '); "
+              f"exit_now({code!r})")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
+    assert (done.returncode, done.stdout, done.stderr) == (status, "unflushed atexit ran\n", err)
+
+
+def test_create_fails_as_the_full_cli_without_typer(world, tmp_path):
+    """`create` runs without typer and click (lean._create) and refuses what the full CLI
+    refuses in the same words; what only typer can say (a --preserve-fds that is no number)
+    goes to typer."""
+    (tmp_path / "nobundle").mkdir()
+    for args in (["create", "--bundle", str(tmp_path / "nobundle"), "c1"],
+                 ["create", "--preserve-fds", "2", "--bundle", str(tmp_path / "nobundle"), "c2"],
+                 ["create", "-b", str(tmp_path / "missing"), "bad/id"],
+                 ["create", "--preserve-fds", "x", "c3"]):
+        lean = _same(world, *args, imports=False)
+        assert lean.returncode != 0, args
+    _, modules = run_cli(["--config", world["config"], "create", "--bundle", str(tmp_path / "nobundle"), "c1"])
+    assert not {"typer", "click"} & modules
+    assert not (world["sbs"] / "c1").exists()

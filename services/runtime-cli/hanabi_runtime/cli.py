@@ -55,24 +55,9 @@ def _setup_logging(log: Path | None, log_format: str, debug: bool) -> None:
 
 
 def _runtime():
-    from hanabi_common.config import config_path, load_config
-    from hanabi_runtime.lifecycle import Runtime
+    from hanabi_runtime.lifecycle import open_runtime
 
-    path = config_path(_globals.get("config"))
-    text = _config_text(path)
-    runtime = Runtime(load_config(_globals.get("config")), root=_globals.get("root"),
-                      hypervisor=_globals.get("hypervisor"))
-    if text is not None and text == _config_text(path):  # the text the models accepted
-        from hanabi_runtime.lean.records import stamp_config
-        stamp_config(runtime.config.run_dir, path, text)
-    return runtime
-
-
-def _config_text(path: Path | None) -> str | None:
-    try:
-        return path.read_bytes().decode() if path is not None else None
-    except (OSError, UnicodeDecodeError):
-        return None
+    return open_runtime(_globals.get("config"), _globals.get("root"), _globals.get("hypervisor"))
 
 
 def _fail(exc: HanabiError) -> None:
@@ -83,10 +68,9 @@ def _fail(exc: HanabiError) -> None:
 
 def _refuse_preserve_fds(container_id: str, count: int) -> None:
     """Extra file descriptors cannot cross into the VM: refuse them instead of dropping them."""
-    if count:
-        from hanabi_common.errors import InvalidArgument
-        _fail(InvalidArgument(f"container {container_id}: --preserve-fds {count} is not supported: "
-                              "file descriptors of the host cannot be passed into the container's VM"))
+    from hanabi_runtime.lifecycle import refuse_preserve_fds
+
+    _guard(lambda: refuse_preserve_fds(container_id, count))
 
 
 def _guard(action):

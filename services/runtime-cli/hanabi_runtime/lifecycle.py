@@ -67,6 +67,47 @@ class StandinProcess:
         return os.waitstatus_to_exitcode(status)
 
 
+class PendingStandin(StandinProcess):
+    """A stand-in launched early (`Runtime.launch_standin`): its interpreter starts and
+    imports while the daemons make the VM; it attaches only once `attach` says go."""
+
+    def __init__(self, pid: int, go_w: int, ready_r: int, cid: str) -> None:
+        super().__init__(pid)
+        self.cid = cid
+        self._go_w: int | None = go_w
+        self._ready_r: int | None = ready_r
+        self.reaped = False  # by attach(), which failed
+
+    def attach(self) -> None:
+        """Let it attach to its process's io stream and wait until it says it is attached;
+        Internal (the stand-in killed and reaped) if it says otherwise."""
+        assert self._go_w is not None and self._ready_r is not None  # attach() is called once
+        try:
+            os.write(self._go_w, b"g")
+        except BrokenPipeError:
+            pass  # it ended already: its ready pipe says why
+        finally:
+            os.close(self._go_w)
+            self._go_w = None
+        try:
+            message = _read_ready(self._ready_r, STANDIN_READY_TIMEOUT_S)
+        finally:
+            os.close(self._ready_r)
+            self._ready_r = None
+        if message != "ok":
+            self.kill()
+            self.wait()
+            self.reaped = True
+            raise Internal(f"the stand-in process for {self.cid} failed to start: {message or 'no answer'}")
+
+    def abandon(self) -> None:
+        """Close our ends of its pipes (a stand-in whose go pipe ends without a word exits)."""
+        for fd in (self._go_w, self._ready_r):
+            if fd is not None:
+                os.close(fd)
+        self._go_w = self._ready_r = None
+
+
 @dataclass
 class Created:
     """What `create` made: the recorded state and the stand-in process."""
@@ -99,18 +140,20 @@ class Runtime:
         console = standin_args(bool(bundle.process.get("terminal")), console_socket, detach_standin)
         pod = pods.pod_of(self, cid, bundle) if bundle.pod_sandbox else None
         self._reserve(cid, bundle)
-        standin = None
+        standin: PendingStandin | None = None
         try:
+            fifo = self.store.sandbox_dir(cid) / START_FIFO
+            os.mkfifo(fifo, 0o600)
+            # Launched first: its interpreter starts while the daemons make the VM (about
+            # as long, on a loaded host); it attaches once the container exists in the guest.
+            standin = self.launch_standin(cid, fifo, detach_standin, console=console,
+                                          args=bundle.process["args"], sandbox=bundle.pod_sandbox)
             if pod is not None:
                 timings, cgroup_dirs = pods.provision(self, cid, bundle, pod)
             else:
                 timings, cgroup_dirs = self._provision(cid, bundle)
-            fifo = self.store.sandbox_dir(cid) / START_FIFO
-            os.mkfifo(fifo, 0o600)
-            mark = time.monotonic()
-            standin = self.spawn_standin(cid, fifo, detach_standin, console=console,
-                                         args=bundle.process["args"], sandbox=bundle.pod_sandbox)
-            timings["standin_s"] = round(time.monotonic() - mark, 4)
+            with _phase(timings, "standin_s"):
+                standin.attach()
             from hanabi_runtime import cgroups
             cgroups.join(cgroup_dirs, standin.pid)  # the VM joined them when it was spawned
             state = RuntimeState(id=cid, bundle=str(bundle.path), rootfs=str(bundle.rootfs),
@@ -126,9 +169,11 @@ class Runtime:
                 write_pid_file(pid_file, standin.pid)
         except BaseException as exc:
             log.warning("create failed, undoing", extra={"container": cid, "error": str(exc)})
-            self._teardown(cid, standin_pid=standin.pid if standin else None,
+            live = standin is not None and not standin.reaped
+            self._teardown(cid, standin_pid=standin.pid if standin is not None and live else None,
                            cgroup_dirs=self._cgroup_dirs(bundle), sandbox=bundle.pod_sandbox)
-            if standin is not None:
+            if standin is not None and live:
+                standin.abandon()
                 standin.wait()
             raise
         return Created(state=state, standin=standin)
@@ -271,10 +316,20 @@ class Runtime:
         `console`: its terminal arguments, from `console.standin_args`; `args`: the command
         it stands for (its process title, which host ps and `docker top` show); `sandbox`:
         the pod sandbox whose VM runs it (default: its own)."""
+        proc = self.launch_standin(cid, fifo, detach, exec_id, console, args, sandbox)
+        proc.attach()
+        return proc
+
+    def launch_standin(self, cid: str, fifo: Path | None, detach: bool, exec_id: str = "init",
+                       console: list[str] | None = None, args: Sequence[str] = (),
+                       sandbox: str | None = None) -> PendingStandin:
+        """Start a stand-in (as `spawn_standin`) that waits, its imports done, for
+        `attach()` to let it attach: `create` launches it before the VM is made."""
         ready_r, ready_w = os.pipe()
+        go_r, go_w = os.pipe()
         argv = [sys.executable, "-m", "hanabi_runtime.standin", "--sandbox", sandbox or cid,
                 "--container", cid, "--exec-id", exec_id, "--ready-fd", str(ready_w),
-                "--title", " ".join(args)[:512]]
+                "--go-fd", str(go_r), "--title", " ".join(args)[:512]]
         if fifo is not None:
             argv += ["--start-fifo", str(fifo)]
         if self.config.source:
@@ -282,18 +337,16 @@ class Runtime:
         argv += console or []
         try:
             os.set_inheritable(ready_w, True)
-            proc = StandinProcess(os.posix_spawn(sys.executable, argv, os.environ, setsid=detach))
+            os.set_inheritable(go_r, True)
+            pid = os.posix_spawn(sys.executable, argv, os.environ, setsid=detach)
+        except BaseException:
+            os.close(go_w)
+            os.close(ready_r)
+            raise
         finally:
             os.close(ready_w)
-        try:
-            message = _read_ready(ready_r, STANDIN_READY_TIMEOUT_S)
-        finally:
-            os.close(ready_r)
-        if message != "ok":
-            proc.kill()
-            proc.wait()
-            raise Internal(f"the stand-in process for {cid} failed to start: {message or 'no answer'}")
-        return proc
+            os.close(go_r)
+        return PendingStandin(pid, go_w, ready_r, cid)
 
     # -- start -------------------------------------------------------------------------
     def start(self, cid: str) -> None:
@@ -464,6 +517,34 @@ class Runtime:
             return [(standin_pid, standin_start)] + [
                 (record.standin_pid, record.standin_start_time) for record in self.exec_records(cid)]
         teardown(cid, self._call, str(self.store.root), standins, cgroup_dirs, sandbox=sandbox, paused=paused)
+
+def open_runtime(config: str | os.PathLike | None, root: str | None, hypervisor: str | None) -> Runtime:
+    """The Runtime of a CLI call (`--config`, `--root`, `--hypervisor`); the config file's
+    text is stamped as validated for the lean paths (`lean.records`) when it was read whole."""
+    from hanabi_common.config import config_path, load_config
+
+    path = config_path(Path(config) if config is not None else None)
+    text = _config_text(path)
+    runtime = Runtime(load_config(Path(config) if config is not None else None), root=root, hypervisor=hypervisor)
+    if text is not None and text == _config_text(path):  # the text the models accepted
+        from hanabi_runtime.lean.records import stamp_config
+        stamp_config(runtime.config.run_dir, path, text)
+    return runtime
+
+
+def _config_text(path: Path | None) -> str | None:
+    try:
+        return path.read_bytes().decode() if path is not None else None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def refuse_preserve_fds(container_id: str, count: int) -> None:
+    """Extra file descriptors cannot cross into the VM: refuse them instead of dropping them."""
+    if count:
+        raise InvalidArgument(f"container {container_id}: --preserve-fds {count} is not supported: "
+                              "file descriptors of the host cannot be passed into the container's VM")
+
 
 @contextmanager
 def _phase(timings: dict[str, float], name: str) -> Iterator[None]:

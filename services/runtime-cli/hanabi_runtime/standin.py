@@ -141,6 +141,20 @@ class StandIn:
         return self.stream.relay(_stdin_fd(), 1, 2)
 
 
+def _wait_go(fd: int) -> bool:
+    """Launched early by `create` (lifecycle.launch_standin): do the imports attaching
+    needs, then wait for its go byte; False if the pipe ended without one."""
+    import hanabi_agentd.iostream  # noqa: F401  # imported now, while the VM is made
+    import setproctitle  # noqa: F401  # likewise
+
+    try:
+        go = os.read(fd, 1)
+    except OSError:
+        go = b""
+    os.close(fd)
+    return bool(go)
+
+
 def _stdin_fd() -> int | None:
     """0 if this process has a stdin, else None (the process's stdin is closed at once)."""
     try:
@@ -163,6 +177,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--container", required=True)
     parser.add_argument("--exec-id", default=INIT_EXEC_ID)
     parser.add_argument("--ready-fd", type=int, required=True)
+    parser.add_argument("--go-fd", type=int, help="attach only after a byte arrives here (end of file: exit)")
     parser.add_argument("--start-fifo")
     parser.add_argument("--config")
     parser.add_argument("--console-socket")
@@ -184,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         standin = StandIn(args)
         for signum in FORWARDED_SIGNALS:
             signal.signal(signum, standin.on_signal)
+        if args.go_fd is not None and not _wait_go(args.go_fd):
+            return 0  # its creator gave up (create failed): nothing to stand for
         standin.attach()
     except Exception as exc:
         os.write(args.ready_fd, f"error: {exc}\n".encode())
@@ -199,4 +216,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from hanabi_runtime.lean import exit_now
+
+    exit_now(main())  # no interpreter teardown: the container's exit reaches the shim sooner

@@ -21,6 +21,10 @@ COMMANDS = {
     "ps": (("id",), 1, {"--format": "format", "-f": "format"}, {}),
     "events": (("id",), 1, {"--interval": "interval"}, {"--stats": "stats"}),
     "delete": (("id",), 1, {}, {"--force": "force", "-f": "force"}),
+    # Not lean (Runtime.create needs the models), but without typer: `lean.create`.
+    "create": (("id",), 1, {"--bundle": "bundle", "-b": "bundle", "--pid-file": "pid_file",
+                            "--console-socket": "console_socket", "--preserve-fds": "preserve_fds"},
+               {"--no-pivot": "no_pivot", "--no-new-keyring": "no_new_keyring"}),
 }
 
 
