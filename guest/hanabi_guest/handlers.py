@@ -81,7 +81,7 @@ class Handlers:
             P.T_PS: self.h_ps,
             P.T_DESTROY_CONTAINER: self.h_destroy_container,
             P.T_SHUTDOWN: self.h_shutdown,
-            P.T_FLUSH: self.h_flush,
+            P.T_SYNC: self.h_sync,
             P.T_CONFIGURE_NETWORK: self.h_configure_network,
             P.T_RESTORED: self.h_restored,
         }
@@ -399,7 +399,7 @@ class Handlers:
         log(f"restored from a template as {msg['hostname']}")
         return {}
 
-    def h_flush(self, req_id: int, msg: dict[str, Any]) -> Result:
+    def h_sync(self, req_id: int, msg: dict[str, Any]) -> Result:
         """sync(2): the host's delete kills the VM next, with no shutdown."""
         os.sync()
         return {}

@@ -130,15 +130,6 @@ def test_both_sides_use_the_wire_constants_not_copies():
     assert W.cmdline_word(W.CMDLINE_CHANNEL, W.CHANNEL_VSOCK) in fc.kernel_args("")
 
 
-def test_no_message_is_named_like_the_sync_markers_pseudo_message():
-    """FrameDecoder yields {"type": "sync"} for a SYNC marker, and both sides act on that
-    type before any dispatch: a message of that name would never reach its handler (a
-    request so named once went unanswered until its timeout)."""
-    assert constants.T_SYNC not in messages.MESSAGES
-    decoded = W.FrameDecoder().feed(W.encode_frame(W.request(constants.T_FLUSH)))
-    assert [m["type"] for m in decoded] == [constants.T_FLUSH]
-
-
 def test_no_source_spells_a_wire_constant_itself():
     """The sources of both sides never write a wire value as a literal: not the channel name,
     id or serial patterns, kernel command line or its words; no `NAME = literal` for a wire

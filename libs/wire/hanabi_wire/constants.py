@@ -97,7 +97,7 @@ T_RESIZE = "resize"
 T_PS = "ps"
 T_DESTROY_CONTAINER = "destroy_container"
 T_SHUTDOWN = "shutdown"
-T_FLUSH = "flush"  # sync(2) in the guest; not "sync", the SYNC marker's pseudo-message
+T_SYNC = "sync"
 T_CONFIGURE_NETWORK = "configure_network"
 T_RESTORED = "restored"
 # Host -> guest events.
