@@ -80,7 +80,7 @@ class Handlers:
             P.T_PS: self.h_ps,
             P.T_DESTROY_CONTAINER: self.h_destroy_container,
             P.T_SHUTDOWN: self.h_shutdown,
-            P.T_SYNC: self.h_sync,
+            P.T_SYNC_FS: self.h_sync,
             P.T_CONFIGURE_NETWORK: self.h_configure_network,
             P.T_RESTORED: self.h_restored,
         }

@@ -13,7 +13,7 @@ import sys
 import pytest
 
 import hanabi_wire as W
-from hanabi_wire import constants, doc, messages
+from hanabi_wire import SYNC, FrameDecoder, constants, doc, messages, encode_frame
 from hanabi_wire.schema import WireError
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -114,6 +114,15 @@ def test_both_sides_use_the_wire_constants_not_copies():
     assert fc.AGENT_VSOCK_PORT is W.VSOCK_PORT and qemu_cmdline.BASE_KERNEL_CMDLINE is W.KERNEL_CMDLINE
     assert image.KERNEL_CMDLINE is W.KERNEL_CMDLINE
     assert W.cmdline_word(W.CMDLINE_CHANNEL, W.CHANNEL_VSOCK) in fc.kernel_args("")
+
+
+def test_no_message_is_named_as_the_sync_marker():
+    """FrameDecoder yields a SYNC marker as a message of type T_SYNC, which both ends take as
+    a stream restart: a message of that type would never reach its handler (a `sync` request
+    once went unanswered, and every delete of a running container waited 5 s for it)."""
+    assert constants.T_SYNC not in messages.MESSAGES
+    decoded = FrameDecoder().feed(SYNC + encode_frame({"type": constants.T_SYNC_FS}))
+    assert [m["type"] for m in decoded] == [constants.T_SYNC, constants.T_SYNC_FS]
 
 
 def test_no_source_spells_a_wire_constant_itself():

@@ -95,7 +95,9 @@ T_RESIZE = "resize"
 T_PS = "ps"
 T_DESTROY_CONTAINER = "destroy_container"
 T_SHUTDOWN = "shutdown"
-T_SYNC = "sync"
+# Not "sync": that is the type FrameDecoder gives a SYNC marker (T_SYNC below), which the
+# agent takes as the host restarting the stream, so a request by that name went unanswered.
+T_SYNC_FS = "sync_fs"
 T_CONFIGURE_NETWORK = "configure_network"
 T_RESTORED = "restored"
 # Host -> guest events.

@@ -136,7 +136,7 @@ _MESSAGES = (
     Message(C.T_DESTROY_CONTAINER, HOST, (CID,), "kill its processes, unmount, forget it", request=True,
             result=()),
     Message(C.T_SHUTDOWN, HOST, (), "power the guest off (after the reply)", request=True, result=()),
-    Message(C.T_SYNC, HOST, (), "flush every filesystem of the guest (sync(2)): what its processes "
+    Message(C.T_SYNC_FS, HOST, (), "flush every filesystem of the guest (sync(2)): what its processes "
             "wrote reaches the host's disks before the VM is killed", request=True, result=()),
     Message(C.T_CONFIGURE_NETWORK, HOST, (
         F("interfaces", LIST, "the NICs", default=[], max_len=8, items=F("interface", OBJECT, fields=INTERFACE)),

@@ -24,7 +24,7 @@ from hanabi_common.metrics import Gauges, LabelledGauge
 from hanabi_common.models.base import NoArgs, Removed, SandboxRef
 from hanabi_common.rpc.server import RpcServer
 from hanabi_wire import (INIT_EXEC_ID, T_CLOSE_STDIN, T_CONFIGURE_NETWORK, T_CREATE_CONTAINER,
-                         T_DESTROY_CONTAINER, T_EXEC, T_PS, T_RESIZE, T_SHUTDOWN, T_SIGNAL, T_START, T_SYNC,
+                         T_DESTROY_CONTAINER, T_EXEC, T_PS, T_RESIZE, T_SHUTDOWN, T_SIGNAL, T_START, T_SYNC_FS,
                          WireError)
 from hanabi_wire import request as wire_request
 
@@ -198,7 +198,7 @@ class AgentService:
                 # As under runc, what a killed process wrote is kept: the guest flushes it
                 # (processes that exited were flushed by the guest before their exit).
                 try:
-                    sandbox.session.request(T_SYNC, guest_request(T_SYNC), timeout=SYNC_TIMEOUT_S)
+                    sandbox.session.request(T_SYNC_FS, guest_request(T_SYNC_FS), timeout=SYNC_TIMEOUT_S)
                 except HanabiError as exc:
                     log.warning("the guest did not flush its filesystems before its VM is killed", extra={
                         "sandbox": request.sandbox_id, "error": exc.message})
