@@ -43,6 +43,7 @@ COLD = int(os.environ.get("HANABI_DENSITY_COLD", "4"))
 MAX_USED = 0.80
 MAX_START_S = 5.0
 SETTLE_S = 3.0  # after the last start, before reading PSS: the guests go idle
+IDLE_CPU_S = float(os.environ.get("HANABI_DENSITY_IDLE_S", "20"))  # idle CPU measured over this
 
 
 def meminfo() -> dict[str, int]:
@@ -66,6 +67,29 @@ def pss_kib(pid: int) -> int:
     return 0
 
 
+def cpu_ns(pid: int) -> int:
+    """CPU time a process (all its threads) has run, in ns (/proc/PID/task/*/schedstat); 0 when gone."""
+    total = 0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0
+    for task in tasks:
+        try:
+            total += int(Path(f"/proc/{pid}/task/{task}/schedstat").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass
+    return total
+
+
+def idle_cpu(groups: dict[str, list[int]], seconds: float) -> dict[str, float]:
+    """Percent of one core each group of processes used over `seconds` (everything idle)."""
+    before = {name: sum(cpu_ns(pid) for pid in pids) for name, pids in groups.items()}
+    time.sleep(seconds)  # a measurement window, not a wait for a condition
+    return {name: 100 * (sum(cpu_ns(pid) for pid in pids) - before[name]) / (seconds * 1e9)
+            for name, pids in groups.items()}
+
+
 def runtime(daemons, *args: str) -> int:
     """A CLI call whose stdio a stand-in may keep (create): no pipes; its exit status."""
     return subprocess.run([str(BIN / "hanabi-runtime"), "--config", str(daemons.config_path), *args],
@@ -80,12 +104,12 @@ def start_idle(daemons, bundle: Path, cid: str) -> float:
     return time.monotonic() - began
 
 
-def container_pss(daemons, cid: str) -> tuple[int, int]:
-    """(VMM PSS, stand-in PSS) in KiB of one container, from its state files."""
+def container_pids(daemons, cid: str) -> tuple[int, int]:
+    """(VMM pid, stand-in pid) of one container, from its state files."""
     directory = daemons.config.sandboxes_dir / cid
     vm = json.loads((directory / "hypervisor.json").read_text())
     state = json.loads((directory / "state.json").read_text())
-    return pss_kib(vm["pid"]), pss_kib(state["standin_pid"])
+    return vm["pid"], state["standin_pid"]
 
 
 def fill(daemons, bundle: Path, label: str, cap: int, stop_early: bool) -> dict:
@@ -113,8 +137,12 @@ def fill(daemons, bundle: Path, label: str, cap: int, stop_early: bool) -> dict:
             print(f"{label}: {len(ids)} running, last start {starts[-1]:.2f} s", file=sys.stderr, flush=True)
         time.sleep(SETTLE_S)
         running = [cid for cid in ids if (daemons.config.sandboxes_dir / cid / "hypervisor.json").exists()]
-        pss = [container_pss(daemons, cid) for cid in running]
+        pids = [container_pids(daemons, cid) for cid in running]
+        pss = [(pss_kib(vmm), pss_kib(standin)) for vmm, standin in pids]
         after = meminfo()["MemAvailable"]
+        load = os.getloadavg()
+        cpu = idle_cpu({"vmm": [v for v, _ in pids], "standin": [s for _, s in pids],
+                        "daemons": [p.pid for p in daemons.procs.values()]}, IDLE_CPU_S) if pids else {}
     finally:
         began = time.monotonic()
         for cid in ids:
@@ -132,6 +160,10 @@ def fill(daemons, bundle: Path, label: str, cap: int, stop_early: bool) -> dict:
         "pss_mib_vmm_median": round(statistics.median(v for v, _ in pss) / 1024, 1) if pss else None,
         "pss_mib_standin_median": round(statistics.median(s for _, s in pss) / 1024, 1) if pss else None,
         "mem_available_used_mib_per_container": round((before - after) / 1024 / len(running), 1) if running else None,
+        "load_average_when_full": [round(x, 2) for x in load],
+        "idle_cpu_pct_of_a_core_per_container": {name: round(value / len(running), 4) for name, value in cpu.items()}
+        if running else None,
+        "idle_cpu_pct_of_a_core_all": {name: round(value, 2) for name, value in cpu.items()},
         "delete_all_s": round(deleted_s, 2), "delete_and_drain_s": round(drained_s, 2),
         "left_pending_after_drain": {k: v for k, v in left.items() if v},
         "leftovers": [item for cid in ids for item in leftovers(daemons, cid)],
@@ -158,7 +190,8 @@ def main() -> None:
         sys.exit(f"cannot benchmark here: {reason}")
     work = Path(tempfile.mkdtemp(prefix="hanabi-bench-density-"))
     idle = make_bundle(work / "idle", ["sleep", "3600"])
-    report: dict = {"cap": CAP, "host_mem_total_mib": meminfo()["MemTotal"] // 1024,
+    report: dict = {"cap": CAP, "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+                    "host_mem_total_mib": meminfo()["MemTotal"] // 1024,
                     "host_mem_available_mib_at_start": meminfo()["MemAvailable"] // 1024,
                     "cpus": os.cpu_count()}
     try:
@@ -177,6 +210,11 @@ def main() -> None:
     clone, cold = report["clone"]["pss_mib_per_container_median"], report["cold"]["pss_mib_per_container_median"]
     if clone and cold:
         report["pss_clone_vs_cold"] = round(clone / cold, 2)
+    runc_mib = report["runc_idle_pss_mib"]
+    if runc_mib:
+        for label in ("clone", "cold"):
+            if report[label]["pss_mib_per_container_median"]:
+                report[f"pss_{label}_vs_runc"] = round(report[label]["pss_mib_per_container_median"] / runc_mib, 1)
     publish(report, "density.json")
 
 
