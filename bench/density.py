@@ -10,13 +10,20 @@ running, and MemAvailable consumed per container. Then the same PSS for HANABI_D
 (and the daemons drained: their release queues empty, nothing left). `runc` has no VM: its
 idle `sleep` is measured in the same run as the baseline. Writes bench/results/density.json.
 
-Measured here 2026-12-01 12:28 UTC (HANABI_DENSITY_CAP=20, HANABI_DENSITY_COLD=2; 24105 MiB,
-2 cores, other helpers' tests running: load average 7-8, so starts were CPU-bound): 7 clones
-ran when the 7th start took 5.48 s (median start 3.57 s; the first 2.57 s); memory was far from
-the limit: each clone took 33.7 MiB of MemAvailable, host PSS 84.2 MiB per container (QEMU
-64.8 + stand-in 19.4), against 237.4 MiB cold (QEMU 217.7; 229.5 MiB of MemAvailable each):
-clone/cold 0.35; runc's idle `sleep` 1.34 MiB. Deleting the 7 and draining every daemon's
-release queue: 1.01 s, nothing left.
+Measured here 2026-12-01 15:40 UTC (HANABI_DENSITY_CAP=200, HANABI_DENSITY_COLD=4; 24105 MiB,
+2 cores, other helpers' unit tests and benchmarks running: load average 2.1 at the start, 3.1 with
+all 200 up): 200 clones ran (the cap); the last start took 2.06 s (median 1.65 s, the first ten
+1.2-1.5 s); host PSS 66.1 MiB per container (QEMU 57.7 + stand-in 8.4) against 209.2 MiB booted
+cold (QEMU 200.2; clone/cold 0.32); runc's idle `sleep` 1.33 MiB (clone/runc 49.7, cold/runc
+157.3); MemAvailable fell 68.3 MiB per container (the whole host: kernel memory per VM and the
+other helpers' work included), 9.2 GiB were left. Idle, the 200 together used 7.3 % of one core
+in their QEMUs, 5.4 % in their stand-ins and 0.4 % in the four daemons. Deleting the 200 and
+draining every daemon's release queue: 37.5 s, nothing left.
+Before (same day, 12:28 UTC, cap 20, load average 7-8): 7 clones ran when the 7th start took
+5.48 s; 84.2 MiB per container (QEMU 64.8 + a stand-in of 19.4 that imported pydantic and pyzmq);
+and at 15:00 UTC (cap 10, load 1.3-1.9): 85.6 MiB (QEMU 63.0 + stand-in 22.6), idle CPU per
+container QEMU 0.26 %, daemons 0.07 %, and `delete --force` 5.1 s each (the guest's flush
+request went unanswered).
 """
 
 from __future__ import annotations
