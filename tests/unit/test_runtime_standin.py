@@ -28,7 +28,7 @@ from tests.helpers.lean import heavy_imports
 # netfollow thread included). A new entry here costs memory in every container.
 ALLOWED = {
     "hanabi_agentd", "hanabi_agentd.iostream",
-    "hanabi_common", "hanabi_common.atomic", "hanabi_common.errors", "hanabi_common.rpc",
+    "hanabi_common", "hanabi_common.atomic", "hanabi_common.doorbell", "hanabi_common.errors", "hanabi_common.rpc",
     "hanabi_common.rpc.wire",
     "hanabi_runtime", "hanabi_runtime.standin", "hanabi_runtime.proctitle", "hanabi_runtime.netfollow",
     "hanabi_runtime.procs", "hanabi_runtime.lean", "hanabi_runtime.lean.commands", "hanabi_runtime.lean.ids",
