@@ -10,15 +10,15 @@ running, and MemAvailable consumed per container. Then the same PSS for HANABI_D
 (and the daemons drained: their release queues empty, nothing left). `runc` has no VM: its
 idle `sleep` is measured in the same run as the baseline. Writes bench/results/density.json.
 
-Measured here 2026-12-01 15:40 UTC (HANABI_DENSITY_CAP=200, HANABI_DENSITY_COLD=4; 24105 MiB,
-2 cores, other helpers' unit tests and benchmarks running: load average 2.1 at the start, 3.1 with
-all 200 up): 200 clones ran (the cap); the last start took 2.06 s (median 1.65 s, the first ten
-1.2-1.5 s); host PSS 66.1 MiB per container (QEMU 57.7 + stand-in 8.4) against 209.2 MiB booted
-cold (QEMU 200.2; clone/cold 0.32); runc's idle `sleep` 1.33 MiB (clone/runc 49.7, cold/runc
-157.3); MemAvailable fell 68.3 MiB per container (the whole host: kernel memory per VM and the
-other helpers' work included), 9.2 GiB were left. Idle, the 200 together used 7.3 % of one core
-in their QEMUs, 5.4 % in their stand-ins and 0.4 % in the four daemons. Deleting the 200 and
-draining every daemon's release queue: 37.5 s, nothing left.
+Measured here 2026-12-01 15:55 UTC (HANABI_DENSITY_CAP=200, HANABI_DENSITY_COLD=4; 24105 MiB,
+2 cores, other helpers' tests running: load average 1.6 at the start, 2.8 with all 200 up): 200
+clones ran (the cap); the last start took 1.41 s (median 1.66 s); host PSS 64.2 MiB per container
+(QEMU 55.7 + stand-in 8.5) against 208.9 MiB booted cold (QEMU 199.8; clone/cold 0.31); runc's
+idle `sleep` 1.34 MiB (clone/runc 47.9, cold/runc 155.9); MemAvailable fell 64.3 MiB per
+container (the whole host: kernel memory per VM and the other helpers' work included), 10 GiB
+were left. Idle, the 200 together used 7.1 % of one core in their QEMUs, 0.1 % in their
+stand-ins and 0.4 % in the four daemons. Deleting the 200 and draining every daemon's release
+queue: 27.7 s, nothing left.
 Before (same day, 12:28 UTC, cap 20, load average 7-8): 7 clones ran when the 7th start took
 5.48 s; 84.2 MiB per container (QEMU 64.8 + a stand-in of 19.4 that imported pydantic and pyzmq);
 and at 15:00 UTC (cap 10, load 1.3-1.9): 85.6 MiB (QEMU 63.0 + stand-in 22.6), idle CPU per
