@@ -10,13 +10,20 @@ running, and MemAvailable consumed per container. Then the same PSS for HANABI_D
 (and the daemons drained: their release queues empty, nothing left). `runc` has no VM: its
 idle `sleep` is measured in the same run as the baseline. Writes bench/results/density.json.
 
-Measured here 2026-12-01 12:28 UTC (HANABI_DENSITY_CAP=20, HANABI_DENSITY_COLD=2; 24105 MiB,
-2 cores, other helpers' tests running: load average 7-8, so starts were CPU-bound): 7 clones
-ran when the 7th start took 5.48 s (median start 3.57 s; the first 2.57 s); memory was far from
-the limit: each clone took 33.7 MiB of MemAvailable, host PSS 84.2 MiB per container (QEMU
-64.8 + stand-in 19.4), against 237.4 MiB cold (QEMU 217.7; 229.5 MiB of MemAvailable each):
-clone/cold 0.35; runc's idle `sleep` 1.34 MiB. Deleting the 7 and draining every daemon's
-release queue: 1.01 s, nothing left.
+Measured here 2026-12-01 15:55 UTC (HANABI_DENSITY_CAP=200, HANABI_DENSITY_COLD=4; 24105 MiB,
+2 cores, other helpers' tests running: load average 1.6 at the start, 2.8 with all 200 up): 200
+clones ran (the cap); the last start took 1.41 s (median 1.66 s); host PSS 64.2 MiB per container
+(QEMU 55.7 + stand-in 8.5) against 208.9 MiB booted cold (QEMU 199.8; clone/cold 0.31); runc's
+idle `sleep` 1.34 MiB (clone/runc 47.9, cold/runc 155.9); MemAvailable fell 64.3 MiB per
+container (the whole host: kernel memory per VM and the other helpers' work included), 10 GiB
+were left. Idle, the 200 together used 7.1 % of one core in their QEMUs, 0.1 % in their
+stand-ins and 0.4 % in the four daemons. Deleting the 200 and draining every daemon's release
+queue: 27.7 s, nothing left.
+Before (same day, 12:28 UTC, cap 20, load average 7-8): 7 clones ran when the 7th start took
+5.48 s; 84.2 MiB per container (QEMU 64.8 + a stand-in of 19.4 that imported pydantic and pyzmq);
+and at 15:00 UTC (cap 10, load 1.3-1.9): 85.6 MiB (QEMU 63.0 + stand-in 22.6), idle CPU per
+container QEMU 0.26 %, daemons 0.07 %, and `delete --force` 5.1 s each (the guest's flush
+request went unanswered).
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ COLD = int(os.environ.get("HANABI_DENSITY_COLD", "4"))
 MAX_USED = 0.80
 MAX_START_S = 5.0
 SETTLE_S = 3.0  # after the last start, before reading PSS: the guests go idle
+IDLE_CPU_S = float(os.environ.get("HANABI_DENSITY_IDLE_S", "20"))  # idle CPU measured over this
 
 
 def meminfo() -> dict[str, int]:
@@ -66,6 +74,29 @@ def pss_kib(pid: int) -> int:
     return 0
 
 
+def cpu_ns(pid: int) -> int:
+    """CPU time a process (all its threads) has run, in ns (/proc/PID/task/*/schedstat); 0 when gone."""
+    total = 0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0
+    for task in tasks:
+        try:
+            total += int(Path(f"/proc/{pid}/task/{task}/schedstat").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass
+    return total
+
+
+def idle_cpu(groups: dict[str, list[int]], seconds: float) -> dict[str, float]:
+    """Percent of one core each group of processes used over `seconds` (everything idle)."""
+    before = {name: sum(cpu_ns(pid) for pid in pids) for name, pids in groups.items()}
+    time.sleep(seconds)  # a measurement window, not a wait for a condition
+    return {name: 100 * (sum(cpu_ns(pid) for pid in pids) - before[name]) / (seconds * 1e9)
+            for name, pids in groups.items()}
+
+
 def runtime(daemons, *args: str) -> int:
     """A CLI call whose stdio a stand-in may keep (create): no pipes; its exit status."""
     return subprocess.run([str(BIN / "hanabi-runtime"), "--config", str(daemons.config_path), *args],
@@ -80,12 +111,12 @@ def start_idle(daemons, bundle: Path, cid: str) -> float:
     return time.monotonic() - began
 
 
-def container_pss(daemons, cid: str) -> tuple[int, int]:
-    """(VMM PSS, stand-in PSS) in KiB of one container, from its state files."""
+def container_pids(daemons, cid: str) -> tuple[int, int]:
+    """(VMM pid, stand-in pid) of one container, from its state files."""
     directory = daemons.config.sandboxes_dir / cid
     vm = json.loads((directory / "hypervisor.json").read_text())
     state = json.loads((directory / "state.json").read_text())
-    return pss_kib(vm["pid"]), pss_kib(state["standin_pid"])
+    return vm["pid"], state["standin_pid"]
 
 
 def fill(daemons, bundle: Path, label: str, cap: int, stop_early: bool) -> dict:
@@ -113,8 +144,12 @@ def fill(daemons, bundle: Path, label: str, cap: int, stop_early: bool) -> dict:
             print(f"{label}: {len(ids)} running, last start {starts[-1]:.2f} s", file=sys.stderr, flush=True)
         time.sleep(SETTLE_S)
         running = [cid for cid in ids if (daemons.config.sandboxes_dir / cid / "hypervisor.json").exists()]
-        pss = [container_pss(daemons, cid) for cid in running]
+        pids = [container_pids(daemons, cid) for cid in running]
+        pss = [(pss_kib(vmm), pss_kib(standin)) for vmm, standin in pids]
         after = meminfo()["MemAvailable"]
+        load = os.getloadavg()
+        cpu = idle_cpu({"vmm": [v for v, _ in pids], "standin": [s for _, s in pids],
+                        "daemons": [p.pid for p in daemons.procs.values()]}, IDLE_CPU_S) if pids else {}
     finally:
         began = time.monotonic()
         for cid in ids:
@@ -132,6 +167,10 @@ def fill(daemons, bundle: Path, label: str, cap: int, stop_early: bool) -> dict:
         "pss_mib_vmm_median": round(statistics.median(v for v, _ in pss) / 1024, 1) if pss else None,
         "pss_mib_standin_median": round(statistics.median(s for _, s in pss) / 1024, 1) if pss else None,
         "mem_available_used_mib_per_container": round((before - after) / 1024 / len(running), 1) if running else None,
+        "load_average_when_full": [round(x, 2) for x in load],
+        "idle_cpu_pct_of_a_core_per_container": {name: round(value / len(running), 4) for name, value in cpu.items()}
+        if running else None,
+        "idle_cpu_pct_of_a_core_all": {name: round(value, 2) for name, value in cpu.items()},
         "delete_all_s": round(deleted_s, 2), "delete_and_drain_s": round(drained_s, 2),
         "left_pending_after_drain": {k: v for k, v in left.items() if v},
         "leftovers": [item for cid in ids for item in leftovers(daemons, cid)],
@@ -158,7 +197,8 @@ def main() -> None:
         sys.exit(f"cannot benchmark here: {reason}")
     work = Path(tempfile.mkdtemp(prefix="hanabi-bench-density-"))
     idle = make_bundle(work / "idle", ["sleep", "3600"])
-    report: dict = {"cap": CAP, "host_mem_total_mib": meminfo()["MemTotal"] // 1024,
+    report: dict = {"cap": CAP, "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+                    "host_mem_total_mib": meminfo()["MemTotal"] // 1024,
                     "host_mem_available_mib_at_start": meminfo()["MemAvailable"] // 1024,
                     "cpus": os.cpu_count()}
     try:
@@ -177,6 +217,11 @@ def main() -> None:
     clone, cold = report["clone"]["pss_mib_per_container_median"], report["cold"]["pss_mib_per_container_median"]
     if clone and cold:
         report["pss_clone_vs_cold"] = round(clone / cold, 2)
+    runc_mib = report["runc_idle_pss_mib"]
+    if runc_mib:
+        for label in ("clone", "cold"):
+            if report[label]["pss_mib_per_container_median"]:
+                report[f"pss_{label}_vs_runc"] = round(report[label]["pss_mib_per_container_median"] / runc_mib, 1)
     publish(report, "density.json")
 
 

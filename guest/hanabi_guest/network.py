@@ -170,7 +170,7 @@ def link_up(name: str) -> None:
             if not flags & IFF_UP:
                 fcntl.ioctl(sock, SIOCSIFFLAGS, struct.pack(IFREQ, name.encode(), flags | IFF_UP))
     except OSError as exc:
-        raise AgentError("FAILED_PRECONDITION", f"ip link set dev {name} up failed: {exc}") from None
+        raise AgentError(E_FAILED_PRECONDITION, f"ip link set dev {name} up failed: {exc}") from None
 
 
 def _sysctl(path: str, value: str) -> None:

@@ -39,7 +39,14 @@ from hanabi_agentd.process import ExitEvent, OomEvent, OutputEvent, ProcessRecor
 log = logging.getLogger("hanabi.agentd.io")
 IO_SOCKET_NAME = "agentd-io.sock"
 HANDSHAKE_TIMEOUT_S = 10.0
-WAIT_SLICE_S = 1.0
+# How long an io client's writer waits on its process record between looks at whether it is
+# still attached. Everything it waits for (output, OOM, the exit, a detach, close) notifies
+# the record, so this is only a safety net: long, so an idle container's writer does not
+# wake agentd every second (issue 14: idle host CPU).
+WAIT_SLICE_S = 30.0
+# Stdin that came before the start waits in slices of this for the process to run (a close
+# does not wake that wait; it lasts only until the start).
+START_WAIT_SLICE_S = 1.0
 
 # (session, record) for an attach request; raises HanabiError when there is no such process.
 Resolver = Callable[[str, str, str], tuple[Any, ProcessRecord]]
@@ -263,7 +270,7 @@ class _IoClient:
         record = self.record
         assert record is not None
         # stdin is held back until the process runs: the guest has no pipe for it before.
-        while not record.wait_started(WAIT_SLICE_S):
+        while not record.wait_started(START_WAIT_SLICE_S):
             if self._closed.is_set():
                 return
         if record.status == "stopped":

@@ -152,6 +152,7 @@ class NetworkService:
             state.change_seq += 1
             state.changes.append(LinkChange(seq=state.change_seq, kind="removed", interface=interface))
             self._save(sid, state)
+            self._ring(sid)
             log.info("interface gone", extra={"sandbox": sid, "link": interface.link, "tap": interface.tap})
         for wiring in change.added:
             tcfilter.with_ipr(info.netns_path,
@@ -163,7 +164,15 @@ class NetworkService:
             state.changes.append(LinkChange(seq=state.change_seq, kind="added", interface=wiring.interface,
                                             routes=routes))
             self._save(sid, state)
+            self._ring(sid)
             log.info("interface added", extra={"sandbox": sid, "link": wiring.link.name, "tap": wiring.tap})
+
+    def _ring(self, sid: str) -> None:
+        """Tell the sandbox's stand-in (hanabi_runtime.netfollow) to look at its changes: its
+        doorbell, a FIFO in the sandbox's directory (never blocks; nobody there is fine)."""
+        from hanabi_common.doorbell import NET_CHANGES_BELL, ring
+
+        ring(self.store.sandbox_dir(sid) / NET_CHANGES_BELL)
 
     def changes(self, request: ChangesAfter) -> LinkChanges:
         """The link changes after `request.after`; the ones up to it are applied, forgotten."""

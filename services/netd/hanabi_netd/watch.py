@@ -21,7 +21,9 @@ from hanabi_common.netns import call_in_netns
 
 log = logging.getLogger("hanabi.netd.watch")
 SETTLE_S = 0.3
-POLL_S = 0.5
+# Without a change pending the watcher sleeps until an event or stop() (its wake pipe): no
+# timed wake-ups, which every running sandbox would pay for (issue 14: idle host CPU).
+IDLE_WAIT_S = None
 
 
 class NetnsWatcher:
@@ -80,7 +82,7 @@ class NetnsWatcher:
         while not self._stop.is_set():
             try:
                 ready, _, _ = select.select([self._ipr.fileno(), self._wake_r], [], [],
-                                            SETTLE_S if pending else POLL_S)
+                                            SETTLE_S if pending else IDLE_WAIT_S)
             except (OSError, ValueError):
                 return
             if self._stop.is_set():

@@ -320,7 +320,7 @@ class Runtime:
         proc.attach()
         return proc
 
-    def launch_standin(self, cid: str, fifo: Path | None, detach: bool, exec_id: str = "init",
+    def launch_standin(self, cid: str, fifo: Path | None, detach: bool, exec_id: str = INIT_EXEC_ID,
                        console: list[str] | None = None, args: Sequence[str] = (),
                        sandbox: str | None = None) -> PendingStandin:
         """Start a stand-in (as `spawn_standin`) that waits, its imports done, for

@@ -14,11 +14,18 @@ Run as `python -m hanabi_runtime.standin --sandbox S --container C --ready-fd N
 waits for `start` to write to it. For a process with `terminal: true`, `--console-socket`
 sends a host pty master to P and relays the slave, `--tty` relays its own stdio as a
 terminal (see `console`).
+
+Light on purpose: a stand-in runs for each container process for as long as it runs, so
+its memory is paid once per container (issue 14: host memory per idle container). It
+imports the standard library, `hanabi_wire`, `hanabi_common.errors` and the lean CLI's
+stdlib pieces (`hanabi_runtime.lean`: the config as plain values, the ZMTP client), never
+pydantic or pyzmq; tests/unit/test_runtime_standin.py pins the set. What needs the typed
+models is imported only when it happens: a config the lean reader cannot vouch for, a
+state file it cannot read, a link change to apply (netfollow).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import sys
@@ -28,7 +35,9 @@ from hanabi_wire.constants import INIT_EXEC_ID
 
 if TYPE_CHECKING:
     from hanabi_agentd.iostream import IoStream
+    from hanabi_common.config import Config
     from hanabi_runtime.console import ConsoleRelay
+    from hanabi_runtime.lean.records import LeanConfig
 
 SIGNAL_RETRY_S = 120.0
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
@@ -38,9 +47,7 @@ FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUI
 class StandIn:
     """Relays one container process's stdio and signals; knows its final status."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
-        from hanabi_common.config import load_config
-
+    def __init__(self, args: Args) -> None:
         self.args = args
         self.config = load_config(args.config)
         self.started = args.start_fifo is None
@@ -78,15 +85,16 @@ class StandIn:
         backoff for up to SIGNAL_RETRY_S, so a `docker stop` then is not lost."""
         import time
 
-        from hanabi_agentd.client import AgentdClient
         from hanabi_common.errors import Unavailable
+        from hanabi_runtime.lean.commands import Daemons
 
         deadline = time.monotonic() + SIGNAL_RETRY_S
         delay = 0.1
+        body = {"sandbox_id": self.args.sandbox, "container_id": self.args.container,
+                "exec_id": self.args.exec_id, "signal": signum, "all": False}
         while True:
             try:
-                AgentdClient(self.config).signal(self.args.sandbox, self.args.container, signum,
-                                                 exec_id=self.args.exec_id)
+                Daemons(self.config).agentd.call("container.signal", body)
                 return
             except Unavailable as exc:
                 if time.monotonic() + delay > deadline:
@@ -101,17 +109,34 @@ class StandIn:
     def on_oom(self, oom_kills: int) -> None:
         """The guest's OOM killer ended a process of the container: make this process's
         host memory cgroup see an OOM (hostoom.py), before the exit that follows."""
-        from hanabi_common.state import StateStore
         from hanabi_runtime.hostoom import HostOomError, raise_oom
-        from hanabi_runtime.state import STATE_NAME, RuntimeState
 
         try:
-            state = StateStore(self.config.sandboxes_dir).read(self.args.container, STATE_NAME, RuntimeState)
-            raise_oom(allowed=state.cgroups if state is not None else [])
+            raise_oom(allowed=self.cgroups())
         except (HostOomError, OSError) as exc:
             if not self.oom_warned:
                 self.oom_warned = True
                 _warn(f"the container ran out of memory, but the host cannot report it: {exc}")
+
+    def cgroups(self) -> list[str]:
+        """The host cgroups `create` put the container in (state.json), [] when none is recorded."""
+        from hanabi_runtime.lean.records import Fallback, read_state
+
+        try:
+            state = read_state(self.config, self.args.container)
+            return state["cgroups"] if state is not None else []
+        except Fallback:  # a state file the hand checks cannot vouch for: the models read it
+            from hanabi_common.state import StateStore
+            from hanabi_runtime.state import STATE_NAME, RuntimeState
+
+            full = StateStore(self.full_config().sandboxes_dir).read(self.args.container, STATE_NAME, RuntimeState)
+            return full.cgroups if full is not None else []
+
+    def full_config(self) -> Config:
+        """The validated Config, for what needs the typed clients (imports pydantic)."""
+        from hanabi_common.config import load_config as load_full
+
+        return load_full(self.args.config)
 
     def wait_for_start(self) -> None:
         """Block until `start` writes to the fifo."""
@@ -130,7 +155,7 @@ class StandIn:
 
         from hanabi_runtime.netfollow import follow
 
-        threading.Thread(target=follow, args=(self.config, self.args.sandbox, threading.Event(), _warn),
+        threading.Thread(target=follow, args=(self.config, self.full_config, self.args.sandbox, threading.Event(), _warn),
                          daemon=True, name="netfollow").start()
 
     def relay(self) -> int:
@@ -145,7 +170,7 @@ def _wait_go(fd: int) -> bool:
     """Launched early by `create` (lifecycle.launch_standin): do the imports attaching
     needs, then wait for its go byte; False if the pipe ended without one."""
     import hanabi_agentd.iostream  # noqa: F401  # imported now, while the VM is made
-    import setproctitle  # noqa: F401  # likewise
+    import hanabi_runtime.proctitle  # noqa: F401  # likewise
 
     try:
         go = os.read(fd, 1)
@@ -153,6 +178,34 @@ def _wait_go(fd: int) -> bool:
         go = b""
     os.close(fd)
     return bool(go)
+
+
+def load_config(path: str | None) -> LeanConfig:
+    """The settings a stand-in reads, as plain values (`hanabi_runtime.lean.records`): the
+    file `create` validated (and so recorded) is read by hand; one the lean reader cannot
+    vouch for is validated by the models (pydantic, imported only then)."""
+    from hanabi_runtime.lean.records import Fallback, LeanConfig, load_config as load_lean
+
+    try:
+        return load_lean(path)
+    except Fallback:
+        from hanabi_common.config import load_config as load_full
+
+        full = load_full(path)
+        return LeanConfig({"run_dir": str(full.run_dir), "rpc.default_timeout_s": full.rpc.default_timeout_s,
+                           "agent.request_timeout_s": full.agent.request_timeout_s,
+                           "vmm.stop_timeout_s": full.vmm.stop_timeout_s})
+
+
+def set_title(title: str) -> None:
+    """What host ps shows for this process: setproctitle's C function, without the package's
+    `logging` import where it can (hanabi_runtime.proctitle)."""
+    from hanabi_runtime.proctitle import set_title as set_lean
+
+    if not set_lean(title):
+        from setproctitle import setproctitle
+
+        setproctitle(title)
 
 
 def _stdin_fd() -> int | None:
@@ -171,19 +224,65 @@ def _warn(message: str) -> None:
         pass
 
 
-def _parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="hanabi-standin")
-    parser.add_argument("--sandbox", required=True)
-    parser.add_argument("--container", required=True)
-    parser.add_argument("--exec-id", default=INIT_EXEC_ID)
-    parser.add_argument("--ready-fd", type=int, required=True)
-    parser.add_argument("--go-fd", type=int, help="attach only after a byte arrives here (end of file: exit)")
-    parser.add_argument("--start-fifo")
-    parser.add_argument("--config")
-    parser.add_argument("--console-socket")
-    parser.add_argument("--tty", action="store_true")
-    parser.add_argument("--title", default="", help="the process's command, shown by ps and docker top")
-    return parser.parse_args(argv)
+# --go-fd: attach only after a byte arrives there (end of file: exit);
+# --title: the process's command, shown by ps and docker top.
+OPTIONS = {"--sandbox": None, "--container": None, "--exec-id": INIT_EXEC_ID, "--ready-fd": None,
+           "--go-fd": None, "--start-fifo": None, "--config": None, "--console-socket": None,
+           "--title": ""}
+REQUIRED = ("--sandbox", "--container", "--ready-fd")
+FLAGS = ("--tty",)
+
+
+def _parse(argv: list[str]) -> Args:
+    """The stand-in's command line (`lifecycle.spawn_standin` writes it): `--name value`
+    or `--name=value` options and the `--tty` flag; ValueError names what is wrong.
+    (Not argparse: it costs every stand-in its import, and nobody types this line.)"""
+    values: dict[str, object] = dict(OPTIONS)
+    values.update(dict.fromkeys(FLAGS, False))
+    rest = list(argv)
+    while rest:
+        word = rest.pop(0)
+        name, eq, value = word.partition("=")
+        if name in FLAGS and not eq:
+            values[name] = True
+        elif name in OPTIONS:
+            if not eq:
+                if not rest:
+                    raise ValueError(f"hanabi-standin: {name} needs a value")
+                value = rest.pop(0)
+            values[name] = value
+        else:
+            raise ValueError(f"hanabi-standin: unknown argument {word!r}")
+    missing = [name for name in REQUIRED if values[name] is None]
+    if missing:
+        raise ValueError(f"hanabi-standin: {', '.join(missing)} required")
+    for name in ("--ready-fd", "--go-fd"):
+        if values[name] is None:
+            continue
+        try:
+            values[name] = int(str(values[name]))
+        except ValueError:
+            raise ValueError(f"hanabi-standin: {name} must be a number, not {values[name]!r}") from None
+    return Args(**{name[2:].replace("-", "_"): value for name, value in values.items()})
+
+
+class Args:
+    """The parsed command line: sandbox, container, exec_id, ready_fd, go_fd, start_fifo,
+    config, console_socket, title, tty."""
+
+    def __init__(self, **values: object) -> None:
+        self.__dict__.update(values)
+
+    sandbox: str
+    container: str
+    exec_id: str
+    ready_fd: int
+    go_fd: int | None
+    start_fifo: str | None
+    config: str | None
+    console_socket: str | None
+    title: str
+    tty: bool
 
 
 def process_title(command: str, container: str) -> str:
@@ -194,7 +293,11 @@ def process_title(command: str, container: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: attach, report readiness, wait for start, relay, exit with the status."""
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-    args = _parse(sys.argv[1:] if argv is None else argv)
+    try:
+        args = _parse(sys.argv[1:] if argv is None else argv)
+    except ValueError as exc:
+        _warn(str(exc))
+        return 2
     try:
         standin = StandIn(args)
         for signum in FORWARDED_SIGNALS:
@@ -205,8 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         os.write(args.ready_fd, f"error: {exc}\n".encode())
         return 1
-    from setproctitle import setproctitle
-    setproctitle(process_title(args.title, args.container))
+    set_title(process_title(args.title, args.container))
     os.write(args.ready_fd, b"ok\n")
     os.close(args.ready_fd)
     if not standin.started:
