@@ -312,6 +312,16 @@ def install(directory: Path, name: str = "firecracker") -> Path:
     return path
 
 
+def fake_guest(directory: Path, initrd: bytes = b"i") -> Path:
+    """A guest image directory for the stand-in (an ELF-looking vmlinux and an initrd: the
+    stand-in boots nothing); return it."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "vmlinux").write_bytes(b"\x7fELF" + bytes(60))
+    (directory / "initrd.img").write_bytes(initrd)
+    return directory
+
+
 def read_record(path: Path) -> list[dict]:
     """The entries the fake appended to FAKE_FC_RECORD ([] if none)."""
     import json

@@ -33,8 +33,7 @@ def test_firecracker_is_spawned_in_the_taps_namespace(netns, monkeypatch):
     root = Path(tempfile.mkdtemp(prefix="hfn"))
     try:
         fake = fake_firecracker.install(root)
-        (root / "vmlinux").write_bytes(b"\x7fELF" + bytes(60))
-        (root / "initrd.img").write_bytes(b"i")
+        fake_firecracker.fake_guest(root)
         monkeypatch.setenv("FAKE_FC_RECORD", str(root / "rec"))
         spec = VmSpec.in_dir("sb", root / "vm" / "0123456789abcdef", FirecrackerHypervisor.files, memory_mib=128, vcpus=1,
                              kernel=root / "vmlinux", initrd=root / "initrd.img", cmdline="quiet", accel="kvm",

@@ -31,10 +31,7 @@ def stand_in_vmmd(monkeypatch):
     """A vmmd whose Firecracker is the stand-in, under a short temp dir (socket paths)."""
     root = Path(tempfile.mkdtemp(prefix="hft"))
     fake = fake_firecracker.install(root)
-    guest = root / "guest"
-    guest.mkdir()
-    (guest / "vmlinux").write_bytes(b"\x7fELF" + bytes(60))
-    (guest / "initrd.img").write_bytes(b"initrd")
+    guest = fake_firecracker.fake_guest(root / "guest", b"initrd")
     monkeypatch.setenv("FAKE_FC_RECORD", str(root / "record.jsonl"))  # vmmd's children inherit it
     config = root / "hanabi.toml"
     config.write_text(f'run_dir = "{root}/run"\nlog_level = "debug"\n'

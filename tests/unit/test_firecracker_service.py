@@ -40,10 +40,7 @@ def env(monkeypatch, request):
     templates = getattr(request, "param", False)
     root = Path(tempfile.mkdtemp(prefix="hfs"))
     fake = fake_firecracker.install(root)
-    guest = root / "guest"
-    guest.mkdir()
-    (guest / "vmlinux").write_bytes(b"\x7fELF" + bytes(60))
-    (guest / "initrd.img").write_bytes(b"i")
+    guest = fake_firecracker.fake_guest(root / "guest")
     monkeypatch.setenv("FAKE_FC_RECORD", str(root / "record.jsonl"))
     config = Config(run_dir=root / "run", vmm=VmmConfig(guest_dir=guest, stop_timeout_s=2, templates=templates,
                                                         boot_timeout_s=20))
