@@ -258,3 +258,19 @@ def test_create_fails_as_the_full_cli_without_typer(world, tmp_path):
     _, modules = run_cli(["--config", world["config"], "create", "--bundle", str(tmp_path / "nobundle"), "c1"])
     assert not {"typer", "click"} & modules
     assert not (world["sbs"] / "c1").exists()
+
+
+def test_lean_config_of_a_validated_config_reads_as_the_lean_reader(tmp_path):
+    """A stand-in whose config the lean reader cannot vouch for takes the models' values
+    (`LeanConfig.of`): the same settings as the lean reader gets from the same file."""
+    from hanabi_common.config import load_config
+
+    config = tmp_path / "hanabi.toml"
+    config.write_text(f'run_dir = "{tmp_path}/run"\n[rpc]\ndefault_timeout_s = 7\n'
+                      '[agent]\nrequest_timeout_s = 8.5\n[vmm]\nstop_timeout_s = 2\n')
+    full = records.LeanConfig.of(load_config(config))
+    (tmp_path / "run").mkdir()
+    records.stamp_config(tmp_path / "run", config, config.read_text())  # as the full CLI does
+    lean = records.load_config(str(config))
+    assert vars(full) == vars(lean) == {"run_dir": f"{tmp_path}/run", "default_timeout_s": 7.0,
+                                        "request_timeout_s": 8.5, "stop_timeout_s": 2.0}

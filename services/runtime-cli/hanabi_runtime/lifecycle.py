@@ -518,14 +518,16 @@ class Runtime:
                 (record.standin_pid, record.standin_start_time) for record in self.exec_records(cid)]
         teardown(cid, self._call, str(self.store.root), standins, cgroup_dirs, sandbox=sandbox, paused=paused)
 
+
 def open_runtime(config: str | os.PathLike | None, root: str | None, hypervisor: str | None) -> Runtime:
     """The Runtime of a CLI call (`--config`, `--root`, `--hypervisor`); the config file's
     text is stamped as validated for the lean paths (`lean.records`) when it was read whole."""
     from hanabi_common.config import config_path, load_config
 
-    path = config_path(Path(config) if config is not None else None)
+    explicit = Path(config) if config is not None else None
+    path = config_path(explicit)
     text = _config_text(path)
-    runtime = Runtime(load_config(Path(config) if config is not None else None), root=root, hypervisor=hypervisor)
+    runtime = Runtime(load_config(explicit), root=root, hypervisor=hypervisor)
     if text is not None and text == _config_text(path):  # the text the models accepted
         from hanabi_runtime.lean.records import stamp_config
         stamp_config(runtime.config.run_dir, path, text)

@@ -191,10 +191,7 @@ def load_config(path: str | None) -> LeanConfig:
     except Fallback:
         from hanabi_common.config import load_config as load_full
 
-        full = load_full(path)
-        return LeanConfig({"run_dir": str(full.run_dir), "rpc.default_timeout_s": full.rpc.default_timeout_s,
-                           "agent.request_timeout_s": full.agent.request_timeout_s,
-                           "vmm.stop_timeout_s": full.vmm.stop_timeout_s})
+        return LeanConfig.of(load_full(path))
 
 
 def set_title(title: str) -> None:

@@ -58,6 +58,18 @@ class LeanConfig:
         self.request_timeout_s = float(values["agent.request_timeout_s"])
         self.stop_timeout_s = float(values["vmm.stop_timeout_s"])
 
+    @classmethod
+    def of(cls, config: object) -> LeanConfig:
+        """The same settings (the keys of DEFAULTS) taken from a validated
+        `hanabi_common.config.Config`, for a file the lean reader could not vouch for."""
+        values = {}
+        for key in DEFAULTS:
+            value = config
+            for part in key.split("."):
+                value = getattr(value, part)
+            values[key] = os.fspath(value) if isinstance(value, os.PathLike) else value
+        return cls(values)
+
     @property
     def sandboxes_dir(self) -> str:
         """hanabi_common.config.Config.sandboxes_dir."""
