@@ -26,8 +26,8 @@ config_dir=/etc/hanabi
 bin_dir=/usr/local/bin
 daemon_json=${DAEMON_JSON:-/etc/docker/daemon.json}
 python=${PYTHON:-python3}
-units=(hanabi.target hanabi-vmmd.service hanabi-netd.service hanabi-blockd.service hanabi-agentd.service)
-commands=(hanabi-runtime hanabi-vmmd hanabi-netd hanabi-blockd hanabi-agentd hanabi-image)
+units=(hanabi.target hanabi-vmmd.service hanabi-netd.service hanabi-blockd.service hanabi-agentd.service hanabi-zygote.service)
+commands=(hanabi-runtime hanabi-vmmd hanabi-netd hanabi-blockd hanabi-agentd hanabi-zygote hanabi-image)
 manifest=$prefix/MANIFEST
 
 die() { echo "hanabi install: $*" >&2; exit 1; }

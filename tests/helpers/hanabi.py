@@ -20,6 +20,7 @@ from hanabi_common.rpc.client import RpcClient
 
 BIN = Path(sys.executable).parent
 GUEST_DIR = Path(os.environ.get("HANABI_GUEST_DIR", "/var/lib/hanabi/guest/current"))
+ZYGOTE = "zygote"  # not one of DAEMONS: no RPC endpoint (hanabi_runtime.zygote)
 
 
 def integration_skip_reason() -> str | None:
@@ -62,6 +63,24 @@ class Daemons:
                 time.sleep(0.1)
         raise RuntimeError(f"hanabi-{name} did not answer in time")
 
+    def start_zygote(self) -> None:
+        """Start hanabi-zygote with this config and wait until it answers a ping."""
+        from hanabi_runtime.zygote import protocol as P
+
+        log = open(self.root / f"{ZYGOTE}.log", "ab")
+        proc = self.procs[ZYGOTE] = subprocess.Popen(
+            [str(BIN / "hanabi-zygote"), "serve", "--config", str(self.config_path)],
+            stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        path = P.socket_path(self.config.run_dir)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"hanabi-zygote exited: {(self.root / f'{ZYGOTE}.log').read_text()[-2000:]}")
+            if zygote_answers(path):
+                return
+            time.sleep(0.1)
+        raise RuntimeError("hanabi-zygote did not answer in time")
+
     def stop(self, name: str, sig: int = signal.SIGTERM) -> None:
         proc = self.procs.pop(name)
         proc.send_signal(sig)
@@ -86,14 +105,15 @@ class Daemons:
                 pass
 
     def runtime(self, *args: str, input: bytes | None = None, timeout: float = 120,
-                check: bool = False) -> subprocess.CompletedProcess:
-        """Run `hanabi-runtime --config CFG ARGS...` and capture stdout and stderr apart.
+                check: bool = False, prefix: list[str] | None = None) -> subprocess.CompletedProcess:
+        """Run `hanabi-runtime --config CFG ARGS...` (after the command line `prefix`, as
+        `unshare ...`) and capture stdout and stderr apart.
 
         Output goes through temp files, not pipes: after `create`, the stand-in keeps the
         stdio it was given (as containerd's shim expects), so a pipe would never reach EOF.
         """
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-            done = subprocess.run([str(BIN / "hanabi-runtime"), "--config", str(self.config_path), *args],
+            done = subprocess.run([*(prefix or []), str(BIN / "hanabi-runtime"), "--config", str(self.config_path), *args],
                                   input=input, stdout=out, stderr=err, timeout=timeout,
                                   stdin=None if input is not None else subprocess.DEVNULL)
             out.seek(0)
@@ -107,9 +127,26 @@ class Daemons:
         return json.loads(self.runtime("state", cid, check=True).stdout)
 
 
-def start_daemons(root: Path, extra_toml: str = "", vmm_toml: str = "") -> Daemons:
+def zygote_answers(path: str) -> bool:
+    """Whether a zygote answers a ping on socket `path`."""
+    import socket
+
+    from hanabi_runtime.zygote import protocol as P
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+        sock.settimeout(2)
+        try:
+            sock.connect(path)
+            P.send(sock, P.PING)
+            return P.recv(sock)[0]["op"] == P.PONG
+        except (OSError, P.ProtocolError):
+            return False
+
+
+def start_daemons(root: Path, extra_toml: str = "", vmm_toml: str = "", zygote: bool = True) -> Daemons:
     """Write a config under `root` and start the four daemons with it (`vmm_toml`: more
-    keys of the [vmm] table, `extra_toml`: more tables)."""
+    keys of the [vmm] table, `extra_toml`: more tables), and the zygote unless `zygote`
+    is false (then each create, run and exec imports its modules itself)."""
     root.mkdir(parents=True, exist_ok=True)
     config_path = root / "hanabi.toml"
     config_path.write_text(
@@ -120,6 +157,8 @@ def start_daemons(root: Path, extra_toml: str = "", vmm_toml: str = "") -> Daemo
     try:
         for name in DAEMONS:
             daemons.start(name)
+        if zygote:
+            daemons.start_zygote()
     except BaseException:
         daemons.stop_all()
         raise

@@ -4,7 +4,7 @@ The rootfs is made once by debootstrap and cached (tests/helpers/nspawn.py); eac
 fresh overlay over it. The project is copied to a temp dir, its wheel and pinned dependencies
 are built on the host (`pip wheel`), and both are bound read-only into the machine, where
 `make -C /src install WHEELHOUSE=/wheels` installs offline. Then: `systemd-analyze verify`,
-the four Type=notify units reach `active` only through READY=1, come back after kill -9, stop
+the five Type=notify units (four daemons and the zygote) reach `active` only through READY=1, come back after kill -9, stop
 cleanly with hanabi.target, their JSON log lines are in the journal, and `make uninstall`
 leaves /etc, /opt and /usr/local exactly as they were before the install.
 The daemons run no VM here (no guest image, no KVM in the machine): starting them is the point.
@@ -29,8 +29,10 @@ from tests.helpers.hanabi import processes_mentioning
 pytestmark = pytest.mark.system
 
 ROOT = Path(__file__).resolve().parents[2]
-DAEMONS = ("vmmd", "netd", "blockd", "agentd")
+DAEMONS = ("vmmd", "netd", "blockd", "agentd", "zygote")
 UNITS = [f"hanabi-{d}.service" for d in DAEMONS]
+# What each says with READY=1: the RPC daemons their ZeroMQ endpoint, the zygote its socket.
+SERVING = {**{d: f"serving on ipc:///run/hanabi/{d}.sock" for d in DAEMONS}, "zygote": "serving on /run/hanabi/zygote.sock"}
 UNIT_FILES = ["/etc/systemd/system/hanabi.target", *[f"/etc/systemd/system/{u}" for u in UNITS]]
 SNAPSHOT_DIRS = ("/etc", "/opt", "/usr/local")
 COPY_IGNORE = shutil.ignore_patterns(".venv", ".git", ".tox", "build", "dist", "*.egg-info", "__pycache__",
@@ -165,14 +167,14 @@ def test_install_put_everything_in_place(installed):
     assert where.stdout.startswith("/opt/hanabi/.venv/lib/")
 
 
-def test_the_target_starts_the_four_and_each_reports_ready(installed):
+def test_the_target_starts_the_five_and_each_reports_ready(installed):
     box = installed
     props = started_all(box)
     for unit, p in props.items():
         daemon = unit.split("-")[1].split(".")[0]
         assert p["Type"] == "notify" and p["ActiveState"] == "active" and p["SubState"] == "running", (unit, p)
         # STATUS= comes only from the daemon's sd_notify, sent with READY=1 once its socket is bound.
-        assert p["StatusText"] == f"serving on ipc:///run/hanabi/{daemon}.sock", (unit, p)
+        assert p["StatusText"] == SERVING[daemon], (unit, p)
         ping = box.run(f"/opt/hanabi/.venv/bin/hanabi-{daemon}", "ctl", "--timeout", "5", "ping")
         assert ping.returncode == 0
     listed = box.run("systemctl", "list-dependencies", "--plain", "--no-pager", "hanabi.target").stdout

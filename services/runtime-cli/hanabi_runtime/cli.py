@@ -8,8 +8,6 @@ version. Errors go to stderr (and to the --log file as JSON) and exit with statu
 from __future__ import annotations
 
 import json
-import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -159,15 +157,8 @@ def run(container_id: str = typer.Argument(..., metavar="ID"),
 
 
 def _wait_forwarding_signals(proc) -> int:
-    """Wait for the stand-in; pass SIGINT/SIGTERM/SIGHUP on to it (it forwards them to the VM)."""
-    def forward(signum, _frame):
-        try:
-            os.kill(proc.pid, signum)
-        except ProcessLookupError:
-            pass
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
-        signal.signal(signum, forward)
-    code = proc.wait()
+    """Wait for the stand-in; pass SIGINT/SIGTERM/SIGHUP/SIGQUIT on to it (it forwards them to the VM)."""
+    code = proc.wait(forward_signals=True)
     return 128 - code if code < 0 else code
 
 

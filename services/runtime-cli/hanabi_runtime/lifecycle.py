@@ -61,10 +61,12 @@ class StandinProcess:
         except ProcessLookupError:
             pass
 
-    def wait(self) -> int:
-        """Reap it; its exit code, or -N when signal N killed it (like Popen.returncode)."""
-        _, status = os.waitpid(self.pid, 0)
-        return os.waitstatus_to_exitcode(status)
+    def wait(self, forward_signals: bool = False) -> int:
+        """Reap it; its exit code, or -N when signal N killed it (like Popen.returncode).
+        `forward_signals`: SIGINT, SIGTERM, SIGHUP and SIGQUIT received meanwhile go to it."""
+        from hanabi_runtime import spawner
+
+        return spawner.current().wait(self.pid, forward_signals)
 
 
 class PendingStandin(StandinProcess):
@@ -336,9 +338,9 @@ class Runtime:
             argv += ["--config", str(self.config.source)]
         argv += console or []
         try:
-            os.set_inheritable(ready_w, True)
-            os.set_inheritable(go_r, True)
-            pid = os.posix_spawn(sys.executable, argv, os.environ, setsid=detach)
+            from hanabi_runtime import spawner
+
+            pid = spawner.current().spawn(argv, {ready_w: ready_w, go_r: go_r}, setsid=detach)
         except BaseException:
             os.close(go_w)
             os.close(ready_r)

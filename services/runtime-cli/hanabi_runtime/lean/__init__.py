@@ -18,6 +18,7 @@ import os
 import sys
 
 HYPERVISORS = (None, "auto", "qemu", "firecracker")  # Runtime's check
+ZYGOTE_COMMANDS = ("create", "run", "exec")  # the ones that import the models and clients
 
 
 def _full_cli() -> None:
@@ -26,11 +27,16 @@ def _full_cli() -> None:
 
 
 def exit_now(code: object) -> None:
-    """End the process as `sys.exit(code)` would at the end of the program (None: 0, an
-    int: that status, anything else printed to stderr, then 1; 120 when stdout cannot be
-    flushed), after the atexit handlers (logging's flush among them) and flushing stdio,
+    """End the process as `sys.exit(code)` would at the end of the program (`finish`),
     but skipping the teardown of the interpreter (module cleanup, garbage collection, the
     zmq context): every call was answered already."""
+    os._exit(finish(code))
+
+
+def finish(code: object) -> int:
+    """The exit status `sys.exit(code)` gives (None: 0, an int: that status, anything else
+    printed to stderr, then 1; 120 when stdout cannot be flushed), after the atexit
+    handlers (logging's flush among them) and flushing stdio."""
     if code is None:
         status = 0
     elif isinstance(code, int):
@@ -43,25 +49,34 @@ def exit_now(code: object) -> None:
     atexit._run_exitfuncs()  # logging's flush among them, as at a normal exit
     for stream in (sys.stdout, sys.stderr):
         try:
-            stream.flush()
+            if stream is not None:
+                stream.flush()
         except (OSError, ValueError):
             if stream is sys.stdout and status == 0:
                 status = 120  # what the interpreter's own exit makes of it
-    os._exit(status)
+    return status
 
 
 def main() -> None:
     """Entry point of the console script."""
     try:
-        _main()
+        dispatch()
     except SystemExit as exc:
         exit_now(exc.code)
     exit_now(0)
 
 
-def _main() -> None:
-    from hanabi_runtime.lean.argv import parse
+def dispatch(zygote: bool = True) -> None:
+    """Run the command of sys.argv (SystemExit with its status): in a zygote worker
+    when one serves (`zygote`, for create, run and exec), else here."""
+    from hanabi_runtime.lean.argv import parse, split_globals
 
+    if zygote:
+        found = split_globals(sys.argv[1:])
+        if found is not None and found[1] in ZYGOTE_COMMANDS:
+            status = _in_zygote(found[0])
+            if status is not None:
+                sys.exit(status)
     command = parse(sys.argv[1:])
     if command is None or command.globals["hypervisor"] not in HYPERVISORS:
         return _full_cli()
@@ -89,6 +104,21 @@ def _main() -> None:
         report_error(exc, g["log"], g["log_format"])
         sys.exit(1)
     sys.exit(code)
+
+
+def _in_zygote(options: dict) -> int | None:
+    """The command's status from a zygote worker; None to run it here (no zygote serves
+    this config's run_dir, or the config is not one the lean reader vouches for)."""
+    from hanabi_common.errors import HanabiError
+    from hanabi_runtime.lean.records import Fallback, load_config
+
+    try:
+        run_dir = load_config(options["config"]).run_dir
+    except (Fallback, HanabiError):
+        return None
+    from hanabi_runtime.lean.zygote import run_in_zygote
+
+    return run_in_zygote(run_dir, list(sys.argv))
 
 
 def _create(command) -> None:

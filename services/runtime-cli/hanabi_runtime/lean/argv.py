@@ -48,8 +48,9 @@ def _option(argv: list[str], i: int, names) -> tuple[str, str, int] | None:
     return None
 
 
-def parse(argv: list[str]) -> Command | None:
-    """The hot command of `argv` (without the program name), or None for the full CLI."""
+def split_globals(argv: list[str]) -> tuple[dict, str, int] | None:
+    """The global options of `argv` (without the program name), the command word and its
+    index; None when a global option is not one parsed here, or there is no command."""
     options: dict = {"root": None, "log": None, "log_format": "text", "config": None, "hypervisor": None}
     i = 0
     while i < len(argv) and argv[i].startswith("-"):
@@ -61,9 +62,15 @@ def parse(argv: list[str]) -> Command | None:
             return None
         name, value, i = found
         options[name[2:].replace("-", "_")] = value
-    if i == len(argv) or argv[i] not in COMMANDS:
+    return (options, argv[i], i) if i < len(argv) else None
+
+
+def parse(argv: list[str]) -> Command | None:
+    """The hot command of `argv` (without the program name), or None for the full CLI."""
+    split = split_globals(argv)
+    if split is None or split[1] not in COMMANDS:
         return None
-    name = argv[i]
+    options, name, i = split
     positional_names, minimum, valued, flags = COMMANDS[name]
     command = Command(name, options)
     positionals = []

@@ -1,0 +1,138 @@
+"""The CLI's side of the zygote (`hanabi_runtime.zygote`): hand a command to a worker that
+has its imports done, and do for it what must be this process's own (spawn and reap the
+stand-ins, forward signals, exit with the command's status).
+
+`run_in_zygote` answers None when there is no zygote or it refuses before doing anything:
+the caller then runs the command itself, with the same result, only slower.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable
+
+from hanabi_runtime.spawner import FORWARDED_SIGNALS, spawn_here, wait_here
+from hanabi_runtime.zygote import protocol as P
+
+PROGRAM = "hanabi-runtime"
+
+
+def run_in_zygote(run_dir: str, argv: list[str], on_exit: Callable[[dict], None] | None = None) -> int | None:
+    """Run `argv` (without the program name) in a zygote worker: its exit status, or None
+    when the caller must run it itself. `on_exit` sees the worker's exit message."""
+    try:
+        cwd = os.getcwd()
+    except OSError:
+        return None  # a deleted working directory cannot be handed over by path
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        try:
+            sock.connect(P.socket_path(run_dir))
+        except OSError:
+            return None  # no zygote (or not ours to use)
+        return _converse(sock, argv, cwd, on_exit)
+    finally:
+        sock.close()
+
+
+def _open_stdio() -> list[int]:
+    return [fd for fd in (0, 1, 2) if _is_open(fd)]
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def _converse(sock: socket.socket, argv: list[str], cwd: str, on_exit) -> int | None:
+    umask = os.umask(0)
+    os.umask(umask)
+    stdio = _open_stdio()
+    try:
+        P.send(sock, P.RUN, stdio, argv=argv, cwd=cwd, env=dict(os.environ), umask=umask,
+               namespaces=P.namespaces(), stdio=stdio)
+        message, fds = P.recv(sock)
+    except (OSError, P.ProtocolError):
+        return None  # it went away before doing anything
+    _close(fds)
+    worker = message.get("pid")
+    if message["op"] != P.STARTED or not isinstance(worker, int) or worker <= 0:
+        return None  # refused (another namespace, its code changed since it started...)
+    forwarded: list[int] = []
+    _forward_signals_to(worker, forwarded)
+    while True:
+        try:
+            message, fds = P.recv(sock)
+            op = message["op"]
+            if op == P.SPAWN:
+                _spawn(sock, message, fds)
+                continue
+            _close(fds)
+            if op == P.EXIT:
+                status = int(P.field(message, "status", int))
+                if on_exit is not None:
+                    on_exit(message)
+                return status
+            if op != P.WAIT:
+                raise P.ProtocolError(f"an unexpected {op} message")
+            pid = int(P.field(message, "pid", int))
+            forward = bool(message.get("forward_signals"))
+            if not forward:  # as a CLI waiting without forwarding: a signal ends this process
+                for signum in FORWARDED_SIGNALS:
+                    signal.signal(signum, signal.SIG_DFL)
+            status = wait_here(pid, forward)
+            _forward_signals_to(worker, forwarded)
+            P.send(sock, P.WAITED, status=status)
+        except (OSError, P.ProtocolError) as exc:
+            return _worker_lost(exc, forwarded)
+
+
+def _spawn(sock: socket.socket, message: dict, fds: list[int]) -> None:
+    try:
+        argv = P.field(message, "argv", list)
+        targets = P.field(message, "targets", list)
+        if len(targets) != len(fds) or not all(isinstance(t, int) and t > 2 for t in targets):
+            raise P.ProtocolError("spawn: the targets do not match the fds")
+        pid = spawn_here([str(a) for a in argv], dict(zip(targets, fds, strict=True)),
+                         setsid=bool(message.get("setsid")))
+    except (OSError, P.ProtocolError) as exc:
+        P.send(sock, P.FAILED, error=str(exc))
+    else:
+        P.send(sock, P.SPAWNED, pid=pid)
+    finally:
+        _close(fds)
+
+
+def _forward_signals_to(pid: int, forwarded: list[int]) -> None:
+    """Until the command ends, the CLI's signals are the worker's (as they would have been
+    this process's own): each is passed on, and remembered."""
+    def forward(signum: int, _frame: object) -> None:
+        forwarded.append(signum)
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+    for signum in FORWARDED_SIGNALS:
+        signal.signal(signum, forward)
+
+
+def _worker_lost(exc: Exception, forwarded: list[int]) -> int:
+    """The worker ended without an exit status: killed by a signal we passed on (then this
+    process ends the same way, as it would have without a zygote), or lost."""
+    if forwarded:  # each of FORWARDED_SIGNALS ends a process by default
+        signum = forwarded[-1]
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+    sys.stderr.write(f"{PROGRAM}: internal: the zygote worker ended without an exit status ({exc})\n")
+    return 1
+
+
+def _close(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
