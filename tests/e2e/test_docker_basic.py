@@ -14,7 +14,7 @@ import time
 import pytest
 
 from tests.e2e.docker_env import IMAGE, RUNTIME, LineReader, hanabi_leftovers
-from tests.helpers.hanabi import GUEST_DIR
+from tests.helpers.hanabi import GUEST_DIR, ZYGOTE
 
 pytestmark = pytest.mark.e2e
 
@@ -27,10 +27,15 @@ def guest_kernel() -> str:
 
 
 def test_uname_prints_the_guest_kernel(docker, name):
+    log = docker.hanabi.root / f"{ZYGOTE}.log"
+    before = log.read_text()
     done = docker.run_hanabi("--name", name, cmd=["uname", "-r"])
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == guest_kernel()
     assert done.stdout.strip() != os.uname().release
+    ran = [json.loads(line)["argv"] for line in log.read_text()[len(before):].splitlines()
+           if '"running a command"' in line]
+    assert any("create" in argv for argv in ran), ran  # containerd's shim's create went through the zygote
 
 
 def test_hanabi_fc_entry_asks_for_firecracker(docker):

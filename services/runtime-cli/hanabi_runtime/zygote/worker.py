@@ -117,6 +117,7 @@ def _serve(conn: socket.socket, origin: Origin) -> None:
         _close(fds)
         _refuse(conn, f"cannot enter the client's working directory: {exc}")
         return
+    log.info("running a command", extra={"argv": request["argv"][1:][:12], "client": request["client_pid"]})
     _become(request, fds)
     spawner.use(ClientSpawner(conn))
     P.send(conn, P.STARTED, pid=os.getpid())
@@ -135,7 +136,7 @@ def _check(conn: socket.socket, message: dict, fds: list[int], origin: Origin) -
     """The run request's fields, checked; ProtocolError says why it is refused."""
     if message["op"] != P.RUN:
         raise P.ProtocolError(f"expected a {P.RUN} request, not {message['op']}")
-    uid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[1]
+    pid, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
     if uid != os.geteuid():
         raise P.ProtocolError(f"uid {uid} may not use this zygote (it serves uid {os.geteuid()})")
     argv = P.field(message, "argv", list)
@@ -154,7 +155,7 @@ def _check(conn: socket.socket, message: dict, fds: list[int], origin: Origin) -
     changed = origin.stale()
     if changed is not None:
         raise P.ProtocolError(f"{changed} changed since the zygote started: restart hanabi-zygote")
-    return message
+    return {**message, "client_pid": pid}
 
 
 def _become(request: dict, fds: list[int]) -> None:
