@@ -18,6 +18,7 @@ from hanabi_runtime.spawner import FORWARDED_SIGNALS, spawn_here, wait_here
 from hanabi_runtime.zygote import protocol as P
 
 PROGRAM = "hanabi-runtime"
+WORKER_EXIT_TIMEOUT_S = 10.0  # after its exit message; it only ends itself then
 
 
 def run_in_zygote(run_dir: str, argv: list[str], on_exit: Callable[[dict], None] | None = None) -> int | None:
@@ -64,6 +65,10 @@ def _converse(sock: socket.socket, argv: list[str], cwd: str, on_exit) -> int | 
     worker = message.get("pid")
     if message["op"] != P.STARTED or not isinstance(worker, int) or worker <= 0:
         return None  # refused (another namespace, its code changed since it started...)
+    try:
+        worker_fd = os.pidfd_open(worker)
+    except OSError:
+        return None  # gone already: it did nothing for us
     forwarded: list[int] = []
     _forward_signals_to(worker, forwarded)
     while True:
@@ -76,6 +81,7 @@ def _converse(sock: socket.socket, argv: list[str], cwd: str, on_exit) -> int | 
             _close(fds)
             if op == P.EXIT:
                 status = int(P.field(message, "status", int))
+                _wait_gone(worker_fd)
                 if on_exit is not None:
                     on_exit(message)
                 return status
@@ -91,6 +97,17 @@ def _converse(sock: socket.socket, argv: list[str], cwd: str, on_exit) -> int | 
             P.send(sock, P.WAITED, status=status)
         except (OSError, P.ProtocolError) as exc:
             return _worker_lost(exc, forwarded)
+
+
+def _wait_gone(pidfd: int) -> None:
+    """Until the worker has exited: what it held (a thread in a network namespace, an open
+    file) is released by then, as it would be by the end of this process's own run."""
+    import select
+
+    try:
+        select.select([pidfd], [], [], WORKER_EXIT_TIMEOUT_S)
+    finally:
+        os.close(pidfd)
 
 
 def _spawn(sock: socket.socket, message: dict, fds: list[int]) -> None:
