@@ -19,6 +19,7 @@ $(BIN)/hanabi-runtime: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/python deploy/local/plain-editable-paths $(VENV)
 	touch $@
 
 guest: venv ## build the guest kernel + initramfs (cached: rebuilt only when inputs change)
