@@ -99,6 +99,32 @@ def test_run_passes_sigterm_to_the_container(hanabi, bundle, cid):
     assert leftovers(hanabi, cid) == []
 
 
+def test_a_worker_takes_the_clis_environment_umask_and_limits(hanabi, bundle, cid, tmp_path):
+    """HANABI_CONFIG (not --config) names the config, as the environment is the worker's
+    too; a createRuntime hook the worker runs sees the CLI's umask and open-files limit."""
+    seen = tmp_path / "seen"
+    hook = tmp_path / "hook.sh"
+    hook.write_text(f"#!/bin/sh\necho \"$(umask) $(ulimit -n)\" > {seen}\n")
+    hook.chmod(0o755)
+    path = bundle(["true"])
+    config_path = os.path.join(path, "config.json")
+    with open(config_path) as handle:
+        config = json.load(handle)
+    config["hooks"] = {"createRuntime": [{"path": str(hook)}]}
+    with open(config_path, "w") as handle:
+        json.dump(config, handle)
+    log = hanabi.root / f"{ZYGOTE}.log"
+    before = log.read_text()
+    done = subprocess.run(["sh", "-c", 'umask 0027; ulimit -n 777; exec "$@"', "sh",
+                           str(BIN / "hanabi-runtime"), "run", "--bundle", path, cid],
+                          env={**os.environ, "HANABI_CONFIG": str(hanabi.config_path)},
+                          stdin=subprocess.DEVNULL, capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr.decode()
+    assert seen.read_text().split() == ["0027", "777"]
+    assert "running a command" in log.read_text()[len(before):]  # in a worker, not in the CLI
+    assert leftovers(hanabi, cid) == []
+
+
 def test_exec_in_a_worker(hanabi, bundle, cid):
     hanabi.runtime("run", "--detach", "--bundle", bundle(["sleep", "600"]), cid, check=True)
     try:

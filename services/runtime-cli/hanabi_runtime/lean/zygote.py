@@ -57,7 +57,7 @@ def _converse(sock: socket.socket, argv: list[str], cwd: str, on_exit) -> int | 
     stdio = _open_stdio()
     try:
         P.send(sock, P.RUN, stdio, argv=argv, cwd=cwd, env=dict(os.environ), umask=umask,
-               namespaces=P.namespaces(), stdio=stdio)
+               rlimits=P.rlimits(), namespaces=P.namespaces(), stdio=stdio)
         message, fds = P.recv(sock)
     except (OSError, P.ProtocolError):
         return None  # it went away before doing anything

@@ -4,7 +4,7 @@ imports it.
 
 A conversation, client (the `hanabi-runtime` process) and worker (forked per connection):
 
-    client: run {argv, cwd, env, umask, namespaces, stdio} + its open stdio fds
+    client: run {argv, cwd, env, umask, rlimits, namespaces, stdio} + its open stdio fds
     worker: refuse {reason}          nothing was done: the client runs the command itself
       or    started {pid}            the worker runs it; signals for the CLI go to `pid`
     worker: spawn {argv, targets, setsid} + fds   -> client: spawned {pid} | failed {error}
@@ -100,6 +100,14 @@ def field(message: dict, name: str, kind: type[T]) -> T:
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
         raise ProtocolError(f"{message.get('op')}: field {name!r} is missing or not a {kind}")
     return value
+
+
+def rlimits() -> dict[str, list[int]]:
+    """This process's resource limits, by name (RLIMIT_NOFILE: [soft, hard], ...)."""
+    import resource
+
+    return {name: list(resource.getrlimit(getattr(resource, name)))
+            for name in dir(resource) if name.startswith("RLIMIT_")}
 
 
 def namespaces() -> dict[str, int]:

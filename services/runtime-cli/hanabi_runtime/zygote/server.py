@@ -38,7 +38,7 @@ PRELOAD = (
     "hanabi_common.netns", "hanabi_common.oci", "hanabi_common.models.agentd", "hanabi_common.models.vmmd",
     "hanabi_common.models.netd", "hanabi_common.models.blockd", "hanabi_vmmd.client",
     "hanabi_agentd.client", "hanabi_netd.client", "hanabi_blockd.client", "zmq", "jsonschema",
-    "concurrent.futures.thread", "tomllib",
+    "concurrent.futures.thread", "tomllib", "resource",
 )
 OWN_PACKAGES = ("hanabi_",)  # whose source files a worker checks for changes
 

@@ -113,9 +113,10 @@ def _serve(conn: socket.socket, origin: Origin) -> None:
         return
     try:
         os.chdir(request["cwd"])
-    except OSError as exc:
+        _take_rlimits(request["rlimits"])
+    except (OSError, ValueError) as exc:
         _close(fds)
-        _refuse(conn, f"cannot enter the client's working directory: {exc}")
+        _refuse(conn, f"cannot take the client's working directory or resource limits: {exc}")
         return
     log.info("running a command", extra={"argv": request["argv"][1:][:12], "client": request["client_pid"]})
     _become(request, fds)
@@ -144,6 +145,7 @@ def _check(conn: socket.socket, message: dict, fds: list[int], origin: Origin) -
     stdio = P.field(message, "stdio", list)
     P.field(message, "cwd", str)
     P.field(message, "umask", int)
+    P.field(message, "rlimits", dict)
     if not argv or not all(isinstance(a, str) for a in argv):
         raise P.ProtocolError("argv must be a non-empty list of strings")
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
@@ -156,6 +158,19 @@ def _check(conn: socket.socket, message: dict, fds: list[int], origin: Origin) -
     if changed is not None:
         raise P.ProtocolError(f"{changed} changed since the zygote started: restart hanabi-zygote")
     return {**message, "client_pid": pid}
+
+
+def _take_rlimits(limits: dict) -> None:
+    """The client's resource limits, each one it sent (names this Python does not know are
+    refused: the limits would differ)."""
+    import resource
+
+    for name, value in limits.items():
+        if not (name.startswith("RLIMIT_") and hasattr(resource, name)):
+            raise ValueError(f"unknown resource limit {name!r}")
+        if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) for v in value)):
+            raise ValueError(f"resource limit {name} must be [soft, hard]")
+        resource.setrlimit(getattr(resource, name), (value[0], value[1]))
 
 
 def _become(request: dict, fds: list[int]) -> None:
