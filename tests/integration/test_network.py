@@ -86,7 +86,7 @@ def test_container_pings_and_talks_tcp_to_a_peer_namespace(hanabi, bundle, cid, 
         server.kill()
         server.wait()
     assert leftovers(hanabi, cid) == []
-    assert pair.leftovers() == []
+    assert settled(hanabi, pair) == []
     assert pair.link_info() == before  # Docker's link is left exactly as it was
 
 
@@ -105,7 +105,7 @@ def test_guest_nic_takes_the_links_mac_and_mtu(hanabi, bundle, cid, pair: NetnsP
     assert "fd00:213::1/64" in out
     assert f"default via {pair.outer_ip} dev eth0" in out
     assert lines[-1].split() == ["eth0", "lo"]
-    assert pair.leftovers() == []
+    assert settled(hanabi, pair) == []
 
 
 def test_network_none_has_loopback_only(hanabi, bundle, cid):
@@ -144,7 +144,7 @@ def test_netd_survives_a_restart_and_still_detaches(hanabi, pair: NetnsPair):
     assert [n.sandbox_id for n in client.list().networks] == ["netd-restart"]
     assert client.detach("netd-restart").existed
     assert drain(hanabi)["netd"] == []  # the taps go in the background: wait for netd's queue
-    assert pair.leftovers() == []
+    assert settled(hanabi, pair) == []
     assert not client.detach("netd-restart").existed
 
 
@@ -177,7 +177,7 @@ def test_a_link_that_vanishes_mid_attach_leaves_nothing(pair: NetnsPair, tmp_pat
     service = NetworkService(load_config(config_path))
     with pytest.raises(NotFound, match="eth0 is gone"):
         service.attach(AttachNetwork(sandbox_id="vanish", netns_path=pair.inner_path))
-    assert pair.leftovers() == []
+    assert pair.leftovers() == []  # an in-process NetworkService: nothing queued
     assert "_hanabi" not in ip("-br", "link", netns=pair.inner)
     assert service.list(None).networks == []
     with pytest.raises(InvalidArgument, match="not a network namespace"):
@@ -279,7 +279,7 @@ def test_nic_hotplug_into_a_running_vm(hanabi, pair: NetnsPair):
         vmmd.stop(sid)
         netd.detach(sid)
     assert drain(hanabi)["netd"] == []
-    assert pair.leftovers() == []
+    assert settled(hanabi, pair) == []
 
 
 def test_two_links_two_nics(hanabi, bundle, cid, pair: NetnsPair):
@@ -298,7 +298,14 @@ def test_two_links_two_nics(hanabi, bundle, cid, pair: NetnsPair):
     out = done.stdout.decode()
     assert done.returncode == 0, (out, done.stderr.decode())
     assert out.splitlines() == ["eth0 eth1 lo", "first-ok", "second-ok"]
-    assert pair.leftovers() == [] and "_hanabi" not in ip("-br", "link", netns=pair.inner)
+    assert settled(hanabi, pair) == [] and "_hanabi" not in ip("-br", "link", netns=pair.inner)
+
+
+def settled(hanabi, pair: NetnsPair) -> list[str]:
+    """What hanabi left in the pair's inner namespace once netd's release queue is done
+    (taps go in the background, after `delete` returned)."""
+    assert drain(hanabi)["netd"] == []
+    return pair.leftovers()
 
 
 def _wait_for(predicate, timeout: float = 30.0) -> bool:
@@ -341,4 +348,4 @@ def test_links_connected_and_disconnected_while_running(hanabi, bundle, cid, pai
     finally:
         hanabi.runtime("delete", "--force", cid)
     assert leftovers(hanabi, cid) == []
-    assert pair.leftovers() == []
+    assert settled(hanabi, pair) == []
