@@ -45,6 +45,12 @@ def _run_dir(hanabi) -> str:
     return str(hanabi.config.run_dir)
 
 
+def _running(hanabi, bundle_path: str, cid: str, stdin) -> subprocess.Popen:
+    """`hanabi-runtime run` of the bundle in the background, its stdout a pipe."""
+    return subprocess.Popen([str(BIN / "hanabi-runtime"), "--config", str(hanabi.config_path), "run",
+                             "--bundle", bundle_path, cid], stdout=subprocess.PIPE, stdin=stdin)
+
+
 def test_create_in_a_worker_leaves_the_standin_to_the_cli_and_imports_nothing_more(hanabi, bundle, cid, tmp_path):
     path = bundle(["sleep", "600"])
     out = tmp_path / "out"  # a file, not a pipe: the stand-in keeps the stdio it was given
@@ -83,8 +89,7 @@ def test_run_gives_the_containers_status_and_output(hanabi, bundle, cid):
 
 def test_run_passes_sigterm_to_the_container(hanabi, bundle, cid):
     path = bundle(["sh", "-c", "trap 'echo got-term; exit 7' TERM; echo ready; while :; do sleep 0.1; done"])
-    proc = subprocess.Popen([str(BIN / "hanabi-runtime"), "--config", str(hanabi.config_path), "run",
-                             "--bundle", path, cid], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    proc = _running(hanabi, path, cid, stdin=subprocess.DEVNULL)
     try:
         assert proc.stdout is not None
         assert proc.stdout.readline() == b"ready\n"
@@ -179,8 +184,7 @@ def test_without_the_zygote_the_cli_runs_create_itself_and_a_new_one_takes_the_s
 
 def test_a_kill_9_of_the_server_leaves_a_command_in_flight_running(hanabi, bundle, cid):
     path = bundle(["sh", "-c", "echo started; read line; echo done-$line"])
-    proc = subprocess.Popen([str(BIN / "hanabi-runtime"), "--config", str(hanabi.config_path), "run",
-                             "--bundle", path, cid], stdout=subprocess.PIPE, stdin=subprocess.PIPE)
+    proc = _running(hanabi, path, cid, stdin=subprocess.PIPE)
     try:
         assert proc.stdout is not None and proc.stdin is not None
         assert proc.stdout.readline() == b"started\n"  # the worker is waiting for it now

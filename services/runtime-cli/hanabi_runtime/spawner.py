@@ -55,16 +55,23 @@ def _dup_above(fd: int, floor: int) -> int:
     return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, floor)
 
 
-def wait_here(pid: int, forward_signals: bool = False) -> int:
+def forward_signals(pid: int, seen: list[int] | None = None) -> None:
+    """From now on FORWARDED_SIGNALS received here go to `pid` (each appended to `seen`)."""
+    def forward(signum: int, _frame: object) -> None:
+        if seen is not None:
+            seen.append(signum)
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+    for signum in FORWARDED_SIGNALS:
+        signal.signal(signum, forward)
+
+
+def wait_here(pid: int, forward: bool = False) -> int:
     """waitpid `pid` (our child), as `Spawner.wait` says."""
-    if forward_signals:
-        def forward(signum: int, _frame: object) -> None:
-            try:
-                os.kill(pid, signum)
-            except ProcessLookupError:
-                pass
-        for signum in FORWARDED_SIGNALS:
-            signal.signal(signum, forward)
+    if forward:
+        forward_signals(pid)
     _, status = os.waitpid(pid, 0)
     return os.waitstatus_to_exitcode(status)
 

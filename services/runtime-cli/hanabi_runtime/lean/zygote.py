@@ -14,7 +14,7 @@ import socket
 import sys
 from collections.abc import Callable
 
-from hanabi_runtime.spawner import FORWARDED_SIGNALS, spawn_here, wait_here
+from hanabi_runtime.spawner import FORWARDED_SIGNALS, forward_signals, spawn_here, wait_here
 from hanabi_runtime.zygote import protocol as P
 
 PROGRAM = "hanabi-runtime"
@@ -70,7 +70,7 @@ def _converse(sock: socket.socket, argv: list[str], cwd: str, on_exit) -> int | 
     except OSError:
         return None  # gone already: it did nothing for us
     forwarded: list[int] = []
-    _forward_signals_to(worker, forwarded)
+    forward_signals(worker, forwarded)  # the CLI's signals are the worker's, as they were ours
     while True:
         try:
             message, fds = P.recv(sock)
@@ -93,7 +93,7 @@ def _converse(sock: socket.socket, argv: list[str], cwd: str, on_exit) -> int | 
                 for signum in FORWARDED_SIGNALS:
                     signal.signal(signum, signal.SIG_DFL)
             status = wait_here(pid, forward)
-            _forward_signals_to(worker, forwarded)
+            forward_signals(worker, forwarded)  # the CLI's signals are the worker's, as they were ours
             P.send(sock, P.WAITED, status=status)
         except (OSError, P.ProtocolError) as exc:
             return _worker_lost(exc, forwarded)
@@ -124,19 +124,6 @@ def _spawn(sock: socket.socket, message: dict, fds: list[int]) -> None:
         P.send(sock, P.SPAWNED, pid=pid)
     finally:
         _close(fds)
-
-
-def _forward_signals_to(pid: int, forwarded: list[int]) -> None:
-    """Until the command ends, the CLI's signals are the worker's (as they would have been
-    this process's own): each is passed on, and remembered."""
-    def forward(signum: int, _frame: object) -> None:
-        forwarded.append(signum)
-        try:
-            os.kill(pid, signum)
-        except ProcessLookupError:
-            pass
-    for signum in FORWARDED_SIGNALS:
-        signal.signal(signum, forward)
 
 
 def _worker_lost(exc: Exception, forwarded: list[int]) -> int:
