@@ -15,7 +15,7 @@ drops the unsent rest of a half-written one and writes SYNC before its next fram
 directions restart at a frame boundary even if the agent never saw the disconnect. A
 corrupt frame makes it send a ``protocol_error`` event and ignore input until SYNC or EOF.
 Every ``output``, ``exit`` and ``oom`` event carries ``seq``, one counter for the agent's lifetime;
-the last REPLAY_BYTES of such frames already written (or cut off half-way) are kept, and a
+the last REPLAY_BYTES (8 MiB) of such frames already written (or cut off half-way) are kept, and a
 host's SYNC makes the agent write them again after its own SYNC: whatever a host that died
 (or a channel that dropped them unseen) lost is sent again, and the host side drops what
 it already had by ``seq`` (docs/agent-protocol.md, "Replay").
@@ -54,7 +54,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
 OUT_HIGH = 2 << 20
-REPLAY_BYTES = 256 << 10
+REPLAY_BYTES = P.REPLAY_BYTES
 OUT_LOW = 256 << 10
 STDIN_HIGH = 8 << 20
 

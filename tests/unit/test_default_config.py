@@ -89,3 +89,20 @@ def test_keys_shown_unset_have_no_default():
 def test_a_changed_default_is_caught():
     text = FILE.read_text().replace("# vcpus = 1", "# vcpus = 2")
     assert Config.model_validate(tomllib.loads(uncommented(text)[0])) != Config()
+
+
+def test_agentds_output_buffer_stays_within_what_the_guest_resends(tmp_path):
+    """A kill -9 of agentd loses what it held for a stand-in unless the guest resends it:
+    the buffer may not outgrow the guest's replay window (less the socket's share)."""
+    import pytest
+
+    from hanabi_common.errors import InvalidArgument
+    from hanabi_wire.constants import OUTPUT_BUFFER_MAX, REPLAY_BYTES, REPLAY_SOCKET_ALLOWANCE
+
+    assert Config().agent.output_buffer_bytes <= OUTPUT_BUFFER_MAX == REPLAY_BYTES - REPLAY_SOCKET_ALLOWANCE
+    path = tmp_path / "hanabi.toml"
+    path.write_text(f"[agent]\noutput_buffer_bytes = {OUTPUT_BUFFER_MAX}\n")
+    assert load_config(path).agent.output_buffer_bytes == OUTPUT_BUFFER_MAX
+    path.write_text(f"[agent]\noutput_buffer_bytes = {OUTPUT_BUFFER_MAX + 1}\n")
+    with pytest.raises(InvalidArgument, match="output_buffer_bytes"):
+        load_config(path)

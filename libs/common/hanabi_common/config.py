@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from hanabi_common.errors import InvalidArgument
 from hanabi_common.models.vmmd import MAX_VCPUS, MAX_VM_MEMORY_MIB, MIN_VM_MEMORY_MIB
+from hanabi_wire.constants import OUTPUT_BUFFER_MAX
 
 DEFAULT_CONFIG_PATH = Path("/etc/hanabi/hanabi.toml")
 CONFIG_ENV = "HANABI_CONFIG"
@@ -69,7 +70,9 @@ class AgentConfig(_Section):
 
     ready_timeout_s: float = Field(60.0, gt=0)
     request_timeout_s: float = Field(30.0, gt=0)
-    output_buffer_bytes: int = Field(4 << 20, ge=4096)
+    # Output of a process agentd holds for its stand-in; at most what the guest resends
+    # after agentd restarts (hanabi_wire.OUTPUT_BUFFER_MAX), so a kill -9 loses none of it.
+    output_buffer_bytes: int = Field(4 << 20, ge=4096, le=OUTPUT_BUFFER_MAX)
     # The container's linux.seccomp is enforced in the guest (libseccomp). false turns it
     # off explicitly: the profile is not sent and the runtime logs a warning per container.
     seccomp: bool = True

@@ -28,6 +28,15 @@ VSOCK_PORT = 1024
 # root of its own where the VM's export root is SHARE_EXPORT_NAME (the 9P attach name).
 # The kernel command line says so: CMDLINE_SHARE=SHARE_EXPORT_NAME.
 SHARE_VSOCK_PORT = 1025
+
+# Output and exit frames the agent keeps once written, and writes again after a host's SYNC
+# (docs/agent-protocol.md, "Replay"): enough for all a host can lose when it dies, its output
+# buffer for the process (agentd's `agent.output_buffer_bytes`, at most OUTPUT_BUFFER_MAX)
+# and what sits in the socket between the VMM and agentd (REPLAY_SOCKET_ALLOWANCE, several
+# times the default unix socket buffer of 208 KiB). Shared by the VM's processes.
+REPLAY_BYTES = 8 << 20
+REPLAY_SOCKET_ALLOWANCE = 1 << 20
+OUTPUT_BUFFER_MAX = REPLAY_BYTES - REPLAY_SOCKET_ALLOWANCE
 SHARE_EXPORT_NAME = "/export"
 
 # Kernel command line: the base the guest image is built for, and the words the agent reads.
