@@ -70,7 +70,7 @@ class Proc:
     """
 
     __slots__ = ("cid", "exec_id", "pid", "args", "stdin_fd", "stdin_buf", "stdin_close",
-                 "streams", "status", "tty_fd")
+                 "stdin_received", "streams", "status", "tty_fd")
 
     def __init__(self, cid: str, exec_id: str, pid: int, args: list[str], stdin_fd: int,
                  stdout_fd: int, stderr_fd: int | None, tty_fd: int | None = None) -> None:
@@ -81,6 +81,7 @@ class Proc:
         self.stdin_fd: int | None = stdin_fd
         self.stdin_buf = bytearray()
         self.stdin_close = False
+        self.stdin_received = 0  # bytes of its stdin taken so far (the next chunk's `offset`)
         self.streams: dict[int, str] = {stdout_fd: "stdout"}
         if stderr_fd is not None:
             self.streams[stderr_fd] = "stderr"

@@ -80,7 +80,7 @@ class ProcIO:
         proc = c.procs.get(msg["exec_id"])
         if proc is None or proc.stdin_fd is None or proc.stdin_close:
             return
-        data = msg["data"]
+        data = _unseen_stdin(proc, msg["data"], msg.get("offset"))
         if data:
             proc.stdin_buf += data
             self.stdin_bytes += len(data)
@@ -251,3 +251,22 @@ def _kill(fn: Callable[[int, int], None], pid: int, sig: int) -> None:
         fn(pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def _unseen_stdin(proc: Proc, data: bytes, offset: int | None) -> bytes:
+    """The part of a stdin chunk at `offset` that the process has not had yet: a host that
+    lost its connection sends again what may not have arrived (docs/agent-protocol.md,
+    "Replay"); a chunk without an offset is taken whole."""
+    if offset is None:
+        proc.stdin_received += len(data)
+        return data
+    end = offset + len(data)
+    if end <= proc.stdin_received:
+        return b""
+    if offset > proc.stdin_received:  # the host lost bytes before these: say so, go on
+        log(f"stdin of {proc.cid}/{proc.exec_id}: {offset - proc.stdin_received} bytes never arrived")
+        fresh = data
+    else:
+        fresh = data[proc.stdin_received - offset:]
+    proc.stdin_received = end
+    return fresh

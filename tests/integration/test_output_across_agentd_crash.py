@@ -1,15 +1,19 @@
-"""What a container writes while agentd is killed -9 reaches its stand-in, every byte in order.
+"""What a container writes while agentd is killed -9 reaches its stand-in, every byte in
+order; and what it reads from its stdin meanwhile reaches it, every byte once.
 
 The worst case is made on purpose: agentd is stopped (SIGSTOP) while the container writes,
 so everything between the guest and agentd fills up (the guest's port, QEMU's chardev,
 the unix socket QEMU writes into and agentd no longer reads: until its queue stops
 growing), then it is SIGKILLed and
 started again. The bytes in that socket die with agentd; the guest replays what it sent
-last (`hanabi_wire.REPLAY_BYTES`) and the stand-in drops what it had by `seq`.
+last (`hanabi_wire.REPLAY_BYTES`) and the stand-in drops what it had by `seq`. The other
+way the stand-in keeps the stdin it sent last (`STDIN_REPLAY_BYTES`) and sends it again,
+and the guest drops what it had by offset.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -89,4 +93,33 @@ def test_output_written_while_agentd_is_killed_arrives_whole(daemons, bundle, tm
         missing = sorted(set(expected) - set(lines), key=int)
         pytest.fail(f"{len(lines)} lines arrived of {LINES} ({queued} bytes were unread by agentd when "
                     f"it was killed): {len(missing)} missing, first {missing[:3]}, last {missing[-3:]}")
+    assert leftovers(daemons, cid) == []
+
+
+def test_stdin_sent_while_agentd_is_killed_arrives_whole_and_once(daemons, bundle, tmp_path):
+    cid = "reader"
+    data = os.urandom(3 << 20)
+    given = tmp_path / "in"
+    given.write_bytes(data)
+    out = tmp_path / "out"
+    with out.open("wb") as handle, given.open("rb") as stdin:
+        subprocess.run([str(BIN / "hanabi-runtime"), "--config", str(daemons.config_path), "create",
+                        "--bundle", bundle(["md5sum"]), cid], stdout=handle, stderr=subprocess.DEVNULL,
+                       stdin=stdin, check=True, timeout=120)
+    agentd = daemons.procs["agentd"]
+    try:
+        daemons.runtime("start", cid, check=True)
+        os.kill(agentd.pid, signal.SIGSTOP)
+        queued = wait_until_full(agentd.pid)  # the stand-in's stdin, unread
+        daemons.stop("agentd", sig=signal.SIGKILL)
+        daemons.start("agentd")
+        deadline = time.monotonic() + 120
+        while daemons.state(cid)["status"] != "stopped":
+            assert time.monotonic() < deadline, "the container did not finish reading"
+            time.sleep(0.2)
+    finally:
+        if agentd.poll() is None:
+            os.kill(agentd.pid, signal.SIGCONT)
+        daemons.runtime("delete", "--force", cid)
+    assert out.read_text().split()[:1] == [hashlib.md5(data).hexdigest()], f"{queued} bytes were unread"
     assert leftovers(daemons, cid) == []

@@ -190,6 +190,23 @@ def test_stdin_piped_to_cat_in_chunks_then_closed(c1: AgentProc) -> None:
     assert c1.output_of("cat", "stdout") == payload
 
 
+def test_stdin_sent_again_after_a_reconnect_is_taken_once(c1: AgentProc) -> None:
+    """A stand-in that attached to a restarted agentd sends its last stdin chunks again,
+    with their offsets: what the process had is dropped, the rest taken, in order."""
+    c1.ok("exec", container_id="c1", exec_id="cat", process=proc_spec("cat"))
+
+    def stdin(offset: int, data: bytes) -> None:
+        c1.send({"type": "stdin", "container_id": "c1", "exec_id": "cat", "data": data, "offset": offset})
+    stdin(0, b"abc")
+    stdin(3, b"def")
+    stdin(0, b"abc")  # the resend: all of it had
+    stdin(3, b"defgh")  # overlapping: "gh" is new
+    stdin(8, b"ij")
+    c1.ok("close_stdin", container_id="c1", exec_id="cat")
+    assert c1.exit_of("cat")["exit_code"] == 0
+    assert c1.output_of("cat", "stdout") == b"abcdefghij"
+
+
 def test_large_output_arrives_whole_before_exit(c1: AgentProc) -> None:
     c1.ok("exec", container_id="c1", exec_id="big", process=proc_spec("head", "-c", "3000000", "/dev/zero"))
     c1.exit_of("big")

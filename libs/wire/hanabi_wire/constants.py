@@ -37,6 +37,11 @@ SHARE_VSOCK_PORT = 1025
 REPLAY_BYTES = 8 << 20
 REPLAY_SOCKET_ALLOWANCE = 1 << 20
 OUTPUT_BUFFER_MAX = REPLAY_BYTES - REPLAY_SOCKET_ALLOWANCE
+# The other way: the stdin a stand-in sent last, kept and sent again (each chunk with its
+# `offset`) when it attaches to a restarted agentd; the agent drops what it had. What can
+# be lost on the way is what the two sockets (stand-in to agentd, agentd to the VMM) hold:
+# agentd sends each chunk on before it reads the next.
+STDIN_REPLAY_BYTES = 2 << 20
 SHARE_EXPORT_NAME = "/export"
 
 # Kernel command line: the base the guest image is built for, and the words the agent reads.

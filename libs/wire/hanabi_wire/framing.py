@@ -5,10 +5,11 @@ kind, the low 24 bits the body length N, 1 <= N <= MAX_FRAME:
 
 * kind 0, a JSON frame: N bytes of UTF-8 JSON encoding one JSON object (a message);
 * kind 1, a data frame (stdio, no base64): ``tag`` (1 byte: 1 stdin, 2 output on stdout,
-  3 output on stderr), the container id, the exec id and the seq (each a length byte then
-  ASCII; the seq in decimal, empty for none), then the data, escaped so the body never holds
+  3 output on stderr), the container id, the exec id and the position (each a length byte
+  then ASCII; the position in decimal, empty for none: an output's ``seq``, a stdin's
+  ``offset``), then the data, escaped so the body never holds
   0xFF: 0xFE -> FE 00, 0xFF -> FE 01. ``FrameDecoder`` yields it as the message
-  ``{"type": "stdin"|"output", "container_id", "exec_id", ["stream",] ["seq",] "data": bytes}``
+  ``{"type": "stdin"|"output", "container_id", "exec_id", ["stream",] ["seq"|"offset",] "data": bytes}``
   and ``encode_frame`` makes one of any such message whose ``data`` is bytes.
 
 SYNC (8 bytes of 0xFF) resynchronises the stream. It works because a valid stream never
@@ -88,16 +89,24 @@ def _ident(value: object, what: str) -> bytes:
     return bytes((len(raw),)) + raw
 
 
+# The third id of a data frame: where the data stands in its stream.
+POSITION_OF = {T_OUTPUT: "seq", T_STDIN: "offset"}
+
+
 def encode_data(msg: dict[str, Any]) -> bytes:
     """A data frame for a ``stdin`` or ``output`` message whose ``data`` is bytes."""
     tag = _TAG_OF.get((msg.get("type"), msg.get("stream")))
     if tag is None:
         raise ProtocolError(f"no data frame for {msg.get('type')!r} on stream {msg.get('stream')!r}")
-    seq = msg.get("seq")
-    if seq is not None and (type(seq) is not int or seq < 1):
-        raise ProtocolError("seq of a data frame must be a positive integer")
+    position = POSITION_OF[msg["type"]]  # output: its seq (>= 1); stdin: its offset (>= 0)
+    extra = set(msg) - {"type", "stream", "container_id", "exec_id", "data", position}
+    if extra:  # a data frame has no place for them: refuse rather than drop them
+        raise ProtocolError(f"a {msg['type']} data frame cannot carry {', '.join(sorted(extra))}")
+    value = msg.get(position)
+    if value is not None and (type(value) is not int or value < (1 if position == "seq" else 0)):
+        raise ProtocolError(f"{position} of a data frame must be a {'positive' if position == 'seq' else 'non-negative'} integer")
     body = (bytes((tag,)) + _ident(msg.get("container_id"), "container_id")
-            + _ident(msg.get("exec_id"), "exec_id") + _ident("" if seq is None else str(seq), "seq")
+            + _ident(msg.get("exec_id"), "exec_id") + _ident("" if value is None else str(value), position)
             + escape(bytes(msg["data"])))
     return _frame(KIND_DATA, body)
 
@@ -108,7 +117,7 @@ def decode_data(body: bytes) -> dict[str, Any]:
     if kind is None:
         raise ProtocolError(f"data frame with unknown tag {body[0]}")
     pos, ids = 1, []
-    for _ in range(3):  # container id, exec id, seq (decimal, "" for none)
+    for _ in range(3):  # container id, exec id, seq or offset (decimal, "" for none)
         end = pos + 1 + (body[pos] if pos < len(body) else 0)
         if pos >= len(body) or end > len(body):
             raise ProtocolError("data frame cut inside its ids")
@@ -119,9 +128,10 @@ def decode_data(body: bytes) -> dict[str, Any]:
         pos = end
     msg: dict[str, Any] = {"type": kind[0], "container_id": ids[0], "exec_id": ids[1]}
     if ids[2]:
-        if not ids[2].isdigit():
-            raise ProtocolError("data frame seq is not a decimal number")
-        msg["seq"] = int(ids[2])
+        position = POSITION_OF[kind[0]]
+        if not (ids[2].isascii() and ids[2].isdigit()):
+            raise ProtocolError(f"data frame {position} is not a decimal number")
+        msg[position] = int(ids[2])
     if kind[1] is not None:
         msg["stream"] = kind[1]
     msg["data"] = unescape(body[pos:])

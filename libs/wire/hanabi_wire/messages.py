@@ -158,6 +158,8 @@ _MESSAGES = (
     Message(C.T_STDIN, HOST, (
         CID, EXEC,
         F("data", BYTES, "bytes for the process's stdin", max_len=MAX_DATA_CHUNK),
+        F("offset", INT, "where `data` starts in the process's stdin (bytes sent before it); what the "
+          "agent took already is dropped (a resend after the host reconnected)", default=None, lo=0, hi=1 << 62),
     ), "input for a process (a data frame)", data=True),
     Message(C.T_DNS_ANSWER, HOST, (
         F("qid", INT, "the `dns_query` answered", lo=0, hi=1 << 31),

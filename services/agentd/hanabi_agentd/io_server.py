@@ -3,7 +3,7 @@
 `<run_dir>/agentd-io.sock` (mode 0600) speaks the agent framing (`hanabi_wire`).
 A client first sends `{"type":"attach","sandbox_id","container_id","exec_id"}` and gets
 `{"type":"attached"}` or `{"type":"error","code","message"}`. Then it may send
-`{"type":"stdin","data":b64}`, `{"type":"close_stdin"}` and, for a process on a terminal,
+`{"type":"stdin","data":b64[,"offset":N]}`, `{"type":"close_stdin"}` and, for a process on a terminal,
 `{"type":"resize","height":H,"width":W}` (strict integers 1..65535, passed on to the
 guest's `resize`); the server sends
 `{"type":"output","stream","data"[,"seq"]}` for every chunk (`seq`: the guest's counter,
@@ -70,6 +70,7 @@ class Stdin(_ClientMsg):
 
     type: Literal["stdin"]
     data: Data
+    offset: Annotated[int, Field(ge=0, le=1 << 62)] | None = None  # where data starts in the stream
 
 
 class CloseStdin(_ClientMsg):
@@ -279,7 +280,8 @@ class _IoClient:
         try:
             if isinstance(msg, Stdin):
                 if msg.data:
-                    self.session.send_event(T_STDIN, {**fields, "data": msg.data})  # a data frame
+                    offset = {} if msg.offset is None else {"offset": msg.offset}
+                    self.session.send_event(T_STDIN, {**fields, "data": msg.data, **offset})  # a data frame
             elif isinstance(msg, Resize):
                 self.session.request(T_RESIZE, {**fields, "height": msg.height, "width": msg.width})
             else:

@@ -19,6 +19,7 @@ returned: `on_oom(N)` is called for each growth, in order with the other events.
 
 from __future__ import annotations
 
+import collections
 import os
 import select
 import socket
@@ -27,8 +28,8 @@ import time
 from pathlib import Path
 from collections.abc import Callable
 
-from hanabi_wire import (HEADER, INIT_EXEC_ID, MAX_DATA_CHUNK, MAX_FRAME, MAX_SIGNAL, MAX_TTY_DIM, FrameDecoder, ProtocolError, b64d, b64e,
-                         encode_frame)
+from hanabi_wire import (HEADER, INIT_EXEC_ID, MAX_DATA_CHUNK, MAX_FRAME, MAX_SIGNAL, MAX_TTY_DIM,
+                         STDIN_REPLAY_BYTES, FrameDecoder, ProtocolError, b64d, b64e, encode_frame)
 
 IO_SOCKET_NAME = "agentd-io.sock"
 UNKNOWN_STATUS = 255
@@ -105,6 +106,10 @@ class IoStream:
         self._attachments = 0  # how many times reattach() replaced the connection
         self.exited: dict | None = None
         self.last_seq = 0  # of the last output chunk handed out (kept across re-attaches)
+        self._stdin_next = 0  # offset of the next stdin byte sent
+        self._stdin_kept: collections.deque[tuple[int, bytes]] = collections.deque()  # (offset, chunk)
+        self._stdin_kept_bytes = 0
+        self._stdin_closed = False
         self._target: tuple[str, str, str, str] | None = None
         self.oom_kills = 0  # the container's OOM kill count last handed out
         # Called (in the reading thread, before any later event is handed out) when the
@@ -164,16 +169,27 @@ class IoStream:
         return self._sock.fileno()
 
     def send_stdin(self, data: bytes) -> None:
-        """Send bytes to the process's stdin (split into protocol-sized chunks)."""
+        """Send bytes to the process's stdin (split into protocol-sized chunks), each with
+        its offset in the stream, and keep the last STDIN_REPLAY_BYTES of them: `reattach`
+        sends those again (the guest drops what it had), so an OSError here needs no retry."""
         view = memoryview(data)
         with self._send_lock:
             for start in range(0, len(view), MAX_DATA_CHUNK):
                 chunk = bytes(view[start:start + MAX_DATA_CHUNK])
-                self._sock.sendall(encode_frame({"type": "stdin", "data": b64e(chunk)}))
+                self._keep_stdin(chunk)
+                self._sock.sendall(_stdin_frame(self._stdin_kept[-1]))
+
+    def _keep_stdin(self, chunk: bytes) -> None:
+        self._stdin_kept.append((self._stdin_next, chunk))
+        self._stdin_next += len(chunk)
+        self._stdin_kept_bytes += len(chunk)
+        while self._stdin_kept_bytes > STDIN_REPLAY_BYTES and len(self._stdin_kept) > 1:
+            self._stdin_kept_bytes -= len(self._stdin_kept.popleft()[1])
 
     def close_stdin(self) -> None:
-        """Signal end of input to the process."""
+        """Signal end of input to the process (said again by `reattach`, like the stdin)."""
         with self._send_lock:
+            self._stdin_closed = True
             self._sock.sendall(encode_frame({"type": "close_stdin"}))
 
     def resize(self, height: int, width: int) -> None:
@@ -237,10 +253,22 @@ class IoStream:
         with self._send_lock:
             old, self._sock = self._sock, fresh._sock
             self._decoder = fresh._decoder
+            self._resend_stdin()
         old.close()
         with self._attached:
             self._attachments += 1
             self._attached.notify_all()
+
+    def _resend_stdin(self) -> None:
+        """What the last agentd may have lost of the stdin: the kept chunks, and the close
+        (the next read_events finds a connection that broke again)."""
+        try:
+            for kept in self._stdin_kept:
+                self._sock.sendall(_stdin_frame(kept))
+            if self._stdin_closed:
+                self._sock.sendall(encode_frame({"type": "close_stdin"}))
+        except OSError:
+            pass
 
     def relay(self, stdin_fd: int | None, stdout_fd: int, stderr_fd: int,
               reattach_timeout: float = REATTACH_TIMEOUT_S) -> int:
@@ -278,18 +306,18 @@ class IoStream:
             pass
 
     def _retrying(self, send, *args) -> None:
-        """Send; while agentd is away (relay is re-attaching) try again for a while."""
-        deadline = time.monotonic() + REATTACH_TIMEOUT_S
-        while True:
-            seen = self._attachments
-            try:
-                return send(*args)
-            except OSError:
-                if self.exited is not None or time.monotonic() > deadline:
-                    raise
-                with self._attached:  # until relay() attached again (or a while passed)
-                    self._attached.wait_for(lambda: self._attachments != seen or self.exited is not None,  # noqa: B023 - called in this iteration
-                                            timeout=max(min(deadline - time.monotonic(), 5.0), 0))
+        """Send; while agentd is away, wait until relay() attached again, which sends it
+        again itself (stdin and its close are kept for that), or the process exited."""
+        seen = self._attachments
+        try:
+            return send(*args)
+        except OSError:
+            deadline = time.monotonic() + REATTACH_TIMEOUT_S
+            with self._attached:
+                while self._attachments == seen and self.exited is None:
+                    if time.monotonic() > deadline:
+                        raise
+                    self._attached.wait(timeout=max(min(deadline - time.monotonic(), 5.0), 0))
 
     def close(self) -> None:
         """Drop the connection (the process keeps running; attach again later)."""
@@ -304,6 +332,11 @@ class IoStream:
 
     def __exit__(self, *_: object) -> None:
         self.close()
+
+
+def _stdin_frame(kept: tuple[int, bytes]) -> bytes:
+    offset, chunk = kept
+    return encode_frame({"type": "stdin", "data": b64e(chunk), "offset": offset})
 
 
 def _warn(message: str) -> None:
