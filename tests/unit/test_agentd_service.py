@@ -106,7 +106,7 @@ def rig():
     shutil.rmtree(root, ignore_errors=True)
 
 
-def wait_until(predicate, timeout=5.0):
+def wait_until(predicate, timeout=30.0):  # a bound, not a wait: a loaded CI host is slow
     deadline = time.monotonic() + timeout
     while not predicate():
         assert time.monotonic() < deadline
