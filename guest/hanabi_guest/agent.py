@@ -40,7 +40,7 @@ import sys
 import time
 import hanabi_wire as P
 
-from .channel import Channel, FdChannel, open_guest_channel
+from .channel import Channel, FdChannel, kernel_cmdline_option, open_guest_channel
 from .core import AGENT_VERSION, Container, Proc, log, log_exc
 from .dnsrelay import DnsRelay
 from .handlers import Handlers, error_reply
@@ -85,6 +85,7 @@ class Agent(Handlers, ProcIO):
         self.chan_backoff = False
         self.running = True
         self.table = self.handlers()
+        self.trace: dict[int, tuple[str, float]] | None = None  # id -> (type, arrival): hanabi.trace=1
         self.dns = DnsRelay(self.send, self.sel)
 
     # ---------------------------------------------------------------- loop primitives
@@ -238,6 +239,8 @@ class Agent(Handlers, ProcIO):
         if not isinstance(req_id, int) or isinstance(req_id, bool):
             self.send({"type": P.T_PROTOCOL_ERROR, "message": f"message of type {str(mtype)[:64]!r} has no integer id"})
             return
+        if self.trace is not None:
+            self.trace[req_id] = (str(mtype), time.monotonic())
         handler = self.table.get(mtype) if isinstance(mtype, str) else None
         if handler is None:
             self.send(P.reply_error(req_id, P.E_INVALID_ARGUMENT, f"unknown request type {str(mtype)[:64]!r}"))
@@ -269,10 +272,18 @@ class Agent(Handlers, ProcIO):
         if replayable:
             self.replayable.add(id(frame))
         self._flush()
+        if self.trace is not None and msg.get("type") == P.T_REPLY:
+            self._trace_reply(msg)
         if not self.paused and self.out_bytes > OUT_HIGH:
             self.paused = True
             for fd in self.out_fds:
                 self.sel.unregister(fd)
+
+    def _trace_reply(self, msg: dict[str, Any]) -> None:
+        """hanabi.trace=1: one console line per reply, the time since its request arrived."""
+        began = self.trace.pop(msg.get("id", -1), None) if self.trace is not None else None
+        if began is not None:
+            log(f"trace: {began[0]} {(time.monotonic() - began[1]) * 1000:.1f} ms, at {began[1]:.3f} s")
 
     def _flush(self) -> None:
         while self.out and self.chan.connected:
@@ -317,6 +328,8 @@ def main(argv: list[str] | None = None) -> None:
     start_warm_up()
     try:
         agent = Agent(open_guest_channel(), GuestSandbox())
+        if kernel_cmdline_option(P.CMDLINE_TRACE, "") == "1":
+            agent.trace = {}
         agent.run()
         log("agent loop ended")
     except BaseException:  # noqa: BLE001 - PID 1 must not just die
