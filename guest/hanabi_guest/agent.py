@@ -8,7 +8,9 @@ both its output pipes reached EOF, so it always follows all of its output.
 
 Channel behaviour: a peer that goes away (virtio-serial POLLHUP/EOF while no host is
 connected) makes the agent reset its frame decoder, drop the unsent rest of a partially
-written frame and look again after ``channel.retry_delay`` (50 ms), without spinning.
+written frame and look again after ``channel.retry_delay`` (0.5 s), without spinning; meanwhile
+the channel stays registered edge-triggered, so the next host's connection or first bytes end
+the wait at once (a clone's agentd connects right after vmmd's ``restored`` left).
 Replies and events produced meanwhile stay queued and go to the next host. A host that
 (re)connects writes ``hanabi_wire.SYNC``: the agent then discards any half-received frame,
 drops the unsent rest of a half-written one and writes SYNC before its next frame, so both
@@ -44,7 +46,7 @@ from .channel import Channel, FdChannel, kernel_cmdline_option, open_guest_chann
 from .core import AGENT_VERSION, Container, Proc, log, log_exc
 from .dnsrelay import DnsRelay
 from .handlers import Handlers, error_reply
-from .poller import EVENT_READ as R, EVENT_WRITE as W, Poller
+from .poller import EVENT_EDGE, EVENT_READ as R, EVENT_WRITE as W, Poller
 from .procio import ProcIO
 from .sandbox import DirSandbox, GuestSandbox, Sandbox
 
@@ -143,6 +145,8 @@ class Agent(Handlers, ProcIO):
                 want |= R
             if self.out and self.chan.connected:
                 want |= W
+        elif self.chan.retry_delay > 0:
+            want = R | EVENT_EDGE  # woken by the next host (see the module docstring)
         fd = self.chan.fileno() if want else -1
         new = (fd, want) if want else None
         if new == self.chan_reg:
@@ -150,7 +154,7 @@ class Agent(Handlers, ProcIO):
         if self.chan_reg is not None:
             self.sel.unregister(self.chan_reg[0])
         if new is not None:
-            self.sel.register(fd, want, self._on_channel)
+            self.sel.register(fd, want, self._on_backoff_wake if want & EVENT_EDGE else self._on_channel)
         self.chan_reg = new
 
     def _on_channel(self, mask: int) -> None:
@@ -180,6 +184,17 @@ class Agent(Handlers, ProcIO):
     def _end_backoff(self) -> None:
         self.chan_backoff = False
 
+    def _on_backoff_wake(self, mask: int) -> None:
+        """Something happened on the channel while it was left alone: still no host (EOF,
+        as the registration's first report always is) keeps waiting, without a new
+        registration (edge-triggered: no new report until the port changes again); a host's
+        connection or bytes end the wait."""
+        data = self.chan.read()
+        if data == b"":
+            return
+        self.chan_backoff = False
+        if data:
+            self._on_bytes(data)
     def _on_bytes(self, data: bytes) -> None:
         try:
             msgs = self.decoder.feed(data)

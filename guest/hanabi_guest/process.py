@@ -9,9 +9,11 @@ close-on-exec error pipe and is raised as ``SpawnError`` in the parent, with run
 messages (``executable file not found in $PATH``) that Docker maps to exit codes 127/126.
 
 ``spawn_held()`` forks the same child but returns at once a ``Held`` process, which stops
-once in its rootfs (namespaces, cgroup, linux settings, rlimits, cwd and environment done)
-and waits on a pipe, as runc's init waits on its exec fifo: ``Held.release`` lets it go on to
-its user, capabilities, seccomp filter and exec and gives ``spawn``'s result or error;
+before its exec and waits on a pipe, as runc's init waits on its exec fifo: after its user
+and capabilities (namespaces, cgroup, linux settings, rlimits, rootfs, cwd done), before the
+seccomp filter it loads last; with a filter loaded before them (no no_new_privs), which might
+refuse the wait's read, before that one. ``Held.release`` lets it go on to exec and gives
+``spawn``'s result or error;
 ``Held.discard`` kills and reaps it (through a pidfd: the agent's loop may have reaped it).
 
 With ``terminal: true`` the caller opens a pty (``Sandbox.open_pty``) and passes its slave
@@ -233,16 +235,13 @@ def _child(p: dict[str, Any], root: str, chroot: bool, cgroup: str | None,
         os.chdir(cwd)
         umask = user.get("umask")
         os.umask(umask if isinstance(umask, int) else 0o022)
-        if hold >= 0:
+        # runc's init waits on its exec fifo after its user and capabilities, before the
+        # seccomp filter it loads last; here too, unless a filter comes before them (without
+        # no_new_privs), which could refuse the wait's read: then before it.
+        late = guard.filter is None or guard.nnp
+        if hold >= 0 and not late:
             stage = "wait for start"
-            while True:
-                try:
-                    go = os.read(hold, 1)
-                    break
-                except InterruptedError:
-                    continue
-            if go != GO:
-                os._exit(0)  # ended unstarted (the container is being destroyed)
+            _wait_for_start(hold)
         if guard.nnp:
             stage = "set no_new_privs"
             if guard.caps is not None:
@@ -269,6 +268,9 @@ def _child(p: dict[str, Any], root: str, chroot: bool, cgroup: str | None,
             stage = "apply capabilities"
             guard.caps.keep_caps(False)
             guard.caps.apply()
+        if hold >= 0 and late:
+            stage = "wait for start"
+            _wait_for_start(hold)
         os.closerange(3, errw)
         os.closerange(errw + 1, 1 << 16)
         if guard.filter is not None and guard.nnp:
@@ -283,6 +285,18 @@ def _child(p: dict[str, Any], root: str, chroot: bool, cgroup: str | None,
         os.write(errw, f"{stage}\0{0}\0{exc!r}".encode("utf-8", "replace")[:4096])
     finally:
         os._exit(127)
+
+
+def _wait_for_start(hold: int) -> None:
+    """The held child's wait for ``Held.release``: its byte, or EOF (ended unstarted)."""
+    while True:
+        try:
+            go = os.read(hold, 1)
+            break
+        except InterruptedError:
+            continue
+    if go != GO:
+        os._exit(0)  # ended unstarted (the container is being destroyed)
 
 
 def _no_new_privs() -> None:
