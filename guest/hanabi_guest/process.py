@@ -241,7 +241,7 @@ def _child(p: dict[str, Any], root: str, chroot: bool, cgroup: str | None,
         late = guard.filter is None or guard.nnp
         if hold >= 0 and not late:
             stage = "wait for start"
-            _wait_for_start(hold)
+            _wait_for_start(hold, errw)
         if guard.nnp:
             stage = "set no_new_privs"
             if guard.caps is not None:
@@ -270,7 +270,7 @@ def _child(p: dict[str, Any], root: str, chroot: bool, cgroup: str | None,
             guard.caps.apply()
         if hold >= 0 and late:
             stage = "wait for start"
-            _wait_for_start(hold)
+            _wait_for_start(hold, errw)
         os.closerange(3, errw)
         os.closerange(errw + 1, 1 << 16)
         if guard.filter is not None and guard.nnp:
@@ -287,8 +287,15 @@ def _child(p: dict[str, Any], root: str, chroot: bool, cgroup: str | None,
         os._exit(127)
 
 
-def _wait_for_start(hold: int) -> None:
-    """The held child's wait for ``Held.release``: its byte, or EOF (ended unstarted)."""
+def _wait_for_start(hold: int, errw: int) -> None:
+    """The held child's wait for ``Held.release``: its byte, or EOF (ended unstarted). Every
+    descriptor but its stdio, ``errw`` and ``hold`` is closed first (what it inherited from
+    the agent: other containers' stdin pipes and terminals would not see their end while it
+    waits)."""
+    lo, hi = sorted((hold, errw))
+    os.closerange(3, lo)
+    os.closerange(lo + 1, hi)
+    os.closerange(hi + 1, 1 << 16)
     while True:
         try:
             go = os.read(hold, 1)

@@ -41,7 +41,7 @@ def children(pid: int) -> list[int]:
     return out
 
 
-def held_init(a: AgentProc, root: Path) -> int:
+def held_init(a: AgentProc, root: Path, others: tuple[int, ...] = ()) -> int:
     """The agent's child that waits in namespaces of its own, its root moved onto / of its
     mount namespace (polled: it is made after create's reply)."""
     deadline = time.monotonic() + 10
@@ -49,7 +49,7 @@ def held_init(a: AgentProc, root: Path) -> int:
     while True:
         for pid in children(a.proc.pid):
             try:
-                if (all(os.readlink(f"/proc/{pid}/ns/{kind}") != own[kind] for kind in own)
+                if pid not in others and (all(os.readlink(f"/proc/{pid}/ns/{kind}") != own[kind] for kind in own)
                         and os.path.samefile(f"/proc/{pid}/root/etc/passwd", root / "etc/passwd")):
                     return pid
             except OSError:
@@ -132,3 +132,23 @@ def test_a_setup_failure_is_starts_error_as_before(agent) -> None:
     error = a.err("start", container_id="c1")  # still created: the same error again
     assert "chdir to cwd" in error["message"], error
     a.ok("destroy_container", container_id="c1")
+
+
+def test_a_waiting_init_holds_no_other_containers_descriptors(agent) -> None:
+    """c2's init, made while c1's `cat` runs, does not keep c1's stdin open: closing it ends
+    c1's `cat` while c2 still waits for its start."""
+    a, root = agent
+    a.ok("create_container", container_id="c1", rootfs={"serial": "s"},
+         process={**SPEC, "args": ["sh", "-c", "while read x; do echo got $x; done; echo eof"]})
+    running = a.ok("start", container_id="c1")["pid"]
+    a.ok("create_container", container_id="c2", rootfs={"serial": "s"}, process=SPEC)
+    waiting = held_init(a, root, others=(running,))
+    a.send({"type": "stdin", "container_id": "c1", "exec_id": "init", "data": b"one\n"})
+    a.ok("close_stdin", container_id="c1", exec_id="init")
+    assert a.exit_of("init", cid="c1")["exit_code"] == 0
+    assert a.output_of("init", "stdout", cid="c1") == b"got one\neof\n"
+    assert not gone(waiting)
+    assert a.ok("start", container_id="c2")["pid"] == waiting
+    assert a.exit_of("init", cid="c2")["exit_code"] == 7
+    for cid in ("c1", "c2"):
+        a.ok("destroy_container", container_id=cid)
