@@ -258,6 +258,8 @@ class Handlers:
         check_process(process)
         sec = c.security
         filt = sec.filter()  # waits for its compilation; before any namespace fd or fork
+        for other in self.containers.values():  # no other container's compilation runs at the fork
+            other.security.settle()
         ns = self._namespaces(c, exec_id)
         if ns is None and sec.spec is not None and sec.spec.userns and self.sandbox.use_pid_namespace:
             raise AgentError(P.E_FAILED_PRECONDITION, f"container {c.cid} has no running init, whose user "

@@ -88,13 +88,14 @@ class Security:
     a profile libseccomp itself rejects fails the container's start (INVALID_ARGUMENT
     naming linux.seccomp)."""
 
-    __slots__ = ("spec", "_filter", "_building", "_plan")
+    __slots__ = ("spec", "_filter", "_building", "_plan", "_failed")
 
     def __init__(self, spec: LinuxSpec | None, filter_: Filter | None = None) -> None:
         self.spec = spec
         self._filter = filter_
         self._building: Background | None = None
         self._plan: Any = None
+        self._failed: BaseException | None = None  # the compilation's error, raised by every filter()
 
     @classmethod
     def build(cls, linux: Any, hostname: str | None) -> Security:
@@ -127,12 +128,24 @@ class Security:
             self._building = Background(lambda: Filter(p))
 
     def filter(self) -> Filter | None:
-        """The compiled seccomp filter (waiting for it), or None without a profile."""
+        """The compiled seccomp filter (waiting for it), or None without a profile; a
+        compilation that failed raises its error at every call (a process never runs
+        without the container's filter because an earlier call already reported it)."""
         self.compile_soon()
+        self.settle()
+        if self._failed is not None:
+            raise self._failed
+        return self._filter
+
+    def settle(self) -> None:
+        """Wait for a compilation that is running (its result or error kept for
+        ``filter``): before any fork, as ``Background`` requires."""
         if self._building is not None:
             building, self._building = self._building, None
-            self._filter = building.join()
-        return self._filter
+            try:
+                self._filter = building.join()
+            except BaseException as exc:  # noqa: BLE001 - raised by filter()
+                self._failed = exc
 
     def release(self) -> None:
         try:
