@@ -8,7 +8,9 @@ both its output pipes reached EOF, so it always follows all of its output.
 
 Channel behaviour: a peer that goes away (virtio-serial POLLHUP/EOF while no host is
 connected) makes the agent reset its frame decoder, drop the unsent rest of a partially
-written frame and look again after ``channel.retry_delay`` (50 ms), without spinning.
+written frame and look again after ``channel.retry_delay`` (0.5 s), without spinning; meanwhile
+the channel stays registered edge-triggered, so the next host's connection or first bytes end
+the wait at once (a clone's agentd connects right after vmmd's ``restored`` left).
 Replies and events produced meanwhile stay queued and go to the next host. A host that
 (re)connects writes ``hanabi_wire.SYNC``: the agent then discards any half-received frame,
 drops the unsent rest of a half-written one and writes SYNC before its next frame, so both
@@ -40,11 +42,11 @@ import sys
 import time
 import hanabi_wire as P
 
-from .channel import Channel, FdChannel, open_guest_channel
+from .channel import Channel, FdChannel, kernel_cmdline_option, open_guest_channel
 from .core import AGENT_VERSION, Container, Proc, log, log_exc
 from .dnsrelay import DnsRelay
 from .handlers import Handlers, error_reply
-from .poller import EVENT_READ as R, EVENT_WRITE as W, Poller
+from .poller import EVENT_EDGE, EVENT_READ as R, EVENT_WRITE as W, Poller
 from .procio import ProcIO
 from .sandbox import DirSandbox, GuestSandbox, Sandbox
 
@@ -85,6 +87,7 @@ class Agent(Handlers, ProcIO):
         self.chan_backoff = False
         self.running = True
         self.table = self.handlers()
+        self.trace: dict[int, tuple[str, float]] | None = None  # id -> (type, arrival): hanabi.trace=1
         self.dns = DnsRelay(self.send, self.sel)
 
     # ---------------------------------------------------------------- loop primitives
@@ -142,6 +145,8 @@ class Agent(Handlers, ProcIO):
                 want |= R
             if self.out and self.chan.connected:
                 want |= W
+        elif self.chan.retry_delay > 0:
+            want = R | EVENT_EDGE  # woken by the next host (see the module docstring)
         fd = self.chan.fileno() if want else -1
         new = (fd, want) if want else None
         if new == self.chan_reg:
@@ -149,7 +154,7 @@ class Agent(Handlers, ProcIO):
         if self.chan_reg is not None:
             self.sel.unregister(self.chan_reg[0])
         if new is not None:
-            self.sel.register(fd, want, self._on_channel)
+            self.sel.register(fd, want, self._on_backoff_wake if want & EVENT_EDGE else self._on_channel)
         self.chan_reg = new
 
     def _on_channel(self, mask: int) -> None:
@@ -179,6 +184,17 @@ class Agent(Handlers, ProcIO):
     def _end_backoff(self) -> None:
         self.chan_backoff = False
 
+    def _on_backoff_wake(self, mask: int) -> None:
+        """Something happened on the channel while it was left alone: still no host (EOF,
+        as the registration's first report always is) keeps waiting, without a new
+        registration (edge-triggered: no new report until the port changes again); a host's
+        connection or bytes end the wait."""
+        data = self.chan.read()
+        if data == b"":
+            return
+        self.chan_backoff = False
+        if data:
+            self._on_bytes(data)
     def _on_bytes(self, data: bytes) -> None:
         try:
             msgs = self.decoder.feed(data)
@@ -238,6 +254,8 @@ class Agent(Handlers, ProcIO):
         if not isinstance(req_id, int) or isinstance(req_id, bool):
             self.send({"type": P.T_PROTOCOL_ERROR, "message": f"message of type {str(mtype)[:64]!r} has no integer id"})
             return
+        if self.trace is not None:
+            self.trace[req_id] = (str(mtype), time.monotonic())
         handler = self.table.get(mtype) if isinstance(mtype, str) else None
         if handler is None:
             self.send(P.reply_error(req_id, P.E_INVALID_ARGUMENT, f"unknown request type {str(mtype)[:64]!r}"))
@@ -269,10 +287,18 @@ class Agent(Handlers, ProcIO):
         if replayable:
             self.replayable.add(id(frame))
         self._flush()
+        if self.trace is not None and msg.get("type") == P.T_REPLY:
+            self._trace_reply(msg)
         if not self.paused and self.out_bytes > OUT_HIGH:
             self.paused = True
             for fd in self.out_fds:
                 self.sel.unregister(fd)
+
+    def _trace_reply(self, msg: dict[str, Any]) -> None:
+        """hanabi.trace=1: one console line per reply, the time since its request arrived."""
+        began = self.trace.pop(msg.get("id", -1), None) if self.trace is not None else None
+        if began is not None:
+            log(f"trace: {began[0]} {(time.monotonic() - began[1]) * 1000:.1f} ms, at {began[1]:.3f} s")
 
     def _flush(self) -> None:
         while self.out and self.chan.connected:
@@ -317,6 +343,8 @@ def main(argv: list[str] | None = None) -> None:
     start_warm_up()
     try:
         agent = Agent(open_guest_channel(), GuestSandbox())
+        if kernel_cmdline_option(P.CMDLINE_TRACE, "") == "1":
+            agent.trace = {}
         agent.run()
         log("agent loop ended")
     except BaseException:  # noqa: BLE001 - PID 1 must not just die

@@ -37,13 +37,21 @@ def raisable_ambient(sets: CapSets) -> int:
     return sets.ambient & sets.permitted & sets.inheritable
 
 
+_last_cap: dict[str, int] = {}  # path -> value: the running kernel's, read once
+
+
 def last_cap(path: str = CAP_LAST_CAP_FILE) -> int:
-    """The highest capability number the running kernel knows."""
-    try:
-        with open(path, encoding="ascii") as f:
-            return int(f.read().strip())
-    except (OSError, ValueError):
-        return len(CAP_NAMES) - 1
+    """The highest capability number the running kernel knows (read once: a VM template's
+    clones run the same kernel)."""
+    top = _last_cap.get(path)
+    if top is None:
+        try:
+            with open(path, encoding="ascii") as f:
+                top = int(f.read().strip())
+        except (OSError, ValueError):
+            return len(CAP_NAMES) - 1
+        _last_cap[path] = top
+    return top
 
 
 class Applier:

@@ -104,7 +104,7 @@ class Container:
     """A container: its spec, its mounted rootfs and its processes by exec id."""
 
     __slots__ = ("cid", "process", "hostname", "rootfs_spec", "root", "state", "procs",
-                 "destroy_waiters", "mounts", "mounts_disk", "share", "security", "oom", "join")
+                 "destroy_waiters", "mounts", "mounts_disk", "share", "security", "oom", "join", "held")
 
     def __init__(self, cid: str, process: dict[str, Any], hostname: str | None,
                  rootfs_spec: dict[str, Any]) -> None:
@@ -122,6 +122,7 @@ class Container:
         self.security: Any = None  # hardening.Security: linux settings and seccomp filter
         self.oom: Any = None  # oom.OomWatch of its cgroup's memory.events (in the guest)
         self.join: dict[str, str] = {}  # namespace kind -> the container whose init's its init joins
+        self.held: Any = None  # process.Held: its init, made after create, waiting for start
 
 
 def check_rootfs(checked: dict[str, Any]) -> dict[str, Any]:

@@ -27,8 +27,8 @@ from .mounts import check_mounts
 from .dnsrelay import DnsRelay
 from .network import check_network
 from .namespaces import Namespaces, plan
-from .hardening import Hardener, Security, ensure_warm, prepare
-from .process import initial_size, make_guard, set_winsize, spawn
+from .hardening import Hardener, Security, ensure_warm, freeze_for_template, prepare
+from .process import Held, initial_size, make_guard, set_winsize, spawn, spawn_held
 from .sandbox import Sandbox
 
 DISK_WAIT_S = 10.0
@@ -57,6 +57,7 @@ class Handlers:
     dns: DnsRelay
     containers: dict[str, Container]
     running: bool
+    restores = 0  # `restored` requests handled (the first one is the VM template's)
 
     if TYPE_CHECKING:  # provided by Agent / ProcIO (stubs here would shadow them)
         def send(self, msg: dict[str, Any]) -> None: ...
@@ -163,6 +164,35 @@ class Handlers:
         self.watch_oom(c)
         self.send(P.reply_ok(req_id, {}))
         c.security.compile_soon()
+        self.call_later(0.0, lambda: self._make_init(c))
+
+    def _make_init(self, c: Container) -> None:
+        """Once create has replied, make the container's init (``spawn_held``: forked into its
+        namespaces, its linux settings applied, in its rootfs) to wait there for ``start``,
+        which only lets it exec: what runc's create and start split the same way, done while
+        the host goes on to start it. Any failure here is left for ``start`` to meet again and
+        report as it would have (it spawns the init itself then); so is a container whose
+        init shares other containers' namespaces, has a user namespace or a terminal (those
+        spawn at start, as always)."""
+        spec = c.security.spec
+        if (self.containers.get(c.cid) is not c or c.state != CREATED or c.held is not None
+                or P.INIT_EXEC_ID in c.procs or c.join or c.process.get("terminal")
+                or (spec is not None and spec.userns) or not self.sandbox.use_chroot
+                or not self.sandbox.use_pid_namespace):
+            return
+        try:
+            held = self._spawn_ns(c, P.INIT_EXEC_ID, c.process, hold=True)
+        except Exception:  # noqa: BLE001 - start spawns it and reports what fails
+            return
+        assert isinstance(held, Held)
+        c.held = held
+
+    def drop_held(self, c: Container) -> None:
+        """End the init made ahead of ``start`` (destroy, or a signal before start, which
+        reaches no process of a created container)."""
+        held, c.held = c.held, None
+        if held is not None:
+            held.discard()
 
     def _check_join(self, cid: str, join: dict[str, Any] | None) -> dict[str, str]:
         """``join_namespaces``: each names another container of this VM (a pod's sandbox)."""
@@ -220,13 +250,16 @@ class Handlers:
         return None
 
     def _spawn_ns(self, c: Container, exec_id: str, process: dict[str, Any],
-                  tty: int | None = None) -> tuple[int, int, int, int]:
+                  tty: int | None = None, hold: bool = False) -> Any:
         """``spawn`` in the namespaces ``_namespaces`` picks, falling back to the guest's when
-        the kernel has no PID namespaces or the init's namespace stopped taking processes."""
+        the kernel has no PID namespaces or the init's namespace stopped taking processes
+        (``hold``: ``spawn_held``, a ``Held`` process)."""
         assert c.root is not None
         check_process(process)
         sec = c.security
         filt = sec.filter()  # waits for its compilation; before any namespace fd or fork
+        for other in self.containers.values():  # no other container's compilation runs at the fork
+            other.security.settle()
         ns = self._namespaces(c, exec_id)
         if ns is None and sec.spec is not None and sec.spec.userns and self.sandbox.use_pid_namespace:
             raise AgentError(P.E_FAILED_PRECONDITION, f"container {c.cid} has no running init, whose user "
@@ -235,9 +268,10 @@ class Handlers:
         if ns is not None and not ns.joining and sec.spec is not None:
             hardener = Hardener(sec.spec, c.hostname, c.root.cgroup)
         guard = make_guard(process, filt, hardener)
+        how = spawn_held if hold else spawn
         try:
-            return spawn(process, c.root.path, chroot=self.sandbox.use_chroot, cgroup=c.root.cgroup,
-                         tty=tty, ns=ns, guard=guard)
+            return how(process, c.root.path, chroot=self.sandbox.use_chroot, cgroup=c.root.cgroup,
+                       tty=tty, ns=ns, guard=guard)
         except OSError as exc:  # raised in the agent: unshare/setns/fork (the child's errors are SpawnError)
             if ns is None:
                 raise
@@ -252,12 +286,17 @@ class Handlers:
         finally:
             if ns is not None:
                 ns.close()
-        return spawn(process, c.root.path, chroot=self.sandbox.use_chroot, cgroup=c.root.cgroup, tty=tty,
-                     guard=make_guard(process, filt))
+        return how(process, c.root.path, chroot=self.sandbox.use_chroot, cgroup=c.root.cgroup, tty=tty,
+                   guard=make_guard(process, filt))
 
     def _spawn(self, c: Container, exec_id: str, process: dict[str, Any]) -> Proc:
         assert c.root is not None
-        if isinstance(process, dict) and process.get("terminal"):
+        held, c.held = (c.held, None) if exec_id == P.INIT_EXEC_ID else (None, c.held)
+        started = held.release() if held is not None else None  # None: it did not wait (or it ended)
+        if started is not None:
+            pid, stdin_fd, out_fd, err_fd = started
+            proc = Proc(c.cid, exec_id, pid, list(process["args"]), stdin_fd, out_fd, err_fd)
+        elif isinstance(process, dict) and process.get("terminal"):
             proc = self._spawn_on_pty(c, exec_id, process)
         else:
             pid, stdin_fd, out_fd, err_fd = self._spawn_ns(c, exec_id, process)
@@ -314,6 +353,7 @@ class Handlers:
         c = self.container(msg)
         sig = msg["signal"]
         if msg["all"]:
+            self.drop_held(c)
             self.kill_container(c, sig)
             return {}
         exec_id = msg["exec_id"]
@@ -347,7 +387,7 @@ class Handlers:
     def h_ps(self, req_id: int, msg: dict[str, Any]) -> Result:
         c = self.container(msg)
         out = [{"pid": p.pid, "exec_id": p.exec_id, "args": p.args} for p in c.procs.values() if p.alive]
-        known = {p.pid for p in c.procs.values()}
+        known = {p.pid for p in c.procs.values()} | ({c.held.pid} if c.held is not None else set())
         if c.root is not None:
             for pid in self.sandbox.cgroup_pids(c.root):
                 if pid not in known:
@@ -361,6 +401,7 @@ class Handlers:
         c.destroy_waiters.append(req_id)
         if c.state != DESTROYING:
             c.state = DESTROYING
+            self.drop_held(c)
             self.kill_container(c, signal.SIGKILL)
             self._poll_destroy(c, time.monotonic() + DESTROY_WAIT_S)
         return PENDING
@@ -392,11 +433,22 @@ class Handlers:
         return {"interfaces": [iface["name"] for iface in interfaces], "dns_relay": listeners}
 
     def h_restored(self, req_id: int, msg: dict[str, Any]) -> Result:
-        """A clone of a VM template, just resumed: everything the template fixed must differ."""
+        """A clone of a VM template, just resumed: everything the template fixed must differ.
+
+        vmmd sends the first ``restored`` of an agent's life to the template itself, right
+        before its snapshot (``Cloner.build``): that one also ends the warm-up and freezes the
+        agent's objects (``freeze_for_template``), so every clone inherits both. A clone
+        (every later one: it inherits the count) then starts mounting its file share while
+        the host connects and configures its network (the template cannot have it mounted:
+        QEMU refuses to migrate a mounted virtio-9p device)."""
         reseed_kernel_rng(msg["seed"])
         time.clock_settime_ns(time.CLOCK_REALTIME, msg["time_ns"])
         self.sandbox.set_hostname(msg["hostname"])
-        log(f"restored from a template as {msg['hostname']}")
+        self.restores += 1
+        if self.restores == 1:
+            freeze_for_template()
+        else:  # once the reply is out
+            self.call_later(0.0, self.sandbox.mount_share_soon)
         return {}
 
     def h_sync(self, req_id: int, msg: dict[str, Any]) -> Result:

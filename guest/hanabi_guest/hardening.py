@@ -88,13 +88,14 @@ class Security:
     a profile libseccomp itself rejects fails the container's start (INVALID_ARGUMENT
     naming linux.seccomp)."""
 
-    __slots__ = ("spec", "_filter", "_building", "_plan")
+    __slots__ = ("spec", "_filter", "_building", "_plan", "_failed")
 
     def __init__(self, spec: LinuxSpec | None, filter_: Filter | None = None) -> None:
         self.spec = spec
         self._filter = filter_
         self._building: Background | None = None
         self._plan: Any = None
+        self._failed: BaseException | None = None  # the compilation's error, raised by every filter()
 
     @classmethod
     def build(cls, linux: Any, hostname: str | None) -> Security:
@@ -127,12 +128,24 @@ class Security:
             self._building = Background(lambda: Filter(p))
 
     def filter(self) -> Filter | None:
-        """The compiled seccomp filter (waiting for it), or None without a profile."""
+        """The compiled seccomp filter (waiting for it), or None without a profile; a
+        compilation that failed raises its error at every call (a process never runs
+        without the container's filter because an earlier call already reported it)."""
         self.compile_soon()
+        self.settle()
+        if self._failed is not None:
+            raise self._failed
+        return self._filter
+
+    def settle(self) -> None:
+        """Wait for a compilation that is running (its result or error kept for
+        ``filter``): before any fork, as ``Background`` requires."""
         if self._building is not None:
             building, self._building = self._building, None
-            self._filter = building.join()
-        return self._filter
+            try:
+                self._filter = building.join()
+            except BaseException as exc:  # noqa: BLE001 - raised by filter()
+                self._failed = exc
 
     def release(self) -> None:
         try:
@@ -145,16 +158,22 @@ class Security:
 
 
 _warm: Background | None = None
+_soon: list[Background] = []  # other head starts (``run_soon``), joined by ``ensure_warm`` too
+_frozen = False
 WARM_PROFILE = {"defaultAction": "SCMP_ACT_ERRNO", "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86"],
                 "syscalls": [{"names": ["read", "write", "clone"], "action": "SCMP_ACT_ALLOW",
                               "args": [{"index": 0, "value": 1, "op": "SCMP_CMP_MASKED_EQ"}]}]}
+WARM_PROCESS = {"args": ["true"], "noNewPrivileges": True, "user": {"uid": 0, "gid": 0},
+                "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
+                "capabilities": {"bounding": ["CAP_KILL"], "effective": ["CAP_KILL"], "permitted": ["CAP_KILL"]}}
 
 
 def start_warm_up() -> None:
     """Import and run once, in a thread while the agent still waits for its channel, what
-    create_container needs (these modules, libseccomp, a small filter, the validators):
-    under TCG the first run of any code is slow (translation): about 0.1 s less for
-    every container create. ``ensure_warm`` joins it (before any create, so before any fork)."""
+    create_container and start need (these modules, libseccomp, a small filter, the
+    validators, a process's capability applier): under TCG the first run of any code is
+    slow (translation): about 0.1 s less for every container create. ``ensure_warm`` joins
+    it (before any create, so before any fork)."""
     global _warm
     try:
         _warm = Background(_warm_up)
@@ -162,33 +181,78 @@ def start_warm_up() -> None:
         _warm = None
 
 
+def run_soon(fn: Any) -> None:
+    """Run ``fn()`` in a thread now, as a head start whose result nobody needs (its errors
+    are dropped: the code that needs its effect does it again if it did not happen);
+    ``ensure_warm`` joins it, so every create (and so every fork) waits for it first."""
+    try:
+        _soon.append(Background(fn))
+    except Exception:  # noqa: BLE001 - a head start only
+        pass
+
+
 def ensure_warm() -> None:
-    """Wait until the warm-up thread has ended (at once when there is none)."""
+    """Wait until the warm-up thread and the ``run_soon`` head starts have ended (at once
+    when there are none)."""
     global _warm
-    if _warm is not None:
-        warm, _warm = _warm, None
+    pending = [_warm] if _warm is not None else []
+    _warm = None
+    pending += _soon
+    _soon.clear()
+    for warm in pending:
         try:
             warm.join()
         except Exception:  # noqa: BLE001 - only a head start; create reports real errors
             pass
 
 
+def freeze_for_template() -> None:
+    """Before a VM template's snapshot (its first ``restored``): the warm-up done, every
+    object the agent has made so far moved out of the garbage collector's sight
+    (``gc.freeze``). A clone's collections then never walk the template's objects: they
+    neither spend its vCPU on them nor write to (and so copy) the template's pages they live
+    on. Once per agent (a clone inherits that it was done)."""
+    global _frozen
+    ensure_warm()
+    if _frozen:
+        return
+    import gc
+
+    from .network import link_up
+
+    try:  # loopback is up in every VM (configure_network makes sure): its clones inherit it
+        link_up("lo")
+    except Exception:  # noqa: BLE001 - configure_network reports it
+        pass
+    gc.collect()
+    gc.freeze()
+    _frozen = True
+
+
 def _warm_up() -> None:
+    import resource  # noqa: F401 - process rlimits
+
     from hanabi_wire.ocispec.linux import check_linux
     from hanabi_wire.ocispec.process import check_process
     from hanabi_wire.ocispec.seccomp import plan
 
+    from . import oom, share  # noqa: F401 - imported by create on first use
+    from .rtnl import encode
     from .cgroups import plan_files
+    from .process import make_guard
     from .seccomp import Filter
 
-    check_process({"args": ["true"], "noNewPrivileges": True,
-                   "capabilities": {"bounding": ["CAP_KILL"], "effective": ["CAP_KILL"]}})
+    check_process(WARM_PROCESS)
+    make_guard(WARM_PROCESS)
     spec = check_linux({"namespaces": [{"type": "uts"}, {"type": "ipc"}], "maskedPaths": ["/proc/kcore"],
                         "sysctl": {"kernel.shmmax": "1"}, "resources": {"memory": {"limit": 1 << 20}},
                         "devices": [{"path": "/dev/x", "type": "c", "major": 1, "minor": 3}]}, "h")
     assert spec is not None
     plan_files(spec.resources, 1)
     Filter(plan(WARM_PROFILE)).release()
+    for argv in (["ip", "link", "set", "dev", "x", "mtu", "1500", "up"], ["ip", "-4", "addr", "replace", "10.0.0.2/24", "dev", "x"],
+                 ["ip", "-4", "route", "replace", "default", "via", "10.0.0.1", "dev", "x"]):
+        encode(argv, lambda name: 1, 1)
 
 
 def secure_join(root: str, path: str) -> str:

@@ -2,11 +2,12 @@
 
 ``check_network`` validates a ``configure_network`` request (the host may be buggy; its
 fields are defined in ``hanabi_wire.messages``);
-``plan_commands`` turns it into busybox ``ip`` command lines (pure, unit-tested);
+``plan_commands`` turns it into ``ip`` command lines (pure, unit-tested);
 ``apply`` brings loopback up (``link_up``: an ioctl, not a process: under TCG an exec of
 busybox costs tens of milliseconds, and every container start pays this one), finds each
 NIC by its MAC in sysfs (the VMM gave the guest NIC the link's MAC), renames it to the
-link's name, and runs the commands. IPv6 duplicate address detection
+link's name, and carries out the commands over rtnetlink itself (``rtnl``: the requests
+busybox's ``ip`` would send, without its exec). IPv6 duplicate address detection
 and router advertisements are turned off on configured NICs: the addresses are already
 the container's, and the routes are the ones Docker set.
 
@@ -31,7 +32,6 @@ if TYPE_CHECKING:
     from typing import Any
 
 MAC_RE = re.compile(r"([0-9a-f]{2}:){5}[0-9a-f]{2}")
-BUSYBOX = "/bin/busybox"
 NIC_WAIT_S = 5.0
 _FIELDS = MESSAGES[T_CONFIGURE_NETWORK].fields
 
@@ -158,19 +158,44 @@ IFF_UP = 0x1
 IFREQ = "16sh22x"  # struct ifreq: the name, ifr_flags, the rest of the union (40 bytes)
 
 
+_ioctl_socket: Any = None  # kept: a VM template makes it, its clones use it (one less to make)
+
+
 def link_up(name: str) -> None:
     """``ip link set dev NAME up``, done in this process (SIOCGIFFLAGS/SIOCSIFFLAGS)."""
     import fcntl
     import socket
     import struct
 
+    global _ioctl_socket
     try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-            flags = struct.unpack(IFREQ, fcntl.ioctl(sock, SIOCGIFFLAGS, struct.pack(IFREQ, name.encode(), 0)))[1]
-            if not flags & IFF_UP:
-                fcntl.ioctl(sock, SIOCSIFFLAGS, struct.pack(IFREQ, name.encode(), flags | IFF_UP))
+        if _ioctl_socket is None:
+            _ioctl_socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        sock = _ioctl_socket
+        flags = struct.unpack(IFREQ, fcntl.ioctl(sock, SIOCGIFFLAGS, struct.pack(IFREQ, name.encode(), 0)))[1]
+        if not flags & IFF_UP:
+            fcntl.ioctl(sock, SIOCSIFFLAGS, struct.pack(IFREQ, name.encode(), flags | IFF_UP))
     except OSError as exc:
         raise AgentError(E_FAILED_PRECONDITION, f"ip link set dev {name} up failed: {exc}") from None
+
+
+def carry_out(commands: list[list[str]]) -> None:
+    """The ``ip`` commands of ``plan_commands``, over rtnetlink (``rtnl``); AgentError
+    naming the command the kernel refused."""
+    if not commands:
+        return
+    from .rtnl import Rtnl
+
+    rtnl = Rtnl()
+    try:
+        for argv in commands:
+            try:
+                rtnl.run(argv)
+            except (OSError, ValueError) as exc:
+                text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                raise AgentError(E_FAILED_PRECONDITION, f"{' '.join(argv)} failed: {text}") from None
+    finally:
+        rtnl.close()
 
 
 def _sysctl(path: str, value: str) -> None:
@@ -181,36 +206,14 @@ def _sysctl(path: str, value: str) -> None:
         pass  # IPv6 disabled in the guest kernel: nothing to turn off
 
 
-def run(argv: list[str]) -> None:
-    """Run one busybox applet and wait for it; AgentError with its output if it fails."""
-    read_fd, write_fd = os.pipe()
-    try:
-        actions = [(os.POSIX_SPAWN_DUP2, write_fd, 1), (os.POSIX_SPAWN_DUP2, write_fd, 2)]
-        pid = os.posix_spawn(BUSYBOX, [BUSYBOX, *argv], {"PATH": "/bin:/sbin"}, file_actions=actions)
-    finally:
-        os.close(write_fd)
-    try:
-        output = b""
-        while len(output) < 4096:
-            chunk = os.read(read_fd, 4096)
-            if not chunk:
-                break
-            output += chunk
-    finally:
-        os.close(read_fd)
-    _, status = os.waitpid(pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        text = output.decode(errors="replace").strip()[:500]
-        raise AgentError(E_FAILED_PRECONDITION, f"{' '.join(argv)} failed: {text or 'no output'}")
-
-
 def apply(interfaces: list[dict[str, Any]], routes: list[dict[str, Any]], sysfs: str = "/sys") -> None:
     """Configure the guest's NICs and routes (the real guest only)."""
     link_up("lo")
+    if not interfaces and not routes:
+        return
     current = wait_for_nics([iface["mac"] for iface in interfaces], NIC_WAIT_S, sysfs)
     for iface in interfaces:
         for old_or_new in {current[iface["mac"]], iface["name"]}:
             for key, value in (("accept_dad", "0"), ("accept_ra", "0"), ("autoconf", "0")):
                 _sysctl(f"/proc/sys/net/ipv6/conf/{old_or_new}/{key}", value)
-    for argv in plan_commands(interfaces, routes, current):
-        run(argv)
+    carry_out(plan_commands(interfaces, routes, current))

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
 EVENT_READ = 1
 EVENT_WRITE = 2
+EVENT_EDGE = 4  # edge-triggered (EPOLLET): one report per change of the descriptor
 
 
 class Key:
@@ -39,7 +40,8 @@ class Poller:
 
     @staticmethod
     def _mask(events: int) -> int:
-        return (select.EPOLLIN if events & EVENT_READ else 0) | (select.EPOLLOUT if events & EVENT_WRITE else 0)
+        return ((select.EPOLLIN if events & EVENT_READ else 0) | (select.EPOLLOUT if events & EVENT_WRITE else 0)
+                | (select.EPOLLET if events & EVENT_EDGE else 0))
 
     def register(self, fd: int, events: int, data: Any) -> Key:
         if fd in self.keys:

@@ -8,6 +8,14 @@ rlimits, oomScoreAdj, umask, supplementary groups, gid and uid, then execs ``arg
 close-on-exec error pipe and is raised as ``SpawnError`` in the parent, with runc-like
 messages (``executable file not found in $PATH``) that Docker maps to exit codes 127/126.
 
+``spawn_held()`` forks the same child but returns at once a ``Held`` process, which stops
+before its exec and waits on a pipe, as runc's init waits on its exec fifo: after its user
+and capabilities (namespaces, cgroup, linux settings, rlimits, rootfs, cwd done), before the
+seccomp filter it loads last; with a filter loaded before them (no no_new_privs), which might
+refuse the wait's read, before that one. ``Held.release`` lets it go on to exec and gives
+``spawn``'s result or error;
+``Held.discard`` kills and reaps it (through a pidfd: the agent's loop may have reaped it).
+
 With ``terminal: true`` the caller opens a pty (``Sandbox.open_pty``) and passes its slave
 as ``tty``: the child makes it stdin, stdout, stderr and, after ``setsid``, its controlling
 terminal (TIOCSCTTY), and owns it (fchown to the process uid) like runc does; the caller
@@ -151,11 +159,13 @@ class Guard:
 
 def _child(p: dict[str, Any], root: str, chroot: bool, cgroup: str | None,
            fds: tuple[int, int, int], errw: int, rlimits: list[tuple[int, int, int]],
-           tty: bool = False, ns: Namespaces | None = None, guard: Guard | None = None) -> None:
+           tty: bool = False, ns: Namespaces | None = None, guard: Guard | None = None,
+           hold: int = -1) -> None:
     """Runs in the forked child; never returns.
 
     Nothing here may import a module that is not loaded yet: after chroot the guest's
-    stdlib is out of reach.
+    stdlib is out of reach. With ``hold`` (a pipe's read end, ``spawn(hold=True)``) it waits
+    there, once in its rootfs, for the agent's ``Held.release``: a byte; EOF ends it unstarted.
     """
     stage = "setup"
     # Before any namespace: in a user namespace the agent's uid reads as another.
@@ -225,6 +235,13 @@ def _child(p: dict[str, Any], root: str, chroot: bool, cgroup: str | None,
         os.chdir(cwd)
         umask = user.get("umask")
         os.umask(umask if isinstance(umask, int) else 0o022)
+        # runc's init waits on its exec fifo after its user and capabilities, before the
+        # seccomp filter it loads last; here too, unless a filter comes before them (without
+        # no_new_privs), which could refuse the wait's read: then before it.
+        late = guard.filter is None or guard.nnp
+        if hold >= 0 and not late:
+            stage = "wait for start"
+            _wait_for_start(hold, errw)
         if guard.nnp:
             stage = "set no_new_privs"
             if guard.caps is not None:
@@ -251,6 +268,9 @@ def _child(p: dict[str, Any], root: str, chroot: bool, cgroup: str | None,
             stage = "apply capabilities"
             guard.caps.keep_caps(False)
             guard.caps.apply()
+        if hold >= 0 and late:
+            stage = "wait for start"
+            _wait_for_start(hold, errw)
         os.closerange(3, errw)
         os.closerange(errw + 1, 1 << 16)
         if guard.filter is not None and guard.nnp:
@@ -265,6 +285,25 @@ def _child(p: dict[str, Any], root: str, chroot: bool, cgroup: str | None,
         os.write(errw, f"{stage}\0{0}\0{exc!r}".encode("utf-8", "replace")[:4096])
     finally:
         os._exit(127)
+
+
+def _wait_for_start(hold: int, errw: int) -> None:
+    """The held child's wait for ``Held.release``: its byte, or EOF (ended unstarted). Every
+    descriptor but its stdio, ``errw`` and ``hold`` is closed first (what it inherited from
+    the agent: other containers' stdin pipes and terminals would not see their end while it
+    waits)."""
+    lo, hi = sorted((hold, errw))
+    os.closerange(3, lo)
+    os.closerange(lo + 1, hi)
+    os.closerange(hi + 1, 1 << 16)
+    while True:
+        try:
+            go = os.read(hold, 1)
+            break
+        except InterruptedError:
+            continue
+    if go != GO:
+        os._exit(0)  # ended unstarted (the container is being destroyed)
 
 
 def _no_new_privs() -> None:
@@ -316,6 +355,122 @@ def _spawn_error(data: bytes, args: list[str]) -> SpawnError:
     return SpawnError(E_FAILED_PRECONDITION, f"{stage}: {text} (errno {num})")
 
 
+GO = b"G"
+
+
+class Held:
+    """A process ``spawn(hold=True)`` made, which waits, set up in its namespaces and rootfs,
+    before its user, capabilities, seccomp filter and exec: ``release`` lets it go on (as
+    ``spawn`` would have), ``discard`` ends it. The caller owns it (and its descriptors)."""
+
+    __slots__ = ("pid", "args", "ours", "errors", "go", "tty", "pidfd")
+
+    def __init__(self, pid: int, args: list[str], ours: tuple[int, ...], errors: int, go: int,
+                 tty: bool) -> None:
+        self.pid, self.args, self.ours, self.errors, self.go, self.tty = pid, args, ours, errors, go, tty
+        # Signalled and waited for through a pidfd: the agent's loop may have reaped it (it
+        # ended while it waited) and its pid may be another process's by then.
+        self.pidfd = os.pidfd_open(pid) if go >= 0 else -1
+
+    def release(self) -> tuple[int, int, int, int] | None:
+        """Let it go on to exec: ``spawn``'s result (or the SpawnError ``spawn`` would raise,
+        a failure of its setup included), or None when it ended before without one (killed
+        while it waited: nothing of it is left; spawn it again)."""
+        try:
+            os.write(self.go, GO)
+            gone = False
+        except BrokenPipeError:
+            gone = True
+        os.close(self.go)
+        self.go = -1
+        errors, self.errors = self.errors, -1
+        try:
+            data = _read_errors(errors)
+        except BaseException:
+            self._close_ours()
+            raise
+        if data or gone:
+            self._close_ours()
+            self._reap()
+            if data:
+                raise _spawn_error(data, self.args)
+            return None
+        self._close_pidfd()
+        return _result(self.pid, self.ours, self.tty)
+
+    def discard(self) -> None:
+        """End it unstarted (SIGKILL, reaped) and close its descriptors."""
+        if self.pidfd >= 0:
+            try:
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+            except ProcessLookupError:  # ended (and maybe reaped) already
+                pass
+            self._reap()
+        for fd in (self.go, self.errors):
+            if fd >= 0:
+                os.close(fd)
+        self.go = self.errors = -1
+        self._close_ours()
+
+    def _reap(self) -> None:
+        """Wait for it to end (unless the agent's loop reaped it already), pidfd closed."""
+        while self.pidfd >= 0:
+            try:
+                os.waitid(os.P_PIDFD, self.pidfd, os.WEXITED)
+            except InterruptedError:
+                continue
+            except ChildProcessError:
+                pass
+            self._close_pidfd()
+
+    def _close_pidfd(self) -> None:
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
+
+    def _close_ours(self) -> None:
+        for fd in self.ours:
+            os.close(fd)
+        self.ours = ()
+
+
+def _read_errors(ep_r: int) -> bytes:
+    """The child's error pipe read to its end, and closed: empty once the child exec'ed."""
+    chunks = []
+    try:
+        while True:
+            try:
+                chunk = os.read(ep_r, 4096)
+            except InterruptedError:
+                continue
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(ep_r)
+    return b"".join(chunks)
+
+
+def _wait(pid: int) -> None:
+    while True:
+        try:
+            os.waitpid(pid, 0)
+            return
+        except InterruptedError:
+            continue
+        except ChildProcessError:  # reaped already (the agent's loop reaps every child)
+            return
+
+
+def _result(pid: int, ours: tuple[int, ...], tty: bool) -> tuple[int, int, int, int]:
+    if tty:
+        return pid, -1, -1, -1
+    for fd in ours:
+        os.set_blocking(fd, False)
+    in_w, out_r, err_r = ours
+    return pid, in_w, out_r, err_r
+
+
 def spawn(p: dict[str, Any], root: str, *, chroot: bool = True,
           cgroup: str | None = None, tty: int | None = None,
           ns: Namespaces | None = None, guard: Guard | None = None) -> tuple[int, int, int, int]:
@@ -327,6 +482,29 @@ def spawn(p: dict[str, Any], root: str, *, chroot: bool = True,
     ``ns`` it runs in those namespaces (the caller keeps and closes ``ns``); ``pid`` is
     its pid in the caller's (the guest's) PID namespace.
     """
+    held = _fork(p, root, chroot, cgroup, tty, ns, guard, hold=False)
+    assert isinstance(held, Held)
+    errors, held.errors = held.errors, -1
+    data = _read_errors(errors)
+    if data:
+        held._close_ours()
+        _wait(held.pid)
+        raise _spawn_error(data, p["args"])
+    return _result(held.pid, held.ours, held.tty)
+
+
+def spawn_held(p: dict[str, Any], root: str, *, chroot: bool = True,
+               cgroup: str | None = None, tty: int | None = None,
+               ns: Namespaces | None = None, guard: Guard | None = None) -> Held:
+    """``spawn``, but the process waits before its user, capabilities, seccomp filter and
+    exec until ``Held.release`` (a container's init made at create, as runc's waits on its
+    exec fifo, and let go at start); returns at once after the fork."""
+    return _fork(p, root, chroot, cgroup, tty, ns, guard, hold=True)
+
+
+def _fork(p: dict[str, Any], root: str, chroot: bool, cgroup: str | None, tty: int | None,
+          ns: Namespaces | None, guard: Guard | None, hold: bool) -> Held:
+    """The fork of ``spawn`` and ``spawn_held``: the child's pipes made, the child started."""
     check_process(p)
     rlimits = _rlimits(p)
     if guard is None:
@@ -342,42 +520,20 @@ def spawn(p: dict[str, Any], root: str, *, chroot: bool = True,
         ours, theirs = (in_w, out_r, err_r), (in_r, out_w, err_w)
         child_fds = (in_r, out_w, err_w)
     ep_r, ep_w = os.pipe2(os.O_CLOEXEC)
+    go_r, go_w = os.pipe2(os.O_CLOEXEC) if hold else (-1, -1)
+    gos = (go_r, go_w) if hold else ()
     if tty is not None and ns is not None and ns.uid_map and os.geteuid() == 0:
         _chown_tty(tty, p, ns)
     try:
         pid = os.fork() if ns is None else ns.fork()
     except BaseException:
-        for fd in (*ours, *theirs, ep_r, ep_w):
+        for fd in (*ours, *theirs, ep_r, ep_w, *gos):
             os.close(fd)
         raise
     if pid == 0:
-        _child(p, root, chroot, cgroup, child_fds, ep_w, rlimits, tty is not None, ns, guard)
+        _child(p, root, chroot, cgroup, child_fds, ep_w, rlimits, tty is not None, ns, guard, go_r)
     for fd in (*theirs, ep_w):
         os.close(fd)
-    chunks = []
-    while True:
-        try:
-            chunk = os.read(ep_r, 4096)
-        except InterruptedError:
-            continue
-        if not chunk:
-            break
-        chunks.append(chunk)
-    os.close(ep_r)
-    if chunks:
-        for fd in ours:
-            os.close(fd)
-        while True:
-            try:
-                os.waitpid(pid, 0)
-                break
-            except InterruptedError:
-                continue
-            except ChildProcessError:
-                break
-        raise _spawn_error(b"".join(chunks), p["args"])
-    if tty is not None:
-        return pid, -1, -1, -1
-    for fd in ours:
-        os.set_blocking(fd, False)
-    return pid, in_w, out_r, err_r
+    if hold:
+        os.close(go_r)
+    return Held(pid, list(p["args"]), ours, ep_r, go_w, tty is not None)

@@ -226,6 +226,11 @@ class Sandbox:
         share on first use; None while it has not appeared."""
         raise SandboxError(E_FAILED_PRECONDITION, "this sandbox has no file share")
 
+    def mount_share_soon(self) -> None:
+        """Start mounting the VM's file share in the background, ahead of the first create
+        that needs it (a clone of a VM template, whose own share appeared with it); nothing
+        where there is no share or it cannot be mounted yet (``share_path`` mounts it then)."""
+
     def setup(self, cid: str, source: str, rootfs: dict[str, Any]) -> Rootfs:
         raise NotImplementedError
 
@@ -274,9 +279,14 @@ class GuestSandbox(Sandbox):
             if not os.path.exists(os.path.join(root, "cgroup.procs")):
                 os.makedirs(root, exist_ok=True)
                 mount("cgroup2", root, "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-            return root
         except OSError:
             return None
+        from .cgroups import enable_controllers
+
+        # For every container's group from the start (as on a host with systemd): its
+        # memory.events exists, so its OOM kills are watched without a memory limit too.
+        enable_controllers(root)
+        return root
 
     def locate(self, rootfs: dict[str, Any]) -> str | None:
         if rootfs.get("share"):
@@ -296,6 +306,21 @@ class GuestSandbox(Sandbox):
             return None
         path = os.path.join(point, rel)
         return path if os.path.isdir(path) else None
+
+    def mount_share_soon(self) -> None:
+        """virtio-9p only (QEMU): the share over vsock (Firecracker) needs the host's server,
+        which may not listen yet. Joined by ``hardening.ensure_warm`` (every create)."""
+        from . import share
+        from .hardening import run_soon
+
+        try:
+            with open("/proc/cmdline", encoding="utf-8") as f:
+                if share.share_aname(f.read()) is not None:
+                    return
+        except OSError:
+            return
+        point = self.share_mount_point
+        run_soon(lambda: os.path.ismount(point) or self._mount_share(point))
 
     @staticmethod
     def _mount_share(point: str) -> bool:

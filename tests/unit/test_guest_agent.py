@@ -418,6 +418,70 @@ def test_no_host_connected_backs_off_without_spinning(tmp_path: Path) -> None:
     assert reads < 40, f"{reads} reads in 0.5 s: spinning"
 
 
+PORT_LIKE = textwrap.dedent("""
+    import os, sys
+    from hanabi_guest.agent import Agent
+    from hanabi_guest.channel import Channel, _read_fd, _write_fd
+    from hanabi_guest.sandbox import DirSandbox
+
+    class PortLike(Channel):
+        # Reads a FIFO whose writer comes and goes, as virtio-serial's host does (EOF while
+        # none is there); writes go to the test's socket. A wait of 5 s after each EOF.
+        retry_delay = 5.0
+        def __init__(self, path, fd):
+            self.fifo = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+            self.out = fd
+            self.reads = 0
+        def fileno(self):
+            return self.fifo
+        def read(self):
+            self.reads += 1
+            return _read_fd(self.fifo)
+        def write(self, data):
+            return _write_fd(self.out, data)
+        def close(self):
+            os.close(self.fifo)
+
+    class Noted(Agent):
+        def _peer_gone(self):
+            super()._peer_gone()
+            print("gone", self.chan.reads, file=sys.stderr, flush=True)
+
+    ch = PortLike(os.environ["PORT_FIFO"], int(sys.argv[1]))
+    agent = Noted(ch, DirSandbox("/"))
+    agent.table["shutdown"] = lambda req_id, msg: setattr(agent, "running", False) or {}
+    agent.run()
+    print("reads", ch.reads, file=sys.stderr, flush=True)
+""")
+
+
+def test_a_host_that_connects_while_the_agent_backs_off_is_served_at_once(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """After an EOF (no host) the agent looks again only after retry_delay (5 s here), but the
+    next host's bytes wake it at once (edge-triggered registration), without spinning."""
+    fifo = tmp_path / "port"
+    os.mkfifo(fifo)
+    monkeypatch.setenv("PORT_FIFO", str(fifo))
+    a = AgentProc(tmp_path, script=PORT_LIKE)
+    try:
+        assert a.wait_for(lambda m: m["type"] == "ready")["agent_version"]
+        os.close(os.open(fifo, os.O_WRONLY))  # a host came and went: EOF, the agent backs off
+        assert a.proc.stderr is not None
+        assert a.proc.stderr.readline().startswith(b"gone")
+        writer = os.open(fifo, os.O_WRONLY)  # the next host
+        t0 = time.monotonic()
+        os.write(writer, P.SYNC + P.encode_frame({"type": "ping", "id": 1, **P.ping_fields()}))
+        reply = a.wait_for(lambda m: m.get("type") == "reply" and m.get("id") == 1, timeout=10)
+        assert reply["ok"] and time.monotonic() - t0 < 2.5  # not after the 5 s wait
+        os.write(writer, P.encode_frame({"type": "shutdown", "id": 2}))
+        assert a.proc.wait(10) == 0
+        os.close(writer)
+        reads = int(a.stderr().split("reads")[-1])
+        assert reads < 10, f"{reads} reads: spinning"
+    finally:
+        a.close()
+
+
 @pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/bin/busybox"), reason="needs root and /bin/busybox")
 def test_chrooted_exec_with_path_lookup(tmp_path: Path) -> None:
     """The guest path: chroot into the rootfs, $PATH lookup inside it, user switch."""

@@ -187,3 +187,85 @@ def test_tcp_dns_queries_travel_too(tmp_path):
         assert agent.ok("ping")["agent_version"]
     finally:
         agent.close()
+
+
+def test_rtnl_messages_are_the_requests_ip_sends():
+    """Each planned command becomes one rtnetlink request: header, body, attributes (the
+    layout of linux/rtnetlink.h), with iproute2's defaults."""
+    import socket
+    import struct
+
+    from hanabi_guest.rtnl import RtnlError, ack_errno, encode
+
+    def index_of(name: str) -> int:
+        return {"eth0": 7, "hanabitmp0": 9}[name]
+
+    up = encode(["ip", "link", "set", "dev", "eth0", "mtu", "1450", "up"], index_of, 5)
+    assert struct.unpack_from("=IHHII", up) == (len(up), 16, 0x5, 5, 0)  # RTM_NEWLINK, REQUEST|ACK
+    assert struct.unpack_from("=BxHiII", up, 16) == (0, 0, 7, 1, 1)  # ifindex 7, IFF_UP set
+    assert up[32:] == struct.pack("=HHI", 8, 4, 1450)  # IFLA_MTU
+    rename = encode(["ip", "link", "set", "dev", "hanabitmp0", "name", "eth0"], index_of, 6)
+    assert struct.unpack_from("=BxHiII", rename, 16) == (0, 0, 9, 0, 0)  # flags untouched
+    assert rename[32:] == struct.pack("=HH", 9, 3) + b"eth0\0" + b"\0" * 3  # IFLA_IFNAME, padded
+    addr = encode(["ip", "-4", "addr", "replace", "172.18.0.2/16", "dev", "eth0"], index_of, 7)
+    assert struct.unpack_from("=IHHII", addr)[1:3] == (20, 0x505)  # RTM_NEWADDR, CREATE|REPLACE
+    assert struct.unpack_from("=BBBBI", addr, 16) == (socket.AF_INET, 16, 0, 0, 7)
+    ip = socket.inet_aton("172.18.0.2")
+    assert addr[24:] == struct.pack("=HH", 8, 2) + ip + struct.pack("=HH", 8, 1) + ip  # IFA_LOCAL, IFA_ADDRESS
+    addr6 = encode(["ip", "-6", "addr", "replace", "fd00:db8::2/64", "dev", "eth0"], index_of, 8)
+    assert struct.unpack_from("=BBBBI", addr6, 16) == (socket.AF_INET6, 64, 0, 0, 7)
+    gw = encode(["ip", "-4", "route", "replace", "default", "via", "172.18.0.1", "dev", "eth0"], index_of, 9)
+    assert struct.unpack_from("=IHHII", gw)[1:3] == (24, 0x505)  # RTM_NEWROUTE
+    assert struct.unpack_from("=BBBBBBBBI", gw, 16) == (socket.AF_INET, 0, 0, 0, 254, 3, 0, 1, 0)
+    assert gw[28:] == (struct.pack("=HH", 8, 5) + socket.inet_aton("172.18.0.1")  # RTA_GATEWAY
+                       + struct.pack("=HHi", 8, 4, 7))  # RTA_OIF
+    onlink = encode(["ip", "-4", "route", "replace", "10.1.0.0/16", "dev", "eth0"], index_of, 10)
+    assert struct.unpack_from("=BBBBBBBBI", onlink, 16) == (socket.AF_INET, 16, 0, 0, 254, 3, 253, 1, 0)  # scope link
+    assert onlink[28:36] == struct.pack("=HH", 8, 1) + socket.inet_aton("10.1.0.0")  # RTA_DST
+    with pytest.raises(RtnlError, match="not a command"):
+        encode(["ip", "link", "del", "eth0"], index_of, 11)
+    ack = struct.pack("=IHHII", 36, 2, 0, 9, 0) + struct.pack("=i", -17) + b"\0" * 16
+    assert ack_errno(ack, 9) == 17 and ack_errno(ack, 8) is None
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("ip"),
+                    reason="needs root, unshare(1) and ip(8)")
+def test_the_commands_are_carried_out_over_rtnetlink():
+    """`carry_out` in a fresh network namespace with a veth pair: renamed, MTU, up, both
+    addresses, both default routes and an on-link one, as `ip` would have left them; a
+    second run (a retry) replaces rather than fails; a refusal names its command."""
+    script = r"""
+import subprocess, sys
+from hanabi_guest.core import AgentError
+from hanabi_guest.network import carry_out, check_network, plan_commands
+sh = lambda *a: subprocess.run(["ip", *a], capture_output=True, text=True, check=True).stdout
+sh("link", "add", "veth7", "type", "veth", "peer", "name", "peer7")
+sh("link", "set", "peer7", "up")
+mac = sh("-o", "link", "show", "dev", "veth7").split("link/ether ")[1].split()[0]
+eth = {"name": "eth0", "mac": mac, "mtu": 1450, "addresses": ["172.18.0.2/16", "fd00:db8::2/64"]}
+routes = [{"dest": "default", "gateway": "172.18.0.1", "dev": "eth0", "family": 4},
+          {"dest": "default", "gateway": "fd00:db8::1", "dev": "eth0", "family": 6},
+          {"dest": "10.1.0.0/16", "gateway": None, "dev": "eth0", "family": 4}]
+ifaces, rts, _ = check_network({"interfaces": [eth], "routes": routes})
+for _ in range(2):
+    carry_out(plan_commands(ifaces, rts, {mac: "veth7"} if _ == 0 else {mac: "eth0"}))
+print(sh("-o", "link", "show", "dev", "eth0"))
+print(sh("-o", "addr", "show", "dev", "eth0", "scope", "global"))
+print(sh("-d", "-4", "route"), sh("-d", "-6", "route", "show", "default"))
+try:
+    carry_out([["ip", "-4", "route", "replace", "default", "via", "192.0.2.1", "dev", "eth0"]])
+except AgentError as exc:
+    print("refused:", exc)
+"""
+    done = subprocess.run(["unshare", "--net", sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "eth0@peer7" in out and "mtu 1450" in out and ",UP" in out.split("\n")[0], out
+    addrs = [line for line in out.splitlines() if " inet" in line]
+    assert "inet 172.18.0.2/16" in out and "inet6 fd00:db8::2/64" in out, out
+    assert len(addrs) == 2 and not any("brd" in line for line in addrs), out  # replaced, not added twice
+    assert "unicast default via 172.18.0.1 dev eth0 proto boot scope global" in out, out
+    assert "unicast 10.1.0.0/16 dev eth0 proto boot scope link" in out, out
+    assert "unicast default via fd00:db8::1 dev eth0 proto boot" in out, out
+    assert "refused: ip -4 route replace default via 192.0.2.1 dev eth0 failed: " in out, out

@@ -226,3 +226,24 @@ def test_the_filter_is_compiled_in_the_background_and_waited_for():
     assert Security.build({}, None).filter() is None and Security.build(None, None).spec is None
     with pytest.raises(ValueError, match="linux.seccomp.defaultAction"):
         Security.build({"seccomp": {"defaultAction": "SCMP_ACT_NOPE"}}, None)
+
+
+def test_a_failed_compilation_fails_every_later_start(monkeypatch):
+    """A profile libseccomp refuses fails each `filter()` (each start), not only the first:
+    the init made ahead of start (handlers._make_init) may be the first to meet the error,
+    and a second start must not then run the process without its filter. (libseccomp's own
+    refusals are rare and depend on its version, so the compilation is made to fail here.)"""
+    from hanabi_guest import seccomp
+    from hanabi_guest.hardening import Security
+
+    def refuse(plan):
+        raise seccomp.SeccompError("linux.seccomp.syscalls: cannot add the rule for 'mkdir' (libseccomp errno 22)")
+
+    monkeypatch.setattr(seccomp, "Filter", refuse)
+    sec = Security.build({"seccomp": {"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
+        {"names": ["mkdir"], "action": "SCMP_ACT_ERRNO"}]}}, None)
+    sec.compile_soon()
+    for _ in range(3):
+        with pytest.raises(seccomp.SeccompError, match="mkdir"):
+            sec.filter()
+    sec.release()  # nothing to release, no error

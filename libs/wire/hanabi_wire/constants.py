@@ -60,6 +60,9 @@ CHANNEL_VSOCK = "vsock"
 CMDLINE_POWEROFF = "hanabi.poweroff"  # hanabi.poweroff=reboot: end the VM with a restart
 POWEROFF_REBOOT = "reboot"
 CMDLINE_SHARE = "hanabi.share"  # hanabi.share=PATH: the file share is 9P over vsock, attach name PATH
+# hanabi.trace=1 (through `vmm.kernel_cmdline_extra`): the agent logs, on the guest console,
+# how long each request took from its frame's arrival to its reply (a measuring aid).
+CMDLINE_TRACE = "hanabi.trace"
 
 
 def cmdline_word(key: str, value: str) -> str:

@@ -54,7 +54,7 @@ MODULES = ["virtio_pci", "virtio_mmio", "virtio_blk", "virtio_console", "virtio_
            "vmw_vsock_virtio_transport", "virtio_balloon", "virtio_rng", "9p", "9pnet_virtio", "9pnet_fd"]
 AGENT_FILES = ["__init__.py", "channel.py", "core.py", "sandbox.py", "process.py",
                "handlers.py", "procio.py", "poller.py", "agent.py", "mounts.py", "share.py", "namespaces.py", "network.py", "dnsrelay.py",
-               "blkswap.py", "caps.py", "seccomp.py", "cgroups.py", "hardening.py", "oom.py"]
+               "blkswap.py", "caps.py", "seccomp.py", "cgroups.py", "hardening.py", "oom.py", "rtnl.py"]
 WIRE_FILES = ["__init__.py", "constants.py", "framing.py", "schema.py", "messages.py", "ocispec/__init__.py",
               "ocispec/caps.py", "ocispec/linux.py", "ocispec/process.py", "ocispec/resources.py", "ocispec/seccomp.py"]
 PACKAGES_IN_IMAGE = ("hanabi_guest/", "hanabi_wire/")
