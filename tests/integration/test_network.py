@@ -227,7 +227,9 @@ def test_prestart_hook_wires_a_namespace_hanabi_made(hanabi, bundle, cid, tmp_pa
         assert done.stdout.decode().strip() == "reached"
         assert marker.read_text().startswith("net:[")
         assert leftovers(hanabi, cid) == []
-        assert "peer0" not in ip("-br", "link", netns=outer)  # the pair died with the namespace
+        # The pair dies with the namespace; the kernel destroys a namespace's devices in a
+        # work queue after its last reference went, so this comes a little later.
+        assert _wait_for(lambda: "peer0" not in ip("-br", "link", netns=outer), timeout=10.0)
     finally:
         ip("netns", "del", outer, check=False)
 
