@@ -218,7 +218,7 @@ class UserSync:
             raw = _read_exact(self.up_r, PID_BYTES)
             if len(raw) != PID_BYTES:
                 return pid
-            _reap(pid)
+            reap(pid)
             return int.from_bytes(raw, "little", signed=True)
         finally:
             self.close()
@@ -236,7 +236,8 @@ def _subreaper() -> None:
     _is_subreaper = True
 
 
-def _reap(pid: int) -> None:
+def reap(pid: int) -> None:
+    """waitpid `pid`, retried on EINTR; one reaped already (the agent's loop reaps every child) is fine."""
     while True:
         try:
             os.waitpid(pid, 0)
@@ -254,7 +255,7 @@ def _kill_and_reap(pid: int) -> None:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
-    _reap(pid)
+    reap(pid)
 
 
 def timens_offsets_text(offsets: list[tuple[str, int, int]]) -> str:

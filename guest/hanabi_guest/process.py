@@ -52,6 +52,8 @@ import struct
 from hanabi_wire.constants import E_FAILED_PRECONDITION, E_INVALID_ARGUMENT
 from hanabi_wire.ocispec.process import check_process
 
+from .namespaces import reap
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
@@ -451,17 +453,6 @@ def _read_errors(ep_r: int) -> bytes:
     return b"".join(chunks)
 
 
-def _wait(pid: int) -> None:
-    while True:
-        try:
-            os.waitpid(pid, 0)
-            return
-        except InterruptedError:
-            continue
-        except ChildProcessError:  # reaped already (the agent's loop reaps every child)
-            return
-
-
 def _result(pid: int, ours: tuple[int, ...], tty: bool) -> tuple[int, int, int, int]:
     if tty:
         return pid, -1, -1, -1
@@ -488,7 +479,7 @@ def spawn(p: dict[str, Any], root: str, *, chroot: bool = True,
     data = _read_errors(errors)
     if data:
         held._close_ours()
-        _wait(held.pid)
+        reap(held.pid)
         raise _spawn_error(data, p["args"])
     return _result(held.pid, held.ours, held.tty)
 
