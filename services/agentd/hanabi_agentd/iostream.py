@@ -300,12 +300,12 @@ class IoStream:
     def _pump_stdin(self, fd: int) -> None:
         try:
             while chunk := os.read(fd, MAX_DATA_CHUNK):
-                self._retrying(self.send_stdin, chunk)
-            self._retrying(self.close_stdin)
+                self._send_or_await_reattach(self.send_stdin, chunk)
+            self._send_or_await_reattach(self.close_stdin)
         except OSError:
             pass
 
-    def _retrying(self, send, *args) -> None:
+    def _send_or_await_reattach(self, send, *args) -> None:
         """Send; while agentd is away, wait until relay() attached again, which sends it
         again itself (stdin and its close are kept for that), or the process exited."""
         seen = self._attachments

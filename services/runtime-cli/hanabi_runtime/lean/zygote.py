@@ -22,8 +22,9 @@ WORKER_EXIT_TIMEOUT_S = 10.0  # after its exit message; it only ends itself then
 
 
 def run_in_zygote(run_dir: str, argv: list[str], on_exit: Callable[[dict], None] | None = None) -> int | None:
-    """Run `argv` (without the program name) in a zygote worker: its exit status, or None
-    when the caller must run it itself. `on_exit` sees the worker's exit message."""
+    """Run `argv` (sys.argv: the program name, then the command line) in a zygote worker:
+    its exit status, or None when the caller must run it itself. `on_exit` sees the
+    worker's exit message."""
     try:
         cwd = os.getcwd()
     except OSError:
@@ -61,7 +62,7 @@ def _converse(sock: socket.socket, argv: list[str], cwd: str, on_exit) -> int | 
         message, fds = P.recv(sock)
     except (OSError, P.ProtocolError):
         return None  # it went away before doing anything
-    _close(fds)
+    P.close_fds(fds)
     worker = message.get("pid")
     if message["op"] != P.STARTED or not isinstance(worker, int) or worker <= 0:
         return None  # refused (another namespace, its code changed since it started...)
@@ -78,16 +79,16 @@ def _converse(sock: socket.socket, argv: list[str], cwd: str, on_exit) -> int | 
             if op == P.SPAWN:
                 _spawn(sock, message, fds)
                 continue
-            _close(fds)
+            P.close_fds(fds)
             if op == P.EXIT:
-                status = int(P.field(message, "status", int))
+                status = P.field(message, "status", int)
                 _wait_gone(worker_fd)
                 if on_exit is not None:
                     on_exit(message)
                 return status
             if op != P.WAIT:
                 raise P.ProtocolError(f"an unexpected {op} message")
-            pid = int(P.field(message, "pid", int))
+            pid = P.field(message, "pid", int)
             forward = bool(message.get("forward_signals"))
             if not forward:  # as a CLI waiting without forwarding: a signal ends this process
                 for signum in FORWARDED_SIGNALS:
@@ -100,8 +101,9 @@ def _converse(sock: socket.socket, argv: list[str], cwd: str, on_exit) -> int | 
 
 
 def _wait_gone(pidfd: int) -> None:
-    """Until the worker has exited: what it held (a thread in a network namespace, an open
-    file) is released by then, as it would be by the end of this process's own run."""
+    """Until the worker has exited (for at most WORKER_EXIT_TIMEOUT_S): what it held (a
+    thread in a network namespace, an open file) is released by then, as it would be by
+    the end of this process's own run."""
     import select
 
     try:
@@ -114,16 +116,17 @@ def _spawn(sock: socket.socket, message: dict, fds: list[int]) -> None:
     try:
         argv = P.field(message, "argv", list)
         targets = P.field(message, "targets", list)
+        if not argv or not all(isinstance(a, str) for a in argv):
+            raise P.ProtocolError("spawn: argv must be a non-empty list of strings")
         if len(targets) != len(fds) or not all(isinstance(t, int) and t > 2 for t in targets):
             raise P.ProtocolError("spawn: the targets do not match the fds")
-        pid = spawn_here([str(a) for a in argv], dict(zip(targets, fds, strict=True)),
-                         setsid=bool(message.get("setsid")))
+        pid = spawn_here(argv, dict(zip(targets, fds, strict=True)), setsid=bool(message.get("setsid")))
     except (OSError, P.ProtocolError) as exc:
         P.send(sock, P.FAILED, error=str(exc))
     else:
         P.send(sock, P.SPAWNED, pid=pid)
     finally:
-        _close(fds)
+        P.close_fds(fds)
 
 
 def _worker_lost(exc: Exception, forwarded: list[int]) -> int:
@@ -137,6 +140,3 @@ def _worker_lost(exc: Exception, forwarded: list[int]) -> int:
     return 1
 
 
-def _close(fds: list[int]) -> None:
-    for fd in fds:
-        os.close(fd)

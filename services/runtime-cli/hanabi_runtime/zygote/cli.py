@@ -10,6 +10,7 @@ from pathlib import Path
 import typer
 
 from hanabi_common.config import load_config
+from hanabi_common.daemon_cli import fail
 from hanabi_common.errors import HanabiError
 
 app = typer.Typer(help="hanabi zygote: forks workers that run create, run and exec with their imports done",
@@ -20,14 +21,6 @@ ConfigOption = typer.Option(None, "--config", "-c", help="config file (default $
 state: dict = {}
 
 
-def _config(path: Path | None):
-    try:
-        return load_config(path)
-    except HanabiError as exc:
-        typer.echo(f"error: {exc.code.value}: {exc.message}", err=True)
-        raise typer.Exit(1) from None
-
-
 @app.command()
 def serve(config: Path | None = ConfigOption,
           pid_file: Path | None = typer.Option(None, help="write the pid here once ready")) -> None:
@@ -36,14 +29,13 @@ def serve(config: Path | None = ConfigOption,
     from hanabi_runtime.lifecycle import open_runtime
     from hanabi_runtime.zygote.server import serve as run
 
-    cfg = _config(config)
-    setup_logging("zygote", cfg.log_level)
     try:
-        open_runtime(config, None, None)  # stamps the config file for the lean CLI, which finds us by it
+        # Validated, and stamped for the lean CLI, which finds the zygote through it.
+        cfg = open_runtime(config, None, None).config
+        setup_logging("zygote", cfg.log_level)
         raise typer.Exit(run(cfg, pid_file))
     except HanabiError as exc:
-        typer.echo(f"error: {exc.code.value}: {exc.message}", err=True)
-        raise typer.Exit(1) from None
+        fail(exc)
 
 
 @ctl.callback()
@@ -57,7 +49,10 @@ def ping() -> None:
     """Check the zygote answers: its pid."""
     from hanabi_runtime.zygote import protocol as P
 
-    path = P.socket_path(_config(state["config"]).run_dir)
+    try:
+        path = P.socket_path(load_config(state["config"]).run_dir)
+    except HanabiError as exc:
+        fail(exc)
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as sock:
         sock.settimeout(state["timeout"])
         try:

@@ -44,6 +44,12 @@ class Closed(ProtocolError):
     """The other end closed the connection."""
 
 
+def close_fds(fds: Sequence[int]) -> None:
+    """Close fds that came with a message."""
+    for fd in fds:
+        os.close(fd)
+
+
 def socket_path(run_dir: str | os.PathLike) -> str:
     """The zygote's socket for a run directory."""
     return os.path.join(os.fspath(run_dir), SOCKET_NAME)
@@ -77,8 +83,7 @@ def recv(sock: socket.socket) -> tuple[dict, list[int]]:
         if not isinstance(message, dict) or message.get("op") not in OPS:
             raise ProtocolError("a message without a known op")
     except BaseException:
-        for fd in fds:
-            os.close(fd)
+        close_fds(fds)
         raise
     return message, fds
 

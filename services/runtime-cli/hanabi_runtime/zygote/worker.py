@@ -58,19 +58,18 @@ class ClientSpawner:
         reply = self._reply(P.SPAWNED)
         if reply["op"] == P.FAILED:
             raise OSError(f"the CLI process could not start {argv[2:3]}: {reply.get('error')}")
-        return int(P.field(reply, "pid", int))
+        return P.field(reply, "pid", int)
 
     def wait(self, pid: int, forward_signals: bool = False) -> int:
         P.send(self.conn, P.WAIT, pid=pid, forward_signals=forward_signals)
-        return int(P.field(self._reply(P.WAITED), "status", int))
+        return P.field(self._reply(P.WAITED), "status", int)
 
     def _reply(self, expected: str) -> dict:
         try:
             message, fds = P.recv(self.conn)
         except (OSError, P.ProtocolError) as exc:
             raise Internal(f"the CLI process that asked for this command is gone ({exc})") from None
-        for fd in fds:
-            os.close(fd)
+        P.close_fds(fds)
         if message["op"] not in (expected, P.FAILED):
             raise Internal(f"the CLI process answered {message['op']} to a request for {expected}")
         return message
@@ -101,13 +100,13 @@ def _serve(conn: socket.socket, origin: Origin) -> None:
         return
     conn.settimeout(None)
     if message["op"] == P.PING:
-        _close(fds)
+        P.close_fds(fds)
         P.send(conn, P.PONG, pid=os.getppid())
         return
     try:
         request = _check(conn, message, fds, origin)
     except P.ProtocolError as exc:
-        _close(fds)
+        P.close_fds(fds)
         log.warning("refused a request", extra={"reason": str(exc)})
         _refuse(conn, str(exc))
         return
@@ -115,7 +114,7 @@ def _serve(conn: socket.socket, origin: Origin) -> None:
         os.chdir(request["cwd"])
         _take_rlimits(request["rlimits"])
     except (OSError, ValueError) as exc:
-        _close(fds)
+        P.close_fds(fds)
         _refuse(conn, f"cannot take the client's working directory or resource limits: {exc}")
         return
     log.info("running a command", extra={"argv": request["argv"][1:][:12], "client": request["client_pid"]})
@@ -186,7 +185,7 @@ def _become(request: dict, fds: list[int]) -> None:
                 os.close(target)
             except OSError:
                 pass
-    _close(fds)
+    P.close_fds(fds)
     sys.stdin = _stream(0, "r")
     sys.stdout = _stream(1, "w")
     sys.stderr = _stream(2, "w", errors="backslashreplace", line_buffering=True)
@@ -222,6 +221,3 @@ def _run_command(argv: list[str]) -> int:
     return lean.finish(code)
 
 
-def _close(fds: list[int]) -> None:
-    for fd in fds:
-        os.close(fd)
