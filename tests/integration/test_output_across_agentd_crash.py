@@ -52,6 +52,22 @@ def wait_until_full(pid: int, timeout: float = 60.0) -> int:
     return last
 
 
+def kill_agentd_when_full(daemons, cid: str, doing: str) -> tuple[int, float]:
+    """Stop agentd, wait until its sockets are full, kill it -9 (what they held dies with
+    it), start it again and wait until container `cid` stopped: the bytes that were unread,
+    and the deadline (from the restart) that wait kept to."""
+    agentd = daemons.procs["agentd"]
+    os.kill(agentd.pid, signal.SIGSTOP)
+    queued = wait_until_full(agentd.pid)
+    daemons.stop("agentd", sig=signal.SIGKILL)
+    daemons.start("agentd")
+    deadline = time.monotonic() + 120
+    while daemons.state(cid)["status"] != "stopped":
+        assert time.monotonic() < deadline, f"the container did not finish {doing}"
+        time.sleep(0.2)
+    return queued, deadline
+
+
 @pytest.fixture
 def daemons(tmp_path):
     with daemons_for_test(tmp_path / "hanabi") as started:
@@ -70,15 +86,8 @@ def test_output_written_while_agentd_is_killed_arrives_whole(daemons, bundle, tm
     agentd = daemons.procs["agentd"]
     try:
         daemons.runtime("start", cid, check=True)
-        os.kill(agentd.pid, signal.SIGSTOP)
-        queued = wait_until_full(agentd.pid)
+        queued, deadline = kill_agentd_when_full(daemons, cid, "writing")
         assert queued > 0
-        daemons.stop("agentd", sig=signal.SIGKILL)  # `queued` bytes die with it
-        daemons.start("agentd")
-        deadline = time.monotonic() + 120
-        while daemons.state(cid)["status"] != "stopped":
-            assert time.monotonic() < deadline, "the container did not finish writing"
-            time.sleep(0.2)
         standin = int((tmp_path / "pid").read_text())
         while os.path.exists(f"/proc/{standin}") and "zombie" not in open(f"/proc/{standin}/status").read():
             assert time.monotonic() < deadline, "the stand-in did not end"
@@ -109,14 +118,7 @@ def test_stdin_sent_while_agentd_is_killed_arrives_whole_and_once(daemons, bundl
     agentd = daemons.procs["agentd"]
     try:
         daemons.runtime("start", cid, check=True)
-        os.kill(agentd.pid, signal.SIGSTOP)
-        queued = wait_until_full(agentd.pid)  # the stand-in's stdin, unread
-        daemons.stop("agentd", sig=signal.SIGKILL)
-        daemons.start("agentd")
-        deadline = time.monotonic() + 120
-        while daemons.state(cid)["status"] != "stopped":
-            assert time.monotonic() < deadline, "the container did not finish reading"
-            time.sleep(0.2)
+        queued, _ = kill_agentd_when_full(daemons, cid, "reading")  # the stand-in's stdin, unread
     finally:
         if agentd.poll() is None:
             os.kill(agentd.pid, signal.SIGCONT)
