@@ -95,7 +95,6 @@ def _serve(conn: socket.socket, origin: Origin) -> None:
     try:
         message, fds = P.recv(conn)
     except (OSError, P.ProtocolError) as exc:
-        log.warning("refused a request", extra={"reason": str(exc)})
         _refuse(conn, str(exc))
         return
     conn.settimeout(None)
@@ -107,7 +106,6 @@ def _serve(conn: socket.socket, origin: Origin) -> None:
         request = _check(conn, message, fds, origin)
     except P.ProtocolError as exc:
         P.close_fds(fds)
-        log.warning("refused a request", extra={"reason": str(exc)})
         _refuse(conn, str(exc))
         return
     try:
@@ -126,6 +124,9 @@ def _serve(conn: socket.socket, origin: Origin) -> None:
 
 
 def _refuse(conn: socket.socket, reason: str) -> None:
+    """Say in the server's log, and to the client (which then runs the command itself), why
+    this request is not served."""
+    log.warning("refused a request", extra={"reason": reason})
     try:
         P.send(conn, P.REFUSE, reason=reason[:1000])
     except OSError:
