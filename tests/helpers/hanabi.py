@@ -262,15 +262,17 @@ def leftovers(daemons: Daemons, cid: str, in_pod: bool = False) -> list[str]:
     if loops:
         found.append(f"loop devices {loops}")
     vm_dir = config.run_dir / "vm"
-    pooled = {Path(json.loads(p.read_text())["vm_dir"]).name
-              for p in (config.run_dir / "pool").glob("*/hypervisor.json")}  # the warm pool's, by design
+    kept = kept_vm_records(config)  # the warm pool's VMs and the spare VMMs, by design
+    pooled = {Path(r["vm_dir"]).name for r in kept}
     if vm_dir.exists() and set(os.listdir(vm_dir)) - pooled:
         found.append(f"vm dirs {sorted(set(os.listdir(vm_dir)) - pooled)}")
+    strays = unrecorded_vmms(config)
+    if strays:
+        found.append(f"vmms no record refers to {strays} {_cmdlines(strays)}")
     netns_dir = config.run_dir / "netns"
     if netns_dir.exists() and any(netns_dir.iterdir()):
         found.append(f"network namespaces {os.listdir(netns_dir)}")
-    pooled_shares = {Path(json.loads(p.read_text()).get("share_dir") or "/").name
-                     for p in (config.run_dir / "pool").glob("*/hypervisor.json")}
+    pooled_shares = {Path(r.get("share_dir") or "/").name for r in kept}
     shares = config.shares_dir
     if shares.exists() and set(os.listdir(shares)) - pooled_shares:
         found.append(f"share roots {sorted(set(os.listdir(shares)) - pooled_shares)}")
@@ -281,6 +283,31 @@ def leftovers(daemons: Daemons, cid: str, in_pod: bool = False) -> list[str]:
     if servers:
         found.append(f"file servers {servers}")
     return found
+
+
+def kept_vm_records(config) -> list[dict]:
+    """vmmd's records of the VMs it keeps for no container: the warm pool's and the spare VMMs."""
+    return [json.loads(p.read_text()) for store in ("pool", "spares")
+            for p in (config.run_dir / store).glob("*/hypervisor.json")]
+
+
+def unrecorded_vmms(config) -> list[int]:
+    """Pids of VMMs running from a VM directory of `config`'s run dir that no record of vmmd
+    (a sandbox's, the pool's, a spare's) names: leaked VMs, whatever their QEMU `-name` says."""
+    vm_root = f"{config.run_dir}/vm/"
+    recorded = {Path(r["vm_dir"]).name for r in kept_vm_records(config)}
+    recorded |= {Path(json.loads(p.read_text())["vm_dir"]).name
+                 for p in config.sandboxes_dir.glob("*/hypervisor.json")}
+    strays = []
+    for pid in processes_mentioning(vm_root):
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        dirs = {a.decode(errors="replace").split(vm_root, 1)[1].split("/", 1)[0] for a in args if vm_root.encode() in a}
+        if dirs - recorded:
+            strays.append(pid)
+    return strays
 
 
 def share_servers_under(shares_dir: Path) -> list[int]:

@@ -12,6 +12,7 @@ import json
 import shutil
 import signal
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,18 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def stand_in_vmmd(monkeypatch):
-    """A vmmd whose Firecracker is the stand-in, under a short temp dir (socket paths)."""
+    """A vmmd whose Firecracker is the stand-in, under a short temp dir (socket paths), no
+    spare VMMs (the tests count the VMMs it starts)."""
+    yield from _stand_in_vmmd(monkeypatch, spares=0)
+
+
+@pytest.fixture
+def stand_in_vmmd_with_a_spare(monkeypatch):
+    """The same with one spare VMM."""
+    yield from _stand_in_vmmd(monkeypatch, spares=1)
+
+
+def _stand_in_vmmd(monkeypatch, spares: int):
     root = Path(tempfile.mkdtemp(prefix="hft"))
     fake = fake_firecracker.install(root)
     guest = fake_firecracker.fake_guest(root / "guest", b"initrd")
@@ -36,7 +48,7 @@ def stand_in_vmmd(monkeypatch):
     config = root / "hanabi.toml"
     config.write_text(f'run_dir = "{root}/run"\nlog_level = "debug"\n'
                       f'[vmm]\nguest_dir = "{guest}"\nhypervisor = "firecracker"\ntemplates = true\n'
-                      f'stop_timeout_s = 2.0\nboot_timeout_s = 20.0\n'
+                      f'stop_timeout_s = 2.0\nboot_timeout_s = 20.0\nspare_vmms = {spares}\n'
                       f'[vmm.firecracker]\nbinary = "{fake}"\n')
     daemon = Daemons(root=root, config_path=config)
     daemon.start("vmmd")
@@ -88,6 +100,40 @@ def test_vmmd_clones_firecracker_vms_and_keeps_template_and_clone_across_a_sigki
         assert not proc.is_alive(pid, None)
     vmmd_pid = daemon.procs["vmmd"].pid
     assert [p for p in processes_mentioning(str(daemon.root)) if p != vmmd_pid] == []
+    assert list((daemon.config.run_dir / "vm").iterdir()) == []
+
+
+def spare_pid(daemon: Daemons) -> int:
+    """The pid of the spare VMM vmmd reports ready (waited for)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        text = VmmdClient(daemon.config).rpc.call("metrics", {})["text"]
+        records = list((daemon.config.run_dir / "spares").glob("*/hypervisor.json"))
+        if records and 'hanabi_spare_vmms_ready{daemon="vmmd"} 1.0' in text:
+            return json.loads(records[0].read_text())["pid"]
+        time.sleep(0.05)
+    raise AssertionError("no spare firecracker became ready")
+
+
+def test_a_firecracker_clone_takes_a_spare_vmm_that_waited_unconfigured(stand_in_vmmd_with_a_spare):
+    daemon = stand_in_vmmd_with_a_spare
+    client = VmmdClient(daemon.config, timeout=30)
+    client.create("sb1", memory_mib=128)
+    spare = spare_pid(daemon)
+    waiting = processes(daemon.root)[-1]
+    assert waiting == [], f"a spare firecracker must wait unconfigured, it got {waiting}"
+    second = client.create("sb2", memory_mib=128)
+    assert second.pid == spare
+    calls = processes(daemon.root)[2]  # template, sb1's clone, the spare that became sb2's
+    assert calls[2] == "PUT /snapshot/load" and calls[-2:] == ["PATCH /vm", "agent restored"]
+    assert not any("refused" in call for call in calls)
+    replacement = spare_pid(daemon)
+    assert replacement != spare
+    for sid in ("sb1", "sb2"):
+        assert client.stop(sid).existed
+    daemon.stop("vmmd")  # kills its spare
+    assert not proc.is_alive(replacement, None)
+    assert [p for p in processes_mentioning(str(daemon.root))] == []
     assert list((daemon.config.run_dir / "vm").iterdir()) == []
 
 

@@ -63,7 +63,9 @@ def make_vmmd(tmp_path_factory):
         root = tmp_path_factory.mktemp("vmmd")
         config = root / "hanabi.toml"
         config.write_text(f'run_dir = "{root}/run"\nlog_level = "debug"\n'
-                          f'[vmm]\nguest_dir = "{guest_dir}"\nstop_timeout_s = 5.0\n{extra_vmm}')
+                          f'[vmm]\nguest_dir = "{guest_dir}"\nstop_timeout_s = 5.0\n'
+                          # these tests count VM directories and VMMs: no spare VMMs (test_spare_vmms)
+                          f'spare_vmms = 0\n{extra_vmm}')
         daemon = Vmmd(root=root, config_path=config)
         started.append(daemon)
         daemon.start("vmmd")

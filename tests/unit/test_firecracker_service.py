@@ -42,8 +42,9 @@ def env(monkeypatch, request):
     fake = fake_firecracker.install(root)
     guest = fake_firecracker.fake_guest(root / "guest")
     monkeypatch.setenv("FAKE_FC_RECORD", str(root / "record.jsonl"))
+    # no spare VMMs: these tests count the Firecrackers started (test_firecracker_templates has spares)
     config = Config(run_dir=root / "run", vmm=VmmConfig(guest_dir=guest, stop_timeout_s=2, templates=templates,
-                                                        boot_timeout_s=20))
+                                                        boot_timeout_s=20, spare_vmms=0))
     config.sandboxes_dir.mkdir(parents=True)
     services: list[VmService] = []
 

@@ -45,6 +45,7 @@ class Capabilities:
     hotplug: frozenset[HotplugKind]  # device kinds it adds to a running VM
     pooling: bool  # can boot VMs ahead and hand them out (needs NIC hot-plug: a pooled VM gets its NICs later)
     templates: bool  # clones VMs from templates (templates.py)
+    spares: bool  # a clone's VMM can be started ahead and get its template's state later (spares.py)
     vsock: Literal["hybrid", "vhost"] | None  # the agent channel's vsock kind; None: virtio-serial
     pause: bool  # stops and restarts vCPUs
     snapshots: bool  # writes and restores full snapshots
@@ -191,6 +192,14 @@ class Hypervisor(Protocol):
         """Start a clone of a template (`capabilities().templates`): `spec.memory_file` is the
         template's RAM, mapped private, `state_file` its saved state; the clone runs once this
         returns. `on_spawned` as for `start`; on failure nothing is left running."""
+
+    def start_clone_vmm(self, spec: VmSpec, on_spawned: Callable[[VmHandle], None] | None = None) -> VmHandle:
+        """The first half of `restore` (`capabilities().spares`; the others raise
+        FailedPrecondition): the clone's VMM, started and answering, waiting for its state."""
+
+    def load_clone(self, handle: VmHandle, spec: VmSpec, state_file: Path) -> None:
+        """The second half of `restore`: load `state_file` into a VMM from `start_clone_vmm`
+        and let the clone run; on failure the VMM is killed and reaped."""
 
     def attach_disk(self, handle: VmHandle, disk: DiskSpec, busy_slots: Collection[str]) -> str:
         """Hot-plug `disk`; return the slot it took (one not in `busy_slots`)."""

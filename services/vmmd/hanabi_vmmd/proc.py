@@ -112,3 +112,21 @@ def reap(process: subprocess.Popen, timeout: float = 5.0) -> int | None:
         return exit_status(process.wait(timeout))
     except subprocess.TimeoutExpired:
         return None
+
+
+def set_idle_priority(pid: int, idle: bool, proc: Path = PROC) -> None:
+    """Put every thread of `pid` in SCHED_IDLE (runs only on a CPU nothing else wants), or
+    back in SCHED_OTHER at niceness 0 (the policy is per thread in Linux; a thread made
+    later inherits its creator's); threads gone meanwhile are skipped."""
+    try:
+        tids = [int(entry.name) for entry in (proc / str(pid) / "task").iterdir() if entry.name.isdigit()]
+    except OSError:
+        return
+    policy = os.SCHED_IDLE if idle else os.SCHED_OTHER
+    for tid in tids:
+        try:
+            os.sched_setscheduler(tid, policy, os.sched_param(0))
+            if not idle:
+                os.setpriority(os.PRIO_PROCESS, tid, 0)
+        except OSError:
+            pass

@@ -47,8 +47,9 @@ class QemuHypervisor:
 
     def capabilities(self) -> Capabilities:
         """Disks and NICs hot-plug (PCIe root ports), so it pools and clones templates
-        (shared file-backed RAM); the agent on virtio-serial; virtio-9p shares; qcow2 layers."""
-        return Capabilities(hotplug=frozenset({"disk", "nic"}), pooling=True, templates=True, vsock=None,
+        (shared file-backed RAM; a clone's QEMU can be started ahead, a spare); the agent on
+        virtio-serial; virtio-9p shares; qcow2 layers."""
+        return Capabilities(hotplug=frozenset({"disk", "nic"}), pooling=True, templates=True, spares=True, vsock=None,
                             pause=True, snapshots=False, share="virtio-9p", share_servers=False,
                             disk_formats=("qcow2", "raw"),
                             guest_serial_from_path=False, files=self.files,
@@ -111,9 +112,20 @@ class QemuHypervisor:
                 on_spawned: Callable[[VmHandle], None] | None = None) -> VmHandle:
         """Start a clone (`spec.incoming`, its RAM the template's file mapped private), load
         the template's device state and let it run; on failure nothing is left running."""
+        handle = self.start_clone_vmm(spec, on_spawned)
+        self.load_clone(handle, spec, state_file)
+        return handle
+
+    def start_clone_vmm(self, spec: VmSpec, on_spawned: Callable[[VmHandle], None] | None = None) -> VmHandle:
+        """A clone's QEMU, waiting for its device state (`-incoming defer`): `start` of a
+        clone's spec, checked as one."""
         if not spec.incoming or spec.memory_file is None or spec.nics:
             raise InvalidArgument("a clone needs the template's memory file, -incoming and no boot NICs")
-        handle = self.start(spec, on_spawned)
+        return self.start(spec, on_spawned)
+
+    def load_clone(self, handle: VmHandle, spec: VmSpec, state_file: Path) -> None:
+        """Load a template's device state into a QEMU from `start_clone_vmm(spec)` and let it
+        run; on failure the QEMU is killed and reaped, the error ends with its stderr."""
         try:
             qemu_snapshot.load_state(handle.control_socket, state_file, self.start_timeout)
         except BaseException as exc:
@@ -121,7 +133,6 @@ class QemuHypervisor:
             if isinstance(exc, HanabiError) and (tail := stderr_tail(spec.stderr_log)):
                 exc.message = f"{exc.message} (QEMU: {tail[-500:]})"
             raise
-        return handle
 
     def _wait_qmp(self, handle: VmHandle, stderr_log: Path, deadline: float) -> None:
         assert handle.process is not None

@@ -14,6 +14,7 @@ import logging
 import shutil
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -45,6 +46,8 @@ from hanabi_vmmd.reaper import Reaper
 from hanabi_vmmd.selection import Choice, decide_auto
 from hanabi_vmmd.share_server import stop_servers
 from hanabi_vmmd.shares import clean_orphan_shares, make_share_dir, remove_share_dir, share_dir_for
+from hanabi_vmmd.spares import Spare, SpareVmms, template_identity
+from hanabi_vmmd import vmm_process
 from hanabi_vmmd.recovery import recover
 from hanabi_vmmd.templates import Template
 from hanabi_vmmd.state import (STATE_NAME, SUN_PATH_MAX, HypervisorState, NicRecord,
@@ -110,10 +113,14 @@ class VmService:
         self.releases.finish_all()
         self.devices = Devices(self)
         self.pooling = Pooling(self)
-        for handle in recover([self.store, self.pool_store], self.backends, self.vm_root, self.locks):
+        adopted = recover([self.store, self.pool_store], self.backends, self.vm_root, self.locks)
+        for handle in adopted:
             self.reaper.watch(handle)
             if self.pooling._is_pooled(handle.sandbox_id):
                 self._handles[handle.sandbox_id] = handle
+        self.spares = SpareVmms(StateStore(config.run_dir / "spares"), config.vmm.spare_vmms,
+                                self._start_spare, self._remove_vm_dirs)
+        self.spares.discard_recorded({(h.pid, h.start_time) for h in adopted})
         # Containers deleted while vmmd was down: their VMs go now.
         disowned.reconcile(self.store, STATE_NAME, lambda sid: self.release(SandboxRef(sandbox_id=sid)), log)
         clean_orphan_shares(config.shares_dir, {
@@ -133,8 +140,10 @@ class VmService:
         VMMD.register(server, self)
 
     def close(self) -> None:
-        """Stop watching; the VMs keep running and are re-adopted by the next vmmd."""
+        """Stop watching; the VMs keep running and are re-adopted by the next vmmd (the
+        spare VMMs are killed)."""
         self.pool.close()
+        self.spares.close()
         self.releases.close()
         self.reaper.close()
         self._events.shutdown(wait=True)
@@ -213,11 +222,10 @@ class VmService:
             state = self._clone_or_boot(sid, self.store, backend, memory_mib, vcpus, nics, cgroups)
         return state.info()
 
-    def _boot(self, sid: str, store: StateStore, backend: Hypervisor, memory_mib: int, vcpus: int,
-              nics: tuple[NicSpec, ...] = (), cgroups: Sequence[Path] = (),
-              template: Template | None = None) -> HypervisorState:
-        """Boot a VM recorded in `store` (the sandboxes' or the pool's), or start it as a
-        clone of `template` (its NICs hot-plugged after); caller holds sid's lock."""
+    def _spec(self, sid: str, backend: Hypervisor, memory_mib: int, vcpus: int,
+              nics: tuple[NicSpec, ...] = (), template: Template | None = None) -> VmSpec:
+        """The spec of a VM named `sid` (a clone's when `template`), its VM directory made
+        fresh and its share root made."""
         vmm = self.config.vmm
         kernel, initrd = guest_files(vmm.guest_dir)
         vm_dir = vm_dir_for(self.config.run_dir, sid)
@@ -231,8 +239,23 @@ class VmService:
                              kernel=kernel, initrd=initrd, cmdline=kernel_cmdline(vmm.kernel_cmdline_extra),
                              accel=self.accel.accel, hotplug_slots=HOTPLUG_SLOTS, nics=nics,
                              share_dir=share_dir)
+        return spec if template is None else self.cloner.clone_spec(spec, template)
+
+    def _boot(self, sid: str, store: StateStore, backend: Hypervisor, memory_mib: int, vcpus: int,
+              nics: tuple[NicSpec, ...] = (), cgroups: Sequence[Path] = (),
+              template: Template | None = None) -> HypervisorState:
+        """Boot a VM recorded in `store` (the sandboxes' or the pool's), or start it as a
+        clone of `template` (a spare VMM of it where one is ready; its NICs hot-plugged after);
+        caller holds sid's lock."""
         if template is not None:
-            spec = self.cloner.clone_spec(spec, template)
+            spare = self.spares.take(template, backend)
+            if spare is not None:
+                try:
+                    return self._boot_spare(sid, store, backend, nics, cgroups, template, spare)
+                except HanabiError as exc:
+                    log.warning("the spare vmm did not take the clone, starting another",
+                                extra={"sandbox": sid, "spare": spare.spare_id, "error": exc.message})
+        spec = self._spec(sid, backend, memory_mib, vcpus, nics, template)
         record: dict = {}
 
         def on_spawned(handle: VmHandle) -> None:
@@ -255,19 +278,74 @@ class VmService:
                     raise
         except BaseException as exc:
             store.remove(sid, STATE_NAME)
-            self._remove_vm_dir(vm_dir)
-            remove_share_dir(share_dir)
+            self._remove_vm_dir(spec.vm_dir)
+            remove_share_dir(spec.share_dir)
             if isinstance(exc, HanabiError) and template is None:  # a clone's caller logs it
                 log.warning("vm start failed", extra={"sandbox": sid, "error": exc.message})
             raise
+        return self._now_running(store, state, handle, template, began)
+
+    def _boot_spare(self, sid: str, store: StateStore, backend: Hypervisor, nics: tuple[NicSpec, ...],
+                    cgroups: Sequence[Path], template: Template, spare: Spare) -> HypervisorState:
+        """`_boot` of a clone with a spare VMM: it becomes the sandbox's VM (its directories
+        stay the spare's), joins the sandbox's cgroups, gets the template's state and runs."""
+        began = time.monotonic()
+        spec, handle = replace(spare.spec, sandbox_id=sid), spare.handle
+        handle.sandbox_id = sid
+        state = self._state_for(spec, handle, backend.name, template)
+        self._write(state, store)  # the sandbox's record first: a crash now keeps the VM
+        self.spares.forget(spare)
+        try:
+            cgroup.join(handle.pid, list(cgroups))  # before the guest touches its memory
+            backend.load_clone(handle, spec, template.state_file)
+            try:
+                self.cloner.finish_clone(state, backend, handle, nics, began)
+            except BaseException:
+                backend.stop(handle, self.config.vmm.stop_timeout_s)
+                raise
+        except BaseException:
+            vmm_process.kill_and_reap(handle)
+            store.remove(sid, STATE_NAME)
+            self._remove_vm_dirs(state)
+            raise
+        return self._now_running(store, state, handle, template, began, spare=spare.spare_id)
+
+    def _now_running(self, store: StateStore, state: HypervisorState, handle: VmHandle,
+                     template: Template | None, began: float, spare: str | None = None) -> HypervisorState:
+        """Record a started VM as running and watch it; a clone's template gets its spares."""
+        sid = state.sandbox_id
         state.state = "running"
         self._write(state, store)
         self._handles[sid] = handle
         self.reaper.watch(handle)
-        log.info("vm created", extra={"sandbox": sid, "pid": handle.pid, "accel": spec.accel,
+        log.info("vm created", extra={"sandbox": sid, "pid": handle.pid, "accel": state.accel,
                                       "template": template.key[:12] if template is not None else None,
-                                      "ms": round((time.monotonic() - began) * 1000, 1)})
+                                      "spare": spare, "ms": round((time.monotonic() - began) * 1000, 1)})
+        if template is not None:
+            self.spares.want(template, self._backend(state.hypervisor))
         return state
+
+    def _start_spare(self, spare_id: str, template: Template, backend: Hypervisor) -> Spare:
+        """The spares' start (their refill thread): a clone's VMM of `template`, waiting for
+        its state in SCHED_IDLE, recorded in the spares' store."""
+        params = template.record.params
+        spec = self._spec(spare_id, backend, int(params["memory_mib"]), int(params["vcpus"]), (), template)
+        record: dict = {}
+
+        def on_spawned(handle: VmHandle) -> None:
+            proc.set_idle_priority(handle.pid, True)
+            record["state"] = self._state_for(spec, handle, backend.name, template)
+            self.spares.store.write(spare_id, STATE_NAME, record["state"])
+
+        try:
+            handle = backend.start_clone_vmm(spec, on_spawned)
+        except BaseException:
+            self.spares.store.purge(spare_id)
+            self._remove_vm_dir(spec.vm_dir)
+            remove_share_dir(spec.share_dir)
+            raise
+        return Spare(spare_id=spare_id, spec=spec, handle=handle, state=record["state"],
+                     template=template_identity(template), backend=backend.name)
 
     def _clone_or_boot(self, sid: str, store: StateStore, backend: Hypervisor, memory_mib: int, vcpus: int,
                        nics: tuple[NicSpec, ...] = (), cgroups: Sequence[Path] = ()) -> HypervisorState:
@@ -325,7 +403,7 @@ class VmService:
         return VmList(vms=vms)
 
     def metrics(self) -> Gauges:
-        """Gauges for Prometheus: VMs by state and hypervisor, the warm pool."""
+        """Gauges for Prometheus: VMs by state and hypervisor, the warm pool, templates and spares."""
         vms = self.list().vms
         states = {state: sum(vm.state == state for vm in vms) for state in ("booting", "running", "paused", "stopped")}
         return {
@@ -334,6 +412,7 @@ class VmService:
             "hanabi_pool_free": ("Pooled VMs ready to be taken", len(self.pool.free())),
             "hanabi_pool_size": ("Configured size of the warm pool", self.pool.size),
             "hanabi_vm_templates": ("VM templates on disk", len(self.templates.list())),
+            "hanabi_spare_vmms_ready": ("Spare clone VMMs ready to be taken", self.spares.ready()),
             "hanabi_vm_releases_pending": ("Released VMs whose cleanup is not finished", len(self.releases.pending())),
         }
 
@@ -390,8 +469,11 @@ class VmService:
         release_mod.finish(record, self.backends, self._remove_vm_dirs)
 
     def drain(self, request: Drain) -> Drained:
-        """Wait until the released VMs are all cleaned up (or the timeout passed)."""
-        return Drained(pending=self.releases.drain(request.timeout_s))
+        """Wait until the released VMs are all cleaned up and no spare VMM is being started
+        (or the timeout passed)."""
+        pending = self.releases.drain(request.timeout_s)
+        self.spares.settle(request.timeout_s)  # a spare being started is not recorded yet
+        return Drained(pending=pending)
 
     def pause(self, request: SandboxRef) -> VmInfo:
         """Stop the VM's vCPUs (idempotent)."""

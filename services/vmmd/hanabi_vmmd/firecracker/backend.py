@@ -96,10 +96,11 @@ class FirecrackerHypervisor:
 
     def capabilities(self) -> Capabilities:
         """No NIC hot-plug (NICs at boot only), so no warm pool; disks swap into placeholder
-        drives; hybrid vsock; snapshots, and templates from them (not under the jailer); the
-        share is 9P over vsock where diod is installed; raw disks only, whose guest serial
-        comes from the file."""
+        drives; hybrid vsock; snapshots, and templates from them and spare clone VMMs (not
+        under the jailer); the share is 9P over vsock where diod is installed; raw disks
+        only, whose guest serial comes from the file."""
         return Capabilities(hotplug=frozenset({"disk"}), pooling=False, templates=self.jailer is None,
+                            spares=self.jailer is None,
                             vsock="hybrid", pause=True, snapshots=True, share="9p-vsock" if self.diod else None,
                             share_servers=True, disk_formats=("raw",), guest_serial_from_path=True,
                             files=self.files, hotplug_slots=self.placeholder_drives)
@@ -152,20 +153,36 @@ class FirecrackerHypervisor:
         `spec.memory_file`, mapped private), gets its own vsock socket and placeholder files,
         then resumes. No NICs (see snapshot.py: the snapshot fixes the guest's MAC). On
         failure nothing is left running."""
+        handle = self.start_clone_vmm(spec, on_spawned)
+        self.load_clone(handle, spec, state_file)
+        return handle
+
+    def start_clone_vmm(self, spec: VmSpec, on_spawned: Callable[[VmHandle], None] | None = None) -> VmHandle:
+        """A clone's Firecracker, its API answering, nothing configured yet (a snapshot load
+        must come first)."""
         exec_file = self._require_binary()
         self._no_jailer_for_templates()
         if spec.memory_file is None:
             raise InvalidArgument("a clone needs the template's memory file")
         if spec.nics:
             raise FailedPrecondition(snapshot.NO_NIC_CLONES)
-        layout = layout_for(spec.vm_dir, exec_file, self.jailer)
-        steps = snapshot.restore_sequence(snapshot.FcRestoreSpec(
-            state_path=str(state_file), memory_path=str(spec.memory_file),
-            vsock_uds_path=layout.fc(layout.vsock_socket.name),
-            placeholders=tuple(layout.fc(f"{boot.placeholder_id(i)}.img") for i in range(self.placeholder_drives)),
-            log_path=layout.fc(LOG_NAME), log_level=self.log_level,
-            metrics_path=layout.fc(METRICS_NAME)))
-        return self._launch(spec, exec_file, layout, steps, on_spawned)
+        return self._launch(spec, exec_file, layout_for(spec.vm_dir, exec_file, self.jailer), [], on_spawned)
+
+    def load_clone(self, handle: VmHandle, spec: VmSpec, state_file: Path) -> None:
+        """Load the template's snapshot into a Firecracker from `start_clone_vmm(spec)`, point
+        its placeholders at the clone's own files and resume it; on failure it is killed."""
+        layout = layout_for(spec.vm_dir, self._require_binary(), self.jailer)
+        try:
+            steps = snapshot.restore_sequence(snapshot.FcRestoreSpec(
+                state_path=str(state_file), memory_path=str(spec.memory_file),
+                vsock_uds_path=layout.fc(layout.vsock_socket.name),
+                placeholders=tuple(layout.fc(f"{boot.placeholder_id(i)}.img") for i in range(self.placeholder_drives)),
+                log_path=layout.fc(LOG_NAME), log_level=self.log_level,
+                metrics_path=layout.fc(METRICS_NAME)))
+            self._send_steps(handle, spec, layout, steps, time.monotonic() + self.start_timeout)
+        except BaseException as exc:
+            self._abort(handle, spec, layout, exc)
+            raise
 
     def _no_jailer_for_templates(self) -> None:
         if self.jailer is not None:
@@ -211,31 +228,41 @@ class FirecrackerHypervisor:
             self._wait_socket(handle, spec.stderr_log, began + self.start_timeout)
             socket_ms = (time.monotonic() - began) * 1000
             self._stage(spec, layout)
-            with FirecrackerApi(str(layout.api_socket), timeout=self.api_timeout) as api:
-                for method, path, body in steps:
-                    self._check_running(handle, spec.stderr_log)
-                    try:  # InstanceStart loads the kernel: allow what is left of the deadline
-                        left = began + self.start_timeout - time.monotonic()
-                        api.request(method, path, body, timeout=max(left, self.api_timeout))
-                    except (Unavailable, DeadlineExceeded):
-                        # the connection dropped: if Firecracker died, say so (status, stderr)
-                        vmm_process.wait_exit(handle, DIED_GRACE_S)
-                        self._check_running(handle, spec.stderr_log)
-                        raise
+            self._send_steps(handle, spec, layout, steps, began + self.start_timeout)
         except BaseException as exc:
-            vmm_process.kill_and_reap(handle)
-            self._close_share(spec.vm_dir)
-            if layout.jail_dir is not None:
-                shutil.rmtree(layout.jail_dir, ignore_errors=True)
-            if isinstance(exc, HanabiError) and not isinstance(exc, (DeadlineExceeded, Unavailable)):
-                tail = stderr_tail(spec.stderr_log, 500)
-                if tail and "stderr" not in exc.details:
-                    exc.details["stderr"] = tail
+            self._abort(handle, spec, layout, exc)
             raise
         log.info("firecracker running", extra={
             "sandbox": spec.sandbox_id, "pid": process.pid, "api_socket_ms": round(socket_ms, 1),
             "instance_start_ms": round((time.monotonic() - began) * 1000, 1)})
         return handle
+
+    def _send_steps(self, handle: VmHandle, spec: VmSpec, layout: Layout, steps: list, deadline: float) -> None:
+        """Send API `steps` in order, each checked against a Firecracker that died."""
+        if not steps:
+            return
+        with FirecrackerApi(str(layout.api_socket), timeout=self.api_timeout) as api:
+            for method, path, body in steps:
+                self._check_running(handle, spec.stderr_log)
+                try:  # InstanceStart loads the kernel: allow what is left of the deadline
+                    api.request(method, path, body, timeout=max(deadline - time.monotonic(), self.api_timeout))
+                except (Unavailable, DeadlineExceeded):
+                    # the connection dropped: if Firecracker died, say so (status, stderr)
+                    vmm_process.wait_exit(handle, DIED_GRACE_S)
+                    self._check_running(handle, spec.stderr_log)
+                    raise
+
+    def _abort(self, handle: VmHandle, spec: VmSpec, layout: Layout, exc: BaseException) -> None:
+        """A start or a load failed: kill and reap Firecracker, end its share server and
+        jail; the error gets the tail of its stderr."""
+        vmm_process.kill_and_reap(handle)
+        self._close_share(spec.vm_dir)
+        if layout.jail_dir is not None:
+            shutil.rmtree(layout.jail_dir, ignore_errors=True)
+        if isinstance(exc, HanabiError) and not isinstance(exc, (DeadlineExceeded, Unavailable)):
+            tail = stderr_tail(spec.stderr_log, 500)
+            if tail and "stderr" not in exc.details:
+                exc.details["stderr"] = tail
 
     def _boot_spec(self, spec: VmSpec, layout: Layout) -> boot.FcBootSpec:
         nic: NicSpec | None = spec.nics[0] if spec.nics else None
