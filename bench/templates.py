@@ -1,9 +1,11 @@
 """VM templates and the warm pool against cold boots and runc (`make bench`), in one run:
-`hanabi-runtime run true` with `vmm.templates = false` (cold boot), `true` (a clone; the
-first run, which builds the template, is not counted) and `true` with `pool_size = 1` (each
+`hanabi-runtime run true` with `vmm.templates = false` (cold boot), `true` (a clone, from a
+spare VMM as by default; the first run, which builds the template, is not counted), `true`
+with `spare_vmms = 0` (each clone starts its own QEMU) and `true` with `pool_size = 1` (each
 run waits until the pool holds a VM, a clone too, as a host with spare capacity would), and
-`runc run`, each as a ratio to runc's median; vmmd's clone-to-agent-ready time (QEMU
-spawned to the agent's answer to `restored`, from its log); and the host PSS
+`runc run`, each as a ratio to runc's median; vmmd's clone-to-agent-ready time (from the
+spare's claim, or from QEMU's spawn without spares, to the agent's answer to `restored`,
+from its log); and the host PSS
 (/proc/PID/smaps_rollup) of the QEMU of an idle container, cold and cloned. Medians of
 HANABI_BENCH_RUNS (default 10). Writes bench/results/templates.json.
 """
@@ -106,17 +108,21 @@ def main() -> None:
     walls = {"runc": [time_command(["runc", "run", "--bundle", str(bundle), f"tb-runc-{i}"]) for i in range(RUNS)]}
     pss: dict[str, list[int]] = {}
     ready: list[float] = []
+    ready_without_spare: list[float] = []
     for label, vmm_toml in (("cold", "templates = false"), ("clone", "templates = true"),
+                            ("clone_no_spare", "templates = true\nspare_vmms = 0"),
                             ("pool", "templates = true\npool_size = 1")):
         daemons = start_daemons(work / label, vmm_toml=vmm_toml)
         try:
             if label != "cold":  # builds the template: not counted
                 time_command(runtime(daemons) + ["run", "--bundle", str(bundle), "tb-warmup"])
             walls[label] = run_true(daemons, bundle, label, pooled=label == "pool")
-            if label != "pool":
+            if label in ("cold", "clone"):
                 pss[label] = idle_pss(daemons, idle, label)
             if label == "clone":
                 ready = clone_ready_ms(daemons.root / "vmmd.log")[1:]  # [0]: the warm-up's
+            if label == "clone_no_spare":
+                ready_without_spare = clone_ready_ms(daemons.root / "vmmd.log")[1:]
         finally:
             daemons.stop_all()
     walls["runc_after"] = [time_command(["runc", "run", "--bundle", str(bundle), f"tb-runc2-{i}"])
@@ -124,16 +130,22 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
     runc = median(walls["runc"] + walls["runc_after"])
     cold, clone, pool = (median(walls[k]) for k in ("cold", "clone", "pool"))
+    no_spare = median(walls["clone_no_spare"])
     publish({
         "runs": RUNS, "idle_containers": IDLE, "load_average_at_start": load_at_start,
         "runc_run_true_s": runc, "cold_run_true_s": cold, "clone_run_true_s": clone, "pool_run_true_s": pool,
         "ratio_cold_vs_runc": round(cold / runc, 1), "ratio_clone_vs_runc": round(clone / runc, 1),
         "ratio_pool_vs_runc": round(pool / runc, 1),
+        "clone_no_spare_run_true_s": no_spare, "ratio_clone_no_spare_vs_runc": round(no_spare / runc, 1),
+        "clone_vs_clone_no_spare": round(clone / no_spare, 2),
         "clone_vs_cold": round(clone / cold, 2), "pool_vs_clone": round(pool / clone, 2),
         "clone_to_agent_ready_ms_median": round(statistics.median(ready), 1) if ready else None,
+        "clone_no_spare_to_agent_ready_ms_median":
+            round(statistics.median(ready_without_spare), 1) if ready_without_spare else None,
         "idle_pss_mib_median": {k: round(statistics.median(v) / 1024, 1) for k, v in pss.items()},
         "walls_s": {k: [round(v, 3) for v in vs] for k, vs in walls.items()},
         "clone_to_agent_ready_ms": ready,
+        "clone_no_spare_to_agent_ready_ms": ready_without_spare,
         "idle_pss_kib": pss,
     }, "templates.json")
 
