@@ -30,7 +30,8 @@ from pathlib import Path
 
 from tests.e2e.docker_env import mounts_under, tap_devices
 from tests.e2e.podman_env import CNI_PLUGIN_DIR, Network, cni_plugins_missing, free_subnets
-from tests.helpers.hanabi import BIN, Daemons, integration_skip_reason, loop_devices_on, processes_mentioning
+from tests.helpers.hanabi import (BIN, Daemons, integration_skip_reason, kept_vmm_pids, loop_devices_on,
+                                  processes_mentioning)
 
 IMAGE = "localhost/hanabi-busybox:test"
 PAUSE_IMAGE = "localhost/hanabi-pause:test"
@@ -203,7 +204,7 @@ state = "{self.base}/state"
         """What hanabi, containerd or CNI have now that a removed pod could leave behind."""
         config = self.hanabi.config
         daemon_pids = {proc.pid for proc in self.hanabi.procs.values()}
-        ours = set(processes_mentioning(str(self.hanabi.root))) - daemon_pids
+        ours = set(processes_mentioning(str(self.hanabi.root))) - daemon_pids - kept_vmm_pids(config)
         qemu = ours & set(processes_mentioning("qemu-system"))
         sbs, volumes = config.sandboxes_dir, config.block.volume_dir
         netns = self.base / "state" / "io.containerd.grpc.v1.cri" / "netns"

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.e2e.engines import import_busybox
-from tests.helpers.hanabi import BIN, Daemons, integration_skip_reason, loop_devices_on, processes_mentioning
+from tests.helpers.hanabi import (BIN, Daemons, integration_skip_reason, kept_vmm_pids, loop_devices_on,
+                                  processes_mentioning)
 
 IMAGE = "hanabi-busybox:test"
 RUNTIME = "hanabi"
@@ -330,7 +331,7 @@ def hanabi_leftovers(env: PrivateDocker) -> dict[str, set[str]]:
     daemons = env.hanabi
     config = daemons.config
     daemon_pids = {proc.pid for proc in daemons.procs.values()}
-    ours = set(processes_mentioning(str(daemons.root))) - daemon_pids
+    ours = set(processes_mentioning(str(daemons.root))) - daemon_pids - kept_vmm_pids(config)
     qemu = ours & set(processes_mentioning("-name hanabi-"))
     # A stand-in's process title is the command it stands for, then "[hanabi <id12>]".
     standins = set(processes_mentioning("[hanabi ")) - daemon_pids

@@ -24,7 +24,7 @@ import pytest
 
 from tests.e2e.cri_env import CGROUP_PARENT, HANDLER, IMAGE, PrivateContainerd, cri_skip_reason
 from tests.e2e.engines import engine_fixture, wait_for
-from tests.helpers.hanabi import leftovers, processes_mentioning
+from tests.helpers.hanabi import kept_vmm_pids, leftovers, processes_mentioning
 
 pytestmark = pytest.mark.e2e
 RPC_TIMEOUT_S = 180.0
@@ -106,7 +106,9 @@ class Cri:
 
 
 def our_qemus(cri: PrivateContainerd) -> set[int]:
-    return set(processes_mentioning("qemu-system")) & set(processes_mentioning(str(cri.hanabi.root)))
+    """The QEMUs of our pods (not the spare VMMs vmmd keeps for the next clone)."""
+    return (set(processes_mentioning("qemu-system")) & set(processes_mentioning(str(cri.hanabi.root)))
+            - kept_vmm_pids(cri.hanabi.config))
 
 
 def assert_nothing_left(cri: PrivateContainerd) -> None:

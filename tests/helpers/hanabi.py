@@ -291,6 +291,11 @@ def kept_vm_records(config) -> list[dict]:
             for p in (config.run_dir / store).glob("*/hypervisor.json")]
 
 
+def kept_vmm_pids(config) -> set[int]:
+    """Pids of the VMMs vmmd keeps for no container (the warm pool's, the spares): not leftovers."""
+    return {r["pid"] for r in kept_vm_records(config)}
+
+
 def unrecorded_vmms(config) -> list[int]:
     """Pids of VMMs running from a VM directory of `config`'s run dir that no record of vmmd
     (a sandbox's, the pool's, a spare's) names: leaked VMs, whatever their QEMU `-name` says."""
