@@ -117,7 +117,8 @@ def reap(process: subprocess.Popen, timeout: float = 5.0) -> int | None:
 def set_idle_priority(pid: int, idle: bool, proc: Path = PROC) -> None:
     """Put every thread of `pid` in SCHED_IDLE (runs only on a CPU nothing else wants), or
     back in SCHED_OTHER at niceness 0 (the policy is per thread in Linux; a thread made
-    later inherits its creator's); threads gone meanwhile are skipped."""
+    later inherits its creator's); threads gone meanwhile are skipped, any other refusal
+    (PermissionError without CAP_SYS_NICE) is raised."""
     try:
         tids = [int(entry.name) for entry in (proc / str(pid) / "task").iterdir() if entry.name.isdigit()]
     except OSError:
@@ -128,5 +129,5 @@ def set_idle_priority(pid: int, idle: bool, proc: Path = PROC) -> None:
             os.sched_setscheduler(tid, policy, os.sched_param(0))
             if not idle:
                 os.setpriority(os.PRIO_PROCESS, tid, 0)
-        except OSError:
+        except ProcessLookupError:
             pass

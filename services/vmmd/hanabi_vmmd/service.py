@@ -333,7 +333,10 @@ class VmService:
         record: dict = {}
 
         def on_spawned(handle: VmHandle) -> None:
-            proc.set_idle_priority(handle.pid, True)
+            try:
+                proc.set_idle_priority(handle.pid, True)
+            except OSError as exc:  # it then waits at the normal policy
+                log.warning("a spare vmm could not be put in SCHED_IDLE", extra={"error": str(exc)})
             record["state"] = self._state_for(spec, handle, backend.name, template)
             self.spares.store.write(spare_id, STATE_NAME, record["state"])
 

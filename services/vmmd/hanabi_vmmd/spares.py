@@ -99,10 +99,15 @@ class SpareVmms:
                 if spare is None:
                     return None
                 self._ready.remove(spare)
-            if backend.is_alive(spare.handle):
-                proc.set_idle_priority(spare.handle.pid, False)
-                return spare
-            log.warning("a spare vmm died while waiting", extra={"spare": spare.spare_id, "pid": spare.handle.pid})
+            if not backend.is_alive(spare.handle):
+                log.warning("a spare vmm died while waiting", extra={"spare": spare.spare_id, "pid": spare.handle.pid})
+            else:
+                try:
+                    proc.set_idle_priority(spare.handle.pid, False)
+                    return spare
+                except OSError as exc:  # it would run as SCHED_IDLE: not a VM to hand out
+                    log.warning("a spare vmm's scheduling policy could not be restored, not using it",
+                                extra={"spare": spare.spare_id, "error": str(exc)})
             self._discard(spare)
 
     def forget(self, spare: Spare) -> None:
