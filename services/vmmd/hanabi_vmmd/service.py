@@ -63,7 +63,8 @@ def default_backends(config: Config) -> dict[str, Hypervisor]:
     from hanabi_vmmd.firecracker.process import JailerConfig
 
     qemu = QemuHypervisor(binary=config.vmm.qemu_binary, machine=config.vmm.machine,
-                          start_timeout=config.vmm.boot_timeout_s, hotplug_slots=HOTPLUG_SLOTS)
+                          start_timeout=config.vmm.boot_timeout_s, hotplug_slots=HOTPLUG_SLOTS,
+                          mem_merge=config.vmm.ksm)
     fc = config.vmm.firecracker
     jailer = JailerConfig(binary=fc.jailer_binary, uid=fc.jailer_uid, gid=fc.jailer_gid,
                           chroot_base=fc.chroot_base, cgroup_version=fc.cgroup_version) if fc.jailer else None
