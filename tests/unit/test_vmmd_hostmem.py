@@ -34,11 +34,26 @@ def test_disabling_thp_is_inherited_by_what_is_spawned_after():
 
 def test_ksm_problems_name_the_reason(tmp_path: Path):
     run = tmp_path / "run"
-    assert hostmem.ksm_problem(False, "qemu", None) is None
-    assert hostmem.ksm_problem(True, "qemu", "1") is None
-    assert "not running" in (hostmem.ksm_problem(True, "auto", "0") or "")
-    assert "no KSM" in (hostmem.ksm_problem(True, "qemu", None) or "")
-    assert "Firecracker" in (hostmem.ksm_problem(True, "firecracker", "1") or "")
+    assert hostmem.ksm_problem(False, None) is None
+    assert hostmem.ksm_problem(True, "1") is None
+    assert "not running" in (hostmem.ksm_problem(True, "0") or "")
+    assert "no KSM" in (hostmem.ksm_problem(True, None) or "")
     assert hostmem.ksm_running(run) is None
     run.write_text("1\n")
     assert hostmem.ksm_running(run) == "1"
+
+
+def test_a_backend_that_cannot_merge_is_named_once_when_ksm_is_on(caplog):
+    """Capabilities say which backends mark guest memory mergeable: QEMU does, Firecracker not."""
+    from hanabi_vmmd.firecracker.backend import FirecrackerHypervisor
+    from hanabi_vmmd.qemu import QemuHypervisor
+
+    assert QemuHypervisor().capabilities().mergeable_memory
+    assert not FirecrackerHypervisor().capabilities().mergeable_memory
+    name = "unmergeable-test-backend"
+    assert not hostmem.note_backend(False, name, False)  # ksm off: nothing to say
+    assert not hostmem.note_backend(True, "mergeable-test-backend", True)
+    with caplog.at_level("WARNING", logger="hanabi.vmmd"):
+        assert hostmem.note_backend(True, name, False)
+        assert not hostmem.note_backend(True, name, False)  # once per backend
+    assert [r.hypervisor for r in caplog.records if "never merged" in r.getMessage()] == [name]

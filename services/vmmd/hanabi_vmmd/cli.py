@@ -13,7 +13,7 @@ def _build(config):
     from hanabi_vmmd.service import VmService
 
     # before any VMM is spawned (recovery adopts running ones; the pool and templates start new ones)
-    hostmem.apply(config.vmm.transparent_hugepages, config.vmm.ksm, config.vmm.hypervisor)
+    hostmem.apply(config.vmm.transparent_hugepages, config.vmm.ksm)
     return VmService(config)
 
 

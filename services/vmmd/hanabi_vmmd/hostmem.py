@@ -8,7 +8,9 @@ huge page for the 128 KiB in use, about 3 MiB of PSS less per idle clone here.
 
 KSM (`vmm.ksm`, off by default): QEMU marks guest RAM mergeable only then (qemu_cmdline's
 mem-merge); whether anything is merged is the host's ksmd, /sys/kernel/mm/ksm/run, which
-vmmd reads and reports but never sets (it is the host's, for every process).
+vmmd reads and reports but never sets (it is the host's, for every process). A backend whose
+guest memory cannot be marked (`Capabilities.mergeable_memory` false: Firecracker) is named
+in a warning the first time vmmd makes one of its VMs with `vmm.ksm` on.
 """
 
 from __future__ import annotations
@@ -50,12 +52,10 @@ def ksm_running(run_file: Path = KSM_RUN) -> str | None:
         return None
 
 
-def ksm_problem(ksm: bool, hypervisor: str, run: str | None) -> str | None:
-    """What keeps `vmm.ksm = true` from merging anything (None when it can, or is off)."""
+def ksm_problem(ksm: bool, run: str | None) -> str | None:
+    """What keeps `vmm.ksm = true` from merging anything on this host (None when it can, or is off)."""
     if not ksm:
         return None
-    if hypervisor == "firecracker":
-        return "vmm.ksm applies to QEMU's guest RAM only: Firecracker VMs are never merged"
     if run is None:
         return "vmm.ksm is on but this kernel has no KSM (/sys/kernel/mm/ksm/run): nothing is merged"
     if run != "1":
@@ -64,11 +64,25 @@ def ksm_problem(ksm: bool, hypervisor: str, run: str | None) -> str | None:
     return None
 
 
-def apply(transparent_hugepages: bool, ksm: bool, hypervisor: str) -> None:
+_unmergeable_named: set[str] = set()
+
+
+def note_backend(ksm: bool, backend: str, mergeable_memory: bool) -> bool:
+    """A VM of `backend` is being made: with `vmm.ksm` on and a backend that cannot mark its
+    guest memory mergeable, a warning naming it, once per backend; True when one was logged."""
+    if not ksm or mergeable_memory or backend in _unmergeable_named:
+        return False
+    _unmergeable_named.add(backend)
+    log.warning("vmm.ksm is on but this backend cannot mark its guest memory mergeable: its VMs are never merged",
+                extra={"hypervisor": backend})
+    return True
+
+
+def apply(transparent_hugepages: bool, ksm: bool) -> None:
     """vmmd's start: THP off for its VMMs unless asked for; a warning when `vmm.ksm` cannot merge."""
     if not transparent_hugepages:
         disable_thp()
-    problem = ksm_problem(ksm, hypervisor, ksm_running())
+    problem = ksm_problem(ksm, ksm_running())
     if problem:
         log.warning(problem)
     log.info("vmm host memory", extra={"transparent_hugepages": not thp_disabled(), "ksm": ksm})

@@ -53,7 +53,8 @@ class QemuHypervisor:
                             pause=True, snapshots=False, share="virtio-9p", share_servers=False,
                             disk_formats=("qcow2", "raw"),
                             guest_serial_from_path=False, files=self.files,
-                            hotplug_slots=self.hotplug_slots if self.machine == "q35" else 0)
+                            hotplug_slots=self.hotplug_slots if self.machine == "q35" else 0,
+                            mergeable_memory=True)
 
     def problem(self) -> str | None:
         """None when the QEMU binary is there (KVM or not: TCG is the fallback, accel.py)."""

@@ -29,6 +29,7 @@ from hanabi_common.rpc.server import RpcServer
 from hanabi_common.state import StateStore
 from hanabi_vmmd import accel as accel_mod
 from hanabi_vmmd import cgroup
+from hanabi_vmmd import hostmem
 from hanabi_vmmd import proc
 from hanabi_vmmd import release as release_mod
 from hanabi_vmmd.hypervisor import Hypervisor, NicSpec, VmHandle, VmSpec
@@ -198,6 +199,7 @@ class VmService:
         hv_name = request.hypervisor or self.config.vmm.hypervisor
         backend = self._backend(self._auto_backend() if hv_name == "auto" else hv_name)
         vmm = self.config.vmm
+        hostmem.note_backend(vmm.ksm, backend.name, backend.capabilities().mergeable_memory)
         memory_mib, vcpus = request.memory_mib or vmm.memory_mib, request.vcpus or vmm.vcpus
         nics = tuple(nic_spec(f"nic{index}", nic) for index, nic in enumerate(request.nics))
         cgroups = cgroup.checked_dirs(request.cgroup_dirs)
