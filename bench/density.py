@@ -77,27 +77,36 @@ def pss_kib(pid: int) -> int:
     return 0
 
 
-def cpu_ns(pid: int) -> int:
-    """CPU time a process (all its threads) has run, in ns (/proc/PID/task/*/schedstat); 0 when gone."""
-    total = 0
+def cpu_ns(pid: int) -> dict[int, int]:
+    """CPU time each thread of a process has run, in ns by thread id (/proc/PID/task/*/schedstat);
+    empty when the process is gone."""
+    times = {}
     try:
         tasks = os.listdir(f"/proc/{pid}/task")
     except OSError:
-        return 0
+        return {}
     for task in tasks:
         try:
-            total += int(Path(f"/proc/{pid}/task/{task}/schedstat").read_text().split()[0])
+            times[int(task)] = int(Path(f"/proc/{pid}/task/{task}/schedstat").read_text().split()[0])
         except (OSError, ValueError, IndexError):
             pass
-    return total
+    return times
 
 
 def idle_cpu(groups: dict[str, list[int]], seconds: float) -> dict[str, float]:
-    """Percent of one core each group of processes used over `seconds` (everything idle)."""
-    before = {name: sum(cpu_ns(pid) for pid in pids) for name, pids in groups.items()}
+    """Percent of one core each group of processes used over `seconds` (everything idle).
+    Thread by thread: a thread that ends in the window (QEMU's idle pool workers do) takes
+    its earlier time with it, which summing whole processes would count as negative time."""
+    before = {pid: cpu_ns(pid) for pids in groups.values() for pid in pids}
     time.sleep(seconds)  # a measurement window, not a wait for a condition
-    return {name: 100 * (sum(cpu_ns(pid) for pid in pids) - before[name]) / (seconds * 1e9)
-            for name, pids in groups.items()}
+    used = {}
+    for name, pids in groups.items():
+        total = 0
+        for pid in pids:
+            earlier = before.get(pid, {})
+            total += sum(ns - earlier.get(tid, 0) for tid, ns in cpu_ns(pid).items())
+        used[name] = 100 * total / (seconds * 1e9)
+    return used
 
 
 def runtime(daemons, *args: str) -> int:
