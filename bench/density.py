@@ -8,7 +8,9 @@ PSS (/proc/PID/smaps_rollup) per idle container (its VMM + its stand-in) with al
 running, and MemAvailable consumed per container. Then the same PSS for HANABI_DENSITY_COLD
 (default 4) idle containers with templates off (cold boots). Everything is deleted after
 (and the daemons drained: their release queues empty, nothing left). `runc` has no VM: its
-idle `sleep` is measured in the same run as the baseline. Writes bench/results/density.json.
+idle `sleep` is measured in the same run as the baseline. HANABI_DENSITY_VMM_TOML adds [vmm]
+keys to both phases (an A/B of a setting, e.g. "transparent_hugepages = true"). Writes
+bench/results/density.json.
 
 Measured here 2026-12-01 15:55 UTC (HANABI_DENSITY_CAP=200, HANABI_DENSITY_COLD=4; 24105 MiB,
 2 cores, other helpers' tests running: load average 1.6 at the start, 2.8 with all 200 up): 200
@@ -51,6 +53,7 @@ MAX_USED = 0.80
 MAX_START_S = 5.0
 SETTLE_S = 3.0  # after the last start, before reading PSS: the guests go idle
 IDLE_CPU_S = float(os.environ.get("HANABI_DENSITY_IDLE_S", "20"))  # idle CPU measured over this
+VMM_TOML = os.environ.get("HANABI_DENSITY_VMM_TOML", "")  # more [vmm] keys for both phases (an A/B)
 
 
 def meminfo() -> dict[str, int]:
@@ -74,27 +77,36 @@ def pss_kib(pid: int) -> int:
     return 0
 
 
-def cpu_ns(pid: int) -> int:
-    """CPU time a process (all its threads) has run, in ns (/proc/PID/task/*/schedstat); 0 when gone."""
-    total = 0
+def cpu_ns(pid: int) -> dict[int, int]:
+    """CPU time each thread of a process has run, in ns by thread id (/proc/PID/task/*/schedstat);
+    empty when the process is gone."""
+    times = {}
     try:
         tasks = os.listdir(f"/proc/{pid}/task")
     except OSError:
-        return 0
+        return {}
     for task in tasks:
         try:
-            total += int(Path(f"/proc/{pid}/task/{task}/schedstat").read_text().split()[0])
+            times[int(task)] = int(Path(f"/proc/{pid}/task/{task}/schedstat").read_text().split()[0])
         except (OSError, ValueError, IndexError):
             pass
-    return total
+    return times
 
 
 def idle_cpu(groups: dict[str, list[int]], seconds: float) -> dict[str, float]:
-    """Percent of one core each group of processes used over `seconds` (everything idle)."""
-    before = {name: sum(cpu_ns(pid) for pid in pids) for name, pids in groups.items()}
+    """Percent of one core each group of processes used over `seconds` (everything idle).
+    Thread by thread: a thread that ends in the window (QEMU's idle pool workers do) takes
+    its earlier time with it, which summing whole processes would count as negative time."""
+    before = {pid: cpu_ns(pid) for pids in groups.values() for pid in pids}
     time.sleep(seconds)  # a measurement window, not a wait for a condition
-    return {name: 100 * (sum(cpu_ns(pid) for pid in pids) - before[name]) / (seconds * 1e9)
-            for name, pids in groups.items()}
+    used = {}
+    for name, pids in groups.items():
+        total = 0
+        for pid in pids:
+            earlier = before.get(pid, {})
+            total += sum(ns - earlier.get(tid, 0) for tid, ns in cpu_ns(pid).items())
+        used[name] = 100 * total / (seconds * 1e9)
+    return used
 
 
 def runtime(daemons, *args: str) -> int:
@@ -197,13 +209,13 @@ def main() -> None:
         sys.exit(f"cannot benchmark here: {reason}")
     work = Path(tempfile.mkdtemp(prefix="hanabi-bench-density-"))
     idle = make_bundle(work / "idle", ["sleep", "3600"])
-    report: dict = {"cap": CAP, "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+    report: dict = {"cap": CAP, "vmm_toml": VMM_TOML, "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
                     "host_mem_total_mib": meminfo()["MemTotal"] // 1024,
                     "host_mem_available_mib_at_start": meminfo()["MemAvailable"] // 1024,
                     "cpus": os.cpu_count()}
     try:
         for label, on, cap, stop_early in (("clone", "true", CAP, True), ("cold", "false", COLD, False)):
-            daemons = start_daemons(work / label, vmm_toml=f"templates = {on}")
+            daemons = start_daemons(work / label, vmm_toml=f"templates = {on}\n{VMM_TOML}")
             try:
                 if on == "true":  # builds the template first: not counted
                     runtime(daemons, "run", "--bundle", str(make_bundle(work / "warm", ["true"])), "dens-warm")

@@ -37,9 +37,9 @@ def option(argv: list[str], flag: str) -> list[str]:
 def test_template_and_clone_command_lines_differ_only_in_ram_sharing_incoming_and_host_paths():
     template = qc.build_argv(spec(memory_file=Path("/t/k/memory"), memory_shared=True))
     clone = qc.build_argv(spec(memory_file=Path("/t/k/memory"), incoming=True))
-    assert option(template, "-machine") == ["q35,vmport=off,sata=off,smbus=off,memory-backend=m0"]
-    assert option(template, "-object") == ["memory-backend-file,id=m0,size=256M,mem-path=/t/k/memory,share=on"]
-    assert option(clone, "-object") == ["memory-backend-file,id=m0,size=256M,mem-path=/t/k/memory,share=off"]
+    assert option(template, "-machine") == ["q35,vmport=off,sata=off,smbus=off,mem-merge=off,memory-backend=m0"]
+    assert option(template, "-object") == ["memory-backend-file,id=m0,size=256M,mem-path=/t/k/memory,share=on,merge=off"]
+    assert option(clone, "-object") == ["memory-backend-file,id=m0,size=256M,mem-path=/t/k/memory,share=off,merge=off"]
     assert option(clone, "-incoming") == ["defer"] and "-incoming" not in template
     assert option(clone, "-device") == option(template, "-device")  # same devices, same order
     plain = qc.build_argv(spec())

@@ -27,7 +27,7 @@ def test_q35_tcg_argv():
     argv = qc.build_argv(spec(), binary="/usr/bin/qemu-system-x86_64", machine="q35")
     assert argv[0] == "/usr/bin/qemu-system-x86_64"
     assert option(argv, "-name") == ["hanabi-sb-1"]
-    assert option(argv, "-machine") == ["q35,vmport=off,sata=off,smbus=off"]
+    assert option(argv, "-machine") == ["q35,vmport=off,sata=off,smbus=off,mem-merge=off"]
     assert option(argv, "-accel") == ["tcg,tb-size=32"]
     assert option(argv, "-cpu") == ["max"]
     assert option(argv, "-m") == ["256M"] and option(argv, "-smp") == ["2"]
@@ -56,11 +56,24 @@ def test_q35_tcg_argv():
 
 def test_pc_kvm_argv_uses_acpi_hotplug_and_host_cpu():
     argv = qc.build_argv(spec("kvm"), machine="pc", sandbox=False)
-    assert option(argv, "-machine") == ["pc,vmport=off,sata=off,smbus=off"]
+    assert option(argv, "-machine") == ["pc,vmport=off,sata=off,smbus=off,mem-merge=off"]
     assert option(argv, "-accel") == ["kvm"]
     assert option(argv, "-cpu") == ["host"]
     assert not [d for d in option(argv, "-device") if d.startswith("pcie-root-port")]
     assert "-sandbox" not in argv
+
+
+def test_guest_ram_is_mergeable_only_when_asked():
+    """QEMU's own default is mem-merge=on: without vmm.ksm a host running ksmd must not merge
+    hanabi's VMs, so off is passed explicitly, for the machine's RAM and a template's file."""
+    assert "mem-merge=off" in option(qc.build_argv(spec()), "-machine")[0]
+    assert "mem-merge=on" in option(qc.build_argv(spec(), mem_merge=True), "-machine")[0]
+    file_ram = spec(memory_file=Path("/t/k/memory"), incoming=True)
+    assert option(qc.build_argv(file_ram), "-object")[0].endswith(",share=off,merge=off")
+    merged = qc.build_argv(file_ram, mem_merge=True)
+    assert "mem-merge=on" in option(merged, "-machine")[0]
+    assert option(merged, "-object")[0].endswith(",share=off,merge=on")
+    assert QemuHypervisor().mem_merge is False
 
 
 def test_every_option_takes_a_value():

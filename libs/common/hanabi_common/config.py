@@ -63,8 +63,18 @@ class VmmConfig(_Section):
     # template's memory pages)
     templates: bool = True
     # Clone VMM processes started ahead for the template cloned last, waiting for its state
-    # (QEMU takes ~50 ms to start here); each costs ~20 MiB, charged to vmmd; 0 turns them off
+    # (QEMU takes ~50 ms to start here); each holds ~16 MiB of its own, charged to vmmd; 0 turns them off
     spare_vmms: int = Field(1, ge=0, le=8)
+    # Transparent huge pages for the VMMs vmmd starts. false: vmmd sets PR_SET_THP_DISABLE on
+    # itself, which every VMM it spawns inherits (under TCG, QEMU's translation buffer and its
+    # 2 MiB ACPI block stop being backed by 2 MiB pages: about 3 MiB less per clone); true:
+    # the host's policy (/sys/kernel/mm/transparent_hugepage) applies to them.
+    transparent_hugepages: bool = False
+    # Kernel samepage merging of guest RAM (QEMU only: its mem-merge). true: guest RAM is marked
+    # mergeable, and a host whose ksmd runs (/sys/kernel/mm/ksm/run = 1; vmmd does not set it)
+    # merges pages that are identical across VMs (about 7 MiB less per idle clone here) for
+    # ksmd's CPU, and opens a side channel between VMs (CVE-2015-2877). false: never merged.
+    ksm: bool = False
     firecracker: FirecrackerConfig = FirecrackerConfig()
 
 

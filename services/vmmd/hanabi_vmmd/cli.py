@@ -9,7 +9,11 @@ from hanabi_common.daemon_cli import make_app, print_json
 
 
 def _build(config):
+    from hanabi_vmmd import hostmem
     from hanabi_vmmd.service import VmService
+
+    # before any VMM is spawned (recovery adopts running ones; the pool and templates start new ones)
+    hostmem.apply(config.vmm.transparent_hugepages, config.vmm.ksm)
     return VmService(config)
 
 

@@ -55,6 +55,7 @@ class Capabilities:
     guest_serial_from_path: bool  # the guest sees a disk's serial derived from its file, not the requested one
     files: VmFiles
     hotplug_slots: int = 0  # slots a VM gets for hot-plugged devices (QEMU root ports, Firecracker placeholder drives)
+    mergeable_memory: bool = False  # marks guest RAM mergeable for KSM when vmm.ksm asks (hostmem)
 
 
 @dataclass(frozen=True)

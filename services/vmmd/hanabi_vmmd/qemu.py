@@ -37,8 +37,9 @@ class QemuHypervisor:
 
     def __init__(self, *, binary: str = "qemu-system-x86_64", machine: str = "q35",
                  start_timeout: float = 60.0, qmp_timeout: float = 5.0,
-                 hotplug_slots: int = 4, sandbox: bool = True) -> None:
+                 hotplug_slots: int = 4, sandbox: bool = True, mem_merge: bool = False) -> None:
         self.binary = binary
+        self.mem_merge = mem_merge  # guest RAM mergeable by KSM (vmm.ksm)
         self.machine = machine
         self.start_timeout = start_timeout
         self.qmp_timeout = qmp_timeout
@@ -53,7 +54,8 @@ class QemuHypervisor:
                             pause=True, snapshots=False, share="virtio-9p", share_servers=False,
                             disk_formats=("qcow2", "raw"),
                             guest_serial_from_path=False, files=self.files,
-                            hotplug_slots=self.hotplug_slots if self.machine == "q35" else 0)
+                            hotplug_slots=self.hotplug_slots if self.machine == "q35" else 0,
+                            mergeable_memory=True)
 
     def problem(self) -> str | None:
         """None when the QEMU binary is there (KVM or not: TCG is the fallback, accel.py)."""
@@ -73,7 +75,7 @@ class QemuHypervisor:
                 nic_fds.append(open_tap(nic.tap, nic.netns_path))
             try:
                 argv = build_argv(spec, binary=self.binary, machine=self.machine, sandbox=self.sandbox,
-                                  nic_fds=nic_fds)
+                                  nic_fds=nic_fds, mem_merge=self.mem_merge)
             except ValueError as exc:
                 raise InvalidArgument(str(exc)) from None
             spec.vm_dir.mkdir(mode=0o700, parents=True, exist_ok=True)

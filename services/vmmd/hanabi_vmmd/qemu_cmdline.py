@@ -5,6 +5,8 @@ initramfs from the guest dir, the console on a serial port logged to a file, the
 a virtio-serial port backed by a Unix socket, QMP on another Unix socket, and empty PCIe
 root ports (q35) to hot-plug disks and NICs into later (pc hot-plugs into pci.0 through
 ACPI). Under TCG the translation buffer is capped (tb-size) to save about 35 MiB per VM.
+Guest RAM is mergeable by the host's KSM only when asked (`mem_merge`, `vmm.ksm`): QEMU's
+own default is on, so a host running ksmd would otherwise merge every VM's pages.
 """
 
 from __future__ import annotations
@@ -51,15 +53,21 @@ def _check_option_path(value: str, what: str) -> str:
     return value
 
 
-def machine_args(machine: str, accel: str, memory_backend: str | None = None) -> list[str]:
+def _on_off(value: bool) -> str:
+    return "on" if value else "off"
+
+
+def machine_args(machine: str, accel: str, memory_backend: str | None = None,
+                 mem_merge: bool = False) -> list[str]:
     """-machine, -accel and -cpu for the machine type and accelerator (`memory_backend`:
-    the id of the -object that holds the guest RAM)."""
+    the id of the -object that holds the guest RAM; `mem_merge`: guest RAM marked
+    mergeable for KSM, MADV_MERGEABLE)."""
     if machine not in ("q35", "pc"):
         raise ValueError(f"unknown machine type {machine!r}")
     if accel not in ("kvm", "tcg"):
         raise ValueError(f"unknown accelerator {accel!r}")
     backend = f",memory-backend={memory_backend}" if memory_backend else ""
-    args = ["-machine", f"{machine},vmport=off,sata=off,smbus=off{backend}"]
+    args = ["-machine", f"{machine},vmport=off,sata=off,smbus=off,mem-merge={_on_off(mem_merge)}{backend}"]
     if accel == "tcg":
         args += ["-accel", f"tcg,tb-size={TCG_TB_SIZE_MIB}", "-cpu", "max"]
     else:
@@ -107,28 +115,31 @@ def share_args(machine: str, share_dir) -> list[str]:
 MEMORY_BACKEND_ID = "m0"
 
 
-def memory_args(memory_mib: int, memory_file, shared: bool) -> list[str]:
+def memory_args(memory_mib: int, memory_file, shared: bool, mem_merge: bool = False) -> list[str]:
     """The guest RAM as a file (VM templates): the template maps it shared (its writes land
-    in the file), a clone private (copy-on-write over the template's pages)."""
+    in the file), a clone private (copy-on-write over the template's pages; with
+    `mem_merge`, KSM may merge the pages it copied with identical ones of other VMs)."""
     if memory_file is None:
         return []
     path = _check_option_path(str(memory_file), "memory file")
     return ["-object", f"memory-backend-file,id={MEMORY_BACKEND_ID},size={memory_mib}M,mem-path={path},"
-                       f"share={'on' if shared else 'off'}"]
+                       f"share={_on_off(shared)},merge={_on_off(mem_merge)}"]
 
 
 def build_argv(spec: VmSpec, *, binary: str = "qemu-system-x86_64", machine: str = "q35",
-               sandbox: bool = True, nic_fds: Sequence[int] = ()) -> list[str]:
+               sandbox: bool = True, nic_fds: Sequence[int] = (), mem_merge: bool = False) -> list[str]:
     """The full argv that boots `spec` (raises ValueError on values QEMU cannot take);
-    `nic_fds`: the tap fds QEMU inherits, one per `spec.nics` entry."""
+    `nic_fds`: the tap fds QEMU inherits, one per `spec.nics` entry; `mem_merge`: the guest
+    RAM is mergeable by KSM (`vmm.ksm`)."""
     if spec.memory_mib < MIN_VM_MEMORY_MIB or spec.vcpus < 1:
         raise ValueError(f"a VM needs at least {MIN_VM_MEMORY_MIB} MiB and 1 vCPU")
     for path in (spec.vm_dir, spec.agent_socket, spec.control_socket, spec.console_log):
         _check_option_path(str(path), "path")
     argv = [binary, "-name", f"hanabi-{spec.sandbox_id}"]
-    argv += machine_args(machine, spec.accel, MEMORY_BACKEND_ID if spec.memory_file is not None else None)
+    argv += machine_args(machine, spec.accel, MEMORY_BACKEND_ID if spec.memory_file is not None else None,
+                         mem_merge)
     argv += ["-m", f"{spec.memory_mib}M", "-smp", str(spec.vcpus)]
-    argv += memory_args(spec.memory_mib, spec.memory_file, spec.memory_shared)
+    argv += memory_args(spec.memory_mib, spec.memory_file, spec.memory_shared, mem_merge)
     argv += ["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]
     if sandbox:
         argv += ["-sandbox", SANDBOX_OPTS]

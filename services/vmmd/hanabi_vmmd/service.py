@@ -30,6 +30,7 @@ from hanabi_common.rpc.server import RpcServer
 from hanabi_common.state import StateStore
 from hanabi_vmmd import accel as accel_mod
 from hanabi_vmmd import cgroup
+from hanabi_vmmd import hostmem
 from hanabi_vmmd import proc
 from hanabi_vmmd import release as release_mod
 from hanabi_vmmd.hypervisor import Hypervisor, NicSpec, VmHandle, VmSpec
@@ -66,7 +67,8 @@ def default_backends(config: Config) -> dict[str, Hypervisor]:
     from hanabi_vmmd.firecracker.process import JailerConfig
 
     qemu = QemuHypervisor(binary=config.vmm.qemu_binary, machine=config.vmm.machine,
-                          start_timeout=config.vmm.boot_timeout_s, hotplug_slots=HOTPLUG_SLOTS)
+                          start_timeout=config.vmm.boot_timeout_s, hotplug_slots=HOTPLUG_SLOTS,
+                          mem_merge=config.vmm.ksm)
     fc = config.vmm.firecracker
     jailer = JailerConfig(binary=fc.jailer_binary, uid=fc.jailer_uid, gid=fc.jailer_gid,
                           chroot_base=fc.chroot_base, cgroup_version=fc.cgroup_version) if fc.jailer else None
@@ -206,6 +208,7 @@ class VmService:
         hv_name = request.hypervisor or self.config.vmm.hypervisor
         backend = self._backend(self._auto_backend() if hv_name == "auto" else hv_name)
         vmm = self.config.vmm
+        hostmem.note_backend(vmm.ksm, backend.name, backend.capabilities().mergeable_memory)
         memory_mib, vcpus = request.memory_mib or vmm.memory_mib, request.vcpus or vmm.vcpus
         nics = tuple(nic_spec(f"nic{index}", nic) for index, nic in enumerate(request.nics))
         cgroups = cgroup.checked_dirs(request.cgroup_dirs)
