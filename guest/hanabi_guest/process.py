@@ -290,7 +290,7 @@ def _child(p: dict[str, Any], root: str, chroot: bool, cgroup: str | None,
         if hold >= 0 and late:
             stage = "wait for start"
             _wait_for_start(hold, errw)
-        if hold >= 0 and _acknowledge(errw):
+        if hold >= 0 and _acknowledge(errw, yield_cpu=late):
             # runc's `start` returns here, once its init wrote the exec fifo: what follows
             # is the process's own (a failure: on its stderr, exit status 1, as runc's).
             errw, status = -1, 1
@@ -312,15 +312,19 @@ def _child(p: dict[str, Any], root: str, chroot: bool, cgroup: str | None,
         os._exit(status)
 
 
-def _acknowledge(errw: int) -> bool:
+def _acknowledge(errw: int, yield_cpu: bool) -> bool:
     """Tell the agent the held process is past its wait and about to exec (``STARTED`` on
     the error pipe, which it then closes); False when the write is refused (a seccomp
-    filter loaded before it may): the agent then waits for the pipe's end at the exec."""
+    filter loaded before it may): the agent then waits for the pipe's end at the exec.
+    ``yield_cpu`` (no filter loaded yet, which might refuse it): sched_yield, so that the
+    agent, woken by the write, sends start's reply before this exec takes the vCPU."""
     try:
         os.write(errw, STARTED)
     except OSError:
         return False
     os.close(errw)
+    if yield_cpu:
+        os.sched_yield()
     return True
 
 
