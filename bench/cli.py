@@ -69,30 +69,40 @@ its 5 s bound every time. `start` is the guest's work (agentd's container.start:
 of forking and setting up the process under TCG).
 
 `start` no longer waits for the exec (it replies once the held init is past its wait, as
-`runc start` returns once its init wrote the exec fifo) and the lean `delete` imports neither
-logging, dataclasses (hanabi_runtime.pod), shutil, signal nor pathlib. 2026-12-01 21:06 UTC,
-medians of 10, editable install byte-compiled, guest image of the `startdel` branch, load
-average 2.2-2.8 (another helper's QEMU running):
+`runc start` returns once its init wrote the exec fifo); the lean `delete` imports neither
+logging, dataclasses (hanabi_runtime.pod), shutil, signal nor pathlib; vmmd, blockd and netd
+wake their release worker once the reply is sent (rpc.context.after_reply: the worker's
+Python held the GIL the reply needed); vmmd waits for the killed QEMU on its pidfd, not with
+Popen.wait's doubling sleep. 2026-12-01 21:26 UTC, medians of 10, editable install
+byte-compiled, guest image of the `startdel` branch, load average 1.5-1.6 (`python -c pass`
+17.7 ms, against 11.3 on the quiet host):
 
     command            full ms  lean ms  full/lean  lean/runc-state
-    state                323.5     25.0      12.94              3.6
-    ps                   322.5     32.8       9.83              4.8
-    ps --format json     249.5     25.8       9.67              3.7
-    events --stats       361.3     38.9       9.29              5.6
-    kill                 326.0     34.4       9.48              5.0
-    pause                344.1     32.4      10.62              4.7
-    resume               320.2     34.6       9.25              5.0
-    start                485.4    166.4       2.92             24.1
-    delete --force       412.5     63.1       6.54              9.1
-    start, init ready    376.9     66.1        5.7              9.6
-    runc state: 6.9 ms; `python -c pass`: 15.5 ms
+    state                443.1     32.2      13.76              4.7
+    ps                   389.8     38.6       10.1              5.6
+    ps --format json     306.3     33.9       9.04              4.9
+    events --stats       460.3     43.7      10.53              6.3
+    kill                 427.0     42.1      10.14              6.1
+    pause                457.3     41.8      10.94              6.1
+    resume               457.3     40.7      11.24              5.9
+    start                469.9    169.4       2.77             24.6
+    delete --force       419.3     67.7       6.19              9.8
+    start, init ready    402.8     66.2       6.08              9.6
+    runc state: 6.9 ms; `python -c pass`: 17.7 ms
 
-Main and this branch side by side (their own daemons at once, each call alternated, lean
-CLI, medians of 20, load average 2.4): start right after create 176.4 -> 123.1 ms, `delete
---force` of the running container 82.6 -> 68.0 ms, `state` 44.3 / 35.9 ms; 0.5 s after create
-(medians of 12, load 2.8) start 117.9 -> 78.7 ms; agentd's container.start alone from a warm
-client, init ready, 93.1 -> 33.8 ms (load 4.0) and 75.7 -> 34.5 ms (3.2); the guest's own
-handling of start (`hanabi.trace=1`) 50-80 -> 10-25 ms. What is left above 50 ms:
+(A run at 21:19, load 1.0-1.7, `python -c pass` 14.5 ms, all but the pidfd wait: `state`
+25.5, `start` 149.6, `delete --force` 55.0, `start, init ready` 51.0.) The branch's base
+(30130ba, its own venv and guest image) and the branch side by side, their own daemons at
+once, each call alternated, lean CLI: medians of 20 at load 1.35, `start` right after
+`create` 151.9 -> 84.8 ms, `delete --force` of the running container 85.9 -> 59.5, `state`
+36.3 / 34.5, `create` 467.6 / 470.1; 0.5 s after create (medians of 12, load 1.25) `start`
+124.0 -> 73.4, `delete --force` 122.2 -> 70.0, `state` 40.0 / 41.0. agentd's container.start
+alone from a warm client, init ready: 93.1 -> 33.8 ms (load 4.0), 75.7 -> 34.5 (3.2); the
+guest's own handling of start (`hanabi.trace=1`) 50-80 -> 10-25 ms. Per delete, in the CLI
+(load 1.5): the release calls 30 -> 20-22 ms once the workers woke after the replies
+(volume.release 5.2 -> 2.0-2.4 ms, net.detach 3.0 -> 2.0-2.3), the code before them 13-17
+-> 1.4-1.6 ms.
+What is left above 50 ms:
 - `start` right after `create` waits for the guest to make the container's init, which it
   begins when create has replied: fork of the agent 30-38 ms, then in the child its cgroup
   joined 15-48 ms, its mount namespace 23-38, hardening (masked and read-only paths,
@@ -104,11 +114,12 @@ handling of start (`hanabi.trace=1`) 50-80 -> 10-25 ms. What is left above 50 ms
   about as much.
 - `start, init ready`: the CLI's start-up (`state` minus its RPC, ~24 ms on the quiet host),
   agentd's relay and its fsynced agent.json (2-7 ms), the guest's reply 10-25 ms.
-- `delete --force`: the CLI's start-up plus four release calls, each 2-4 ms of connection
-  and envelope plus the daemon's work: agentd 6-10 (the guest's sync 3-9), vmmd 6-10 (SIGKILL
-  and reap of QEMU 4-8), blockd ~1, netd ~1.5. One RPC through vmmd would save the two last
-  connections (~4 ms) at the price of vmmd calling blockd and netd; netd's call beside agentd's
-  (in parallel) would have its worker remove the taps under a QEMU still flushing.
+- `delete --force`: the CLI's start-up plus the four release calls, 20-22 ms together at
+  load 1.5: agentd 5-10 (the guest's sync 3-9), vmmd 9-12 (SIGKILL and reap: QEMU's exit
+  takes 4-8), blockd and netd ~2 each (about 1 ms of that the connection and envelope).
+  Folding blockd's and netd's calls into vmmd's would save about 2 ms at the price of vmmd
+  calling both; netd's call beside agentd's (in parallel) would have its worker remove the
+  taps under a QEMU still flushing; blockd's cannot come before the VM is dead.
 """
 
 from __future__ import annotations
