@@ -135,10 +135,13 @@ def _build_env(p: dict[str, Any], uid: int, passwd: str) -> dict[str, str]:
 
 def look_path(file: str, env: dict[str, str]) -> str:
     """The program ``file`` names, found as runc's init finds it before it waits for
-    ``start`` (Go's exec.LookPath, then an access check as the process's effective user):
-    with a slash the path itself, else the first file along $PATH that is no directory and
-    has an execute bit. OSError ENOENT when there is none, EACCES when the one found may not
-    be executed (no execute bit, or a noexec mount). No imports (we may be chrooted)."""
+    ``start`` (Go's exec.LookPath, then an access check as the process's user): with a
+    slash the path itself, else the first file along $PATH that is no directory and has an
+    execute bit. OSError ENOENT when there is none, EACCES when the one found may not be
+    executed (no execute bit, or a noexec mount). access(2) with the real ids, which are the
+    process's own by now: AT_EACCESS needs faccessat2, which an older seccomp profile loaded
+    before this may refuse (runc falls back to faccessat then too). No imports (we may be
+    chrooted)."""
     if "/" in file:
         st = os.stat(file)
         if st.st_mode & 0o170000 == 0o040000 or not st.st_mode & 0o111:
@@ -155,7 +158,7 @@ def look_path(file: str, env: dict[str, str]) -> str:
                 break
         else:
             raise OSError(errno.ENOENT, "executable file not found")
-    if not os.access(path, os.X_OK, effective_ids=True):
+    if not os.access(path, os.X_OK):
         raise OSError(errno.EACCES, "permission denied")
     return path
 
