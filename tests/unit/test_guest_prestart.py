@@ -182,3 +182,36 @@ def test_start_does_not_wait_for_the_exec_whose_failure_is_the_processs_as_under
     assert a.exit_of("init")["exit_code"] == 1
     assert a.output_of("init", "stderr") == b"exec /bin/bad: exec format error\n"
     a.ok("destroy_container", container_id="c1")
+
+
+@pytest.mark.parametrize("nnp", [True, False])
+def test_a_waiting_init_with_a_seccomp_filter_starts_under_it(agent, nnp) -> None:
+    """With noNewPrivileges the filter comes after the wait and STARTED; without (Docker's
+    default) before the change of user, so the init waits before it and says STARTED
+    from under it: either way start reports the waiting init and the process runs filtered."""
+    a, root = agent
+    profile = {"defaultAction": "SCMP_ACT_ALLOW", "architectures": ["SCMP_ARCH_X86_64"],
+               "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]}
+    process = {**SPEC, "args": ["sh", "-c", "mkdir /d 2>/dev/null || echo refused; exit 3"], "noNewPrivileges": nnp}
+    a.ok("create_container", container_id="c1", rootfs={"serial": "s"}, process=process,
+         linux={"seccomp": profile})
+    waiting = held_init(a, root)
+    assert a.ok("start", container_id="c1")["pid"] == waiting
+    assert a.exit_of("init")["exit_code"] == 3
+    assert a.output_of("init", "stdout") == b"refused\n"
+    assert not (root / "d").exists()
+    a.ok("destroy_container", container_id="c1")
+
+
+def test_a_filter_that_refuses_the_acknowledgement_still_starts_the_init(agent) -> None:
+    """Without noNewPrivileges the filter is loaded before STARTED; one that refuses write(2)
+    refuses that too: start then waits for the exec (the error pipe's end), as before."""
+    a, root = agent
+    profile = {"defaultAction": "SCMP_ACT_ALLOW", "architectures": ["SCMP_ARCH_X86_64"],
+               "syscalls": [{"names": ["write"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]}
+    a.ok("create_container", container_id="c1", rootfs={"serial": "s"},
+         process={**SPEC, "args": ["sh", "-c", "exit 4"], "noNewPrivileges": False}, linux={"seccomp": profile})
+    waiting = held_init(a, root)
+    assert a.ok("start", container_id="c1")["pid"] == waiting
+    assert a.exit_of("init")["exit_code"] == 4
+    a.ok("destroy_container", container_id="c1")
