@@ -1,7 +1,9 @@
 """The CLI's hot paths (issue 14, item 2): wall time of each call as a fresh process.
 
 Needs root, QEMU, the guest image and runc (as bench/run.py). Starts its own daemons, runs
-one `sleep` container and, for `start` and `delete`, a fresh one per call. Each command is
+one `sleep` container and, for `start` and `delete`, a fresh one per call (`start` right
+after `create`, as containerd's shim calls it, and `start, init ready` 0.5 s after it, once
+the guest has made the waiting init: what start costs itself). Each command is
 timed RUNS times (default 20) with the lean entry point (`hanabi-runtime`, now
 `hanabi_runtime.lean:main`) and with the full typer CLI (`hanabi_runtime.cli:main`, what the
 console script ran before), in the same run, against `runc state` on a runc container of the
@@ -65,6 +67,59 @@ load 1.9): agentd's flush request was named `sync`, the name of the SYNC marker'
 pseudo-message, so the guest took it for a marker and never answered, and agentd waited
 its 5 s bound every time. `start` is the guest's work (agentd's container.start: 170-240 ms
 of forking and setting up the process under TCG).
+
+`start` no longer waits for the exec (it replies once the held init is past its wait, as
+`runc start` returns once its init wrote the exec fifo); the lean `delete` imports neither
+logging, dataclasses (hanabi_runtime.pod), shutil, signal nor pathlib; vmmd, blockd and netd
+wake their release worker once the reply is sent (rpc.context.after_reply: the worker's
+Python held the GIL the reply needed); vmmd waits for the killed QEMU on its pidfd, not with
+Popen.wait's doubling sleep. 2026-12-01 21:26 UTC, medians of 10, editable install
+byte-compiled, guest image of the `startdel` branch, load average 1.5-1.6 (`python -c pass`
+17.7 ms, against 11.3 on the quiet host):
+
+    command            full ms  lean ms  full/lean  lean/runc-state
+    state                443.1     32.2      13.76              4.7
+    ps                   389.8     38.6       10.1              5.6
+    ps --format json     306.3     33.9       9.04              4.9
+    events --stats       460.3     43.7      10.53              6.3
+    kill                 427.0     42.1      10.14              6.1
+    pause                457.3     41.8      10.94              6.1
+    resume               457.3     40.7      11.24              5.9
+    start                469.9    169.4       2.77             24.6
+    delete --force       419.3     67.7       6.19              9.8
+    start, init ready    402.8     66.2       6.08              9.6
+    runc state: 6.9 ms; `python -c pass`: 17.7 ms
+
+(A run at 21:19, load 1.0-1.7, `python -c pass` 14.5 ms, all but the pidfd wait: `state`
+25.5, `start` 149.6, `delete --force` 55.0, `start, init ready` 51.0.) The branch's base
+(30130ba, its own venv and guest image) and the branch side by side, their own daemons at
+once, each call alternated, lean CLI: medians of 20 at load 1.35, `start` right after
+`create` 151.9 -> 84.8 ms, `delete --force` of the running container 85.9 -> 59.5, `state`
+36.3 / 34.5, `create` 467.6 / 470.1; 0.5 s after create (medians of 12, load 1.25) `start`
+124.0 -> 73.4, `delete --force` 122.2 -> 70.0, `state` 40.0 / 41.0. agentd's container.start
+alone from a warm client, init ready: 93.1 -> 33.8 ms (load 4.0), 75.7 -> 34.5 (3.2); the
+guest's own handling of start (`hanabi.trace=1`) 50-80 -> 10-25 ms. Per delete, in the CLI
+(load 1.5): the release calls 30 -> 20-22 ms once the workers woke after the replies
+(volume.release 5.2 -> 2.0-2.4 ms, net.detach 3.0 -> 2.0-2.3), the code before them 13-17
+-> 1.4-1.6 ms.
+What is left above 50 ms:
+- `start` right after `create` waits for the guest to make the container's init, which it
+  begins when create has replied: fork of the agent 30-38 ms, then in the child its cgroup
+  joined 15-48 ms, its mount namespace 23-38, hardening (masked and read-only paths,
+  sysctls) 24-40, the rootfs entered 15-30, the program looked up over the 9P share 13-20
+  (6 stats along $PATH), capabilities and user ~10: about 200 ms of the one vCPU, first-time
+  code for the clone under TCG, of which create's own remainder and start's start-up hide
+  80-100 ms. Moving that setup before create's reply (as runc's create does) would bring
+  `start` to the `init ready` figure and make `create`, `run` and `docker run` slower by
+  about as much.
+- `start, init ready`: the CLI's start-up (`state` minus its RPC, ~24 ms on the quiet host),
+  agentd's relay and its fsynced agent.json (2-7 ms), the guest's reply 10-25 ms.
+- `delete --force`: the CLI's start-up plus the four release calls, 20-22 ms together at
+  load 1.5: agentd 5-10 (the guest's sync 3-9), vmmd 9-12 (SIGKILL and reap: QEMU's exit
+  takes 4-8), blockd and netd ~2 each (about 1 ms of that the connection and envelope).
+  Folding blockd's and netd's calls into vmmd's would save about 2 ms at the price of vmmd
+  calling both; netd's call beside agentd's (in parallel) would have its worker remove the
+  taps under a QEMU still flushing; blockd's cannot come before the VM is dead.
 """
 
 from __future__ import annotations
@@ -90,6 +145,7 @@ RUNS = int(os.environ.get("HANABI_BENCH_RUNS", "20"))
 FULL = [sys.executable, "-c", "import sys; sys.argv[0] = 'hanabi-runtime'; "
         "from hanabi_runtime.cli import main; main()"]
 LEAN = [str(BIN / "hanabi-runtime")]
+READY_PAUSE_S = 0.5  # "start, init ready": from create's return (the init takes ~0.2 s under TCG)
 
 
 def timed(argv: list[str], ok: bool = True) -> float:
@@ -149,6 +205,13 @@ def main() -> None:
                 create(cid)
                 record("start", entry, timed(argv + ["start", cid]))
                 record("delete --force", entry, timed(argv + ["delete", "--force", cid]))
+                # The same once the guest has made the waiting init (it does so after create
+                # replied, while the host goes on): what start costs itself, without the wait.
+                cid = f"bench-{entry}-ready-{i}"
+                create(cid)
+                time.sleep(READY_PAUSE_S)
+                record("start, init ready", entry, timed(argv + ["start", cid]))
+                subprocess.run(LEAN + cfg + ["delete", "--force", cid], capture_output=True)
     finally:
         subprocess.run(["runc", "delete", "--force", "bench-cli-runc"], capture_output=True)
         subprocess.run(LEAN + cfg + ["delete", "--force", "bench-cli"], capture_output=True)

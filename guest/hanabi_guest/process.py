@@ -10,10 +10,13 @@ messages (``executable file not found in $PATH``) that Docker maps to exit codes
 
 ``spawn_held()`` forks the same child but returns at once a ``Held`` process, which stops
 before its exec and waits on a pipe, as runc's init waits on its exec fifo: after its user
-and capabilities (namespaces, cgroup, linux settings, rlimits, rootfs, cwd done), before the
-seccomp filter it loads last; with a filter loaded before them (no no_new_privs), which might
-refuse the wait's read, before that one. ``Held.release`` lets it go on to exec and gives
-``spawn``'s result or error;
+and capabilities (namespaces, cgroup, linux settings, rlimits, rootfs, cwd done) and the
+look-up of its program (``look_path``, runc's LookPath: a missing program is start's error),
+before the seccomp filter it loads last; with a filter loaded before them (no no_new_privs),
+which might refuse the wait's read, before that one. ``Held.release`` lets it go on and gives
+``spawn``'s result or error as soon as the child is past the wait and the look-up (it says
+``STARTED``): as runc's ``start``, it does not wait for the exec, whose failure (a program
+the kernel cannot run) goes to the process's stderr in runc's words, exit status 1.
 ``Held.discard`` kills and reaps it (through a pidfd: the agent's loop may have reaped it).
 
 With ``terminal: true`` the caller opens a pty (``Sandbox.open_pty``) and passes its slave
@@ -130,19 +133,34 @@ def _build_env(p: dict[str, Any], uid: int, passwd: str) -> dict[str, str]:
     return env
 
 
-def _execvpe(args: list[str], env: dict[str, str]) -> None:
-    """execve with a $PATH search like execvpe(3); no imports (we may be chrooted)."""
-    file = args[0]
+def look_path(file: str, env: dict[str, str]) -> str:
+    """The program ``file`` names, found as runc's init finds it before it waits for
+    ``start`` (Go's exec.LookPath, then an access check as the process's user): with a
+    slash the path itself, else the first file along $PATH that is no directory and has an
+    execute bit. OSError ENOENT when there is none, EACCES when the one found may not be
+    executed (no execute bit, or a noexec mount). access(2) with the real ids, which are the
+    process's own by now: AT_EACCESS needs faccessat2, which an older seccomp profile loaded
+    before this may refuse (runc falls back to faccessat then too). No imports (we may be
+    chrooted)."""
     if "/" in file:
-        os.execve(file, args, env)
-    saved: OSError | None = None
-    for d in env.get("PATH", DEFAULT_PATH).split(":"):
-        try:
-            os.execve(os.path.join(d or ".", file), args, env)
-        except OSError as exc:
-            if exc.errno not in (errno.ENOENT, errno.ENOTDIR) and saved is None:
-                saved = exc
-    raise saved or OSError(errno.ENOENT, "executable file not found")
+        st = os.stat(file)
+        if st.st_mode & 0o170000 == 0o040000 or not st.st_mode & 0o111:
+            raise OSError(errno.EACCES, "permission denied")
+        path = file
+    else:
+        for d in env.get("PATH", DEFAULT_PATH).split(":"):
+            path = os.path.join(d or ".", file)
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            if st.st_mode & 0o170000 != 0o040000 and st.st_mode & 0o111:
+                break
+        else:
+            raise OSError(errno.ENOENT, "executable file not found")
+    if not os.access(path, os.X_OK):
+        raise OSError(errno.EACCES, "permission denied")
+    return path
 
 
 class Guard:
@@ -169,7 +187,7 @@ def _child(p: dict[str, Any], root: str, chroot: bool, cgroup: str | None,
     stdlib is out of reach. With ``hold`` (a pipe's read end, ``spawn(hold=True)``) it waits
     there, once in its rootfs, for the agent's ``Held.release``: a byte; EOF ends it unstarted.
     """
-    stage = "setup"
+    stage, status, program = "setup", 127, p["args"][0]
     # Before any namespace: in a user namespace the agent's uid reads as another.
     privileged = os.geteuid() == 0
     try:
@@ -270,23 +288,61 @@ def _child(p: dict[str, Any], root: str, chroot: bool, cgroup: str | None,
             stage = "apply capabilities"
             guard.caps.keep_caps(False)
             guard.caps.apply()
+        stage = "exec"
+        program = look_path(p["args"][0], env)
         if hold >= 0 and late:
             stage = "wait for start"
             _wait_for_start(hold, errw)
-        os.closerange(3, errw)
-        os.closerange(errw + 1, 1 << 16)
+        if hold >= 0 and _acknowledge(errw, yield_cpu=late):
+            # runc's `start` returns here, once its init wrote the exec fifo: what follows
+            # is the process's own (a failure: on its stderr, exit status 1, as runc's).
+            errw, status = -1, 1
+        if errw < 0:
+            os.closerange(3, 1 << 16)
+        else:
+            os.closerange(3, errw)
+            os.closerange(errw + 1, 1 << 16)
         if guard.filter is not None and guard.nnp:
             stage = "load seccomp filter"
             guard.filter.load()
         stage = "exec"
-        _execvpe(p["args"], env)
+        os.execve(program, p["args"], env)
     except OSError as exc:
-        msg = f"{stage}\0{exc.errno or 0}\0{exc.strerror or exc}"
-        os.write(errw, msg.encode("utf-8", "replace")[:4096])
+        _report(errw, stage, exc.errno or 0, exc.strerror or str(exc), program)
     except BaseException as exc:  # noqa: BLE001 - the child must never return
-        os.write(errw, f"{stage}\0{0}\0{exc!r}".encode("utf-8", "replace")[:4096])
+        _report(errw, stage, 0, repr(exc), program)
     finally:
-        os._exit(127)
+        os._exit(status)
+
+
+def _acknowledge(errw: int, yield_cpu: bool) -> bool:
+    """Tell the agent the held process is past its wait and about to exec (``STARTED`` on
+    the error pipe, which it then closes); False when the write is refused (a seccomp
+    filter loaded before it may): the agent then waits for the pipe's end at the exec.
+    ``yield_cpu`` (no filter loaded yet, which might refuse it): sched_yield, so that the
+    agent, woken by the write, sends start's reply before this exec takes the vCPU."""
+    try:
+        os.write(errw, STARTED)
+    except OSError:
+        return False
+    os.close(errw)
+    if yield_cpu:
+        os.sched_yield()
+    return True
+
+
+def _report(errw: int, stage: str, num: int, text: str, program: str) -> None:
+    """A failure of the child: to the agent (``errw``: ``stage\\0errno\\0text``), or after
+    ``start`` returned (``errw`` -1) on its stderr in runc's words (``exec /bad: exec
+    format error``)."""
+    try:
+        if errw >= 0:
+            os.write(errw, f"{stage}\0{num}\0{text}".encode("utf-8", "replace")[:4096])
+        else:
+            what = f"exec {program}" if stage == "exec" else stage
+            os.write(2, f"{what}: {text[:1].lower()}{text[1:]}\n".encode("utf-8", "replace")[:4096])
+    except OSError:
+        pass
 
 
 def _wait_for_start(hold: int, errw: int) -> None:
@@ -358,6 +414,7 @@ def _spawn_error(data: bytes, args: list[str]) -> SpawnError:
 
 
 GO = b"G"
+STARTED = b"\x06"  # a held child, past its wait: what follows is its exec (no error starts so)
 
 
 class Held:
@@ -375,9 +432,10 @@ class Held:
         self.pidfd = os.pidfd_open(pid) if go >= 0 else -1
 
     def release(self) -> tuple[int, int, int, int] | None:
-        """Let it go on to exec: ``spawn``'s result (or the SpawnError ``spawn`` would raise,
-        a failure of its setup included), or None when it ended before without one (killed
-        while it waited: nothing of it is left; spawn it again)."""
+        """Let it go on to exec: ``spawn``'s result once it is past its wait (or the
+        SpawnError ``spawn`` would raise, a failure of its setup or its program's look-up
+        included), or None when it ended before without one (killed while it waited:
+        nothing of it is left; spawn it again)."""
         try:
             os.write(self.go, GO)
             gone = False
@@ -387,7 +445,7 @@ class Held:
         self.go = -1
         errors, self.errors = self.errors, -1
         try:
-            data = _read_errors(errors)
+            data = _read_errors(errors, until_started=True)
         except BaseException:
             self._close_ours()
             raise
@@ -436,16 +494,17 @@ class Held:
         self.ours = ()
 
 
-def _read_errors(ep_r: int) -> bytes:
-    """The child's error pipe read to its end, and closed: empty once the child exec'ed."""
-    chunks = []
+def _read_errors(ep_r: int, until_started: bool = False) -> bytes:
+    """The child's error pipe read to its end, and closed: empty once the child exec'ed
+    (``until_started``, a held child: or once it said ``STARTED``, before its exec)."""
+    chunks: list[bytes] = []
     try:
         while True:
             try:
                 chunk = os.read(ep_r, 4096)
             except InterruptedError:
                 continue
-            if not chunk:
+            if not chunk or (until_started and not chunks and chunk == STARTED):
                 break
             chunks.append(chunk)
     finally:

@@ -11,7 +11,7 @@ from pydantic import BaseModel
 from hanabi_common.errors import DeadlineExceeded, InvalidArgument, NotFound, Unavailable
 from hanabi_common.rpc.client import RpcClient
 from hanabi_common.rpc.envelope import PROTOCOL, decode_reply, decode_request, encode_request
-from hanabi_common.rpc.server import RpcServer
+from hanabi_common.rpc.server import RpcServer, after_reply
 
 
 class Echo(BaseModel):
@@ -41,6 +41,13 @@ def server(tmp_path):
     srv.register("fail", Echo, fail)
     srv.register("boom", Echo, boom)
     srv.register("slow", Echo, slow)
+
+    def later(req: Echo) -> dict:
+        # Runs once the reply is out: it waits for the test to have received it.
+        after_reply(lambda: AFTER.append(("ran", GOT.wait(5))))
+        return {"text": req.text}
+
+    srv.register("later", Echo, later)
     ready = threading.Event()
     thread = threading.Thread(target=srv.serve_forever, kwargs={"ready": ready.set}, daemon=True)
     thread.start()
@@ -49,6 +56,26 @@ def server(tmp_path):
     release.set()
     srv.stop()
     thread.join(10)
+
+
+AFTER: list[tuple[str, bool]] = []
+GOT = threading.Event()
+
+
+def test_after_reply_runs_once_the_reply_is_sent(server):
+    """What a handler hands to after_reply (a release worker's wake-up) runs after its reply
+    went out: here it waits for the client to have the reply, which it could not have if
+    the callback ran first (the loop thread sends the replies and runs the callbacks)."""
+    AFTER.clear()
+    GOT.clear()
+    client = RpcClient("testd", server, timeout=5)
+    assert client.call("later", {"text": "x"}) == {"text": "x"}
+    GOT.set()
+    assert client.call("echo", {"text": "y"}) == {"text": "y"}  # served after the callback returned
+    assert AFTER == [("ran", True)]
+    ran: list[int] = []
+    after_reply(lambda: ran.append(1))  # outside a handler: at once
+    assert ran == [1]
 
 
 def test_call_and_typed_errors(server):

@@ -2,7 +2,10 @@
 process ``spawn_held``/``Held``), run on the host as root with ``--chroot 1 --pidns 1`` (a
 busybox rootfs in a temp dir), as the guest does it: the waiting init is the one start
 reports, a destroy or a signal before start ends it and leaves nothing, one killed while it
-waits is made again at start, and a failure of its setup is start's error, as before."""
+waits is made again at start, and a failure of its setup is start's error, as before. As
+runc's `start`, start returns once the init is past its wait, before its exec: a program
+that is missing is start's error (looked up before the wait, as runc's create does), one the
+kernel cannot run fails after start, on the process's stderr, exit status 1 (as under runc)."""
 
 from __future__ import annotations
 
@@ -152,3 +155,63 @@ def test_a_waiting_init_holds_no_other_containers_descriptors(agent) -> None:
     assert a.exit_of("init", cid="c2")["exit_code"] == 7
     for cid in ("c1", "c2"):
         a.ok("destroy_container", container_id=cid)
+
+
+def test_a_missing_program_is_starts_error(agent) -> None:
+    a, root = agent
+    for args, message in ((["no-such-program"], 'exec: "no-such-program": executable file not found in $PATH'),
+                          (["/bin/nope"], 'exec: "/bin/nope": stat /bin/nope: no such file or directory'),
+                          (["/etc/passwd"], 'exec: "/etc/passwd": permission denied')):
+        a.ok("create_container", container_id="c1", rootfs={"serial": "s"}, process={**SPEC, "args": args})
+        error = a.err("start", container_id="c1")
+        assert error["code"] == "FAILED_PRECONDITION" and error["message"] == message, error
+        a.ok("destroy_container", container_id="c1")
+    assert children(a.proc.pid) == [] or all(gone(p) for p in children(a.proc.pid))
+
+
+def test_start_does_not_wait_for_the_exec_whose_failure_is_the_processs_as_under_runc(agent) -> None:
+    """A program the kernel cannot run (no ELF, no #!) passes the look-up: start succeeds
+    and the process reports it on its stderr and exits 1, as runc's init does after
+    `runc start` returned (`exec /bin/bad: exec format error`)."""
+    a, root = agent
+    (root / "bin/bad").write_bytes(b"\x00\x01 not a program\n")
+    (root / "bin/bad").chmod(0o755)
+    a.ok("create_container", container_id="c1", rootfs={"serial": "s"}, process={**SPEC, "args": ["bad"]})
+    waiting = held_init(a, root)
+    assert a.ok("start", container_id="c1")["pid"] == waiting
+    assert a.exit_of("init")["exit_code"] == 1
+    assert a.output_of("init", "stderr") == b"exec /bin/bad: exec format error\n"
+    a.ok("destroy_container", container_id="c1")
+
+
+@pytest.mark.parametrize("nnp", [True, False])
+def test_a_waiting_init_with_a_seccomp_filter_starts_under_it(agent, nnp) -> None:
+    """With noNewPrivileges the filter comes after the wait and STARTED; without (Docker's
+    default) before the change of user, so the init waits before it and says STARTED
+    from under it: either way start reports the waiting init and the process runs filtered."""
+    a, root = agent
+    profile = {"defaultAction": "SCMP_ACT_ALLOW", "architectures": ["SCMP_ARCH_X86_64"],
+               "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]}
+    process = {**SPEC, "args": ["sh", "-c", "mkdir /d 2>/dev/null || echo refused; exit 3"], "noNewPrivileges": nnp}
+    a.ok("create_container", container_id="c1", rootfs={"serial": "s"}, process=process,
+         linux={"seccomp": profile})
+    waiting = held_init(a, root)
+    assert a.ok("start", container_id="c1")["pid"] == waiting
+    assert a.exit_of("init")["exit_code"] == 3
+    assert a.output_of("init", "stdout") == b"refused\n"
+    assert not (root / "d").exists()
+    a.ok("destroy_container", container_id="c1")
+
+
+def test_a_filter_that_refuses_the_acknowledgement_still_starts_the_init(agent) -> None:
+    """Without noNewPrivileges the filter is loaded before STARTED; one that refuses write(2)
+    refuses that too: start then waits for the exec (the error pipe's end), as before."""
+    a, root = agent
+    profile = {"defaultAction": "SCMP_ACT_ALLOW", "architectures": ["SCMP_ARCH_X86_64"],
+               "syscalls": [{"names": ["write"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]}
+    a.ok("create_container", container_id="c1", rootfs={"serial": "s"},
+         process={**SPEC, "args": ["sh", "-c", "exit 4"], "noNewPrivileges": False}, linux={"seccomp": profile})
+    waiting = held_init(a, root)
+    assert a.ok("start", container_id="c1")["pid"] == waiting
+    assert a.exit_of("init")["exit_code"] == 4
+    a.ok("destroy_container", container_id="c1")

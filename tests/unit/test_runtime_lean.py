@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -49,6 +50,8 @@ def test_mirrors_match_their_definitions():
                 assert default == info.default, name
     assert records.EXEC_PREFIX == EXEC_PREFIX
     assert commands.START_FIFO == lifecycle.START_FIFO and commands.AGENTD_SLACK_S == SLACK_S
+    from hanabi_runtime import pod, teardown
+    assert commands.POD_CONTAINER_TYPE == pod.CONTAINER_TYPE and teardown.SIGKILL == signal.SIGKILL
     assert set(lifecycle.LATER_PHASES) == {"poststart", "poststop"}  # the phases that fall back
 
 

@@ -54,3 +54,18 @@ def test_exit_status_convention():
     assert proc.exit_status(3) == 3
     assert proc.exit_status(-9) == 137
     assert proc.exit_status(-15) == 143
+
+
+def test_wait_exited_wakes_on_the_exit_of_a_child_and_leaves_it_to_reap():
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        assert proc.wait_exited(child.pid, 0.05) is False  # still running
+        child.kill()
+        assert proc.wait_exited(child.pid, 5) is True
+        assert child.returncode is None  # a zombie: the caller reaps it
+        assert child.wait() == -signal.SIGKILL
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert proc.wait_exited(child.pid, 0.05) is True  # reaped: nothing left to wait for

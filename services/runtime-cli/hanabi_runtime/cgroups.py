@@ -6,18 +6,28 @@ pid in the pid file for `docker stats`. hanabi puts the VMM process and the stan
 so the figures are what the container really costs the host. No limits are written: the
 VM's size already bounds the guest, and a memory limit below the VMM's own footprint would
 have the host kill the whole VM. Works on cgroup v1 (every mounted controller) and v2.
+`remove` is on the lean `delete`'s path: pathlib and logging are imported where used.
 """
 
 from __future__ import annotations
 
-import logging
+import os
 import time
-from pathlib import Path
 
 from hanabi_common.errors import InvalidArgument
 
-log = logging.getLogger("hanabi.runtime.cgroups")
-CGROUP_ROOT = Path("/sys/fs/cgroup")
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from logging import Logger
+    from pathlib import Path
+
+CGROUP_ROOT = "/sys/fs/cgroup"
+
+
+def _log() -> Logger:
+    import logging
+
+    return logging.getLogger("hanabi.runtime.cgroups")
 
 
 def normalize(cgroups_path: str) -> str:
@@ -35,8 +45,11 @@ def normalize(cgroups_path: str) -> str:
     return path
 
 
-def hierarchies(root: Path = CGROUP_ROOT) -> list[Path]:
+def hierarchies(root: Path | str = CGROUP_ROOT) -> list[Path]:
     """The roots to create the cgroup in: the v2 root, or each mounted v1 controller."""
+    from pathlib import Path
+
+    root = Path(root)
     if (root / "cgroup.controllers").exists():
         return [root]
     found = []
@@ -47,7 +60,7 @@ def hierarchies(root: Path = CGROUP_ROOT) -> list[Path]:
     return found
 
 
-def place(relative: str, pids: list[int], root: Path = CGROUP_ROOT) -> list[str]:
+def place(relative: str, pids: list[int], root: Path | str = CGROUP_ROOT) -> list[str]:
     """Create the cgroup in every hierarchy and move `pids` into it; returns the dirs made
     (all of them, also where a move failed, so that `remove` cleans them up)."""
     made = []
@@ -56,7 +69,7 @@ def place(relative: str, pids: list[int], root: Path = CGROUP_ROOT) -> list[str]
         try:
             _make(directory)
         except OSError as exc:
-            log.warning("could not create cgroup", extra={"path": str(directory), "error": str(exc)})
+            _log().warning("could not create cgroup", extra={"path": str(directory), "error": str(exc)})
             continue
         made.append(str(directory))
         _prepare(directory)
@@ -86,7 +99,7 @@ def _prepare(directory: Path) -> None:
         try:
             move_charge.write_text("3\n")
         except OSError as exc:
-            log.debug("move_charge_at_immigrate not set", extra={"error": str(exc)})
+            _log().debug("move_charge_at_immigrate not set", extra={"error": str(exc)})
 
 
 def remove(directories: list[str], timeout: float = 2.0) -> list[str]:
@@ -96,13 +109,13 @@ def remove(directories: list[str], timeout: float = 2.0) -> list[str]:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                Path(directory).rmdir()
+                os.rmdir(directory)
                 break
             except FileNotFoundError:
                 break
             except OSError as exc:
                 if time.monotonic() > deadline:
-                    log.warning("cgroup not removed", extra={"path": directory, "error": str(exc)})
+                    _log().warning("cgroup not removed", extra={"path": directory, "error": str(exc)})
                     left.append(directory)
                     break
                 time.sleep(0.05)
@@ -114,6 +127,7 @@ def join(directories: list[str], *pids: int) -> None:
     for directory in directories:
         for pid in pids:
             try:
-                (Path(directory) / "cgroup.procs").write_text(f"{pid}\n")
+                with open(os.path.join(directory, "cgroup.procs"), "w") as procs:
+                    procs.write(f"{pid}\n")
             except OSError as exc:
-                log.warning("could not join cgroup", extra={"path": directory, "pid": pid, "error": str(exc)})
+                _log().warning("could not join cgroup", extra={"path": directory, "pid": pid, "error": str(exc)})

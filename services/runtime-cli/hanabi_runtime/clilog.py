@@ -1,6 +1,7 @@
 """Where the CLI's warnings and errors go: stderr, and the --log file (text or JSON), as runc.
 
-Shared by the typer CLI and the lean hot paths (standard library only, logging on demand).
+Shared by the typer CLI and the lean hot paths (standard library only, logging on demand:
+a lean command calls `defer_logging`, and `logger` sets it up at the first warning).
 """
 
 from __future__ import annotations
@@ -10,6 +11,25 @@ import sys
 import time
 
 PROGRAM = "hanabi-runtime"
+_deferred: tuple | None = None  # setup_logging's arguments until the first `logger` call
+
+
+def defer_logging(log, log_format: str, debug: bool) -> None:
+    """`setup_logging`, done by the first `logger` call (the logging module costs a lean
+    command more than its work when nothing is logged)."""
+    global _deferred
+    _deferred = (log, log_format, debug)
+
+
+def logger(name: str):
+    """The logger `name` (a `logging.Logger`), logging set up first if it was deferred."""
+    global _deferred
+    import logging
+
+    if _deferred is not None:
+        args, _deferred = _deferred, None
+        setup_logging(*args)
+    return logging.getLogger(name)
 
 
 def setup_logging(log, log_format: str, debug: bool) -> None:

@@ -12,17 +12,14 @@ it: hanabi_common.marker) and the container's host cgroups removed.
 
 from __future__ import annotations
 
-import logging
 import os
-import shutil
-import signal
 from collections.abc import Callable, Iterable
 
 from hanabi_common.errors import HanabiError, Internal, NotFound, Unavailable
-from hanabi_common.marker import disown
+from hanabi_runtime.clilog import logger
 from hanabi_runtime.procs import is_same_process_alive
 
-log = logging.getLogger("hanabi.runtime")
+SIGKILL = 9  # signal.SIGKILL (the signal module's enums cost the lean `delete` more than its work)
 # (daemon, method, what it does): in this order (agentd before the VM goes, so the processes
 # it still counts as running are recorded SIGKILLed, not lost).
 STEPS = (
@@ -55,7 +52,8 @@ def release(cid: str, call: Call, sandbox: str | None = None) -> tuple[list[str]
             pass
         except Unavailable as exc:
             down.append(daemon)
-            log.warning(f"{what}: left to {daemon}, which is down", extra={"error": exc.message})
+            logger("hanabi.runtime").warning(f"{what}: left to {daemon}, which is down",
+                                             extra={"error": exc.message})
         except HanabiError as exc:
             failures.append(f"{what}: {exc.message}")
     return failures, down
@@ -66,9 +64,45 @@ def kill_standins(standins: Iterable[tuple[int | None, int | None]]) -> None:
     for pid, start in standins:
         if pid and is_same_process_alive(pid, start):
             try:
-                os.kill(pid, signal.SIGKILL)
+                os.kill(pid, SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def remove_tree(path: str) -> None:
+    """`shutil.rmtree(path, ignore_errors=True)` without shutil (its import, bz2 and lzma
+    included, costs the lean `delete` a few ms): entries removed through directory fds,
+    symlinks never followed; what cannot be removed stays, silently."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        _clear(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
+
+
+def _clear(dir_fd: int) -> None:
+    with os.scandir(dir_fd) as entries:
+        names = [(entry.name, entry.is_dir(follow_symlinks=False)) for entry in entries]
+    for name, is_dir in names:
+        try:
+            if is_dir:
+                child = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+                try:
+                    _clear(child)
+                finally:
+                    os.close(child)
+                os.rmdir(name, dir_fd=dir_fd)
+            else:
+                os.unlink(name, dir_fd=dir_fd)
+        except OSError:
+            pass
 
 
 def teardown(cid: str, call: Call, sandboxes_dir: str, standins: Callable[[], list],
@@ -82,16 +116,18 @@ def teardown(cid: str, call: Call, sandboxes_dir: str, standins: Callable[[], li
         try:
             call("vmmd", "vm.resume", {"sandbox_id": cid})
         except HanabiError as exc:
-            log.warning("a paused VM not thawed before its release: its guest cannot flush",
-                        extra={"container": cid, "error": exc.message})
+            logger("hanabi.runtime").warning("a paused VM not thawed before its release: its guest cannot flush",
+                                             extra={"container": cid, "error": exc.message})
     failures, down = release(cid, call, sandbox)
     kill_standins(standins())
     if down:
+        from hanabi_common.marker import disown
+
         if disown(sandboxes_dir, cid, down):
-            log.warning("container removed; the daemons that are down finish its cleanup "
-                        "when they start", extra={"container": cid, "daemons": sorted(down)})
+            logger("hanabi.runtime").warning("container removed; the daemons that are down finish its cleanup "
+                                             "when they start", extra={"container": cid, "daemons": sorted(down)})
     else:
-        shutil.rmtree(os.path.join(sandboxes_dir, cid), ignore_errors=True)
+        remove_tree(os.path.join(sandboxes_dir, cid))
     if cgroup_dirs:
         from hanabi_runtime.cgroups import remove
         left = remove(cgroup_dirs)

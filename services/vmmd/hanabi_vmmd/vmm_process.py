@@ -71,11 +71,10 @@ def kill_and_reap(handle: VmHandle) -> int | None:
     this vmmd is its parent."""
     proc.kill_verified(handle.pid, handle.start_time or None, signal.SIGKILL)
     if handle.process is not None:
-        try:
-            return handle.process.wait(KILL_WAIT_S)
-        except subprocess.TimeoutExpired:
+        if handle.process.returncode is None and not proc.wait_exited(handle.pid, KILL_WAIT_S):
             log.error("vmm did not die after SIGKILL", extra={"sandbox": handle.sandbox_id, "pid": handle.pid})
             return None
+        return handle.process.wait()  # a zombie by now: reaped at once
     proc.wait_gone(handle.pid, handle.start_time, KILL_WAIT_S)
     return None
 

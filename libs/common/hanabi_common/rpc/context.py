@@ -3,16 +3,18 @@
 The server sets a `CallContext` for each call a worker runs; `current_call()` returns it
 (None outside a handler). Its deadline is the caller's: a handler that waits (for a lock, a
 guest, a device) waits `within_deadline(seconds)` at most, since nobody takes the answer
-after that. No ZeroMQ or pydantic here, so the lock helpers can use it.
+after that. `after_reply(fn)` has the server run `fn` once the call's reply is sent (work a
+handler starts that would otherwise race its own reply for the GIL). No ZeroMQ or pydantic
+here, so the lock helpers can use it.
 """
 
 from __future__ import annotations
 
 import contextvars
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from hanabi_common.errors import DeadlineExceeded
@@ -26,6 +28,7 @@ class CallContext:
     """What a handler may want to know about the call it serves."""
 
     header: RequestHeader
+    after_reply: list[Callable[[], None]] = field(default_factory=list)  # run once the reply is sent
 
     @property
     def remaining(self) -> float:
@@ -49,6 +52,16 @@ _CALL: contextvars.ContextVar[CallContext | None] = contextvars.ContextVar("hana
 def current_call() -> CallContext | None:
     """The call the current worker thread serves (None outside a handler)."""
     return _CALL.get()
+
+
+def after_reply(fn: Callable[[], None]) -> None:
+    """Run `fn` once the reply of the call being served is sent (on the server's loop
+    thread: it must be quick, e.g. wake a worker); at once outside a handler."""
+    ctx = _CALL.get()
+    if ctx is None:
+        fn()
+    else:
+        ctx.after_reply.append(fn)
 
 
 def within_deadline(seconds: float) -> float:

@@ -6,7 +6,8 @@ a queue and wake the loop with a pipe. Anything a peer sends that is not a valid
 gets an error reply; the server never dies of it. Every call a worker runs is recorded in
 `progress` (with the caller's deadline), and the loop keeps a no-op canary queued for the
 pool: the daemon's watchdog is fed from that (`progress.Watchdog`), not from the loop turning.
-A handler sees the call it serves (the caller's deadline included) through `current_call()`.
+A handler sees the call it serves (the caller's deadline included) through `current_call()`;
+what it hands to `after_reply` the loop runs once it has sent the reply.
 Methods are registered from the daemon's declared table (`rpc.contract`), which also names
 each one's reply model: a handler's result is checked against it before it is sent.
 """
@@ -29,14 +30,15 @@ from pydantic import BaseModel, ValidationError
 
 from hanabi_common.errors import (DeadlineExceeded, HanabiError, Internal, InvalidArgument,
                                   NotFound)
-from hanabi_common.rpc.context import CallContext, current_call, serving, within_deadline
+from hanabi_common.rpc.context import CallContext, after_reply, current_call, serving, within_deadline
 from hanabi_common.rpc.envelope import RequestHeader, decode_request, encode_reply
 from hanabi_common.rpc.progress import Progress
 
 log = logging.getLogger("hanabi.rpc")
 
 Handler = Callable[[Any], Any]
-__all__ = ["CallContext", "Method", "RpcServer", "current_call", "within_deadline"]
+__all__ = ["CallContext", "Method", "RpcServer", "after_reply", "current_call", "within_deadline"]
+Reply = tuple[list[bytes], list[Callable[[], None]]]  # frames, what to run once they are sent
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,7 @@ class RpcServer:
         self.max_message_bytes = max_message_bytes
         self._methods: dict[str, Method] = {}
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"{name}-rpc")
-        self._replies: queue.Queue[list[bytes]] = queue.Queue()
+        self._replies: queue.Queue[Reply] = queue.Queue()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         self._stopping = threading.Event()
@@ -143,13 +145,18 @@ class RpcServer:
     def _flush_replies(self, sock: zmq.Socket) -> None:
         while True:
             try:
-                frames = self._replies.get_nowait()
+                frames, after = self._replies.get_nowait()
             except queue.Empty:
                 return
             try:
                 sock.send_multipart(frames, zmq.NOBLOCK)
             except zmq.ZMQError as exc:
                 log.warning("could not send a reply", extra={"error": str(exc)})
+            for fn in after:
+                try:
+                    fn()
+                except Exception:  # a bug in one callback must not stop the loop
+                    log.exception("after-reply callback failed")
 
     def _receive(self, sock: zmq.Socket) -> None:
         while True:
@@ -174,8 +181,10 @@ class RpcServer:
         started = time.monotonic()
         token = self.progress.begin(header.method, header.deadline - time.time())
         error = ""
+        after: list[Callable[[], None]] = []
         try:
-            with serving(header):
+            with serving(header) as ctx:
+                after = ctx.after_reply
                 result = self._call(header, body)
             frames = encode_reply(header.msg_id, result=result)
             outcome = "ok"
@@ -189,12 +198,12 @@ class RpcServer:
         finally:
             self.progress.end(token)
         elapsed = time.monotonic() - started
+        self._replies.put((routing + frames, after))
+        os.write(self._wake_w, b"r")  # the reply first: the log line and the metrics after it
         fields = {"method": header.method, "outcome": outcome, "ms": round(elapsed * 1000, 1)}
         log.debug("call", extra={**fields, "error": error} if error else fields)
         if self._on_call is not None:
             self._on_call(header.method if header.method in self._methods else "(unknown)", outcome, elapsed)
-        self._replies.put(routing + frames)
-        os.write(self._wake_w, b"r")
 
     def _call(self, header: RequestHeader, body: dict) -> dict:
         method = self._methods.get(header.method)

@@ -23,6 +23,7 @@ from hanabi_runtime.procs import START_FIFO, is_same_process_alive, oci_document
 AGENTD_SLACK_S = 5.0  # hanabi_agentd.client.SLACK_S
 BLOCKD_MIN_TIMEOUT_S = 120.0  # hanabi_blockd.client.BlockdClient
 STATUSES = ("created", "running", "stopped")  # hanabi_common.models.agentd.ProcessStatus
+POD_CONTAINER_TYPE = "io.kubernetes.cri.container-type"  # hanabi_runtime.pod.CONTAINER_TYPE
 
 
 class Daemons:
@@ -230,7 +231,6 @@ def cmd_events(config: LeanConfig, args: dict) -> int:
 
 def cmd_delete(config: LeanConfig, args: dict) -> int:
     """`delete [--force] ID`: Runtime.delete, over the same `hanabi_runtime.teardown`."""
-    from hanabi_runtime.pod import CONTAINER_TYPE as POD_CONTAINER_TYPE
     from hanabi_runtime.teardown import teardown
 
     cid = checked_id(args["id"])
@@ -280,6 +280,6 @@ def run(name: str, config: LeanConfig, args: dict, log: tuple) -> int:
     """Run one hot command; its exit status. `log`: (file, format, debug) of the warnings
     (delete's, when a daemon is down), set up as the full CLI does it."""
     if name == "delete":
-        from hanabi_runtime.clilog import setup_logging
-        setup_logging(*log)
+        from hanabi_runtime.clilog import defer_logging
+        defer_logging(*log)
     return COMMANDS[name](config, args)
