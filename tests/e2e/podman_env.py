@@ -26,7 +26,8 @@ from pathlib import Path
 
 from tests.e2e.docker_env import mounts_under, tap_devices
 from tests.e2e.engines import import_busybox, wait_for
-from tests.helpers.hanabi import BIN, Daemons, integration_skip_reason, loop_devices_on, processes_mentioning
+from tests.helpers.hanabi import (BIN, Daemons, integration_skip_reason, kept_vmm_pids, loop_devices_on,
+                                  processes_mentioning)
 
 IMAGE = "localhost/hanabi-busybox:test"
 CNI_PLUGIN_DIR = Path("/usr/lib/cni")
@@ -185,7 +186,7 @@ class PrivatePodman:
         """What hanabi, podman or CNI have now that a removed container could leave behind."""
         config = self.hanabi.config
         daemon_pids = {proc.pid for proc in self.hanabi.procs.values()}
-        ours = set(processes_mentioning(str(self.hanabi.root))) - daemon_pids
+        ours = set(processes_mentioning(str(self.hanabi.root))) - daemon_pids - kept_vmm_pids(self.hanabi.config)
         conmons = {pid for pid in processes_mentioning("conmon") if pid in set(processes_mentioning(str(self.base)))}
         sbs, volumes = config.sandboxes_dir, config.block.volume_dir
         return {
