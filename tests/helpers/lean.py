@@ -15,10 +15,11 @@ HEAVY = ("pydantic", "pydantic_core", "typer", "click", "jsonschema", "zmq",
 
 _PROBE = """
 import atexit, json, sys
+at_start = set(sys.modules)  # the interpreter's own, and what site's .pth files import
 entry, target = sys.argv.pop(1), sys.argv.pop(1)
 def _dump():
     with open(target, "w") as handle:
-        json.dump(sorted(sys.modules), handle)
+        json.dump(sorted(set(sys.modules) - at_start), handle)
 atexit.register(_dump)
 sys.argv[0] = "hanabi-runtime"
 if entry == "lean":
@@ -30,7 +31,8 @@ main()
 
 
 def run_cli(args: list[str], *, full: bool = False, timeout: float = 60) -> tuple[subprocess.CompletedProcess, set[str]]:
-    """Run the CLI with `args` in a fresh interpreter; the result and the modules it imported."""
+    """Run the CLI with `args` in a fresh interpreter; the result and the modules it imported
+    (not those the interpreter had before it: an editable install's finder imports pathlib)."""
     with tempfile.NamedTemporaryFile("r", suffix=".json") as modules, \
             tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         done = subprocess.run([sys.executable, "-c", _PROBE, "full" if full else "lean", modules.name, *args],
