@@ -126,6 +126,13 @@ class Daemons:
     def state(self, cid: str) -> dict:
         return json.loads(self.runtime("state", cid, check=True).stdout)
 
+    def wait_stopped(self, cid: str, timeout: float, why: str = "the container never stopped") -> None:
+        """Poll `state` until container `cid` is stopped; AssertionError(`why`) after `timeout`."""
+        deadline = time.monotonic() + timeout
+        while self.state(cid)["status"] != "stopped":
+            assert time.monotonic() < deadline, why
+            time.sleep(0.05)
+
 
 def zygote_answers(path: str) -> bool:
     """Whether a zygote answers a ping on socket `path`."""

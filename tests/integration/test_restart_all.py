@@ -8,7 +8,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -81,10 +80,7 @@ def test_all_daemons_killed_and_restarted_while_a_container_runs(daemons, tmp_pa
         assert pinged.returncode == 0, pinged.stdout + pinged.stderr
 
         daemons.runtime("kill", cid, "TERM", check=True)
-        deadline = time.monotonic() + 30
-        while daemons.state(cid)["status"] != "stopped":
-            assert time.monotonic() < deadline, "the container did not stop after SIGTERM"
-            time.sleep(0.2)
+        daemons.wait_stopped(cid, 30, "the container did not stop after SIGTERM")
         daemons.runtime("delete", cid, check=True)
         assert leftovers(daemons, cid) == []
         assert pair.leftovers() == []

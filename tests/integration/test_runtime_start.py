@@ -5,7 +5,6 @@ stderr with status 1, as under runc (the same bundle run by both)."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -33,10 +32,7 @@ def test_a_program_the_kernel_cannot_run_fails_after_start_as_under_runc(hanabi,
     hanabi.runtime("create", "--bundle", path, cid, check=True)
     started = hanabi.runtime("start", cid)
     assert started.returncode == 0, started.stderr.decode()
-    deadline = time.monotonic() + 60
-    while hanabi.state(cid)["status"] != "stopped":
-        assert time.monotonic() < deadline, "the container never stopped"
-        time.sleep(0.05)
+    hanabi.wait_stopped(cid, 60)
     hanabi.runtime("delete", cid, check=True)
     assert leftovers(hanabi, cid) == []
 

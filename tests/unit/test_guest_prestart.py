@@ -38,9 +38,13 @@ def rootfs(tmp_path: Path) -> Path:
 
 
 def children(pid: int) -> list[int]:
+    """The children of every thread of `pid` (a thread that ended meanwhile has none)."""
     out: list[int] = []
     for task in Path(f"/proc/{pid}/task").iterdir():
-        out += [int(p) for p in (task / "children").read_text().split()]
+        try:
+            out += [int(p) for p in (task / "children").read_text().split()]
+        except FileNotFoundError:
+            continue
     return out
 
 
