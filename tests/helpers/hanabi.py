@@ -270,19 +270,19 @@ def leftovers(daemons: Daemons, cid: str, in_pod: bool = False) -> list[str]:
         found.append(f"loop devices {loops}")
     vm_dir = config.run_dir / "vm"
     kept = kept_vm_records(config)  # the warm pool's VMs and the spare VMMs, by design
-    pooled = {Path(r["vm_dir"]).name for r in kept}
-    if vm_dir.exists() and set(os.listdir(vm_dir)) - pooled:
-        found.append(f"vm dirs {sorted(set(os.listdir(vm_dir)) - pooled)}")
-    strays = unrecorded_vmms(config)
+    kept_dirs = {Path(r["vm_dir"]).name for r in kept}
+    if vm_dir.exists() and set(os.listdir(vm_dir)) - kept_dirs:
+        found.append(f"vm dirs {sorted(set(os.listdir(vm_dir)) - kept_dirs)}")
+    strays = unrecorded_vmms(config, kept)
     if strays:
         found.append(f"vmms no record refers to {strays} {_cmdlines(strays)}")
     netns_dir = config.run_dir / "netns"
     if netns_dir.exists() and any(netns_dir.iterdir()):
         found.append(f"network namespaces {os.listdir(netns_dir)}")
-    pooled_shares = {Path(r.get("share_dir") or "/").name for r in kept}
+    kept_shares = {Path(r.get("share_dir") or "/").name for r in kept}
     shares = config.shares_dir
-    if shares.exists() and set(os.listdir(shares)) - pooled_shares:
-        found.append(f"share roots {sorted(set(os.listdir(shares)) - pooled_shares)}")
+    if shares.exists() and set(os.listdir(shares)) - kept_shares:
+        found.append(f"share roots {sorted(set(os.listdir(shares)) - kept_shares)}")
     share_mounts = mounts_under(shares)
     if share_mounts:
         found.append(f"share mounts {share_mounts}")
@@ -303,11 +303,12 @@ def kept_vmm_pids(config) -> set[int]:
     return {r["pid"] for r in kept_vm_records(config)}
 
 
-def unrecorded_vmms(config) -> list[int]:
+def unrecorded_vmms(config, kept: list[dict] | None = None) -> list[int]:
     """Pids of VMMs running from a VM directory of `config`'s run dir that no record of vmmd
-    (a sandbox's, the pool's, a spare's) names: leaked VMs, whatever their QEMU `-name` says."""
+    (a sandbox's, the pool's, a spare's; `kept`: the last two, read already) names: leaked
+    VMs, whatever their QEMU `-name` says."""
     vm_root = f"{config.run_dir}/vm/"
-    recorded = {Path(r["vm_dir"]).name for r in kept_vm_records(config)}
+    recorded = {Path(r["vm_dir"]).name for r in (kept_vm_records(config) if kept is None else kept)}
     recorded |= {Path(json.loads(p.read_text())["vm_dir"]).name
                  for p in config.sandboxes_dir.glob("*/hypervisor.json")}
     strays = []

@@ -63,7 +63,7 @@ def spares():
                                 control_socket=str(spec.control_socket), console_log="c", stderr_log="e",
                                 created_at=time.time(), template=tpl.key)
         store.write(spare_id, STATE_NAME, state)
-        return Spare(spare_id, spec, handle, state, template_identity(tpl), backend.name)
+        return Spare(spare_id, spec, handle, state, template_identity(tpl))
 
     made: list[SpareVmms] = []
 

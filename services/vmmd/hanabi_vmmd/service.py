@@ -193,6 +193,11 @@ class VmService:
             stop_servers(Path(state.share_dir))  # a Firecracker VM's diod, even from before a restart
         remove_share_dir(Path(state.share_dir) if state.share_dir else None)
 
+    def _remove_spec_dirs(self, spec: VmSpec) -> None:
+        """The VM directory and share root `_spec` made, of a VM that did not start."""
+        self._remove_vm_dir(spec.vm_dir)
+        remove_share_dir(spec.share_dir)
+
     def _remove_vm_dir(self, vm_dir: Path) -> None:
         if vm_dir.parent != self.vm_root:
             log.error("refusing to remove a VM directory outside the run dir", extra={"path": str(vm_dir)})
@@ -281,8 +286,7 @@ class VmService:
                     raise
         except BaseException as exc:
             store.remove(sid, STATE_NAME)
-            self._remove_vm_dir(spec.vm_dir)
-            remove_share_dir(spec.share_dir)
+            self._remove_spec_dirs(spec)
             if isinstance(exc, HanabiError) and template is None:  # a clone's caller logs it
                 log.warning("vm start failed", extra={"sandbox": sid, "error": exc.message})
             raise
@@ -301,13 +305,9 @@ class VmService:
         try:
             cgroup.join(handle.pid, list(cgroups))  # before the guest touches its memory
             backend.load_clone(handle, spec, template.state_file)
-            try:
-                self.cloner.finish_clone(state, backend, handle, nics, began)
-            except BaseException:
-                backend.stop(handle, self.config.vmm.stop_timeout_s)
-                raise
+            self.cloner.finish_clone(state, backend, handle, nics, began)
         except BaseException:
-            vmm_process.kill_and_reap(handle)
+            vmm_process.kill_and_reap(handle)  # (load_clone killed it already when it failed)
             store.remove(sid, STATE_NAME)
             self._remove_vm_dirs(state)
             raise
@@ -347,11 +347,10 @@ class VmService:
             handle = backend.start_clone_vmm(spec, on_spawned)
         except BaseException:
             self.spares.store.purge(spare_id)
-            self._remove_vm_dir(spec.vm_dir)
-            remove_share_dir(spec.share_dir)
+            self._remove_spec_dirs(spec)
             raise
         return Spare(spare_id=spare_id, spec=spec, handle=handle, state=record["state"],
-                     template=template_identity(template), backend=backend.name)
+                     template=template_identity(template))
 
     def _clone_or_boot(self, sid: str, store: StateStore, backend: Hypervisor, memory_mib: int, vcpus: int,
                        nics: tuple[NicSpec, ...] = (), cgroups: Sequence[Path] = ()) -> HypervisorState:

@@ -11,7 +11,7 @@ state and runs (`Hypervisor.load_clone`); its directories stay the spare's (reco
 sandbox's state, as a pooled VM's are). Then another spare is started in the background.
 
 A spare holds no guest: no container's data, no template's pages touched. Its own memory
-(QEMU's start-up, about 20 MiB) is charged to vmmd's cgroup, as a pooled VM's is; what the clone
+(QEMU's start-up, about 16 MiB anonymous here) is charged to vmmd's cgroup, as a pooled VM's is; what the clone
 touches after the claim is charged to the container's.
 
 Crashes: a claimed spare is recorded as the sandbox's VM before its spare record goes, so a
@@ -47,8 +47,9 @@ def new_spare_id() -> str:
 
 
 def template_identity(template: Template) -> tuple[str, float]:
-    """What a spare must match to clone `template`: its key and when it was built (a
-    template rebuilt under the same key has a new memory file)."""
+    """What a spare must match to clone `template`: its key (a hash of every parameter, the
+    backend among them) and when it was built (a template rebuilt under the same key has a
+    new memory file)."""
     return template.key, template.record.created_at
 
 
@@ -60,8 +61,7 @@ class Spare:
     spec: VmSpec
     handle: VmHandle
     state: HypervisorState  # its record
-    template: tuple[str, float]  # template_identity of the template it clones
-    backend: str
+    template: tuple[str, float]  # template_identity of the template it clones (its backend's too)
 
 
 # spare_id, template -> the started spare (recorded before it is returned)
@@ -95,7 +95,7 @@ class SpareVmms:
         identity = template_identity(template)
         while True:
             with self._lock:
-                spare = next((s for s in self._ready if s.template == identity and s.backend == backend.name), None)
+                spare = next((s for s in self._ready if s.template == identity), None)
                 if spare is None:
                     return None
                 self._ready.remove(spare)
@@ -123,7 +123,7 @@ class SpareVmms:
         with self._lock:
             if self._closed:
                 return
-            stale = [s for s in self._ready if s.template != identity or s.backend != backend.name]
+            stale = [s for s in self._ready if s.template != identity]
             for spare in stale:
                 self._ready.remove(spare)
             self._wanted = (template, backend)
@@ -164,7 +164,7 @@ class SpareVmms:
                     return
                 template, backend = self._wanted
                 identity = template_identity(template)
-                have = sum(1 for s in self._ready if s.template == identity and s.backend == backend.name)
+                have = sum(1 for s in self._ready if s.template == identity)
                 if have >= self.count:
                     return
             began = time.monotonic()
